@@ -1,0 +1,149 @@
+"""Fake (meta) kernels and autograd formulas for the torch.ops.gmod ops.
+
+The fake kernels give torch.compile / FakeTensor the output shapes and dtypes without running a
+kernel. Each differentiable op's backward is itself a registered op (``*_backward``), so
+the whole graph stays inside torch.ops.gmod and compiles with fullgraph=True.
+"""
+from __future__ import annotations
+
+import torch
+
+_ops = torch.ops.gmod
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- fake kernels
+@torch.library.register_fake("gmod::router_logits")
+def _(x, weight, norm_weight, eps):
+    torch._check(x.dim() == 3, lambda: "gmod.router_logits: x must be 3-D [B, S, D]")
+    return x.new_empty(x.shape[:2], dtype=_acc_dtype(x))
+
+
+@torch.library.register_fake("gmod::router_logits_backward")
+def _(grad, x, weight, norm_weight, eps):
+    dnorm = torch.empty_like(norm_weight) if norm_weight is not None else x.new_empty((0,), dtype=_acc_dtype(x))
+    return torch.empty_like(x), torch.empty_like(weight), dnorm
+
+
+@torch.library.register_fake("gmod::route")
+def _(scores, mask, num_routed, capacity, threshold=None):
+    torch._check(scores.dim() == 2, lambda: "gmod.route: scores must be 2-D [B, S]")
+    B = scores.shape[0]
+    return scores.new_empty((B, capacity), dtype=torch.int32), scores.new_empty((B,), dtype=torch.int32)
+
+
+@torch.library.register_fake("gmod::gather_rows")
+def _(x, idx, count):
+    torch._check(x.dim() == 3 and idx.dim() == 2, lambda: "gmod.gather_rows: x must be [B, S, D], idx [B, C]")
+    return x.new_empty((x.shape[0], idx.shape[1], x.shape[2]))
+
+
+@torch.library.register_fake("gmod::gather_rows_backward")
+def _(grad, idx, count, seq_len):
+    return grad.new_empty((grad.shape[0], seq_len, grad.shape[2]))
+
+
+@torch.library.register_fake("gmod::scatter_merge")
+def _(x, base, delta, gate, idx, count, skip_scale):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("gmod::scatter_merge_backward")
+def _(grad, x, base, delta, gate, idx, count, skip_scale):
+    acc = _acc_dtype(x)
+    ddelta = torch.empty_like(delta) if delta is not None else x.new_empty((0,))
+    dgate = torch.empty_like(gate) if gate is not None else x.new_empty((0,), dtype=acc)
+    dskip = torch.empty_like(skip_scale) if skip_scale is not None else x.new_empty((0,), dtype=acc)
+    return torch.empty_like(x), torch.empty_like(base), ddelta, dgate, dskip
+
+
+@torch.library.register_fake("gmod::attention")
+def _(q, k, v, q_len, k_len, scale):
+    torch._check(q.dim() == 4, lambda: "gmod.attention: q must be 4-D [B, Cq, Hq, d]")
+    B, Cq, Hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, Cq), dtype=_acc_dtype(q))
+
+
+@torch.library.register_fake("gmod::attention_backward")
+def _(grad_o, q, k, v, o, lse, q_len, k_len, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.register_fake("gmod::kv_cache_append")
+def _(k_cache, v_cache, cache_len, k_new, v_new, new_len):
+    return None
+
+
+# ---------------------------------------------------------------- autograd
+def _router_setup(ctx, inputs, output):
+    x, weight, norm_weight, eps = inputs
+    ctx.save_for_backward(x, weight, norm_weight)
+    ctx.eps = eps
+
+
+def _router_backward(ctx, grad):
+    x, weight, norm_weight = ctx.saved_tensors
+    dx, dw, dnorm = _ops.router_logits_backward(grad.contiguous(), x, weight, norm_weight, ctx.eps)
+    return dx, dw, (dnorm if norm_weight is not None else None), None
+
+
+torch.library.register_autograd("gmod::router_logits", _router_backward, setup_context=_router_setup)
+
+
+def _gather_setup(ctx, inputs, output):
+    x, idx, count = inputs
+    ctx.save_for_backward(idx, count)
+    ctx.seq_len = x.shape[1]
+
+
+def _gather_backward(ctx, grad):
+    idx, count = ctx.saved_tensors
+    return _ops.gather_rows_backward(grad.contiguous(), idx, count, ctx.seq_len), None, None
+
+
+torch.library.register_autograd("gmod::gather_rows", _gather_backward, setup_context=_gather_setup)
+
+
+def _merge_setup(ctx, inputs, output):
+    x, base, delta, gate, idx, count, skip_scale = inputs
+    ctx.save_for_backward(x, base, delta, gate, idx, count, skip_scale)
+
+
+def _merge_backward(ctx, grad):
+    x, base, delta, gate, idx, count, skip_scale = ctx.saved_tensors
+    dx, dbase, ddelta, dgate, dskip = _ops.scatter_merge_backward(
+        grad.contiguous(), x, base, delta, gate, idx, count, skip_scale
+    )
+    return (
+        dx,
+        dbase,
+        ddelta if delta is not None else None,
+        dgate if gate is not None else None,
+        None,
+        None,
+        dskip if skip_scale is not None else None,
+    )
+
+
+torch.library.register_autograd("gmod::scatter_merge", _merge_backward, setup_context=_merge_setup)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, q_len, k_len, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, q_len, k_len)
+    ctx.scale = scale
+    # lse is a by-product for the backward (and for combining partial results); it carries no gradient.
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse, q_len, k_len = ctx.saved_tensors
+    dq, dk, dv = _ops.attention_backward(grad_o.contiguous(), q, k, v, o, lse, q_len, k_len, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd("gmod::attention", _attention_backward, setup_context=_attention_setup)
