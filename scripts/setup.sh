@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtual environment in .venv with CPU torch, the build tools and the
+# test/model dependencies, then build and install gmod_ext (editable) into it. Safe to re-run.
+#   VENV=.venv  TORCH_SPEC="torch==2.13.0"  EDITABLE=1  bash scripts/setup.sh
+# EDITABLE=0 installs a regular (non-editable) copy into the environment instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${VENV:-.venv}
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
+py=${PYTHON:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating $venv"
+  "$py" -m venv "$venv"
+fi
+venv=$(cd "$venv" && pwd)
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+echo "[setup] installing $torch_spec and dependencies"
+"${pip[@]}" install "$torch_spec" 2>&1 | grep -v "^WARNING: Location" || true
+"${pip[@]}" install numpy "cmake>=3.26" ninja setuptools wheel pytest expecttest tqdm matplotlib \
+  "transformers>=4.45" 2>&1 | grep -v "^WARNING: Location" || true
+"$venv/bin/python" -c "import torch, transformers" || { echo "[setup] dependency install failed"; exit 1; }
+echo "[setup] building gmod_ext against torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
+if [ "${EDITABLE:-1}" = 1 ]; then target=(-e .); else target=(.); fi
+"${pip[@]}" install --no-build-isolation "${target[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+(cd / && "$venv/bin/python" -c "import gmod_ext; print('[setup] gmod_ext', gmod_ext.__version__, gmod_ext.BUILD_INFO, gmod_ext.__file__)")
