@@ -13,3 +13,28 @@ from . import ops  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = ["ops", "BUILD_INFO", "__version__"]
+
+# Model tooling, imported on first use so that `import gmod_ext` stays light (no transformers).
+_LAZY = {
+    "convert": ("convert", "convert"),
+    "unconvert": ("convert", "unconvert"),
+    "from_pretrained": ("convert", "from_pretrained"),
+    "gmod_stats": ("convert", "gmod_stats"),
+    "arank": ("arank", "arank"),
+    "choose_mod_layers": ("arank", "choose_mod_layers"),
+    "GmodConfig": ("config", "GmodConfig"),
+    "GmodRouter": ("router", "GmodRouter"),
+    "MoDDecoderLayer": ("mod_layer", "MoDDecoderLayer"),
+    "make_mod_layer": ("mod_layer", "make_mod_layer"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod_name, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f"{__name__}.{mod_name}"), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,66 @@
+"""Locate the parts of a Hugging Face decoder model (no transformers import needed).
+
+Supported: ``*ForCausalLM`` of the Llama family (Llama, Mistral, Qwen2, ... : ``model.model.layers``)
+and ``LlavaForConditionalGeneration`` (``model.model.language_model.layers``); any module whose
+decoder stack has ``layers`` + ``rotary_emb`` is found by a search.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from torch import nn
+
+
+@dataclasses.dataclass
+class DecoderParts:
+    text_model: nn.Module  # the module that owns `layers` (LlamaModel, ...)
+    layers: nn.ModuleList
+    rotary: Optional[nn.Module]
+    text_config: object  # the config of the decoder stack
+    hidden_size: int
+    image_token_id: Optional[int]
+
+
+def _is_decoder_layer(m: nn.Module) -> bool:
+    return all(hasattr(m, n) for n in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"))
+
+
+def find_decoder(model: nn.Module) -> DecoderParts:
+    candidates = []
+    for path in ("model.language_model", "language_model.model", "model", "language_model", ""):
+        m = model
+        ok = True
+        for part in filter(None, path.split(".")):
+            m = getattr(m, part, None)
+            if m is None:
+                ok = False
+                break
+        if ok and isinstance(getattr(m, "layers", None), nn.ModuleList):
+            candidates.append(m)
+            break
+    if not candidates:
+        for _, m in model.named_modules():
+            layers = getattr(m, "layers", None)
+            if isinstance(layers, nn.ModuleList) and len(layers) and _is_decoder_layer(layers[0]):
+                candidates.append(m)
+                break
+    if not candidates:
+        raise TypeError(f"gmod: could not find a decoder layer stack in {type(model).__name__}")
+    text_model = candidates[0]
+    layers = text_model.layers
+    if not len(layers) or not _is_decoder_layer(layers[0]):
+        raise TypeError(f"gmod: {type(text_model).__name__}.layers are not Llama-family decoder layers")
+    cfg = getattr(text_model, "config", None) or getattr(model, "config", None)
+    top_cfg = getattr(model, "config", None)
+    image_token_id = None
+    for c in (top_cfg, cfg):
+        for name in ("image_token_id", "image_token_index"):
+            v = getattr(c, name, None) if c is not None else None
+            if isinstance(v, int):
+                image_token_id = v
+                break
+        if image_token_id is not None:
+            break
+    hidden = layers[0].input_layernorm.weight.shape[-1]
+    return DecoderParts(text_model, layers, getattr(text_model, "rotary_emb", None), cfg, hidden, image_token_id)

@@ -1,0 +1,184 @@
+"""ARank: attention-map rank per decoder layer, to choose which layers become MoD layers.
+
+For every layer the eager attention probabilities of each calibration sample are taken per head,
+restricted to the sample's non-padding tokens, the lower triangle kept and the diagonal zeroed
+(``tril(A, -1)``), and ``torch.linalg.matrix_rank`` computed in float32. The layer's ARank is the
+mean over heads and samples. Low-ARank layers are redundant and become MoD layers; gamma-MoD keeps
+the highest-ranked few dense (:func:`choose_mod_layers`).
+
+The attention maps come from forward hooks on each ``self_attn`` module with the model switched to
+``attn_implementation="eager"`` for the calibration (restored afterwards), so only one layer's
+maps are alive at a time. Run it on the unconverted model (MoD layers have no dense maps).
+"""
+from __future__ import annotations
+
+import math
+import sys as _sys
+import types
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+from ._hf import find_decoder
+
+__all__ = ["arank", "choose_mod_layers", "format_table", "plot_arank", "attention_rank"]
+
+
+def attention_rank(attn: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-head rank of one sample's attention map ``attn`` [H, S, S] -> float32 [H].
+
+    ``valid`` [S] bool selects the non-padding tokens (rows and columns).
+    """
+    if valid is not None and not bool(valid.all()):
+        keep = valid.nonzero().squeeze(-1)
+        attn = attn.index_select(-2, keep).index_select(-1, keep)
+    a = torch.tril(attn.float(), diagonal=-1)
+    if a.shape[-1] == 0:
+        return torch.zeros(a.shape[0])
+    return torch.linalg.matrix_rank(a).float()
+
+
+def _as_batches(batches) -> list:
+    if isinstance(batches, (torch.Tensor, dict)):
+        return [batches]
+    return list(batches)
+
+
+def _set_attn(model, impl) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:  # pragma: no cover - very old transformers
+        model.config._attn_implementation = impl
+
+
+def arank(
+    model: torch.nn.Module,
+    batches: Union[Iterable, torch.Tensor, dict],
+    *,
+    max_batches: Optional[int] = None,
+    progress: bool = True,
+    desc: str = "ARank",
+) -> list[float]:
+    """ARank of every decoder layer of ``model`` (list, one float per layer).
+
+    ``batches``: an iterable of model inputs: each a dict of forward kwargs (``input_ids``,
+    ``attention_mask``, ``pixel_values``, ...) or a tensor of ``input_ids``. A tqdm bar shows the
+    progress (``progress=False`` hides it).
+    """
+    from tqdm.auto import tqdm
+
+    parts = find_decoder(model)
+    L = len(parts.layers)
+    totals = [0.0] * L
+    samples = [0] * L
+    current = {"valid": None}
+
+    def make_hook(li):
+        def hook(module, args, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                return
+            valid = current["valid"]
+            for b in range(weights.shape[0]):
+                v = None if valid is None else valid[b].to(weights.device)
+                ranks = attention_rank(weights[b].detach(), v)
+                totals[li] += float(ranks.mean())
+                samples[li] += 1
+
+        return hook
+
+    batches = _as_batches(batches)
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    handles = [layer.self_attn.register_forward_hook(make_hook(i)) for i, layer in enumerate(parts.layers)]
+    prev_impl = getattr(model.config, "_attn_implementation", None)
+    was_training = model.training
+    try:
+        _set_attn(model, "eager")
+        model.eval()
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=desc, disable=not progress):
+                if isinstance(batch, torch.Tensor):
+                    batch = {"input_ids": batch}
+                am = batch.get("attention_mask")
+                current["valid"] = am.bool() if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+                kwargs = dict(batch)
+                kwargs.pop("labels", None)
+                kwargs["use_cache"] = False
+                model(**kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        if prev_impl is not None and prev_impl != "eager":
+            _set_attn(model, prev_impl)
+        model.train(was_training)
+    if not any(samples):
+        raise RuntimeError(
+            "gmod.arank: no attention maps were captured (are the layers already MoD layers, or does the "
+            "model not support eager attention?)"
+        )
+    return [t / n if n else float("nan") for t, n in zip(totals, samples)]
+
+
+def choose_mod_layers(
+    ranks: Sequence[float], keep_dense: Optional[int] = None, threshold: Optional[float] = None
+) -> list[int]:
+    """Layers that become MoD layers (sorted).
+
+    ``threshold``: every layer with ARank < threshold (the paper cut is 110 on LLaVA-HR).
+    Otherwise keep the ``keep_dense`` highest-ranked layers dense (default ``ceil(L / 8)``, the
+    paper's 4 of 32); ties go to the lower layer index.
+    """
+    L = len(ranks)
+    if threshold is not None:
+        return [i for i, r in enumerate(ranks) if not (r >= threshold)]
+    n = max(1, math.ceil(L / 8)) if keep_dense is None else int(keep_dense)
+    if not (0 <= n <= L):
+        raise ValueError(f"gmod: keep_dense={n} must be in [0, {L}]")
+    order = sorted(range(L), key=lambda i: (-float(ranks[i]) if ranks[i] == ranks[i] else math.inf, i))
+    dense = set(order[:n])
+    return [i for i in range(L) if i not in dense]
+
+
+def format_table(ranks: Sequence[float], mod_layers: Optional[Sequence[int]] = None) -> str:
+    mod = set(mod_layers or [])
+    lines = [f"{'layer':>5}  {'ARank':>9}  kind", f"{'-' * 5}  {'-' * 9}  -----"]
+    for i, r in enumerate(ranks):
+        kind = "MoD" if i in mod else "dense"
+        lines.append(f"{i:>5}  {r:>9.2f}  {kind}")
+    return "\n".join(lines)
+
+
+def plot_arank(
+    ranks: Sequence[float], path: str, mod_layers: Optional[Sequence[int]] = None, title: str = "ARank per layer"
+) -> str:
+    """Bar chart of the ARank per layer (MoD layers in one colour, dense in another) saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    mod = set(mod_layers or [])
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(ranks) + 2), 3.2))
+    colors = ["tab:orange" if i in mod else "tab:blue" for i in range(len(ranks))]
+    ax.bar(range(len(ranks)), ranks, color=colors)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("ARank (mean over heads, samples)")
+    ax.set_title(title)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="tab:blue", label="dense"), Patch(color="tab:orange", label="MoD")], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class _CallableModule(types.ModuleType):
+    """``gmod_ext.arank`` is both this module and, when called, :func:`arank`."""
+
+    def __call__(self, *args, **kwargs):
+        return arank(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule

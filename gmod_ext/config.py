@@ -1,0 +1,150 @@
+"""Settings of a gamma-MoD conversion and the capacity / ratio rules.
+
+Everything here is plain Python (no transformers import). :class:`GmodConfig` is what
+``gmod_ext.convert`` stores in ``model.config.gmod`` (as a dict) so that
+``gmod_ext.from_pretrained`` can rebuild the same model.
+
+Capacity rule (the number of tokens a MoD layer processes)
+----------------------------------------------------------
+For a row with ``R`` routable tokens (mask code 0), ``F`` forced tokens (code 1) and ``P`` padding
+tokens (code 2), a MoD layer with skip ratio ``r`` keeps
+
+    ``count = F + keep(R, r)``  with  ``keep(n, r) = n - floor(r * n)``
+
+i.e. it skips ``floor(r * R)`` routable tokens, so ``r`` is the fraction of *routable* tokens
+skipped, rounded down (at least ``ceil((1 - r) * R)`` routable tokens are kept; r = 0 keeps all).
+``floor`` is taken with a 1e-9 tolerance so that e.g. 0.29 * 100 counts as 29.
+
+The static capacity (output width ``C`` of ``ops.route`` / ``gather_rows``, a Python int per call)
+is
+
+    ``C = min(S, keep(S, r) + F_max)``
+
+where ``S`` is the sequence length and ``F_max`` the largest number of forced tokens in one row of
+the batch (0 when nothing is forced; computed once per model forward, the only host sync).
+``keep`` is non-decreasing in n, so ``C >= count`` for every row: no token that should be kept is
+ever dropped. Without forced tokens ``C`` depends on ``S`` and ``r`` only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+VARIANTS = ("gamma", "mod", "pmod")
+GATES = ("default", "none")
+ROUTERS = ("shared", "per_layer")
+POSITIONS = ("original", "compact")
+FORCED = ("none", "text", "ignored_labels")
+ON_CACHE = ("error", "dense")
+
+_FLOOR_TOL = 1e-9
+
+
+def num_skipped(n: int, ratio: float) -> int:
+    """Routable tokens skipped out of ``n`` at skip ratio ``ratio``: ``floor(ratio * n)``."""
+    return int(math.floor(ratio * n + _FLOOR_TOL))
+
+
+def keep_count(n: int, ratio: float) -> int:
+    """Routable tokens kept out of ``n``: ``n - floor(ratio * n)``."""
+    return n - num_skipped(n, ratio)
+
+
+def capacity(seq_len: int, ratio: float, max_forced: int = 0) -> int:
+    """Static capacity ``C = min(S, keep(S, r) + F_max)`` (see the module docstring)."""
+    return min(seq_len, keep_count(seq_len, ratio) + int(max_forced))
+
+
+def prd_keep_ratios(num_layers: int, rbar: float, r_min: float) -> list[float]:
+    """p-MoD progressive ratio decay: retention ``R_l = max(R_min, 0.5*cos(pi*l/(L-1)) + rbar)``."""
+    if num_layers == 1:
+        return [max(r_min, 0.5 + rbar)]
+    return [max(r_min, 0.5 * math.cos(math.pi * l / (num_layers - 1)) + rbar) for l in range(num_layers)]
+
+
+def prd_skip_ratios(num_layers: int, rbar: float, r_min: float, r_max: float) -> dict[int, float]:
+    """Per-layer *skip* ratios ``1 - R_l`` for the layers that become MoD layers.
+
+    Layers with ``R_l > r_max`` stay dense and are absent from the result; ``R_l`` above 1 is
+    clipped to 1 (keep all).
+    """
+    out = {}
+    for l, keep in enumerate(prd_keep_ratios(num_layers, rbar, r_min)):
+        if keep > r_max:
+            continue
+        out[l] = 1.0 - min(1.0, keep)
+    return out
+
+
+@dataclasses.dataclass
+class GmodConfig:
+    """How a model was converted. ``layers[i]`` is a MoD layer with skip ratio ``ratios[i]``.
+
+    * ``variant``: "gamma" (h = x + Attn(LN1 x); y = h + p * MLP(LN2 h)), "mod" (y = x + p * f(x)),
+      "pmod" (y = x + w * f(x), w = pmod_a * tanh(logit) + pmod_b; skipped tokens become w * x).
+    * ``gate``: "default" (the variant's gating) or "none" (no gating: y = f(x) on kept tokens).
+    * ``router``: "shared" (one router for all MoD layers, gamma-MoD) or "per_layer".
+    * ``positions``: RoPE at the original positions ("original") or at arange(count) ("compact").
+    * ``forced``: which tokens are always kept: "none"; "text" (every token that is not an image
+      token, p-MoD's vision-only routing); "ignored_labels" (tokens whose label is -100, i.e. the
+      instruction / question text, except image tokens which stay routable; gamma-MoD's masked
+      routing). An explicit ``gmod_forced_mask`` passed to the model's forward is always added.
+    * ``threshold``: if set, eval-mode routing keeps routable tokens with p > threshold (at most
+      the top-k count), gamma-MoD's inference rule; training always uses top-k.
+    * ``on_cache``: what a MoD layer does when called with a KV cache: "error" (raise
+      NotImplementedError, the default) or "dense" (run the wrapped layer densely, updating the cache).
+    """
+
+    variant: str = "gamma"
+    gate: str = "default"
+    router: str = "shared"
+    positions: str = "original"
+    forced: str = "none"
+    image_token_id: Optional[int] = None
+    aux_coef: float = 0.01
+    layers: list = dataclasses.field(default_factory=list)
+    ratios: list = dataclasses.field(default_factory=list)
+    num_layers: int = 0
+    threshold: Optional[float] = None
+    on_cache: str = "error"
+    pmod_a: float = 0.2
+    pmod_b: float = 1.0
+    router_init: str = "normal"
+    arank: Optional[list] = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name, allowed in (
+            ("variant", VARIANTS),
+            ("gate", GATES),
+            ("router", ROUTERS),
+            ("positions", POSITIONS),
+            ("forced", FORCED),
+            ("on_cache", ON_CACHE),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"gmod: {name}={value!r} is not one of {allowed}")
+        if self.router_init not in ("normal", "zeros"):
+            raise ValueError(f"gmod: router_init={self.router_init!r} is not one of ('normal', 'zeros')")
+        if len(self.layers) != len(self.ratios):
+            raise ValueError("gmod: layers and ratios must have the same length")
+        for r in self.ratios:
+            if not (0.0 <= float(r) < 1.0):
+                raise ValueError(f"gmod: skip ratio {r} must be in [0, 1)")
+        if self.threshold is not None and not (0.0 < self.threshold < 1.0):
+            raise ValueError(f"gmod: threshold={self.threshold} must be a probability in (0, 1)")
+
+    def ratio_of(self, layer_idx: int) -> float:
+        return float(self.ratios[self.layers.index(layer_idx)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GmodConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,410 @@
+"""One-call conversion of a Hugging Face decoder model into a gamma-MoD model.
+
+    model = gmod_ext.convert(model, ratio=0.5, layers="arank", calibration_batches=batches)
+
+Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (and other
+Llama-family ``*ForCausalLM``) and ``LlavaForConditionalGeneration`` (its language model).
+The model is changed **in place** and returned:
+
+* the chosen decoder layers become MoD layers (:mod:`gmod_ext.mod_layer`), keeping their modules
+  and weights (state_dict keys unchanged; the original checkpoint still loads);
+* the router: ``router="shared"`` registers one fp32 ``Linear(D, 2)`` as ``model.gmod_router``
+  (gamma-MoD's shared router); ``"per_layer"`` gives each MoD layer its own ``gmod_router``;
+* a forward pre-hook on the top-level model builds the routing mask of each call from the 2-D
+  ``attention_mask`` (padding), ``labels`` / ``input_ids`` (forced tokens, see
+  :mod:`gmod_ext.masks`) and the optional extra keywords ``gmod_forced_mask=`` (bool [B, S]) and
+  ``gmod_routing_mask=`` (int8 codes [B, S]), and hands it to the decoder layers through the
+  ``**kwargs`` that Hugging Face models pass down (keyword ``gmod_routing``);
+* a forward hook adds ``aux_coef * sum_l aux_l`` (router cross-entropy, default 0.01) to
+  ``output.loss`` when ``labels`` are given (the plain LM loss is ``loss - aux``; the aux term of
+  the last call is in ``model.gmod_stats()["aux_loss"]``);
+* ``model.config.gmod`` holds the settings (:class:`~gmod_ext.config.GmodConfig` as a dict),
+  ``config.use_cache`` / ``generation_config.use_cache`` are set to False (MoD layers have no KV
+  cache yet, see :meth:`~gmod_ext.mod_layer.MoDDecoderLayer.gmod_forward_with_cache`);
+* ``model.gmod_stats()`` returns the last forward's router statistics per MoD layer.
+
+``save_pretrained`` stores the routers with the other weights and ``config.gmod`` in config.json;
+:func:`from_pretrained` rebuilds the converted model and loads everything.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import types
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ._hf import find_decoder
+from .config import GmodConfig, prd_skip_ratios
+from .masks import build_routing_mask, check_routing_mask
+from .mod_layer import MoDDecoderLayer, make_mod_layer, unmake_mod_layer
+from .router import GmodRouter, GmodState, RoutingInfo
+
+__all__ = ["convert", "unconvert", "from_pretrained", "gmod_stats", "is_converted", "GmodStatsCallback"]
+
+_DEFAULT_FORCED = {"gamma": "ignored_labels", "mod": "none", "pmod": "text"}
+
+
+def is_converted(model: nn.Module) -> bool:
+    return isinstance(model.__dict__.get("gmod_state"), GmodState)
+
+
+def _resolve_layers(model, parts, layers, calibration_batches, keep_dense, arank_threshold, progress):
+    L = len(parts.layers)
+    ranks = None
+    if isinstance(layers, str):
+        if layers == "all":
+            chosen = list(range(L))
+        elif layers == "arank":
+            if calibration_batches is None:
+                raise ValueError(
+                    "gmod.convert: layers='arank' needs calibration_batches (model inputs: dicts or input_ids "
+                    "tensors); or pass layers='all' / a list of layer indices"
+                )
+            from .arank import arank, choose_mod_layers
+
+            ranks = arank(model, calibration_batches, progress=progress)
+            chosen = choose_mod_layers(ranks, keep_dense=keep_dense, threshold=arank_threshold)
+        else:
+            raise ValueError(f"gmod.convert: layers={layers!r}: use 'arank', 'all' or a list of indices")
+    else:
+        chosen = sorted({int(i) for i in layers})
+        bad = [i for i in chosen if not (0 <= i < L)]
+        if bad:
+            raise ValueError(f"gmod.convert: layer indices {bad} out of range [0, {L})")
+    return chosen, ranks
+
+
+def convert(
+    model: nn.Module,
+    ratio: Union[float, Sequence[float], dict] = 0.5,
+    layers: Union[str, Sequence[int]] = "arank",
+    variant: str = "gamma",
+    router: str = "shared",
+    positions: str = "original",
+    calibration_batches=None,
+    *,
+    gate: str = "default",
+    forced: Optional[str] = None,
+    image_token_id: Optional[int] = None,
+    aux_coef: float = 0.01,
+    keep_dense: Optional[int] = None,
+    arank_threshold: Optional[float] = None,
+    schedule: Optional[str] = None,
+    prd_rbar: Optional[float] = None,
+    prd_min: float = 0.1,
+    prd_max: float = 0.9,
+    threshold: Optional[float] = None,
+    router_init: Optional[str] = None,
+    on_cache: str = "error",
+    progress: bool = True,
+) -> nn.Module:
+    """Convert ``model`` in place into a MoD model and return it.
+
+    ratio: skip ratio of routable tokens per MoD layer, in [0, 1) (float, or one value per chosen
+        layer, or {layer: ratio}). See :mod:`gmod_ext.config` for the exact capacity rule.
+    layers: "arank" (ARank on ``calibration_batches``; keep the ``keep_dense`` highest-ranked
+        layers dense, default ceil(L/8), or those with ARank >= ``arank_threshold``), "all", or a
+        list of layer indices.
+    variant: "gamma" (default), "mod" or "pmod"; ``gate="none"`` disables gating (exact-equality tests).
+    router: "shared" (one router, gamma-MoD) or "per_layer".
+    positions: "original" (RoPE at the tokens' original positions) or "compact" (arange(count)).
+    forced: "none" | "text" | "ignored_labels"; default per variant: gamma "ignored_labels", mod
+        "none", pmod "text" (vision-only routing; "none" when the model has no image token).
+    image_token_id: defaults to ``config.image_token_id`` / ``image_token_index`` (LLaVA).
+    schedule: "constant" (default) or "prd" (default for pmod): p-MoD progressive ratio decay,
+        retention ``R_l = max(prd_min, 0.5*cos(pi*l/(L-1)) + prd_rbar)`` (``prd_rbar`` defaults to
+        ``1 - ratio``), layers with ``R_l > prd_max`` stay dense, others skip ``1 - R_l``.
+    threshold: eval-mode routing keeps routable tokens with p > threshold (capped at top-k).
+    router_init: "normal" (std 0.02, default) or "zeros" (default for pmod: w = 1 exactly).
+    on_cache: "error" or "dense", see :meth:`MoDDecoderLayer.gmod_forward_with_cache`.
+    """
+    if is_converted(model):
+        raise ValueError("gmod.convert: the model is already converted")
+    parts = find_decoder(model)
+    L = len(parts.layers)
+    if image_token_id is None:
+        image_token_id = parts.image_token_id
+    if forced is None:
+        forced = _DEFAULT_FORCED.get(variant, "none")
+        if forced == "text" and image_token_id is None:
+            forced = "none"
+    if forced == "text" and image_token_id is None:
+        raise ValueError("gmod.convert: forced='text' needs an image_token_id (the model config has none)")
+    if schedule is None:
+        schedule = "prd" if variant == "pmod" else "constant"
+    if router_init is None:
+        router_init = "zeros" if variant == "pmod" else "normal"
+
+    chosen, ranks = _resolve_layers(model, parts, layers, calibration_batches, keep_dense, arank_threshold, progress)
+    if schedule == "prd":
+        if not isinstance(ratio, (int, float)):
+            raise ValueError("gmod.convert: schedule='prd' needs a float ratio (prd_rbar defaults to 1 - ratio)")
+        rbar = (1.0 - float(ratio)) if prd_rbar is None else float(prd_rbar)
+        prd = prd_skip_ratios(L, rbar, prd_min, prd_max)
+        chosen = [i for i in chosen if i in prd]
+        ratios = [prd[i] for i in chosen]
+    elif schedule == "constant":
+        if isinstance(ratio, dict):
+            missing = [i for i in chosen if i not in ratio]
+            if missing:
+                raise ValueError(f"gmod.convert: no ratio given for layers {missing}")
+            ratios = [float(ratio[i]) for i in chosen]
+        elif isinstance(ratio, (int, float)):
+            ratios = [float(ratio)] * len(chosen)
+        else:
+            ratios = [float(r) for r in ratio]
+            if len(ratios) != len(chosen):
+                raise ValueError(f"gmod.convert: {len(ratios)} ratios for {len(chosen)} layers {chosen}")
+    else:
+        raise ValueError(f"gmod.convert: schedule={schedule!r}: use 'constant' or 'prd'")
+
+    cfg = GmodConfig(
+        variant=variant,
+        gate=gate,
+        router=router,
+        positions=positions,
+        forced=forced,
+        image_token_id=image_token_id,
+        aux_coef=float(aux_coef),
+        layers=chosen,
+        ratios=ratios,
+        num_layers=L,
+        threshold=threshold,
+        on_cache=on_cache,
+        router_init=router_init,
+        arank=None if ranks is None else [float(r) for r in ranks],
+    )
+    return apply_gmod_config(model, cfg)
+
+
+def apply_gmod_config(model: nn.Module, cfg: GmodConfig) -> nn.Module:
+    """Convert ``model`` with fully resolved settings (explicit layers and ratios)."""
+    if is_converted(model):
+        raise ValueError("gmod: the model is already converted")
+    cfg.validate()
+    parts = find_decoder(model)
+    if cfg.num_layers and cfg.num_layers != len(parts.layers):
+        raise ValueError(f"gmod: settings are for {cfg.num_layers} layers, the model has {len(parts.layers)}")
+    cfg.num_layers = len(parts.layers)
+    device = parts.layers[0].input_layernorm.weight.device
+    shared = None
+    if cfg.router == "shared" and cfg.layers:
+        shared = GmodRouter(parts.hidden_size, init=cfg.router_init, device=device)
+        model.gmod_router = shared  # registered: state_dict key "gmod_router.weight" / ".bias"
+    state = GmodState(cfg, router=shared, rotary=parts.rotary)
+    for i, r in zip(cfg.layers, cfg.ratios):
+        per_layer = None
+        if cfg.router == "per_layer":
+            per_layer = GmodRouter(parts.hidden_size, init=cfg.router_init, device=device)
+        make_mod_layer(parts.layers[i], r, layer_idx=i, state=state, router=per_layer)
+
+    state.forward_params = list(inspect.signature(model.forward).parameters)
+    state.handles = [
+        model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+        model.register_forward_hook(_post_hook, with_kwargs=True),
+    ]
+    model.gmod_state = state
+    model.gmod_stats = types.MethodType(gmod_stats, model)
+
+    model.config.gmod = cfg.to_dict()
+    for c in {id(model.config): model.config, id(parts.text_config): parts.text_config}.values():
+        if c is not None and hasattr(c, "use_cache"):
+            c.use_cache = False
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and cfg.on_cache == "error":
+        gen.use_cache = False
+    return model
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """Undo :func:`convert` (routers are dropped; the wrapped layers are unchanged)."""
+    state = model.__dict__.get("gmod_state")
+    if state is None:
+        return model
+    for h in getattr(state, "handles", []):
+        h.remove()
+    for layer in find_decoder(model).layers:
+        unmake_mod_layer(layer)
+    model._modules.pop("gmod_router", None)
+    model.__dict__.pop("gmod_state", None)
+    model.__dict__.pop("gmod_stats", None)
+    if hasattr(model.config, "gmod"):
+        del model.config.gmod
+    return model
+
+
+# --------------------------------------------------------------------------- hooks
+def _named_inputs(state: GmodState, args, kwargs) -> dict:
+    named = dict(zip(state.forward_params or [], args))
+    named.update(kwargs)
+    return named
+
+
+def _pre_hook(module, args, kwargs):
+    state: GmodState = module.__dict__["gmod_state"]
+    cfg = state.config
+    kwargs = dict(kwargs)
+    forced_mask = kwargs.pop("gmod_forced_mask", None)
+    routing_mask = kwargs.pop("gmod_routing_mask", None)
+    if isinstance(kwargs.get("gmod_routing"), RoutingInfo):
+        state.current = kwargs["gmod_routing"]
+        return args, kwargs
+    named = _named_inputs(state, args, kwargs)
+    ids = named.get("input_ids")
+    embeds = named.get("inputs_embeds")
+    ref = ids if isinstance(ids, torch.Tensor) else embeds
+    if not isinstance(ref, torch.Tensor):
+        return args, kwargs
+    shape = tuple(ref.shape[:2])
+    if routing_mask is not None:
+        codes = check_routing_mask(routing_mask.to(ref.device), shape)
+        max_forced = int((codes == 1).sum(1).max().item())
+    else:
+        codes, max_forced = build_routing_mask(
+            shape,
+            ref.device,
+            attention_mask=named.get("attention_mask"),
+            input_ids=ids if isinstance(ids, torch.Tensor) else None,
+            labels=named.get("labels"),
+            forced_mask=forced_mask,
+            mode=cfg.forced,
+            image_token_id=cfg.image_token_id,
+        )
+    info = RoutingInfo(codes, max_forced)
+    state.current = info
+    state.scratch = None
+    kwargs["gmod_routing"] = info
+    return args, kwargs
+
+
+def _post_hook(module, args, kwargs, output):
+    state: GmodState = module.__dict__["gmod_state"]
+    info = kwargs.get("gmod_routing")
+    coef = state.config.aux_coef
+    if not isinstance(info, RoutingInfo) or not coef:
+        return None
+    if _named_inputs(state, args, kwargs).get("labels") is None:
+        return None
+    aux = info.aux_total()
+    if aux is None:
+        return None
+    if isinstance(output, tuple):
+        if output and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+            return (output[0] + coef * aux.to(output[0].device),) + tuple(output[1:])
+        return None
+    loss = getattr(output, "loss", None)
+    if loss is not None:
+        output.loss = loss + coef * aux.to(device=loss.device, dtype=loss.dtype)
+        return output
+    return None
+
+
+# --------------------------------------------------------------------------- stats
+def gmod_stats(model: nn.Module) -> dict[str, Any]:
+    """Router statistics of the last forward of a converted model.
+
+    Returns ``{"layers": {layer: {"skip_ratio", "routable_skip_ratio", "mean_p", "aux_loss",
+    "capacity"}}, "aux_loss": sum over MoD layers (before aux_coef), "skip_ratio": mean over MoD layers}``
+    (Python floats; empty before the first forward). ``skip_ratio`` is the fraction of non-padding
+    tokens a layer skipped, ``routable_skip_ratio`` the fraction of routable ones.
+    """
+    if hasattr(model, "module") and not is_converted(model):  # DDP / FSDP wrappers
+        model = model.module
+    state = model.__dict__.get("gmod_state")
+    if state is None:
+        raise ValueError("gmod_stats: the model is not converted")
+    info = state.current if state.current is not None and state.current.stats else state.scratch
+    if info is None or not info.stats:
+        return {"layers": {}, "aux_loss": float("nan"), "skip_ratio": float("nan")}
+    layers = {i: {k: float(v) for k, v in info.stats[i].items()} for i in sorted(info.stats)}
+    aux = sum(v["aux_loss"] for v in layers.values())
+    skip = sum(v["skip_ratio"] for v in layers.values()) / len(layers)
+    return {"layers": layers, "aux_loss": aux, "skip_ratio": skip}
+
+
+def _make_stats_callback():
+    from transformers import TrainerCallback
+
+    class GmodStatsCallback(TrainerCallback):
+        """``transformers.Trainer`` callback adding ``gmod/aux_loss``, ``gmod/skip_ratio`` and per-layer
+        ``gmod/skip_l{i}``, ``gmod/p_l{i}`` to every log line."""
+
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            if model is None or logs is None:
+                return
+            try:
+                st = gmod_stats(model)
+            except ValueError:
+                return
+            logs["gmod/aux_loss"] = st["aux_loss"]
+            logs["gmod/skip_ratio"] = st["skip_ratio"]
+            for i, v in st["layers"].items():
+                logs[f"gmod/skip_l{i}"] = v["skip_ratio"]
+                logs[f"gmod/p_l{i}"] = v["mean_p"]
+
+    return GmodStatsCallback
+
+
+def __getattr__(name):
+    # GmodStatsCallback subclasses transformers.TrainerCallback: built on first use so that
+    # importing this module does not import transformers.
+    if name == "GmodStatsCallback":
+        cls = _make_stats_callback()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------- save / load
+def from_pretrained(path, cls=None, **kwargs) -> nn.Module:
+    """Load a converted model saved with ``save_pretrained``: re-convert with the saved
+    ``config.gmod`` settings, then load every weight (routers included) from the checkpoint.
+
+    ``cls``: the model class (default: ``config.architectures[0]`` from transformers).
+    ``kwargs`` go to ``cls.from_pretrained`` (``dtype=``, ...). Routers stay float32.
+    """
+    import transformers
+
+    config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(path)
+    gm = getattr(config, "gmod", None)
+    if gm is None:
+        raise ValueError(f"gmod.from_pretrained: {path} has no 'gmod' settings in its config (not converted)")
+    if cls is None:
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None:
+            raise ValueError(f"gmod.from_pretrained: cannot find the model class {arch!r}; pass cls=")
+    gcfg = GmodConfig.from_dict(dict(gm))
+
+    # A throwaway subclass whose __init__ converts the freshly built model, so that transformers'
+    # own loader fills the original weights *and* the routers (same key renaming, sharding, dtype).
+    def __init__(self, config, *args, **kw):
+        cls.__init__(self, config, *args, **kw)
+        apply_gmod_config(self, GmodConfig.from_dict(dict(config.gmod)))
+
+    keep = set(getattr(cls, "_keep_in_fp32_modules_strict", None) or []) | {"gmod_router"}
+    loader = type(cls.__name__, (cls,), {"__init__": __init__, "_keep_in_fp32_modules_strict": keep})
+    loader.__module__ = cls.__module__
+    model = loader.from_pretrained(path, config=config, **kwargs)
+    model.__class__ = cls
+    for mod in model.modules():
+        if isinstance(mod, GmodRouter) and mod.weight.dtype != torch.float32:
+            mod.float()  # pragma: no cover - only if a loader bypassed _apply
+    if list(gcfg.layers) != list(model.gmod_state.config.layers):  # pragma: no cover
+        raise RuntimeError("gmod.from_pretrained: layer settings changed while loading")
+    return model
+
+
+class _CallableModule(types.ModuleType):
+    """``gmod_ext.convert`` is both this module and, when called, :func:`convert`."""
+
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,132 @@
+"""The gamma-MoD router, the per-forward routing record and the router auxiliary loss.
+
+The router is an fp32 ``Linear(D, 2)`` applied to a layer's ``input_layernorm(x)``;
+``p = softmax(logits)[..., 1] = sigmoid(l1 - l0)``. The RMSNorm and the projection are fused in
+``ops.router_logits`` with ``weight = W[1] - W[0]`` (plus ``b1 - b0``), so the layer only ever
+needs the logit difference ``l = l1 - l0``. The router stays float32 when the model is cast
+(``model.to(torch.bfloat16)``, ``.half()``): see :meth:`GmodRouter._apply`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+
+class GmodRouter(nn.Module):
+    """fp32 ``Linear(hidden_size, 2)``; :meth:`forward` returns ``l1 - l0`` of RMSNorm(x)."""
+
+    def __init__(self, hidden_size: int, init: str = "normal", std: float = 0.02, device=None):
+        super().__init__()
+        self.hidden_size = int(hidden_size)
+        self.weight = nn.Parameter(torch.empty(2, hidden_size, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(2, dtype=torch.float32, device=device))
+        self.init = init
+        self.std = std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        with torch.no_grad():
+            if self.init == "zeros":
+                self.weight.zero_()
+            else:
+                self.weight.normal_(0.0, self.std)
+            self.bias.zero_()
+
+    def forward(self, x: torch.Tensor, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
+        """Router logit difference ``l1 - l0`` [B, S] float32 of ``RMSNorm(x) * norm_weight``."""
+        w = self.weight[1] - self.weight[0]
+        b = self.bias[1] - self.bias[0]
+        return ops.router_logits(x, w, norm_weight, eps) + b
+
+    def _apply(self, fn, recurse=True):
+        # Keep the router in float32 under model.to(dtype) / .half() / .bfloat16(): probe what fn
+        # does to a float32 tensor; if it changes the dtype, only follow the device move.
+        ref = self.weight
+        try:
+            probe = fn(torch.zeros((), dtype=torch.float32, device=ref.device))
+        except Exception:  # noqa: BLE001 - unknown transformation: apply it unchanged
+            probe = None
+        if isinstance(probe, torch.Tensor) and probe.dtype != torch.float32:
+            device = probe.device
+            return super()._apply(lambda t: t.to(device=device), recurse)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, out=2, dtype=float32"
+
+
+def selection_mask(idx: torch.Tensor, count: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[B, S] float32: 1 where the token was selected (``idx[b, :count[b]]``), else 0."""
+    B, C = idx.shape
+    zeros = torch.zeros(B, seq_len, 1, dtype=torch.float32, device=idx.device)
+    ones = torch.ones(B, C, 1, dtype=torch.float32, device=idx.device)
+    return ops.scatter_merge(zeros, ones, idx, count).squeeze(-1)
+
+
+def router_aux_loss(
+    logits: torch.Tensor, selected: torch.Tensor, valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """2-class cross-entropy of the router logits against the top-k selection.
+
+    ``logits`` [B, S] is ``l1 - l0`` (CE of ``(l0, l1)`` only depends on the difference, so this is
+    binary cross-entropy with logits), ``selected`` [B, S] in {0, 1} (forced tokens included),
+    ``valid`` [B, S] bool excludes padding. Mean over valid tokens.
+    """
+    ce = F.binary_cross_entropy_with_logits(logits.float(), selected.float(), reduction="none")
+    if valid is None:
+        return ce.mean()
+    v = valid.to(ce.dtype)
+    return (ce * v).sum() / v.sum().clamp(min=1.0)
+
+
+class RoutingInfo:
+    """What one model forward routes with, and what its MoD layers record.
+
+    ``mask`` [B, S] int8 codes (0 routable, 1 forced, 2 padding) or None (all routable);
+    ``max_forced`` the largest forced count of a row (Python int, used for the static capacity).
+    MoD layers write ``aux[layer]`` (differentiable aux loss term) and ``stats[layer]`` (detached
+    tensors). A gradient-checkpointing replay overwrites them with equal values.
+    """
+
+    def __init__(self, mask: Optional[torch.Tensor] = None, max_forced: int = 0):
+        self.mask = mask
+        self.max_forced = int(max_forced)
+        self.aux: dict[int, torch.Tensor] = {}
+        self.stats: dict[int, dict[str, torch.Tensor]] = {}
+
+    def aux_total(self) -> Optional[torch.Tensor]:
+        if not self.aux:
+            return None
+        vals = [self.aux[k] for k in sorted(self.aux)]
+        total = vals[0]
+        for v in vals[1:]:
+            total = total + v.to(total.device)
+        return total
+
+    def __repr__(self) -> str:
+        shape = None if self.mask is None else tuple(self.mask.shape)
+        return f"RoutingInfo(mask={shape}, max_forced={self.max_forced}, layers={sorted(self.stats)})"
+
+
+class GmodState:
+    """Model-level plain object (not a module) shared by a converted model's MoD layers."""
+
+    def __init__(self, config, router: Optional[GmodRouter] = None, rotary: Optional[nn.Module] = None):
+        self.config = config
+        self.router = router  # the shared router (also registered on the model), or None
+        self.rotary = rotary  # the model's rotary embedding module (for positions="compact")
+        self.current: Optional[RoutingInfo] = None  # the last hooked forward
+        self.scratch: Optional[RoutingInfo] = None  # layers called without a hooked forward
+        self.forward_params: Optional[list] = None
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
