@@ -283,6 +283,7 @@ class MoDDecoderLayer:
                 "capacity": torch.tensor(C),
             }
         sink.aux[self.gmod_layer_idx] = aux
+        sink.selection[self.gmod_layer_idx] = (idx, count)
         return y
 
 

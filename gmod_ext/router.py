@@ -92,8 +92,8 @@ class RoutingInfo:
 
     ``mask`` [B, S] int8 codes (0 routable, 1 forced, 2 padding) or None (all routable);
     ``max_forced`` the largest forced count of a row (Python int, used for the static capacity).
-    MoD layers write ``aux[layer]`` (differentiable aux loss term) and ``stats[layer]`` (detached
-    tensors). A gradient-checkpointing replay overwrites them with equal values.
+    MoD layers write ``aux[layer]`` (differentiable aux loss term), ``stats[layer]`` (detached
+    tensors) and ``selection[layer] = (idx, count)`` (what ``ops.route`` chose). A gradient-checkpointing replay overwrites them with equal values.
     """
 
     def __init__(self, mask: Optional[torch.Tensor] = None, max_forced: int = 0):
@@ -101,6 +101,7 @@ class RoutingInfo:
         self.max_forced = int(max_forced)
         self.aux: dict[int, torch.Tensor] = {}
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
+        self.selection: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (idx, count)
 
     def aux_total(self) -> Optional[torch.Tensor]:
         if not self.aux:

@@ -1,0 +1,127 @@
+"""Command line: ``python -m gmod_ext <subcommand> ...`` (also the ``gmod-ext`` script).
+
+Subcommands are registered in :data:`SUBCOMMANDS` as ``name -> (add_arguments, run)``; to add
+one (e.g. ``demo``), write ``add_demo(parser)`` and ``run_demo(args) -> int`` and add an entry.
+
+``arank``: ARank per decoder layer of a model (default: a built-in tiny random Llama, no
+download) on random calibration tokens; prints the table with the layers chosen to become MoD
+layers and saves a bar chart (PNG, matplotlib Agg).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Optional
+
+
+# ----------------------------------------------------------------------------- arank
+def tiny_model(arch: str = "llama", num_layers: int = 8, seed: int = 0, sharpen: bool = True):
+    """A tiny random decoder model built from a config (no hub download).
+
+    A random model's attention is nearly uniform, so every layer has full ARank. With ``sharpen``
+    the q/k projections of deeper layers get larger weights (std 0.1 ... 1.1), which makes their
+    attention peaked and their ARank lower, a synthetic stand-in for the redundancy of deeper
+    layers that the paper measures on trained models.
+    """
+    import torch
+    import transformers
+
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=512,
+    )
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kw)).eval()
+    if sharpen:
+        with torch.no_grad():
+            for i, layer in enumerate(model.model.layers):
+                std = 0.1 + 1.0 * i / max(1, num_layers - 1)
+                layer.self_attn.q_proj.weight.normal_(0.0, std)
+                layer.self_attn.k_proj.weight.normal_(0.0, std)
+    return model
+
+
+def add_arank(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="'tiny' (built-in random tiny model) or a local model folder")
+    p.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"], help="architecture of --model tiny")
+    p.add_argument("--tiny-layers", type=int, default=8, help="layers of the tiny model")
+    p.add_argument("--batches", type=int, default=4, help="calibration batches")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=48)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--keep-dense", type=int, default=None, help="keep the N highest-ARank layers dense (default ceil(L/8))")
+    g.add_argument("--threshold", type=float, default=None, help="layers with ARank < T become MoD layers")
+    p.add_argument("--plot", default="arank.png", help="PNG path of the bar chart")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--json", default=None, help="also write the ranks and the choice to this JSON file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_arank(args: argparse.Namespace) -> int:
+    import torch
+
+    from .arank import arank, choose_mod_layers, format_table, plot_arank
+
+    if args.model == "tiny":
+        model = tiny_model(args.arch, args.tiny_layers, args.seed)
+        name = f"tiny-{args.arch}"
+    else:
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager").eval()
+        name = args.model
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = [
+        {"input_ids": torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen)} for _ in range(args.batches)
+    ]
+    ranks = arank(model, batches, progress=not args.no_progress)
+    mod = choose_mod_layers(ranks, keep_dense=args.keep_dense, threshold=args.threshold)
+    print(f"ARank of {name} ({args.batches} x {args.batch_size} samples of {args.seq_len} random tokens)")
+    print(format_table(ranks, mod))
+    print(f"MoD layers: {mod}")
+    if not args.no_plot:
+        plot_arank(ranks, args.plot, mod, title=f"ARank per layer: {name}")
+        print(f"plot saved to {args.plot}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": name, "arank": ranks, "mod_layers": mod}, f, indent=2)
+    return 0
+
+
+# ----------------------------------------------------------------------------- dispatch
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
+    "arank": (add_arank, run_arank, "ARank per decoder layer, the MoD layer choice and a plot"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gmod_ext", description="gamma-MoD tools")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+    for name, (add, run, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Helpers for the gamma-MoD model tests: tiny Hugging Face models and plain-PyTorch references.
+
+Every model here is built from a config (no download): hidden 64, 4 heads (2 KV heads, head dim
+16), 4 layers, vocab 128.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+IMAGE_TOKEN = 100  # LLaVA image token id (inside the vocab, never drawn as text)
+N_IMAGE = 16  # (32 / 8) ** 2 patches, CLS dropped
+
+
+def text_config_kwargs(**over):
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+    )
+    kw.update(over)
+    return kw
+
+
+def tiny_model(arch: str, dtype=torch.float32, seed: int = 0, **over):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**text_config_kwargs(**over)))
+    elif arch == "mistral":
+        m = transformers.MistralForCausalLM(transformers.MistralConfig(**text_config_kwargs(**over)))
+    elif arch == "qwen2":
+        m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**text_config_kwargs(**over)))
+    elif arch == "llava":
+        vc = transformers.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+        )
+        tc = transformers.LlamaConfig(**text_config_kwargs(**over))
+        cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN)
+        m = transformers.LlavaForConditionalGeneration(cfg)
+    else:
+        raise ValueError(arch)
+    return m.to(dtype)
+
+
+def make_batch(arch: str, B: int = 2, S: int = 24, pad: bool = True, seed: int = 1, labels_prefix: int = 0):
+    """Model kwargs for a batch; left padding of 3 tokens on the last row when ``pad``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, IMAGE_TOKEN, (B, S), generator=g)
+    batch = {"input_ids": ids}
+    am = torch.ones(B, S, dtype=torch.long)
+    if pad:
+        am[-1, :3] = 0
+        ids[-1, :3] = 0
+    batch["attention_mask"] = am
+    if arch == "llava":
+        start = 4
+        ids[:, start : start + N_IMAGE] = IMAGE_TOKEN
+        batch["pixel_values"] = torch.randn(B, 3, 32, 32, generator=g)
+    labels = ids.clone()
+    labels[am == 0] = -100
+    if labels_prefix:
+        labels[:, :labels_prefix] = -100
+    if arch == "llava":
+        labels[ids == IMAGE_TOKEN] = -100
+    batch["labels"] = labels
+    return batch
+
+
+def valid_positions(batch):
+    return batch["attention_mask"].bool()
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------- references
+def rms_norm(x, weight, eps):
+    xf = x.float()
+    return weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def plain_router_logits(x, norm, router):
+    """l1 - l0 of Linear(D, 2) on RMSNorm(x) in plain PyTorch (fp32)."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    logits = F.linear(rms_norm(x, norm.weight, eps), router.weight.float(), router.bias.float())
+    return logits[..., 1] - logits[..., 0]
+
+
+def reference_selection(logits, mask, ratio):
+    """Plain top-k + forced: list of sorted kept positions per row, following the documented rule."""
+    B, S = logits.shape
+    logits = logits.detach()
+    out = []
+    for b in range(B):
+        codes = mask[b].tolist() if mask is not None else [0] * S
+        routable = [s for s in range(S) if codes[s] == 0]
+        forced = [s for s in range(S) if codes[s] == 1]
+        n = len(routable)
+        k = n - int(math.floor(ratio * n + 1e-9))
+        order = sorted(routable, key=lambda s: (-float(logits[b, s]), s))
+        out.append(sorted(forced + order[:k]))
+    return out
+
+
+def rope(x, cos, sin):
+    """x [N, H, d], cos/sin [N, d]."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def plain_block(layer, xs, cos, sin):
+    """Dense HF decoder math on gathered tokens xs [N, D] of one row, explicit causal mask.
+
+    Returns (h, a, m): h = xs + Attn(LN1(xs)), a = the attention output, m = MLP(LN2(h)).
+    """
+    attn = layer.self_attn
+    N = xs.shape[0]
+    d = attn.head_dim
+    hin = layer.input_layernorm(xs)
+    q = attn.q_proj(hin).view(N, -1, d)
+    k = attn.k_proj(hin).view(N, -1, d)
+    v = attn.v_proj(hin).view(N, -1, d)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * attn.scaling
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    probs = scores.softmax(-1)
+    o = torch.einsum("hqk,khd->qhd", probs, v.float()).to(xs.dtype).reshape(N, -1)
+    a = attn.o_proj(o)
+    h = xs + a
+    m = layer.mlp(layer.post_attention_layernorm(h))
+    return h, a, m

@@ -1,0 +1,231 @@
+"""The MoD decoder layer (gmod_ext.mod_layer) on a tiny Llama layer against plain PyTorch."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gmod_hf_utils import (
+    num_threads,
+    plain_block,
+    plain_router_logits,
+    reference_selection,
+    tiny_model,
+    transformers,
+)
+
+from gmod_ext.config import GmodConfig, capacity
+from gmod_ext.mod_layer import MoDDecoderLayer, make_mod_layer, unmake_mod_layer
+from gmod_ext.router import GmodState, RoutingInfo
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with num_threads(1):
+        yield
+
+
+B, S = 3, 20
+
+
+def build(variant="gamma", gate="default", positions="original", ratio=0.5, dtype=torch.float32, **cfg):
+    model = tiny_model("llama", dtype=dtype)
+    layer = model.model.layers[1]
+    dense = copy.deepcopy(layer)
+    state = GmodState(
+        GmodConfig(variant=variant, gate=gate, positions=positions, router="per_layer", router_init="normal", **cfg),
+        rotary=model.model.rotary_emb,
+    )
+    make_mod_layer(layer, ratio, layer_idx=1, state=state)
+    with torch.no_grad():  # a router with clearly separated logits (no near-ties)
+        layer.gmod_router.weight.normal_(0.0, 1.0)
+        layer.gmod_router.bias.normal_(0.0, 0.5)
+    return model, layer, dense
+
+
+def routing_mask():
+    mask = torch.zeros(B, S, dtype=torch.int8)
+    mask[0, [2, 5, 6]] = 1  # forced
+    mask[1, :4] = 2  # left padding
+    mask[1, [10, 11]] = 1
+    mask[2, -2:] = 2  # right padding
+    return mask
+
+
+def expected_output(layer, x, pe, mask, ratio, variant, gate, positions, rotary):
+    cfg_gate = "none" if gate == "none" else variant
+    logits = plain_router_logits(x, layer.input_layernorm, layer.gmod_router)
+    sel = reference_selection(logits, mask, ratio)
+    y = x.clone()
+    if cfg_gate == "pmod":
+        w = 0.2 * torch.tanh(logits) + 1.0
+        skip = torch.where(mask == 2, torch.ones_like(w), w) if mask is not None else w
+        y = (skip.unsqueeze(-1) * x.float()).to(x.dtype)
+    for b, keep in enumerate(sel):
+        keep_t = torch.tensor(keep, dtype=torch.long)
+        xs = x[b, keep_t]
+        if positions == "original":
+            cos, sin = pe[0][0, keep_t], pe[1][0, keep_t]
+        else:
+            cos, sin = rotary(xs, torch.arange(len(keep)).unsqueeze(0))
+            cos, sin = cos[0], sin[0]
+        h, a, m = plain_block(layer, xs, cos, sin)
+        p = torch.sigmoid(logits[b, keep_t]).unsqueeze(-1)
+        if cfg_gate == "none":
+            out = h + m
+        elif cfg_gate == "gamma":
+            out = h + (p * m.float()).to(x.dtype)
+        elif cfg_gate == "mod":
+            out = xs + (p * (a + m).float()).to(x.dtype)
+        else:
+            w = (0.2 * torch.tanh(logits[b, keep_t]) + 1.0).unsqueeze(-1)
+            out = xs + (w * (a + m).float()).to(x.dtype)
+        y[b, keep_t] = out
+    return y, sel
+
+
+@pytest.mark.parametrize(
+    "variant,gate,positions",
+    [
+        ("gamma", "default", "original"),
+        ("gamma", "default", "compact"),
+        ("mod", "default", "original"),
+        ("pmod", "default", "original"),
+        ("gamma", "none", "original"),
+    ],
+)
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_layer_matches_plain_pytorch(variant, gate, positions, ratio):
+    model, layer, _ = build(variant, gate, positions, ratio)
+    rotary = model.model.rotary_emb
+    x = torch.randn(B, S, 64, requires_grad=True)
+    pe = rotary(x, torch.arange(S).unsqueeze(0))
+    mask = routing_mask()
+    info = RoutingInfo(mask, max_forced=int((mask == 1).sum(1).max()))
+    y = layer(x, position_embeddings=pe, gmod_routing=info)
+    ref, sel = expected_output(layer, x, pe, mask, ratio, variant, gate, positions, rotary)
+
+    idx, count = info.selection[1]
+    # the documented rule: count = F + R - floor(r R); forced always kept; padding never
+    for b in range(B):
+        R = int((mask[b] == 0).sum())
+        F_ = int((mask[b] == 1).sum())
+        assert int(count[b]) == F_ + R - int(ratio * R + 1e-9)
+        got = idx[b, : count[b]].tolist()
+        assert got == sel[b]
+        assert set((mask[b] == 1).nonzero().flatten().tolist()) <= set(got)
+        assert not set((mask[b] == 2).nonzero().flatten().tolist()) & set(got)
+    assert idx.shape[1] == capacity(S, ratio, info.max_forced)
+
+    kept = torch.zeros(B, S, dtype=torch.bool)
+    for b, k in enumerate(sel):
+        kept[b, k] = True
+    skipped = ~kept
+    if variant == "pmod" and gate != "none":
+        pad = mask == 2
+        assert torch.equal(y[pad], x[pad])  # padding untouched even with STRing
+        torch.testing.assert_close(y[skipped], ref[skipped], atol=1e-6, rtol=1e-6)
+    else:
+        assert torch.equal(y[skipped], x[skipped])  # skipped tokens bit-identical
+    torch.testing.assert_close(y[kept], ref[kept], atol=2e-5, rtol=2e-5)
+
+    # gradients (x, layer weights and router) against the plain-PyTorch graph
+    gy = torch.randn_like(y)
+    params = [x] + [p for p in layer.parameters()]
+    g1 = torch.autograd.grad((y * gy).sum(), params, allow_unused=True)
+    g2 = torch.autograd.grad((ref * gy).sum(), params, allow_unused=True)
+    for p, a, b_ in zip(params, g1, g2):
+        if b_ is None:
+            assert a is None or float(a.abs().max()) == 0.0
+            continue
+        torch.testing.assert_close(a, b_, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_low_precision(dtype):
+    model, layer, _ = build("gamma", ratio=0.5, dtype=dtype)
+    assert layer.gmod_router.weight.dtype == torch.float32  # router stays fp32
+    rotary = model.model.rotary_emb
+    x = torch.randn(B, S, 64).to(dtype)
+    pe = rotary(x, torch.arange(S).unsqueeze(0))
+    mask = routing_mask()
+    info = RoutingInfo(mask, max_forced=3)
+    y = layer(x, position_embeddings=pe, gmod_routing=info)
+    assert y.dtype == dtype
+    ref, sel = expected_output(layer, x, pe, mask, 0.5, "gamma", "default", "original", rotary)
+    kept = torch.zeros(B, S, dtype=torch.bool)
+    for b, k in enumerate(sel):
+        kept[b, k] = True
+    assert torch.equal(y[~kept], x[~kept])
+    torch.testing.assert_close(y[kept].float(), ref[kept].float(), atol=3e-2, rtol=3e-2)
+    y.float().sum().backward()
+    assert layer.gmod_router.weight.grad.dtype == torch.float32
+    assert torch.isfinite(layer.gmod_router.weight.grad).all()
+
+
+def test_layer_identity_and_state_dict():
+    model = tiny_model("llama")
+    layer = model.model.layers[0]
+    keys = set(layer.state_dict())
+    cls = type(layer)
+    make_mod_layer(layer, 0.3, layer_idx=0, router_init="zeros")
+    assert isinstance(layer, cls) and isinstance(layer, MoDDecoderLayer)
+    assert set(layer.state_dict()) == keys | {"gmod_router.weight", "gmod_router.bias"}
+    assert type(layer).__name__ == "MoD" + cls.__name__
+    unmake_mod_layer(layer)
+    assert type(layer) is cls and set(layer.state_dict()) == keys
+
+
+def test_layer_without_routing_info_and_position_ids():
+    """Called like a plain HF layer (no gmod_routing): every token routable, top-k by ratio."""
+    model, layer, _ = build("gamma", ratio=0.25)
+    x = torch.randn(2, 16, 64)
+    pe = model.model.rotary_emb(x, torch.arange(16).unsqueeze(0))
+    y = layer(x, attention_mask=None, position_ids=torch.arange(16).unsqueeze(0), position_embeddings=pe)
+    assert (y != x).any(-1).sum(1).tolist() == [12, 12]
+    # without position_embeddings the layer computes them with the model's rotary module
+    y2 = layer(x, position_ids=torch.arange(16).unsqueeze(0))
+    torch.testing.assert_close(y2, y)
+
+
+def test_kv_cache_hook():
+    model, layer, dense = build("gamma", ratio=0.5)
+    x = torch.randn(1, 8, 64)
+    pe = model.model.rotary_emb(x, torch.arange(8).unsqueeze(0))
+    cache = transformers.DynamicCache(config=model.config)
+    with pytest.raises(NotImplementedError, match="KV cache"):
+        layer(x, position_embeddings=pe, past_key_values=cache, use_cache=True)
+    # on_cache="dense": the wrapped layer runs densely (and fills the cache)
+    layer._gmod_state.config.on_cache = "dense"
+    y = layer(x, position_embeddings=pe, past_key_values=cache, use_cache=True)
+    ref = dense(x, position_embeddings=pe, past_key_values=transformers.DynamicCache(config=model.config), use_cache=True)
+    torch.testing.assert_close(y, ref)
+    assert cache.get_seq_length(1) == 8
+
+
+def test_sliding_window_guard():
+    torch.manual_seed(0)
+    m = tiny_model("mistral", sliding_window=8)
+    layer = make_mod_layer(m.model.layers[0], 0.5, layer_idx=0)
+    x = torch.randn(1, 12, 64)
+    pe = m.model.rotary_emb(x, torch.arange(12).unsqueeze(0))
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        layer(x, position_embeddings=pe)
+    layer(x[:, :8], position_embeddings=(pe[0][:, :8], pe[1][:, :8]))
+
+
+def test_compile_aot_eager():
+    model, layer, _ = build("gamma", ratio=0.5)
+    x = torch.randn(2, 12, 64)
+    pe = model.model.rotary_emb(x, torch.arange(12).unsqueeze(0))
+    xe = x.clone().requires_grad_()
+    xc = x.clone().requires_grad_()
+    ye = layer(xe, position_embeddings=pe)
+    compiled = torch.compile(layer, backend="aot_eager")
+    yc = compiled(xc, position_embeddings=pe)
+    torch.testing.assert_close(yc, ye)
+    ge = torch.autograd.grad(ye.square().sum(), [xe, layer.gmod_router.weight])
+    gc = torch.autograd.grad(yc.square().sum(), [xc, layer.gmod_router.weight])
+    for a, b in zip(ge, gc):
+        torch.testing.assert_close(a, b)
