@@ -1,0 +1,352 @@
+"""gmod_ext.convert on tiny Llama / Mistral / Qwen2 / LLaVA models."""
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext as _nullcontext
+import math
+import types
+
+import pytest
+import torch
+
+from gmod_hf_utils import (
+    IMAGE_TOKEN,
+    make_batch,
+    num_threads,
+    plain_router_logits,
+    tiny_model,
+    transformers,
+)
+
+import gmod_ext
+from gmod_ext.config import capacity, prd_skip_ratios
+from gmod_ext.convert import is_converted
+
+ARCHS = ["llama", "mistral", "qwen2", "llava"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with num_threads(1):
+        yield
+
+
+def _inputs(batch):
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _text_layers(model):
+    return model.model.language_model.layers if hasattr(model.model, "language_model") else model.model.layers
+
+
+def _logits_loss(out, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out.logits.shape, generator=g).to(out.logits.dtype)
+    valid = batch["attention_mask"].bool()
+    return (out.logits * w)[valid].float().sum()
+
+
+def _compare_grads(ref, conv, atol=None, rtol=None, rel_norm=None):
+    """Elementwise (atol/rtol) or, for low precision, relative-norm comparison of the gradients."""
+    conv_params = dict(conv.named_parameters())
+    n = 0
+    for name, p in ref.named_parameters():
+        q = conv_params[name]
+        if p.grad is None:
+            assert q.grad is None or float(q.grad.abs().max()) == 0.0, name
+            continue
+        if rel_norm is not None:
+            if name.endswith("k_proj.bias"):
+                continue  # mathematically zero (softmax is shift-invariant): pure rounding noise
+            err = float((q.grad.float() - p.grad.float()).norm() / p.grad.float().norm().clamp(min=1e-6))
+            assert err < rel_norm, f"{name}: relative gradient error {err:.3g}"
+        else:
+            torch.testing.assert_close(
+                q.grad.float(), p.grad.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}"
+            )
+        n += 1
+    assert n > 10
+
+
+# ----------------------------------------------------------------------------- equality at ratio 0
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["gate_none", "pmod_zero_router"])
+def test_ratio0_equals_hf_fp32(arch, mode):
+    ref = tiny_model(arch)
+    conv = copy.deepcopy(ref)
+    if mode == "gate_none":
+        gmod_ext.convert(conv, ratio=0.0, layers="all", gate="none", progress=False)
+    else:
+        gmod_ext.convert(conv, ratio=0.0, layers="all", variant="pmod", schedule="constant", progress=False)
+        assert float(conv.gmod_router.weight.detach().abs().max()) == 0.0
+    batch = make_batch(arch)
+    out_ref = ref(**_inputs(batch))
+    out_conv = conv(**_inputs(batch))
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out_conv.logits[valid], out_ref.logits[valid], atol=2e-5, rtol=1e-5)
+    _logits_loss(out_ref, batch).backward()
+    _logits_loss(out_conv, batch).backward()
+    _compare_grads(ref, conv, atol=5e-5, rtol=1e-4)
+    st = conv.gmod_stats()
+    assert sorted(st["layers"]) == [0, 1, 2, 3] and st["skip_ratio"] == 0.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "llava"])
+def test_ratio0_equals_hf_bf16(arch):
+    ref = tiny_model(arch, dtype=torch.bfloat16)
+    conv = copy.deepcopy(ref)
+    gmod_ext.convert(conv, ratio=0.0, layers="all", gate="none", progress=False)
+    assert conv.gmod_router.weight.dtype == torch.float32
+    batch = make_batch(arch)
+    batch["pixel_values"] = batch["pixel_values"].bfloat16() if "pixel_values" in batch else None
+    batch = {k: v for k, v in batch.items() if v is not None}
+    out_ref = ref(**_inputs(batch))
+    out_conv = conv(**_inputs(batch))
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out_conv.logits[valid].float(), out_ref.logits[valid].float(), atol=3e-2, rtol=3e-2)
+    _logits_loss(out_ref, batch).backward()
+    _logits_loss(out_conv, batch).backward()
+    _compare_grads(ref, conv, rel_norm=3e-2)
+
+
+def _gamma_reference(model, router):
+    """Patch each decoder layer of ``model`` with gamma-MoD keep-all math in plain PyTorch + HF modules."""
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kw):
+        kw.pop("gmod_routing", None)
+        h = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            **kw,
+        )[0]
+        p = torch.sigmoid(plain_router_logits(hidden_states, self.input_layernorm, router)).unsqueeze(-1)
+        return h + (p * self.mlp(self.post_attention_layernorm(h)).float()).to(h.dtype)
+
+    for layer in _text_layers(model):
+        layer.forward = types.MethodType(forward, layer)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llava"])
+def test_gamma_ratio0_equals_plain_pytorch(arch):
+    ref = tiny_model(arch)
+    conv = copy.deepcopy(ref)
+    gmod_ext.convert(conv, ratio=0.0, layers="all", progress=False)
+    with torch.no_grad():
+        conv.gmod_router.weight.normal_(0, 0.5)
+        conv.gmod_router.bias.normal_(0, 0.5)
+    router = torch.nn.Linear(64, 2)
+    router.load_state_dict(conv.gmod_router.state_dict())
+    _gamma_reference(ref, router)
+    batch = make_batch(arch)
+    out_ref = ref(**_inputs(batch))
+    out_conv = conv(**_inputs(batch))
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out_conv.logits[valid], out_ref.logits[valid], atol=2e-5, rtol=1e-5)
+    _logits_loss(out_ref, batch).backward()
+    _logits_loss(out_conv, batch).backward()
+    torch.testing.assert_close(conv.gmod_router.weight.grad, router.weight.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(conv.gmod_router.bias.grad, router.bias.grad, atol=1e-5, rtol=1e-4)
+    _compare_grads(ref, conv, atol=5e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- routing at ratio r
+def _check_selection(model, batch, info, ratio, must_keep):
+    am = batch["attention_mask"].bool()
+    for layer_idx, (idx, count) in info.selection.items():
+        S = am.shape[1]
+        assert idx.shape[1] == capacity(S, ratio, info.max_forced)
+        for b in range(am.shape[0]):
+            kept = set(idx[b, : count[b]].tolist())
+            assert not kept & set((~am[b]).nonzero().flatten().tolist()), "padding processed"
+            forced = set(must_keep[b].nonzero().flatten().tolist())
+            assert forced <= kept, f"layer {layer_idx} row {b}: forced tokens skipped"
+            R = int((am[b] & ~must_keep[b]).sum())
+            assert int(count[b]) == len(forced) + R - math.floor(ratio * R + 1e-9)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ratio_half_routing(arch):
+    model = tiny_model(arch)
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], progress=False)
+    batch = make_batch(arch, labels_prefix=6)
+    seen = {}
+
+    def hook(i):
+        def f(module, args, output):
+            seen[i] = (args[0].detach(), output.detach())
+
+        return f
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(_text_layers(model))]
+    model(**batch)
+    for h in handles:
+        h.remove()
+    info = model.gmod_state.current
+    forced = (batch["labels"] == -100) & batch["attention_mask"].bool()
+    if arch == "llava":
+        forced &= batch["input_ids"] != IMAGE_TOKEN
+    assert forced.any()
+    _check_selection(model, batch, info, 0.5, forced)
+    # skipped tokens (and padding) leave each MoD layer bit-identical
+    for li in [1, 2, 3]:
+        x_in, y_out = seen[li]
+        idx, count = info.selection[li]
+        kept = torch.zeros_like(forced)
+        for b in range(kept.shape[0]):
+            kept[b, idx[b, : count[b]].long()] = True
+        assert torch.equal(y_out[~kept], x_in[~kept])
+        assert (y_out[kept] != x_in[kept]).any(-1).all()
+    st = model.gmod_stats()
+    assert set(st["layers"]) == {1, 2, 3}
+    assert 0.0 < st["skip_ratio"] < 0.5
+    for v in st["layers"].values():
+        assert 0.0 < v["mean_p"] < 1.0 and math.isfinite(v["aux_loss"])
+
+
+def test_llava_text_forced_and_explicit_mask():
+    model = tiny_model("llava")
+    gmod_ext.convert(model, ratio=0.5, layers="all", variant="pmod", schedule="constant", router_init="normal")
+    assert model.config.gmod["forced"] == "text"
+    batch = make_batch("llava")
+    model(**_inputs(batch))
+    info = model.gmod_state.current
+    text = (batch["input_ids"] != IMAGE_TOKEN) & batch["attention_mask"].bool()
+    _check_selection(model, batch, info, 0.5, text)
+    # only image tokens were skipped
+    for idx, count in info.selection.values():
+        assert int(count.sum()) == int(text.sum()) + 2 * (N := 16) - 2 * math.floor(0.5 * N)
+
+    # explicit forced mask on a text model with forced="none"
+    m2 = tiny_model("llama")
+    gmod_ext.convert(m2, ratio=0.75, layers=[0, 2], forced="none")
+    b2 = make_batch("llama")
+    fm = torch.zeros_like(b2["attention_mask"], dtype=torch.bool)
+    fm[:, -5:] = True
+    m2(**_inputs(b2), gmod_forced_mask=fm)
+    _check_selection(m2, b2, m2.gmod_state.current, 0.75, fm & b2["attention_mask"].bool())
+
+
+def test_aux_loss_added_to_loss():
+    model = tiny_model("llama")
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
+    batch = make_batch("llama", labels_prefix=4)
+    out = model(**batch)
+    lm = model.loss_function(logits=out.logits, labels=batch["labels"], vocab_size=128)
+    aux = model.gmod_state.current.aux_total()
+    torch.testing.assert_close(out.loss, lm + 0.01 * aux)
+    assert math.isclose(model.gmod_stats()["aux_loss"], float(aux.detach()), rel_tol=1e-5)
+    # return_dict=False path
+    out_t = model(**batch, return_dict=False)
+    torch.testing.assert_close(out_t[0], out.loss)
+    # no labels: no aux in the (absent) loss
+    assert model(**_inputs(batch)).loss is None
+    # the loss has a gradient into the router through the aux term and the gate
+    out.loss.backward()
+    assert float(model.gmod_router.weight.grad.abs().sum()) > 0
+
+
+def test_state_dict_keys_and_original_checkpoint():
+    ref = tiny_model("qwen2")
+    conv = copy.deepcopy(ref)
+    gmod_ext.convert(conv, ratio=0.5, layers=[0, 3], router="per_layer", progress=False)
+    keys_ref, keys_conv = set(ref.state_dict()), set(conv.state_dict())
+    new = {f"model.layers.{i}.gmod_router.{p}" for i in (0, 3) for p in ("weight", "bias")}
+    assert keys_conv == keys_ref | new
+    fresh = tiny_model("qwen2", seed=5)
+    gmod_ext.convert(fresh, ratio=0.5, layers=[0, 3], router="per_layer", progress=False)
+    res = fresh.load_state_dict(ref.state_dict(), strict=False)
+    assert set(res.missing_keys) == new and not res.unexpected_keys
+    for k, v in ref.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("arch,router", [("llama", "shared"), ("llava", "per_layer")])
+def test_save_pretrained_round_trip(tmp_path, arch, router):
+    model = tiny_model(arch)
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 3], router=router, positions="compact", progress=False)
+    for p in model.parameters():  # non-trivial router weights
+        if p.dtype == torch.float32 and p.shape[0] == 2:
+            with torch.no_grad():
+                p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path)
+    loaded = gmod_ext.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    assert loaded.config.gmod == model.config.gmod
+    sd_a, sd_b = model.state_dict(), loaded.state_dict()
+    assert set(sd_a) == set(sd_b)
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+    batch = make_batch(arch)
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+    # lower precision load: base weights bf16, routers fp32
+    low = gmod_ext.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    routers = [m for m in low.modules() if isinstance(m, gmod_ext.GmodRouter)]
+    assert routers and all(r.weight.dtype == torch.float32 for r in routers)
+    assert _text_layers(low)[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    # the plain transformers class still loads the checkpoint (routers ignored)
+    plain = type(model).from_pretrained(tmp_path)
+    assert not is_converted(plain)
+
+
+def test_gradient_checkpointing_matches():
+    model = tiny_model("llama")
+    gmod_ext.convert(model, ratio=0.5, layers=[0, 1, 2], progress=False)
+    ckpt = copy.deepcopy(model)
+    with pytest.warns(FutureWarning) if hasattr(ckpt, "activation_checkpointing_enable") else _nullcontext():
+        ckpt.gradient_checkpointing_enable()
+    model.train()
+    ckpt.train()
+    batch = make_batch("llama", labels_prefix=5)
+    l1 = model(**batch).loss
+    l2 = ckpt(**batch).loss
+    torch.testing.assert_close(l2, l1)
+    l1.backward()
+    l2.backward()
+    assert float(ckpt.gmod_router.weight.grad.abs().sum()) > 0
+    _compare_grads(model, ckpt, atol=1e-6, rtol=1e-5)
+
+
+def test_cache_and_generate():
+    model = tiny_model("llama").eval()
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
+    assert model.config.use_cache is False
+    ids = torch.randint(0, 100, (2, 6))
+    with pytest.raises(NotImplementedError, match="compact MoD KV cache"):
+        model(ids, use_cache=True)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False, pad_token_id=0)
+    assert out.shape == (2, 9)
+
+
+def test_arank_layers_and_prd_schedule():
+    model = tiny_model("llama")
+    calib = [make_batch("llama", seed=s) for s in range(2)]
+    gmod_ext.convert(model, ratio=0.3, layers="arank", calibration_batches=calib, progress=False)
+    g = model.config.gmod
+    assert len(g["arank"]) == 4 and len(g["layers"]) == 3 and g["ratios"] == [0.3] * 3
+    dense = sorted(set(range(4)) - set(g["layers"]))
+    assert g["arank"][dense[0]] == max(g["arank"])
+
+    m2 = tiny_model("llama", num_hidden_layers=6)
+    gmod_ext.convert(m2, ratio=0.5, layers="all", variant="pmod")
+    prd = prd_skip_ratios(6, 0.5, 0.1, 0.9)
+    assert m2.config.gmod["layers"] == sorted(prd) and 0 not in prd  # R_0 = 1.0 > R_max: dense
+    assert m2.config.gmod["ratios"] == [prd[i] for i in sorted(prd)]
+    assert m2.config.gmod["forced"] == "none"  # text-only model: nothing to force for pmod
+    m2(**make_batch("llama"))
+
+
+def test_convert_errors():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="calibration_batches"):
+        gmod_ext.convert(model, layers="arank")
+    with pytest.raises(ValueError, match="out of range"):
+        gmod_ext.convert(model, layers=[7])
+    with pytest.raises(ValueError, match="skip ratio"):
+        gmod_ext.convert(model, ratio=1.0, layers="all")
+    gmod_ext.convert(model, layers="all")
+    with pytest.raises(ValueError, match="already converted"):
+        gmod_ext.convert(model, layers="all")
+    gmod_ext.unconvert(model)
+    assert not any(isinstance(m, gmod_ext.MoDDecoderLayer) for m in model.modules())
+    assert set(model.state_dict()) == set(tiny_model("llama").state_dict())
