@@ -207,7 +207,7 @@ def apply_gmod_config(model: nn.Module, cfg: GmodConfig) -> nn.Module:
         model.register_forward_hook(_post_hook, with_kwargs=True),
     ]
     model.gmod_state = state
-    model.gmod_stats = types.MethodType(gmod_stats, model)
+    model.gmod_stats = _StatsMethod(model)
 
     model.config.gmod = cfg.to_dict()
     for c in {id(model.config): model.config, id(parts.text_config): parts.text_config}.values():
@@ -303,6 +303,20 @@ def _post_hook(module, args, kwargs, output):
 
 
 # --------------------------------------------------------------------------- stats
+class _StatsMethod:
+    """``model.gmod_stats()``: a plain callable holding the model (unlike a bound method it
+    survives pickling (torch.save(model)) and deepcopy)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self) -> dict:
+        return gmod_stats(self.model)
+
+    def __repr__(self) -> str:
+        return "<gmod_stats of the converted model>"
+
+
 def gmod_stats(model: nn.Module) -> dict[str, Any]:
     """Router statistics of the last forward of a converted model.
 

@@ -128,6 +128,14 @@ class GmodState:
         self.scratch: Optional[RoutingInfo] = None  # layers called without a hooked forward
         self.forward_params: Optional[list] = None
 
+    def __getstate__(self):
+        # The last forward's record (tensors with autograd history) is transient: deepcopy /
+        # pickling of the model (torch.save, EMA copies) drops it.
+        d = dict(self.__dict__)
+        d["current"] = None
+        d["scratch"] = None
+        return d
+
 
 def logit(p: float) -> float:
     return math.log(p / (1.0 - p))

@@ -13,6 +13,7 @@ from gmod_hf_utils import (
     IMAGE_TOKEN,
     make_batch,
     num_threads,
+    plain_block,
     plain_router_logits,
     tiny_model,
     transformers,
@@ -35,8 +36,12 @@ def _inputs(batch):
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def _text_model(model):
+    return model.model.language_model if hasattr(model.model, "language_model") else model.model
+
+
 def _text_layers(model):
-    return model.model.language_model.layers if hasattr(model.model, "language_model") else model.model.layers
+    return _text_model(model).layers
 
 
 def _logits_loss(out, batch, seed=0):
@@ -197,6 +202,17 @@ def test_ratio_half_routing(arch):
             kept[b, idx[b, : count[b]].long()] = True
         assert torch.equal(y_out[~kept], x_in[~kept])
         assert (y_out[kept] != x_in[kept]).any(-1).all()
+        # kept tokens: the HF modules on the gathered tokens, explicit causal mask, gamma gate
+        layer = _text_layers(model)[li]
+        S = x_in.shape[1]
+        cos, sin = _text_model(model).rotary_emb(x_in, torch.arange(S).unsqueeze(0))
+        logits = plain_router_logits(x_in, layer.input_layernorm, model.gmod_router)
+        with torch.no_grad():
+            for b in range(kept.shape[0]):
+                keep = idx[b, : count[b]].long()
+                h, _, m = plain_block(layer, x_in[b, keep], cos[0, keep], sin[0, keep])
+                expected = h + torch.sigmoid(logits[b, keep]).unsqueeze(-1) * m
+                torch.testing.assert_close(y_out[b, keep], expected, atol=2e-5, rtol=1e-5)
     st = model.gmod_stats()
     assert set(st["layers"]) == {1, 2, 3}
     assert 0.0 < st["skip_ratio"] < 0.5
@@ -350,3 +366,48 @@ def test_convert_errors():
     gmod_ext.unconvert(model)
     assert not any(isinstance(m, gmod_ext.MoDDecoderLayer) for m in model.modules())
     assert set(model.state_dict()) == set(tiny_model("llama").state_dict())
+
+
+def test_threshold_routing_in_eval_and_explicit_codes():
+    model = tiny_model("llama")
+    gmod_ext.convert(model, ratio=0.25, layers=[2], threshold=0.5, progress=False)
+    with torch.no_grad():
+        model.gmod_router.weight.normal_(0, 0.5)
+    layer = model.model.layers[2]
+    seen = {}
+    h = layer.register_forward_hook(lambda mod, args, out: seen.setdefault("x", args[0].detach()))
+    batch = make_batch("llama", pad=False)
+    codes = torch.zeros_like(batch["input_ids"], dtype=torch.int8)
+    codes[:, :2] = 1
+    model.eval()
+    model(batch["input_ids"], gmod_routing_mask=codes)
+    h.remove()
+    idx, count = model.gmod_state.current.selection[2]
+    p = torch.sigmoid(layer.gmod_logits(seen["x"])).detach()
+    S = codes.shape[1]
+    R = S - 2
+    for b in range(codes.shape[0]):
+        kept = idx[b, : count[b]].tolist()
+        assert kept[:2] == [0, 1]
+        expect = sorted([s for s in range(2, S) if p[b, s] > 0.5], key=lambda s: -p[b, s])[: R - int(0.25 * R)]
+        assert kept[2:] == sorted(expect)
+    # training mode ignores the threshold: exactly the top-k rule
+    model.train()
+    model(batch["input_ids"], gmod_routing_mask=codes)
+    _, count = model.gmod_state.current.selection[2]
+    assert count.tolist() == [2 + R - int(0.25 * R)] * codes.shape[0]
+
+
+def test_deepcopy_and_pickle_after_forward(tmp_path):
+    model = tiny_model("llama")
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
+    batch = make_batch("llama")
+    out = model(**batch)
+    out.loss.backward()  # the last forward's record holds tensors with autograd history
+    clone = copy.deepcopy(model)
+    assert clone.gmod_state.router is clone.gmod_router and clone.gmod_stats.model is clone
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for m in (clone, loaded):
+        torch.testing.assert_close(m(**batch).logits, out.logits, rtol=0, atol=0)
+        assert m.gmod_stats()["layers"].keys() == {1, 2}
