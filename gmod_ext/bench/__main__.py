@@ -1,0 +1,98 @@
+"""python -m gmod_ext.bench ops|attention [--quick] [--json PATH] [--device cuda|cpu] ...
+
+Exit status: 0 all rows ran and every check passed; 1 a gmod op raised (ERROR rows);
+2 a gmod result differs from its baseline (MISMATCH rows); 3 bad arguments / no such device.
+Ops without a kernel for the device show "n/a (no CUDA kernel)" and are not failures.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+
+import torch
+
+from . import attention as attention_bench
+from . import common
+from . import ops as ops_bench
+
+BENCHES = {"ops": ops_bench, "attention": attention_bench}
+
+TIMING_HELP = """\
+timing: on CUDA, CUDA events around each call, a 256 MiB buffer written before each call so no
+input or output is left in L2, warm-up first, the median of many repeats (min and 80th percentile
+in the JSON); --graph times CUDA-graph replays instead of eager calls. On CPU, time.perf_counter
+medians. Sizes: full sizes on CUDA; --quick (and always on CPU) small sizes for a smoke test.
+Every gmod result is compared with its baseline once before it is timed; a difference prints
+MISMATCH in the row and on stderr and makes the exit status 2.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    cols = "\n".join(
+        f"--- {name} tables ---\n" + common.columns_help(mod.TABLES) for name, mod in BENCHES.items())
+    p = argparse.ArgumentParser(
+        prog="python -m gmod_ext.bench",
+        description="Benchmarks of the gmod_ext ops against their floors and torch baselines.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TIMING_HELP + "\ncolumns:\n" + cols)
+    p.add_argument("bench", choices=sorted(BENCHES), help="ops: memory-bound MoD ops; attention: gmod.attention")
+    default_dev = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", choices=["cuda", "cpu"], default=default_dev, help=f"default: {default_dev}")
+    p.add_argument("--quick", action="store_true", help="small sizes (always on for --device cpu)")
+    p.add_argument("--json", metavar="PATH", help="write every number (and the timing details) here")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="activations (default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--graph", action="store_true", help="CUDA: time CUDA-graph replays (falls back to eager)")
+    p.add_argument("--no-flush", action="store_true", help="CUDA: do not flush L2 between repeats")
+    p.add_argument("--budget-ms", type=float, help="time spent on the repeats of one measurement")
+    p.add_argument("--threads", type=int, help="CPU: torch threads (default 1, for stable medians)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("python -m gmod_ext.bench: --device cuda but torch sees no GPU", file=sys.stderr)
+        return 3
+    ctx = common.make_ctx(args)
+    m = common.meta(ctx)
+    print(f"gmod_ext.bench {args.bench}: {m['device']} ({m['device_name']}), torch {m['torch']}, "
+          f"{m['dtype']}, sizes {m['size_mode']}, gmod build {m['gmod_build']}")
+    print(f"timing: {m['timing']['method']}, L2 flush {m['timing']['l2_flush_256MiB']}, "
+          f"graph {m['timing']['cuda_graph']}, {ctx.min_reps}-{ctx.max_reps} repeats / ~{ctx.budget_ms:.0f} ms each\n",
+          flush=True)
+    sections = []
+    t0 = time.time()
+    crashed = None
+    try:
+        for sec in BENCHES[args.bench].run(ctx):
+            sections.append(sec)
+            print(common.render(sec) + "\n", flush=True)
+    except Exception as err:  # noqa: BLE001  (keep what was measured; report the crash)
+        crashed = err
+        traceback.print_exc()
+        ctx.errors.append({"bench": args.bench, "error": f"crashed: {type(err).__name__}: {err}"[:300]})
+    elapsed = time.time() - t0
+    if args.json:
+        common.write_json(args.json, args.bench, ctx, sections, {"elapsed_s": elapsed})
+        print(f"wrote {args.json}")
+    if ctx.mismatches:
+        bar = "!" * 78
+        print(f"{bar}\n!!! MISMATCH: {len(ctx.mismatches)} gmod result(s) differ from the baseline; "
+              f"their timings are worthless:")
+        for mm in ctx.mismatches:
+            print(f"!!!   {mm['bench']}: {mm['detail']}")
+        print(bar)
+    if ctx.errors:
+        print(f"ERRORS ({len(ctx.errors)}): " + "; ".join(f"{e['bench']}: {e['error']}" for e in ctx.errors))
+    status = "MISMATCH" if ctx.mismatches else ("ERROR" if ctx.errors else "ok")
+    print(f"status: {status} ({elapsed:.1f} s)")
+    if ctx.mismatches:
+        return 2
+    return 1 if (ctx.errors or crashed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

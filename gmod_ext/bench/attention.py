@@ -1,0 +1,256 @@
+"""`python -m gmod_ext.bench attention`: gmod.attention against torch SDPA.
+
+prefill  causal self-attention on full rows (q_len = k_len = S), forward and backward, against
+         SDPA's flash and cuDNN backends on CUDA (math backend on CPU). FLOPs as flash-attention's
+         benchmark counts them: forward 4*B*H*S*S*d / 2 for causal, backward 2.5x forward.
+decode   one query token (q_len = 1) against KV caches of 4k-32k tokens, GQA 32/8 heads, batch 1-32:
+         bytes moved (K and V cache read once, q read, o written) over the time, against the copy
+         bandwidth and SDPA.
+
+Layouts: gmod takes q/k/v as [B, S, H, d]; SDPA is given transposed views [B, H, S, d] of the same
+tensors (what flash-attention reads natively), so neither side pays for a copy.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from .common import Col, Ctx, Section, check_all, copy_bandwidth, esize, gbps, measure, missing, record_check, \
+    record_error
+
+_ops = torch.ops.gmod
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # very old torch
+    SDPBackend = sdpa_kernel = None
+
+SIZES = {
+    "full": dict(prefill=[(8, 1024), (4, 2048), (2, 4096)], H=32, dims=[128, 64],
+                 decode_B=[1, 8, 32], decode_L=[4096, 16384, 32768], Hq=32, Hk=8, decode_d=128),
+    "quick": dict(prefill=[(2, 512), (1, 1024)], H=8, dims=[128, 64],
+                  decode_B=[1, 8], decode_L=[2048, 8192], Hq=32, Hk=8, decode_d=128),
+    "cpu": dict(prefill=[(2, 64), (1, 128)], H=2, dims=[64, 128],
+                decode_B=[1, 2], decode_L=[256, 1024], Hq=4, Hk=2, decode_d=64),
+}
+
+PREFILL_COLS = [
+    Col("shape", "B x S", help="batch x sequence (q_len = k_len = S in every row), causal"),
+    Col("H", "H", help="heads (query = key/value heads)"),
+    Col("d", "d", help="head dim"),
+    Col("pass", "pass", help="fwd = attention; bwd = its backward alone (gmod: attention_backward op; "
+        "SDPA: autograd.grad of its forward)"),
+    Col("impl", "impl", help="gmod = torch.ops.gmod.attention; sdpa-flash / sdpa-cudnn / sdpa-math = "
+        "F.scaled_dot_product_attention(is_causal=True) under sdpa_kernel(<that backend>)"),
+    Col("ms", "ms", "ms", "median time; 'n/a (...)' when there is no kernel for this device/shape"),
+    Col("TFLOPs", "TFLOP/s", ".4g", "causal FLOPs (fwd 4*B*H*S^2*d/2, bwd 2.5x fwd) / time, 10^12 per second"),
+    Col("vs_flash", "vs flash", ".2f", "this row's TFLOP/s / the SDPA flash row's (sdpa-math on CPU) of the same pass"),
+    Col("check", "check", help="gmod o (fwd) or dq, dk, dv (bwd) vs the baseline's, once before timing"),
+]
+DECODE_COLS = [
+    Col("B", "B", help="batch"),
+    Col("L", "cache", help="tokens in each row's KV cache (k_len); one query token (q_len = 1)"),
+    Col("heads", "Hq/Hk", help="query heads / key-value heads (GQA), head dim in the title"),
+    Col("impl", "impl", help="gmod = torch.ops.gmod.attention; sdpa-* = SDPA (enable_gqa=True) under that backend"),
+    Col("ms", "ms", "ms", "median time of one decode step's attention"),
+    Col("MB", "MB", ".1f", "bytes that must move: K and V caches 2*B*L*Hk*d*e + q + o, 10^6 bytes"),
+    Col("GBps", "GB/s", ".0f", "MB / ms: cache read bandwidth"),
+    Col("pct_copy", "% copy", ".0f", "GB/s over the measured copy bandwidth, in %"),
+    Col("vs_flash", "vs flash", ".2f", "SDPA flash ms / this row's ms (> 1: faster than flash)"),
+    Col("check", "check", help="gmod o vs the baseline's, once before timing"),
+]
+TABLES = [("prefill", PREFILL_COLS), ("decode", DECODE_COLS)]
+
+
+def _backends(ctx: Ctx) -> list:
+    if sdpa_kernel is None:
+        return [("sdpa", None)]
+    if ctx.cuda:
+        return [("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)]
+    return [("sdpa-math", SDPBackend.MATH)]
+
+
+def _ctxmgr(backend):
+    return sdpa_kernel([backend]) if backend is not None else nullcontext()
+
+
+def causal_flops(B: int, H: int, S: int, d: int, bwd: bool = False) -> float:
+    f = 4.0 * B * H * S * S * d / 2
+    return 2.5 * f if bwd else f
+
+
+def _short(err: BaseException) -> str:
+    s = str(err).strip().splitlines()
+    return f"n/a ({type(err).__name__}: {(s[0] if s else '')[:50]})"
+
+
+def bench_prefill(ctx: Ctx) -> Section:
+    z = SIZES[ctx.size_mode]
+    H, dt, dev = z["H"], ctx.dtype, ctx.device
+    sec = Section("prefill", f"attention prefill, causal, {str(dt)[6:]}", PREFILL_COLS)
+    for d in z["dims"]:
+        for B, S in z["prefill"]:
+            scale = 1.0 / math.sqrt(d)
+            q, k, v = (torch.randn(B, S, H, d, dtype=dt, device=dev) for _ in range(3))
+            do = torch.randn(B, S, H, d, dtype=dt, device=dev)
+            lens = torch.full((B,), S, dtype=torch.int32, device=dev)
+            label = f"{B}x{S} H{H} d{d}"
+            base = dict(shape=f"{B}x{S}", H=H, d=d)
+            ref_fwd = ref_bwd = None
+            flops_f, flops_b = causal_flops(B, H, S, d), causal_flops(B, H, S, d, bwd=True)
+            rows = {(p, name): sec.add(**base, **{"pass": p}, impl=name)
+                    for p in ("fwd", "bwd") for name in ["gmod"] + [n for n, _ in _backends(ctx)]}
+            # --- SDPA baselines
+            for name, backend in _backends(ctx):
+                qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+                fn = lambda: F.scaled_dot_product_attention(  # noqa: E731
+                    qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), is_causal=True, scale=scale)
+                rf, rb = rows[("fwd", name)], rows[("bwd", name)]
+                try:
+                    with _ctxmgr(backend):
+                        out = fn()
+                        t = measure(fn, ctx)
+                    rf.update(ms=t.ms, TFLOPs=flops_f / (t.ms * 1e-3) / 1e12, timing=t.as_json())
+                    if ref_fwd is None:
+                        ref_fwd = out.detach().transpose(1, 2)
+                    grads = lambda: torch.autograd.grad(out, (qs, ks, vs), do.transpose(1, 2), retain_graph=True)  # noqa: E731
+                    gr = grads()
+                    if ref_bwd is None:
+                        ref_bwd = [g_.detach() for g_ in gr]
+                    del gr
+                    t = measure(grads, ctx)
+                    rb.update(ms=t.ms, TFLOPs=flops_b / (t.ms * 1e-3) / 1e12, timing=t.as_json())
+                    del out
+                except Exception as err:  # noqa: BLE001  (backend not available for this shape/dtype)
+                    ctx.sync()
+                    for r in (rf, rb):
+                        if r.get("ms") is None:
+                            r["ms"] = _short(err)
+                del qs, ks, vs
+            # --- gmod
+            gf, gb = rows[("fwd", "gmod")], rows[("bwd", "gmod")]
+            na = missing(["attention"], ctx)
+            o = lse = None
+            if na:
+                gf["ms"] = gb["ms"] = na
+            else:
+                try:
+                    o, lse = _ops.attention(q, k, v, lens, lens, scale)
+                    ctx.sync()
+                    gf["check"] = (record_check(ctx, f"attention fwd {label}", check_all([("o", o, ref_fwd)], dt))
+                                   if ref_fwd is not None else "unchecked")
+                    t = measure(lambda: _ops.attention(q, k, v, lens, lens, scale), ctx)
+                    gf.update(ms=t.ms, TFLOPs=flops_f / (t.ms * 1e-3) / 1e12, timing=t.as_json())
+                except Exception as err:  # noqa: BLE001
+                    gf["ms"] = record_error(ctx, f"attention fwd {label}", err)
+                na_b = missing(["attention_backward"], ctx)
+                if na_b:
+                    gb["ms"] = na_b
+                elif o is None:
+                    gb["ms"] = "n/a (forward failed)"
+                else:
+                    try:
+                        bw = lambda: _ops.attention_backward(do, q, k, v, o, lse, lens, lens, scale)  # noqa: E731
+                        dq, dk, dv = bw()
+                        ctx.sync()
+                        gb["check"] = (record_check(ctx, f"attention bwd {label}", check_all(
+                            [("dq", dq, ref_bwd[0]), ("dk", dk, ref_bwd[1]), ("dv", dv, ref_bwd[2])], dt))
+                            if ref_bwd is not None else "unchecked")
+                        del dq, dk, dv
+                        t = measure(bw, ctx)
+                        gb.update(ms=t.ms, TFLOPs=flops_b / (t.ms * 1e-3) / 1e12, timing=t.as_json())
+                    except Exception as err:  # noqa: BLE001
+                        gb["ms"] = record_error(ctx, f"attention bwd {label}", err)
+            ref_name = _backends(ctx)[0][0]
+            for p in ("fwd", "bwd"):
+                ref_t = rows[(p, ref_name)].get("TFLOPs")
+                for (pp, _), r in rows.items():
+                    if pp == p and ref_t and r.get("TFLOPs"):
+                        r["vs_flash"] = r["TFLOPs"] / ref_t
+            del q, k, v, do, o, lse, ref_fwd, ref_bwd
+            if ctx.cuda:
+                torch.cuda.empty_cache()
+    return sec
+
+
+def bench_decode(ctx: Ctx) -> Section:
+    z = SIZES[ctx.size_mode]
+    Hq, Hk, d, dt, dev = z["Hq"], z["Hk"], z["decode_d"], ctx.dtype, ctx.device
+    e = esize(dt)
+    scale = 1.0 / math.sqrt(d)
+    sec = Section("decode", f"attention decode: q_len=1 vs a KV cache, Hq={Hq} Hk={Hk} d={d} {str(dt)[6:]}",
+                  DECODE_COLS)
+    for B in z["decode_B"]:
+        for L in z["decode_L"]:
+            q = torch.randn(B, 1, Hq, d, dtype=dt, device=dev)
+            k, v = (torch.randn(B, L, Hk, d, dtype=dt, device=dev) for _ in range(2))
+            q_len = torch.ones(B, dtype=torch.int32, device=dev)
+            k_len = torch.full((B,), L, dtype=torch.int32, device=dev)
+            nbytes = 2 * B * L * Hk * d * e + 2 * B * Hq * d * e
+            base = dict(B=B, L=L, heads=f"{Hq}/{Hk}", MB=nbytes / 1e6, bytes=nbytes)
+            ref = None
+            g = sec.add(**base, impl="gmod")  # gmod row first in its group, filled after the baselines
+            fn = lambda: F.scaled_dot_product_attention(  # noqa: E731
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, enable_gqa=True)
+            rows = [g]
+            for name, backend in _backends(ctx):
+                r = sec.add(**base, impl=name)
+                rows.append(r)
+                try:
+                    with _ctxmgr(backend):
+                        out = fn()
+                        t = measure(fn, ctx)
+                    if ref is None:
+                        ref = out.transpose(1, 2)
+                    r.update(ms=t.ms, timing=t.as_json())
+                except Exception as err:  # noqa: BLE001
+                    ctx.sync()
+                    r["ms"] = _short(err)
+            na = missing(["attention"], ctx)
+            if ref is None and not na and sdpa_kernel is not None:
+                try:  # no timed backend ran: check against the math backend (untimed)
+                    with sdpa_kernel([SDPBackend.MATH]):
+                        ref = fn().transpose(1, 2)
+                except Exception:  # noqa: BLE001
+                    ref = None
+            if na:
+                g["ms"] = na
+            else:
+                try:
+                    o, _ = _ops.attention(q, k, v, q_len, k_len, scale)
+                    ctx.sync()
+                    g["check"] = (record_check(ctx, f"attention decode B{B} L{L}", check_all([("o", o, ref)], dt))
+                                  if ref is not None else "unchecked")
+                    del o
+                    t = measure(lambda: _ops.attention(q, k, v, q_len, k_len, scale), ctx)
+                    g.update(ms=t.ms, timing=t.as_json())
+                except Exception as err:  # noqa: BLE001
+                    g["ms"] = record_error(ctx, f"attention decode B{B} L{L}", err)
+            flash = next((r for r in rows if r["impl"] == _backends(ctx)[0][0]), None)
+            for r in rows:
+                if isinstance(r.get("ms"), float):
+                    r["GBps"] = gbps(nbytes, r["ms"])
+                    r["pct_copy"] = 100.0 * r["GBps"] / ctx.copy_GBps if ctx.copy_GBps else None
+                    if flash is not None and isinstance(flash.get("ms"), float):
+                        r["vs_flash"] = flash["ms"] / r["ms"]
+            del q, k, v, ref
+            if ctx.cuda:
+                torch.cuda.empty_cache()
+    return sec
+
+
+def run(ctx: Ctx):
+    """Yield the sections one by one (the caller prints each as soon as it is done)."""
+    torch.manual_seed(ctx.seed)
+    c = copy_bandwidth(ctx)
+    copy = Section("copy", "copy bandwidth (the floor for decode)",
+                   [Col("MB", "MB moved", ".0f"), Col("ms", "ms", "ms"), Col("GBps", "GB/s", ".0f"), Col("check", "check")])
+    copy.add(MB=c["bytes"] / 1e6, ms=c["timing"]["ms"], GBps=c["GBps"], check=c["check"], timing=c["timing"])
+    if c["check"] != "ok":
+        ctx.mismatches.append({"bench": "copy", "detail": "dst != src"})
+    yield copy
+    yield bench_prefill(ctx)
+    yield bench_decode(ctx)

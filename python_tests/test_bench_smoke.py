@@ -1,0 +1,85 @@
+"""Smoke test of the benchmarks: `python -m gmod_ext.bench ops|attention --quick --device cpu --json PATH`
+must exit 0, print its tables and write a JSON with the expected keys (tiny CPU sizes, a few seconds)."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOP_KEYS = {"benchmark", "status", "meta", "copy_GBps", "sections", "mismatches", "errors"}
+SECTIONS = {
+    "ops": {"copy": "copy bandwidth", "ops": "router_logits", "route": "B x S", "overhead": "x floor"},
+    "attention": {"copy": "copy bandwidth", "prefill": "TFLOP/s", "decode": "cache"},
+}
+
+
+def _run(bench: str, tmp_path: pathlib.Path, *extra: str, env_extra: dict | None = None):
+    out = tmp_path / f"{bench}.json"
+    env = dict(os.environ, **(env_extra or {}))
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gmod_ext.bench", bench, "--quick", "--device", "cpu", "--json", str(out), *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return proc, out
+
+
+@pytest.mark.parametrize("bench", ["ops", "attention"])
+def test_bench_cpu_quick(bench, tmp_path):
+    proc, out = _run(bench, tmp_path)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
+    assert "MISMATCH" not in proc.stdout
+    for needle in SECTIONS[bench].values():
+        assert needle in proc.stdout, f"{needle!r} missing from the printed tables:\n{proc.stdout}"
+    assert "status: ok" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert TOP_KEYS <= set(doc), set(doc)
+    assert doc["benchmark"] == bench and doc["status"] == "ok"
+    assert doc["meta"]["device"] == "cpu" and doc["meta"]["size_mode"] == "cpu"
+    assert doc["copy_GBps"] > 0
+    assert set(SECTIONS[bench]) == set(doc["sections"])
+    for name, sec in doc["sections"].items():
+        assert {"title", "columns", "rows"} <= set(sec)
+        assert sec["rows"], f"section {name} has no rows"
+    if bench == "ops":
+        rows = doc["sections"]["ops"]["rows"]
+        assert {(r["op"], r["pass"]) for r in rows} == {
+            (op, p) for op in ("router_logits", "gather_rows", "scatter_merge") for p in ("fwd", "bwd")}
+        for r in rows:
+            assert isinstance(r["gmod_ms"], float) and r["gmod_ms"] > 0
+            assert isinstance(r["torch_ms"], float) and r["bytes"] > 0 and r["GBps"] > 0
+            assert r["check"].startswith(("ok", "exact")), r
+        assert all(r["check"] == "ok" for r in doc["sections"]["route"]["rows"])
+        gm = [r for r in doc["sections"]["overhead"]["rows"] if r["impl"] == "gmod"][0]
+        assert gm["x_floor"] > 0 and gm["check"].startswith("ok")
+    else:
+        rows = doc["sections"]["prefill"]["rows"]
+        gm = [r for r in rows if r["impl"] == "gmod"]
+        assert {r["pass"] for r in gm} == {"fwd", "bwd"}
+        assert all(isinstance(r["ms"], float) and r["TFLOPs"] > 0 and r["check"].startswith("ok") for r in gm)
+        assert any(r["impl"] == "sdpa-math" for r in rows)
+        dec = [r for r in doc["sections"]["decode"]["rows"] if r["impl"] == "gmod"]
+        assert dec and all(r["GBps"] > 0 and r["check"].startswith("ok") for r in dec)
+
+
+def test_bench_missing_kernel_rows(tmp_path):
+    """An op without a kernel for the device prints 'n/a (no ... kernel)' and the baselines still run."""
+    proc, out = _run("attention", tmp_path, env_extra={"GMOD_BENCH_HIDE_OPS": "attention,attention_backward"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "n/a (no CPU kernel)" in proc.stdout
+    doc = json.loads(out.read_text())
+    rows = doc["sections"]["prefill"]["rows"]
+    assert all(r["ms"] == "n/a (no CPU kernel)" for r in rows if r["impl"] == "gmod")
+    assert all(isinstance(r["ms"], float) for r in rows if r["impl"] == "sdpa-math")
+
+
+def test_bench_help_explains_columns():
+    proc = subprocess.run([sys.executable, "-m", "gmod_ext.bench", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0
+    for word in ("% copy", "x floor", "TFLOP/s", "vs flash", "MISMATCH", "bytes that must move"):
+        assert word in proc.stdout, word

@@ -1,0 +1,273 @@
+#!/usr/bin/env bash
+# The one command a GPU session runs (device tool, repo root, python3 = torch 2.11+cu130):
+#
+#   bash scripts/gpu_check.sh
+#   GMOD_GPU_CHECK_STEPS=build,tests,bench bash scripts/gpu_check.sh     # a subset
+#
+# Steps (in this order): info build tests memcheck racecheck bench_ops bench_attention ncu
+#   aliases: all (default) = every step above; sanitize = memcheck,racecheck; bench = bench_ops,bench_attention
+#   extra, only when named: synccheck initcheck (compute-sanitizer tools)
+# Without build, the library already built in gmod_ext/ (a warm machine keeps it) is used.
+# Everything lands in $OUT (logs, bench_*.json, ncu.csv, summary.txt); the console shows short
+# tails, then the benchmark tables, then the summary table LAST (only the last 12,000 characters
+# of output come back). A failing step never stops the script; its failure is in the summary.
+# Exit status: 0 if every step that ran passed, 1 otherwise.
+# Knobs: GMOD_GPU_CHECK_BUDGET_S (default 530 s for the whole script), GMOD_GPU_CHECK_PYTEST_ARGS,
+#        GMOD_BENCH_ARGS (extra args for both benchmarks, e.g. --graph), PYTHON (default python3).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+OUT=${OUT:-$ROOT/out/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BUDGET=${GMOD_GPU_CHECK_BUDGET_S:-530}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16}
+STATUS_FILE=$OUT/steps.tsv
+: > "$STATUS_FILE"
+ANY_FAIL=0
+
+# ------------------------------------------------------------------ which steps
+ALL_STEPS="info build tests memcheck racecheck bench_ops bench_attention ncu"
+req=${GMOD_GPU_CHECK_STEPS:-all}
+req=" $(echo "$req" | tr ',' ' ') "
+req=${req// all / $ALL_STEPS }
+req=${req// sanitize / memcheck racecheck }
+req=${req// bench / bench_ops bench_attention }
+want() { [[ "$req" == *" $1 "* ]]; }
+
+# ------------------------------------------------------------------ helpers
+record() {  # step status seconds detail
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STATUS_FILE"
+  case "$2" in ok|skipped*) ;; *) ANY_FAIL=1 ;; esac
+}
+
+# run_step NAME LIMIT_S LOG CMD... : runs CMD under timeout (clipped to the remaining budget),
+# output to $OUT/LOG; sets RC and DUR. Returns 1 (and records "skipped") when out of time.
+run_step() {
+  local name=$1 limit=$2 log=$3; shift 3
+  local left=$((BUDGET - SECONDS - 12))
+  if (( left < 20 )); then
+    record "$name" "skipped (time budget)" 0 "${left}s left of ${BUDGET}s"
+    RC=124; DUR=0; return 1
+  fi
+  (( limit > left )) && limit=$left
+  echo "=== [$name] $(date +%T) (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" > "$OUT/$log" 2>&1
+  RC=$?
+  DUR=$((SECONDS - t0))
+  (( RC == 124 || RC == 137 )) && echo "[$name] TIMED OUT after ${DUR}s" >> "$OUT/$log"
+  return 0
+}
+
+tail_of() { tail -n "${2:-8}" "$OUT/$1" | cut -c1-220; }
+
+# ------------------------------------------------------------------ info
+if want info; then
+  t0=$SECONDS
+  gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,utilization.gpu \
+        --format=csv,noheader 2>&1 | head -n 1)
+  echo "GPU: $gpu"
+  {
+    echo "nvidia-smi: $gpu"
+    "$PY" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0))' 2>&1
+    (nvcc --version 2>&1 | tail -n 1) || true
+    (cmake --version 2>&1 | head -n 1) || true
+    for t in compute-sanitizer ncu ninja; do printf '%s: %s\n' "$t" "$(command -v $t || echo missing)"; done
+  } > "$OUT/info.log" 2>&1
+  cat "$OUT/info.log"
+  record info ok $((SECONDS - t0)) "$gpu"
+fi
+
+# ------------------------------------------------------------------ build
+if want build; then
+  if run_step build 360 build.log "$PY" -m pip install --no-build-isolation --no-deps -e . -q; then
+    rc=$RC; dur=$DUR
+    if (( rc != 0 && rc != 124 && rc != 137 )) && grep -qiE "externally-managed|permission denied|no module named pip" "$OUT/build.log"; then
+      # pip cannot install here: build the library in place instead (PYTHONPATH points at the repo)
+      run_step build_inplace 300 build_inplace.log "$PY" setup.py build_ext --inplace
+      rc=$RC; dur=$((dur + DUR))
+      cat "$OUT/build_inplace.log" >> "$OUT/build.log"
+    fi
+    "$PY" - > "$OUT/import.log" 2>&1 <<'EOF'
+import torch, gmod_ext
+print("BUILD_INFO", gmod_ext.BUILD_INFO)
+ops = ["router_logits", "router_logits_backward", "route", "gather_rows", "gather_rows_backward", "scatter_merge",
+       "scatter_merge_backward", "attention", "attention_backward", "kv_cache_append"]
+has = [op for op in ops if torch._C._dispatch_has_kernel_for_dispatch_key("gmod::" + op, "CUDA")]
+print("CUDA kernels:", " ".join(has) or "none")
+print("no CUDA kernel:", " ".join(op for op in ops if op not in has) or "-")
+EOF
+    irc=$?
+    cat "$OUT/import.log" | cut -c1-300
+    if (( rc != 0 )); then
+      echo "--- build log tail:"; grep -iE "error|fatal" "$OUT/build.log" | head -n 15 | cut -c1-240; tail_of build.log 15
+      record build FAIL "$dur" "pip rc=$rc; see build.log"
+    elif (( irc != 0 )); then
+      tail_of import.log 5
+      record build FAIL "$dur" "built, but import failed: $(tail -n 1 "$OUT/import.log" | cut -c1-120)"
+    elif grep -q "'cuda': False" "$OUT/import.log"; then
+      record build FAIL "$dur" "library built WITHOUT CUDA kernels: $(head -n 1 "$OUT/import.log")"
+    else
+      record build ok "$dur" "$(grep '^no CUDA kernel' "$OUT/import.log")"
+    fi
+  fi
+fi
+
+# ------------------------------------------------------------------ tests
+if want tests; then
+  # shellcheck disable=SC2086
+  if run_step tests 200 tests.log "$PY" -m pytest python_tests -q -rfE -p no:cacheprovider \
+       --ignore=python_tests/test_bench_smoke.py ${GMOD_GPU_CHECK_PYTEST_ARGS:-}; then
+    line=$(grep -E "^(=+ )?[0-9]+ (passed|failed)|(passed|failed|error|no tests ran).* in [0-9.]+s" "$OUT/tests.log" | tail -n 1 | tr -d '=' | sed 's/^ *//')
+    [[ -z "$line" ]] && line="no pytest summary (rc=$RC)"
+    tail_of tests.log 12
+    if (( RC == 0 )); then record tests ok "$DUR" "$line"; else record tests FAIL "$DUR" "rc=$RC: $line"; fi
+  fi
+fi
+
+# ------------------------------------------------------------------ compute-sanitizer
+sanitize() {  # tool limit extra-args...
+  local tool=$1 limit=$2; shift 2
+  if ! command -v compute-sanitizer > /dev/null; then record "$tool" "FAIL" 0 "compute-sanitizer not found"; return; fi
+  if run_step "$tool" "$limit" "$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+       compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 30 "$@" "$PY" scripts/sanitize_ops.py; then
+    local errs summ script
+    # memcheck/synccheck/initcheck: "ERROR SUMMARY: N errors"; racecheck: "RACECHECK SUMMARY: H hazards
+    # displayed (E errors, W warnings)" (warnings are reported in the detail but do not fail the step)
+    errs=$(grep -oE "ERROR SUMMARY: [0-9]+ error" "$OUT/$tool.log" | tail -n 1 | grep -oE "[0-9]+")
+    [[ -z "$errs" ]] && errs=$(grep -oE "RACECHECK SUMMARY: .*\(([0-9]+) error" "$OUT/$tool.log" | tail -n 1 | grep -oE "\([0-9]+" | tr -d '(')
+    summ=$(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$OUT/$tool.log" | tail -n 1 | sed 's/^=* *//')
+    script=$(grep -E "^sanitize_ops:" "$OUT/$tool.log" | tail -n 1)
+    tail_of "$tool.log" 10
+    if [[ $RC -eq 0 && "${errs:-0}" == "0" && "$script" == *" 0 failed"* ]]; then
+      record "$tool" ok "$DUR" "${summ}; ${script}"
+    else
+      record "$tool" FAIL "$DUR" "rc=$RC ${summ:-no sanitizer summary}; ${script:-script did not finish}"
+    fi
+  fi
+}
+want memcheck && sanitize memcheck 150 --leak-check no
+want racecheck && sanitize racecheck 150 --racecheck-report analysis
+want synccheck && sanitize synccheck 150
+want initcheck && sanitize initcheck 150
+
+# ------------------------------------------------------------------ benchmarks
+bench() {  # name limit
+  local name=$1 limit=$2 which=${1#bench_}
+  # shellcheck disable=SC2086
+  if run_step "$name" "$limit" "$name.log" "$PY" -m gmod_ext.bench "$which" --json "$OUT/$name.json" ${GMOD_BENCH_ARGS:-}; then
+    local st
+    st=$(grep -E "^status:" "$OUT/$name.log" | tail -n 1)
+    tail_of "$name.log" 4
+    case $RC in
+      0) record "$name" ok "$DUR" "$st" ;;
+      2) record "$name" MISMATCH "$DUR" "$st; $(grep -m1 -E '^!!!   ' "$OUT/$name.log" | cut -c1-120)" ;;
+      *) record "$name" FAIL "$DUR" "rc=$RC ${st:-no status line}; $(grep -m1 -E 'ERRORS|Error' "$OUT/$name.log" | cut -c1-120)" ;;
+    esac
+  fi
+}
+want bench_ops && bench bench_ops 150
+want bench_attention && bench bench_attention 220
+
+# ------------------------------------------------------------------ ncu
+if want ncu; then
+  if ! command -v ncu > /dev/null; then
+    record ncu FAIL 0 "ncu not found"
+  elif run_step ncu 120 ncu.log ncu --kernel-name-base demangled --kernel-name regex:gmod --launch-count 16 \
+         --section SpeedOfLight --csv --page details "$PY" scripts/sanitize_ops.py --large; then
+    grep -E '^"' "$OUT/ncu.log" > "$OUT/ncu.csv"
+    "$PY" - "$OUT/ncu.csv" > "$OUT/ncu_summary.txt" 2>&1 <<'EOF'
+import csv, re, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+kern = {}
+for r in rows:
+    k = (r.get("ID"), r.get("Kernel Name", "?"))
+    kern.setdefault(k, {})[r.get("Metric Name")] = (r.get("Metric Value"), r.get("Metric Unit"))
+print(f"{'kernel':<48} {'us':>9} {'mem%':>6} {'SM%':>6} {'DRAM%':>6}")
+for (i, name), m in kern.items():
+    short = re.sub(r"\(.*$", "", re.sub(r"<.*>", "<..>", name))[-48:]
+    dur, unit = m.get("Duration", ("?", ""))
+    try:
+        us = float(dur.replace(",", "")) * {"nsecond": 1e-3, "usecond": 1, "msecond": 1e3, "second": 1e6}.get(unit, 1)
+        dur = f"{us:.1f}"
+    except ValueError:
+        pass
+    g = lambda n: m.get(n, ("-",))[0]
+    print(f"{short:<48} {dur:>9} {g('Memory Throughput'):>6} {g('Compute (SM) Throughput'):>6} {g('DRAM Throughput'):>6}")
+print(f"{len(kern)} kernels profiled")
+EOF
+    cat "$OUT/ncu_summary.txt" | cut -c1-120
+    n=$(grep -oE "^[0-9]+ kernels profiled" "$OUT/ncu_summary.txt" | grep -oE "^[0-9]+")
+    if (( RC == 0 )) && [[ -n "$n" && "$n" != 0 ]]; then
+      record ncu ok "$DUR" "$n kernels (ncu_summary.txt)"
+    else
+      record ncu FAIL "$DUR" "rc=$RC, ${n:-0} kernels: $(grep -m1 -E 'ERR|==ERROR==|WARNING' "$OUT/ncu.log" | cut -c1-120)"
+    fi
+  fi
+fi
+
+# ------------------------------------------------------------------ tables, then the summary LAST
+for b in bench_ops bench_attention; do
+  if [[ -f "$OUT/$b.log" ]]; then
+    echo; echo "################ $b (full log: $b.log, numbers: $b.json)"
+    # the tables only: from the first '== ' line up to the status line
+    awk '/^== /{on=1} on{print} /^status:/{exit}' "$OUT/$b.log" | cut -c1-200
+  fi
+done
+
+"$PY" - "$OUT" "$BUDGET" "$SECONDS" > "$OUT/summary.txt" 2>&1 <<'EOF'
+import json, os, sys
+out, budget, secs = sys.argv[1], sys.argv[2], sys.argv[3]
+steps = [l.rstrip("\n").split("\t") for l in open(os.path.join(out, "steps.tsv")) if l.strip()]
+print("=" * 30 + " gmod_ext GPU check summary " + "=" * 30)
+print(f"{'step':<16} {'status':<22} {'s':>4}  detail")
+for name, st, s, detail in steps:
+    print(f"{name:<16} {st:<22} {s:>4}  {detail[:150]}")
+print(f"total {secs} s of a {budget} s budget; logs and JSON in {out}")
+
+def load(name):
+    try:
+        return json.load(open(os.path.join(out, name)))
+    except Exception:
+        return None
+
+def f(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else str(v if v is not None else "-")[:28]
+
+ops = load("bench_ops.json")
+if ops:
+    secs_ = ops["sections"]
+    print(f"-- ops ({ops['status']}): copy {f(ops.get('copy_GBps'), '.0f')} GB/s")
+    for r in secs_.get("ops", {}).get("rows", []):
+        print(f"   {r['op']:<14}{r['pass']:<4} {f(r.get('gmod_ms'), '.4g'):>10} ms  {f(r.get('GBps'), '.0f'):>6} GB/s "
+              f"{f(r.get('pct_copy'), '.0f'):>4}% copy  vs torch {f(r.get('speedup'), '.2f')}  {r.get('check') or ''}"[:150])
+    for r in secs_.get("route", {}).get("rows", []):
+        print(f"   route {r['shape']:<9} gmod {f(r.get('gmod_ms'), '.4g')} ms, torch {f(r.get('torch_ms'), '.4g')} ms, "
+              f"speedup {f(r.get('speedup'), '.2f')}  {r.get('check') or ''}"[:150])
+    for r in secs_.get("overhead", {}).get("rows", []):
+        print(f"   MoD overhead {r['impl']:<20} {f(r.get('ms'), '.4g')} ms = {f(r.get('x_floor'), '.2f')} x floor "
+              f"({f(r.get('floor_ms'), '.4g')} ms)  {r.get('check') or ''}"[:150])
+att = load("bench_attention.json")
+if att:
+    print(f"-- attention ({att['status']}): gmod TFLOP/s and ratio to SDPA flash")
+    rows = att["sections"].get("prefill", {}).get("rows", [])
+    for r in rows:
+        if r["impl"] == "gmod":
+            print(f"   {r['pass']} {r['shape']:>7} d{r['d']:<4} gmod {f(r.get('TFLOPs'), '.4g'):>7} TFLOP/s  "
+                  f"vs flash {f(r.get('vs_flash'), '.2f'):>5}  {r.get('check') or r.get('ms')}"[:150])
+    for r in att["sections"].get("decode", {}).get("rows", []):
+        if r["impl"] == "gmod":
+            print(f"   decode B{r['B']:<3} L{r['L']:<6} {f(r.get('GBps'), '.0f'):>6} GB/s {f(r.get('pct_copy'), '.0f'):>4}% copy "
+                  f"vs flash {f(r.get('vs_flash'), '.2f'):>5}  {r.get('check') or r.get('ms')}"[:150])
+for name, doc in (("ops", ops), ("attention", att)):
+    if doc and doc.get("mismatches"):
+        print(f"!!! MISMATCH in bench {name}: " + "; ".join(m["bench"] for m in doc["mismatches"]))
+EOF
+src=$?
+echo
+if (( src == 0 )); then cat "$OUT/summary.txt"; else cat "$STATUS_FILE"; tail -n 5 "$OUT/summary.txt"; fi
+echo "overall: $([[ $ANY_FAIL == 0 ]] && echo ok || echo FAILURES) ($SECONDS s)"
+exit $ANY_FAIL
