@@ -176,7 +176,7 @@ want bench_attention && bench bench_attention 220
 if want ncu; then
   if ! command -v ncu > /dev/null; then
     record ncu FAIL 0 "ncu not found"
-  elif run_step ncu 120 ncu.log ncu --kernel-name-base demangled --kernel-name regex:gmod --launch-count 16 \
+  elif run_step ncu 150 ncu.log ncu --kernel-name-base demangled --kernel-name regex:gmod --launch-count 30 \
          --section SpeedOfLight --csv --page details "$PY" scripts/sanitize_ops.py --large; then
     grep -E '^"' "$OUT/ncu.log" > "$OUT/ncu.csv"
     "$PY" - "$OUT/ncu.csv" > "$OUT/ncu_summary.txt" 2>&1 <<'EOF'
