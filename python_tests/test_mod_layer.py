@@ -219,13 +219,20 @@ def test_compile_aot_eager():
     model, layer, _ = build("gamma", ratio=0.5)
     x = torch.randn(2, 12, 64)
     pe = model.model.rotary_emb(x, torch.arange(12).unsqueeze(0))
+    mask = torch.zeros(2, 12, dtype=torch.int8)
+    mask[0, :2] = 1
+    mask[1, :3] = 2
     xe = x.clone().requires_grad_()
     xc = x.clone().requires_grad_()
-    ye = layer(xe, position_embeddings=pe)
-    compiled = torch.compile(layer, backend="aot_eager")
-    yc = compiled(xc, position_embeddings=pe)
+    info_e, info_c = RoutingInfo(mask, 2), RoutingInfo(mask, 2)
+    ye = layer(xe, position_embeddings=pe, gmod_routing=info_e)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    yc = compiled(xc, position_embeddings=pe, gmod_routing=info_c)
     torch.testing.assert_close(yc, ye)
-    ge = torch.autograd.grad(ye.square().sum(), [xe, layer.gmod_router.weight])
-    gc = torch.autograd.grad(yc.square().sum(), [xc, layer.gmod_router.weight])
+    assert torch.equal(info_c.selection[1][0], info_e.selection[1][0])
+    loss_e = ye.square().sum() + info_e.aux[1]
+    loss_c = yc.square().sum() + info_c.aux[1]
+    ge = torch.autograd.grad(loss_e, [xe, layer.gmod_router.weight])
+    gc = torch.autograd.grad(loss_c, [xc, layer.gmod_router.weight])
     for a, b in zip(ge, gc):
         torch.testing.assert_close(a, b)
