@@ -25,6 +25,20 @@ The model is changed **in place** and returned:
 
 ``save_pretrained`` stores the routers with the other weights and ``config.gmod`` in config.json;
 :func:`from_pretrained` rebuilds the converted model and loads everything.
+
+Notes and limits:
+
+* training works with ``model.gradient_checkpointing_enable()`` (Hugging Face's default non-reentrant
+  checkpointing: the replay routes identically, the aux term keeps its gradient), ``torch.compile``
+  (the MoD layer compiles with ``fullgraph=True``), DDP and FSDP2 (``fully_shard``, tested on CPU/gloo);
+  with ``use_reentrant=True`` the aux term carries no gradient (the gate still trains the router);
+* MoD layers ignore the 4-D attention mask Hugging Face builds (they use the routing mask: causal over
+  kept tokens, padding excluded), so packed sequences with block masks are not supported, and a sliding
+  window (Mistral / Qwen2) raises NotImplementedError when the sequence is longer than the window;
+* ``output_attentions=True`` returns no attention maps for MoD layers (they do not run ``self_attn``);
+* a KV cache (``use_cache=True`` / ``past_key_values``) raises NotImplementedError in MoD layers
+  (``on_cache="dense"`` runs them densely instead); ``generate(..., use_cache=False)`` works;
+* the converted model stays an instance of its class; deepcopy and ``torch.save(model)`` work.
 """
 from __future__ import annotations
 
