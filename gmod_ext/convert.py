@@ -215,11 +215,16 @@ def apply_gmod_config(model: nn.Module, cfg: GmodConfig) -> nn.Module:
             per_layer = GmodRouter(parts.hidden_size, init=cfg.router_init, device=device)
         make_mod_layer(parts.layers[i], r, layer_idx=i, state=state, router=per_layer)
 
-    state.forward_params = list(inspect.signature(model.forward).parameters)
+    # The top-level model builds the routing mask (it sees labels / input_ids / attention_mask) and
+    # adds the aux loss; the decoder stack gets the same pre-hook so that calling it directly
+    # (model.model(...)) still excludes padding (it passes an existing gmod_routing through).
     state.handles = [
         model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
         model.register_forward_hook(_post_hook, with_kwargs=True),
     ]
+    if parts.text_model is not model:
+        parts.text_model.gmod_state = state
+        state.handles.append(parts.text_model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
     model.gmod_state = state
     model.gmod_stats = _StatsMethod(model)
 
@@ -244,6 +249,7 @@ def unconvert(model: nn.Module) -> nn.Module:
         unmake_mod_layer(layer)
     model._modules.pop("gmod_router", None)
     model.__dict__.pop("gmod_state", None)
+    find_decoder(model).text_model.__dict__.pop("gmod_state", None)
     model.__dict__.pop("gmod_stats", None)
     if hasattr(model.config, "gmod"):
         del model.config.gmod
@@ -251,8 +257,14 @@ def unconvert(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- hooks
-def _named_inputs(state: GmodState, args, kwargs) -> dict:
-    named = dict(zip(state.forward_params or [], args))
+def _named_inputs(state: GmodState, module, args, kwargs) -> dict:
+    cache = state.forward_params
+    if not isinstance(cache, dict):
+        cache = state.forward_params = {}
+    params = cache.get(type(module))
+    if params is None:
+        params = cache[type(module)] = list(inspect.signature(module.forward).parameters)
+    named = dict(zip(params, args))
     named.update(kwargs)
     return named
 
@@ -266,7 +278,7 @@ def _pre_hook(module, args, kwargs):
     if isinstance(kwargs.get("gmod_routing"), RoutingInfo):
         state.current = kwargs["gmod_routing"]
         return args, kwargs
-    named = _named_inputs(state, args, kwargs)
+    named = _named_inputs(state, module, args, kwargs)
     ids = named.get("input_ids")
     embeds = named.get("inputs_embeds")
     ref = ids if isinstance(ids, torch.Tensor) else embeds
@@ -300,7 +312,7 @@ def _post_hook(module, args, kwargs, output):
     coef = state.config.aux_coef
     if not isinstance(info, RoutingInfo) or not coef:
         return None
-    if _named_inputs(state, args, kwargs).get("labels") is None:
+    if _named_inputs(state, module, args, kwargs).get("labels") is None:
         return None
     aux = info.aux_total()
     if aux is None:

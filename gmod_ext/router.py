@@ -126,7 +126,7 @@ class GmodState:
         self.rotary = rotary  # the model's rotary embedding module (for positions="compact")
         self.current: Optional[RoutingInfo] = None  # the last hooked forward
         self.scratch: Optional[RoutingInfo] = None  # layers called without a hooked forward
-        self.forward_params: Optional[list] = None
+        self.forward_params: Optional[dict] = None  # forward() parameter names per hooked class
 
     def __getstate__(self):
         # The last forward's record (tensors with autograd history) is transient: deepcopy /

@@ -411,3 +411,19 @@ def test_deepcopy_and_pickle_after_forward(tmp_path):
     for m in (clone, loaded):
         torch.testing.assert_close(m(**batch).logits, out.logits, rtol=0, atol=0)
         assert m.gmod_stats()["layers"].keys() == {1, 2}
+
+
+@pytest.mark.parametrize("arch", ["llama", "llava"])
+def test_inner_decoder_called_directly_excludes_padding(arch):
+    model = tiny_model(arch)
+    gmod_ext.convert(model, ratio=0.5, layers=[0, 3], progress=False)
+    batch = make_batch(arch)
+    text = _text_model(model)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    text(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+    info = model.gmod_state.current
+    assert info.mask is not None and sorted(info.selection) == [0, 3]
+    _check_selection(model, batch, info, 0.5, torch.zeros_like(batch["attention_mask"], dtype=torch.bool))
+    # through the top-level model the inner hook passes the top-level routing on (labels -> forced)
+    model(**make_batch(arch, labels_prefix=4))
+    assert model.gmod_state.current.max_forced >= 4
