@@ -96,15 +96,17 @@ def test_ratio0_equals_hf_fp32(arch, mode):
     assert sorted(st["layers"]) == [0, 1, 2, 3] and st["skip_ratio"] == 0.0
 
 
-@pytest.mark.parametrize("arch", ["llama", "llava"])
-def test_ratio0_equals_hf_bf16(arch):
-    ref = tiny_model(arch, dtype=torch.bfloat16)
+@pytest.mark.parametrize(
+    "arch,dtype", [(a, torch.bfloat16) for a in ARCHS] + [("llama", torch.float16), ("qwen2", torch.float16)]
+)
+def test_ratio0_equals_hf_low_precision(arch, dtype):
+    ref = tiny_model(arch, dtype=dtype)
     conv = copy.deepcopy(ref)
     gmod_ext.convert(conv, ratio=0.0, layers="all", gate="none", progress=False)
     assert conv.gmod_router.weight.dtype == torch.float32
     batch = make_batch(arch)
-    batch["pixel_values"] = batch["pixel_values"].bfloat16() if "pixel_values" in batch else None
-    batch = {k: v for k, v in batch.items() if v is not None}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
     out_ref = ref(**_inputs(batch))
     out_conv = conv(**_inputs(batch))
     valid = batch["attention_mask"].bool()
