@@ -80,6 +80,18 @@ def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     return q, k
 
 
+def _qk_norm(attn: nn.Module, name: str, t: torch.Tensor, B: int, C: int, head_dim: int) -> torch.Tensor:
+    """Projection [B, C, H*d] -> [B, C, H, d] with the optional q/k norm: per head (Qwen3 style,
+    norm over head_dim) or over the whole projection (OLMo-2 style, applied before the split)."""
+    norm = getattr(attn, name, None)
+    if norm is None:
+        return t.view(B, C, -1, head_dim)
+    w = getattr(norm, "weight", None)
+    if isinstance(w, torch.Tensor) and w.numel() != head_dim:
+        return norm(t).view(B, C, -1, head_dim)
+    return norm(t.view(B, C, -1, head_dim))
+
+
 def _sliding_window(attn: nn.Module) -> Optional[int]:
     if hasattr(attn, "sliding_window"):
         return attn.sliding_window
@@ -230,13 +242,9 @@ class MoDDecoderLayer:
 
         head_dim = attn.head_dim
         h_in = self.input_layernorm(xs)
-        q = attn.q_proj(h_in).view(B, C, -1, head_dim)
-        k = attn.k_proj(h_in).view(B, C, -1, head_dim)
+        q = _qk_norm(attn, "q_norm", attn.q_proj(h_in), B, C, head_dim)
+        k = _qk_norm(attn, "k_norm", attn.k_proj(h_in), B, C, head_dim)
         v = attn.v_proj(h_in).view(B, C, -1, head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
-        if getattr(attn, "k_norm", None) is not None:
-            k = attn.k_norm(k)
         q, k = _apply_rope(q, k, cos, sin)
         scale = getattr(attn, "scaling", None)
         if scale is None:

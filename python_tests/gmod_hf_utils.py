@@ -41,6 +41,8 @@ def tiny_model(arch: str, dtype=torch.float32, seed: int = 0, **over):
         m = transformers.MistralForCausalLM(transformers.MistralConfig(**text_config_kwargs(**over)))
     elif arch == "qwen2":
         m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**text_config_kwargs(**over)))
+    elif arch == "qwen3":  # q/k norms
+        m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**text_config_kwargs(head_dim=16, **over)))
     elif arch == "llava":
         vc = transformers.CLIPVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8

@@ -74,7 +74,7 @@ def _compare_grads(ref, conv, atol=None, rtol=None, rel_norm=None):
 
 
 # ----------------------------------------------------------------------------- equality at ratio 0
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["qwen3"])
 @pytest.mark.parametrize("mode", ["gate_none", "pmod_zero_router"])
 def test_ratio0_equals_hf_fp32(arch, mode):
     ref = tiny_model(arch)
