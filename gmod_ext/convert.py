@@ -43,7 +43,6 @@ Notes and limits:
 from __future__ import annotations
 
 import inspect
-import math
 import types
 from typing import Any, Optional, Sequence, Union
 
@@ -53,7 +52,7 @@ from torch import nn
 from ._hf import find_decoder
 from .config import GmodConfig, prd_skip_ratios
 from .masks import build_routing_mask, check_routing_mask
-from .mod_layer import MoDDecoderLayer, make_mod_layer, unmake_mod_layer
+from .mod_layer import make_mod_layer, unmake_mod_layer
 from .router import GmodRouter, GmodState, RoutingInfo
 
 __all__ = ["convert", "unconvert", "from_pretrained", "gmod_stats", "is_converted", "GmodStatsCallback"]
