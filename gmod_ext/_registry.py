@@ -15,21 +15,39 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
+    """Raise like the C++ check_device when an argument is on another device than ``ref``.
+
+    A call that mixes devices with a meta tensor (e.g. x on cpu, idx on meta) is dispatched to these
+    fake kernels, not to the CPU kernel, so without this check it would silently return
+    uninitialised memory (or, for kv_cache_append, do nothing) instead of raising.
+    """
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(
+                f"gmod.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                "all tensors must be on one device"
+            )
+
+
 # ---------------------------------------------------------------- fake kernels
 @torch.library.register_fake("gmod::router_logits")
 def _(x, weight, norm_weight, eps):
+    _same_device("router_logits", "x", x, weight=weight, norm_weight=norm_weight)
     torch._check(x.dim() == 3, lambda: "gmod.router_logits: x must be 3-D [B, S, D]")
     return x.new_empty(x.shape[:2], dtype=_acc_dtype(x))
 
 
 @torch.library.register_fake("gmod::router_logits_backward")
 def _(grad, x, weight, norm_weight, eps):
+    _same_device("router_logits_backward", "x", x, grad=grad, weight=weight, norm_weight=norm_weight)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else x.new_empty((0,), dtype=_acc_dtype(x))
     return torch.empty_like(x), torch.empty_like(weight), dnorm
 
 
 @torch.library.register_fake("gmod::route")
 def _(scores, mask, num_routed, capacity, threshold=None):
+    _same_device("route", "scores", scores, mask=mask, num_routed=num_routed)
     torch._check(scores.dim() == 2, lambda: "gmod.route: scores must be 2-D [B, S]")
     B = scores.shape[0]
     return scores.new_empty((B, capacity), dtype=torch.int32), scores.new_empty((B,), dtype=torch.int32)
@@ -37,22 +55,31 @@ def _(scores, mask, num_routed, capacity, threshold=None):
 
 @torch.library.register_fake("gmod::gather_rows")
 def _(x, idx, count):
+    _same_device("gather_rows", "x", x, idx=idx, count=count)
     torch._check(x.dim() == 3 and idx.dim() == 2, lambda: "gmod.gather_rows: x must be [B, S, D], idx [B, C]")
     return x.new_empty((x.shape[0], idx.shape[1], x.shape[2]))
 
 
 @torch.library.register_fake("gmod::gather_rows_backward")
 def _(grad, idx, count, seq_len):
+    _same_device("gather_rows_backward", "grad", grad, idx=idx, count=count)
     return grad.new_empty((grad.shape[0], seq_len, grad.shape[2]))
 
 
 @torch.library.register_fake("gmod::scatter_merge")
 def _(x, base, delta, gate, idx, count, skip_scale):
+    _same_device(
+        "scatter_merge", "x", x, base=base, delta=delta, gate=gate, idx=idx, count=count, skip_scale=skip_scale
+    )
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("gmod::scatter_merge_backward")
 def _(grad, x, base, delta, gate, idx, count, skip_scale):
+    _same_device(
+        "scatter_merge_backward", "x", x, grad=grad, base=base, delta=delta, gate=gate, idx=idx, count=count,
+        skip_scale=skip_scale,
+    )
     acc = _acc_dtype(x)
     ddelta = torch.empty_like(delta) if delta is not None else x.new_empty((0,))
     dgate = torch.empty_like(gate) if gate is not None else x.new_empty((0,), dtype=acc)
@@ -62,6 +89,7 @@ def _(grad, x, base, delta, gate, idx, count, skip_scale):
 
 @torch.library.register_fake("gmod::attention")
 def _(q, k, v, q_len, k_len, scale):
+    _same_device("attention", "q", q, k=k, v=v, q_len=q_len, k_len=k_len)
     torch._check(q.dim() == 4, lambda: "gmod.attention: q must be 4-D [B, Cq, Hq, d]")
     B, Cq, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, Cq), dtype=_acc_dtype(q))
@@ -69,11 +97,16 @@ def _(q, k, v, q_len, k_len, scale):
 
 @torch.library.register_fake("gmod::attention_backward")
 def _(grad_o, q, k, v, o, lse, q_len, k_len, scale):
+    _same_device("attention_backward", "q", q, grad_o=grad_o, k=k, v=v, o=o, lse=lse, q_len=q_len, k_len=k_len)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.register_fake("gmod::kv_cache_append")
 def _(k_cache, v_cache, cache_len, k_new, v_new, new_len):
+    _same_device(
+        "kv_cache_append", "k_cache", k_cache, v_cache=v_cache, cache_len=cache_len, k_new=k_new, v_new=v_new,
+        new_len=new_len,
+    )
     return None
 
 

@@ -12,23 +12,22 @@
 namespace gmod {
 namespace {
 
-constexpr const char* kOp = "router_logits";
-
-void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& norm_weight) {
-  check_activation(x, kOp, "x", 3, "[B, S, D]");
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& norm_weight) {
+  check_activation(x, op, "x", 3, "[B, S, D]");
   const int64_t D = x.size(2);
-  check_device(weight, x, kOp, "weight", "x");
-  check_scale_dtype(weight, x.scalar_type(), kOp, "weight");
-  check_dim(weight, kOp, "weight", 1, "[D]");
-  check_size(weight, kOp, "weight", 0, D, "x.shape[2] (D)");
-  check_contiguous(weight, kOp, "weight");
+  check_device(weight, x, op, "weight", "x");
+  check_scale_dtype(weight, x.scalar_type(), op, "weight");
+  check_dim(weight, op, "weight", 1, "[D]");
+  check_size(weight, op, "weight", 0, D, "x.shape[2] (D)");
+  check_contiguous(weight, op, "weight");
   if (norm_weight.has_value()) {
     const auto& nw = *norm_weight;
-    check_device(nw, x, kOp, "norm_weight", "x");
-    check_scale_dtype(nw, x.scalar_type(), kOp, "norm_weight");
-    check_dim(nw, kOp, "norm_weight", 1, "[D]");
-    check_size(nw, kOp, "norm_weight", 0, D, "x.shape[2] (D)");
-    check_contiguous(nw, kOp, "norm_weight");
+    check_device(nw, x, op, "norm_weight", "x");
+    check_scale_dtype(nw, x.scalar_type(), op, "norm_weight");
+    check_dim(nw, op, "norm_weight", 1, "[D]");
+    check_size(nw, op, "norm_weight", 0, D, "x.shape[2] (D)");
+    check_contiguous(nw, op, "norm_weight");
   }
 }
 
@@ -46,7 +45,7 @@ at::Tensor combined_weight(const at::Tensor& weight, const std::optional<at::Ten
 
 at::Tensor router_logits_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& norm_weight, double eps) {
-  check_inputs(x, weight, norm_weight);
+  check_inputs("router_logits", x, weight, norm_weight);
   const int64_t B = x.size(0), S = x.size(1), D = x.size(2), N = B * S;
   const auto acc_type = out_dtype(x);
   auto out = at::empty({B, S}, x.options().dtype(acc_type));
@@ -79,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_logits_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& norm_weight, double eps) {
   constexpr const char* op = "router_logits_backward";
-  check_inputs(x, weight, norm_weight);
+  check_inputs(op, x, weight, norm_weight);
   check_tensor(grad, x, op, "grad", "x", 2, "[B, S]", {out_dtype(x)});
   check_size(grad, op, "grad", 0, x.size(0), "x.shape[0] (B)");
   check_size(grad, op, "grad", 1, x.size(1), "x.shape[1] (S)");
