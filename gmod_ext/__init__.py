@@ -26,6 +26,9 @@ _LAZY = {
     "GmodRouter": ("router", "GmodRouter"),
     "MoDDecoderLayer": ("mod_layer", "MoDDecoderLayer"),
     "make_mod_layer": ("mod_layer", "make_mod_layer"),
+    "GmodCache": ("cache", "GmodCache"),
+    "kv_memory_report": ("cache", "memory_report"),
+    "format_memory_report": ("cache", "format_memory_report"),
 }
 
 

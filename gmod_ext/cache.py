@@ -1,0 +1,441 @@
+"""The compact KV cache of a converted (gamma-MoD) model, and KV memory accounting.
+
+A MoD layer processes only the tokens its router keeps, so its KV cache only needs those tokens.
+:class:`GmodCache` is a ``transformers`` :class:`~transformers.DynamicCache` whose MoD-layer slots
+are :class:`GmodLayer` objects:
+
+* dense layers: the usual ``DynamicLayer`` (``[B, Hk, T, d]``, every position, padding included);
+* MoD layers: a compact per-row buffer ``keys`` / ``values`` ``[B, capacity, Hk, d]`` (the layout
+  of ``gmod_ext.ops``) with ``cache_len [B] int32`` (tokens stored per row). Row ``b`` holds, in
+  order, the ``cache_len[b]`` tokens this layer processed; padding is never processed, so never
+  stored. New tokens are written with ``ops.kv_cache_append``; attention of a step's kept tokens is
+  ``ops.attention(q, keys, values, q_len=count, k_len=cache_len)`` (bottom-right aligned, so a
+  step's kept tokens see every earlier kept token of their row and each other causally).
+  The buffer grows by copying when a row would overflow (``capacity = needed + max(1, needed//32)``:
+  at most ~3% slack, amortised copies). ``get_seq_length()`` of a MoD slot is the number of
+  *positions* seen (as for a dense layer: Hugging Face derives positions and mask sizes from it), not
+  the number of stored tokens.
+
+Converted models use it automatically: ``model.generate(...)`` creates a :class:`GmodCache`
+(``model.gmod_new_cache()`` makes one by hand), and a plain ``DynamicCache`` given to a converted
+model has its MoD slots swapped for :class:`GmodLayer` on first use (:func:`gmod_layer_cache`).
+
+Routing with a cache (what each MoD layer keeps), see :mod:`gmod_ext.mod_layer`
+--------------------------------------------------------------------------------
+* **prefill** (the first call on an empty cache): the training rule over the call's tokens:
+  top-k at the layer's skip ratio (forced tokens kept, padding never), or ``config.threshold`` in
+  eval mode (routable tokens with p > threshold, at most the top-k count);
+* **decode** (every later call, any number of tokens; chunked prefill and multi-token steps
+  included): each new token is processed iff ``p >= config.decode_threshold`` (default 0.5; forced
+  tokens always, padding never); a skipped token leaves the layer unchanged and appends nothing.
+
+Decision design (cache / no-cache equality)
+-------------------------------------------
+Each token's keep/skip decision in a layer is fixed at the step the token is first seen, and it is
+a *causal* function of the prefix: for a prompt token, top-k among the prompt tokens (their router
+scores depend only on the prompt); for a later token, ``p_t >= decode_threshold`` (``p_t`` depends
+only on tokens ``<= t``: kept tokens attend causally, skipped tokens pass through). A full recompute
+without a cache (``use_cache=False``) therefore makes the same decisions if it applies the same
+rule with the same boundary ``P`` (the prompt length): positions ``< P`` by top-k among ``[0, P)``,
+positions ``>= P`` by the decode threshold. The boundary travels as the model keyword
+``gmod_prefill_len=P``; ``model.generate`` of a converted model sets it to the prompt length by
+itself (with or without a cache), so ``generate(..., use_cache=False)`` reproduces the cached
+generation token for token (up to floating-point near-ties of p around the threshold or of top-k
+scores, which a full recompute may round differently). Without ``gmod_prefill_len`` a forward
+routes top-k over the whole sequence (the training rule). With a cache, ``gmod_prefill_len=P``
+smaller than the first call's length applies the decode rule to positions ``>= P`` of that call too;
+a prefill split over several calls (chunked prefill) routes later chunks by the decode rule, so it
+equals a no-cache recompute with ``P`` = the first chunk's length, not the prompt length.
+
+Memory accounting: :func:`memory_report` / :func:`format_memory_report` (also
+``gmod_ext.kv_memory_report``). Beam search works (``reorder_cache``); ``crop`` (assisted
+decoding, rollback) is not supported for MoD slots.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "GmodLayer",
+    "GmodCache",
+    "gmod_layer_cache",
+    "memory_report",
+    "format_memory_report",
+]
+
+
+def _cache_utils():
+    from transformers import cache_utils
+
+    return cache_utils
+
+
+def _tensor_bytes(t: Optional[torch.Tensor]) -> int:
+    if not isinstance(t, torch.Tensor):
+        return 0
+    return int(t.numel()) * int(t.element_size())
+
+
+def _make_layer_class():
+    cu = _cache_utils()
+
+    class GmodLayer(cu.CacheLayerMixin):
+        """The compact KV cache of one MoD layer.
+
+        ``keys`` / ``values``: ``[B, capacity, Hk, d]`` (None before the first write), ``cache_len``:
+        ``[B] int32`` on the cache's device, ``lens``: the same lengths as a Python list (kept in
+        step with ``cache_len`` from the per-step counts the MoD layer reads anyway, so growing the
+        buffer needs no extra device sync), ``seen``: positions seen (prompt + generated, padding
+        included), ``prefill_len``: the length of the first call (its tokens were routed by top-k).
+        """
+
+        is_sliding = False
+        is_compileable = False
+        is_croppable = False
+        supports_early_init = False
+
+        def __init__(self, **kwargs):
+            super().__init__()
+            self.cache_len: Optional[torch.Tensor] = None
+            self.lens: list[int] = []
+            self.seen = 0
+            self.prefill_len: Optional[int] = None
+
+        def __repr__(self):
+            cap = 0 if self.keys is None else self.keys.shape[1]
+            return f"GmodLayer(seen={self.seen}, lens={self.lens}, capacity={cap})"
+
+        # ---- storage
+        @property
+        def capacity(self) -> int:
+            return 0 if self.keys is None else int(self.keys.shape[1])
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            """``key_states`` [B, T, Hk, d] (gmod layout): sets B, Hk, d, dtype and device."""
+            B, _, Hk, d = key_states.shape
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.keys = torch.zeros(B, 0, Hk, d, dtype=self.dtype, device=self.device)
+            self.values = torch.zeros(B, 0, Hk, d, dtype=value_states.dtype, device=self.device)
+            self.cache_len = torch.zeros(B, dtype=torch.int32, device=self.device)
+            self.lens = [0] * B
+            self.is_initialized = True
+
+        def reserve(self, needed: int) -> None:
+            """Make room for ``needed`` tokens per row (grows with ~3% slack, copying the old rows)."""
+            cap = self.capacity
+            if needed <= cap:
+                return
+            new_cap = needed + max(1, needed // 32)
+            B, _, Hk, d = self.keys.shape
+            k = torch.zeros(B, new_cap, Hk, d, dtype=self.keys.dtype, device=self.keys.device)
+            v = torch.zeros(B, new_cap, Hk, d, dtype=self.values.dtype, device=self.values.device)
+            if cap:
+                used = max(self.lens) if self.lens else cap
+                k[:, :used] = self.keys[:, :used]
+                v[:, :used] = self.values[:, :used]
+            self.keys, self.values = k, v
+
+        def append(self, k_new: torch.Tensor, v_new: torch.Tensor, count: torch.Tensor, counts: Sequence[int]) -> None:
+            """Append the first ``count[b]`` rows of ``k_new`` / ``v_new`` ``[B, T, Hk, d]`` to row b.
+
+            ``counts``: ``count`` as a Python list (the caller has it already).
+            """
+            from . import ops
+
+            if not self.is_initialized:
+                self.lazy_initialization(k_new, v_new)
+            if k_new.shape[0] != len(self.lens):
+                raise ValueError(
+                    f"gmod: the MoD KV cache holds {len(self.lens)} rows, the step has {k_new.shape[0]}"
+                )
+            new_lens = [a + int(c) for a, c in zip(self.lens, counts)]
+            self.reserve(max(new_lens) if new_lens else 0)
+            ops.kv_cache_append(
+                self.keys,
+                self.values,
+                self.cache_len,
+                k_new.detach().to(self.keys.dtype).contiguous(),
+                v_new.detach().to(self.values.dtype).contiguous(),
+                count.to(device=self.keys.device, dtype=torch.int32).contiguous(),
+            )
+            self.lens = new_lens
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            raise NotImplementedError(
+                "gmod: this cache slot belongs to a MoD layer (compact per-row KV cache written by the MoD layer "
+                "itself); Cache.update() is only for dense layers"
+            )
+
+        # ---- Cache API
+        def get_seq_length(self) -> int:
+            return self.seen
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.seen + query_length, 0
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def reset(self) -> None:
+            self.keys = self.values = None
+            self.cache_len = None
+            self.lens = []
+            self.seen = 0
+            self.prefill_len = None
+            self.is_initialized = False
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove == 0 or not self.is_initialized:
+                return
+            raise NotImplementedError(
+                "gmod: cropping a MoD layer's compact KV cache is not supported (which stored tokens belong to the "
+                "removed positions is not tracked); assisted / speculative decoding is not supported"
+            )
+
+        def _select_rows(self, index: torch.Tensor) -> None:
+            if not self.is_initialized:
+                return
+            index = index.to(self.keys.device)
+            self.keys = self.keys.index_select(0, index)
+            self.values = self.values.index_select(0, index)
+            self.cache_len = self.cache_len.index_select(0, index)
+            self.lens = [self.lens[i] for i in index.tolist()]
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self._select_rows(beam_idx.long())
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                n = len(self.lens)
+                self._select_rows(torch.arange(n).repeat_interleave(repeats))
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.is_initialized:
+                idx = torch.as_tensor(indices)
+                if idx.dtype == torch.bool:
+                    idx = idx.nonzero().flatten()
+                self._select_rows(idx.long())
+
+        def offload(self):
+            super().offload()
+            if self.is_initialized:
+                self.cache_len = self.cache_len.to("cpu", non_blocking=True)
+
+        def prefetch(self):
+            super().prefetch()
+            if self.is_initialized and self.cache_len.device != self.device:
+                self.cache_len = self.cache_len.to(self.device, non_blocking=True)
+
+        @property
+        def batch_size(self) -> int:
+            return len(self.lens) if self.is_initialized else -1
+
+        # ---- accounting
+        def memory(self) -> dict[str, Any]:
+            if not self.is_initialized:
+                return {"bytes": 0, "used_bytes": 0, "tokens": [], "capacity": 0, "dense_bytes": 0}
+            B, cap, Hk, d = self.keys.shape
+            per_token = Hk * d * (self.keys.element_size() + self.values.element_size())
+            return {
+                "bytes": _tensor_bytes(self.keys) + _tensor_bytes(self.values),
+                "used_bytes": sum(self.lens) * per_token,
+                "tokens": list(self.lens),
+                "capacity": cap,
+                "dense_bytes": B * self.seen * per_token,
+            }
+
+    GmodLayer.__module__ = __name__
+    GmodLayer.__qualname__ = "GmodLayer"
+    return GmodLayer
+
+
+def _make_cache_class():
+    cu = _cache_utils()
+
+    class GmodCache(cu.DynamicCache):
+        """A ``DynamicCache`` whose MoD-layer slots are compact :class:`GmodLayer` caches.
+
+        ``GmodCache(model)`` for a converted model (or ``GmodCache(config=text_config,
+        mod_layers=[...])``). Use it as ``past_key_values`` (``model(..., past_key_values=cache,
+        use_cache=True)``) or let ``model.generate`` create it. ``cache.memory_report()`` /
+        ``print(cache.format_memory_report())`` show the KV bytes per layer.
+        """
+
+        def __init__(self, model=None, *, config=None, mod_layers: Optional[Sequence[int]] = None, **kwargs):
+            if model is not None and not isinstance(model, torch.nn.Module):
+                raise TypeError("gmod: GmodCache(model) takes a converted model; use config=/mod_layers= otherwise")
+            if model is not None:
+                from ._hf import find_decoder
+
+                parts = find_decoder(model)
+                state = model.__dict__.get("gmod_state")
+                if state is None:
+                    raise ValueError("gmod: GmodCache(model): the model is not converted (gmod_ext.convert)")
+                config = parts.text_config if config is None else config
+                if mod_layers is None:
+                    mod_layers = list(state.config.layers)
+            if config is None:
+                raise ValueError("gmod: GmodCache needs a converted model or config=")
+            super().__init__(config=config, **kwargs)
+            layer_cls = GmodLayer_cls()
+            self.gmod_mod_layers = sorted(int(i) for i in (mod_layers or []))
+            n = len(self.layers)
+            for i in self.gmod_mod_layers:
+                if not 0 <= i < n:
+                    raise ValueError(f"gmod: MoD layer {i} out of range for a cache of {n} layers")
+                self.layers[i] = layer_cls()
+
+        def memory_report(self) -> dict[str, Any]:
+            return memory_report(self)
+
+        def format_memory_report(self) -> str:
+            return format_memory_report(self)
+
+    GmodCache.__module__ = __name__
+    GmodCache.__qualname__ = "GmodCache"
+    return GmodCache
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def GmodLayer_cls() -> type:
+    cls = _CLASSES.get("GmodLayer")
+    if cls is None:
+        cls = _CLASSES["GmodLayer"] = _make_layer_class()
+    return cls
+
+
+def GmodCache_cls() -> type:
+    cls = _CLASSES.get("GmodCache")
+    if cls is None:
+        cls = _CLASSES["GmodCache"] = _make_cache_class()
+    return cls
+
+
+def __getattr__(name):
+    # GmodLayer / GmodCache subclass transformers classes: built on first use so that importing
+    # gmod_ext.cache does not import transformers.
+    if name == "GmodLayer":
+        value = GmodLayer_cls()
+    elif name == "GmodCache":
+        value = GmodCache_cls()
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def gmod_layer_cache(cache, layer_idx: int):
+    """The :class:`GmodLayer` slot ``layer_idx`` of ``cache``; an unused ``DynamicLayer`` slot of a
+    plain ``DynamicCache`` (or a missing slot of a lazily grown one) is replaced by a new one."""
+    cu = _cache_utils()
+    layer_cls = GmodLayer_cls()
+    if not isinstance(cache, cu.Cache):
+        raise TypeError(f"gmod: MoD layers need a transformers Cache as past_key_values, got {type(cache).__name__}")
+    layers = cache.layers
+    if layer_idx < len(layers) and isinstance(layers[layer_idx], layer_cls):
+        return layers[layer_idx]
+    if layer_idx >= len(layers):
+        if getattr(cache, "layer_class_to_replicate", None) is None:
+            raise ValueError(f"gmod: the cache has {len(layers)} layers, MoD layer {layer_idx} has no slot")
+        while len(layers) <= layer_idx:
+            layers.append(cache.layer_class_to_replicate())
+    slot = layers[layer_idx]
+    if type(slot) is cu.DynamicLayer and not slot.is_initialized:
+        layers[layer_idx] = layer_cls()
+        return layers[layer_idx]
+    raise TypeError(
+        f"gmod: MoD layer {layer_idx} cannot use a {type(slot).__name__} cache slot ({type(cache).__name__}); MoD "
+        "layers need a DynamicCache / GmodCache (model.gmod_new_cache()). Static, quantized, offloaded-static and "
+        "sliding-window caches are not supported for MoD layers."
+    )
+
+
+# --------------------------------------------------------------------------- accounting
+def memory_report(cache) -> dict[str, Any]:
+    """KV-cache memory of ``cache`` (a :class:`GmodCache`, or any DynamicCache-like cache).
+
+    Returns ``{"layers": [{"layer", "kind" ("dense" | "mod"), "bytes", "used_bytes", "tokens" (per
+    row), "dense_bytes"}], "total_bytes", "used_bytes", "dense_equivalent_bytes", "ratio",
+    "used_ratio", "seq_len", "batch"}``. ``bytes``: the KV tensors the layer holds (a MoD layer's
+    compact buffer including its growth slack); ``used_bytes``: the stored tokens only;
+    ``dense_bytes``: what a dense layer would hold for the same positions (prompt + generated,
+    padding included). ``dense_equivalent_bytes`` is their sum; ``ratio = total_bytes /
+    dense_equivalent_bytes`` (``used_ratio`` likewise with ``used_bytes``).
+    """
+    cu = _cache_utils()
+    layer_cls = GmodLayer_cls()
+    rows = []
+    total = used = dense_total = 0
+    seq_len = 0
+    batch = 0
+    for i, layer in enumerate(getattr(cache, "layers", [])):
+        if isinstance(layer, layer_cls):
+            m = layer.memory()
+            rows.append({"layer": i, "kind": "mod", **{k: m[k] for k in ("bytes", "used_bytes", "tokens", "dense_bytes")}})
+            seq_len = max(seq_len, layer.seen)
+            batch = max(batch, len(layer.lens))
+        else:
+            keys = getattr(layer, "keys", None)
+            values = getattr(layer, "values", None)
+            nbytes = _tensor_bytes(keys) + _tensor_bytes(values)
+            tokens: list[int] = []
+            if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.numel():
+                B, T = int(keys.shape[0]), int(keys.shape[-2])
+                tokens = [T] * B
+                batch = max(batch, B)
+            try:
+                seq_len = max(seq_len, int(layer.get_seq_length())) if isinstance(layer, cu.CacheLayerMixin) else seq_len
+            except Exception:  # noqa: BLE001 - an odd layer type: no length
+                pass
+            rows.append(
+                {"layer": i, "kind": "dense", "bytes": nbytes, "used_bytes": nbytes, "tokens": tokens, "dense_bytes": nbytes}
+            )
+        total += rows[-1]["bytes"]
+        used += rows[-1]["used_bytes"]
+        dense_total += rows[-1]["dense_bytes"]
+    return {
+        "layers": rows,
+        "total_bytes": total,
+        "used_bytes": used,
+        "dense_equivalent_bytes": dense_total,
+        "ratio": (total / dense_total) if dense_total else float("nan"),
+        "used_ratio": (used / dense_total) if dense_total else float("nan"),
+        "seq_len": seq_len,
+        "batch": batch,
+    }
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"  # pragma: no cover
+
+
+def format_memory_report(report_or_cache) -> str:
+    """A printable table of :func:`memory_report` (pass the report or the cache)."""
+    rep = report_or_cache if isinstance(report_or_cache, dict) else memory_report(report_or_cache)
+    lines = [
+        f"KV cache: batch {rep.get('batch', '?')}, {rep.get('seq_len', '?')} positions",
+        f"{'layer':>5}  {'kind':<5}  {'bytes':>12}  {'used':>12}  {'dense':>12}  {'x dense':>7}  tokens/row",
+    ]
+    for r in rep["layers"]:
+        frac = r["bytes"] / r["dense_bytes"] if r["dense_bytes"] else float("nan")
+        toks = r["tokens"]
+        tok_s = str(toks) if len(toks) <= 8 else f"[{', '.join(map(str, toks[:8]))}, ...]"
+        lines.append(
+            f"{r['layer']:>5}  {r['kind']:<5}  {_fmt_bytes(r['bytes']):>12}  {_fmt_bytes(r['used_bytes']):>12}  "
+            f"{_fmt_bytes(r['dense_bytes']):>12}  {frac:>7.3f}  {tok_s}"
+        )
+    n_mod = sum(r["kind"] == "mod" for r in rep["layers"])
+    lines.append(
+        f"total {_fmt_bytes(rep['total_bytes'])} (used {_fmt_bytes(rep['used_bytes'])}) vs dense "
+        f"{_fmt_bytes(rep['dense_equivalent_bytes'])}: ratio {rep['ratio']:.3f} (used {rep['used_ratio']:.3f}); "
+        f"{n_mod} MoD / {len(rep['layers']) - n_mod} dense layers"
+    )
+    return "\n".join(lines)
