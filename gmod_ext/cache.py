@@ -86,8 +86,8 @@ def _make_layer_class():
 
         ``keys`` / ``values``: ``[B, capacity, Hk, d]`` (None before the first write), ``cache_len``:
         ``[B] int32`` on the cache's device, ``lens``: the same lengths as a Python list (kept in
-        step with ``cache_len`` from the per-step counts the MoD layer reads anyway, so growing the
-        buffer needs no extra device sync), ``seen``: positions seen (prompt + generated, padding
+        step with ``cache_len`` from the per-step counts the decode step reads anyway, so growing
+        the buffer needs no extra device sync; None after a prefill until first needed), ``seen``: positions seen (prompt + generated, padding
         included), ``prefill_len``: the length of the first call (its tokens were routed by top-k).
         """
 
@@ -127,31 +127,47 @@ def _make_layer_class():
             cap = self.capacity
             if needed <= cap:
                 return
-            new_cap = needed + max(1, needed // 32)
+            new_cap = needed + max(1, needed // 32) if cap else needed
             B, _, Hk, d = self.keys.shape
             k = torch.zeros(B, new_cap, Hk, d, dtype=self.keys.dtype, device=self.keys.device)
             v = torch.zeros(B, new_cap, Hk, d, dtype=self.values.dtype, device=self.values.device)
             if cap:
-                used = max(self.lens) if self.lens else cap
+                used = max(self.lens) if self.lens else cap  # unknown lengths: copy everything
                 k[:, :used] = self.keys[:, :used]
                 v[:, :used] = self.values[:, :used]
             self.keys, self.values = k, v
 
-        def append(self, k_new: torch.Tensor, v_new: torch.Tensor, count: torch.Tensor, counts: Sequence[int]) -> None:
+        def host_lens(self) -> list[int]:
+            """``cache_len`` as a Python list (a device sync if it is not known on the host yet)."""
+            if self.lens is None:
+                self.lens = [int(v) for v in self.cache_len.tolist()]
+            return self.lens
+
+        def append(
+            self, k_new: torch.Tensor, v_new: torch.Tensor, count: torch.Tensor, counts: Optional[Sequence[int]] = None
+        ) -> None:
             """Append the first ``count[b]`` rows of ``k_new`` / ``v_new`` ``[B, T, Hk, d]`` to row b.
 
-            ``counts``: ``count`` as a Python list (the caller has it already).
+            ``counts``: ``count`` as a Python list if the caller has it (decode). Without it
+            (prefill) no device sync happens: the buffer is sized for the worst case
+            (``T`` more rows) and the host lengths are read at the next use.
             """
             from . import ops
 
             if not self.is_initialized:
                 self.lazy_initialization(k_new, v_new)
-            if k_new.shape[0] != len(self.lens):
-                raise ValueError(
-                    f"gmod: the MoD KV cache holds {len(self.lens)} rows, the step has {k_new.shape[0]}"
-                )
-            new_lens = [a + int(c) for a, c in zip(self.lens, counts)]
-            self.reserve(max(new_lens) if new_lens else 0)
+            B = self.keys.shape[0]
+            if k_new.shape[0] != B:
+                raise ValueError(f"gmod: the MoD KV cache holds {B} rows, the step has {k_new.shape[0]}")
+            if counts is None:
+                if self.lens is not None and not any(self.lens):
+                    self.reserve(int(k_new.shape[1]))  # empty cache (prefill): exactly the step's width
+                else:
+                    self.reserve(max(self.host_lens()) + int(k_new.shape[1]))
+                new_lens = None
+            else:
+                new_lens = [a + int(c) for a, c in zip(self.host_lens(), counts)]
+                self.reserve(max(new_lens) if new_lens else 0)
             ops.kv_cache_append(
                 self.keys,
                 self.values,
@@ -201,14 +217,15 @@ def _make_layer_class():
             self.keys = self.keys.index_select(0, index)
             self.values = self.values.index_select(0, index)
             self.cache_len = self.cache_len.index_select(0, index)
-            self.lens = [self.lens[i] for i in index.tolist()]
+            if self.lens is not None:
+                self.lens = [self.lens[i] for i in index.tolist()]
 
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
             self._select_rows(beam_idx.long())
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             if self.is_initialized:
-                n = len(self.lens)
+                n = int(self.keys.shape[0])
                 self._select_rows(torch.arange(n).repeat_interleave(repeats))
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -230,7 +247,7 @@ def _make_layer_class():
 
         @property
         def batch_size(self) -> int:
-            return len(self.lens) if self.is_initialized else -1
+            return int(self.keys.shape[0]) if self.is_initialized else -1
 
         # ---- accounting
         def memory(self) -> dict[str, Any]:
@@ -238,10 +255,11 @@ def _make_layer_class():
                 return {"bytes": 0, "used_bytes": 0, "tokens": [], "capacity": 0, "dense_bytes": 0}
             B, cap, Hk, d = self.keys.shape
             per_token = Hk * d * (self.keys.element_size() + self.values.element_size())
+            lens = self.host_lens()
             return {
                 "bytes": _tensor_bytes(self.keys) + _tensor_bytes(self.values),
-                "used_bytes": sum(self.lens) * per_token,
-                "tokens": list(self.lens),
+                "used_bytes": sum(lens) * per_token,
+                "tokens": list(lens),
                 "capacity": cap,
                 "dense_bytes": B * self.seen * per_token,
             }
@@ -344,13 +362,15 @@ def gmod_layer_cache(cache, layer_idx: int):
         while len(layers) <= layer_idx:
             layers.append(cache.layer_class_to_replicate())
     slot = layers[layer_idx]
-    if type(slot) is cu.DynamicLayer and not slot.is_initialized:
+    if isinstance(slot, cu.DynamicLayer) and not slot.is_initialized and not hasattr(slot, "update_indexer"):
+        # an unused dynamic (or dynamic sliding-window: MoD layers refuse sequences longer than the
+        # window) slot
         layers[layer_idx] = layer_cls()
         return layers[layer_idx]
     raise TypeError(
         f"gmod: MoD layer {layer_idx} cannot use a {type(slot).__name__} cache slot ({type(cache).__name__}); MoD "
-        "layers need a DynamicCache / GmodCache (model.gmod_new_cache()). Static, quantized, offloaded-static and "
-        "sliding-window caches are not supported for MoD layers."
+        "layers need a DynamicCache / GmodCache (model.gmod_new_cache()) whose slot is unused. Static and quantized "
+        "caches are not supported for MoD layers."
     )
 
 
@@ -377,7 +397,7 @@ def memory_report(cache) -> dict[str, Any]:
             m = layer.memory()
             rows.append({"layer": i, "kind": "mod", **{k: m[k] for k in ("bytes", "used_bytes", "tokens", "dense_bytes")}})
             seq_len = max(seq_len, layer.seen)
-            batch = max(batch, len(layer.lens))
+            batch = max(batch, max(layer.batch_size, 0))
         else:
             keys = getattr(layer, "keys", None)
             values = getattr(layer, "values", None)

@@ -36,7 +36,7 @@ GATES = ("default", "none")
 ROUTERS = ("shared", "per_layer")
 POSITIONS = ("original", "compact")
 FORCED = ("none", "text", "ignored_labels")
-ON_CACHE = ("error", "dense")
+ON_CACHE = ("error", "dense", "compact")
 
 _FLOOR_TOL = 1e-9
 
@@ -92,8 +92,13 @@ class GmodConfig:
       routing). An explicit ``gmod_forced_mask`` passed to the model's forward is always added.
     * ``threshold``: if set, eval-mode routing keeps routable tokens with p > threshold (at most
       the top-k count), gamma-MoD's inference rule; training always uses top-k.
-    * ``on_cache``: what a MoD layer does when called with a KV cache: "error" (raise
-      NotImplementedError, the default) or "dense" (run the wrapped layer densely, updating the cache).
+    * ``on_cache``: what a MoD layer does when called with a KV cache: "compact" (its own compact
+      KV cache of the tokens it processed, :mod:`gmod_ext.cache`; what ``gmod_ext.convert`` sets by
+      default), "dense" (run the wrapped layer densely, updating the cache) or "error" (raise
+      NotImplementedError; the default of a bare GmodConfig, e.g. for a standalone layer).
+    * ``decode_threshold``: with a KV cache, a token after the prefill (decode) is processed by a
+      MoD layer iff ``p >= decode_threshold`` (default 0.5, gamma-MoD; 0 keeps every token). A full
+      forward given ``gmod_prefill_len=P`` applies the same rule to positions ``>= P``.
     """
 
     variant: str = "gamma"
@@ -108,6 +113,7 @@ class GmodConfig:
     num_layers: int = 0
     threshold: Optional[float] = None
     on_cache: str = "error"
+    decode_threshold: float = 0.5
     pmod_a: float = 0.2
     pmod_b: float = 1.0
     router_init: str = "normal"
@@ -135,6 +141,8 @@ class GmodConfig:
         for r in self.ratios:
             if not (0.0 <= float(r) < 1.0):
                 raise ValueError(f"gmod: skip ratio {r} must be in [0, 1)")
+        if not (0.0 <= float(self.decode_threshold) <= 1.0):
+            raise ValueError(f"gmod: decode_threshold={self.decode_threshold} must be a probability in [0, 1]")
         if self.threshold is not None and not (0.0 < self.threshold < 1.0):
             raise ValueError(f"gmod: threshold={self.threshold} must be a probability in (0, 1)")
 

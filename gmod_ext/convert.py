@@ -18,9 +18,16 @@ The model is changed **in place** and returned:
 * a forward hook adds ``aux_coef * sum_l aux_l`` (router cross-entropy, default 0.01) to
   ``output.loss`` when ``labels`` are given (the plain LM loss is ``loss - aux``; the aux term of
   the last call is in ``model.gmod_stats()["aux_loss"]``);
-* ``model.config.gmod`` holds the settings (:class:`~gmod_ext.config.GmodConfig` as a dict),
-  ``config.use_cache`` / ``generation_config.use_cache`` are set to False (MoD layers have no KV
-  cache yet, see :meth:`~gmod_ext.mod_layer.MoDDecoderLayer.gmod_forward_with_cache`);
+* ``model.config.gmod`` holds the settings (:class:`~gmod_ext.config.GmodConfig` as a dict);
+* KV cache (``on_cache="compact"``, default): MoD layers keep a compact cache of the tokens they
+  processed (:mod:`gmod_ext.cache`); ``config.use_cache`` is left as it is (True for Hugging Face
+  models), ``model.generate`` creates a :class:`~gmod_ext.cache.GmodCache` and passes
+  ``gmod_prefill_len`` (:mod:`gmod_ext.generation`), ``model.gmod_new_cache()`` makes a cache by
+  hand. With ``on_cache="error"`` ``config.use_cache`` / ``generation_config.use_cache`` are set to
+  False (a cache raises NotImplementedError in MoD layers); ``"dense"`` runs MoD layers densely;
+* the extra model keyword ``gmod_prefill_len=P`` (int): positions ``>= P`` of a full forward are
+  routed by the decode rule ``p >= decode_threshold`` (as with a cache), positions ``< P`` by top-k
+  among them; ``generate`` sets it to the prompt length;
 * ``model.gmod_stats()`` returns the last forward's router statistics per MoD layer.
 
 ``save_pretrained`` stores the routers with the other weights and ``config.gmod`` in config.json;
@@ -36,8 +43,9 @@ Notes and limits:
   kept tokens, padding excluded), so packed sequences with block masks are not supported, and a sliding
   window (Mistral / Qwen2) raises NotImplementedError when the sequence is longer than the window;
 * ``output_attentions=True`` returns no attention maps for MoD layers (they do not run ``self_attn``);
-* a KV cache (``use_cache=True`` / ``past_key_values``) raises NotImplementedError in MoD layers
-  (``on_cache="dense"`` runs them densely instead); ``generate(..., use_cache=False)`` works;
+* with a KV cache, MoD layers need a ``DynamicCache`` / ``GmodCache`` (static, quantized and
+  sliding-window caches are refused), ``crop`` (assisted / speculative decoding) is not supported,
+  and a prefill split over several calls routes the later chunks by the decode rule;
 * the converted model stays an instance of its class; deepcopy and ``torch.save(model)`` work.
 """
 from __future__ import annotations
@@ -49,6 +57,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import generation
 from ._hf import find_decoder
 from .config import GmodConfig, prd_skip_ratios
 from .masks import build_routing_mask, check_routing_mask
@@ -111,7 +120,8 @@ def convert(
     prd_max: float = 0.9,
     threshold: Optional[float] = None,
     router_init: Optional[str] = None,
-    on_cache: str = "error",
+    on_cache: str = "compact",
+    decode_threshold: float = 0.5,
     progress: bool = True,
 ) -> nn.Module:
     """Convert ``model`` in place into a MoD model and return it.
@@ -132,7 +142,9 @@ def convert(
         ``1 - ratio``), layers with ``R_l > prd_max`` stay dense, others skip ``1 - R_l``.
     threshold: eval-mode routing keeps routable tokens with p > threshold (capped at top-k).
     router_init: "normal" (std 0.02, default) or "zeros" (default for pmod: w = 1 exactly).
-    on_cache: "error" or "dense", see :meth:`MoDDecoderLayer.gmod_forward_with_cache`.
+    on_cache: "compact" (compact MoD KV cache, default), "dense" or "error", see
+        :meth:`MoDDecoderLayer.gmod_forward_with_cache`.
+    decode_threshold: with a cache, a new token runs a MoD layer iff p >= decode_threshold.
     """
     if is_converted(model):
         raise ValueError("gmod.convert: the model is already converted")
@@ -187,6 +199,7 @@ def convert(
         num_layers=L,
         threshold=threshold,
         on_cache=on_cache,
+        decode_threshold=float(decode_threshold),
         router_init=router_init,
         arank=None if ranks is None else [float(r) for r in ranks],
     )
@@ -226,14 +239,16 @@ def apply_gmod_config(model: nn.Module, cfg: GmodConfig) -> nn.Module:
         state.handles.append(parts.text_model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
     model.gmod_state = state
     model.gmod_stats = _StatsMethod(model)
+    generation.install(model)
 
     model.config.gmod = cfg.to_dict()
-    for c in {id(model.config): model.config, id(parts.text_config): parts.text_config}.values():
-        if c is not None and hasattr(c, "use_cache"):
-            c.use_cache = False
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and cfg.on_cache == "error":
-        gen.use_cache = False
+    if cfg.on_cache == "error":
+        for c in {id(model.config): model.config, id(parts.text_config): parts.text_config}.values():
+            if c is not None and hasattr(c, "use_cache"):
+                c.use_cache = False
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.use_cache = False
     return model
 
 
@@ -250,6 +265,7 @@ def unconvert(model: nn.Module) -> nn.Module:
     model.__dict__.pop("gmod_state", None)
     find_decoder(model).text_model.__dict__.pop("gmod_state", None)
     model.__dict__.pop("gmod_stats", None)
+    generation.uninstall(model)
     if hasattr(model.config, "gmod"):
         del model.config.gmod
     return model
@@ -274,8 +290,11 @@ def _pre_hook(module, args, kwargs):
     kwargs = dict(kwargs)
     forced_mask = kwargs.pop("gmod_forced_mask", None)
     routing_mask = kwargs.pop("gmod_routing_mask", None)
+    prefill_len = kwargs.pop("gmod_prefill_len", None)
     if isinstance(kwargs.get("gmod_routing"), RoutingInfo):
         state.current = kwargs["gmod_routing"]
+        if prefill_len is not None:
+            state.current.prefill_len = prefill_len
         return args, kwargs
     named = _named_inputs(state, module, args, kwargs)
     ids = named.get("input_ids")
@@ -284,6 +303,14 @@ def _pre_hook(module, args, kwargs):
     if not isinstance(ref, torch.Tensor):
         return args, kwargs
     shape = tuple(ref.shape[:2])
+    attention_mask = named.get("attention_mask")
+    if (
+        isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dim() == 2
+        and attention_mask.shape[1] > shape[1]
+    ):
+        # with a KV cache the 2-D mask covers past + current tokens: the current ones are the last S
+        attention_mask = attention_mask[:, -shape[1] :]
     if routing_mask is not None:
         codes = check_routing_mask(routing_mask.to(ref.device), shape)
         max_forced = int((codes == 1).sum(1).max().item())
@@ -291,7 +318,7 @@ def _pre_hook(module, args, kwargs):
         codes, max_forced = build_routing_mask(
             shape,
             ref.device,
-            attention_mask=named.get("attention_mask"),
+            attention_mask=attention_mask,
             input_ids=ids if isinstance(ids, torch.Tensor) else None,
             labels=named.get("labels"),
             forced_mask=forced_mask,
@@ -299,6 +326,8 @@ def _pre_hook(module, args, kwargs):
             image_token_id=cfg.image_token_id,
         )
     info = RoutingInfo(codes, max_forced)
+    if prefill_len is not None:
+        info.prefill_len = prefill_len  # read by MoDDecoderLayer.gmod_forward (see gmod_ext.cache)
     state.current = info
     state.scratch = None
     kwargs["gmod_routing"] = info

@@ -30,10 +30,17 @@ tokens of the same row; padding (mask code 2) is never kept. The routing mask co
 ``gmod_routing`` keyword (a :class:`~gmod_ext.router.RoutingInfo`) that a converted model's
 forward hook injects; without it every token is routable.
 
-KV cache: a MoD layer called with ``past_key_values`` goes to :meth:`MoDDecoderLayer.gmod_forward_with_cache`,
-the hook for the compact per-layer KV cache (not written yet): it raises NotImplementedError
-(``on_cache="error"``, default) or runs the wrapped layer densely (``on_cache="dense"``). A
-converted model has ``config.use_cache = False`` so ordinary forwards do not create a cache.
+KV cache: a MoD layer called with ``past_key_values`` goes to :meth:`MoDDecoderLayer.gmod_forward_with_cache`:
+with ``on_cache="compact"`` (the default of :func:`gmod_ext.convert`) it keeps a compact cache of the
+tokens it processed (:mod:`gmod_ext.cache`): the first call (prefill) routes like training (top-k /
+threshold), later calls keep a new token iff ``p >= decode_threshold`` and attend to the layer's
+compact cache. ``on_cache="dense"`` runs the wrapped layer densely; ``on_cache="error"`` raises
+NotImplementedError (the default of a bare :class:`~gmod_ext.config.GmodConfig`, e.g. a standalone
+:func:`make_mod_layer`).
+
+NVTX: the stages are wrapped in ``gmod_ext.profiling.nvtx_range`` (``gmod.router``, ``gmod.route``,
+``gmod.gather``, ``gmod.attention``, ``gmod.mlp``, ``gmod.merge``), in training and with a cache;
+a no-op unless enabled, skipped under torch.compile.
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ from torch import nn
 from . import ops
 from .config import GmodConfig, capacity
 from .masks import check_routing_mask
+from .profiling import nvtx_range
 from .router import GmodRouter, GmodState, RoutingInfo, logit, router_aux_loss, selection_mask
 
 __all__ = ["MoDDecoderLayer", "make_mod_layer", "unmake_mod_layer", "is_mod_layer", "mod_class_for"]
@@ -135,22 +143,41 @@ class MoDDecoderLayer:
         return self.gmod_forward(hidden_states, position_embeddings, position_ids=position_ids, routing=routing)
 
     def gmod_forward_with_cache(self, hidden_states, *, past_key_values, routing=None, **kwargs):
-        """Hook for inference with a KV cache (prefill / decode).
+        """A call with a KV cache (prefill / decode), see :mod:`gmod_ext.cache`.
 
-        The compact per-layer KV cache (only the tokens this layer processed; decode keeps a new
-        token if p >= 0.5, see DESIGN.md) will be implemented here with ``ops.kv_cache_append`` and
-        ``ops.attention(q_len < k_len)``. Until then: ``on_cache="error"`` raises, ``on_cache="dense"``
-        runs the wrapped layer densely (every token processed, ungated).
+        ``on_cache="compact"`` (what :func:`gmod_ext.convert` sets): this layer keeps a compact
+        cache of the tokens it processed (a :class:`~gmod_ext.cache.GmodLayer` slot of the cache;
+        a plain ``DynamicCache`` gets one on first use). The first call on an empty slot is the
+        prefill: routed like :meth:`gmod_forward` (top-k / threshold, and ``gmod_prefill_len``),
+        computed exactly like it (attention over the step's own keys), and the kept tokens' keys /
+        values are appended. Every later call routes each new token by
+        ``p >= config.decode_threshold`` (:meth:`gmod_forward_decode`). ``on_cache="dense"`` runs
+        the wrapped layer densely (every token, ungated); ``on_cache="error"`` raises.
         """
         cfg: GmodConfig = self._gmod_state.config
         if cfg.on_cache == "dense":
             return super().forward(hidden_states, past_key_values=past_key_values, **kwargs)
-        raise NotImplementedError(
-            f"gmod: MoD layer {self.gmod_layer_idx} was called with a KV cache (past_key_values), but the "
-            "compact MoD KV cache is not implemented yet. Run the model with use_cache=False "
-            "(e.g. model.generate(..., use_cache=False)), or convert with on_cache='dense' to process "
-            "every token of MoD layers densely when a cache is given."
-        )
+        if cfg.on_cache != "compact":
+            raise NotImplementedError(
+                f"gmod: MoD layer {self.gmod_layer_idx} was called with a KV cache (past_key_values) but on_cache="
+                f"{cfg.on_cache!r}. Convert with on_cache='compact' (the default of gmod_ext.convert) to use the "
+                "compact MoD KV cache, or on_cache='dense' to process every token of MoD layers densely when a cache "
+                "is given, or run the model with use_cache=False."
+            )
+        from .cache import gmod_layer_cache
+
+        slot = gmod_layer_cache(past_key_values, self.gmod_layer_idx)
+        x = hidden_states
+        S = x.shape[1]
+        pe = kwargs.get("position_embeddings")
+        pos = kwargs.get("position_ids")
+        if slot.seen == 0 and not slot.is_initialized:
+            y = self.gmod_forward(x, pe, position_ids=pos, routing=routing, kv_cache=slot)
+            slot.prefill_len = S
+        else:
+            y = self.gmod_forward_decode(x, slot, pe, position_ids=pos, routing=routing)
+        slot.seen += S
+        return y
 
     # ------------------------------------------------------------------ parts
     def gmod_router_module(self) -> GmodRouter:
@@ -175,6 +202,116 @@ class MoDDecoderLayer:
             )
         return rotary(x, position_ids)
 
+    def gmod_decode_keep(self, logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The decode rule, bool [B, S]: ``p >= config.decode_threshold`` or forced, never padding.
+
+        Used by the cached decode step and, for positions ``>= gmod_prefill_len``, by a full
+        forward, so both make bit-identical decisions from the same logits.
+        """
+        thr = float(self._gmod_state.config.decode_threshold)
+        keep = torch.sigmoid(logits.detach()) >= thr
+        if mask is not None:
+            keep = (keep | (mask == ops.MASK_FORCED)) & (mask != ops.MASK_NEVER)
+        return keep
+
+    def _gmod_positions(self, x, xs, idx, count, C, position_embeddings, position_ids, start=None):
+        """cos / sin [B, C, r] of the kept tokens: gathered at their original positions, or the
+        compact positions ``start + arange(C)`` (``start``: tokens already in this layer's cache)."""
+        B, S = x.shape[0], x.shape[1]
+        cfg: GmodConfig = self._gmod_state.config
+        if cfg.positions == "compact":
+            pos = torch.arange(C, device=x.device).unsqueeze(0)
+            if start is not None:
+                pos = pos + start.to(device=x.device, dtype=pos.dtype).unsqueeze(1)
+            cos, sin = self._gmod_rotary(xs, pos)
+            return cos.expand(B, -1, -1), sin.expand(B, -1, -1)
+        if position_embeddings is None:
+            if position_ids is None:
+                position_ids = torch.arange(S, device=x.device).unsqueeze(0)
+            position_embeddings = self._gmod_rotary(x, position_ids)
+        cos, sin = position_embeddings
+        cos = ops.gather_rows(cos.expand(B, -1, -1).contiguous(), idx, count)
+        sin = ops.gather_rows(sin.expand(B, -1, -1).contiguous(), idx, count)
+        return cos, sin
+
+    def _gmod_qkv(self, xs, cos, sin):
+        attn = self.self_attn
+        B, C = xs.shape[0], xs.shape[1]
+        head_dim = attn.head_dim
+        h_in = self.input_layernorm(xs)
+        q = _qk_norm(attn, "q_norm", attn.q_proj(h_in), B, C, head_dim)
+        k = _qk_norm(attn, "k_norm", attn.k_proj(h_in), B, C, head_dim)
+        v = attn.v_proj(h_in).view(B, C, -1, head_dim)
+        q, k = _apply_rope(q, k, cos, sin)
+        scale = getattr(attn, "scaling", None)
+        if scale is None:
+            scale = 1.0 / math.sqrt(head_dim)
+        return q.contiguous(), k.contiguous(), v.contiguous(), float(scale)
+
+    def _gmod_merge(self, x, xs, h, a, m, logits, idx, count, mask):
+        cfg: GmodConfig = self._gmod_state.config
+        gate_mode = "none" if cfg.gate == "none" else cfg.variant
+        if gate_mode == "none":
+            return ops.scatter_merge(x, h + m, idx, count)
+        if gate_mode == "gamma":
+            p_sel = ops.gather_rows(torch.sigmoid(logits).unsqueeze(-1), idx, count).squeeze(-1)
+            return ops.scatter_merge(x, h, idx, count, delta=m, gate=p_sel)
+        if gate_mode == "mod":
+            p_sel = ops.gather_rows(torch.sigmoid(logits).unsqueeze(-1), idx, count).squeeze(-1)
+            return ops.scatter_merge(x, xs, idx, count, delta=a + m, gate=p_sel)
+        if gate_mode == "pmod":
+            w = cfg.pmod_a * torch.tanh(logits) + cfg.pmod_b  # [B, S] fp32 TanhNorm
+            w_sel = ops.gather_rows(w.unsqueeze(-1), idx, count).squeeze(-1)
+            skip = w if mask is None else torch.where(mask == ops.MASK_NEVER, torch.ones_like(w), w)
+            return ops.scatter_merge(x, xs, idx, count, delta=a + m, gate=w_sel, skip_scale=skip.contiguous())
+        raise ValueError(cfg.variant)  # pragma: no cover - validated in GmodConfig
+
+    def _gmod_skip_all(self, x, logits, mask):
+        """The layer's output when no token of the step is kept (decode): x, or p-MoD's STRing."""
+        cfg: GmodConfig = self._gmod_state.config
+        if cfg.gate == "none" or cfg.variant != "pmod":
+            return x
+        B, _, D = x.shape
+        w = cfg.pmod_a * torch.tanh(logits) + cfg.pmod_b
+        skip = w if mask is None else torch.where(mask == ops.MASK_NEVER, torch.ones_like(w), w)
+        idx = torch.full((B, 1), -1, dtype=torch.int32, device=x.device)
+        count = torch.zeros(B, dtype=torch.int32, device=x.device)
+        base = torch.zeros(B, 1, D, dtype=x.dtype, device=x.device)
+        return ops.scatter_merge(x, base, idx, count, skip_scale=skip.contiguous())
+
+    def _gmod_record(self, sink: RoutingInfo, logits, idx, count, mask, C):
+        S = logits.shape[1]
+        sel = selection_mask(idx, count, S)
+        valid = None if mask is None else (mask != ops.MASK_NEVER)
+        aux = router_aux_loss(logits, sel, valid)
+        with torch.no_grad():
+            vf = torch.ones_like(logits) if valid is None else valid.to(torch.float32)
+            n_valid = vf.sum().clamp(min=1.0)
+            if mask is None:
+                n_forced = torch.zeros_like(count)
+                n_routable = torch.full_like(count, S)
+            else:
+                n_forced = (mask == ops.MASK_FORCED).sum(1).to(count.dtype)
+                n_routable = (mask == ops.MASK_ROUTABLE).sum(1).to(count.dtype)
+            kept_routable = (count - n_forced).sum().to(torch.float32)
+            sink.stats[self.gmod_layer_idx] = {
+                "skip_ratio": 1.0 - count.sum().to(torch.float32) / n_valid,
+                "routable_skip_ratio": 1.0 - kept_routable / n_routable.sum().to(torch.float32).clamp(min=1.0),
+                "mean_p": (torch.sigmoid(logits.detach()) * vf).sum() / n_valid,
+                "aux_loss": aux.detach(),
+                "capacity": torch.tensor(C),
+            }
+        sink.aux[self.gmod_layer_idx] = aux
+        sink.selection[self.gmod_layer_idx] = (idx, count)
+
+    def _gmod_sink(self, routing: Optional[RoutingInfo]) -> RoutingInfo:
+        if routing is not None:
+            return routing
+        state: GmodState = self._gmod_state
+        if state.scratch is None:
+            state.scratch = RoutingInfo()
+        return state.scratch
+
     # ------------------------------------------------------------------ MoD forward
     def gmod_forward(
         self,
@@ -182,7 +319,18 @@ class MoDDecoderLayer:
         position_embeddings=None,
         position_ids: Optional[torch.Tensor] = None,
         routing: Optional[RoutingInfo] = None,
+        kv_cache=None,
     ) -> torch.Tensor:
+        """The MoD layer on a whole sequence (training, no-cache inference, cached prefill).
+
+        Routing: top-k at the layer's skip ratio over the routable tokens (eval mode with
+        ``config.threshold``: routable tokens with p > threshold, at most the top-k count). With
+        ``routing.prefill_len = P < S`` (the model keyword ``gmod_prefill_len``) only positions
+        ``< P`` are routed that way (top-k among them); positions ``>= P`` follow the decode rule
+        (:meth:`gmod_decode_keep`), as they would have been routed one by one with a KV cache.
+        ``kv_cache``: a :class:`~gmod_ext.cache.GmodLayer` to append the kept tokens' keys and
+        values to (the cached prefill; everything else is exactly the cache-less computation).
+        """
         state: GmodState = self._gmod_state
         cfg: GmodConfig = state.config
         if x.dim() != 3:
@@ -199,100 +347,135 @@ class MoDDecoderLayer:
         if self.training and getattr(attn, "attention_dropout", 0.0):
             warnings.warn("gmod: attention dropout is not applied inside MoD layers", stacklevel=2)
 
-        sink = routing
-        if sink is None:
-            if state.scratch is None:
-                state.scratch = RoutingInfo()
-            sink = state.scratch
+        sink = self._gmod_sink(routing)
         mask = None if routing is None else routing.mask
         max_forced = 0 if routing is None else routing.max_forced
         if mask is not None:
             mask = check_routing_mask(mask, (B, S))
+        prefill_len = _prefill_len(routing)
         ratio = float(self.gmod_ratio)
 
         # ---- router + selection
-        logits = self.gmod_logits(x)  # [B, S] fp32
-        if mask is None:
-            n_routable = torch.full((B,), S, dtype=torch.int64, device=x.device)
-        else:
-            n_routable = (mask == ops.MASK_ROUTABLE).sum(1)
-        skipped = torch.floor(n_routable.to(torch.float64) * ratio + 1e-9).to(torch.int64)
-        num_routed = (n_routable - skipped).to(torch.int32)
-        C = capacity(S, ratio, max_forced)
-        threshold = None
-        if cfg.threshold is not None and not self.training:
-            threshold = logit(cfg.threshold)
-        idx, count = ops.route(logits.detach(), C, num_routed, mask, threshold=threshold)
+        with nvtx_range("router"):
+            logits = self.gmod_logits(x)  # [B, S] fp32
+        with nvtx_range("route"):
+            codes = mask
+            if prefill_len is not None and prefill_len < S:
+                # positions >= P: the decode rule, written as forced (kept) / never (skipped) codes
+                P = max(int(prefill_len), 0)
+                tail = torch.arange(S, device=x.device) >= P
+                keep_tail = self.gmod_decode_keep(logits, mask)
+                base = codes if codes is not None else torch.zeros(B, S, dtype=torch.int8, device=x.device)
+                decided = torch.where(keep_tail, ops.MASK_FORCED, ops.MASK_NEVER).to(torch.int8)
+                codes = torch.where(tail.unsqueeze(0), decided, base).contiguous()
+                C = capacity(P, ratio, max_forced) + (S - P)
+            else:
+                C = capacity(S, ratio, max_forced)
+            if codes is None:
+                n_routable = torch.full((B,), S, dtype=torch.int64, device=x.device)
+            else:
+                n_routable = (codes == ops.MASK_ROUTABLE).sum(1)
+            skipped = torch.floor(n_routable.to(torch.float64) * ratio + 1e-9).to(torch.int64)
+            num_routed = (n_routable - skipped).to(torch.int32)
+            threshold = None
+            if cfg.threshold is not None and not self.training:
+                threshold = logit(cfg.threshold)
+            idx, count = ops.route(logits.detach(), C, num_routed, codes, threshold=threshold)
 
         # ---- the block on the selected tokens
-        xs = ops.gather_rows(x, idx, count)  # [B, C, D]
-        if cfg.positions == "compact":
-            pos = torch.arange(C, device=x.device).unsqueeze(0)
-            cos, sin = self._gmod_rotary(xs, pos)
-            cos = cos.expand(B, -1, -1)
-            sin = sin.expand(B, -1, -1)
-        else:
-            if position_embeddings is None:
-                if position_ids is None:
-                    position_ids = torch.arange(S, device=x.device).unsqueeze(0)
-                position_embeddings = self._gmod_rotary(x, position_ids)
-            cos, sin = position_embeddings
-            cos = ops.gather_rows(cos.expand(B, -1, -1).contiguous(), idx, count)
-            sin = ops.gather_rows(sin.expand(B, -1, -1).contiguous(), idx, count)
-
-        head_dim = attn.head_dim
-        h_in = self.input_layernorm(xs)
-        q = _qk_norm(attn, "q_norm", attn.q_proj(h_in), B, C, head_dim)
-        k = _qk_norm(attn, "k_norm", attn.k_proj(h_in), B, C, head_dim)
-        v = attn.v_proj(h_in).view(B, C, -1, head_dim)
-        q, k = _apply_rope(q, k, cos, sin)
-        scale = getattr(attn, "scaling", None)
-        if scale is None:
-            scale = 1.0 / math.sqrt(head_dim)
-        o, _ = ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), count, count, float(scale))
-        a = attn.o_proj(o.reshape(B, C, -1))
-        h = xs + a
-        m = self.mlp(self.post_attention_layernorm(h))
+        with nvtx_range("gather"):
+            xs = ops.gather_rows(x, idx, count)  # [B, C, D]
+            cos, sin = self._gmod_positions(x, xs, idx, count, C, position_embeddings, position_ids)
+        with nvtx_range("attention"):
+            q, k, v, scale = self._gmod_qkv(xs, cos, sin)
+            if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
+                kv_cache.append(k, v, count)
+            o, _ = ops.attention(q, k, v, count, count, scale)
+            a = attn.o_proj(o.reshape(B, C, -1))
+            h = xs + a
+        with nvtx_range("mlp"):
+            m = self.mlp(self.post_attention_layernorm(h))
 
         # ---- gating + merge
-        gate_mode = "none" if cfg.gate == "none" else cfg.variant
-        if gate_mode == "none":
-            y = ops.scatter_merge(x, h + m, idx, count)
-        elif gate_mode == "gamma":
-            p_sel = ops.gather_rows(torch.sigmoid(logits).unsqueeze(-1), idx, count).squeeze(-1)
-            y = ops.scatter_merge(x, h, idx, count, delta=m, gate=p_sel)
-        elif gate_mode == "mod":
-            p_sel = ops.gather_rows(torch.sigmoid(logits).unsqueeze(-1), idx, count).squeeze(-1)
-            y = ops.scatter_merge(x, xs, idx, count, delta=a + m, gate=p_sel)
-        elif gate_mode == "pmod":
-            w = cfg.pmod_a * torch.tanh(logits) + cfg.pmod_b  # [B, S] fp32 TanhNorm
-            w_sel = ops.gather_rows(w.unsqueeze(-1), idx, count).squeeze(-1)
-            skip = w if mask is None else torch.where(mask == ops.MASK_NEVER, torch.ones_like(w), w)
-            y = ops.scatter_merge(x, xs, idx, count, delta=a + m, gate=w_sel, skip_scale=skip.contiguous())
-        else:  # pragma: no cover - validated in GmodConfig
-            raise ValueError(cfg.variant)
+        with nvtx_range("merge"):
+            y = self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask)
 
         # ---- aux loss + statistics
-        sel = selection_mask(idx, count, S)
-        valid = None if mask is None else (mask != ops.MASK_NEVER)
-        aux = router_aux_loss(logits, sel, valid)
-        with torch.no_grad():
-            vf = torch.ones_like(logits) if valid is None else valid.to(torch.float32)
-            n_valid = vf.sum().clamp(min=1.0)
-            n_forced = (
-                torch.zeros_like(count) if mask is None else (mask == ops.MASK_FORCED).sum(1).to(count.dtype)
-            )
-            kept_routable = (count - n_forced).sum().to(torch.float32)
-            sink.stats[self.gmod_layer_idx] = {
-                "skip_ratio": 1.0 - count.sum().to(torch.float32) / n_valid,
-                "routable_skip_ratio": 1.0 - kept_routable / n_routable.sum().to(torch.float32).clamp(min=1.0),
-                "mean_p": (torch.sigmoid(logits.detach()) * vf).sum() / n_valid,
-                "aux_loss": aux.detach(),
-                "capacity": torch.tensor(C),
-            }
-        sink.aux[self.gmod_layer_idx] = aux
-        sink.selection[self.gmod_layer_idx] = (idx, count)
+        self._gmod_record(sink, logits, idx, count, mask, C)
         return y
+
+    def gmod_forward_decode(
+        self,
+        x: torch.Tensor,
+        cache,
+        position_embeddings=None,
+        position_ids: Optional[torch.Tensor] = None,
+        routing: Optional[RoutingInfo] = None,
+    ) -> torch.Tensor:
+        """A step on a non-empty compact cache (decode, or any later chunk of S >= 1 tokens).
+
+        Token t of row b is processed iff :meth:`gmod_decode_keep` (``p >= decode_threshold``,
+        forced kept, padding never); the kept tokens' keys / values are appended to ``cache`` (a
+        :class:`~gmod_ext.cache.GmodLayer`) and they attend to the row's compact cache with
+        ``ops.attention(q_len=count, k_len=cache_len)`` (bottom-right aligned: causal among the
+        step's tokens). Skipped tokens leave the layer unchanged and append nothing. One device
+        sync (the per-row counts); when no row keeps a token the block is not run at all.
+        """
+        if x.dim() != 3:
+            raise ValueError(f"gmod: hidden_states must be [B, S, D], got {tuple(x.shape)}")
+        B, S, _ = x.shape
+        x = x.contiguous()
+        attn = self.self_attn
+        sink = self._gmod_sink(routing)
+        mask = None if routing is None else routing.mask
+        if mask is not None:
+            mask = check_routing_mask(mask, (B, S))
+        with nvtx_range("router"):
+            logits = self.gmod_logits(x)
+        with nvtx_range("route"):
+            keep = self.gmod_decode_keep(logits, mask)
+            codes = torch.where(keep, ops.MASK_FORCED, ops.MASK_NEVER).to(torch.int8).contiguous()
+            zero = torch.zeros(B, dtype=torch.int32, device=x.device)
+            idx, count = ops.route(logits.detach(), S, zero, codes)
+            counts = count.tolist()
+            n = max(counts) if counts else 0
+        if n == 0:
+            self._gmod_record(sink, logits, idx, count, mask, S)
+            return self._gmod_skip_all(x, logits, mask)
+        if n < S:
+            idx = idx[:, :n].contiguous()
+        window = _sliding_window(attn)
+        if window is not None and cache.seen + S > window:
+            raise NotImplementedError(
+                f"gmod: sequence length {cache.seen + S} exceeds the sliding window {window}; MoD layers attend over "
+                "all kept tokens (no sliding window). Use shorter sequences or keep this layer dense."
+            )
+        with nvtx_range("gather"):
+            xs = ops.gather_rows(x, idx, count)  # [B, n, D]
+            start = cache.cache_len if cache.is_initialized else torch.zeros(B, dtype=torch.int32, device=x.device)
+            cos, sin = self._gmod_positions(x, xs, idx, count, n, position_embeddings, position_ids, start=start)
+        with nvtx_range("attention"):
+            q, k, v, scale = self._gmod_qkv(xs, cos, sin)
+            cache.append(k, v, count, counts)
+            o, _ = ops.attention(q, cache.keys, cache.values, count, cache.cache_len, scale)
+            a = attn.o_proj(o.reshape(B, n, -1))
+            h = xs + a
+        with nvtx_range("mlp"):
+            m = self.mlp(self.post_attention_layernorm(h))
+        with nvtx_range("merge"):
+            y = self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask)
+        self._gmod_record(sink, logits, idx, count, mask, n)
+        return y
+
+
+def _prefill_len(routing) -> Optional[int]:
+    """``routing.prefill_len`` (set from the model keyword ``gmod_prefill_len``) as an int, or None."""
+    p = getattr(routing, "prefill_len", None)
+    if p is None:
+        return None
+    if isinstance(p, torch.Tensor):
+        p = int(p.reshape(-1)[0].item()) if p.numel() else None
+    return None if p is None else int(p)
 
 
 def mod_class_for(base: type) -> type:
