@@ -292,8 +292,8 @@ def _make_cache_class():
                 if state is None:
                     raise ValueError("gmod: GmodCache(model): the model is not converted (gmod_ext.convert)")
                 config = parts.text_config if config is None else config
-                if mod_layers is None:
-                    mod_layers = list(state.config.layers)
+                if mod_layers is None:  # on_cache="dense" / "error": MoD layers use no compact slot
+                    mod_layers = list(state.config.layers) if state.config.on_cache == "compact" else []
             if config is None:
                 raise ValueError("gmod: GmodCache needs a converted model or config=")
             super().__init__(config=config, **kwargs)

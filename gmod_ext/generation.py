@@ -54,17 +54,19 @@ class GmodPrepareCache(_Bound):
         from .cache import GmodCache_cls
 
         model = self.model
+        state = model.__dict__.get("gmod_state")
         out = type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
         # generate() validated the user's keywords already (it refuses unknown ones): the prompt
         # length that GmodGenerate recorded joins the model keywords here, and generate forwards it
         # to every forward call.
-        state = model.__dict__.get("gmod_state")
         p = getattr(state, "generate_prefill_len", None)
         if p is not None and model_kwargs.get("gmod_prefill_len") is None:
             model_kwargs["gmod_prefill_len"] = p
         cache = model_kwargs.get("past_key_values")
         if (
-            type(cache) is DynamicCache
+            state is not None
+            and state.config.on_cache == "compact"
+            and type(cache) is DynamicCache
             and not getattr(cache, "_is_user_defined", False)
             and cache.get_seq_length() == 0
         ):

@@ -1,0 +1,308 @@
+"""The compact MoD KV cache (gmod_ext.cache): memory accounting, decode skipping, Cache API, chunked
+prefill, NVTX stages, and the default use_cache=True forward staying the training computation."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gmod_hf_utils import make_batch, num_threads, tiny_model, transformers
+
+import gmod_ext
+from gmod_ext import mod_layer
+from gmod_ext.cache import GmodCache_cls, GmodLayer_cls, format_memory_report, memory_report
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with num_threads(1):
+        yield
+
+
+def _ids(B, S, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 100, (B, S), generator=g)
+
+
+def _model(ratio=0.5, layers=(1, 2, 3), router_std=0.5, seed=0, **kw):
+    model = tiny_model("llama").eval()
+    gmod_ext.convert(model, ratio=ratio, layers=list(layers), progress=False, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape, generator=g) * router_std)
+        model.gmod_router.bias.zero_()
+    return model
+
+
+def _mod_slots(cache):
+    return {i: l for i, l in enumerate(cache.layers) if isinstance(l, GmodLayer_cls())}
+
+
+# ----------------------------------------------------------------------------- memory
+def test_memory_ratio_32_layers_28_mod(capsys):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=512,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    gmod_ext.convert(model, ratio=0.5, layers=list(range(4, 32)), progress=False)  # 28 MoD, 4 dense
+    ids = _ids(2, 128)
+    am = torch.ones_like(ids)
+    am[1, :16] = 0  # left padding
+    ids[am == 0] = 0
+    out = model.generate(
+        ids, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True
+    )
+    cache = out.past_key_values
+    rep = gmod_ext.kv_memory_report(cache)
+    with capsys.disabled():
+        print("\n" + format_memory_report(rep))
+    assert [r["kind"] for r in rep["layers"]] == ["dense"] * 4 + ["mod"] * 28
+    assert rep["seq_len"] == 128 + 5 and rep["batch"] == 2
+    per_token = 2 * 16 * 4 * 2  # Hk * d * fp32 * (k, v)
+    dense = 32 * 2 * (128 + 5) * per_token
+    assert rep["dense_equivalent_bytes"] == dense
+    assert rep["total_bytes"] == sum(r["bytes"] for r in rep["layers"])
+    for r in rep["layers"][:4]:
+        assert r["bytes"] == 2 * 133 * per_token and r["tokens"] == [133, 133]
+    for r in rep["layers"][4:]:
+        # prompt: top-k keeps half of the real tokens; decode: at most one per step
+        assert 64 <= r["tokens"][0] <= 64 + 5 and 56 <= r["tokens"][1] <= 56 + 5
+        assert r["used_bytes"] == sum(r["tokens"]) * per_token <= r["bytes"]
+    assert rep["ratio"] <= 0.6, rep["ratio"]
+    assert rep["used_ratio"] <= rep["ratio"]
+    assert cache.memory_report()["ratio"] == rep["ratio"]
+
+
+def test_memory_report_plain_dense_cache():
+    model = tiny_model("llama").eval()
+    out = model(_ids(2, 9), use_cache=True)
+    rep = memory_report(out.past_key_values)
+    assert rep["ratio"] == 1.0 and all(r["kind"] == "dense" for r in rep["layers"])
+    assert "ratio 1.000" in format_memory_report(out.past_key_values)
+
+
+# ----------------------------------------------------------------------------- decode skipping
+def test_decode_skip_appends_nothing():
+    model = _model()
+    ids = _ids(2, 10)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    cache = out.past_key_values
+    assert isinstance(cache, transformers.DynamicCache)
+    slots = _mod_slots(cache)  # a plain DynamicCache got compact slots on first use
+    assert sorted(slots) == [1, 2, 3]
+    before = {i: s.cache_len.clone() for i, s in slots.items()}
+    assert all(s.host_lens() == [5, 5] for s in slots.values())  # top-k: half of 10
+
+    seen = {}
+    hooks = [
+        model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, (a[0].clone(), o.clone())))
+        for i in slots
+    ]
+    nxt = torch.tensor([[7], [8]])
+    with torch.no_grad():
+        model.gmod_router.bias[1] = -30.0  # p ~ 0 < 0.5: every MoD layer skips the new token
+        model(nxt, past_key_values=cache, use_cache=True)
+    for i, s in slots.items():
+        assert torch.equal(s.cache_len, before[i])  # nothing appended
+        assert s.seen == 11
+        x, y = seen[i]
+        assert torch.equal(x, y)  # the layer left the token unchanged
+    assert cache.get_seq_length() == 11 and cache.layers[0].get_seq_length() == 11
+
+    with torch.no_grad():
+        model.gmod_router.bias[1] = 30.0  # p ~ 1 >= 0.5: processed and appended
+        model(torch.tensor([[9], [10]]), past_key_values=cache, use_cache=True)
+    for i, s in slots.items():
+        assert s.cache_len.tolist() == [6, 6] and s.host_lens() == [6, 6]
+        x, y = seen[i]
+        assert not torch.equal(x, y)
+    for h in hooks:
+        h.remove()
+
+
+def test_decode_threshold_setting_and_per_row_decisions():
+    model = _model(decode_threshold=0.5)
+    assert model.gmod_state.config.decode_threshold == 0.5
+    ids = _ids(4, 8)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        layer = model.model.layers[1]
+        captured = {}
+        h = layer.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0].clone()))
+        model(_ids(4, 1, seed=5), past_key_values=cache, use_cache=True)
+        h.remove()
+        p = torch.sigmoid(layer.gmod_logits(captured["x"]))[:, 0]
+    lens = cache.layers[1].host_lens()
+    assert lens == [4 + int(v >= 0.5) for v in p.tolist()]
+    assert cache.layers[1].cache_len.tolist() == lens
+
+
+# ----------------------------------------------------------------------------- Cache API
+def test_gmod_cache_api_and_manual_loop_equals_generate():
+    model = _model()
+    ids = _ids(1, 12)
+    cache = model.gmod_new_cache()
+    assert isinstance(cache, GmodCache_cls()) and isinstance(cache, transformers.DynamicCache)
+    assert cache.get_seq_length() == 0 and sorted(_mod_slots(cache)) == [1, 2, 3]
+    seq = ids
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        assert out.past_key_values is cache
+        for _ in range(5):
+            tok = out.logits[:, -1:].argmax(-1)
+            seq = torch.cat([seq, tok], 1)
+            out = model(tok, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 12 + 5
+    assert cache.get_mask_sizes(1, 1) == (18, 0) and cache.layers[1].get_max_length() == -1
+    ref = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(seq, ref)
+
+
+def test_cache_reorder_select_repeat_reset():
+    model = _model()
+    with torch.no_grad():
+        cache = model(_ids(3, 10), use_cache=True).past_key_values
+    slot = cache.layers[1]
+    k0 = slot.keys.clone()
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    assert torch.equal(slot.keys, k0[[2, 0, 1]])
+    cache.batch_repeat_interleave(2)
+    assert slot.keys.shape[0] == 6 and slot.host_lens() == [5] * 6
+    cache.batch_select_indices(torch.tensor([0, 3]))
+    assert slot.keys.shape[0] == 2 and slot.cache_len.shape == (2,)
+    cache.crop(0)
+    with pytest.raises(NotImplementedError, match="crop"):
+        cache.crop(-1)
+    cache.reset()
+    assert slot.get_seq_length() == 0 and not slot.is_initialized
+    with pytest.raises(NotImplementedError, match="MoD layer"):
+        cache.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 1)
+
+
+def test_gmod_layer_growth():
+    slot = GmodLayer_cls()()
+    k = torch.randn(2, 4, 2, 16)
+    slot.append(k, -k, torch.tensor([4, 2], dtype=torch.int32))  # prefill: no host lengths
+    assert slot.capacity == 4 and slot.lens is None
+    assert slot.host_lens() == [4, 2]
+    for step in range(40):
+        kn = torch.full((2, 1, 2, 16), float(step))
+        slot.append(kn, kn, torch.tensor([1, step % 2], dtype=torch.int32), [1, step % 2])
+    assert slot.host_lens() == [44, 22] and slot.cache_len.tolist() == [44, 22]
+    assert 44 <= slot.capacity <= 44 + 44 // 32 + 1
+    torch.testing.assert_close(slot.keys[0, :4], k[0])
+    torch.testing.assert_close(slot.keys[1, :2], k[1, :2])
+    assert slot.keys[0, 4:44, 0, 0].tolist() == [float(s) for s in range(40)]
+    assert slot.keys[1, 2:22, 0, 0].tolist() == [float(s) for s in range(1, 40, 2)]
+
+
+def test_unsupported_cache_and_on_cache_modes():
+    model = _model()
+    static = transformers.StaticCache(config=model.config, max_cache_len=32)
+    with pytest.raises(TypeError, match="StaticLayer"):
+        model(_ids(1, 6), past_key_values=static, use_cache=True)
+
+    err = tiny_model("llama").eval()
+    gmod_ext.convert(err, ratio=0.5, layers=[1], on_cache="error", progress=False)
+    assert err.config.use_cache is False and err.generation_config.use_cache is False
+    with pytest.raises(NotImplementedError, match="compact MoD KV cache"):
+        err(_ids(1, 6), use_cache=True)
+    assert err.generate(_ids(1, 6), max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (1, 8)
+
+    conv = tiny_model("llama").eval()
+    gmod_ext.convert(conv, ratio=0.5, layers=[1], progress=False)
+    assert conv.config.use_cache is True and conv.config.gmod["on_cache"] == "compact"
+
+    dense = tiny_model("llama").eval()
+    ref = copy.deepcopy(dense)
+    gmod_ext.convert(dense, ratio=0.5, layers=[1], on_cache="dense", gate="none", progress=False)
+    ids = _ids(1, 6)
+    a = ref.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    # the prefill ran densely too, so the whole generation is the dense model's
+    assert torch.equal(dense.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), a)
+
+
+# ----------------------------------------------------------------------------- multi-token steps
+def test_chunked_prefill_equals_no_cache_with_prefill_len():
+    model = _model()
+    ids = _ids(2, 16)
+    with torch.no_grad():
+        full = model(ids, use_cache=False, gmod_prefill_len=8).logits
+        cache = model.gmod_new_cache()
+        a = model(ids[:, :8], past_key_values=cache, use_cache=True).logits
+        b = model(ids[:, 8:13], past_key_values=cache, use_cache=True).logits  # 5 tokens, decode rule
+        c = model(ids[:, 13:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([a, b, c], 1), full, rtol=1e-5, atol=1e-5)
+    # and the one-call prefill with gmod_prefill_len=8 makes the same decisions
+    with torch.no_grad():
+        one = model(ids, use_cache=True, gmod_prefill_len=8)
+    torch.testing.assert_close(one.logits, full, rtol=1e-5, atol=1e-5)
+    for i in (1, 2, 3):
+        assert one.past_key_values.layers[i].host_lens() == cache.layers[i].host_lens()
+
+
+def test_multi_token_step_with_left_padding_in_batch():
+    model = _model()
+    ids = _ids(2, 12)
+    am = torch.ones_like(ids)
+    am[1, :4] = 0
+    ids[am == 0] = 0
+    pos = (am.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(ids, attention_mask=am, position_ids=pos, use_cache=False, gmod_prefill_len=7).logits
+        cache = model.gmod_new_cache()
+        a = model(ids[:, :7], attention_mask=am[:, :7], position_ids=pos[:, :7], past_key_values=cache).logits
+        b = model(ids[:, 7:], attention_mask=am, position_ids=pos[:, 7:], past_key_values=cache).logits
+    valid = am.bool()
+    torch.testing.assert_close(torch.cat([a, b], 1)[valid], full[valid], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- training is unchanged
+def test_default_use_cache_forward_is_the_training_computation():
+    model = _model(router_std=0.02)
+    model.train()
+    batch = make_batch("llama", B=2, S=16)
+    clone = copy.deepcopy(model)
+    out1 = model(**batch)  # use_cache defaults to True: the MoD layers prefill a cache
+    assert isinstance(out1.past_key_values, transformers.DynamicCache)
+    out2 = clone(**batch, use_cache=False)
+    torch.testing.assert_close(out1.logits, out2.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out1.loss, out2.loss, rtol=0, atol=0)
+    out1.loss.backward()
+    out2.loss.backward()
+    g1 = dict(model.named_parameters())
+    for name, p in clone.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(g1[name].grad, p.grad, rtol=0, atol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------- NVTX
+def test_nvtx_stages(monkeypatch):
+    import contextlib
+
+    stages = []
+
+    @contextlib.contextmanager
+    def rec(stage):
+        stages.append(stage)
+        yield
+
+    monkeypatch.setattr(mod_layer, "nvtx_range", rec)
+    model = _model(router_std=0.0)  # p = 0.5 exactly: kept at decode
+    with torch.no_grad():
+        model(_ids(1, 6), use_cache=False)
+        want = ["router", "route", "gather", "attention", "mlp", "merge"]
+        assert stages == want * 3
+        stages.clear()
+        cache = model(_ids(1, 6), use_cache=True).past_key_values
+        model(_ids(1, 1), past_key_values=cache)
+    assert stages == want * 6
