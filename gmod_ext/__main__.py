@@ -3,6 +3,9 @@
 Subcommands are registered in :data:`SUBCOMMANDS` as ``name -> (add_arguments, run)``; to add
 one (e.g. ``demo``), write ``add_demo(parser)`` and ``run_demo(args) -> int`` and add an entry.
 
+``demo``: the whole gamma-MoD job (ARank -> convert -> train -> generate -> report) on a built-in
+tiny LLaVA-shaped model and synthetic image+text batches, see :mod:`gmod_ext.demo`.
+
 ``arank``: ARank per decoder layer of a model (default: a built-in tiny random Llama, no
 download) on random calibration tokens; prints the table with the layers chosen to become MoD
 layers and saves a bar chart (PNG, matplotlib Agg).
@@ -101,9 +104,23 @@ def run_arank(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- demo
+def add_demo(p: argparse.ArgumentParser) -> None:
+    from .demo import add_demo as _add
+
+    _add(p)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo as _run
+
+    return _run(args)
+
+
 # ----------------------------------------------------------------------------- dispatch
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
     "arank": (add_arank, run_arank, "ARank per decoder layer, the MoD layer choice and a plot"),
+    "demo": (add_demo, run_demo, "the whole job on a built-in tiny LLaVA: ARank -> convert -> train -> generate -> report"),
 }
 
 
