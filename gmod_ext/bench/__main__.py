@@ -1,4 +1,4 @@
-"""python -m gmod_ext.bench ops|attention [--quick] [--json PATH] [--device cuda|cpu] ...
+"""python -m gmod_ext.bench ops|attention|layer|model [--quick] [--json PATH] [--device cuda|cpu] ...
 
 Exit status: 0 all rows ran and every check passed; 1 a gmod op raised (ERROR rows);
 2 a gmod result differs from its baseline (MISMATCH rows); 3 bad arguments / no such device.
@@ -15,9 +15,11 @@ import torch
 
 from . import attention as attention_bench
 from . import common
+from . import layer as layer_bench
+from . import model as model_bench
 from . import ops as ops_bench
 
-BENCHES = {"ops": ops_bench, "attention": attention_bench}
+BENCHES = {"ops": ops_bench, "attention": attention_bench, "layer": layer_bench, "model": model_bench}
 
 TIMING_HELP = """\
 timing: on CUDA, CUDA events around each call, a 256 MiB buffer written before each call so no
@@ -34,10 +36,13 @@ def _parser() -> argparse.ArgumentParser:
         f"--- {name} tables ---\n" + common.columns_help(mod.TABLES) for name, mod in BENCHES.items())
     p = argparse.ArgumentParser(
         prog="python -m gmod_ext.bench",
-        description="Benchmarks of the gmod_ext ops against their floors and torch baselines.",
+        description="Benchmarks of the gmod_ext ops, a MoD layer and a MoD model against their floors and torch baselines.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=TIMING_HELP + "\ncolumns:\n" + cols)
-    p.add_argument("bench", choices=sorted(BENCHES), help="ops: memory-bound MoD ops; attention: gmod.attention")
+    p.add_argument("bench", choices=sorted(BENCHES),
+                   help="ops: memory-bound MoD ops; attention: gmod.attention; layer: a LLaMA-7B-shaped MoD "
+                        "decoder layer vs dense / kept-tokens dense / plain-torch MoD; model: a LLaMA-7B-shaped "
+                        "model (8 layers) gamma-MoD vs dense, prefill and training step")
     default_dev = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", choices=["cuda", "cpu"], default=default_dev, help=f"default: {default_dev}")
     p.add_argument("--quick", action="store_true", help="small sizes (always on for --device cpu)")

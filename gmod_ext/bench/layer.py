@@ -1,0 +1,244 @@
+"""`python -m gmod_ext.bench layer`: one gamma-MoD decoder layer against its dense baselines.
+
+A LLaMA-7B-shaped ``LlamaDecoderLayer`` (D=4096, 32 heads, head dim 128, MLP 11008; bf16 on CUDA;
+tiny fp32 shapes on CPU) turned into a MoD layer (``gmod_ext.make_mod_layer``, gamma-MoD gating,
+skip ratio 0.5, every token routable, so it processes C = S/2 tokens of each row), timed forward and
+forward+backward against:
+
+  (a) dense, all S    the same Hugging Face layer run densely on all S tokens (SDPA, causal);
+  (b) dense, kept C   the same layer on only the C kept tokens (already gathered, with their RoPE
+                      positions): the work a MoD layer cannot avoid. gamma-MoD's target is
+                      <= 1.05x of (b): the routing, gather, scatter and gate cost at most 5 %;
+  (c) torch MoD       a plain-PyTorch MoD layer as public MoD code writes it: RMSNorm + fp32
+                      Linear(D, 2) router + softmax, topk, sort, gather (tokens and RoPE tables),
+                      the layer's own projections, RoPE, SDPA (causal), MLP, gate p on the MLP
+                      branch (gamma-MoD), scatter_add back into the sequence.
+
+fwd+bwd rows time ``autograd.grad`` of the output (random upstream gradient) with respect to the
+input and every weight (the router included), so nothing accumulates between repeats.
+The gmod layer's forward is checked once against (c) run with the same selection.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .common import Col, Ctx, Section, check_all, measure, missing, record_check, record_error
+
+SIZES = {
+    # LLaMA-7B layer: D 4096, 32 heads (no GQA), MLP 11008
+    "full": dict(B=4, S=2048, D=4096, H=32, Hk=32, I=11008),
+    "quick": dict(B=2, S=1024, D=4096, H=32, Hk=32, I=11008),
+    "cpu": dict(B=2, S=256, D=256, H=4, Hk=4, I=688),
+}
+RATIO = 0.5
+
+GMOD_FWD = ["router_logits", "route", "gather_rows", "attention", "scatter_merge"]
+GMOD_BWD = GMOD_FWD + ["router_logits_backward", "gather_rows_backward", "attention_backward",
+                       "scatter_merge_backward"]
+
+LAYER_COLS = [
+    Col("impl", "impl", help="gmod MoD = the Hugging Face layer converted with gmod_ext (router_logits, route, "
+        "gather_rows, attention, scatter_merge ops); (a) dense, all S = the HF layer on every token; (b) dense, "
+        "kept C = the HF layer on the C kept tokens only; (c) torch MoD = plain-PyTorch MoD (topk, sort, gather, "
+        "SDPA, scatter_add) as public MoD code does it"),
+    Col("pass", "pass", help="fwd = forward; fwd+bwd = forward + autograd.grad w.r.t. the input and all weights"),
+    Col("tokens", "tokens", help="tokens per row the layer's attention and MLP run on (S, or C = S/2 kept)"),
+    Col("ms", "ms", "ms", "median time; 'n/a (no CUDA kernel)' when a gmod op has no kernel for the device"),
+    Col("TFLOPs", "TFLOP/s", ".4g", "useful matmul FLOPs of the row (projections, causal attention, MLP on its "
+        "tokens) / time, 10^12 per second"),
+    Col("vs_kept", "x kept", ".3f", "ms / ms of (b) dense on the kept tokens, same pass (gmod target: <= 1.05)"),
+    Col("vs_dense", "x dense", ".3f", "ms / ms of (a) dense on all tokens, same pass (< 1: faster than dense)"),
+    Col("target", "target", help="gmod rows on CUDA: 'ok' if x kept <= 1.05, else 'MISSED (..x)'; 'n/a (CPU)' on "
+        "CPU (C++ reference kernels, tiny shapes: not what the target is about)"),
+    Col("check", "check", help="gmod MoD output vs (c) torch MoD fed the same selection, once before timing"),
+]
+TABLES = [("layer", LAYER_COLS)]
+
+
+def llama_layer_config(z: dict, dtype: torch.dtype):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=z["D"], intermediate_size=z["I"], num_attention_heads=z["H"], num_key_value_heads=z["Hk"],
+        num_hidden_layers=1, vocab_size=256, max_position_embeddings=max(4096, z["S"]), attn_implementation="sdpa")
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def layer_flops(D: int, H: int, Hk: int, d: int, I: int, B: int, n: int) -> float:
+    """Forward matmul FLOPs of one Llama layer on B rows of n tokens (causal attention pairs)."""
+    proj = 2.0 * n * (D * H * d + 2 * D * Hk * d + H * d * D)
+    attn = 4.0 * H * d * n * (n + 1) / 2.0
+    mlp = 2.0 * n * 3 * D * I
+    return B * (proj + attn + mlp)
+
+
+def _rope(q, k, cos, sin):
+    """q/k [B, H, n, d], cos/sin [B, n, d] (Hugging Face's apply_rotary_pos_emb)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rot(t):
+        t1, t2 = t.chunk(2, dim=-1)
+        return torch.cat((-t2, t1), dim=-1)
+
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def torch_mod_layer(layer, router_w, router_b, x, cos, sin, C: int, idx=None):
+    """Plain-PyTorch gamma-MoD layer (public-code style). ``idx`` [B, C] int64 forces a selection."""
+    B, S, D = x.shape
+    attn = layer.self_attn
+    d = attn.head_dim
+    xn = layer.input_layernorm(x)
+    logits = F.linear(xn.float(), router_w, router_b)  # fp32 router
+    p = logits.softmax(-1)[..., 1]  # [B, S]
+    if idx is None:
+        idx = p.topk(C, dim=1, sorted=False).indices.sort(dim=1).values
+    ie = idx.unsqueeze(-1)
+    xs = x.gather(1, ie.expand(B, C, D))
+    cs = cos.expand(B, -1, -1).gather(1, ie.expand(B, C, cos.shape[-1]))
+    sn = sin.expand(B, -1, -1).gather(1, ie.expand(B, C, sin.shape[-1]))
+    h_in = layer.input_layernorm(xs)
+    q = attn.q_proj(h_in).view(B, C, -1, d).transpose(1, 2)
+    k = attn.k_proj(h_in).view(B, C, -1, d).transpose(1, 2)
+    v = attn.v_proj(h_in).view(B, C, -1, d).transpose(1, 2)
+    q, k = _rope(q, k, cs.to(q.dtype), sn.to(q.dtype))
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    h = xs + attn.o_proj(o.transpose(1, 2).reshape(B, C, -1))
+    m = layer.mlp(layer.post_attention_layernorm(h))
+    ps = p.gather(1, idx).unsqueeze(-1).to(x.dtype)
+    y = h + ps * m
+    return x.scatter_add(1, ie.expand(B, C, D), y - xs)
+
+
+def run(ctx: Ctx):
+    """Yield the single section of this benchmark."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from ..mod_layer import make_mod_layer
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(ctx.seed)
+    z = SIZES[ctx.size_mode]
+    B, S, D, H, Hk, I = z["B"], z["S"], z["D"], z["H"], z["Hk"], z["I"]
+    dev, dt = ctx.device, ctx.dtype
+    C = S - int(math.floor(RATIO * S + 1e-9))
+    d = D // H
+    cfg = llama_layer_config(z, dt)
+    dense = LlamaDecoderLayer(cfg, layer_idx=0).to(device=dev, dtype=dt)
+    with torch.no_grad():  # HF leaves RMSNorm weights at 1: perturb so a wrong norm would show
+        for n_ in (dense.input_layernorm, dense.post_attention_layernorm):
+            n_.weight.add_(0.1 * torch.randn_like(n_.weight))
+    rotary = LlamaRotaryEmbedding(cfg).to(dev)
+    mod = make_mod_layer(copy.deepcopy(dense), RATIO, layer_idx=0)
+    router = mod.gmod_router
+    rw, rb = router.weight, router.bias
+    x = torch.randn(B, S, D, device=dev, dtype=dt)
+    pos = torch.arange(S, device=dev).unsqueeze(0)
+    cos, sin = rotary(x, pos)
+    g_full = torch.randn(B, S, D, device=dev, dtype=dt)
+
+    sec = Section("layer", f"MoD decoder layer: LLaMA-7B-shaped layer D={D} H={H}/{Hk} MLP {I}, B={B} S={S}, "
+                  f"ratio {RATIO} (C={C} kept per row), {str(dt)[6:]}", LAYER_COLS)
+    if ctx.size_mode == "cpu":
+        sec.notes.append("CPU: tiny shapes, gmod ops run their C++ reference kernels (not the target of the "
+                         "1.05x goal); the GPU run uses D=4096, 32 heads, MLP 11008 in bf16")
+    sec.notes.append("target: gmod MoD <= 1.05x of (b) dense on the kept tokens (same pass)")
+
+    # the kept tokens of (b): a fixed selection (the gmod layer's, or every other token)
+    idx_b = torch.arange(0, S, 2, device=dev)[:C].unsqueeze(0).expand(B, C).contiguous()
+    xk = x.gather(1, idx_b.unsqueeze(-1).expand(B, C, D)).contiguous()
+    cos_k = cos.expand(B, -1, -1).gather(1, idx_b.unsqueeze(-1).expand(B, C, cos.shape[-1])).contiguous()
+    sin_k = sin.expand(B, -1, -1).gather(1, idx_b.unsqueeze(-1).expand(B, C, sin.shape[-1])).contiguous()
+    g_kept = torch.randn(B, C, D, device=dev, dtype=dt)
+
+    dense_params = [p for p in dense.parameters()]
+    mod_params = [p for p in mod.parameters()]
+
+    def fwd_dense_all():
+        return dense(x, position_embeddings=(cos, sin), position_ids=pos)
+
+    def fwd_dense_kept():
+        return dense(xk, position_embeddings=(cos_k, sin_k))
+
+    def fwd_torch_mod():
+        return torch_mod_layer(dense, rw, rb, x, cos, sin, C)
+
+    def fwd_gmod():
+        return mod(x, position_embeddings=(cos, sin), position_ids=pos)
+
+    def bwd_of(fwd, inp, params, g):
+        def f():
+            inp.requires_grad_(True)
+            try:
+                out = fwd()
+                return torch.autograd.grad(out, [inp] + params, g)
+            finally:
+                inp.requires_grad_(False)
+        return f
+
+    flops_all = layer_flops(D, H, Hk, d, I, B, S)
+    flops_kept = layer_flops(D, H, Hk, d, I, B, C)
+    impls = [
+        ("(a) dense, all S", S, flops_all, fwd_dense_all, bwd_of(fwd_dense_all, x, dense_params, g_full), None),
+        ("(b) dense, kept C", C, flops_kept, fwd_dense_kept, bwd_of(fwd_dense_kept, xk, dense_params, g_kept), None),
+        ("(c) torch MoD", C, flops_kept, fwd_torch_mod,
+         bwd_of(fwd_torch_mod, x, dense_params + [rw, rb], g_full), None),
+        ("gmod MoD", C, flops_kept, fwd_gmod, bwd_of(fwd_gmod, x, mod_params, g_full), (GMOD_FWD, GMOD_BWD)),
+    ]
+    rows = {}
+    for name, ntok, flops, f_fwd, f_bwd, gops in impls:
+        for pss, fn, fl, ops_needed in (("fwd", f_fwd, flops, gops[0] if gops else None),
+                                       ("fwd+bwd", f_bwd, 3 * flops, gops[1] if gops else None)):
+            row = sec.add(impl=name, **{"pass": pss}, tokens=ntok)
+            rows[(name, pss)] = row
+            na = missing(ops_needed, ctx) if ops_needed else None
+            if na:
+                row["ms"] = na
+                continue
+            try:
+                if name == "gmod MoD" and pss == "fwd":
+                    with torch.no_grad():
+                        y = fwd_gmod()
+                        info = mod._gmod_state.scratch
+                        sel_idx, sel_count = info.selection[0]
+                        ok_count = bool((sel_count == C).all())
+                        ref = torch_mod_layer(dense, rw, rb, x, cos, sin, C, idx=sel_idx.long())
+                    ctx.sync()
+                    res = check_all([("y", y, ref)], dt)
+                    if not ok_count:
+                        res = {"ok": False, "rel": None, "max_abs": None, "what": f"count {sel_count.tolist()} != {C}"}
+                    row["check"] = record_check(ctx, f"layer gmod fwd B{B} S{S}", res)
+                    del y, ref
+                if pss == "fwd":
+                    with torch.no_grad():
+                        t = measure(fn, ctx)
+                else:
+                    t = measure(fn, ctx)
+                row.update(ms=t.ms, TFLOPs=fl / (t.ms * 1e-3) / 1e12, timing=t.as_json())
+            except Exception as err:  # noqa: BLE001
+                row["ms"] = record_error(ctx, f"layer {name} {pss}", err)
+            if ctx.cuda:
+                torch.cuda.empty_cache()
+    for pss in ("fwd", "fwd+bwd"):
+        kept = rows[("(b) dense, kept C", pss)].get("ms")
+        full = rows[("(a) dense, all S", pss)].get("ms")
+        for (name, p_), row in rows.items():
+            if p_ != pss or not isinstance(row.get("ms"), float):
+                continue
+            if isinstance(kept, float):
+                row["vs_kept"] = row["ms"] / kept
+            if isinstance(full, float):
+                row["vs_dense"] = row["ms"] / full
+            if name == "gmod MoD" and row.get("vs_kept") is not None:
+                if not ctx.cuda:
+                    row["target"] = "n/a (CPU)"
+                else:
+                    row["target"] = "ok" if row["vs_kept"] <= 1.05 else f"MISSED ({row['vs_kept']:.2f}x)"
+    yield sec

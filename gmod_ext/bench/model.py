@@ -1,0 +1,224 @@
+"""`python -m gmod_ext.bench model`: a LLaMA-7B-shaped model, gamma-MoD against dense.
+
+The model is ``LlamaForCausalLM`` with LLaMA-7B's layer shape (D=4096, 32 heads, MLP 11008,
+vocab 32000) but **8 decoder layers** (4 with --quick on CUDA; tiny fp32 shapes on CPU), random
+weights, bf16 on CUDA. It is timed densely first, then converted in place with
+``gmod_ext.convert(ratio=0.5, layers="arank")``: ARank on a calibration batch (random weights: the
+highest-ranked ``ceil(L/8)`` layer stays dense, the choice is exercised rather than meaningful) and
+timed again.
+
+Inputs mimic a LLaVA sample: the first half of every row is an image-token span (routable), then a
+question of S/8 tokens (labels -100: forced, gamma-MoD's masked routing), then the answer (labelled,
+routable). Passes:
+
+  prefill     forward of the prompt building the KV cache (``use_cache=True``; a MoD model fills its
+              compact cache), logits of the last position only (as ``generate`` does); no labels,
+              so nothing is forced and each MoD layer keeps half of the tokens;
+  fwd+bwd     forward with labels (LM loss + router aux loss) and backward, no KV cache;
+  train step  fwd+bwd + AdamW step.
+
+``x dense`` is the gamma-MoD time over the dense time; ``FLOPs`` the analytic matmul-FLOP ratio of
+the same forward (from the tokens each MoD layer kept), the speed-up to expect if every part scaled.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .common import Col, Ctx, Section, measure, missing, record_error
+
+SIZES = {
+    "full": dict(B=4, S=2048, D=4096, H=32, Hk=32, I=11008, V=32000, L=8, cal_B=1, cal_S=512),
+    "quick": dict(B=2, S=1024, D=4096, H=32, Hk=32, I=11008, V=32000, L=4, cal_B=1, cal_S=256),
+    "cpu": dict(B=2, S=256, D=256, H=4, Hk=4, I=688, V=1024, L=4, cal_B=2, cal_S=64),
+}
+RATIO = 0.5
+GMOD_OPS = ["router_logits", "route", "gather_rows", "attention", "scatter_merge", "kv_cache_append",
+            "router_logits_backward", "gather_rows_backward", "attention_backward", "scatter_merge_backward"]
+
+MODEL_COLS = [
+    Col("impl", "impl", help="dense = the Hugging Face model as is (SDPA attention); gamma-MoD = the same model "
+        "after gmod_ext.convert(ratio=0.5, layers='arank')"),
+    Col("pass", "pass", help="prefill = forward with use_cache=True, last-position logits; fwd+bwd = forward with "
+        "labels + backward; train step = fwd+bwd + AdamW step"),
+    Col("ms", "ms", "ms", "median time; 'n/a (no CUDA kernel)' when a gmod op has no kernel for the device"),
+    Col("ktok_s", "ktok/s", ".1f", "B*S tokens / time, thousands per second"),
+    Col("x_dense", "x dense", ".3f", "ms / the dense row's ms of the same pass (< 1: gamma-MoD is faster)"),
+    Col("flops", "FLOPs", ".3f", "analytic matmul FLOPs of that forward, gamma-MoD / dense (from kept tokens)"),
+    Col("peak_GB", "peak GB", ".2f", "CUDA: peak memory allocated during the timed calls, 10^9 bytes"),
+    Col("info", "info", help="gamma-MoD: mean fraction of tokens skipped per MoD layer in that pass; loss"),
+]
+ARANK_COLS = [
+    Col("layer", "layer"),
+    Col("arank", "ARank", ".2f", "mean rank of the layer's causal attention maps (calibration batch)"),
+    Col("kind", "kind", help="MoD or dense (the highest-ARank layers stay dense)"),
+]
+TABLES = [("model", MODEL_COLS), ("arank", ARANK_COLS)]
+
+
+def build_model(z: dict, dev: torch.device, dt: torch.dtype, seed: int):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=z["D"], intermediate_size=z["I"], num_attention_heads=z["H"], num_key_value_heads=z["Hk"],
+        num_hidden_layers=z["L"], vocab_size=z["V"], max_position_embeddings=max(4096, z["S"]),
+        attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        model = transformers.LlamaForCausalLM._from_config(cfg, dtype=dt)
+    return model.to(device=dev, dtype=dt)
+
+
+def make_inputs(z: dict, B: int, S: int, dev: torch.device, gen: torch.Generator) -> dict:
+    """LLaVA-like rows: image span (routable), question (forced via labels -100), answer (labelled)."""
+    V = z["V"]
+    image_token = V - 1
+    ids = torch.randint(0, V - 1, (B, S), generator=gen)
+    n_img = S // 2
+    n_q = max(1, S // 8)
+    ids[:, :n_img] = image_token
+    labels = ids.clone()
+    labels[:, :n_img + n_q] = -100
+    return {"input_ids": ids.to(dev), "labels": labels.to(dev), "image_token_id": image_token}
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _arch(z: dict) -> dict:
+    return dict(D=z["D"], Hq=z["H"], Hk=z["Hk"], d=z["D"] // z["H"], I=z["I"], V=z["V"], L=z["L"])
+
+
+def run(ctx: Ctx):
+    import transformers
+
+    import gmod_ext
+    from ..demo import forward_flops
+
+    transformers.logging.set_verbosity_error()
+    z = SIZES[ctx.size_mode]
+    B, S = z["B"], z["S"]
+    dev, dt = ctx.device, ctx.dtype
+    gen = torch.Generator().manual_seed(ctx.seed)
+    data = make_inputs(z, B, S, dev, gen)
+    image_token = data.pop("image_token_id")
+    ids, labels = data["input_ids"], data["labels"]
+    model = build_model(z, dev, dt, ctx.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    sec = Section("model", f"LLaMA-7B-shaped model, {z['L']} decoder layers (reduced from 32), D={z['D']} "
+                  f"H={z['H']} MLP {z['I']} vocab {z['V']} ({_count(n_params)} params), B={B} S={S}, "
+                  f"gamma-MoD ratio {RATIO}, {str(dt)[6:]}", MODEL_COLS)
+    if ctx.size_mode == "cpu":
+        sec.notes.append("CPU: tiny shapes and the gmod ops' C++ reference kernels: not representative of the GPU")
+    arank_sec = Section("arank", "ARank per layer and the MoD layer choice (random weights)", ARANK_COLS)
+    a = _arch(z)
+    tokens = [S] * B
+
+    def sync_peak_reset():
+        if ctx.cuda:
+            ctx.sync()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+
+    def peak():
+        return torch.cuda.max_memory_allocated(dev) / 1e9 if ctx.cuda else None
+
+    def passes(m, converted: bool):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
+
+        def prefill():
+            with torch.no_grad():
+                return m(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+        def fwd_bwd():
+            opt.zero_grad(set_to_none=True)
+            out = m(input_ids=ids, labels=labels, use_cache=False)
+            out.loss.backward()
+            return out.loss
+
+        def step():
+            loss = fwd_bwd()
+            opt.step()
+            return loss
+
+        return opt, [("prefill", prefill, False), ("fwd+bwd", fwd_bwd, True), ("train step", step, True)]
+
+    def time_passes(m, impl: str, converted: bool) -> dict:
+        res = {}
+        opt, ps = passes(m, converted)
+        for name, fn, train in ps:
+            row = sec.add(impl=impl, **{"pass": name})
+            res[name] = row
+            try:
+                m.train(train)
+                sync_peak_reset()
+                out = fn()
+                info = []
+                if converted:
+                    st = m.gmod_stats()
+                    info.append(f"skip {st['skip_ratio']:.3f}")
+                    kept = {li: [int(c) for c in cnt.tolist()]
+                            for li, (_, cnt) in sorted(m.gmod_state.current.selection.items())}
+                    fl = forward_flops(a, tokens, kept, with_lm_head=(name != "prefill"))
+                    if name == "prefill":  # logits of the last position only
+                        extra = 2.0 * B * a["D"] * a["V"]
+                        fl["ratio"] = (fl["gmod"] + extra) / (fl["dense"] + extra)
+                    row["flops"] = fl["ratio"]
+                if isinstance(out, torch.Tensor):
+                    lv = float(out.detach())
+                    info.append(f"loss {lv:.3f}")
+                    if not math.isfinite(lv):
+                        ctx.mismatches.append({"bench": f"model {impl} {name}", "detail": f"loss {lv}"})
+                row["info"] = ", ".join(info) if info else None
+                del out
+                t = measure(fn, ctx)
+                row.update(ms=t.ms, ktok_s=B * S / (t.ms * 1e-3) / 1e3, peak_GB=peak(), timing=t.as_json())
+            except Exception as err:  # noqa: BLE001
+                row["ms"] = record_error(ctx, f"model {impl} {name}", err)
+            finally:
+                opt.zero_grad(set_to_none=True)
+        del opt
+        m.eval()
+        return res
+
+    dense_rows = time_passes(model, "dense", False)
+
+    na = missing(GMOD_OPS, ctx)
+    if na:
+        for name in dense_rows:
+            sec.add(impl="gamma-MoD", **{"pass": name}, ms=na)
+        yield sec
+        return
+    try:
+        cal = make_inputs(z, z["cal_B"], z["cal_S"], dev, gen)
+        cal.pop("image_token_id")
+        cal.pop("labels")
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+        gmod_ext.convert(model, ratio=RATIO, layers="arank", calibration_batches=[cal], image_token_id=image_token,
+                         progress=False)
+    except Exception as err:  # noqa: BLE001
+        msg = record_error(ctx, "model convert", err)
+        for name in dense_rows:
+            sec.add(impl="gamma-MoD", **{"pass": name}, ms=msg)
+        yield sec
+        return
+    gcfg = model.config.gmod
+    mod_layers = list(gcfg["layers"])
+    for i, r in enumerate(gcfg["arank"]):
+        arank_sec.add(layer=i, arank=float(r), kind="MoD" if i in mod_layers else "dense")
+    sec.notes.append(f"MoD layers {mod_layers} of {z['L']} (ARank on a {z['cal_B']}x{z['cal_S']} calibration batch; "
+                     f"random weights, so the choice is exercised, not meaningful)")
+    mod_rows = time_passes(model, "gamma-MoD", True)
+    for name, row in mod_rows.items():
+        d = dense_rows[name].get("ms")
+        if isinstance(row.get("ms"), float) and isinstance(d, float):
+            row["x_dense"] = row["ms"] / d
+    for row in dense_rows.values():
+        if isinstance(row.get("ms"), float):
+            row["x_dense"] = 1.0
+            row["flops"] = 1.0
+    yield sec
+    yield arank_sec
