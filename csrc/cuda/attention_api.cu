@@ -1,0 +1,284 @@
+// CUDA implementations of gmod.attention and gmod.attention_backward (schemas in torch_bindings.cpp,
+// semantics defined by csrc/cpu/attention.cpp): input checks with the CPU kernel's messages,
+// q_len / k_len validation on the device, workspaces, and dispatch on dtype x head dim to
+//   attention_fwd.cu     prefill / training forward (Cq > 16),
+//   attention_decode.cu  decode and short chunks (Cq <= 16): GQA-packed rows, split-k over the keys,
+//   attention_bwd.cu     backward (deterministic or atomic dq).
+// Environment (read once): GMOD_TRUST_INDICES=1 skips the length validation (one small kernel and one
+// device sync per call; also skipped while a CUDA graph is being captured) - the kernels clamp the
+// lengths to [0, Cq] / [0, Ck], so bad lengths give wrong numbers, never out-of-bounds accesses.
+// GMOD_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)) selects the deterministic backward.
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "gmod/attention_params.h"
+#include "gmod/checks.h"
+#include "gmod/route_indices.h"
+#include "gmod/static_switch.h"
+
+namespace gmod {
+namespace {
+
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+}
+
+bool trust_indices() {
+  static const bool value = env_flag("GMOD_TRUST_INDICES");
+  return value;
+}
+
+bool deterministic_mode() {
+  static const bool env = env_flag("GMOD_DETERMINISTIC");
+  return env || at::globalContext().deterministicAlgorithms();
+}
+
+// Streaming multiprocessors of the current device, queried once per device (cudaDeviceGetAttribute:
+// at::cuda::getCurrentDeviceProperties lives in ATen/cuda/CUDAContext.h, which needs the cuSPARSE /
+// cuBLAS headers that a bare toolkit may lack).
+int num_sms() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];
+  const int dev = c10::cuda::current_device();
+  auto query = [dev] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    return n;
+  };
+  if (dev < 0 || dev >= kMaxDevices) return query();
+  int n = cache[dev].load(std::memory_order_relaxed);
+  if (n == 0) {
+    n = query();
+    cache[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+__global__ void gmod_attn_check_lengths_kernel(const int32_t* q_len, const int32_t* k_len, int64_t B, int64_t Cq,
+                                               int64_t Ck, int32_t* bad) {
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < B;
+       b += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int32_t ql = q_len[b], kl = k_len[b];
+    if (ql < 0 || ql > Cq) atomicOr(bad, 1);
+    if (kl < 0 || kl > Ck) atomicOr(bad, 2);
+  }
+}
+
+// 0 <= q_len[b] <= Cq and 0 <= k_len[b] <= Ck, checked on the device with one sync; on failure the
+// lengths are copied to the host for the CPU kernel's error message (ValueError naming q_len / k_len).
+void validate_lengths(const at::Tensor& q_len, const at::Tensor& k_len, int64_t Cq, int64_t Ck, const char* op,
+                      cudaStream_t stream) {
+  if (trust_indices() || q_len.numel() == 0) return;
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
+  auto bad = at::zeros({1}, q_len.options());
+  const int64_t B = q_len.numel();
+  const int blocks = static_cast<int>(std::min<int64_t>((B + 255) / 256, 1024));
+  gmod_attn_check_lengths_kernel<<<blocks, 256, 0, stream>>>(q_len.data_ptr<int32_t>(), k_len.data_ptr<int32_t>(),
+                                                             B, Cq, Ck, bad.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (bad.item<int32_t>() != 0) {
+    check_lengths_cpu(q_len.cpu(), Cq, op, "q_len", "q.shape[1]");
+    check_lengths_cpu(k_len.cpu(), Ck, op, "k_len", "k.shape[1]");
+    TORCH_CHECK_VALUE(false, "gmod.", op, ": q_len / k_len out of range");
+  }
+}
+
+struct AttnDims {
+  int64_t B, Cq, Ck, Hq, Hk, d;
+};
+
+AttnDims check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& q_len, const at::Tensor& k_len) {
+  check_activation(q, op, "q", 4, "[B, Cq, Hq, d]");
+  TORCH_CHECK(q.is_cuda(), "gmod.", op, ": q is on ", q.device(), ", expected a CUDA tensor");
+  // float64 is a CPU-only activation dtype (gradcheck); the CUDA kernels take fp32 / bf16 / fp16.
+  check_dtype(q, op, "q", {at::kFloat, at::kBFloat16, at::kHalf});
+  check_tensor(k, q, op, "k", "q", 4, "[B, Ck, Hk, d]", {q.scalar_type()});
+  check_tensor(v, q, op, "v", "q", 4, "[B, Ck, Hk, d]", {q.scalar_type()});
+  const int64_t B = q.size(0), Cq = q.size(1), Hq = q.size(2), d = q.size(3);
+  check_size(k, op, "k", 0, B, "q.shape[0] (B)");
+  check_size(k, op, "k", 3, d, "q.shape[3] (d)");
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "gmod.", op, ": v must have k's shape ", k.sizes(), ", got ",
+                    v.sizes());
+  const int64_t Ck = k.size(1), Hk = k.size(2);
+  TORCH_CHECK_VALUE(Hk > 0 && Hq % Hk == 0, "gmod.", op, ": q heads (", Hq,
+                    ") must be a positive multiple of k/v heads (", Hk, ")");
+  check_tensor(q_len, q, op, "q_len", "q", 1, "[B]", {at::kInt});
+  check_tensor(k_len, q, op, "k_len", "q", 1, "[B]", {at::kInt});
+  check_size(q_len, op, "q_len", 0, B, "q.shape[0] (B)");
+  check_size(k_len, op, "k_len", 0, B, "q.shape[0] (B)");
+  TORCH_CHECK_VALUE(attn::is_supported_head_dim(d), "gmod.", op, ": head dim d = ", d,
+                    " is not supported by the CUDA kernels; supported: " GMOD_ATTN_HEADDIMS_STR);
+  constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(B <= 65535 && Hq <= 65535, "gmod.", op, ": the CUDA kernels support B <= 65535 and Hq <= 65535, got B = ",
+                    B, ", Hq = ", Hq);
+  TORCH_CHECK_VALUE(Cq * Hq <= kMaxInt && Ck <= kMaxInt, "gmod.", op, ": sequence too long for the CUDA kernels (Cq * Hq = ",
+                    Cq * Hq, ", Ck = ", Ck, ")");
+  return {B, Cq, Ck, Hq, Hk, d};
+}
+
+// Tensors from the caching allocator are 256-byte aligned; a contiguous view with an odd storage
+// offset is not, and the kernels use 16-byte vector loads.
+at::Tensor aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+void set_fwd_params(attn::AttnFwdParams& p, const AttnDims& a, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& q_len,
+                    const at::Tensor& k_len, double scale) {
+  std::memset(&p, 0, sizeof(p));
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = o.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_len = q_len.data_ptr<int32_t>();
+  p.k_len = k_len.data_ptr<int32_t>();
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  p.o_batch_stride = o.stride(0), p.o_row_stride = o.stride(1), p.o_head_stride = o.stride(2);
+  p.B = static_cast<int>(a.B), p.Cq = static_cast<int>(a.Cq), p.Ck = static_cast<int>(a.Ck);
+  p.Hq = static_cast<int>(a.Hq), p.Hk = static_cast<int>(a.Hk), p.group = static_cast<int>(a.Hq / a.Hk);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.num_splits = 1;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                  const at::Tensor& v_in, const at::Tensor& q_len,
+                                                  const at::Tensor& k_len, double scale) {
+  constexpr const char* op = "attention";
+  const auto a = check_attention_inputs(op, q_in, k_in, v_in, q_len, k_len);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  validate_lengths(q_len, k_len, a.Cq, a.Ck, op, stream);
+  auto o = at::empty_like(q_in);
+  auto lse = at::empty({a.B, a.Hq, a.Cq}, q_in.options().dtype(at::kFloat));
+  if (a.B * a.Cq * a.Hq == 0) return {o, lse};
+  const auto q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
+
+  attn::AttnFwdParams p;
+  set_fwd_params(p, a, q, k, v, o, lse, q_len, k_len, scale);
+  at::Tensor o_part, lse_part;
+  const bool decode = a.Cq <= attn::kDecodeMaxCq;
+  if (decode) {
+    const int64_t m_blocks = (a.Cq * p.group + attn::kDecodeBlockM - 1) / attn::kDecodeBlockM;
+    p.num_splits = attn::decode_num_splits(a.B, a.Hk, m_blocks, a.Ck, num_sms());
+    if (p.num_splits > 1) {
+      // The split kernel writes every lse_part entry, and o_part wherever lse_part is finite (the
+      // only entries the combine reads): no zero fill needed.
+      o_part = at::empty({p.num_splits, a.B, a.Cq, a.Hq, a.d}, q.options().dtype(at::kFloat));
+      lse_part = at::empty({p.num_splits, a.B, a.Hq, a.Cq}, q.options().dtype(at::kFloat));
+      p.o_part = o_part.data_ptr<float>();
+      p.lse_part = lse_part.data_ptr<float>();
+    }
+  }
+  GMOD_ATTN_DTYPE_SWITCH(q.scalar_type(), op, [&] {
+    GMOD_HEADDIM_SWITCH(a.d, op, [&] {
+      if (decode)
+        attn::run_attn_decode<elem_t, kHeadDim>(p, stream);
+      else
+        attn::run_attn_fwd<elem_t, kHeadDim>(p, stream);
+    });
+  });
+  return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_o_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& o_in, const at::Tensor& lse, const at::Tensor& q_len, const at::Tensor& k_len, double scale) {
+  constexpr const char* op = "attention_backward";
+  const auto a = check_attention_inputs(op, q_in, k_in, v_in, q_len, k_len);
+  check_tensor(grad_o_in, q_in, op, "grad_o", "q", 4, "[B, Cq, Hq, d]", {q_in.scalar_type()});
+  check_tensor(o_in, q_in, op, "o", "q", 4, "[B, Cq, Hq, d]", {q_in.scalar_type()});
+  TORCH_CHECK_VALUE(grad_o_in.sizes() == q_in.sizes(), "gmod.", op, ": grad_o must have q's shape");
+  TORCH_CHECK_VALUE(o_in.sizes() == q_in.sizes(), "gmod.", op, ": o must have q's shape");
+  check_tensor(lse, q_in, op, "lse", "q", 3, "[B, Hq, Cq]", {at::kFloat});
+  TORCH_CHECK_VALUE(lse.size(0) == a.B && lse.size(1) == a.Hq && lse.size(2) == a.Cq, "gmod.", op,
+                    ": lse must have shape [B, Hq, Cq] = [", a.B, ", ", a.Hq, ", ", a.Cq, "], got ", lse.sizes());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  validate_lengths(q_len, k_len, a.Cq, a.Ck, op, stream);
+  if (a.B * a.Cq * a.Hq == 0 || a.Ck == 0)
+    return {at::zeros_like(q_in), at::zeros_like(k_in), at::zeros_like(v_in)};
+  const auto q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
+  const auto o = aligned16(o_in), grad_o = aligned16(grad_o_in);
+
+  const bool deterministic = deterministic_mode();
+  const bool fp32 = q.scalar_type() == at::kFloat;
+  const int64_t group = a.Hq / a.Hk;
+  const auto f32 = q.options().dtype(at::kFloat);
+  // One dk/dv CTA per kv head (summing its GQA group, no atomics) when deterministic or when that grid
+  // already fills the GPU twice over; else one per q head with fp32 atomics into dk/dv accumulators.
+  int64_t bwd_block_n = 0;
+  GMOD_HEADDIM_SWITCH(a.d, op, [&] { bwd_block_n = attn::BwdTile<kHeadDim>::kBlockN; });
+  const int64_t kv_ctas = (a.Ck + bwd_block_n - 1) / bwd_block_n * a.B * a.Hk;
+  const int64_t heads_per_cta = (deterministic || group == 1 || kv_ctas >= 2 * num_sms()) ? group : 1;
+
+  at::Tensor dq, dk, dv, dq_accum, dk_accum, dv_accum;
+  if (deterministic) {
+    dq = at::empty_like(q);  // the dq kernel writes every row
+  } else if (fp32) {
+    dq = dq_accum = at::zeros_like(q);
+  } else {
+    dq_accum = at::zeros(q.sizes(), f32);
+  }
+  if (heads_per_cta == group) {
+    dk = at::empty_like(k);  // the dk/dv kernel writes every row
+    dv = at::empty_like(v);
+  } else if (fp32) {
+    dk = dk_accum = at::zeros_like(k);
+    dv = dv_accum = at::zeros_like(v);
+  } else {
+    dk_accum = at::zeros(k.sizes(), f32);
+    dv_accum = at::zeros(v.sizes(), f32);
+  }
+  auto delta = at::empty({a.B, a.Hq, a.Cq}, f32);
+
+  attn::AttnBwdParams p;
+  std::memset(&p, 0, sizeof(p));
+  set_fwd_params(p, a, q, k, v, o, lse, q_len, k_len, scale);
+  p.dout = grad_o.data_ptr();
+  p.do_batch_stride = grad_o.stride(0), p.do_row_stride = grad_o.stride(1), p.do_head_stride = grad_o.stride(2);
+  // dq / dk / dv are fresh contiguous tensors of q's / k's shape; dq_accum etc. share their layout.
+  p.dq = dq.defined() ? dq.data_ptr() : nullptr;
+  p.dk = dk.defined() ? dk.data_ptr() : nullptr;
+  p.dv = dv.defined() ? dv.data_ptr() : nullptr;
+  p.dq_batch_stride = a.Cq * a.Hq * a.d, p.dq_row_stride = a.Hq * a.d, p.dq_head_stride = a.d;
+  p.dk_batch_stride = a.Ck * a.Hk * a.d, p.dk_row_stride = a.Hk * a.d, p.dk_head_stride = a.d;
+  p.dv_batch_stride = p.dk_batch_stride, p.dv_row_stride = p.dk_row_stride, p.dv_head_stride = p.dk_head_stride;
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = dq_accum.defined() ? dq_accum.data_ptr<float>() : nullptr;
+  p.dk_accum = dk_accum.defined() ? dk_accum.data_ptr<float>() : nullptr;
+  p.dv_accum = dv_accum.defined() ? dv_accum.data_ptr<float>() : nullptr;
+  p.heads_per_cta = static_cast<int>(heads_per_cta);
+
+  GMOD_ATTN_DTYPE_SWITCH(q.scalar_type(), op, [&] {
+    GMOD_HEADDIM_SWITCH(a.d, op, [&] { attn::run_attn_bwd<elem_t, kHeadDim>(p, deterministic, stream); });
+  });
+  if (!dq.defined()) dq = dq_accum.to(q.scalar_type());
+  if (!dk.defined()) dk = dk_accum.to(k.scalar_type());
+  if (!dv.defined()) dv = dv_accum.to(v.scalar_type());
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gmod, CUDA, m) {
+  m.impl("attention", &attention_cuda);
+  m.impl("attention_backward", &attention_backward_cuda);
+}
+
+}  // namespace gmod

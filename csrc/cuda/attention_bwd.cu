@@ -1,0 +1,43 @@
+// Launchers of the attention backward: Delta preprocess, then either
+//   deterministic:     dk/dv kernel (grid = key tiles x Hk x B, each CTA sums its whole GQA group)
+//                      + dq kernel (grid = query tiles x Hq x B, loops over key tiles); or
+//   non-deterministic: dk/dv kernel that also atomically adds dq into fp32 dq_accum; with
+//                      heads_per_cta == 1 (small grids) one CTA per q head and atomic fp32 dk/dv.
+// Tiles: BwdTile<d> (64 queries x 32 keys for d <= 128, 32 x 16 for d = 256), 128 threads.
+#include "attention_bwd_kernel.cuh"
+#include "attention_launch.cuh"
+
+namespace gmod::attn {
+
+template <typename T, int kHeadDim>
+void run_attn_bwd(const AttnBwdParams& params, bool deterministic, cudaStream_t stream) {
+  using Tr = BwdTraits<kHeadDim>;
+  const int64_t rows = static_cast<int64_t>(params.B) * params.Cq * params.Hq;
+  launch_attn_kernel(gmod_attn_bwd_preprocess_kernel<T, kHeadDim>, dim3(ceil_div_host(rows, kNThreads / 32)), 0,
+                     stream, params, "the backward preprocess kernel");
+  const dim3 grid_dkdv(ceil_div_host(params.Ck, Tr::kBlockN), params.Hk * (params.group / params.heads_per_cta),
+                       params.B);
+  if (deterministic) {
+    TORCH_CHECK(params.heads_per_cta == params.group, "gmod.attention_backward: deterministic mode sums a GQA group in one CTA");
+    launch_attn_kernel(gmod_attn_bwd_dkdv_kernel<Tr, T, /*kAtomicDq=*/false>, grid_dkdv, bwd_dkdv_smem_bytes<Tr>(),
+                       stream, params, "the backward dk/dv kernel");
+    launch_attn_kernel(gmod_attn_bwd_dq_kernel<Tr, T>, dim3(ceil_div_host(params.Cq, Tr::kBlockM), params.Hq, params.B),
+                       bwd_dq_smem_bytes<Tr>(), stream, params, "the backward dq kernel");
+  } else {
+    launch_attn_kernel(gmod_attn_bwd_dkdv_kernel<Tr, T, /*kAtomicDq=*/true>, grid_dkdv, bwd_dkdv_smem_bytes<Tr>(),
+                       stream, params, "the backward dk/dv kernel");
+  }
+}
+
+#define GMOD_INSTANTIATE_BWD(T)                                                          \
+  template void run_attn_bwd<T, 32>(const AttnBwdParams&, bool, cudaStream_t);          \
+  template void run_attn_bwd<T, 64>(const AttnBwdParams&, bool, cudaStream_t);          \
+  template void run_attn_bwd<T, 96>(const AttnBwdParams&, bool, cudaStream_t);          \
+  template void run_attn_bwd<T, 128>(const AttnBwdParams&, bool, cudaStream_t);         \
+  template void run_attn_bwd<T, 256>(const AttnBwdParams&, bool, cudaStream_t);
+
+GMOD_INSTANTIATE_BWD(float)
+GMOD_INSTANTIATE_BWD(__half)
+GMOD_INSTANTIATE_BWD(__nv_bfloat16)
+
+}  // namespace gmod::attn

@@ -1,0 +1,178 @@
+// Device helpers shared by the attention kernels (attention_fwd_kernel.cuh, attention_bwd_kernel.cuh):
+// element conversion, global -> shared tile loads, warp reductions, the causal visibility rule.
+//
+// SIMT version: tiles are staged in shared memory as float32 (converted once on load) and the two
+// inner products of each pass are plain FMA loops, marked "MMA SITE". The tensor-core version keeps
+// the kernels' structure (params, tile loop, online softmax, masking, epilogues) and replaces:
+//   * load_tile: cp.async (sm80) / TMA (sm90) copies of 16-bit tiles into swizzled shared memory;
+//   * each MMA SITE: ldmatrix + mma.sync.m16n8k16 (bf16/fp16 in, fp32 accumulate) on sm80, or
+//     wgmma.mma_async m64nNk16 on sm90, with S / O / dK / dV kept in the mma accumulator layout;
+//   * the per-thread row/column ownership below (row groups x lanes) by the accumulator fragment's.
+// These headers have no torch dependency, so the kernels can also be compiled as host code with a
+// small emulation of threadIdx / __syncthreads / shuffles (used to test the index math without a GPU).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "gmod/attention_params.h"
+
+#define GMOD_DEV __device__ __forceinline__
+
+namespace gmod::attn {
+
+inline constexpr int kRowGroups = 16;  // threads along the rows of a tile (tid / 8)
+inline constexpr int kColLanes = 8;    // threads along keys / head dim (tid % 8)
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr float kLn2 = 0.6931471805599453f;
+
+GMOD_DEV int imin(int a, int b) { return a < b ? a : b; }
+GMOD_DEV int imax(int a, int b) { return a > b ? a : b; }
+GMOD_DEV int iclamp(int x, int lo, int hi) { return imin(imax(x, lo), hi); }
+GMOD_DEV int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Keys query i (< q_len) of a row sees: 0 .. n-1 (bottom-right causal alignment).
+GMOD_DEV int visible_keys(int i, int ql, int kl) { return imax(0, imin(kl, kl - ql + i + 1)); }
+
+// Tile geometry shared by the passes. A thread owns
+//   rows   rg + 16 * ii     (ii < kRowsPerThread)   of a BLOCK_M tile,  rg = tid / 8
+//   keys   lc + 8 * jj      (jj < kKeysPerThread)   of S / P / dS,      lc = tid % 8
+//   cols   4 * lc + 32 * c + (0..3)  (c < kColChunks)  of O / dQ / dK / dV rows
+// Shared tiles are float32 with padded rows (kStrideD = d + 4, kStrideN = BLOCK_N + 8 floats), so the
+// float4 reads below are free of bank conflicts.
+template <int kHeadDim_, int kBlockM_, int kBlockN_>
+struct TileTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static_assert(kHeadDim % 32 == 0, "head dim must be a multiple of 32");
+  static_assert(kBlockM % kRowGroups == 0, "BLOCK_M must be a multiple of 16");
+  static_assert(kBlockN % 16 == 0, "BLOCK_N must be a multiple of 16");
+  static constexpr int kRowsPerThread = kBlockM / kRowGroups;
+  static constexpr int kKeysPerThread = kBlockN / kColLanes;
+  static constexpr int kKeyRowsPerThread = kBlockN / kRowGroups;  // dK/dV rows of a thread (bwd)
+  static constexpr int kColChunks = kHeadDim / 32;
+  static constexpr int kStrideD = kHeadDim + 4;
+  static constexpr int kStrideN = kBlockN + 8;
+};
+
+// ---------------------------------------------------------------- element conversion
+template <typename T> struct Elem;
+
+template <> struct Elem<float> {
+  static constexpr int kVec = 4;  // elements per 16-byte load
+  static GMOD_DEV void load_vec(const float* src, float (&x)[4]) {
+    const float4 v = *reinterpret_cast<const float4*>(src);
+    x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
+  }
+  static GMOD_DEV float to_float(float v) { return v; }
+  static GMOD_DEV void store4(float* dst, const float (&x)[4]) {
+    *reinterpret_cast<float4*>(dst) = make_float4(x[0], x[1], x[2], x[3]);
+  }
+};
+
+template <> struct Elem<__half> {
+  static constexpr int kVec = 8;
+  static GMOD_DEV void load_vec(const __half* src, float (&x)[8]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
+    __half2 h[4];
+    memcpy(h, &raw, sizeof(raw));  // register bit-cast (a pointer cast would break strict aliasing)
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const float2 f = __half22float2(h[t]);
+      x[2 * t] = f.x;
+      x[2 * t + 1] = f.y;
+    }
+  }
+  static GMOD_DEV float to_float(__half v) { return __half2float(v); }
+  static GMOD_DEV void store4(__half* dst, const float (&x)[4]) {
+    const __half2 h[2] = {__floats2half2_rn(x[0], x[1]), __floats2half2_rn(x[2], x[3])};
+    uint2 raw;
+    memcpy(&raw, h, sizeof(raw));
+    *reinterpret_cast<uint2*>(dst) = raw;
+  }
+};
+
+template <> struct Elem<__nv_bfloat16> {
+  static constexpr int kVec = 8;
+  static GMOD_DEV void load_vec(const __nv_bfloat16* src, float (&x)[8]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
+    __nv_bfloat162 h[4];
+    memcpy(h, &raw, sizeof(raw));
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const float2 f = __bfloat1622float2(h[t]);
+      x[2 * t] = f.x;
+      x[2 * t + 1] = f.y;
+    }
+  }
+  static GMOD_DEV float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static GMOD_DEV void store4(__nv_bfloat16* dst, const float (&x)[4]) {
+    const __nv_bfloat162 h[2] = {__floats2bfloat162_rn(x[0], x[1]), __floats2bfloat162_rn(x[2], x[3])};
+    uint2 raw;
+    memcpy(&raw, h, sizeof(raw));
+    *reinterpret_cast<uint2*>(dst) = raw;
+  }
+};
+
+// ---------------------------------------------------------------- shared memory tiles
+GMOD_DEV float4 lds4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+GMOD_DEV float comp(const float4& v, int t) { return t == 0 ? v.x : t == 1 ? v.y : t == 2 ? v.z : v.w; }
+
+// Rows [0, kRows) of a tile, kHeadDim elements each, into shared memory as float32 with row stride
+// kStride floats. row_ptr(r) is the global address of row r, or nullptr for a row that reads as
+// zeros (past q_len / k_len / the tensor): padded rows are never read from global memory.
+// MMA SITE (loads): cp.async.cg 16-byte copies of the 16-bit rows into a swizzled layout.
+template <typename T, int kHeadDim, int kRows, int kStride, typename RowPtr>
+GMOD_DEV void load_tile(float* smem, RowPtr row_ptr) {
+  constexpr int kVec = Elem<T>::kVec;
+  constexpr int kChunks = kHeadDim / kVec;
+  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kNThreads) {
+    const int r = idx / kChunks;
+    const int c = (idx % kChunks) * kVec;
+    const T* src = row_ptr(r);
+    float x[kVec];
+    if (src != nullptr) {
+      Elem<T>::load_vec(src + c, x);
+    } else {
+#pragma unroll
+      for (int t = 0; t < kVec; ++t) x[t] = 0.f;
+    }
+    float* dst = smem + r * kStride + c;
+#pragma unroll
+    for (int t = 0; t < kVec; t += 4)
+      *reinterpret_cast<float4*>(dst + t) = make_float4(x[t], x[t + 1], x[t + 2], x[t + 3]);
+  }
+}
+
+// ---------------------------------------------------------------- reductions
+// Over the 8 lanes of a row group (consecutive lanes of one warp). Every lane of the warp must call.
+GMOD_DEV float rowgroup_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+  return x;
+}
+GMOD_DEV float rowgroup_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  return x;
+}
+GMOD_DEV float warp_max(float x) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, m));
+  return x;
+}
+GMOD_DEV float warp_sum(float x) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
+  return x;
+}
+
+}  // namespace gmod::attn

@@ -1,0 +1,34 @@
+// Host-side launch helper for the attention kernels (torch-aware; not used by the host emulation).
+#pragma once
+
+// Only c10 CUDA headers: ATen/cuda/CUDAContext.h needs the cuSPARSE/cuBLAS headers, which a bare
+// toolkit may lack.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/util/Exception.h>
+
+#include "gmod/attention_params.h"
+
+namespace gmod::attn {
+
+// Launches kernel<<<grid, kNThreads, smem_bytes, stream>>>(params): raises the dynamic shared-memory
+// limit when the kernel needs more than the default 48 KB, and fails with a clear message when the
+// device cannot give that much (e.g. head dim 256 on GPUs with 99 KB per block).
+template <typename Kernel, typename Params>
+void launch_attn_kernel(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t stream, const Params& params,
+                        const char* what) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "gmod.attention: grid ", grid.x, " x ", grid.y, " x ",
+              grid.z, " of ", what, " exceeds the CUDA limits (batch and head counts must be <= 65535)");
+  if (smem_bytes > 48 * 1024) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+    TORCH_CHECK(smem_bytes <= optin, "gmod.attention: ", what, " needs ", smem_bytes,
+                " bytes of shared memory per block, but this GPU allows ", optin, "; use a smaller head dim");
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  }
+  kernel<<<grid, kNThreads, smem_bytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace gmod::attn

@@ -1,0 +1,434 @@
+// Host emulation of the CUDA attention kernels: compiles attention_fwd_kernel.cuh and
+// attention_bwd_kernel.cuh as plain C++ (one std::thread per CUDA thread, std::barrier for
+// __syncthreads and warp shuffles, a global array for shared memory, blocks run one after another)
+// and compares every output element against a float64 reference of csrc/cpu/attention.cpp's
+// semantics. It checks the index math, masking, tile loops, split-k, GQA packing and the backward's
+// accumulation without a GPU; it says nothing about speed, and not everything about the device
+// memory model. Not part of the CMake build (CMake globs csrc/cuda/*.cu only). Run:
+//   g++ -std=c++20 -O2 -pthread -I csrc/include -I /usr/local/cuda/include \
+//       csrc/cuda/emu/attention_emu_test.cpp -o /tmp/attn_emu && /tmp/attn_emu
+// (add -fsanitize=thread to look for missing __syncthreads; slow).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+// ---------------------------------------------------------------- CUDA emulation
+namespace emu {
+thread_local uint3 t_thread;
+thread_local dim3 t_block, t_grid;
+std::barrier<>* block_bar = nullptr;
+std::barrier<>* warp_bar[4] = {};
+float xchg[4][32];
+}  // namespace emu
+
+#define threadIdx (emu::t_thread)
+#define blockIdx (emu::t_block)
+#define gridDim (emu::t_grid)
+#define __launch_bounds__(...)
+
+inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int m) {
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  emu::xchg[w][lane] = v;
+  emu::warp_bar[w]->arrive_and_wait();
+  const float r = emu::xchg[w][lane ^ m];
+  emu::warp_bar[w]->arrive_and_wait();
+  return r;
+}
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
+#include "../attention_bwd_kernel.cuh"
+#include "../attention_fwd_kernel.cuh"
+
+namespace gmod::attn {
+alignas(16) float4 gmod_attn_smem[1 << 16];  // 1 MiB of "shared memory", reused by each block
+}
+
+using namespace gmod::attn;
+
+static void launch(dim3 grid, int smem_bytes, const std::function<void()>& kernel) {
+  if (smem_bytes > static_cast<int>(sizeof(gmod_attn_smem))) std::abort();
+  // Poison shared memory so that reads of never-written smem show up as NaN.
+  for (auto& x : gmod_attn_smem) x = make_float4(NAN, NAN, NAN, NAN);
+  std::barrier<> bar(kNThreads);
+  std::barrier<> wb0(32), wb1(32), wb2(32), wb3(32);
+  emu::block_bar = &bar;
+  emu::warp_bar[0] = &wb0, emu::warp_bar[1] = &wb1, emu::warp_bar[2] = &wb2, emu::warp_bar[3] = &wb3;
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < kNThreads; ++t) {
+    threads.emplace_back([&, t] {
+      emu::t_thread = make_uint3(t, 0, 0);
+      emu::t_grid = grid;
+      for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+          for (unsigned x = 0; x < grid.x; ++x) {
+            emu::t_block = dim3(x, y, z);
+            kernel();
+            bar.arrive_and_wait();  // the next block reuses shared memory
+          }
+    });
+  }
+  for (auto& th : threads) th.join();
+}
+
+// ---------------------------------------------------------------- element types
+template <typename T> float to_f(T x);
+template <> float to_f(float x) { return x; }
+template <> float to_f(__half x) { return __half2float(x); }
+template <> float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> T from_f(float x);
+template <> float from_f(float x) { return x; }
+template <> __half from_f(float x) { return __float2half_rn(x); }
+template <> __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+template <typename T> const char* tname();
+template <> const char* tname<float>() { return "fp32"; }
+template <> const char* tname<__half>() { return "fp16"; }
+template <> const char* tname<__nv_bfloat16>() { return "bf16"; }
+
+// ---------------------------------------------------------------- reference (float64)
+struct Problem {
+  int B, Cq, Ck, Hq, Hk, d;
+  std::vector<int> ql, kl;
+  float scale;
+};
+
+static int visible(int i, int ql, int kl) { return std::max(0, std::min(kl, kl - ql + i + 1)); }
+
+struct RefOut {
+  std::vector<double> o, lse, dq, dk, dv;
+};
+
+// q, k, v, dout: the exact values the kernel sees (already rounded to T).
+static RefOut reference(const Problem& P, const std::vector<float>& q, const std::vector<float>& k,
+                        const std::vector<float>& v, const std::vector<float>& dout) {
+  const int d = P.d, g = P.Hq / P.Hk;
+  RefOut r;
+  r.o.assign(q.size(), 0.0);
+  r.dq.assign(q.size(), 0.0);
+  r.dk.assign(k.size(), 0.0);
+  r.dv.assign(k.size(), 0.0);
+  r.lse.assign(static_cast<size_t>(P.B) * P.Hq * P.Cq, -INFINITY);
+  auto qi = [&](int b, int i, int h) { return ((static_cast<size_t>(b) * P.Cq + i) * P.Hq + h) * d; };
+  auto kj = [&](int b, int j, int h) { return ((static_cast<size_t>(b) * P.Ck + j) * P.Hk + h) * d; };
+  for (int b = 0; b < P.B; ++b)
+    for (int h = 0; h < P.Hq; ++h)
+      for (int i = 0; i < P.ql[b]; ++i) {
+        const int n = visible(i, P.ql[b], P.kl[b]);
+        if (n == 0) continue;
+        const int hk = h / g;
+        std::vector<double> s(n), p(n);
+        double mx = -INFINITY;
+        for (int j = 0; j < n; ++j) {
+          double dot = 0;
+          for (int e = 0; e < d; ++e) dot += double(q[qi(b, i, h) + e]) * k[kj(b, j, hk) + e];
+          s[j] = dot * P.scale;
+          mx = std::max(mx, s[j]);
+        }
+        double l = 0;
+        for (int j = 0; j < n; ++j) l += std::exp(s[j] - mx);
+        const double lse = mx + std::log(l);
+        r.lse[(static_cast<size_t>(b) * P.Hq + h) * P.Cq + i] = lse;
+        for (int j = 0; j < n; ++j) {
+          p[j] = std::exp(s[j] - lse);
+          for (int e = 0; e < d; ++e) r.o[qi(b, i, h) + e] += p[j] * v[kj(b, j, hk) + e];
+        }
+        double delta = 0;
+        for (int e = 0; e < d; ++e) delta += double(dout[qi(b, i, h) + e]) * r.o[qi(b, i, h) + e];
+        for (int j = 0; j < n; ++j) {
+          double dp = 0;
+          for (int e = 0; e < d; ++e) dp += double(dout[qi(b, i, h) + e]) * v[kj(b, j, hk) + e];
+          const double ds = p[j] * (dp - delta) * P.scale;
+          for (int e = 0; e < d; ++e) {
+            r.dv[kj(b, j, hk) + e] += p[j] * dout[qi(b, i, h) + e];
+            r.dk[kj(b, j, hk) + e] += ds * q[qi(b, i, h) + e];
+            r.dq[qi(b, i, h) + e] += ds * k[kj(b, j, hk) + e];
+          }
+        }
+      }
+  return r;
+}
+
+// ---------------------------------------------------------------- comparisons
+static int g_failures = 0;
+
+template <typename Out>
+static bool compare(const char* what, const std::string& tag, const std::vector<Out>& got,
+                    const std::vector<double>& ref, double rtol, double atol_scale) {
+  double mag = 0;
+  for (double x : ref)
+    if (std::isfinite(x)) mag = std::max(mag, std::fabs(x));
+  const double atol = atol_scale * std::max(mag, 1.0);  // inputs are O(1)
+  size_t bad = 0, first = 0;
+  double max_err = 0;
+  for (size_t t = 0; t < ref.size(); ++t) {
+    const double x = to_f(got[t]);
+    const double y = ref[t];
+    bool ok;
+    if (std::isinf(y)) ok = x == y;
+    else ok = std::isfinite(x) && std::fabs(x - y) <= atol + rtol * std::fabs(y);
+    if (std::isfinite(y) && std::isfinite(x)) max_err = std::max(max_err, std::fabs(x - y));
+    if (!ok && bad++ == 0) first = t;
+  }
+  if (bad) {
+    ++g_failures;
+    std::printf("FAIL %-4s %s: %zu/%zu bad, first at %zu: got %.6g ref %.6g (max err %.3g, mag %.3g)\n", what,
+                tag.c_str(), bad, ref.size(), first, double(to_f(got[first])), ref[first], max_err, mag);
+    return false;
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------- one problem through the emulated kernels
+struct Options {
+  int num_sms = 132;       // decode split heuristic
+  bool deterministic = false;
+  int heads_per_cta = -1;  // -1: group
+};
+
+template <typename T, int kHeadDim>
+static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng) {
+  const int d = P.d, group = P.Hq / P.Hk;
+  const size_t nq = static_cast<size_t>(P.B) * P.Cq * P.Hq * d, nk = static_cast<size_t>(P.B) * P.Ck * P.Hk * d;
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<T> q(nq), k(nk), v(nk), dout(nq);
+  std::vector<float> qf(nq), kf(nk), vf(nk), dof(nq);
+  for (size_t t = 0; t < nq; ++t) q[t] = from_f<T>(nd(rng)), qf[t] = to_f(q[t]);
+  for (size_t t = 0; t < nk; ++t) k[t] = from_f<T>(nd(rng)), kf[t] = to_f(k[t]);
+  for (size_t t = 0; t < nk; ++t) v[t] = from_f<T>(nd(rng)), vf[t] = to_f(v[t]);
+  for (size_t t = 0; t < nq; ++t) dout[t] = from_f<T>(nd(rng)), dof[t] = to_f(dout[t]);
+  // Poison the padding of k/v/q/dout (rows past k_len / q_len): the kernels must not read it.
+  for (int b = 0; b < P.B; ++b) {
+    for (int j = P.kl[b]; j < P.Ck; ++j)
+      for (int h = 0; h < P.Hk; ++h)
+        for (int e = 0; e < d; ++e) {
+          const size_t t = ((static_cast<size_t>(b) * P.Ck + j) * P.Hk + h) * d + e;
+          k[t] = v[t] = from_f<T>(NAN);
+        }
+    for (int i = P.ql[b]; i < P.Cq; ++i)
+      for (int h = 0; h < P.Hq; ++h)
+        for (int e = 0; e < d; ++e) {
+          const size_t t = ((static_cast<size_t>(b) * P.Cq + i) * P.Hq + h) * d + e;
+          q[t] = dout[t] = from_f<T>(NAN);
+        }
+  }
+  const RefOut ref = reference(P, qf, kf, vf, dof);
+
+  std::vector<T> o(nq, from_f<T>(NAN));
+  std::vector<float> lse(static_cast<size_t>(P.B) * P.Hq * P.Cq, NAN);
+  AttnBwdParams p;
+  std::memset(&p, 0, sizeof(p));
+  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.o = o.data(), p.lse = lse.data();
+  p.q_len = P.ql.data(), p.k_len = P.kl.data();
+  p.q_batch_stride = p.o_batch_stride = p.do_batch_stride = p.dq_batch_stride = static_cast<int64_t>(P.Cq) * P.Hq * d;
+  p.q_row_stride = p.o_row_stride = p.do_row_stride = p.dq_row_stride = static_cast<int64_t>(P.Hq) * d;
+  p.q_head_stride = p.o_head_stride = p.do_head_stride = p.dq_head_stride = d;
+  p.k_batch_stride = p.v_batch_stride = p.dk_batch_stride = p.dv_batch_stride = static_cast<int64_t>(P.Ck) * P.Hk * d;
+  p.k_row_stride = p.v_row_stride = p.dk_row_stride = p.dv_row_stride = static_cast<int64_t>(P.Hk) * d;
+  p.k_head_stride = p.v_head_stride = p.dk_head_stride = p.dv_head_stride = d;
+  p.B = P.B, p.Cq = P.Cq, p.Ck = P.Ck, p.Hq = P.Hq, p.Hk = P.Hk, p.group = group;
+  p.scale = P.scale, p.scale_log2 = P.scale * 1.4426950408889634f;
+  p.num_splits = 1;
+
+  // ---- forward: same plan as attention_api.cu / attention_fwd.cu / attention_decode.cu
+  std::vector<float> o_part, lse_part;
+  const bool decode = P.Cq <= kDecodeMaxCq;
+  if (decode) {
+    using Tr = DecodeTraits<kHeadDim>;
+    const int m_blocks = ceil_div_host(static_cast<int64_t>(P.Cq) * group, Tr::kBlockM);
+    p.num_splits = decode_num_splits(P.B, P.Hk, m_blocks, P.Ck, opt.num_sms);
+    if (p.num_splits <= 1) {
+      launch(dim3(m_blocks, P.Hk, P.B), fwd_smem_bytes<Tr>(),
+             [&] { gmod_attn_fwd_kernel<Tr, T, true, false>(p); });
+    } else {
+      o_part.assign(static_cast<size_t>(p.num_splits) * nq, NAN);
+      lse_part.assign(static_cast<size_t>(p.num_splits) * P.B * P.Hq * P.Cq, NAN);
+      p.o_part = o_part.data(), p.lse_part = lse_part.data();
+      launch(dim3(m_blocks, P.Hk, P.B * p.num_splits), fwd_smem_bytes<Tr>(),
+             [&] { gmod_attn_fwd_kernel<Tr, T, true, true>(p); });
+      const int64_t rows = static_cast<int64_t>(P.B) * P.Cq * P.Hq;
+      launch(dim3(ceil_div_host(rows, kNThreads / 32)), 0, [&] { gmod_attn_decode_combine_kernel<T, kHeadDim>(p); });
+    }
+  } else {
+    using Tr = FwdTraits<kHeadDim>;
+    launch(dim3(ceil_div_host(P.Cq, Tr::kBlockM), P.Hq, P.B), fwd_smem_bytes<Tr>(),
+           [&] { gmod_attn_fwd_kernel<Tr, T, false, false>(p); });
+  }
+
+  char buf[256];
+  std::string lens;
+  for (int b = 0; b < P.B; ++b) lens += std::to_string(P.ql[b]) + "/" + std::to_string(P.kl[b]) + " ";
+  std::snprintf(buf, sizeof(buf), "%s d=%d B=%d Cq=%d Ck=%d Hq=%d Hk=%d splits=%d det=%d hpc=%d lens=[%s]", tname<T>(),
+                d, P.B, P.Cq, P.Ck, P.Hq, P.Hk, p.num_splits, int(opt.deterministic), opt.heads_per_cta,
+                lens.c_str());
+  const std::string tag = buf;
+  const bool fp32 = std::is_same_v<T, float>;
+  const double rtol = fp32 ? 1e-4 : 2e-2, atol = fp32 ? 1e-5 : 1e-2;
+  compare("o", tag, o, ref.o, rtol, atol);
+  compare("lse", tag, lse, ref.lse, fp32 ? 1e-5 : 1e-3, fp32 ? 1e-6 : 1e-3);
+
+  // ---- backward: same plan as attention_api.cu / attention_bwd.cu, from the kernel's own o / lse
+  using Tb = BwdTraits<kHeadDim>;
+  const int hpc = opt.deterministic ? group : (opt.heads_per_cta < 0 ? group : opt.heads_per_cta);
+  std::vector<T> dq(nq, from_f<T>(NAN)), dk(nk, from_f<T>(NAN)), dv(nk, from_f<T>(NAN));
+  std::vector<float> dq_acc(nq, 0.f), dk_acc(nk, 0.f), dv_acc(nk, 0.f), delta(static_cast<size_t>(P.B) * P.Hq * P.Cq, NAN);
+  p.dout = dout.data();
+  p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
+  p.delta = delta.data();
+  p.dq_accum = dq_acc.data(), p.dk_accum = dk_acc.data(), p.dv_accum = dv_acc.data();
+  p.heads_per_cta = hpc;
+  const int64_t rows = static_cast<int64_t>(P.B) * P.Cq * P.Hq;
+  launch(dim3(ceil_div_host(rows, kNThreads / 32)), 0, [&] { gmod_attn_bwd_preprocess_kernel<T, kHeadDim>(p); });
+  const dim3 grid_dkdv(ceil_div_host(P.Ck, Tb::kBlockN), P.Hk * (group / hpc), P.B);
+  if (opt.deterministic) {
+    launch(grid_dkdv, bwd_dkdv_smem_bytes<Tb>(), [&] { gmod_attn_bwd_dkdv_kernel<Tb, T, false>(p); });
+    launch(dim3(ceil_div_host(P.Cq, Tb::kBlockM), P.Hq, P.B), bwd_dq_smem_bytes<Tb>(),
+           [&] { gmod_attn_bwd_dq_kernel<Tb, T>(p); });
+  } else {
+    launch(grid_dkdv, bwd_dkdv_smem_bytes<Tb>(), [&] { gmod_attn_bwd_dkdv_kernel<Tb, T, true>(p); });
+    for (size_t t = 0; t < nq; ++t) dq[t] = from_f<T>(dq_acc[t]);
+  }
+  if (hpc != group) {
+    for (size_t t = 0; t < nk; ++t) dk[t] = from_f<T>(dk_acc[t]), dv[t] = from_f<T>(dv_acc[t]);
+  }
+  // bf16/fp16: o is rounded to T before Delta = <dO, O>, so the gradients carry O(eps) relative errors.
+  const double brtol = fp32 ? 2e-4 : 5e-2, batol = fp32 ? 2e-5 : 3e-2;
+  compare("dq", tag, dq, ref.dq, brtol, batol);
+  compare("dk", tag, dk, ref.dk, brtol, batol);
+  compare("dv", tag, dv, ref.dv, brtol, batol);
+}
+
+template <typename T, int kHeadDim>
+static void run_random(std::mt19937& rng, int B, int Cq, int Ck, int Hq, int Hk, const Options& opt,
+                       std::vector<int> ql = {}, std::vector<int> kl = {}) {
+  Problem P{B, Cq, Ck, Hq, Hk, kHeadDim, ql, kl, 1.f / std::sqrt(float(kHeadDim))};
+  std::uniform_int_distribution<int> uq(0, Cq), uk(0, Ck);
+  while (static_cast<int>(P.ql.size()) < B) {
+    int a = uq(rng), c = uk(rng);
+    P.ql.push_back(a);
+    P.kl.push_back(c);
+  }
+  run_problem<T, kHeadDim>(P, opt, rng);
+}
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  std::mt19937 rng(1234);
+  Options nondet, det, split_heads;
+  det.deterministic = true;
+  int cases = 0;
+  auto count = [&] { ++cases; };
+  if (argc > 1 && std::string(argv[1]) == "tiny") {  // a few cases, for -fsanitize=thread
+    Options many_sms;
+    many_sms.num_sms = 1000;
+    split_heads.heads_per_cta = 1;
+    run_random<float, 64>(rng, 2, 40, 70, 2, 1, nondet, {40, 17}, {70, 9});
+    run_random<float, 64>(rng, 1, 40, 40, 4, 2, det, {40}, {40});
+    run_random<float, 64>(rng, 1, 40, 40, 4, 2, split_heads, {40}, {40});
+    run_random<__nv_bfloat16, 64>(rng, 2, 3, 300, 4, 2, many_sms, {3, 1}, {300, 200});
+    std::printf("4 cases, %d failures\n", g_failures);
+    return g_failures ? 1 : 0;
+  }
+
+  // Prefill / training (Cq > 16): lengths include 0, 1, Cq, q_len > k_len, q_len < k_len.
+  for (int hk_ratio : {1, 2, 4}) {
+    run_random<float, 64>(rng, 3, 70, 90, 4, 4 / hk_ratio, nondet, {70, 1, 0}, {90, 1, 5});
+    count();
+    run_random<float, 64>(rng, 3, 70, 90, 4, 4 / hk_ratio, det, {33, 70, 17}, {0, 20, 90});
+    count();
+    split_heads.heads_per_cta = 1;
+    run_random<float, 64>(rng, 2, 65, 64, 4, 4 / hk_ratio, split_heads, {65, 40}, {64, 64});
+    count();
+  }
+  run_random<float, 128>(rng, 2, 100, 100, 2, 1, nondet);
+  run_random<float, 128>(rng, 2, 100, 130, 2, 1, det);
+  run_random<__nv_bfloat16, 128>(rng, 2, 80, 80, 4, 2, nondet, {80, 64}, {80, 77});
+  run_random<__half, 64>(rng, 2, 80, 96, 2, 2, det);
+  cases += 4;
+  if (!quick) {
+    run_random<float, 32>(rng, 2, 50, 70, 2, 1, nondet);
+    run_random<float, 96>(rng, 2, 50, 70, 4, 2, det);
+    run_random<float, 256>(rng, 2, 40, 50, 2, 1, nondet, {40, 33}, {50, 36});
+    run_random<float, 256>(rng, 1, 40, 50, 4, 2, det, {40}, {50});
+    run_random<__nv_bfloat16, 256>(rng, 1, 40, 40, 2, 1, det);
+    run_random<__half, 96>(rng, 2, 33, 33, 2, 1, nondet);
+    cases += 6;
+  }
+
+  // Decode / short chunks (Cq <= 16): GQA packing, split-k forced by a large SM count.
+  Options many_sms;
+  many_sms.num_sms = 1000;
+  for (int hk_ratio : {1, 2, 4, 8}) {
+    run_random<float, 64>(rng, 3, 1, 600, 8, 8 / hk_ratio, many_sms, {1, 1, 0}, {600, 1, 0});
+    run_random<float, 64>(rng, 2, 1, 300, 8, 8 / hk_ratio, nondet, {1, 1}, {300, 257});
+    run_random<float, 64>(rng, 2, 5, 400, 8, 8 / hk_ratio, many_sms, {5, 3}, {400, 2});
+    cases += 3;
+  }
+  run_random<float, 128>(rng, 2, 16, 700, 4, 1, many_sms, {16, 7}, {700, 500});
+  run_random<__nv_bfloat16, 128>(rng, 2, 1, 1100, 8, 2, many_sms, {1, 1}, {1100, 1030});
+  run_random<__half, 128>(rng, 1, 4, 333, 4, 4, many_sms, {4}, {333});
+  run_random<float, 128>(rng, 2, 16, 40, 4, 4, det, {16, 9}, {40, 3});
+  cases += 4;
+  if (!quick) {
+    run_random<float, 256>(rng, 2, 2, 300, 4, 2, many_sms, {2, 1}, {300, 299});
+    run_random<float, 32>(rng, 2, 3, 300, 4, 1, many_sms, {3, 2}, {300, 100});
+    run_random<float, 96>(rng, 2, 1, 300, 2, 1, many_sms, {1, 1}, {300, 0});
+    run_random<float, 64>(rng, 1, 16, 16, 16, 1, det);  // 256 packed rows
+    cases += 4;
+  }
+  // Sweep of the causal offset k_len - q_len across tile boundaries (one batch row per offset).
+  {
+    std::vector<int> ql, kl;
+    for (int b = 0; b < 44; ++b) {
+      ql.push_back(70 - b % 3);
+      kl.push_back(std::min(110, std::max(0, ql.back() + b - 4)));
+    }
+    Options o1 = split_heads;
+    o1.heads_per_cta = 1;
+    run_random<float, 64>(rng, 44, 70, 110, 2, 1, nondet, ql, kl);
+    run_random<float, 64>(rng, 44, 70, 110, 2, 1, det, ql, kl);
+    run_random<float, 64>(rng, 44, 70, 110, 2, 1, o1, ql, kl);
+    cases += 3;
+    if (!quick) {
+      run_random<float, 256>(rng, 44, 70, 110, 2, 1, det, ql, kl);
+      run_random<float, 256>(rng, 44, 70, 110, 2, 1, nondet, ql, kl);
+      cases += 2;
+    }
+  }
+
+  // Random fuzz over shapes, lengths, head dims and backward modes (float32: tight tolerances).
+  const int fuzz = quick ? 10 : 60;
+  for (int it = 0; it < fuzz; ++it) {
+    std::uniform_int_distribution<int> u01(0, 1), uB(1, 3), uHk(1, 2), uG(0, 2), uD(0, 4);
+    const int B = uB(rng), Hk = uHk(rng), Hq = Hk * (1 << uG(rng));
+    const bool short_q = u01(rng);
+    const int Cq = std::uniform_int_distribution<int>(1, short_q ? 16 : 90)(rng);
+    const int Ck = std::uniform_int_distribution<int>(0, short_q ? 400 : 150)(rng);
+    Options o;
+    o.deterministic = u01(rng);
+    o.heads_per_cta = (!o.deterministic && u01(rng)) ? 1 : -1;
+    o.num_sms = u01(rng) ? 1000 : 8;
+    switch (uD(rng)) {
+      case 0: run_random<float, 32>(rng, B, Cq, Ck, Hq, Hk, o); break;
+      case 1: run_random<float, 64>(rng, B, Cq, Ck, Hq, Hk, o); break;
+      case 2: run_random<float, 96>(rng, B, Cq, Ck, Hq, Hk, o); break;
+      case 3: run_random<float, 128>(rng, B, Cq, Ck, Hq, Hk, o); break;
+      default: run_random<float, 256>(rng, B, Cq, Ck, Hq, Hk, o); break;
+    }
+    ++cases;
+  }
+  std::printf("%d cases, %d failures\n", cases, g_failures);
+  return g_failures ? 1 : 0;
+}

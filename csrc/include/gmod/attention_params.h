@@ -1,0 +1,124 @@
+// Parameters and tile plans of the CUDA attention kernels (gmod.attention and gmod.attention_backward),
+// flash-attention style: one plain struct per pass, filled on the host by csrc/cuda/attention_api.cu and
+// passed by value to kernels that are templated on the element type and the head dim.
+//
+// Layouts (all contiguous, strides in elements):
+//   q, o, dout, dq   [B, Cq, Hq, d]      input dtype
+//   k, v, dk, dv     [B, Ck, Hk, d]      input dtype
+//   lse, delta       [B, Hq, Cq]         float32
+//   o_part           [splits, B, Cq, Hq, d] float32   (split-k decode partials)
+//   lse_part         [splits, B, Hq, Cq]    float32
+//   dq_accum         [B, Cq, Hq, d]      float32   (atomic dq; same layout as dq)
+//   dk_accum/dv_accum [B, Ck, Hk, d]     float32   (atomic dk/dv when a CTA covers part of a GQA group)
+// Semantics (see csrc/cpu/attention.cpp): query i < q_len[b] sees keys j < n_i,
+//   n_i = max(0, min(k_len[b], k_len[b] - q_len[b] + i + 1)); rows past q_len give o = 0, lse = -inf.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace gmod::attn {
+
+// Head dims with a compiled kernel (GMOD_HEADDIM_SWITCH in static_switch.h lists the same set).
+#define GMOD_ATTN_HEADDIMS_STR "{32, 64, 96, 128, 256}"
+inline constexpr bool is_supported_head_dim(int64_t d) {
+  return d == 32 || d == 64 || d == 96 || d == 128 || d == 256;
+}
+
+struct AttnFwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;           // output (forward) or input (backward), input dtype
+  float* lse;        // output (forward) or input (backward)
+  const int32_t* q_len;
+  const int32_t* k_len;
+
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+
+  int B, Cq, Ck, Hq, Hk;
+  int group;         // Hq / Hk: q head h reads kv head h / group
+  float scale;       // softmax scale
+  float scale_log2;  // scale * log2(e): the kernels work with exp2
+
+  // Split-k decode (attention_decode.cu): CTA `split` handles key tiles
+  // [split * blocks_per_split, (split + 1) * blocks_per_split) and writes fp32 partials.
+  int num_splits;
+  float* o_part;
+  float* lse_part;
+};
+
+struct AttnBwdParams : AttnFwdParams {
+  const void* dout;
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  void* dq;
+  void* dk;
+  void* dv;
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  float* delta;     // [B, Hq, Cq]: <dO_i, O_i>, 0 for rows past q_len
+  float* dq_accum;  // fp32 [B, Cq, Hq, d] (non-deterministic path: atomicAdd from the dk/dv kernel)
+  float* dk_accum;  // fp32 [B, Ck, Hk, d] when heads_per_cta < group (atomicAdd), else unused
+  float* dv_accum;
+  int heads_per_cta;  // q heads of one GQA group handled by one dk/dv CTA: group (direct write) or 1
+};
+
+// ---------------------------------------------------------------- tile plans (host and device)
+// Every kernel runs 128 threads = 16 row groups x 8 lanes (the 8 lanes of a row group are
+// consecutive lanes of one warp, so a row's reductions are 3 xor-shuffles).
+inline constexpr int kNThreads = 128;
+
+// Forward (prefill / training): BLOCK_M query rows x BLOCK_N keys per step.
+template <int kHeadDim> struct FwdTile {
+  static constexpr int kBlockM = kHeadDim <= 128 ? 64 : 32;
+  static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;
+};
+// Decode (Cq <= kDecodeMaxCq): the q heads of one GQA group are packed into the rows of the tile
+// (row = query * group + head-in-group), keys split across CTAs.
+inline constexpr int kDecodeMaxCq = 16;
+inline constexpr int kDecodeBlockM = 16;
+inline constexpr int kDecodeBlockN = 32;
+inline constexpr int kDecodeMaxSplits = 128;
+// Backward: BLOCK_M query rows x BLOCK_N keys; dk/dv of BLOCK_N keys live in registers.
+template <int kHeadDim> struct BwdTile {
+  static constexpr int kBlockM = kHeadDim <= 128 ? 64 : 32;
+  static constexpr int kBlockN = kHeadDim <= 128 ? 32 : 16;
+};
+
+inline int ceil_div_host(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Number of key splits for the decode kernel: enough CTAs to give every SM a few
+// (B * Hk * m_blocks * splits ~ 4 x SMs), at least 4 key tiles (128 keys) per split, no empty split,
+// and B * splits within the grid's z limit.
+inline int decode_num_splits(int64_t B, int64_t Hk, int64_t m_blocks, int64_t Ck, int num_sms) {
+  const int64_t n_blocks = (Ck + kDecodeBlockN - 1) / kDecodeBlockN;
+  const int64_t ctas = B * Hk * m_blocks;
+  const int64_t target = static_cast<int64_t>(num_sms) * 4;
+  if (ctas >= target || n_blocks < 8) return 1;
+  int64_t splits = (target + ctas - 1) / ctas;
+  if (splits > n_blocks / 4) splits = n_blocks / 4;
+  if (splits > kDecodeMaxSplits) splits = kDecodeMaxSplits;
+  if (splits > 65535 / B) splits = 65535 / B;
+  if (splits < 1) splits = 1;
+  const int64_t per = (n_blocks + splits - 1) / splits;  // key tiles per split
+  return static_cast<int>((n_blocks + per - 1) / per);
+}
+
+// ---------------------------------------------------------------- launchers
+// Defined (and instantiated for float, __half, __nv_bfloat16 x the supported head dims) in
+// attention_fwd.cu, attention_decode.cu and attention_bwd.cu.
+template <typename T, int kHeadDim> void run_attn_fwd(const AttnFwdParams& params, cudaStream_t stream);
+// Cq <= kDecodeMaxCq. params.num_splits > 1: params.o_part / lse_part must be allocated.
+template <typename T, int kHeadDim> void run_attn_decode(const AttnFwdParams& params, cudaStream_t stream);
+// deterministic: dq by a separate pass over key tiles, dk/dv of a GQA group summed inside one CTA.
+// Otherwise dq is atomically added into params.dq_accum (zeroed by the caller), and dk/dv go to
+// dk_accum/dv_accum (zeroed) when heads_per_cta < group.
+template <typename T, int kHeadDim>
+void run_attn_bwd(const AttnBwdParams& params, bool deterministic, cudaStream_t stream);
+
+}  // namespace gmod::attn

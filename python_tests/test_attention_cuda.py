@@ -1,0 +1,399 @@
+"""CUDA kernels of gmod.attention / gmod.attention_backward (csrc/cuda/attention_*.cu).
+
+Checked against a small float64 reference written here (explicit masks + softmax), with
+flash-attention's rule for bf16/fp16: the kernel's max error against the float64 reference must be
+at most twice the max error of the same math done in the input dtype, plus a rounding-sized atol.
+Covers random per-row q_len/k_len (0 and 1 included, q_len < k_len and q_len > k_len), GQA groups
+1/2/4/8, head dims 64 and 128 (plus 32/96/256), the split-k decode path (q_len = 1, caches of 4096+),
+exact zeros past q_len / k_len on NaN-poisoned memory, the deterministic backward (bit-identical
+reruns), and input errors. Skipped without a GPU or without the CUDA kernels.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import gmod_ext  # noqa: F401  (loads torch.ops.gmod, fake kernels, autograd)
+from gmod_ext import ops
+
+GMOD_OPS = ("attention", "attention_backward")
+
+
+def _skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    for op in GMOD_OPS:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"gmod::{op}", "CUDA"):
+            return f"no CUDA kernel registered for gmod::{op}"
+    return None
+
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+
+DEV = "cuda"
+LOWP = [torch.bfloat16, torch.float16]
+
+
+# ------------------------------------------------------------------ reference
+def visible_mask(Cq, Ck, q_len, k_len, device):
+    """allowed[b, i, j]: i < q_len[b], j < k_len[b], j <= k_len[b] - q_len[b] + i."""
+    ql = q_len.to(device=device, dtype=torch.int64).view(-1, 1, 1)
+    kl = k_len.to(device=device, dtype=torch.int64).view(-1, 1, 1)
+    i = torch.arange(Cq, device=device).view(1, -1, 1)
+    j = torch.arange(Ck, device=device).view(1, 1, -1)
+    return (i < ql) & (j < kl) & (j <= kl - ql + i)
+
+
+def ref_attention(q, k, v, q_len, k_len, scale, dtype):
+    """(o, lse) with the math in ``dtype``; differentiable, no NaN for rows without keys."""
+    B, Cq, Hq, d = q.shape
+    Hk = k.shape[2]
+    qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+    if Hq != Hk:
+        kc = kc.repeat_interleave(Hq // Hk, dim=2)
+        vc = vc.repeat_interleave(Hq // Hk, dim=2)
+    s = torch.einsum("bihe,bjhe->bhij", qc, kc) * scale
+    allowed = visible_mask(Cq, k.shape[1], q_len, k_len, q.device).unsqueeze(1)  # [B, 1, Cq, Ck]
+    has_key = allowed.any(dim=-1, keepdim=True)
+    s = s.masked_fill(~allowed, -math.inf)
+    s = torch.where(has_key, s, torch.zeros_like(s))
+    p = torch.softmax(s, dim=-1) * allowed
+    o = torch.einsum("bhij,bjhe->bihe", p.to(dtype), vc)
+    lse = torch.logsumexp(s, dim=-1).masked_fill(~has_key.squeeze(-1), -math.inf)
+    return o, lse
+
+
+def ref_grads(q, k, v, q_len, k_len, scale, dtype, grad_o):
+    qr, kr, vr = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+    o, _ = ref_attention(qr, kr, vr, q_len, k_len, scale, dtype)
+    o.backward(grad_o.to(dtype))
+    return o.detach(), qr.grad, kr.grad, vr.grad
+
+
+def unit_roundoff(dtype):
+    return torch.finfo(dtype).eps / 2
+
+
+def assert_flash_close(out, ref, pt, what, factor=2.0):
+    """max|out - ref| <= factor * max|pt - ref| + atol, with ref in float64 and pt the same math in
+    the input dtype; atol = one rounding of out's dtype at the reference's magnitude. Non-finite
+    entries (lse = -inf) must match exactly."""
+    out64, ref64, pt64 = (t.detach().double() for t in (out, ref, pt))
+    fin = torch.isfinite(ref64)
+    assert torch.equal(out64[~fin], ref64[~fin]), f"{what}: non-finite entries differ from the reference"
+    assert bool(torch.isfinite(out64[fin]).all()), f"{what}: non-finite values where the reference is finite"
+    if not bool(fin.any()):
+        return
+    err = (out64 - ref64)[fin].abs().max().item()
+    pt_err = (pt64 - ref64)[fin].abs().max().item()
+    atol = unit_roundoff(out.dtype) * max(ref64[fin].abs().max().item(), 1.0) + 1e-5
+    assert err <= factor * pt_err + atol, (
+        f"{what}: max error {err:.3g} vs float64 reference exceeds {factor} x {pt_err:.3g} "
+        f"(same math in {pt.dtype}) + {atol:.3g}"
+    )
+
+
+def assert_lse_close(lse, ref, what="lse"):
+    """lse is accumulated in fp32 from exact input values: a few fp32 roundings of |s|."""
+    lse64, ref64 = lse.double(), ref.double()
+    fin = torch.isfinite(ref64)
+    assert torch.equal(lse64[~fin], ref64[~fin]), f"{what}: -inf pattern differs"
+    err = (lse64 - ref64)[fin].abs()
+    bound = 1e-4 + 1e-4 * ref64[fin].abs()
+    assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3g}"
+
+
+# ------------------------------------------------------------------ inputs
+def lengths(B, hi, special=(), device=DEV):
+    vals = list(special)[:B] + torch.randint(0, hi + 1, (max(0, B - len(special)),)).tolist()
+    return torch.tensor([min(max(v, 0), hi) for v in vals], dtype=torch.int32, device=device)
+
+
+def make_qkv(B, Cq, Ck, Hq, Hk, d, dtype, requires_grad=False):
+    q = torch.randn(B, Cq, Hq, d, device=DEV, dtype=dtype)
+    k = torch.randn(B, Ck, Hk, d, device=DEV, dtype=dtype)
+    v = torch.randn(B, Ck, Hk, d, device=DEV, dtype=dtype)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v
+
+
+def poison_heap(nbytes, copies=4):
+    """Leave NaN-filled freed blocks of about nbytes in the caching allocator, so that an output the
+    kernel forgets to write is likely to hold NaN instead of a lucky zero."""
+    n = max(1, nbytes // 4)
+    blocks = [torch.full((n,), math.nan, dtype=torch.float32, device=DEV) for _ in range(copies)]
+    del blocks
+
+
+# (B, Cq, Ck, q_len specials, k_len specials): training, q_len < k_len, q_len > k_len, tiny.
+SHAPES = [
+    (3, 130, 130, (130, 0, 1), (130, 5, 1)),
+    (4, 77, 200, (77, 1, 40, 0), (200, 200, 41, 3)),
+    (3, 96, 64, (96, 64, 96), (64, 10, 0)),
+    (2, 17, 17, (17, 1), (17, 16)),
+]
+GROUPS = [1, 2, 4, 8]
+
+
+# ------------------------------------------------------------------ forward
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_reference(dtype, d, group, shape):
+    B, Cq, Ck, qs, ks = shape
+    Hq = 8
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hq // group, d, dtype)
+    q_len, k_len = lengths(B, Cq, qs), lengths(B, Ck, ks)
+    scale = 1.0 / math.sqrt(d)
+    o, lse = ops.attention(q, k, v, q_len, k_len)
+    assert o.dtype == dtype and o.shape == q.shape and lse.dtype == torch.float32 and lse.shape == (B, Hq, Cq)
+    o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, scale, torch.float64)
+    o_pt, _ = ref_attention(q, k, v, q_len, k_len, scale, dtype)
+    assert_flash_close(o, o_ref, o_pt, "o")
+    assert_lse_close(lse, lse_ref)
+
+
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("Cq,Ck", [(70, 90), (5, 700), (1, 300)])
+def test_forward_float32_all_head_dims(d, Cq, Ck):
+    B, Hq, Hk = 3, 4, 2
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, torch.float32)
+    q_len, k_len = lengths(B, Cq, (Cq, 1)), lengths(B, Ck, (Ck, 0))
+    o, lse = ops.attention(q, k, v, q_len, k_len, 0.3)
+    o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, 0.3, torch.float64)
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-4, atol=1e-5)
+    assert_lse_close(lse, lse_ref)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("Ck", [4096, 8195])
+def test_decode_long_cache(dtype, d, group, Ck):
+    """q_len = 1 against long caches: the split-k (flash-decoding) path with its combine kernel."""
+    B, Hq = 4, 8
+    q, k, v = make_qkv(B, 1, Ck, Hq, Hq // group, d, dtype)
+    q_len = torch.tensor([1, 1, 1, 0], dtype=torch.int32, device=DEV)
+    k_len = torch.tensor([Ck, Ck - 17, 1, Ck], dtype=torch.int32, device=DEV)
+    scale = 1.0 / math.sqrt(d)
+    o, lse = ops.attention(q, k, v, q_len, k_len)
+    o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, scale, torch.float64)
+    o_pt, _ = ref_attention(q, k, v, q_len, k_len, scale, dtype)
+    assert_flash_close(o, o_ref, o_pt, "o")
+    assert_lse_close(lse, lse_ref)
+    assert bool((o[3] == 0).all()) and bool(torch.isneginf(lse[3]).all())
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("Cq", [1, 4, 16])
+@pytest.mark.parametrize("B,Ck", [(1, 5000), (6, 4100), (3, 100)])
+def test_decode_chunks(dtype, Cq, B, Ck):
+    """Short chunks (Cq <= 16) on caches of several lengths, GQA 4: packed rows, splits or not."""
+    Hq, Hk, d = 8, 2, 128
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
+    q_len = lengths(B, Cq, (Cq, 1, 0))
+    k_len = lengths(B, Ck, (Ck, Ck // 2, Cq))
+    o, lse = ops.attention(q, k, v, q_len, k_len, 0.1)
+    o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, 0.1, torch.float64)
+    o_pt, _ = ref_attention(q, k, v, q_len, k_len, 0.1, dtype)
+    assert_flash_close(o, o_ref, o_pt, "o")
+    assert_lse_close(lse, lse_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("Cq,Ck", [(100, 120), (1, 4096), (8, 300)])
+def test_rows_past_q_len_are_exact_zeros(dtype, Cq, Ck):
+    B, Hq, Hk, d = 4, 4, 2, 64
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
+    q_len = lengths(B, Cq, (0, Cq // 2, 1, Cq))
+    k_len = lengths(B, Ck, (Ck, 0, Ck, Cq // 3))
+    poison_heap(4 * q.numel() * 8)
+    o, lse = ops.attention(q, k, v, q_len, k_len)
+    allowed = visible_mask(Cq, Ck, q_len, k_len, DEV)  # [B, Cq, Ck]
+    no_key = ~allowed.any(-1)  # [B, Cq]: past q_len, or no visible key
+    assert not bool(o.isnan().any()) and not bool(lse.isnan().any())
+    assert bool((o[no_key] == 0).all()), "rows past q_len / without keys must be exactly 0"
+    assert bool(torch.isneginf(lse.transpose(1, 2)[no_key]).all())
+    assert bool(torch.isfinite(lse.transpose(1, 2)[~no_key]).all())
+
+
+# ------------------------------------------------------------------ backward
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_matches_reference(dtype, d, group, shape, deterministic):
+    B, Cq, Ck, qs, ks = shape
+    Hq = 8
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hq // group, d, dtype, requires_grad=True)
+    q_len, k_len = lengths(B, Cq, qs), lengths(B, Ck, ks)
+    scale = 1.0 / math.sqrt(d)
+    g = torch.randn(B, Cq, Hq, d, device=DEV, dtype=dtype)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        o, _ = ops.attention(q, k, v, q_len, k_len)
+        dq, dk, dv = torch.autograd.grad(o, (q, k, v), g)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    _, dq_ref, dk_ref, dv_ref = ref_grads(q, k, v, q_len, k_len, scale, torch.float64, g)
+    _, dq_pt, dk_pt, dv_pt = ref_grads(q, k, v, q_len, k_len, scale, dtype, g)
+    assert dq.dtype == dtype and dk.shape == k.shape and dv.shape == v.shape
+    assert_flash_close(dq, dq_ref, dq_pt, "dq")
+    assert_flash_close(dk, dk_ref, dk_pt, "dk")
+    assert_flash_close(dv, dv_ref, dv_pt, "dv")
+
+
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_float32_all_head_dims(d, deterministic):
+    B, Cq, Ck, Hq, Hk = 3, 70, 90, 4, 2
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, torch.float32, requires_grad=True)
+    q_len, k_len = lengths(B, Cq, (Cq, 1)), lengths(B, Ck, (Ck, 0))
+    g = torch.randn(B, Cq, Hq, d, device=DEV)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        o, _ = ops.attention(q, k, v, q_len, k_len, 0.2)
+        grads = torch.autograd.grad(o, (q, k, v), g)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    _, *ref = ref_grads(q, k, v, q_len, k_len, 0.2, torch.float64, g)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_exact_zeros_past_lengths(deterministic):
+    B, Cq, Ck, Hq, Hk, d = 4, 90, 110, 8, 2, 128
+    dtype = torch.bfloat16
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
+    q_len = lengths(B, Cq, (0, 45, 1, Cq))
+    k_len = lengths(B, Ck, (Ck, 50, 0, 7))
+    o, lse = ops.attention(q, k, v, q_len, k_len)
+    g = torch.randn_like(o)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        poison_heap(4 * k.numel() * 4)
+        dq, dk, dv = torch.ops.gmod.attention_backward(g, q, k, v, o, lse, q_len, k_len, 1.0 / math.sqrt(d))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for t in (dq, dk, dv):
+        assert not bool(t.isnan().any())
+    for b in range(B):
+        assert bool((dq[b, int(q_len[b]):] == 0).all()), "dq rows past q_len must be exactly 0"
+        assert bool((dk[b, int(k_len[b]):] == 0).all()), "dk rows past k_len must be exactly 0"
+        assert bool((dv[b, int(k_len[b]):] == 0).all()), "dv rows past k_len must be exactly 0"
+
+
+@pytest.mark.parametrize("shape", [(2, 200, 300, 8, 2, 128), (4, 512, 2048, 8, 2, 64), (3, 64, 64, 8, 1, 64)])
+def test_deterministic_backward_is_bitwise_reproducible(shape):
+    """Deterministic mode: identical dq/dk/dv on reruns; and it agrees with the atomic path."""
+    B, Cq, Ck, Hq, Hk, d = shape
+    dtype = torch.bfloat16
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
+    q_len = lengths(B, Cq, (Cq, 1))
+    k_len = lengths(B, Ck, (Ck, Ck))
+    k_len = torch.maximum(k_len, q_len)
+    o, lse = ops.attention(q, k, v, q_len, k_len)
+    g = torch.randn_like(o)
+    args = (g, q, k, v, o, lse, q_len, k_len, 1.0 / math.sqrt(d))
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        first = torch.ops.gmod.attention_backward(*args)
+        second = torch.ops.gmod.attention_backward(*args)
+        torch.use_deterministic_algorithms(False)
+        atomic = torch.ops.gmod.attention_backward(*args)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for name, a, b_, c in zip(("dq", "dk", "dv"), first, second, atomic):
+        assert torch.equal(a, b_), f"{name} differs between two deterministic runs"
+        torch.testing.assert_close(c.float(), a.float(), rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+def test_opcheck():
+    from torch.library import opcheck
+
+    q, k, v = make_qkv(2, 33, 40, 4, 2, 64, torch.bfloat16, requires_grad=True)
+    q_len = torch.tensor([33, 7], dtype=torch.int32, device=DEV)
+    k_len = torch.tensor([40, 3], dtype=torch.int32, device=DEV)
+    opcheck(torch.ops.gmod.attention.default, (q, k, v, q_len, k_len, 0.125))
+
+
+# ------------------------------------------------------------------ errors
+def test_bad_inputs_raise():
+    q, k, v = make_qkv(2, 8, 12, 4, 2, 64, torch.bfloat16)
+    q_len = torch.tensor([8, 3], dtype=torch.int32, device=DEV)
+    k_len = torch.tensor([12, 5], dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match=r"head dim d = 80 .*32, 64, 96, 128, 256"):
+        q80, k80, v80 = make_qkv(2, 8, 12, 4, 2, 80, torch.bfloat16)
+        ops.attention(q80, k80, v80, q_len, k_len)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.attention(q.double(), k.double(), v.double(), q_len, k_len)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.attention(q, k.half(), v.half(), q_len, k_len)
+    with pytest.raises(TypeError, match="k_len"):
+        ops.attention(q, k, v, q_len, k_len.long())
+    with pytest.raises(ValueError, match=r"k_len\[1\] = 13"):
+        ops.attention(q, k, v, q_len, torch.tensor([12, 13], dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match=r"k_len\[0\] = -1"):
+        ops.attention(q, k, v, q_len, torch.tensor([-1, 3], dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match=r"q_len\[0\] = 9"):
+        ops.attention(q, k, v, torch.tensor([9, 3], dtype=torch.int32, device=DEV), k_len)
+    with pytest.raises(ValueError, match="multiple"):
+        q3, _, _ = make_qkv(2, 8, 12, 3, 2, 64, torch.bfloat16)
+        ops.attention(q3, k, v, q_len, k_len)
+    with pytest.raises(RuntimeError, match="device"):
+        ops.attention(q, k, v, q_len.cpu(), k_len)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.attention(q.transpose(1, 2), k, v, q_len, k_len)
+    o, lse = ops.attention(q, k, v, q_len, k_len)
+    with pytest.raises(TypeError, match="lse"):
+        torch.ops.gmod.attention_backward(o, q, k, v, o, lse.double(), q_len, k_len, 0.125)
+    with pytest.raises(ValueError, match=r"k_len\[1\] = 13"):
+        torch.ops.gmod.attention_backward(
+            o, q, k, v, o, lse, q_len, torch.tensor([12, 13], dtype=torch.int32, device=DEV), 0.125
+        )
+
+
+def test_env_flags_in_subprocess():
+    """GMOD_TRUST_INDICES=1 skips validation but the kernels clamp (no crash, no fault);
+    GMOD_DETERMINISTIC=1 gives bit-identical gradients."""
+    code = textwrap.dedent(
+        """
+        import torch, gmod_ext
+        from gmod_ext import ops
+        q = torch.randn(2, 40, 4, 64, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(2, 50, 2, 64, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        bad_q = torch.tensor([41, -3], dtype=torch.int32, device="cuda")
+        bad_k = torch.tensor([1000, 50], dtype=torch.int32, device="cuda")
+        o, lse = ops.attention(q, k, v, bad_q, bad_k)  # clamped to (40, 0) / (50, 50)
+        ok_q = torch.tensor([40, 0], dtype=torch.int32, device="cuda")
+        ok_k = torch.tensor([50, 50], dtype=torch.int32, device="cuda")
+        o2, lse2 = ops.attention(q, k, v, ok_q, ok_k)
+        assert torch.equal(o, o2) and torch.equal(lse, lse2)
+        g = torch.randn_like(o)
+        a = torch.ops.gmod.attention_backward(g, q, k, v, o, lse, ok_q, ok_k, 0.125)
+        b = torch.ops.gmod.attention_backward(g, q, k, v, o, lse, ok_q, ok_k, 0.125)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        torch.cuda.synchronize()
+        print("OK")
+        """
+    )
+    env = dict(os.environ, GMOD_TRUST_INDICES="1", GMOD_DETERMINISTIC="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
