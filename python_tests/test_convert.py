@@ -328,12 +328,16 @@ def test_gradient_checkpointing_matches():
 def test_cache_and_generate():
     model = tiny_model("llama").eval()
     gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
-    assert model.config.use_cache is False
+    assert model.config.use_cache is True and model.config.gmod["on_cache"] == "compact"
     ids = torch.randint(0, 100, (2, 6))
+    assert type(model(ids, use_cache=True).past_key_values.layers[1]).__name__ == "GmodLayer"
+    for uc in (True, False):
+        assert model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=uc, pad_token_id=0).shape == (2, 9)
+    err = tiny_model("llama").eval()
+    gmod_ext.convert(err, ratio=0.5, layers=[1, 2], on_cache="error", progress=False)
+    assert err.config.use_cache is False
     with pytest.raises(NotImplementedError, match="compact MoD KV cache"):
-        model(ids, use_cache=True)
-    out = model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False, pad_token_id=0)
-    assert out.shape == (2, 9)
+        err(ids, use_cache=True)
 
 
 def test_arank_layers_and_prd_schedule():
