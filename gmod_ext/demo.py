@@ -53,7 +53,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["add_demo", "run_demo", "SyntheticTask", "build_builtin_model", "forward_flops", "kv_estimate"]
+__all__ = ["add_demo", "run_demo", "SyntheticTask", "build_builtin_model", "forward_flops", "kv_estimate",
+           "kept_for_generation", "cache_module", "dense_cache_bytes"]
 
 IGNORE = -100
 ANSWER_LEN = 8
@@ -530,29 +531,26 @@ def _kept_counts(model) -> dict[int, list[int]]:
 
 
 @torch.no_grad()
-def _decode_kept(model, seqs: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, extra: dict) -> dict:
-    """Per MoD layer and row: generated tokens (fed back, i.e. all but the last) whose router
-    probability p >= decode_threshold (0.5) at that layer (the decode rule), from one forward over
-    the sequences."""
-    from ._hf import find_decoder
-    from .mod_layer import is_mod_layer
+def kept_for_generation(model, seqs: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                        extra: Optional[dict] = None) -> dict[int, list[int]]:
+    """Per MoD layer and row: the tokens that layer processes while ``generate`` produces ``seqs``,
+    i.e. what its compact KV cache holds afterwards (estimate used when no cache is available).
 
+    One forward over the positions that generation feeds to the model (the prompt and every
+    generated token but the last) with ``gmod_prefill_len=prompt_len``: the prompt is routed by top-k
+    among the prompt tokens, each later token by ``p >= decode_threshold``, the same decisions as a
+    cached generation (see :mod:`gmod_ext.cache`); the kept-token counts of that forward are the
+    answer (up to floating-point near-ties)."""
     model.eval()
-    am = torch.cat([attention_mask, torch.ones(seqs.shape[0], seqs.shape[1] - attention_mask.shape[1],
+    fed = seqs[:, : seqs.shape[1] - 1]
+    am = torch.cat([attention_mask, torch.ones(seqs.shape[0], fed.shape[1] - attention_mask.shape[1],
                                                dtype=attention_mask.dtype, device=attention_mask.device)], 1)
-    thr = float(model.config.gmod.get("decode_threshold", 0.5))
-    out = model(input_ids=seqs, attention_mask=am, output_hidden_states=True, use_cache=False, **extra)
-    hs = out.hidden_states
-    layers = find_decoder(model).layers
-    res = {}
-    T = seqs.shape[1]
-    for li, layer in enumerate(layers):
-        if not is_mod_layer(layer):
-            continue
-        p = torch.sigmoid(layer.gmod_logits(hs[li].contiguous()))  # [B, T]
-        dec = p[:, prompt_len:T - 1] >= thr
-        res[li] = [int(x) for x in dec.sum(1).tolist()]
-    return res
+    kw = dict(extra or {})
+    try:
+        model(input_ids=fed, attention_mask=am, use_cache=False, gmod_prefill_len=int(prompt_len), **kw)
+    except TypeError:  # a converter without gmod_prefill_len: top-k over the whole sequence
+        model(input_ids=fed, attention_mask=am, use_cache=False, **kw)
+    return _kept_counts(model)
 
 
 # ============================================================================ plot
@@ -780,14 +778,14 @@ def run_demo(args: argparse.Namespace) -> int:
     model.eval()
     with torch.no_grad():
         model(**prompts, use_cache=False)
-    prefill_kept = _kept_counts(model)
     prefill_stats = model.gmod_stats()
     T_cache = P + new - 1  # positions a dense cache holds after generation (the last token is not fed back)
+    # the analytic estimate, always computed (the report's numbers when no compact cache is available;
+    # otherwise kept in the JSON next to the measured cache, as a cross-check)
+    mod_tokens = kept_for_generation(model, g_mod["sequences"], prompts["attention_mask"], P, extra)
+    kv_est = kv_estimate(a, args.gen_batch_size, T_cache, torch.empty((), dtype=dtype).element_size(), mod_tokens)
     if kv_report is None:
-        dec = _decode_kept(model, g_mod["sequences"], prompts["attention_mask"], P, extra)
-        mod_tokens = {li: [pk + dk for pk, dk in zip(prefill_kept.get(li, []), dec.get(li, []))] for li in mod_layers}
-        kv_report = kv_estimate(a, args.gen_batch_size, T_cache, torch.empty((), dtype=dtype).element_size(),
-                                mod_tokens)
+        kv_report = kv_est
     dense_kv = dense_cache_bytes(g_dense["cache"])
 
     # ---------------------------------------------------------------- 5. report
@@ -925,7 +923,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "accuracy": {"dense": acc_dense, "gmod": acc_mod},
         },
         "kv_memory": {"dense_bytes": dense_kv, "gmod": kv_report, "estimated": bool(kv_report.get("estimated", True)),
-                      "positions": T_cache},
+                      "positions": T_cache, "estimate": kv_est},
         "notes": notes,
         "files": {"json": js, "png": None if args.no_plot else png},
         "elapsed_s": elapsed,

@@ -1,0 +1,186 @@
+"""The main job and the end-to-end benchmarks, run as a user would (subprocesses, CPU, small sizes):
+
+* ``python -m gmod_ext demo``: exits 0, prints the report (layers converted, ARank, skip ratio per
+  layer, FLOPs, step times, generation, KV memory), writes the PNG and the JSON, and the loss of the
+  gamma-MoD fine-tuning falls;
+* the demo's KV-memory estimate (used when no compact cache is available) equals the compact
+  cache's measured size, and the estimate path itself runs (cache hidden);
+* ``python -m gmod_ext.bench layer|model --quick --device cpu --json``: exit 0, tables, JSON keys;
+  the layer bench's "n/a (no CPU kernel)" rows when gmod ops are hidden.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOP_KEYS = {"benchmark", "status", "meta", "copy_GBps", "sections", "mismatches", "errors"}
+
+
+def _env(**extra):
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def _run(args, timeout=240, **env_extra):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(**env_extra), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+# ----------------------------------------------------------------------------- demo
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = _run(["-m", "gmod_ext", "demo", "--steps", "20", "--pretrain-steps", "10", "--baseline-steps", "5",
+                 "--batch-size", "4", "--seq-len", "48", "--device", "cpu", "--out", str(out), "--no-progress"])
+    text = proc.stdout
+    for needle in ("gamma-MoD demo report", "layers converted", "ARank", "skip train", "FLOPs per forward",
+                   "training step", "generation (batch 4", "answer token accuracy", "KV memory", "dense KV cache",
+                   "gamma-MoD KV cache", "total time"):
+        assert needle in text, f"{needle!r} missing from the report:\n{text}"
+    png, js = out / "gmod_demo.png", out / "report.json"
+    assert png.exists() and png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads(js.read_text())
+    for key in ("layers_converted", "arank", "skip_ratio", "flops", "train", "generation", "kv_memory", "elapsed_s"):
+        assert key in doc, key
+    L = doc["num_layers"]
+    assert L == 8 and len(doc["arank"]) == L
+    mod = doc["layers_converted"]
+    assert mod and len(mod) == L - 1 and all(0 <= i < L for i in mod)  # ceil(8 / 8) = 1 layer stays dense
+    # every MoD layer skipped tokens, dense layers none; the skip ratio of routable tokens is the ratio
+    for i in mod:
+        assert 0.2 < doc["skip_ratio"]["train"][str(i)] < 0.5
+        assert abs(doc["skip_ratio"]["train_routable"][str(i)] - 0.5) < 0.05
+    assert doc["flops"]["ratio"] < 0.85 and doc["flops"]["decoder_ratio"] < doc["flops"]["ratio"] + 1e-9
+    tr = doc["train"]
+    assert len(tr["gmod"]["losses"]) == 20 and len(tr["dense"]["losses"]) == 5
+    assert tr["loss_fell"], tr["gmod"]["losses"]
+    losses = tr["gmod"]["losses"]
+    assert sum(losses[-5:]) / 5 < losses[0], losses
+    assert tr["gmod"]["median_step_s"] > 0 and tr["dense"]["median_step_s"] > 0
+    gen = doc["generation"]
+    assert gen["batch"] == 4 and gen["new_tokens"] == 8 and gen["gmod_s"] > 0
+    kv = doc["kv_memory"]
+    assert kv["dense_bytes"] > 0
+    g = kv["gmod"]
+    assert 0 < g["total_bytes"] < g["dense_equivalent_bytes"]
+    assert g["dense_equivalent_bytes"] == kv["dense_bytes"]
+    assert g["ratio"] < 0.9
+
+
+def test_demo_help():
+    proc = _run(["-m", "gmod_ext", "demo", "--help"], timeout=60)
+    for opt in ("--model", "--ratio", "--steps", "--batch-size", "--seq-len", "--device", "--dtype", "--out",
+                "--seed", "--no-plot", "ARank", "KV memory", "estimated"):
+        assert opt in proc.stdout, opt
+    top = _run(["-m", "gmod_ext", "--help"], timeout=60)
+    assert "demo" in top.stdout and "arank" in top.stdout
+
+
+def _tiny_run_args(out):
+    return ["--steps", "3", "--pretrain-steps", "2", "--baseline-steps", "2", "--batch-size", "2", "--seq-len", "40",
+            "--device", "cpu", "--out", str(out), "--no-progress", "--no-plot"]
+
+
+def test_demo_kv_estimate_path(tmp_path, monkeypatch, capsys):
+    """Without gmod_ext.cache's memory_report the demo generates without a cache and reports the
+    analytic KV estimate, marked "(estimated)"; it matches the measured compact cache of a normal run."""
+    from gmod_ext import demo
+
+    torch.set_num_threads(2)
+    assert demo.main(_tiny_run_args(tmp_path / "measured")) == 0
+    measured = json.loads((tmp_path / "measured" / "report.json").read_text())
+    capsys.readouterr()
+    monkeypatch.setattr(demo, "cache_module", lambda: None)
+    assert demo.main(_tiny_run_args(tmp_path / "est")) == 0
+    text = capsys.readouterr().out
+    assert "(estimated)" in text and "without a KV cache" in text
+    est = json.loads((tmp_path / "est" / "report.json").read_text())
+    assert est["kv_memory"]["estimated"] is True and est["generation"]["gmod_uses_cache"] is False
+    if measured["kv_memory"]["estimated"] is False:  # the compact cache exists: the estimate equals it
+        m, e = measured["kv_memory"]["gmod"], measured["kv_memory"]["estimate"]
+        assert m["used_bytes"] == e["used_bytes"], (m["layers"], e["layers"])
+        assert [x["tokens"] for x in m["layers"]] == [x["tokens"] for x in e["layers"]]
+        # and the no-cache run generated the same tokens with the same decisions
+        assert est["kv_memory"]["gmod"]["used_bytes"] == m["used_bytes"]
+
+
+def test_flops_and_kv_formulas():
+    from gmod_ext.demo import forward_flops, kv_estimate, layer_flops
+
+    a = dict(D=64, Hq=4, Hk=2, d=16, I=128, V=100, L=3)
+    n = 10
+    f1 = layer_flops(a, n)
+    assert f1 == 2 * n * (64 * 64 + 2 * 64 * 32 + 64 * 64) + 4 * 4 * 16 * n * (n + 1) / 2 + 2 * n * 3 * 64 * 128
+    fl = forward_flops(a, [n, n], {1: [5, 4]})
+    assert fl["per_layer_dense"] == [2 * f1] * 3
+    assert fl["per_layer_gmod"][1] == layer_flops(a, 5) + layer_flops(a, 4) + 2 * (2 * n * 64 * 2)
+    assert fl["lm_head"] == 2 * 2 * n * 64 * 100 and fl["ratio"] < 1
+    kv = kv_estimate(a, B=2, T=10, esize=4, mod_tokens={1: [5, 3]})
+    per_tok = 2 * 2 * 16 * 4
+    assert kv["layers"][0]["bytes"] == 2 * 10 * per_tok
+    assert kv["layers"][1]["bytes"] == 2 * 5 * per_tok and kv["layers"][1]["used_bytes"] == 8 * per_tok
+    assert kv["dense_equivalent_bytes"] == 3 * 2 * 10 * per_tok and kv["estimated"] is True
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def _bench(name, tmp_path, **env_extra):
+    out = tmp_path / f"{name}.json"
+    proc = _run(["-m", "gmod_ext.bench", name, "--quick", "--device", "cpu", "--json", str(out)], timeout=120,
+                **env_extra)
+    assert "MISMATCH" not in proc.stdout and "status: ok" in proc.stdout, proc.stdout[-3000:]
+    doc = json.loads(out.read_text())
+    assert TOP_KEYS <= set(doc) and doc["benchmark"] == name and doc["status"] == "ok"
+    assert doc["meta"]["device"] == "cpu" and doc["meta"]["size_mode"] == "cpu"
+    return proc, doc
+
+
+def test_bench_layer_quick(tmp_path):
+    proc, doc = _bench("layer", tmp_path)
+    assert "x kept" in proc.stdout and "(b) dense, kept C" in proc.stdout
+    rows = doc["sections"]["layer"]["rows"]
+    impls = {"(a) dense, all S", "(b) dense, kept C", "(c) torch MoD", "gmod MoD"}
+    assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in impls for p in ("fwd", "fwd+bwd")}
+    for r in rows:
+        assert isinstance(r["ms"], float) and r["ms"] > 0 and r["TFLOPs"] > 0, r
+        assert r["vs_kept"] > 0 and r["vs_dense"] > 0
+    g = [r for r in rows if r["impl"] == "gmod MoD" and r["pass"] == "fwd"][0]
+    assert g["check"].startswith("ok"), g
+    b = [r for r in rows if r["impl"] == "(b) dense, kept C"]
+    assert all(abs(r["vs_kept"] - 1.0) < 1e-12 for r in b)
+    assert all(r["tokens"] * 2 == 256 for r in rows if r["impl"] != "(a) dense, all S")
+
+
+def test_bench_layer_missing_kernel_rows(tmp_path):
+    proc, doc = _bench("layer", tmp_path, GMOD_BENCH_HIDE_OPS="attention,attention_backward")
+    assert "n/a (no CPU kernel" in proc.stdout
+    rows = doc["sections"]["layer"]["rows"]
+    assert all(str(r["ms"]).startswith("n/a (no CPU kernel") for r in rows if r["impl"] == "gmod MoD")
+    assert all(isinstance(r["ms"], float) for r in rows if r["impl"] != "gmod MoD")
+
+
+def test_bench_model_quick(tmp_path):
+    proc, doc = _bench("model", tmp_path)
+    assert "reduced from 32" in proc.stdout and "x dense" in proc.stdout
+    rows = doc["sections"]["model"]["rows"]
+    assert {(r["impl"], r["pass"]) for r in rows} == {
+        (i, p) for i in ("dense", "gamma-MoD") for p in ("prefill", "fwd+bwd", "train step")}
+    for r in rows:
+        assert isinstance(r["ms"], float) and r["ms"] > 0 and r["ktok_s"] > 0, r
+        assert r["x_dense"] > 0 and 0 < r["flops"] <= 1.0
+    for r in rows:
+        if r["impl"] == "gamma-MoD":
+            assert r["flops"] < 0.9 and "skip" in r["info"]
+    ar = doc["sections"]["arank"]["rows"]
+    assert len(ar) == 4 and sum(r["kind"] == "MoD" for r in ar) == 3
