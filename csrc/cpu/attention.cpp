@@ -11,37 +11,19 @@
 #include <limits>
 #include <vector>
 
-#include "gmod/checks.h"
 #include "gmod/dispatch.h"
-#include "gmod/route_indices.h"
+#include "gmod/op_checks.h"
 
 namespace gmod {
 namespace {
 
-struct AttnDims {
-  int64_t B, Cq, Ck, Hq, Hk, d;
-};
-
-AttnDims check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& q_len, const at::Tensor& k_len) {
-  check_activation(q, op, "q", 4, "[B, Cq, Hq, d]");
-  check_tensor(k, q, op, "k", "q", 4, "[B, Ck, Hk, d]", {q.scalar_type()});
-  check_tensor(v, q, op, "v", "q", 4, "[B, Ck, Hk, d]", {q.scalar_type()});
-  const int64_t B = q.size(0), Cq = q.size(1), Hq = q.size(2), d = q.size(3);
-  check_size(k, op, "k", 0, B, "q.shape[0] (B)");
-  check_size(k, op, "k", 3, d, "q.shape[3] (d)");
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "gmod.", op, ": v must have k's shape ", k.sizes(), ", got ",
-                    v.sizes());
-  const int64_t Ck = k.size(1), Hk = k.size(2);
-  TORCH_CHECK_VALUE(Hk > 0 && Hq % Hk == 0, "gmod.", op, ": q heads (", Hq,
-                    ") must be a positive multiple of k/v heads (", Hk, ")");
-  check_tensor(q_len, q, op, "q_len", "q", 1, "[B]", {at::kInt});
-  check_tensor(k_len, q, op, "k_len", "q", 1, "[B]", {at::kInt});
-  check_size(q_len, op, "q_len", 0, B, "q.shape[0] (B)");
-  check_size(k_len, op, "k_len", 0, B, "q.shape[0] (B)");
-  check_lengths_cpu(q_len, Cq, op, "q_len", "q.shape[1]");
-  check_lengths_cpu(k_len, Ck, op, "k_len", "k.shape[1]");
-  return {B, Cq, Ck, Hq, Hk, d};
+// The shared shape checks, then the length values (read on the host).
+AttnDims check_attention_inputs_cpu(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& q_len, const at::Tensor& k_len) {
+  const auto a = check_attention_inputs(op, q, k, v, q_len, k_len);
+  check_lengths_cpu(q_len, a.Cq, op, "q_len", "q.shape[1]");
+  check_lengths_cpu(k_len, a.Ck, op, "k_len", "k.shape[1]");
+  return a;
 }
 
 // Number of keys query i of a row sees.
@@ -51,7 +33,7 @@ inline int64_t visible_keys(int64_t i, int64_t ql, int64_t kl) {
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const at::Tensor& q_len, const at::Tensor& k_len, double scale) {
-  const auto a = check_attention_inputs("attention", q, k, v, q_len, k_len);
+  const auto a = check_attention_inputs_cpu("attention", q, k, v, q_len, k_len);
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto o_acc = at::zeros({a.B, a.Cq, a.Hq, a.d}, q.options().dtype(acc_type));
   auto lse = at::full({a.B, a.Hq, a.Cq}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc_type));
@@ -107,15 +89,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
     const at::Tensor& lse, const at::Tensor& q_len, const at::Tensor& k_len, double scale) {
   constexpr const char* op_name = "attention_backward";
-  const auto a = check_attention_inputs(op_name, q, k, v, q_len, k_len);
+  const auto a = check_attention_inputs_cpu(op_name, q, k, v, q_len, k_len);
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  check_tensor(grad_o, q, op_name, "grad_o", "q", 4, "[B, Cq, Hq, d]", {q.scalar_type()});
-  check_tensor(o, q, op_name, "o", "q", 4, "[B, Cq, Hq, d]", {q.scalar_type()});
-  TORCH_CHECK_VALUE(grad_o.sizes() == q.sizes(), "gmod.", op_name, ": grad_o must have q's shape");
-  TORCH_CHECK_VALUE(o.sizes() == q.sizes(), "gmod.", op_name, ": o must have q's shape");
-  check_tensor(lse, q, op_name, "lse", "q", 3, "[B, Hq, Cq]", {acc_type});
-  TORCH_CHECK_VALUE(lse.size(0) == a.B && lse.size(1) == a.Hq && lse.size(2) == a.Cq, "gmod.", op_name,
-                    ": lse must have shape [B, Hq, Cq] = [", a.B, ", ", a.Hq, ", ", a.Cq, "], got ", lse.sizes());
+  check_attention_backward_inputs(op_name, grad_o, o, lse, q, a, acc_type);
   auto dq = at::zeros({a.B, a.Cq, a.Hq, a.d}, q.options().dtype(acc_type));
   auto dk = at::zeros({a.B, a.Ck, a.Hk, a.d}, q.options().dtype(acc_type));
   auto dv = at::zeros({a.B, a.Ck, a.Hk, a.d}, q.options().dtype(acc_type));

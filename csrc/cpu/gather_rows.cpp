@@ -5,19 +5,16 @@
 
 #include <cstring>
 
-#include "gmod/checks.h"
-#include "gmod/route_indices.h"
+#include "gmod/op_checks.h"
 
 namespace gmod {
 namespace {
 
 at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& count) {
   constexpr const char* op = "gather_rows";
-  check_activation(x, op, "x", 3, "[B, S, D]");
-  const int64_t B = x.size(0), S = x.size(1), D = x.size(2);
-  check_route_shapes(idx, count, x, op, B);
-  check_route_values_cpu(idx, count, S, op);
-  const int64_t C = idx.size(1);
+  const auto a = check_gather_inputs(op, x, idx, count);
+  check_route_values_cpu(idx, count, a.S, op);
+  const int64_t B = a.B, S = a.S, C = a.C, D = a.D;
   auto out = at::empty({B, C, D}, x.options());
   const int64_t row_bytes = D * x.element_size();
   const char* xp = static_cast<const char*>(x.data_ptr());
@@ -40,12 +37,9 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& idx, const at:
 at::Tensor gather_rows_backward_cpu(const at::Tensor& grad, const at::Tensor& idx, const at::Tensor& count,
                                     int64_t seq_len) {
   constexpr const char* op = "gather_rows_backward";
-  check_activation(grad, op, "grad", 3, "[B, C, D]");
-  const int64_t B = grad.size(0), C = grad.size(1), D = grad.size(2), S = seq_len;
-  TORCH_CHECK_VALUE(S >= 0, "gmod.", op, ": seq_len must be >= 0, got ", S);
-  check_route_shapes(idx, count, grad, op, B);
-  check_size(idx, op, "idx", 1, C, "grad.shape[1] (C)");
-  check_route_values_cpu(idx, count, S, op);
+  const auto a = check_gather_backward_inputs(op, grad, idx, count, seq_len);
+  check_route_values_cpu(idx, count, a.S, op);
+  const int64_t B = a.B, S = a.S, C = a.C, D = a.D;
   auto out = at::zeros({B, S, D}, grad.options());
   const int64_t row_bytes = D * grad.element_size();
   const char* gp = static_cast<const char*>(grad.data_ptr());

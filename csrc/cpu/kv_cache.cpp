@@ -7,8 +7,7 @@
 
 #include <cstring>
 
-#include "gmod/checks.h"
-#include "gmod/route_indices.h"
+#include "gmod/op_checks.h"
 
 namespace gmod {
 namespace {
@@ -16,23 +15,8 @@ namespace {
 void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_len,
                          const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& new_len) {
   constexpr const char* op = "kv_cache_append";
-  check_activation(k_cache, op, "k_cache", 4, "[B, capacity, Hk, d]");
-  check_tensor(v_cache, k_cache, op, "v_cache", "k_cache", 4, "[B, capacity, Hk, d]", {k_cache.scalar_type()});
-  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "gmod.", op, ": v_cache must have k_cache's shape ",
-                    k_cache.sizes(), ", got ", v_cache.sizes());
-  const int64_t B = k_cache.size(0), cap = k_cache.size(1), Hk = k_cache.size(2), d = k_cache.size(3);
-  check_tensor(k_new, k_cache, op, "k_new", "k_cache", 4, "[B, T, Hk, d]", {k_cache.scalar_type()});
-  check_tensor(v_new, k_cache, op, "v_new", "k_cache", 4, "[B, T, Hk, d]", {k_cache.scalar_type()});
-  check_size(k_new, op, "k_new", 0, B, "k_cache.shape[0] (B)");
-  check_size(k_new, op, "k_new", 2, Hk, "k_cache.shape[2] (Hk)");
-  check_size(k_new, op, "k_new", 3, d, "k_cache.shape[3] (d)");
-  TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), "gmod.", op, ": v_new must have k_new's shape ",
-                    k_new.sizes(), ", got ", v_new.sizes());
-  const int64_t T = k_new.size(1);
-  check_tensor(cache_len, k_cache, op, "cache_len", "k_cache", 1, "[B]", {at::kInt});
-  check_tensor(new_len, k_cache, op, "new_len", "k_cache", 1, "[B]", {at::kInt});
-  check_size(cache_len, op, "cache_len", 0, B, "k_cache.shape[0] (B)");
-  check_size(new_len, op, "new_len", 0, B, "k_cache.shape[0] (B)");
+  const auto a = check_kv_append_inputs(op, k_cache, v_cache, cache_len, k_new, v_new, new_len);
+  const int64_t B = a.B, cap = a.cap, Hk = a.Hk, d = a.d, T = a.T;
   check_lengths_cpu(cache_len, cap, op, "cache_len", "k_cache.shape[1]");
   check_lengths_cpu(new_len, T, op, "new_len", "k_new.shape[1]");
   int32_t* clp = cache_len.data_ptr<int32_t>();

@@ -10,13 +10,11 @@
 #include <cmath>
 #include <vector>
 
-#include "gmod/checks.h"
 #include "gmod/dispatch.h"
+#include "gmod/op_checks.h"
 
 namespace gmod {
 namespace {
-
-constexpr const char* kOp = "route";
 
 template <typename T>
 inline bool ranks_before(T sa, int32_t ia, T sb, int32_t ib) {
@@ -29,19 +27,7 @@ inline bool ranks_before(T sa, int32_t ia, T sb, int32_t ib) {
 std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& scores, const at::Tensor& mask,
                                              const at::Tensor& num_routed, int64_t capacity,
                                              std::optional<double> threshold) {
-  TORCH_CHECK_VALUE(scores.defined(), "gmod.route: scores is undefined");
-  check_dtype(scores, kOp, "scores", {at::kFloat, at::kDouble});
-  check_dim(scores, kOp, "scores", 2, "[B, S]");
-  check_contiguous(scores, kOp, "scores");
-  check_tensor(mask, scores, kOp, "mask", "scores", 2, "[B, S] (codes 0 routable, 1 forced, 2 never)",
-               {at::kChar});
-  check_size(mask, kOp, "mask", 0, scores.size(0), "scores.shape[0] (B)");
-  check_size(mask, kOp, "mask", 1, scores.size(1), "scores.shape[1] (S)");
-  check_tensor(num_routed, scores, kOp, "num_routed", "scores", 1, "[B]", {at::kInt});
-  check_size(num_routed, kOp, "num_routed", 0, scores.size(0), "scores.shape[0] (B)");
-  TORCH_CHECK_VALUE(capacity >= 0, "gmod.route: capacity must be >= 0, got ", capacity);
-  if (threshold.has_value())
-    TORCH_CHECK_VALUE(!std::isnan(*threshold), "gmod.route: threshold must not be NaN");
+  check_route_inputs(scores, mask, num_routed, capacity, threshold);
 
   const int64_t B = scores.size(0), S = scores.size(1), C = capacity;
   const int8_t* mp = mask.data_ptr<int8_t>();

@@ -6,33 +6,23 @@
 #include <cmath>
 #include <vector>
 
-#include "gmod/checks.h"
 #include "gmod/dispatch.h"
+#include "gmod/op_checks.h"
 
 namespace gmod {
 namespace {
 
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& norm_weight) {
-  check_activation(x, op, "x", 3, "[B, S, D]");
-  const int64_t D = x.size(2);
-  check_device(weight, x, op, "weight", "x");
-  check_scale_dtype(weight, x.scalar_type(), op, "weight");
-  check_dim(weight, op, "weight", 1, "[D]");
-  check_size(weight, op, "weight", 0, D, "x.shape[2] (D)");
-  check_contiguous(weight, op, "weight");
-  if (norm_weight.has_value()) {
-    const auto& nw = *norm_weight;
-    check_device(nw, x, op, "norm_weight", "x");
-    check_scale_dtype(nw, x.scalar_type(), op, "norm_weight");
-    check_dim(nw, op, "norm_weight", 1, "[D]");
-    check_size(nw, op, "norm_weight", 0, D, "x.shape[2] (D)");
-    check_contiguous(nw, op, "norm_weight");
+// One row of x: r = rsqrt(mean(x^2) + eps) and dot = sum_j x_j a_j.
+template <typename scalar_t, typename acc_t>
+inline void row_r_dot(const scalar_t* xr, const acc_t* ap, int64_t D, double eps, acc_t& r, acc_t& dot) {
+  acc_t ss = 0;
+  dot = 0;
+  for (int64_t j = 0; j < D; ++j) {
+    const acc_t v = static_cast<acc_t>(xr[j]);
+    ss += v * v;
+    dot += v * ap[j];
   }
-}
-
-at::ScalarType out_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  r = acc_t(1) / std::sqrt(ss / static_cast<acc_t>(D) + static_cast<acc_t>(eps));
 }
 
 // a_j = norm_weight_j * weight_j in the accumulation type.
@@ -45,9 +35,9 @@ at::Tensor combined_weight(const at::Tensor& weight, const std::optional<at::Ten
 
 at::Tensor router_logits_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& norm_weight, double eps) {
-  check_inputs("router_logits", x, weight, norm_weight);
+  check_router_inputs("router_logits", x, weight, norm_weight);
   const int64_t B = x.size(0), S = x.size(1), D = x.size(2), N = B * S;
-  const auto acc_type = out_dtype(x);
+  const auto acc_type = router_out_dtype(x);
   auto out = at::empty({B, S}, x.options().dtype(acc_type));
   if (N == 0) return out;
   auto a = combined_weight(weight, norm_weight, acc_type);
@@ -57,14 +47,8 @@ at::Tensor router_logits_cpu(const at::Tensor& x, const at::Tensor& weight,
     acc_t* op = out.data_ptr<acc_t>();
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const scalar_t* xr = xp + row * D;
-        acc_t ss = 0, dot = 0;
-        for (int64_t j = 0; j < D; ++j) {
-          const acc_t v = static_cast<acc_t>(xr[j]);
-          ss += v * v;
-          dot += v * ap[j];
-        }
-        const acc_t r = acc_t(1) / std::sqrt(ss / static_cast<acc_t>(D) + static_cast<acc_t>(eps));
+        acc_t r, dot;
+        row_r_dot(xp + row * D, ap, D, eps, r, dot);
         op[row] = dot * r;
       }
     });
@@ -78,12 +62,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_logits_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& norm_weight, double eps) {
   constexpr const char* op = "router_logits_backward";
-  check_inputs(op, x, weight, norm_weight);
-  check_tensor(grad, x, op, "grad", "x", 2, "[B, S]", {out_dtype(x)});
-  check_size(grad, op, "grad", 0, x.size(0), "x.shape[0] (B)");
-  check_size(grad, op, "grad", 1, x.size(1), "x.shape[1] (S)");
+  check_router_inputs(op, x, weight, norm_weight);
+  check_router_grad(op, grad, x);
   const int64_t B = x.size(0), S = x.size(1), D = x.size(2), N = B * S;
-  const auto acc_type = out_dtype(x);
+  const auto acc_type = router_out_dtype(x);
   auto dx = at::empty_like(x);
   auto a = combined_weight(weight, norm_weight, acc_type);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
@@ -101,13 +83,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_logits_backward_cpu(
           acc_t* u = pp + ch * D;
           for (int64_t row = ch * per; row < std::min(N, (ch + 1) * per); ++row) {
             const scalar_t* xr = xp + row * D;
-            acc_t ss = 0, dot = 0;
-            for (int64_t j = 0; j < D; ++j) {
-              const acc_t v = static_cast<acc_t>(xr[j]);
-              ss += v * v;
-              dot += v * ap[j];
-            }
-            const acc_t r = acc_t(1) / std::sqrt(ss / static_cast<acc_t>(D) + static_cast<acc_t>(eps));
+            acc_t r, dot;
+            row_r_dot(xr, ap, D, eps, r, dot);
             const acc_t g = gp[row];
             const acc_t c = g * r * r * r * dot / static_cast<acc_t>(D);
             for (int64_t j = 0; j < D; ++j) {

@@ -7,53 +7,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "gmod/checks.h"
 #include "gmod/dispatch.h"
+#include "gmod/op_checks.h"
 #include "gmod/route_indices.h"
 
 namespace gmod {
 namespace {
-
-struct MergeArgs {
-  int64_t B, S, C, D;
-};
-
-MergeArgs check_merge_inputs(const char* op, const at::Tensor& x, const at::Tensor& base,
-                             const std::optional<at::Tensor>& delta, const std::optional<at::Tensor>& gate,
-                             const at::Tensor& idx, const at::Tensor& count,
-                             const std::optional<at::Tensor>& skip_scale) {
-  check_activation(x, op, "x", 3, "[B, S, D]");
-  const int64_t B = x.size(0), S = x.size(1), D = x.size(2);
-  check_tensor(base, x, op, "base", "x", 3, "[B, C, D]", {x.scalar_type()});
-  check_size(base, op, "base", 0, B, "x.shape[0] (B)");
-  check_size(base, op, "base", 2, D, "x.shape[2] (D)");
-  const int64_t C = base.size(1);
-  if (delta.has_value()) {
-    check_tensor(*delta, x, op, "delta", "x", 3, "[B, C, D]", {x.scalar_type()});
-    TORCH_CHECK_VALUE(delta->sizes() == base.sizes(), "gmod.", op, ": delta must have base's shape ",
-                      base.sizes(), ", got ", delta->sizes());
-  }
-  if (gate.has_value()) {
-    check_device(*gate, x, op, "gate", "x");
-    check_scale_dtype(*gate, x.scalar_type(), op, "gate");
-    check_dim(*gate, op, "gate", 2, "[B, C]");
-    check_contiguous(*gate, op, "gate");
-    check_size(*gate, op, "gate", 0, B, "x.shape[0] (B)");
-    check_size(*gate, op, "gate", 1, C, "base.shape[1] (C)");
-  }
-  if (skip_scale.has_value()) {
-    check_device(*skip_scale, x, op, "skip_scale", "x");
-    check_scale_dtype(*skip_scale, x.scalar_type(), op, "skip_scale");
-    check_dim(*skip_scale, op, "skip_scale", 2, "[B, S]");
-    check_contiguous(*skip_scale, op, "skip_scale");
-    check_size(*skip_scale, op, "skip_scale", 0, B, "x.shape[0] (B)");
-    check_size(*skip_scale, op, "skip_scale", 1, S, "x.shape[1] (S)");
-  }
-  check_route_shapes(idx, count, x, op, B);
-  check_size(idx, op, "idx", 1, C, "base.shape[1] (C)");
-  check_route_values_cpu(idx, count, S, op);
-  return {B, S, C, D};
-}
 
 // A [B,C] or [B,S] scale in the accumulation type (float32 scales stay as they are for fp32/bf16/fp16).
 at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
@@ -64,6 +23,7 @@ at::Tensor scatter_merge_cpu(const at::Tensor& x, const at::Tensor& base, const 
                              const std::optional<at::Tensor>& gate, const at::Tensor& idx,
                              const at::Tensor& count, const std::optional<at::Tensor>& skip_scale) {
   const auto a = check_merge_inputs("scatter_merge", x, base, delta, gate, idx, count, skip_scale);
+  check_route_values_cpu(idx, count, a.S, "scatter_merge");
   auto out = at::empty_like(x);
   if (a.B * a.S * a.D == 0) return out;
   const auto slot = slot_map_cpu(idx, count, a.S);
@@ -115,9 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scatter_m
     const std::optional<at::Tensor>& skip_scale) {
   constexpr const char* op_name = "scatter_merge_backward";
   const auto a = check_merge_inputs(op_name, x, base, delta, gate, idx, count, skip_scale);
-  check_tensor(grad, x, op_name, "grad", "x", 3, "[B, S, D]", {x.scalar_type()});
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "gmod.", op_name, ": grad must have x's shape ", x.sizes(),
-                    ", got ", grad.sizes());
+  check_route_values_cpu(idx, count, a.S, op_name);
+  check_merge_grad(op_name, grad, x);
   const int64_t B = a.B, S = a.S, C = a.C, D = a.D;
   auto dx = at::empty_like(x);
   auto dbase = at::empty_like(base);

@@ -22,8 +22,7 @@
 #include <limits>
 
 #include "gmod/attention_params.h"
-#include "gmod/checks.h"
-#include "gmod/route_indices.h"
+#include "gmod/op_checks.h"
 #include "gmod/static_switch.h"
 
 namespace gmod {
@@ -94,30 +93,16 @@ void validate_lengths(const at::Tensor& q_len, const at::Tensor& k_len, int64_t 
   }
 }
 
-struct AttnDims {
-  int64_t B, Cq, Ck, Hq, Hk, d;
-};
-
-AttnDims check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& q_len, const at::Tensor& k_len) {
+// The shared shape checks (after the CUDA-only device / dtype checks of q), then the limits of
+// the CUDA kernels. Length values are validated on the device (validate_lengths).
+AttnDims check_attention_inputs_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& q_len, const at::Tensor& k_len) {
   check_activation(q, op, "q", 4, "[B, Cq, Hq, d]");
   TORCH_CHECK(q.is_cuda(), "gmod.", op, ": q is on ", q.device(), ", expected a CUDA tensor");
   // float64 is a CPU-only activation dtype (gradcheck); the CUDA kernels take fp32 / bf16 / fp16.
   check_dtype(q, op, "q", {at::kFloat, at::kBFloat16, at::kHalf});
-  check_tensor(k, q, op, "k", "q", 4, "[B, Ck, Hk, d]", {q.scalar_type()});
-  check_tensor(v, q, op, "v", "q", 4, "[B, Ck, Hk, d]", {q.scalar_type()});
-  const int64_t B = q.size(0), Cq = q.size(1), Hq = q.size(2), d = q.size(3);
-  check_size(k, op, "k", 0, B, "q.shape[0] (B)");
-  check_size(k, op, "k", 3, d, "q.shape[3] (d)");
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "gmod.", op, ": v must have k's shape ", k.sizes(), ", got ",
-                    v.sizes());
-  const int64_t Ck = k.size(1), Hk = k.size(2);
-  TORCH_CHECK_VALUE(Hk > 0 && Hq % Hk == 0, "gmod.", op, ": q heads (", Hq,
-                    ") must be a positive multiple of k/v heads (", Hk, ")");
-  check_tensor(q_len, q, op, "q_len", "q", 1, "[B]", {at::kInt});
-  check_tensor(k_len, q, op, "k_len", "q", 1, "[B]", {at::kInt});
-  check_size(q_len, op, "q_len", 0, B, "q.shape[0] (B)");
-  check_size(k_len, op, "k_len", 0, B, "q.shape[0] (B)");
+  const auto a = check_attention_inputs(op, q, k, v, q_len, k_len);
+  const int64_t B = a.B, Cq = a.Cq, Ck = a.Ck, Hq = a.Hq, d = a.d;
   TORCH_CHECK_VALUE(attn::is_supported_head_dim(d), "gmod.", op, ": head dim d = ", d,
                     " is not supported by the CUDA kernels; supported: " GMOD_ATTN_HEADDIMS_STR);
   constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
@@ -125,7 +110,7 @@ AttnDims check_attention_inputs(const char* op, const at::Tensor& q, const at::T
                     B, ", Hq = ", Hq);
   TORCH_CHECK_VALUE(Cq * Hq <= kMaxInt && Ck <= kMaxInt, "gmod.", op, ": sequence too long for the CUDA kernels (Cq * Hq = ",
                     Cq * Hq, ", Ck = ", Ck, ")");
-  return {B, Cq, Ck, Hq, Hk, d};
+  return a;
 }
 
 // Tensors from the caching allocator are 256-byte aligned; a contiguous view with an odd storage
@@ -160,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
                                                   const at::Tensor& v_in, const at::Tensor& q_len,
                                                   const at::Tensor& k_len, double scale) {
   constexpr const char* op = "attention";
-  const auto a = check_attention_inputs(op, q_in, k_in, v_in, q_len, k_len);
+  const auto a = check_attention_inputs_cuda(op, q_in, k_in, v_in, q_len, k_len);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   validate_lengths(q_len, k_len, a.Cq, a.Ck, op, stream);
@@ -200,14 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_o_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& o_in, const at::Tensor& lse, const at::Tensor& q_len, const at::Tensor& k_len, double scale) {
   constexpr const char* op = "attention_backward";
-  const auto a = check_attention_inputs(op, q_in, k_in, v_in, q_len, k_len);
-  check_tensor(grad_o_in, q_in, op, "grad_o", "q", 4, "[B, Cq, Hq, d]", {q_in.scalar_type()});
-  check_tensor(o_in, q_in, op, "o", "q", 4, "[B, Cq, Hq, d]", {q_in.scalar_type()});
-  TORCH_CHECK_VALUE(grad_o_in.sizes() == q_in.sizes(), "gmod.", op, ": grad_o must have q's shape");
-  TORCH_CHECK_VALUE(o_in.sizes() == q_in.sizes(), "gmod.", op, ": o must have q's shape");
-  check_tensor(lse, q_in, op, "lse", "q", 3, "[B, Hq, Cq]", {at::kFloat});
-  TORCH_CHECK_VALUE(lse.size(0) == a.B && lse.size(1) == a.Hq && lse.size(2) == a.Cq, "gmod.", op,
-                    ": lse must have shape [B, Hq, Cq] = [", a.B, ", ", a.Hq, ", ", a.Cq, "], got ", lse.sizes());
+  const auto a = check_attention_inputs_cuda(op, q_in, k_in, v_in, q_len, k_len);
+  check_attention_backward_inputs(op, grad_o_in, o_in, lse, q_in, a, at::kFloat);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   validate_lengths(q_len, k_len, a.Cq, a.Ck, op, stream);

@@ -8,9 +8,8 @@
 // slot[b, s] (built by a small kernel) instead of zero-filling and scattering.
 #include <torch/library.h>
 
-#include "gmod/checks.h"
 #include "gmod/cuda_route_indices.cuh"
-#include "gmod/route_indices.h"
+#include "gmod/op_checks.h"
 
 namespace gmod {
 namespace {
@@ -59,10 +58,8 @@ __global__ void __launch_bounds__(kRowThreads)
 
 at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& count) {
   constexpr const char* op = "gather_rows";
-  check_activation(x, op, "x", 3, "[B, S, D]");
-  const int64_t B = x.size(0), S = x.size(1), D = x.size(2);
-  check_route_shapes(idx, count, x, op, B);
-  const int64_t C = idx.size(1);
+  const auto a = check_gather_inputs(op, x, idx, count);
+  const int64_t B = a.B, S = a.S, C = a.C, D = a.D;
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto out = at::empty({B, C, D}, x.options());
@@ -87,11 +84,8 @@ at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& idx, const at
 at::Tensor gather_rows_backward_cuda(const at::Tensor& grad, const at::Tensor& idx, const at::Tensor& count,
                                      int64_t seq_len) {
   constexpr const char* op = "gather_rows_backward";
-  check_activation(grad, op, "grad", 3, "[B, C, D]");
-  const int64_t B = grad.size(0), C = grad.size(1), D = grad.size(2), S = seq_len;
-  TORCH_CHECK_VALUE(S >= 0, "gmod.", op, ": seq_len must be >= 0, got ", S);
-  check_route_shapes(idx, count, grad, op, B);
-  check_size(idx, op, "idx", 1, C, "grad.shape[1] (C)");
+  const auto a = check_gather_backward_inputs(op, grad, idx, count, seq_len);
+  const int64_t B = a.B, S = a.S, C = a.C, D = a.D;
   const c10::cuda::CUDAGuard guard(grad.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto out = at::empty({B, S, D}, grad.options());

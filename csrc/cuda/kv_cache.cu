@@ -10,9 +10,8 @@
 // pointers allow it; then a second tiny kernel advances cache_len (the copy kernel reads it).
 #include <torch/library.h>
 
-#include "gmod/checks.h"
 #include "gmod/cuda_common.cuh"
-#include "gmod/route_indices.h"
+#include "gmod/op_checks.h"
 
 namespace gmod {
 namespace {
@@ -85,23 +84,8 @@ void check_lengths_host(const at::Tensor& cache_len_h, const at::Tensor& new_len
 void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_len,
                           const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& new_len) {
   constexpr const char* op = kOp;
-  check_activation(k_cache, op, "k_cache", 4, "[B, capacity, Hk, d]");
-  check_tensor(v_cache, k_cache, op, "v_cache", "k_cache", 4, "[B, capacity, Hk, d]", {k_cache.scalar_type()});
-  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "gmod.", op, ": v_cache must have k_cache's shape ",
-                    k_cache.sizes(), ", got ", v_cache.sizes());
-  const int64_t B = k_cache.size(0), cap = k_cache.size(1), Hk = k_cache.size(2), d = k_cache.size(3);
-  check_tensor(k_new, k_cache, op, "k_new", "k_cache", 4, "[B, T, Hk, d]", {k_cache.scalar_type()});
-  check_tensor(v_new, k_cache, op, "v_new", "k_cache", 4, "[B, T, Hk, d]", {k_cache.scalar_type()});
-  check_size(k_new, op, "k_new", 0, B, "k_cache.shape[0] (B)");
-  check_size(k_new, op, "k_new", 2, Hk, "k_cache.shape[2] (Hk)");
-  check_size(k_new, op, "k_new", 3, d, "k_cache.shape[3] (d)");
-  TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), "gmod.", op, ": v_new must have k_new's shape ",
-                    k_new.sizes(), ", got ", v_new.sizes());
-  const int64_t T = k_new.size(1);
-  check_tensor(cache_len, k_cache, op, "cache_len", "k_cache", 1, "[B]", {at::kInt});
-  check_tensor(new_len, k_cache, op, "new_len", "k_cache", 1, "[B]", {at::kInt});
-  check_size(cache_len, op, "cache_len", 0, B, "k_cache.shape[0] (B)");
-  check_size(new_len, op, "new_len", 0, B, "k_cache.shape[0] (B)");
+  const auto a = check_kv_append_inputs(op, k_cache, v_cache, cache_len, k_new, v_new, new_len);
+  const int64_t B = a.B, cap = a.cap, Hk = a.Hk, d = a.d, T = a.T;
   if (B == 0) return;
 
   const c10::cuda::CUDAGuard guard(k_cache.device());

@@ -28,15 +28,14 @@
 #include <limits>
 #include <type_traits>
 
-#include "gmod/checks.h"
 #include "gmod/cuda_common.cuh"
+#include "gmod/op_checks.h"
 
 namespace gmod {
 namespace {
 
 using namespace gmod::cuda;
 
-constexpr const char* kOp = "route";
 constexpr int kRouteThreads = 512;
 enum RouteErr : unsigned { kErrNumRouted = 1, kErrMask = 2 };
 
@@ -231,19 +230,7 @@ void check_route_inputs_host(const at::Tensor& mask_h, const at::Tensor& num_rou
 std::tuple<at::Tensor, at::Tensor> route_cuda(const at::Tensor& scores, const at::Tensor& mask,
                                               const at::Tensor& num_routed, int64_t capacity,
                                               std::optional<double> threshold) {
-  TORCH_CHECK_VALUE(scores.defined(), "gmod.route: scores is undefined");
-  check_dtype(scores, kOp, "scores", {at::kFloat, at::kDouble});
-  check_dim(scores, kOp, "scores", 2, "[B, S]");
-  check_contiguous(scores, kOp, "scores");
-  check_tensor(mask, scores, kOp, "mask", "scores", 2, "[B, S] (codes 0 routable, 1 forced, 2 never)",
-               {at::kChar});
-  check_size(mask, kOp, "mask", 0, scores.size(0), "scores.shape[0] (B)");
-  check_size(mask, kOp, "mask", 1, scores.size(1), "scores.shape[1] (S)");
-  check_tensor(num_routed, scores, kOp, "num_routed", "scores", 1, "[B]", {at::kInt});
-  check_size(num_routed, kOp, "num_routed", 0, scores.size(0), "scores.shape[0] (B)");
-  TORCH_CHECK_VALUE(capacity >= 0, "gmod.route: capacity must be >= 0, got ", capacity);
-  if (threshold.has_value())
-    TORCH_CHECK_VALUE(!std::isnan(*threshold), "gmod.route: threshold must not be NaN");
+  check_route_inputs(scores, mask, num_routed, capacity, threshold);
   TORCH_CHECK_VALUE(scores.size(1) <= std::numeric_limits<int32_t>::max(),
                     "gmod.route: sequence length ", scores.size(1), " does not fit int32 indices");
 

@@ -19,9 +19,9 @@
 // on L1/L2 hits.
 #include <torch/library.h>
 
-#include "gmod/checks.h"
 #include "gmod/cuda_common.cuh"
 #include "gmod/dispatch.h"
+#include "gmod/op_checks.h"
 
 namespace gmod {
 namespace {
@@ -31,26 +31,6 @@ using namespace gmod::cuda;
 constexpr const char* kOp = "router_logits";
 constexpr int kRowsPerBlock = 8;  // warps per block, one row each
 constexpr int kRowThreads = kRowsPerBlock * kWarpSize;
-
-void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& norm_weight) {
-  check_activation(x, kOp, "x", 3, "[B, S, D]");
-  const int64_t D = x.size(2);
-  check_device(weight, x, kOp, "weight", "x");
-  check_scale_dtype(weight, x.scalar_type(), kOp, "weight");
-  check_dim(weight, kOp, "weight", 1, "[D]");
-  check_size(weight, kOp, "weight", 0, D, "x.shape[2] (D)");
-  check_contiguous(weight, kOp, "weight");
-  if (norm_weight.has_value()) {
-    const auto& nw = *norm_weight;
-    check_device(nw, x, kOp, "norm_weight", "x");
-    check_scale_dtype(nw, x.scalar_type(), kOp, "norm_weight");
-    check_dim(nw, kOp, "norm_weight", 1, "[D]");
-    check_size(nw, kOp, "norm_weight", 0, D, "x.shape[2] (D)");
-    check_contiguous(nw, kOp, "norm_weight");
-  }
-}
-
-at::ScalarType out_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // a[j] = weight[j] * norm_weight[j] (or weight[j]) in acc_t.
 template <typename scalar_t, typename acc_t>
@@ -219,11 +199,11 @@ at::Tensor combined_weight(const at::Tensor& weight, const std::optional<at::Ten
 
 at::Tensor router_logits_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& norm_weight, double eps) {
-  check_inputs(x, weight, norm_weight);
+  check_router_inputs(kOp, x, weight, norm_weight);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t B = x.size(0), S = x.size(1), D = x.size(2), N = B * S;
-  const auto acc_type = out_dtype(x);
+  const auto acc_type = router_out_dtype(x);
   auto out = at::empty({B, S}, x.options().dtype(acc_type));
   if (N == 0) return out;
   GMOD_DISPATCH_FLOATING(x.scalar_type(), "gmod_router_logits_cuda", [&] {
@@ -244,14 +224,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_logits_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& norm_weight, double eps) {
   constexpr const char* op = "router_logits_backward";
-  check_inputs(x, weight, norm_weight);
-  check_tensor(grad, x, op, "grad", "x", 2, "[B, S]", {out_dtype(x)});
-  check_size(grad, op, "grad", 0, x.size(0), "x.shape[0] (B)");
-  check_size(grad, op, "grad", 1, x.size(1), "x.shape[1] (S)");
+  check_router_inputs(kOp, x, weight, norm_weight);  // (x / weight errors name the forward op here)
+  check_router_grad(op, grad, x);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t B = x.size(0), S = x.size(1), D = x.size(2), N = B * S;
-  const auto acc_type = out_dtype(x);
+  const auto acc_type = router_out_dtype(x);
   auto dx = at::empty_like(x);
   auto dweight = at::empty_like(weight);
   auto dnorm = norm_weight.has_value() ? at::empty_like(*norm_weight) : at::empty({0}, x.options().dtype(acc_type));

@@ -10,56 +10,14 @@
 // and their gradients are written directly in that dtype.
 #include <torch/library.h>
 
-#include "gmod/checks.h"
 #include "gmod/cuda_route_indices.cuh"
 #include "gmod/dispatch.h"
-#include "gmod/route_indices.h"
+#include "gmod/op_checks.h"
 
 namespace gmod {
 namespace {
 
 using namespace gmod::cuda;
-
-struct MergeArgs {
-  int64_t B, S, C, D;
-};
-
-// Same checks and messages as the CPU kernel (value checks of idx/count happen on the device).
-MergeArgs check_merge_inputs(const char* op, const at::Tensor& x, const at::Tensor& base,
-                             const std::optional<at::Tensor>& delta, const std::optional<at::Tensor>& gate,
-                             const at::Tensor& idx, const at::Tensor& count,
-                             const std::optional<at::Tensor>& skip_scale) {
-  check_activation(x, op, "x", 3, "[B, S, D]");
-  const int64_t B = x.size(0), S = x.size(1), D = x.size(2);
-  check_tensor(base, x, op, "base", "x", 3, "[B, C, D]", {x.scalar_type()});
-  check_size(base, op, "base", 0, B, "x.shape[0] (B)");
-  check_size(base, op, "base", 2, D, "x.shape[2] (D)");
-  const int64_t C = base.size(1);
-  if (delta.has_value()) {
-    check_tensor(*delta, x, op, "delta", "x", 3, "[B, C, D]", {x.scalar_type()});
-    TORCH_CHECK_VALUE(delta->sizes() == base.sizes(), "gmod.", op, ": delta must have base's shape ",
-                      base.sizes(), ", got ", delta->sizes());
-  }
-  if (gate.has_value()) {
-    check_device(*gate, x, op, "gate", "x");
-    check_scale_dtype(*gate, x.scalar_type(), op, "gate");
-    check_dim(*gate, op, "gate", 2, "[B, C]");
-    check_contiguous(*gate, op, "gate");
-    check_size(*gate, op, "gate", 0, B, "x.shape[0] (B)");
-    check_size(*gate, op, "gate", 1, C, "base.shape[1] (C)");
-  }
-  if (skip_scale.has_value()) {
-    check_device(*skip_scale, x, op, "skip_scale", "x");
-    check_scale_dtype(*skip_scale, x.scalar_type(), op, "skip_scale");
-    check_dim(*skip_scale, op, "skip_scale", 2, "[B, S]");
-    check_contiguous(*skip_scale, op, "skip_scale");
-    check_size(*skip_scale, op, "skip_scale", 0, B, "x.shape[0] (B)");
-    check_size(*skip_scale, op, "skip_scale", 1, S, "x.shape[1] (S)");
-  }
-  check_route_shapes(idx, count, x, op, B);
-  check_size(idx, op, "idx", 1, C, "base.shape[1] (C)");
-  return {B, S, C, D};
-}
 
 // A scale tensor as (pointer, is-float32) for load_scale / store_scale; null when absent.
 struct ScaleRef {
@@ -282,9 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scatter_m
     const std::optional<at::Tensor>& skip_scale) {
   constexpr const char* op = "scatter_merge_backward";
   const auto a = check_merge_inputs(op, x, base, delta, gate, idx, count, skip_scale);
-  check_tensor(grad, x, op, "grad", "x", 3, "[B, S, D]", {x.scalar_type()});
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "gmod.", op, ": grad must have x's shape ", x.sizes(), ", got ",
-                    grad.sizes());
+  check_merge_grad(op, grad, x);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t B = a.B, S = a.S, C = a.C, D = a.D;
