@@ -224,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_logits_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& norm_weight, double eps) {
   constexpr const char* op = "router_logits_backward";
-  check_router_inputs(kOp, x, weight, norm_weight);  // (x / weight errors name the forward op here)
+  check_router_inputs(op, x, weight, norm_weight);
   check_router_grad(op, grad, x);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
