@@ -15,7 +15,9 @@ Data: synthetic image + question -> answer samples with a learnable structure, s
   drawn from a per-class set, like a discrete image tokenizer would give);
 * a question: a query-type token ``t`` (one of 4) followed by random filler words, of varying length
   (left padding);
-* the answer: 8 tokens that are a fixed function of ``(c, t)``, then EOS.
+* the answer: 8 tokens, then EOS: a start word that is a fixed function of ``(c, t)``, followed by
+  the next 7 words of a 64-word answer vocabulary (the first token needs the image and the
+  question; the rest follow from it).
 
 Labels are -100 on the image and the question (LLaVA-style SFT), so gamma-MoD's masked routing
 keeps the question tokens in every MoD layer and routes the image and answer tokens.
@@ -27,7 +29,8 @@ Steps (the built-in model):
 2. ARank of every decoder layer on calibration batches; the highest-ranked ``ceil(L/8)`` layers
    stay dense (``--keep-dense``), the others become MoD layers (``gmod_ext.convert``);
 3. fine-tune the gamma-MoD model (``--steps``) and, from the same starting weights, the dense model
-   (``--baseline-steps``), timing every step;
+   (``--baseline-steps``), in lockstep on the same batches (so both see the same data and, on a
+   shared machine, the same background load), timing every step;
 4. generate the answers of a batch of 4 prompts with both models;
 5. report: layers converted, ARank and skip ratio per layer, analytic FLOPs per forward (dense vs
    gamma-MoD, from the kept-token counts), time per training step and for generation, KV-cache
@@ -126,12 +129,14 @@ class SyntheticTask:
         n = len(rest)
         k = min(256, n // 3) if not self.vision else min(256, n // 2)
         self.words = torch.tensor(rest[:k])  # question filler words
-        self.answer_words = torch.tensor(rest[k:2 * k])
+        self.answer_words = torch.tensor(rest[k:k + min(k, 64)])  # a small answer vocabulary (64 words)
         self.visual_words = torch.tensor(rest[2 * k:3 * k]) if not self.vision else None
         g = torch.Generator().manual_seed(10_000 + seed)
-        # answers: a fixed sequence of answer words per (class, query)
-        self.table = self.answer_words[torch.randint(0, len(self.answer_words),
-                                                     (NUM_CLASSES, NUM_QUERIES, self.answer_len), generator=g)]
+        # answers: per (class, query) a start word, then consecutive words of the answer vocabulary:
+        # the first answer token needs the image and the question, the others follow from it
+        n_ans = len(self.answer_words)
+        start = torch.randint(0, n_ans, (NUM_CLASSES, NUM_QUERIES, 1), generator=g)
+        self.table = self.answer_words[(start + torch.arange(self.answer_len)) % n_ans]
         if self.vision:
             side = self.image_size // PATCH
             low = torch.randn(NUM_CLASSES, 3, side, side, generator=g)
@@ -455,64 +460,118 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def train(model, task: SyntheticTask, steps: int, *, batch_size: int, lr: float, gen: torch.Generator,
-          device, dtype, converted: bool, explicit_mask: bool, desc: str, progress: bool,
-          on_step=None) -> dict:
-    """AdamW training for ``steps`` steps on fresh synthetic batches; per-step loss and time."""
+class Run:
+    """One model being trained by :func:`train` (its optimizer, losses and step times)."""
+
+    def __init__(self, name: str, model, *, steps: int, lr: float, converted: bool = False,
+                 explicit_mask: bool = False, on_step=None):
+        self.name, self.model, self.steps, self.lr = name, model, int(steps), float(lr)
+        self.converted, self.explicit_mask, self.on_step = converted, explicit_mask, on_step
+        self.losses: list[float] = []
+        self.times: list[float] = []
+        self.skips: list[float] = []
+
+    def result(self) -> dict:
+        timed = self.times[2:] if len(self.times) > 4 else self.times
+        return {"losses": self.losses, "step_s": self.times, "skip_ratios": self.skips,
+                "median_step_s": statistics.median(timed) if timed else float("nan")}
+
+
+def train(runs: list, task: SyntheticTask, *, batch_size: int, gen: torch.Generator, device, dtype, desc: str,
+          progress: bool) -> dict:
+    """AdamW training of one or more models on the same fresh synthetic batches, in lockstep.
+
+    Step ``i`` draws one batch and runs it through every model that still has steps to do, one
+    after the other, so that dense and gamma-MoD see the same data and, on a shared machine, the
+    same background load (their step times are compared). Returns ``{name: Run.result()}``.
+    """
     from tqdm.auto import tqdm
 
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    losses, times, skips = [], [], []
+    opts = {}
+    for r in runs:
+        r.model.train()
+        opts[r.name] = torch.optim.AdamW([p for p in r.model.parameters() if p.requires_grad], lr=r.lr,
+                                         weight_decay=0.0)
+    steps = max(r.steps for r in runs) if runs else 0
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True, file=sys.stderr)
-    for _ in bar:
+    for i in bar:
         batch = _to(task.batch(batch_size, gen), device, dtype)
-        inputs = _model_inputs(batch, converted, explicit_mask)
-        inputs["use_cache"] = False  # training needs no KV cache
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model(**inputs)
-        loss = out.loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        lv = float(loss.detach())
-        losses.append(lv)
-        post = {"loss": f"{lv:.3f}"}
-        if converted:
-            st = model.gmod_stats()
-            skips.append(st["skip_ratio"])
-            post["skip"] = f"{st['skip_ratio']:.2f}"
-        if on_step is not None:
-            on_step(model, batch)
+        post = {}
+        for r in runs:
+            if i >= r.steps:
+                continue
+            model, opt = r.model, opts[r.name]
+            inputs = _model_inputs(batch, r.converted, r.explicit_mask)
+            inputs["use_cache"] = False  # training needs no KV cache
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(**inputs)
+            loss = out.loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            r.times.append(time.perf_counter() - t0)
+            lv = float(loss.detach())
+            r.losses.append(lv)
+            post[r.name if len(runs) > 1 else "loss"] = f"{lv:.3f}"
+            if r.converted:
+                st = model.gmod_stats()
+                r.skips.append(st["skip_ratio"])
+                post["skip"] = f"{st['skip_ratio']:.2f}"
+            if r.on_step is not None:
+                r.on_step(model, batch)
+            del out, loss
         bar.set_postfix(post)
     bar.close()
-    del opt
-    timed = times[2:] if len(times) > 4 else times
-    return {"losses": losses, "step_s": times, "median_step_s": statistics.median(timed) if timed else float("nan"),
-            "skip_ratios": skips}
+    opts.clear()
+    return {r.name: r.result() for r in runs}
 
 
 @torch.no_grad()
 def generate(model, prompts: dict, new_tokens: int, *, use_cache: bool, pad: int, device,
-             return_cache: bool = False) -> dict:
+             return_cache: bool = False, reps: int = 3) -> dict:
+    """Greedy generation of exactly ``new_tokens`` tokens; the median time of ``reps`` calls after a
+    one-token warm-up (fewer repeats when one call takes over 2 s)."""
     model.eval()
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
               pad_token_id=pad)
     if return_cache:
         kw["return_dict_in_generate"] = True
     model.generate(**prompts, **dict(kw, max_new_tokens=1, min_new_tokens=1))  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    out = model.generate(**prompts, **kw)
-    _sync(device)
-    dt = time.perf_counter() - t0
+    times = []
+    out = None
+    for _ in range(max(1, reps)):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(**prompts, **kw)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if times[-1] > 2.0:
+            break
     seqs = out.sequences if return_cache else out
     cache = getattr(out, "past_key_values", None) if return_cache else None
-    return {"sequences": seqs, "seconds": dt, "cache": cache}
+    return {"sequences": seqs, "seconds": statistics.median(times), "times": times, "cache": cache}
+
+
+@torch.no_grad()
+def evaluate(model, batch: dict, *, converted: bool, explicit_mask: bool) -> dict:
+    """Held-out loss (plain LM cross-entropy, no router aux term) and teacher-forced accuracy on the
+    answer tokens of one batch."""
+    import torch.nn.functional as F
+
+    model.eval()
+    inputs = _model_inputs(batch, converted, explicit_mask)
+    inputs["use_cache"] = False
+    labels = inputs.pop("labels")
+    out = model(**inputs)
+    logits = out.logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    m = tgt != IGNORE
+    loss = F.cross_entropy(logits[m], tgt[m])
+    acc = (logits.argmax(-1) == tgt)[m].float().mean()
+    return {"loss": float(loss), "answer_accuracy": float(acc), "samples": int(labels.shape[0])}
 
 
 def _accuracy(seqs: torch.Tensor, prompt_len: int, answers: torch.Tensor) -> float:
@@ -703,8 +762,8 @@ def run_demo(args: argparse.Namespace) -> int:
     # ---------------------------------------------------------------- 1. pretrain (dense)
     pre = {"losses": [], "median_step_s": float("nan")}
     if pretrain_steps > 0:
-        pre = train(model, task, pretrain_steps, batch_size=args.batch_size, lr=lr, gen=gen, device=device,
-                    dtype=dtype, converted=False, explicit_mask=False, desc="pretrain (dense)", progress=progress)
+        pre = train([Run("loss", model, steps=pretrain_steps, lr=lr)], task, batch_size=args.batch_size, gen=gen,
+                    device=device, dtype=dtype, desc="pretrain (dense)", progress=progress)["loss"]
         log(f"pretrain: {pretrain_steps} steps, loss {pre['losses'][0]:.3f} -> {pre['losses'][-1]:.3f}")
 
     # ---------------------------------------------------------------- 2. ARank + convert
@@ -731,15 +790,20 @@ def run_demo(args: argparse.Namespace) -> int:
         last["tokens"] = [int(x) for x in batch["attention_mask"].sum(1).tolist()]
         last["stats"] = m.gmod_stats()
 
-    gen_mod = torch.Generator().manual_seed(args.seed + 1)
-    ft = train(model, task, args.steps, batch_size=args.batch_size, lr=lr, gen=gen_mod, device=device, dtype=dtype,
-               converted=True, explicit_mask=explicit_mask, desc="fine-tune gamma-MoD", progress=progress,
-               on_step=grab)
-    base = {"losses": [], "median_step_s": float("nan"), "step_s": []}
+    runs = [Run("gamma-MoD", model, steps=args.steps, lr=lr, converted=True, explicit_mask=explicit_mask,
+                on_step=grab)]
     if baseline_steps > 0:
-        gen_dense = torch.Generator().manual_seed(args.seed + 1)  # the same batches as gamma-MoD
-        base = train(dense, task, baseline_steps, batch_size=args.batch_size, lr=lr, gen=gen_dense, device=device,
-                     dtype=dtype, converted=False, explicit_mask=False, desc="fine-tune dense", progress=progress)
+        runs.append(Run("dense", dense, steps=baseline_steps, lr=lr))
+    res = train(runs, task, batch_size=args.batch_size, gen=torch.Generator().manual_seed(args.seed + 1),
+                device=device, dtype=dtype, desc="fine-tune gamma-MoD + dense" if baseline_steps > 0 else
+                "fine-tune gamma-MoD", progress=progress)
+    ft = res["gamma-MoD"]
+    base = res.get("dense", {"losses": [], "median_step_s": float("nan"), "step_s": []})
+
+    # held-out batch: loss and teacher-forced answer accuracy of both models
+    held = _to(task.batch(max(8, 4 * args.batch_size), torch.Generator().manual_seed(args.seed + 3)), device, dtype)
+    ev_mod = evaluate(model, held, converted=True, explicit_mask=explicit_mask)
+    ev_dense = evaluate(dense, held, converted=False, explicit_mask=False)
 
     # ---------------------------------------------------------------- 4. generate
     gen_p = torch.Generator().manual_seed(args.seed + 2)
@@ -810,9 +874,11 @@ def run_demo(args: argparse.Namespace) -> int:
       if device.type == "cpu" else f"device          {device} ({torch.cuda.get_device_name(device)})")
     w(f"dtype           {str(dtype)[6:]}")
     w(f"data            {task.describe()}")
-    w(f"layers converted {len(mod_layers)} of {a['L']}: {mod_layers}  (ARank: the {a['L'] - len(mod_layers)} "
-      f"highest-ranked stay dense), skip ratio {args.ratio} of routable tokens, shared router, "
-      f"question tokens forced")
+    n_dense = a["L"] - len(mod_layers)
+    w(f"layers converted {len(mod_layers)} of {a['L']}: {mod_layers}  (by ARank: the {n_dense} highest-ranked "
+      f"layer{'s stay' if n_dense != 1 else ' stays'} dense)")
+    w(f"routing         gamma-MoD, skip ratio {args.ratio} of the routable (image + answer) tokens per MoD layer, "
+      f"one shared router, question tokens forced")
     w("")
     w(f"{'layer':>5}  {'ARank':>7}  {'kind':<5}  {'skip train':>10}  {'skip routable':>13}  {'skip prefill':>12}  "
       f"{'KV tokens':>9}  {'KV used' + est:>19}")
@@ -853,12 +919,16 @@ def run_demo(args: argparse.Namespace) -> int:
         kb = max(1, min(5, len(base["losses"]) // 4))
         w(f"  dense           {base['losses'][0]:.3f} -> {statistics.mean(base['losses'][-kb:]):.3f} "
           f"({baseline_steps} steps)")
+    w(f"held-out batch ({ev_mod['samples']} samples): loss dense {ev_dense['loss']:.3f}, gamma-MoD {ev_mod['loss']:.3f}; "
+      f"answer-token accuracy (teacher forced) dense {ev_dense['answer_accuracy']:.3f}, "
+      f"gamma-MoD {ev_mod['answer_accuracy']:.3f}")
     w("")
     w(f"generation (batch {args.gen_batch_size}, prompt {P} tokens, {new} new tokens, greedy)")
     mc = "compact KV cache" if mod_cache_used else "no cache"
     for label, g_ in (("dense, KV cache", g_dense), ("dense, no cache", g_dense_nc), (f"gamma-MoD, {mc}", g_mod)):
         w(f"  {label:<27} {g_['seconds'] * 1e3:9.1f} ms  ({g_['seconds'] * 1e3 / new:.1f} ms/token)")
-    w(f"  {'answer token accuracy':<27} dense {acc_dense:.2f}, gamma-MoD {acc_mod:.2f}")
+    w(f"  {'answer tokens right':<27} dense {acc_dense:.2f}, gamma-MoD {acc_mod:.2f}  (greedy, "
+      f"{args.gen_batch_size} x {new} tokens)")
     w("")
     w(f"KV memory after generation ({args.gen_batch_size} rows x {T_cache} positions)")
     w(f"  dense KV cache        {_fmt_bytes(dense_kv)}  (measured: the dense model's DynamicCache)")
@@ -922,6 +992,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "gmod_s": g_mod["seconds"], "gmod_uses_cache": mod_cache_used,
             "accuracy": {"dense": acc_dense, "gmod": acc_mod},
         },
+        "heldout": {"dense": ev_dense, "gmod": ev_mod},
         "kv_memory": {"dense_bytes": dense_kv, "gmod": kv_report, "estimated": bool(kv_report.get("estimated", True)),
                       "positions": T_cache, "estimate": kv_est},
         "notes": notes,

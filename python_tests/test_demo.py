@@ -46,13 +46,14 @@ def test_demo_end_to_end(tmp_path):
                  "--batch-size", "4", "--seq-len", "48", "--device", "cpu", "--out", str(out), "--no-progress"])
     text = proc.stdout
     for needle in ("gamma-MoD demo report", "layers converted", "ARank", "skip train", "FLOPs per forward",
-                   "training step", "generation (batch 4", "answer token accuracy", "KV memory", "dense KV cache",
+                   "training step", "generation (batch 4", "answer tokens right", "held-out batch", "KV memory", "dense KV cache",
                    "gamma-MoD KV cache", "total time"):
         assert needle in text, f"{needle!r} missing from the report:\n{text}"
     png, js = out / "gmod_demo.png", out / "report.json"
     assert png.exists() and png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(js.read_text())
-    for key in ("layers_converted", "arank", "skip_ratio", "flops", "train", "generation", "kv_memory", "elapsed_s"):
+    for key in ("layers_converted", "arank", "skip_ratio", "flops", "train", "generation", "heldout", "kv_memory",
+                "elapsed_s"):
         assert key in doc, key
     L = doc["num_layers"]
     assert L == 8 and len(doc["arank"]) == L
@@ -69,6 +70,9 @@ def test_demo_end_to_end(tmp_path):
     losses = tr["gmod"]["losses"]
     assert sum(losses[-5:]) / 5 < losses[0], losses
     assert tr["gmod"]["median_step_s"] > 0 and tr["dense"]["median_step_s"] > 0
+    for m in ("dense", "gmod"):
+        ho = doc["heldout"][m]
+        assert 0 < ho["loss"] < 10 and 0 <= ho["answer_accuracy"] <= 1 and ho["samples"] >= 8
     gen = doc["generation"]
     assert gen["batch"] == 4 and gen["new_tokens"] == 8 and gen["gmod_s"] > 0
     kv = doc["kv_memory"]
