@@ -947,10 +947,14 @@ def run_demo(args: argparse.Namespace) -> int:
     png = os.path.join(args.out, "gmod_demo.png")
     js = os.path.join(args.out, "report.json")
     if not args.no_plot:
-        plot_demo(png, ranks, mod_layers, skip_train,
-                  {"gamma-MoD": ft["losses"], "dense": base["losses"]},
-                  f"gamma-MoD demo: {len(mod_layers)}/{a['L']} MoD layers, ratio {args.ratio}")
-        w(f"plot            {png}")
+        try:
+            plot_demo(png, ranks, mod_layers, skip_train,
+                      {"gamma-MoD": ft["losses"], "dense": base["losses"]},
+                      f"gamma-MoD demo: {len(mod_layers)}/{a['L']} MoD layers, ratio {args.ratio}")
+            w(f"plot            {png}")
+        except ImportError as err:  # matplotlib is optional (gmod_ext[plot])
+            png = None
+            w(f"plot            not written: {err} (pip install matplotlib)")
     w(f"json            {js}")
     w(f"total time      {elapsed:.1f} s")
     w(bar)

@@ -131,7 +131,9 @@ def run(ctx: Ctx):
     C = S - int(math.floor(RATIO * S + 1e-9))
     d = D // H
     cfg = llama_layer_config(z, dt)
-    dense = LlamaDecoderLayer(cfg, layer_idx=0).to(device=dev, dtype=dt)
+    with torch.device(dev):  # initialise on the device (a 7B-shaped layer is slow to initialise on a CPU)
+        dense = LlamaDecoderLayer(cfg, layer_idx=0)
+    dense = dense.to(device=dev, dtype=dt)
     with torch.no_grad():  # HF leaves RMSNorm weights at 1: perturb so a wrong norm would show
         for n_ in (dense.input_layernorm, dense.post_attention_layernorm):
             n_.weight.add_(0.1 * torch.randn_like(n_.weight))
