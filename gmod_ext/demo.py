@@ -138,7 +138,7 @@ class SyntheticTask:
         start = torch.randint(0, n_ans, (NUM_CLASSES, NUM_QUERIES, 1), generator=g)
         self.table = self.answer_words[(start + torch.arange(self.answer_len)) % n_ans]
         if self.vision:
-            side = self.image_size // PATCH
+            side = max(1, self.image_size // PATCH)
             low = torch.randn(NUM_CLASSES, 3, side, side, generator=g)
             self.prototypes = torch.nn.functional.interpolate(low, size=self.image_size, mode="nearest")
         else:  # each class draws its visual words from its own set of 16
@@ -270,8 +270,6 @@ def _task_for(model, seq_len: int, seed: int, grid: Optional[int] = None) -> Syn
         image_token_id = getattr(cfg, "image_token_id", None)
         if image_token_id is None:
             image_token_id = getattr(cfg, "image_token_index")
-        if grid is None and image_size % PATCH:
-            raise SystemExit(f"gmod demo: vision image_size {image_size} is not a multiple of {PATCH}")
         return SyntheticTask(vocab_size=vocab, seq_len=seq_len, n_image=n, vision=True,
                              image_token_id=int(image_token_id), image_size=image_size,
                              bos=tok("bos_token_id"), eos=tok("eos_token_id"), pad=tok("pad_token_id"), seed=seed)
@@ -755,8 +753,8 @@ def run_demo(args: argparse.Namespace) -> int:
     model.to(device=device, dtype=dtype)
     a = _arch(model)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"gmod demo: {name}, {n_params / 1e6:.1f}M parameters, {device} {str(dtype)[6:]}, "
-        f"{torch.get_num_threads()} CPU threads")
+    where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    log(f"gmod demo: {name}, {n_params / 1e6:.1f}M parameters, {device} {str(dtype)[6:]}, {where}")
     log(f"data: {task.describe()}; batch {args.batch_size} x {args.seq_len} tokens")
 
     # ---------------------------------------------------------------- 1. pretrain (dense)
