@@ -102,7 +102,17 @@ def test_demo_kv_estimate_path(tmp_path, monkeypatch, capsys):
     analytic KV estimate, marked "(estimated)"; it matches the measured compact cache of a normal run."""
     from gmod_ext import demo
 
-    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the demo must not change them either
+    try:
+        _kv_estimate_runs(demo, tmp_path, monkeypatch, capsys)
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(threads)
+
+
+def _kv_estimate_runs(demo, tmp_path, monkeypatch, capsys):
     assert demo.main(_tiny_run_args(tmp_path / "measured")) == 0
     measured = json.loads((tmp_path / "measured" / "report.json").read_text())
     capsys.readouterr()
