@@ -7,6 +7,7 @@
 Environment: GMOD_FORCE_CPU=1 leaves the CUDA kernels out even if torch has CUDA;
 TORCH_CUDA_ARCH_LIST (default "8.0;9.0") picks the GPU architectures; MAX_JOBS the parallel jobs.
 """
+import hashlib
 import os
 import pathlib
 import shutil
@@ -47,7 +48,9 @@ class CMakeBuild(build_ext):
         if cmake is None:
             sys.exit("gmod_ext needs cmake >= 3.26 (`pip install cmake ninja`)")
         target = pathlib.Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = pathlib.Path(self.build_temp).resolve() / "cmake"
+        # One CMake folder per torch install: a cache configured for another torch would be reused.
+        tag = hashlib.sha1(f"{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:10]
+        build_dir = pathlib.Path(self.build_temp).resolve() / f"cmake-{tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
         force_cpu = os.environ.get("GMOD_FORCE_CPU", "0") not in ("0", "", "false", "False")
         args = [
