@@ -6,6 +6,8 @@
 #
 # Steps (in this order): info build tests memcheck racecheck bench_ops bench_attention ncu
 #   aliases: all (default) = every step above; sanitize = memcheck,racecheck; bench = bench_ops,bench_attention
+#   extra, only when named: bench_layer bench_model (python -m gmod_ext.bench layer|model; a second call:
+#   GMOD_GPU_CHECK_STEPS=bench_layer,bench_model on the warm machine reuses the build)
 #   extra, only when named: synccheck initcheck (compute-sanitizer tools)
 # Without build, the library already built in gmod_ext/ (a warm machine keeps it) is used.
 # Everything lands in $OUT (logs, bench_*.json, ncu.csv, summary.txt); the console shows short
@@ -171,6 +173,8 @@ bench() {  # name limit
 }
 want bench_ops && bench bench_ops 150
 want bench_attention && bench bench_attention 220
+want bench_layer && bench bench_layer 200
+want bench_model && bench bench_model 250
 
 # ------------------------------------------------------------------ ncu
 if want ncu; then
@@ -210,7 +214,7 @@ EOF
 fi
 
 # ------------------------------------------------------------------ tables, then the summary LAST
-for b in bench_ops bench_attention; do
+for b in bench_ops bench_attention bench_layer bench_model; do
   if [[ -f "$OUT/$b.log" ]]; then
     echo; echo "################ $b (full log: $b.log, numbers: $b.json)"
     # the tables only: from the first '== ' line up to the status line
