@@ -62,7 +62,7 @@ def route(
     the lowest-index ones are kept). Ties go to the lower index, NaN scores rank last.
     ``idx[b, :count[b]]`` is strictly ascending; later slots hold -1. Not differentiable.
     """
-    B, S = scores.shape[0], scores.shape[1] if scores.dim() > 1 else 0
+    B = scores.shape[0] if scores.dim() > 0 else 0  # a wrong rank is reported by the op itself
     if mask is None:
         mask = torch.zeros(scores.shape, dtype=torch.int8, device=scores.device)
     if not isinstance(num_routed, torch.Tensor):
