@@ -8,6 +8,8 @@
 // device sync per call; also skipped while a CUDA graph is being captured) - the kernels clamp the
 // lengths to [0, Cq] / [0, Ck], so bad lengths give wrong numbers, never out-of-bounds accesses.
 // GMOD_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)) selects the deterministic backward.
+// GMOD_ATTN_SIMT=1 runs the SIMT kernels for bf16 / fp16 too (they always run for float32 and on GPUs
+// older than sm_80); by default bf16 / fp16 forward runs on tensor cores (attention_fwd_tc_kernel.cuh).
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -38,6 +40,11 @@ bool trust_indices() {
   return value;
 }
 
+bool force_simt() {
+  static const bool value = env_flag("GMOD_ATTN_SIMT");
+  return value;
+}
+
 bool deterministic_mode() {
   static const bool env = env_flag("GMOD_DETERMINISTIC");
   return env || at::globalContext().deterministicAlgorithms();
@@ -46,13 +53,17 @@ bool deterministic_mode() {
 // Streaming multiprocessors of the current device, queried once per device (cudaDeviceGetAttribute:
 // at::cuda::getCurrentDeviceProperties lives in ATen/cuda/CUDAContext.h, which needs the cuSPARSE /
 // cuBLAS headers that a bare toolkit may lack).
-int num_sms() {
+// A device attribute of the current device, queried once per device (cudaDeviceGetAttribute:
+// at::cuda::getCurrentDeviceProperties lives in ATen/cuda/CUDAContext.h, which needs the cuSPARSE /
+// cuBLAS headers that a bare toolkit may lack).
+template <cudaDeviceAttr kAttr>
+int device_attribute() {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices];
   const int dev = c10::cuda::current_device();
   auto query = [dev] {
     int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, kAttr, dev));
     return n;
   };
   if (dev < 0 || dev >= kMaxDevices) return query();
@@ -62,6 +73,14 @@ int num_sms() {
     cache[dev].store(n, std::memory_order_relaxed);
   }
   return n;
+}
+
+int num_sms() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
+
+// Tensor-core kernels: 16-bit inputs on sm_80+ (mma.sync.m16n8k16 with bf16, ldmatrix, cp.async).
+bool use_tensor_cores(at::ScalarType dtype) {
+  if (force_simt() || (dtype != at::kBFloat16 && dtype != at::kHalf)) return false;
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8;
 }
 
 __global__ void gmod_attn_check_lengths_kernel(const int32_t* q_len, const int32_t* k_len, int64_t B, int64_t Cq,
@@ -139,6 +158,7 @@ void set_fwd_params(attn::AttnFwdParams& p, const AttnDims& a, const at::Tensor&
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.num_splits = 1;
+  p.use_tensor_cores = use_tensor_cores(q.scalar_type()) ? 1 : 0;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -159,8 +179,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   at::Tensor o_part, lse_part;
   const bool decode = a.Cq <= attn::kDecodeMaxCq;
   if (decode) {
-    const int64_t m_blocks = (a.Cq * p.group + attn::kDecodeBlockM - 1) / attn::kDecodeBlockM;
-    p.num_splits = attn::decode_num_splits(a.B, a.Hk, m_blocks, a.Ck, num_sms());
+    const bool tc = p.use_tensor_cores != 0;
+    const int block_m = attn::decode_block_m(tc);
+    const int64_t m_blocks = (a.Cq * p.group + block_m - 1) / block_m;
+    p.num_splits = attn::decode_num_splits(a.B, a.Hk, m_blocks, a.Ck, num_sms(), attn::decode_block_n(tc, a.d));
     if (p.num_splits > 1) {
       // The split kernel writes every lse_part entry, and o_part wherever lse_part is finite (the
       // only entries the combine reads): no zero fill needed.

@@ -1,30 +1,52 @@
-// Launcher of the decode / short-chunk forward (Cq <= kDecodeMaxCq): gmod_attn_fwd_kernel with the q
-// heads of a GQA group packed into the tile rows (tile 16 rows x 32 keys), so that a kv head's keys
-// are read once per group; with params.num_splits > 1 the keys are split across CTAs
-// (flash-decoding: grid = (packed tiles, Hk, B * splits)) and gmod_attn_decode_combine_kernel merges
-// the fp32 partials (one warp per output row).
+// Launcher of the decode / short-chunk forward (Cq <= kDecodeMaxCq): the forward kernel with the q heads
+// of a GQA group packed into the tile rows, so that a kv head's keys are read once per group; with
+// params.num_splits > 1 the keys are split across CTAs (flash-decoding: grid = (packed tiles, Hk,
+// B * splits)) and gmod_attn_decode_combine_kernel merges the fp32 partials (one warp per output row).
+//   tensor cores (bf16 / fp16 on sm_80+): gmod_attn_fwd_tc_kernel, TcDecodeTile<d> (64 rows x 64 keys);
+//   SIMT: gmod_attn_fwd_kernel, DecodeTraits<d> (16 rows x 32 keys).
+// attention_api.cu sizes num_splits with the same plan (decode_block_m / decode_block_n).
+#include <type_traits>
+
 #include "attention_fwd_kernel.cuh"
+#include "attention_fwd_tc_kernel.cuh"
 #include "attention_launch.cuh"
 
 namespace gmod::attn {
 
 template <typename T, int kHeadDim>
 void run_attn_decode(const AttnFwdParams& params, cudaStream_t stream) {
-  using Tr = DecodeTraits<kHeadDim>;
-  const int m_blocks = ceil_div_host(static_cast<int64_t>(params.Cq) * params.group, Tr::kBlockM);
-  if (params.num_splits <= 1) {
-    launch_attn_kernel(gmod_attn_fwd_kernel<Tr, T, /*kPackGQA=*/true, /*kSplit=*/false>,
-                       dim3(m_blocks, params.Hk, params.B), fwd_smem_bytes<Tr>(), stream, params,
-                       "the decode kernel");
-    return;
+  const bool split = params.num_splits > 1;
+  TORCH_CHECK(!split || (params.o_part != nullptr && params.lse_part != nullptr),
+              "gmod.attention: split-k buffers missing");
+  auto launch = [&](auto kernel_plain, auto kernel_split, int block_m, int smem_bytes) {
+    const int m_blocks = ceil_div_host(static_cast<int64_t>(params.Cq) * params.group, block_m);
+    if (!split) {
+      launch_attn_kernel(kernel_plain, dim3(m_blocks, params.Hk, params.B), smem_bytes, stream, params,
+                         "the decode kernel");
+    } else {
+      launch_attn_kernel(kernel_split, dim3(m_blocks, params.Hk, params.B * params.num_splits), smem_bytes, stream,
+                         params, "the split-k decode kernel");
+    }
+  };
+  bool done = false;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (params.use_tensor_cores) {
+      using Tr = TcDecodeTile<kHeadDim>;
+      launch(gmod_attn_fwd_tc_kernel<Tr, T, true, false>, gmod_attn_fwd_tc_kernel<Tr, T, true, true>, Tr::kBlockM,
+             tc_fwd_smem_bytes<Tr>());
+      done = true;
+    }
   }
-  TORCH_CHECK(params.o_part != nullptr && params.lse_part != nullptr, "gmod.attention: split-k buffers missing");
-  launch_attn_kernel(gmod_attn_fwd_kernel<Tr, T, /*kPackGQA=*/true, /*kSplit=*/true>,
-                     dim3(m_blocks, params.Hk, params.B * params.num_splits), fwd_smem_bytes<Tr>(), stream,
-                     params, "the split-k decode kernel");
-  const int64_t rows = static_cast<int64_t>(params.B) * params.Cq * params.Hq;
-  launch_attn_kernel(gmod_attn_decode_combine_kernel<T, kHeadDim>,
-                     dim3(ceil_div_host(rows, kNThreads / 32)), 0, stream, params, "the split-k combine kernel");
+  if (!done) {
+    using Tr = DecodeTraits<kHeadDim>;
+    launch(gmod_attn_fwd_kernel<Tr, T, true, false>, gmod_attn_fwd_kernel<Tr, T, true, true>, Tr::kBlockM,
+           fwd_smem_bytes<Tr>());
+  }
+  if (split) {
+    const int64_t rows = static_cast<int64_t>(params.B) * params.Cq * params.Hq;
+    launch_attn_kernel(gmod_attn_decode_combine_kernel<T, kHeadDim>, dim3(ceil_div_host(rows, kNThreads / 32)), 0,
+                       stream, params, "the split-k combine kernel");
+  }
 }
 
 #define GMOD_INSTANTIATE_DECODE(T)                                                   \

@@ -1,13 +1,27 @@
-// Launcher of the prefill / training forward (gmod_attn_fwd_kernel without GQA packing or splits):
-// grid = (query tiles, Hq, B), 128 threads, tiles of FwdTile<d> (64 x 64 for d <= 64, 64 x 32 for
-// d = 96/128, 32 x 32 for d = 256).
+// Launcher of the prefill / training forward (no GQA packing, no key splits): grid = (query tiles, Hq, B),
+// 128 threads.
+//   tensor cores (bf16 / fp16 on sm_80+): gmod_attn_fwd_tc_kernel, tiles TcFwdTile<d>
+//                                          (128 x 64 for d <= 128, 64 x 32 for d = 256);
+//   SIMT (float32, older GPUs, GMOD_ATTN_SIMT=1): gmod_attn_fwd_kernel, tiles FwdTile<d>.
+#include <type_traits>
+
 #include "attention_fwd_kernel.cuh"
+#include "attention_fwd_tc_kernel.cuh"
 #include "attention_launch.cuh"
 
 namespace gmod::attn {
 
 template <typename T, int kHeadDim>
 void run_attn_fwd(const AttnFwdParams& params, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (params.use_tensor_cores) {
+      using Tr = TcFwdTile<kHeadDim>;
+      const dim3 grid(ceil_div_host(params.Cq, Tr::kBlockM), params.Hq, params.B);
+      launch_attn_kernel(gmod_attn_fwd_tc_kernel<Tr, T, /*kPackGQA=*/false, /*kSplit=*/false>, grid,
+                         tc_fwd_smem_bytes<Tr>(), stream, params, "the tensor-core forward kernel");
+      return;
+    }
+  }
   using Tr = FwdTraits<kHeadDim>;
   const dim3 grid(ceil_div_host(params.Cq, Tr::kBlockM), params.Hq, params.B);
   launch_attn_kernel(gmod_attn_fwd_kernel<Tr, T, /*kPackGQA=*/false, /*kSplit=*/false>, grid,

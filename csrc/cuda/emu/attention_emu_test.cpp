@@ -8,12 +8,6 @@
 //   g++ -std=c++20 -O2 -pthread -I csrc/include -I /usr/local/cuda/include \
 //       csrc/cuda/emu/attention_emu_test.cpp -o /tmp/attn_emu && /tmp/attn_emu
 // (add -fsanitize=thread to look for missing __syncthreads; slow).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -25,65 +19,17 @@
 #include <thread>
 #include <vector>
 
-// ---------------------------------------------------------------- CUDA emulation
-namespace emu {
-thread_local uint3 t_thread;
-thread_local dim3 t_block, t_grid;
-std::barrier<>* block_bar = nullptr;
-std::barrier<>* warp_bar[4] = {};
-float xchg[4][32];
-}  // namespace emu
-
-#define threadIdx (emu::t_thread)
-#define blockIdx (emu::t_block)
-#define gridDim (emu::t_grid)
-#define __launch_bounds__(...)
-
-inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int m) {
-  const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
-  emu::xchg[w][lane] = v;
-  emu::warp_bar[w]->arrive_and_wait();
-  const float r = emu::xchg[w][lane ^ m];
-  emu::warp_bar[w]->arrive_and_wait();
-  return r;
-}
-inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+#include "cuda_emu.h"  // first: the CUDA emulation the kernel headers compile against
 
 #include "../attention_bwd_kernel.cuh"
 #include "../attention_fwd_kernel.cuh"
-
-namespace gmod::attn {
-alignas(16) float4 gmod_attn_smem[1 << 16];  // 1 MiB of "shared memory", reused by each block
-}
+#include "../attention_fwd_tc_kernel.cuh"
 
 using namespace gmod::attn;
 
 static void launch(dim3 grid, int smem_bytes, const std::function<void()>& kernel) {
-  if (smem_bytes > static_cast<int>(sizeof(gmod_attn_smem))) std::abort();
-  // Poison shared memory so that reads of never-written smem show up as NaN.
-  for (auto& x : gmod_attn_smem) x = make_float4(NAN, NAN, NAN, NAN);
-  std::barrier<> bar(kNThreads);
-  std::barrier<> wb0(32), wb1(32), wb2(32), wb3(32);
-  emu::block_bar = &bar;
-  emu::warp_bar[0] = &wb0, emu::warp_bar[1] = &wb1, emu::warp_bar[2] = &wb2, emu::warp_bar[3] = &wb3;
-  std::vector<std::thread> threads;
-  for (unsigned t = 0; t < kNThreads; ++t) {
-    threads.emplace_back([&, t] {
-      emu::t_thread = make_uint3(t, 0, 0);
-      emu::t_grid = grid;
-      for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-          for (unsigned x = 0; x < grid.x; ++x) {
-            emu::t_block = dim3(x, y, z);
-            kernel();
-            bar.arrive_and_wait();  // the next block reuses shared memory
-          }
-    });
-  }
-  for (auto& th : threads) th.join();
+  emu::launch(grid, kNThreads, smem_bytes, kernel);
 }
-
 // ---------------------------------------------------------------- element types
 template <typename T> float to_f(T x);
 template <> float to_f(float x) { return x; }
@@ -194,6 +140,7 @@ static bool compare(const char* what, const std::string& tag, const std::vector<
 // ---------------------------------------------------------------- one problem through the emulated kernels
 struct Options {
   int num_sms = 132;       // decode split heuristic
+  bool simt = false;       // bf16 / fp16 forward on the SIMT kernels (as GMOD_ATTN_SIMT=1 / pre-sm_80)
   bool deterministic = false;
   int heads_per_cta = -1;  // -1: group
 };
@@ -245,33 +192,60 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   // ---- forward: same plan as attention_api.cu / attention_fwd.cu / attention_decode.cu
   std::vector<float> o_part, lse_part;
   const bool decode = P.Cq <= kDecodeMaxCq;
-  if (decode) {
-    using Tr = DecodeTraits<kHeadDim>;
+  const bool tc = !std::is_same_v<T, float> && !opt.simt;
+  p.use_tensor_cores = tc;
+  // The kernels of one plan: tile traits, plain / split variants, shared memory.
+  auto run_fwd = [&](auto traits, auto kernel_plain, auto kernel_split, int smem) {
+    using Tr = decltype(traits);
+    if (!decode) {
+      launch(dim3(ceil_div_host(P.Cq, Tr::kBlockM), P.Hq, P.B), smem, kernel_plain);
+      return;
+    }
     const int m_blocks = ceil_div_host(static_cast<int64_t>(P.Cq) * group, Tr::kBlockM);
-    p.num_splits = decode_num_splits(P.B, P.Hk, m_blocks, P.Ck, opt.num_sms);
+    if (decode_block_m(tc) != Tr::kBlockM || decode_block_n(tc, d) != Tr::kBlockN) {
+      std::printf("decode plan mismatch\n");
+      std::abort();
+    }
+    p.num_splits = decode_num_splits(P.B, P.Hk, m_blocks, P.Ck, opt.num_sms, Tr::kBlockN);
     if (p.num_splits <= 1) {
-      launch(dim3(m_blocks, P.Hk, P.B), fwd_smem_bytes<Tr>(),
-             [&] { gmod_attn_fwd_kernel<Tr, T, true, false>(p); });
+      launch(dim3(m_blocks, P.Hk, P.B), smem, kernel_plain);
     } else {
       o_part.assign(static_cast<size_t>(p.num_splits) * nq, NAN);
       lse_part.assign(static_cast<size_t>(p.num_splits) * P.B * P.Hq * P.Cq, NAN);
       p.o_part = o_part.data(), p.lse_part = lse_part.data();
-      launch(dim3(m_blocks, P.Hk, P.B * p.num_splits), fwd_smem_bytes<Tr>(),
-             [&] { gmod_attn_fwd_kernel<Tr, T, true, true>(p); });
+      launch(dim3(m_blocks, P.Hk, P.B * p.num_splits), smem, kernel_split);
       const int64_t rows = static_cast<int64_t>(P.B) * P.Cq * P.Hq;
       launch(dim3(ceil_div_host(rows, kNThreads / 32)), 0, [&] { gmod_attn_decode_combine_kernel<T, kHeadDim>(p); });
     }
-  } else {
-    using Tr = FwdTraits<kHeadDim>;
-    launch(dim3(ceil_div_host(P.Cq, Tr::kBlockM), P.Hq, P.B), fwd_smem_bytes<Tr>(),
-           [&] { gmod_attn_fwd_kernel<Tr, T, false, false>(p); });
+  };
+  if constexpr (!std::is_same_v<T, float>) {
+    if (tc) {
+      if (decode) {
+        using Tr = TcDecodeTile<kHeadDim>;
+        run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, false>(p); },
+                [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, true>(p); }, tc_fwd_smem_bytes<Tr>());
+      } else {
+        using Tr = TcFwdTile<kHeadDim>;
+        run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
+      }
+    }
+  }
+  if (!tc) {
+    if (decode) {
+      using Tr = DecodeTraits<kHeadDim>;
+      run_fwd(Tr{}, [&] { gmod_attn_fwd_kernel<Tr, T, true, false>(p); },
+              [&] { gmod_attn_fwd_kernel<Tr, T, true, true>(p); }, fwd_smem_bytes<Tr>());
+    } else {
+      using Tr = FwdTraits<kHeadDim>;
+      run_fwd(Tr{}, [&] { gmod_attn_fwd_kernel<Tr, T, false, false>(p); }, [] {}, fwd_smem_bytes<Tr>());
+    }
   }
 
   char buf[256];
   std::string lens;
   for (int b = 0; b < P.B; ++b) lens += std::to_string(P.ql[b]) + "/" + std::to_string(P.kl[b]) + " ";
-  std::snprintf(buf, sizeof(buf), "%s d=%d B=%d Cq=%d Ck=%d Hq=%d Hk=%d splits=%d det=%d hpc=%d lens=[%s]", tname<T>(),
-                d, P.B, P.Cq, P.Ck, P.Hq, P.Hk, p.num_splits, int(opt.deterministic), opt.heads_per_cta,
+  std::snprintf(buf, sizeof(buf), "%s%s d=%d B=%d Cq=%d Ck=%d Hq=%d Hk=%d splits=%d det=%d hpc=%d lens=[%s]", tname<T>(),
+                tc ? "/tc" : "", d, P.B, P.Cq, P.Ck, P.Hq, P.Hk, p.num_splits, int(opt.deterministic), opt.heads_per_cta,
                 lens.c_str());
   const std::string tag = buf;
   const bool fp32 = std::is_same_v<T, float>;
@@ -428,6 +402,48 @@ int main(int argc, char** argv) {
       default: run_random<float, 256>(rng, B, Cq, Ck, Hq, Hk, o); break;
     }
     ++cases;
+  }
+  // Tensor-core forward (bf16 / fp16): causal offsets across the 128-row / 64-key tiles, then a fuzz
+  // over head dims, GQA, decode packing and splits. Each case also runs the backward on its o / lse.
+  {
+    std::vector<int> ql, kl;
+    for (int b = 0; b < 24; ++b) {
+      ql.push_back(140 - b % 5);
+      kl.push_back(std::min(200, std::max(0, ql.back() + 3 * b - 9)));
+    }
+    run_random<__nv_bfloat16, 64>(rng, 24, 140, 200, 2, 1, nondet, ql, kl);
+    run_random<__half, 128>(rng, 24, 140, 200, 1, 1, det, ql, kl);
+    cases += 2;
+  }
+  const int tc_fuzz = quick ? 8 : 40;
+  for (int it = 0; it < tc_fuzz; ++it) {
+    std::uniform_int_distribution<int> u01(0, 1), uB(1, 3), uHk(1, 2), uG(0, 3), uD(0, 4);
+    const int B = uB(rng), Hk = uHk(rng), Hq = Hk * (1 << uG(rng));
+    const bool short_q = u01(rng);
+    const int Cq = std::uniform_int_distribution<int>(1, short_q ? 16 : 200)(rng);
+    const int Ck = std::uniform_int_distribution<int>(0, short_q ? 700 : 260)(rng);
+    Options o;
+    o.deterministic = u01(rng);
+    o.num_sms = u01(rng) ? 1000 : 8;
+    const bool half = u01(rng);
+    switch (uD(rng)) {
+      case 0: half ? run_random<__half, 32>(rng, B, Cq, Ck, Hq, Hk, o) : run_random<__nv_bfloat16, 32>(rng, B, Cq, Ck, Hq, Hk, o); break;
+      case 1: half ? run_random<__half, 64>(rng, B, Cq, Ck, Hq, Hk, o) : run_random<__nv_bfloat16, 64>(rng, B, Cq, Ck, Hq, Hk, o); break;
+      case 2: half ? run_random<__half, 96>(rng, B, Cq, Ck, Hq, Hk, o) : run_random<__nv_bfloat16, 96>(rng, B, Cq, Ck, Hq, Hk, o); break;
+      case 3: half ? run_random<__half, 128>(rng, B, Cq, Ck, Hq, Hk, o) : run_random<__nv_bfloat16, 128>(rng, B, Cq, Ck, Hq, Hk, o); break;
+      default: half ? run_random<__half, 256>(rng, B, Cq, Ck, Hq, Hk, o) : run_random<__nv_bfloat16, 256>(rng, B, Cq, Ck, Hq, Hk, o); break;
+    }
+    ++cases;
+  }
+  // The same 16-bit problems on the SIMT kernels (GMOD_ATTN_SIMT=1, pre-sm_80 GPUs).
+  {
+    Options simt;
+    simt.simt = true;
+    run_random<__nv_bfloat16, 128>(rng, 2, 80, 80, 4, 2, simt, {80, 64}, {80, 77});
+    Options simt_split = simt;
+    simt_split.num_sms = 1000;
+    run_random<__half, 64>(rng, 2, 3, 500, 8, 2, simt_split, {3, 1}, {500, 260});
+    cases += 2;
   }
   std::printf("%d cases, %d failures\n", cases, g_failures);
   return g_failures ? 1 : 0;

@@ -45,6 +45,9 @@ struct AttnFwdParams {
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e): the kernels work with exp2
 
+  // 1: run the tensor-core kernels (bf16 / fp16 on sm_80+, decided by attention_api.cu), 0: the SIMT ones.
+  int use_tensor_cores;
+
   // Split-k decode (attention_decode.cu): CTA `split` handles key tiles
   // [split * blocks_per_split, (split + 1) * blocks_per_split) and writes fp32 partials.
   int num_splits;
@@ -84,6 +87,13 @@ inline constexpr int kDecodeMaxCq = 16;
 inline constexpr int kDecodeBlockM = 16;
 inline constexpr int kDecodeBlockN = 32;
 inline constexpr int kDecodeMaxSplits = 128;
+// Tensor-core decode (attention_fwd_tc_kernel.cuh): 64 packed rows (16 per warp) x 64 keys (32 for d = 256).
+inline constexpr int kTcDecodeBlockM = 64;
+inline constexpr int kTcDecodeBlockN = 64;
+inline int decode_block_m(bool tensor_cores) { return tensor_cores ? kTcDecodeBlockM : kDecodeBlockM; }
+inline int decode_block_n(bool tensor_cores, int64_t head_dim) {
+  return tensor_cores ? (head_dim <= 128 ? kTcDecodeBlockN : kTcDecodeBlockN / 2) : kDecodeBlockN;
+}
 // Backward: BLOCK_M query rows x BLOCK_N keys; dk/dv of BLOCK_N keys live in registers.
 template <int kHeadDim> struct BwdTile {
   static constexpr int kBlockM = kHeadDim <= 128 ? 64 : 32;
@@ -92,16 +102,17 @@ template <int kHeadDim> struct BwdTile {
 
 inline int ceil_div_host(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-// Number of key splits for the decode kernel: enough CTAs to give every SM a few
-// (B * Hk * m_blocks * splits ~ 4 x SMs), at least 4 key tiles (128 keys) per split, no empty split,
-// and B * splits within the grid's z limit.
-inline int decode_num_splits(int64_t B, int64_t Hk, int64_t m_blocks, int64_t Ck, int num_sms) {
-  const int64_t n_blocks = (Ck + kDecodeBlockN - 1) / kDecodeBlockN;
+// Number of key splits for the decode kernel (key tiles of block_n keys): enough CTAs to give every SM
+// a few (B * Hk * m_blocks * splits ~ 4 x SMs), at least 128 keys per split, no empty split, and
+// B * splits within the grid's z limit.
+inline int decode_num_splits(int64_t B, int64_t Hk, int64_t m_blocks, int64_t Ck, int num_sms, int block_n) {
+  const int64_t n_blocks = (Ck + block_n - 1) / block_n;
+  const int64_t min_blocks = (128 + block_n - 1) / block_n;  // key tiles per split, at least
   const int64_t ctas = B * Hk * m_blocks;
   const int64_t target = static_cast<int64_t>(num_sms) * 4;
-  if (ctas >= target || n_blocks < 8) return 1;
+  if (ctas >= target || n_blocks < 2 * min_blocks) return 1;
   int64_t splits = (target + ctas - 1) / ctas;
-  if (splits > n_blocks / 4) splits = n_blocks / 4;
+  if (splits > n_blocks / min_blocks) splits = n_blocks / min_blocks;
   if (splits > kDecodeMaxSplits) splits = kDecodeMaxSplits;
   if (splits > 65535 / B) splits = 65535 / B;
   if (splits < 1) splits = 1;
@@ -111,7 +122,8 @@ inline int decode_num_splits(int64_t B, int64_t Hk, int64_t m_blocks, int64_t Ck
 
 // ---------------------------------------------------------------- launchers
 // Defined (and instantiated for float, __half, __nv_bfloat16 x the supported head dims) in
-// attention_fwd.cu, attention_decode.cu and attention_bwd.cu.
+// attention_fwd.cu, attention_decode.cu and attention_bwd.cu. The forward launchers run the tensor-core
+// kernel when params.use_tensor_cores (16-bit T only), else the SIMT kernel.
 template <typename T, int kHeadDim> void run_attn_fwd(const AttnFwdParams& params, cudaStream_t stream);
 // Cq <= kDecodeMaxCq. params.num_splits > 1: params.o_part / lse_part must be allocated.
 template <typename T, int kHeadDim> void run_attn_decode(const AttnFwdParams& params, cudaStream_t stream);

@@ -1,0 +1,306 @@
+// Tensor-core forward attention (bf16 / fp16 in, fp32 accumulate; sm_80+, also the sm_90 path for now):
+//   gmod_attn_fwd_tc_kernel   FlashAttention-2 structure on mma.sync.m16n8k16. 4 warps; warp w owns
+//                             tile rows [w * 16 * kMAtoms, (w + 1) * 16 * kMAtoms) and keeps its S, P and
+//                             O in mma fragments: S = Q K^T (Q and K by ldmatrix), online softmax on the
+//                             fragments, P repacked in registers as the A operand of O += P V (V by
+//                             ldmatrix.trans). K / V tiles are double-buffered with cp.async.
+// Same grid, row mapping, masking and outputs as gmod_attn_fwd_kernel (attention_fwd_kernel.cuh, the
+// SIMT kernel kept for float32 and pre-sm_80 GPUs): kPackGQA packs the q heads of a GQA group into the
+// tile rows (decode), kSplit writes fp32 split-k partials for gmod_attn_decode_combine_kernel.
+// Work that is skipped: key tiles past the CTA's causal / length limit are never loaded; a warp whose
+// rows see none of a tile's keys (rows past q_len, packed rows that do not exist, the causal diagonal)
+// skips that tile's MMAs.
+// Shared memory rows are padded by 16 bytes (row stride d + 8 elements): the 8 row addresses of each
+// ldmatrix 8x8 matrix then fall in 8 different 16-byte bank groups (no conflicts), with no swizzle.
+#pragma once
+
+#include "attention_common.cuh"
+#include "attention_mma.cuh"
+
+namespace gmod::attn {
+
+// kMAtoms: 16-row mma atoms per warp (tile rows = 4 warps x 16 x kMAtoms).
+template <int kHeadDim_, int kMAtoms_, int kBlockN_>
+struct TcFwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kMAtoms = kMAtoms_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kWarps = kNThreads / 32;
+  static constexpr int kRowsPerWarp = 16 * kMAtoms;
+  static constexpr int kBlockM = kWarps * kRowsPerWarp;
+  static constexpr int kStride = kHeadDim + 8;  // 16-bit elements per shared-memory row
+  static constexpr int kNTiles = kBlockN / 8;   // n8 tiles of S per atom
+  static constexpr int kDTiles = kHeadDim / 8;  // n8 tiles of O per atom
+  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  static_assert(kHeadDim % 16 == 0 && kBlockN % 16 == 0, "mma.m16n8k16 tiles");
+};
+
+// The tile plans of the launchers (attention_fwd.cu, attention_decode.cu) and of the host emulation.
+// Prefill: 128 x 64 tiles for d <= 128 (O: 128 fp32 registers per thread at d = 128), 64 x 32 for d = 256.
+template <int kHeadDim>
+using TcFwdTile = TcFwdTraits<kHeadDim, kHeadDim <= 128 ? 2 : 1, kHeadDim <= 128 ? 64 : 32>;
+// Decode: 64 packed rows (one atom per warp) x kTcDecodeBlockN keys.
+template <int kHeadDim>
+using TcDecodeTile = TcFwdTraits<kHeadDim, 1, kHeadDim <= 128 ? kTcDecodeBlockN : kTcDecodeBlockN / 2>;
+
+template <typename Tr>
+constexpr int tc_fwd_smem_bytes() {  // sQ [BM][stride], sK / sV [2][BN][stride], 16-bit
+  return 2 * Tr::kStride * (Tr::kBlockM + 4 * Tr::kBlockN);
+}
+
+// Rows [0, kRows) of a 16-bit tile into shared memory (row stride kStride elements) with cp.async;
+// row_ptr(r) == nullptr: the row is zero-filled with a plain store (never read from global memory).
+template <typename T, int kHeadDim, int kRows, int kStride, typename RowPtr>
+GMOD_DEV void cp_async_tile(T* smem, RowPtr row_ptr) {
+  constexpr int kChunks = kHeadDim / 8;
+  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kNThreads) {
+    const int r = idx / kChunks;
+    const int c = (idx % kChunks) * 8;
+    const T* src = row_ptr(r);
+    T* dst = smem + r * kStride + c;
+    if (src != nullptr) {
+      cp_async_16(dst, src + c);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+template <typename Tr, typename T, bool kPackGQA, bool kSplit>
+__global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnFwdParams p) {
+  static_assert(sizeof(T) == 2, "the tensor-core kernel takes bf16 / fp16");
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, SD = Tr::kStride;
+  constexpr int MA = Tr::kMAtoms, NT = Tr::kNTiles, DT = Tr::kDTiles, RW = Tr::kRowsPerWarp;
+
+  extern __shared__ float4 gmod_attn_smem[];
+  T* sQ = reinterpret_cast<T*>(gmod_attn_smem);  // [BM][SD]; reused by the epilogue for O
+  T* sK = sQ + BM * SD;                          // [2][BN][SD]
+  T* sV = sK + 2 * BN * SD;                      // [2][BN][SD]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tq = lane % 4;  // fragment row (and row + 8) and column pair of this lane
+  const int m_block = kPackGQA ? blockIdx.x : gridDim.x - 1 - blockIdx.x;  // longest query tiles first
+  const int head = blockIdx.y;
+  const int b = kSplit ? blockIdx.z / p.num_splits : blockIdx.z;
+  const int split = kSplit ? blockIdx.z % p.num_splits : 0;
+  const int group = kPackGQA ? p.group : 1;
+  const int hk = kPackGQA ? head : head / p.group;
+  const int ql = iclamp(p.q_len[b], 0, p.Cq);
+  const int kl = iclamp(p.k_len[b], 0, p.Ck);
+  const int rows_total = p.Cq * group;
+  const int m0 = m_block * BM;
+  const int wr0 = warp * RW;  // this warp's first tile row
+
+  const T* qp = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+  const T* kp = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* vp = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  auto row_query = [&](int r) { return (m0 + r) / group; };
+  auto row_head = [&](int r) { return kPackGQA ? head * group + (m0 + r) % group : head; };
+  auto row_valid = [&](int r) { return m0 + r < rows_total; };
+  // Visible keys of tile row r (0 past q_len or outside the tensor); non-decreasing in r.
+  auto row_keys = [&](int r) { return (row_valid(r) && row_query(r) < ql) ? visible_keys(row_query(r), ql, kl) : 0; };
+  // Keys seen by the last live row in [r_begin, r_end): the reach of those rows.
+  auto rows_reach = [&](int r_begin, int r_end) {
+    const int r_last = imin(r_end, rows_total - m0) - 1;
+    if (r_last < r_begin || row_query(r_begin) >= ql) return 0;
+    return visible_keys(imin(row_query(r_last), ql - 1), ql, kl);
+  };
+
+  // This lane's rows: tile row wr0 + 16 a + 8 h + g holds index 2 a + h.
+  int row_n[2 * MA];
+#pragma unroll
+  for (int a = 0; a < MA; ++a)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_n[2 * a + h] = row_keys(wr0 + 16 * a + 8 * h + g);
+  const int n_warp = rows_reach(wr0, wr0 + RW);  // warp-uniform
+
+  int nb_begin = 0, nb_end = ceil_div(rows_reach(0, BM), BN);
+  if (kSplit) {
+    const int per = ceil_div(ceil_div(p.Ck, BN), p.num_splits);
+    nb_begin = split * per;
+    nb_end = imin(nb_end, nb_begin + per);
+  }
+
+  float acc[MA][DT][4];
+  float m_run[2 * MA], l_run[2 * MA];  // running max (log2 domain), this lane's partial row sums
+#pragma unroll
+  for (int a = 0; a < MA; ++a) {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[a][dt][e] = 0.f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) m_run[2 * a + h] = -INFINITY, l_run[2 * a + h] = 0.f;
+  }
+
+  if (nb_begin < nb_end) {
+    cp_async_tile<T, D, BM, SD>(sQ, [&](int r) -> const T* {
+      const int i = row_query(r);
+      return (row_valid(r) && i < ql) ? qp + i * p.q_row_stride + row_head(r) * p.q_head_stride : nullptr;
+    });
+    auto load_kv = [&](int nb, int buf) {
+      const int n0 = nb * BN;
+      cp_async_tile<T, D, BN, SD>(sK + buf * BN * SD, [&](int r) -> const T* {
+        return n0 + r < kl ? kp + (n0 + r) * p.k_row_stride : nullptr;
+      });
+      cp_async_tile<T, D, BN, SD>(sV + buf * BN * SD, [&](int r) -> const T* {
+        return n0 + r < kl ? vp + (n0 + r) * p.v_row_stride : nullptr;
+      });
+    };
+    load_kv(nb_begin, 0);
+    cp_async_commit();
+
+    for (int nb = nb_begin; nb < nb_end; ++nb) {
+      const int buf = (nb - nb_begin) & 1;
+      cp_async_wait<0>();
+      __syncthreads();  // tile nb is in smem for everyone; everyone is done with tile nb - 1's buffer
+      if (nb + 1 < nb_end) load_kv(nb + 1, buf ^ 1);  // overlaps with this tile's math
+      cp_async_commit();
+      const int n0 = nb * BN;
+      if (n0 >= n_warp) continue;  // warp-uniform: none of this warp's rows sees these keys
+      const T* tK = sK + buf * BN * SD;
+      const T* tV = sV + buf * BN * SD;
+
+      // ---- S = Q K^T: k16 steps over the head dim; one ldmatrix.x4 of K feeds two n8 tiles.
+      float s[MA][NT][4];
+#pragma unroll
+      for (int a = 0; a < MA; ++a)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[a][nt][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t qa[MA][4];
+#pragma unroll
+        for (int a = 0; a < MA; ++a) ldsm_x4(qa[a], sQ + (wr0 + 16 * a + lane % 16) * SD + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int nt2 = 0; nt2 < NT / 2; ++nt2) {
+          uint32_t kb[4];  // (kb0, kb1): keys 16 nt2 + 0..7; (kb2, kb3): keys 16 nt2 + 8..15
+          ldsm_x4(kb, tK + (nt2 * 16 + lane % 8 + (lane / 16) * 8) * SD + kk * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+          for (int a = 0; a < MA; ++a) {
+            mma_16816<T>(s[a][2 * nt2], qa[a], kb[0], kb[1]);
+            mma_16816<T>(s[a][2 * nt2 + 1], qa[a], kb[2], kb[3]);
+          }
+        }
+      }
+
+      // ---- Mask and online softmax (log2 domain) on the fragments. Rows that have seen no key yet
+      // keep m = -inf and use 0 as the reference, so exp2 never sees -inf - (-inf).
+#pragma unroll
+      for (int a = 0; a < MA; ++a)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int ri = 2 * a + h;
+          float mx = -INFINITY;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = n0 + nt * 8 + 2 * tq + e;
+              float& x = s[a][nt][2 * h + e];
+              x = j < row_n[ri] ? x * p.scale_log2 : -INFINITY;
+              mx = fmaxf(mx, x);
+            }
+          mx = quad_max(mx);
+          const float m_new = fmaxf(m_run[ri], mx);
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;
+          const float alpha = exp2f(m_run[ri] - m_use);
+          m_run[ri] = m_new;
+          l_run[ri] *= alpha;
+#pragma unroll
+          for (int dt = 0; dt < DT; ++dt) acc[a][dt][2 * h] *= alpha, acc[a][dt][2 * h + 1] *= alpha;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& x = s[a][nt][2 * h + e];
+              x = exp2f(x - m_use);
+              l_run[ri] += x;
+            }
+        }
+
+      // ---- O += P V: P's C fragments of key tiles (2 kk, 2 kk + 1) are the A fragment of k16 step kk.
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t pa[MA][4];
+#pragma unroll
+        for (int a = 0; a < MA; ++a) {
+          pa[a][0] = pack2<T>(s[a][2 * kk][0], s[a][2 * kk][1]);
+          pa[a][1] = pack2<T>(s[a][2 * kk][2], s[a][2 * kk][3]);
+          pa[a][2] = pack2<T>(s[a][2 * kk + 1][0], s[a][2 * kk + 1][1]);
+          pa[a][3] = pack2<T>(s[a][2 * kk + 1][2], s[a][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dt2 = 0; dt2 < DT / 2; ++dt2) {
+          uint32_t vb[4];  // (vb0, vb1): head-dim cols 16 dt2 + 0..7; (vb2, vb3): + 8..15
+          ldsm_x4_trans(vb, tV + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SD + dt2 * 16 + (lane / 16) * 8);
+#pragma unroll
+          for (int a = 0; a < MA; ++a) {
+            mma_16816<T>(acc[a][2 * dt2], pa[a], vb[0], vb[1]);
+            mma_16816<T>(acc[a][2 * dt2 + 1], pa[a], vb[2], vb[3]);
+          }
+        }
+      }
+    }
+  }
+
+  // ---- Epilogue: o = acc / l, lse = (m + log2 l) ln 2; zeros and -inf for rows without keys.
+  float inv_l[2 * MA], lse[2 * MA];
+  bool has_keys[2 * MA];
+#pragma unroll
+  for (int ri = 0; ri < 2 * MA; ++ri) {
+    const float l = quad_sum(l_run[ri]);  // every lane, before any branch
+    // The row saw a key in [nb_begin * BN, nb_end * BN): then l >= 1 (NaN inputs propagate).
+    has_keys[ri] = nb_begin < nb_end && row_n[ri] > nb_begin * BN;
+    inv_l[ri] = has_keys[ri] ? 1.f / l : 0.f;
+    lse[ri] = has_keys[ri] ? (m_run[ri] + log2f(l)) * kLn2 : -INFINITY;
+  }
+  if (kSplit) {
+    // fp32 partials straight from the fragments: a quad writes 32 contiguous bytes per n8 tile.
+#pragma unroll
+    for (int a = 0; a < MA; ++a)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int ri = 2 * a + h, r = wr0 + 16 * a + 8 * h + g;
+        if (!row_valid(r)) continue;
+        const int i = row_query(r), hq = row_head(r);
+        // The combine kernel skips splits with lse = -inf without reading their o_part.
+        if (tq == 0) p.lse_part[(((int64_t)split * p.B + b) * p.Hq + hq) * p.Cq + i] = lse[ri];
+        if (!has_keys[ri]) continue;
+        float* dst = p.o_part + ((((int64_t)split * p.B + b) * p.Cq + i) * p.Hq + hq) * D + 2 * tq;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+          *reinterpret_cast<float2*>(dst + dt * 8) =
+              make_float2(acc[a][dt][2 * h] * inv_l[ri], acc[a][dt][2 * h + 1] * inv_l[ri]);
+      }
+    return;
+  }
+  // Stage the warp's O rows in its own rows of sQ (only this warp ever read them), then write whole
+  // 16-byte chunks: rows of o are contiguous d-element runs.
+  __syncwarp();
+#pragma unroll
+  for (int a = 0; a < MA; ++a)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int ri = 2 * a + h;
+      T* srow = sQ + (wr0 + 16 * a + 8 * h + g) * SD + 2 * tq;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+        *reinterpret_cast<uint32_t*>(srow + dt * 8) =
+            pack2<T>(acc[a][dt][2 * h] * inv_l[ri], acc[a][dt][2 * h + 1] * inv_l[ri]);
+      const int r = wr0 + 16 * a + 8 * h + g;
+      if (tq == 0 && row_valid(r)) p.lse[((int64_t)b * p.Hq + row_head(r)) * p.Cq + row_query(r)] = lse[ri];
+    }
+  __syncwarp();
+  for (int idx = lane; idx < RW * Tr::kChunks; idx += 32) {
+    const int r = wr0 + idx / Tr::kChunks, c = (idx % Tr::kChunks) * 8;
+    if (!row_valid(r)) continue;
+    T* dst = static_cast<T*>(p.o) + b * p.o_batch_stride + row_query(r) * p.o_row_stride +
+             row_head(r) * p.o_head_stride + c;
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(sQ + r * SD + c);
+  }
+}
+
+}  // namespace gmod::attn

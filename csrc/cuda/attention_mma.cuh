@@ -1,0 +1,106 @@
+// Tensor-core building blocks of the attention kernels (sm_80+; used unchanged on sm_90):
+//   ldsm_x4 / ldsm_x4_trans   ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16
+//   mma_16816<T>              mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32 (T = bf16 or fp16), d += a b
+//   cp_async_16 / _commit / _wait<N>   cp.async.cg.shared.global 16-byte copies, grouped
+//   pack2<T>                  two floats -> one 32-bit register of two T (the lower index in the low half)
+// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), for lane l, g = l / 4, t = l % 4:
+//   A 16x16 (4 regs):  reg j = rows g + 8 (j % 2), cols 2t + 8 (j / 2) + {0, 1}
+//   B 16x8  (2 regs):  reg j = rows (k) 2t + 8 j + {0, 1}, col g
+//   C 16x8  (4 fp32):  element e = row g + 8 (e / 2), col 2t + e % 2
+// so the C fragments of two adjacent n8 tiles are exactly the A fragment of a k16 step (FlashAttention-2
+// keeps P in registers this way). The host emulation (csrc/cuda/emu/cuda_emu.h) defines the same
+// functions from these layouts; under GMOD_HOST_EMULATION this header leaves its PTX out.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+#ifndef GMOD_DEV
+#define GMOD_DEV __device__ __forceinline__
+#endif
+
+namespace gmod::attn {
+
+template <typename T> GMOD_DEV uint32_t pack2(float lo, float hi);
+template <> GMOD_DEV uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x = lo goes to the low half
+  uint32_t r;
+  memcpy(&r, &h, 4);
+  return r;
+}
+template <> GMOD_DEV uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  uint32_t r;
+  memcpy(&r, &h, 4);
+  return r;
+}
+
+// Sum / max over the 4 lanes of a quad (the lanes that share the rows of an mma C fragment).
+GMOD_DEV float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+GMOD_DEV float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+#ifndef GMOD_HOST_EMULATION
+
+// The tensor-core kernels are launched only on sm_80+ (attention_api.cu); older targets compile a trap.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define GMOD_SM80_OR_TRAP(...) __trap()
+#else
+#define GMOD_SM80_OR_TRAP(...) __VA_ARGS__
+#endif
+
+GMOD_DEV uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+GMOD_DEV void ldsm_x4(uint32_t (&r)[4], const void* row_addr) {
+  GMOD_SM80_OR_TRAP(asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                                 : "r"(smem_u32(row_addr))));
+}
+GMOD_DEV void ldsm_x4_trans(uint32_t (&r)[4], const void* row_addr) {
+  GMOD_SM80_OR_TRAP(asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                                 : "r"(smem_u32(row_addr))));
+}
+
+template <typename T> GMOD_DEV void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+GMOD_DEV void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  GMOD_SM80_OR_TRAP(asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1)));
+}
+template <>
+GMOD_DEV void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  GMOD_SM80_OR_TRAP(asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1)));
+}
+
+// 16 bytes global -> shared, bypassing L1 (.cg). Both addresses 16-byte aligned.
+GMOD_DEV void cp_async_16(void* smem_dst, const void* gmem_src) {
+  GMOD_SM80_OR_TRAP(asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem_dst)),
+                                 "l"(gmem_src)
+                                 : "memory"));
+}
+GMOD_DEV void cp_async_commit() { GMOD_SM80_OR_TRAP(asm volatile("cp.async.commit_group;\n" ::: "memory")); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N> GMOD_DEV void cp_async_wait() {
+  GMOD_SM80_OR_TRAP(asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"));
+}
+
+#endif  // GMOD_HOST_EMULATION
+
+}  // namespace gmod::attn

@@ -1,0 +1,216 @@
+// Host emulation of the CUDA features the attention kernels use, so that the kernel headers compile
+// as plain C++ and run on the CPU (csrc/cuda/emu/*_test.cpp). One std::thread per CUDA thread; blocks
+// of a grid run one after another and share one "shared memory" array.
+//   threadIdx / blockIdx / gridDim      thread_local values
+//   __syncthreads / __syncwarp          std::barrier over the block / the warp
+//   __shfl_xor_sync                     a per-warp exchange array between two warp barriers
+//   atomicAdd(float*)                   std::atomic_ref
+//   ldmatrix (x4, .trans), mma.sync m16n8k16 (bf16 / fp16 in, fp32 accumulate): the fragment layouts
+//                                       of the PTX ISA, rebuilt from what every lane of the warp holds
+//   cp.async 16-byte copies             deferred until the cp.async.wait_group that covers them, so a
+//                                       kernel that reads shared memory too early reads the poison
+// It checks index math, fragment layouts, masking and synchronisation order; it says nothing about
+// speed or bank conflicts. Include it before the kernel headers (it defines GMOD_HOST_EMULATION,
+// which makes attention_mma.cuh leave out its inline PTX).
+#pragma once
+
+#define GMOD_HOST_EMULATION 1
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace emu {
+inline constexpr int kMaxThreads = 128;
+inline constexpr int kMaxWarps = kMaxThreads / 32;
+inline thread_local uint3 t_thread;
+inline thread_local dim3 t_block, t_grid;
+inline std::barrier<>* block_bar = nullptr;
+inline std::barrier<>* warp_bar[kMaxWarps] = {};
+
+// Per-warp exchange slots: what each lane contributes to a warp-collective operation.
+struct WarpSlots {
+  float f[32];
+  int i[32];
+  const void* ptr[32];
+  uint32_t a[32][4];
+  uint32_t b[32][2];
+  float c[32][4];
+};
+inline WarpSlots slots[kMaxWarps];
+
+inline int warp_id() { return static_cast<int>(t_thread.x) / 32; }
+inline int lane_id() { return static_cast<int>(t_thread.x) % 32; }
+inline void warp_sync() { warp_bar[warp_id()]->arrive_and_wait(); }
+
+// ---- cp.async: per-thread queue of pending 16-byte copies, grouped by commit.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+};
+inline thread_local std::vector<PendingCopy> pending;        // issued, in order
+inline thread_local std::vector<size_t> group_ends;          // pending.size() at each commit
+}  // namespace emu
+
+#define threadIdx (emu::t_thread)
+#define blockIdx (emu::t_block)
+#define gridDim (emu::t_grid)
+#define __launch_bounds__(...)
+
+inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
+inline float __shfl_xor_sync(unsigned, float v, int m) {
+  auto& s = emu::slots[emu::warp_id()];
+  s.f[emu::lane_id()] = v;
+  emu::warp_sync();
+  const float r = s.f[emu::lane_id() ^ m];
+  emu::warp_sync();
+  return r;
+}
+inline int __shfl_xor_sync(unsigned, int v, int m) {
+  auto& s = emu::slots[emu::warp_id()];
+  s.i[emu::lane_id()] = v;
+  emu::warp_sync();
+  const int r = s.i[emu::lane_id() ^ m];
+  emu::warp_sync();
+  return r;
+}
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
+namespace gmod::attn {
+
+// ---- ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the address of row l % 8 of
+// matrix l / 8; register i of lane l gets, of matrix i, the pair (row l/4, cols 2(l%4), 2(l%4)+1),
+// or with .trans the pair (rows 2(l%4), 2(l%4)+1, col l/4). The lower column / row is in the low half.
+inline void emu_ldsm_x4(uint32_t (&r)[4], const void* row_addr, bool trans) {
+  if (reinterpret_cast<uintptr_t>(row_addr) % 16 != 0) {
+    std::fprintf(stderr, "emu: ldmatrix row address %p is not 16-byte aligned\n", row_addr);
+    std::abort();
+  }
+  auto& s = emu::slots[emu::warp_id()];
+  const int l = emu::lane_id();
+  s.ptr[l] = row_addr;
+  emu::warp_sync();
+  auto elem = [&](int m, int row, int col) {
+    uint16_t v;
+    std::memcpy(&v, static_cast<const char*>(s.ptr[8 * m + row]) + 2 * col, 2);
+    return static_cast<uint32_t>(v);
+  };
+  for (int m = 0; m < 4; ++m) {
+    if (!trans) r[m] = elem(m, l / 4, 2 * (l % 4)) | (elem(m, l / 4, 2 * (l % 4) + 1) << 16);
+    else r[m] = elem(m, 2 * (l % 4), l / 4) | (elem(m, 2 * (l % 4) + 1, l / 4) << 16);
+  }
+  emu::warp_sync();
+}
+inline void ldsm_x4(uint32_t (&r)[4], const void* row_addr) { emu_ldsm_x4(r, row_addr, false); }
+inline void ldsm_x4_trans(uint32_t (&r)[4], const void* row_addr) { emu_ldsm_x4(r, row_addr, true); }
+
+// ---- mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, d += a * b.
+//   A 16x16: reg j of lane l holds rows l/4 + 8 (j % 2), cols 2(l%4) + 8 (j / 2) + {0, 1}
+//   B 16x8:  reg j of lane l holds rows (k) 2(l%4) + 8 j + {0, 1}, col l/4
+//   C 16x8:  element e of lane l is row l/4 + 8 (e / 2), col 2(l%4) + e % 2
+template <typename T>
+inline float emu_half_to_float(uint32_t bits16) {
+  const uint16_t b = static_cast<uint16_t>(bits16);
+  T x;
+  std::memcpy(&x, &b, 2);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
+  else return __half2float(x);
+}
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "mma_16816: 16-bit inputs only");
+  auto& s = emu::slots[emu::warp_id()];
+  const int l = emu::lane_id();
+  for (int j = 0; j < 4; ++j) s.a[l][j] = a[j];
+  s.b[l][0] = b0, s.b[l][1] = b1;
+  for (int e = 0; e < 4; ++e) s.c[l][e] = d[e];
+  emu::warp_sync();
+  auto A = [&](int row, int k) {
+    const uint32_t w = s.a[(row % 8) * 4 + (k % 8) / 2][(row / 8) + 2 * (k / 8)];
+    return emu_half_to_float<T>(k % 2 ? w >> 16 : w & 0xffffu);
+  };
+  auto B = [&](int k, int col) {
+    const uint32_t w = s.b[col * 4 + (k % 8) / 2][k / 8];
+    return emu_half_to_float<T>(k % 2 ? w >> 16 : w & 0xffffu);
+  };
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = l / 4 + 8 * (e / 2), col = 2 * (l % 4) + e % 2;
+    float acc = s.c[l][e];
+    for (int k = 0; k < 16; ++k) acc = std::fma(A(row, k), B(k, col), acc);
+    out[e] = acc;
+  }
+  emu::warp_sync();
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
+// ---- cp.async.cg.shared.global (16 bytes), commit_group, wait_group N.
+inline void cp_async_16(void* smem_dst, const void* gmem_src) { emu::pending.push_back({smem_dst, gmem_src}); }
+inline void cp_async_commit() { emu::group_ends.push_back(emu::pending.size()); }
+template <int N>
+inline void cp_async_wait() {
+  // Complete every committed group except the N most recent.
+  const int groups = static_cast<int>(emu::group_ends.size());
+  if (groups <= N) return;
+  const size_t done = emu::group_ends[groups - 1 - N];
+  for (size_t t = 0; t < done; ++t) std::memcpy(emu::pending[t].dst, emu::pending[t].src, 16);
+  emu::pending.erase(emu::pending.begin(), emu::pending.begin() + static_cast<std::ptrdiff_t>(done));
+  emu::group_ends.erase(emu::group_ends.begin(), emu::group_ends.begin() + (groups - N));
+  for (auto& e : emu::group_ends) e -= done;
+}
+
+// Shared memory of the emulated blocks (the kernels declare `extern __shared__ float4 gmod_attn_smem[]`).
+alignas(128) inline float4 gmod_attn_smem[1 << 16];  // 1 MiB, reused by each block
+}  // namespace gmod::attn
+
+namespace emu {
+// Runs kernel() as grid x threads emulated CUDA threads. Shared memory is poisoned (NaN) before the
+// grid, so that reads of never-written shared memory show up in the results.
+inline void launch(dim3 grid, int threads, int smem_bytes, const std::function<void()>& kernel) {
+  if (smem_bytes > static_cast<int>(sizeof(gmod::attn::gmod_attn_smem)) || threads > kMaxThreads ||
+      threads % 32 != 0) {
+    std::fprintf(stderr, "emu: launch with %d threads and %d bytes of shared memory is not supported\n", threads,
+                 smem_bytes);
+    std::abort();
+  }
+  for (auto& x : gmod::attn::gmod_attn_smem) x = make_float4(NAN, NAN, NAN, NAN);
+  std::barrier<> bar(threads);
+  std::vector<std::unique_ptr<std::barrier<>>> wbars;
+  for (int w = 0; w < threads / 32; ++w) {
+    wbars.push_back(std::make_unique<std::barrier<>>(32));
+    warp_bar[w] = wbars.back().get();
+  }
+  block_bar = &bar;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      t_thread = make_uint3(static_cast<unsigned>(t), 0, 0);
+      t_grid = grid;
+      for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+          for (unsigned x = 0; x < grid.x; ++x) {
+            t_block = dim3(x, y, z);
+            kernel();
+            pending.clear();  // copies never waited for are lost, as on the device at kernel exit
+            group_ends.clear();
+            bar.arrive_and_wait();  // the next block reuses shared memory
+          }
+    });
+  }
+  for (auto& th : pool) th.join();
+}
+}  // namespace emu
