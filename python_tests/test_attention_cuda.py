@@ -397,3 +397,52 @@ def test_env_flags_in_subprocess():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_simt_kernels_for_16bit_inputs(dtype, tmp_path):
+    """bf16 / fp16 run on the tensor-core kernels by default; GMOD_ATTN_SIMT=1 (read once per process)
+    selects the SIMT kernels that pre-sm_80 GPUs use. Both must meet the same accuracy rule: prefill,
+    GQA decode with split-k, and the backward."""
+    B, Cq, Ck, Hq, Hk, d = 3, 70, 90, 4, 2, 64
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
+    qd, kd, vd = make_qkv(2, 1, 3000, 8, 2, 128, dtype)
+    q_len, k_len = lengths(B, Cq, (70, 1, 0)), lengths(B, Ck, (90, 2, 40))
+    qd_len = torch.ones(2, dtype=torch.int32, device=DEV)
+    kd_len = torch.tensor([3000, 1777], dtype=torch.int32, device=DEV)
+    g = torch.randn_like(q)
+    inputs = tmp_path / "inputs.pt"
+    torch.save({n: t.cpu() for n, t in dict(q=q, k=k, v=v, q_len=q_len, k_len=k_len, g=g, qd=qd, kd=kd, vd=vd,
+                                           qd_len=qd_len, kd_len=kd_len).items()}, inputs)
+    code = textwrap.dedent(
+        f"""
+        import torch, gmod_ext
+        from gmod_ext import ops
+        t = {{n: x.cuda() for n, x in torch.load({str(inputs)!r}).items()}}
+        o, lse = ops.attention(t["q"], t["k"], t["v"], t["q_len"], t["k_len"])
+        dq, dk, dv = torch.ops.gmod.attention_backward(t["g"], t["q"], t["k"], t["v"], o, lse, t["q_len"], t["k_len"], 0.125)
+        od, lsed = ops.attention(t["qd"], t["kd"], t["vd"], t["qd_len"], t["kd_len"])
+        torch.save({{n: x.cpu() for n, x in dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv, od=od, lsed=lsed).items()}},
+                   {str(tmp_path / "out.pt")!r})
+        print("OK")
+        """
+    )
+    env = dict(os.environ, GMOD_ATTN_SIMT="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    out = {n: x.to(DEV) for n, x in torch.load(tmp_path / "out.pt").items()}
+    o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, 0.125, torch.float64)
+    o_pt, _ = ref_attention(q, k, v, q_len, k_len, 0.125, dtype)
+    assert_flash_close(out["o"], o_ref, o_pt, "simt o")
+    assert_lse_close(out["lse"], lse_ref, "simt lse")
+    _, dq_ref, dk_ref, dv_ref = ref_grads(q, k, v, q_len, k_len, 0.125, torch.float64, g)
+    _, dq_pt, dk_pt, dv_pt = ref_grads(q, k, v, q_len, k_len, 0.125, dtype, g)
+    for name, ref, pt in (("dq", dq_ref, dq_pt), ("dk", dk_ref, dk_pt), ("dv", dv_ref, dv_pt)):
+        assert_flash_close(out[name], ref, pt, f"simt {name}")
+    scale_d = 1.0 / math.sqrt(128)
+    od_ref, lsed_ref = ref_attention(qd, kd, vd, qd_len, kd_len, scale_d, torch.float64)
+    od_pt, _ = ref_attention(qd, kd, vd, qd_len, kd_len, scale_d, dtype)
+    assert_flash_close(out["od"], od_ref, od_pt, "simt decode o")
+    assert_lse_close(out["lsed"], lsed_ref, "simt decode lse")

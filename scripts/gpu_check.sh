@@ -4,7 +4,7 @@
 #   bash scripts/gpu_check.sh
 #   GMOD_GPU_CHECK_STEPS=build,tests,bench bash scripts/gpu_check.sh     # a subset
 #
-# Steps (in this order): info build tests memcheck racecheck bench_ops bench_attention ncu
+# Steps (in this order): info build tests memcheck racecheck bench_ops bench_attention ncu ncu_attn
 #   aliases: all (default) = every step above; sanitize = memcheck,racecheck; bench = bench_ops,bench_attention
 #   extra, only when named: bench_layer bench_model (python -m gmod_ext.bench layer|model; a second call:
 #   GMOD_GPU_CHECK_STEPS=bench_layer,bench_model on the warm machine reuses the build)
@@ -31,7 +31,7 @@ STATUS_FILE=$OUT/steps.tsv
 ANY_FAIL=0
 
 # ------------------------------------------------------------------ which steps
-ALL_STEPS="info build tests memcheck racecheck bench_ops bench_attention ncu"
+ALL_STEPS="info build tests memcheck racecheck bench_ops bench_attention ncu ncu_attn"
 req=${GMOD_GPU_CHECK_STEPS:-all}
 req=" $(echo "$req" | tr ',' ' ') "
 req=${req// all / $ALL_STEPS }
@@ -176,21 +176,15 @@ want bench_attention && bench bench_attention 220
 want bench_layer && bench bench_layer 200
 want bench_model && bench bench_model 250
 
-# ------------------------------------------------------------------ ncu
-if want ncu; then
-  if ! command -v ncu > /dev/null; then
-    record ncu FAIL 0 "ncu not found"
-  elif run_step ncu 150 ncu.log ncu --kernel-name-base demangled --kernel-name regex:gmod --launch-count 30 \
-         --section SpeedOfLight --csv --page details "$PY" scripts/sanitize_ops.py --large; then
-    grep -E '^"' "$OUT/ncu.log" > "$OUT/ncu.csv"
-    "$PY" - "$OUT/ncu.csv" > "$OUT/ncu_summary.txt" 2>&1 <<'EOF'
+# ncu --csv --page details -> one line per kernel launch (time, SOL %, tensor pipe %, occupancy, registers)
+cat > "$OUT/ncu_summary.py" <<'EOF'
 import csv, re, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 kern = {}
 for r in rows:
     k = (r.get("ID"), r.get("Kernel Name", "?"))
     kern.setdefault(k, {})[r.get("Metric Name")] = (r.get("Metric Value"), r.get("Metric Unit"))
-print(f"{'kernel':<48} {'us':>9} {'mem%':>6} {'SM%':>6} {'DRAM%':>6}")
+print(f"{'kernel':<48} {'us':>9} {'mem%':>6} {'SM%':>6} {'DRAM%':>6} {'tensor%':>7} {'occ%':>6} {'regs':>5}")
 for (i, name), m in kern.items():
     short = re.sub(r"\(.*$", "", re.sub(r"<.*>", "<..>", name))[-48:]
     dur, unit = m.get("Duration", ("?", ""))
@@ -200,15 +194,57 @@ for (i, name), m in kern.items():
     except ValueError:
         pass
     g = lambda n: m.get(n, ("-",))[0]
-    print(f"{short:<48} {dur:>9} {g('Memory Throughput'):>6} {g('Compute (SM) Throughput'):>6} {g('DRAM Throughput'):>6}")
+    print(f"{short:<48} {dur:>9} {g('Memory Throughput'):>6} {g('Compute (SM) Throughput'):>6} {g('DRAM Throughput'):>6} "
+          f"{g('sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active'):>7} "
+          f"{g('Achieved Occupancy'):>6} {g('Registers Per Thread'):>5}")
 print(f"{len(kern)} kernels profiled")
 EOF
+
+# ------------------------------------------------------------------ ncu
+if want ncu; then
+  if ! command -v ncu > /dev/null; then
+    record ncu FAIL 0 "ncu not found"
+  elif run_step ncu 150 ncu.log ncu --clock-control none --kernel-name-base demangled --kernel-name regex:gmod --launch-count 30 \
+         --section SpeedOfLight --csv --page details "$PY" scripts/sanitize_ops.py --large; then
+    grep -E '^"' "$OUT/ncu.log" > "$OUT/ncu.csv"
+    "$PY" "$OUT/ncu_summary.py" "$OUT/ncu.csv" > "$OUT/ncu_summary.txt" 2>&1
     cat "$OUT/ncu_summary.txt" | cut -c1-120
     n=$(grep -oE "^[0-9]+ kernels profiled" "$OUT/ncu_summary.txt" | grep -oE "^[0-9]+")
     if (( RC == 0 )) && [[ -n "$n" && "$n" != 0 ]]; then
       record ncu ok "$DUR" "$n kernels (ncu_summary.txt)"
     else
       record ncu FAIL "$DUR" "rc=$RC, ${n:-0} kernels: $(grep -m1 -E 'ERR|==ERROR==|WARNING' "$OUT/ncu.log" | cut -c1-120)"
+    fi
+  fi
+fi
+
+# ------------------------------------------------------------------ ncu_attn
+# The attention kernels at benchmark shapes: prefill forward + backward (B=4, C=2048, H=32, d=128,
+# bf16, causal) and GQA decode (B=8, 8192 cached keys), with the tensor pipe utilisation and the
+# achieved occupancy.
+if want ncu_attn; then
+  if ! command -v ncu > /dev/null; then
+    record ncu_attn FAIL 0 "ncu not found"
+  else
+    : > "$OUT/ncu_attn.csv"; : > "$OUT/ncu_attn.log"
+    ok=1; dur_all=0
+    for args in "--B 4 --C 2048 --bwd" "--B 8 --C 8192 --H 32 --Hk 8 --decode"; do
+      run_step ncu_attn 90 ncu_attn_run.log ncu --clock-control none --kernel-name-base demangled \
+        --kernel-name regex:gmod_attn --launch-skip 3 --launch-count 4 --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active \
+        --csv --page details "$PY" scripts/profile_attention_case.py $args || break
+      (( RC == 0 )) || ok=0
+      dur_all=$((dur_all + DUR))
+      cat "$OUT/ncu_attn_run.log" >> "$OUT/ncu_attn.log"
+      grep -E '^"' "$OUT/ncu_attn_run.log" >> "$OUT/ncu_attn.csv"
+    done
+    "$PY" "$OUT/ncu_summary.py" "$OUT/ncu_attn.csv" > "$OUT/ncu_attn_summary.txt" 2>&1
+    cut -c1-130 "$OUT/ncu_attn_summary.txt"
+    n=$(grep -oE "^[0-9]+ kernels profiled" "$OUT/ncu_attn_summary.txt" | grep -oE "^[0-9]+")
+    if (( ok )) && [[ -n "$n" && "$n" != 0 ]]; then
+      record ncu_attn ok "$dur_all" "$n launches (ncu_attn_summary.txt)"
+    else
+      record ncu_attn FAIL "$dur_all" "rc=$RC, ${n:-0} launches: $(grep -m1 -E 'ERR|==ERROR==' "$OUT/ncu_attn.log" | cut -c1-120)"
     fi
   fi
 fi

@@ -1,15 +1,13 @@
-// Device helpers shared by the attention kernels (attention_fwd_kernel.cuh, attention_bwd_kernel.cuh):
+// Device helpers shared by the SIMT attention kernels (attention_fwd_kernel.cuh, attention_bwd_kernel.cuh):
 // element conversion, global -> shared tile loads, warp reductions, the causal visibility rule.
 //
-// SIMT version: tiles are staged in shared memory as float32 (converted once on load) and the two
-// inner products of each pass are plain FMA loops, marked "MMA SITE". The tensor-core version keeps
-// the kernels' structure (params, tile loop, online softmax, masking, epilogues) and replaces:
-//   * load_tile: cp.async (sm80) / TMA (sm90) copies of 16-bit tiles into swizzled shared memory;
-//   * each MMA SITE: ldmatrix + mma.sync.m16n8k16 (bf16/fp16 in, fp32 accumulate) on sm80, or
-//     wgmma.mma_async m64nNk16 on sm90, with S / O / dK / dV kept in the mma accumulator layout;
-//   * the per-thread row/column ownership below (row groups x lanes) by the accumulator fragment's.
-// These headers have no torch dependency, so the kernels can also be compiled as host code with a
-// small emulation of threadIdx / __syncthreads / shuffles (used to test the index math without a GPU).
+// The SIMT kernels stage tiles in shared memory as float32 (converted once on load) and do the inner
+// products as plain FMA loops. They run for float32 inputs, on GPUs older than sm_80 and with
+// GMOD_ATTN_SIMT=1. bf16 / fp16 on sm_80+ run the tensor-core kernels (attention_fwd_tc_kernel.cuh,
+// attention_mma.cuh: ldmatrix + mma.sync.m16n8k16 with S / P / O kept in mma fragments, cp.async
+// double buffering), which share the params, the row mapping, the masking rule and the epilogues.
+// These headers have no torch dependency, so the kernels also compile as host code against the
+// emulation in csrc/cuda/emu/cuda_emu.h (used to test the index math without a GPU).
 #pragma once
 
 #include <cuda_bf16.h>

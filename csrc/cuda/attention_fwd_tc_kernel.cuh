@@ -17,6 +17,8 @@
 #include "attention_common.cuh"
 #include "attention_mma.cuh"
 
+#include <type_traits>
+
 namespace gmod::attn {
 
 // kMAtoms: 16-row mma atoms per warp (tile rows = 4 warps x 16 x kMAtoms).
@@ -112,7 +114,10 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
   for (int a = 0; a < MA; ++a)
 #pragma unroll
     for (int h = 0; h < 2; ++h) row_n[2 * a + h] = row_keys(wr0 + 16 * a + 8 * h + g);
-  const int n_warp = rows_reach(wr0, wr0 + RW);  // warp-uniform
+  const int n_warp = rows_reach(wr0, wr0 + RW);  // warp-uniform: keys any row of the warp sees
+  // Keys every row of the warp sees (row_keys is non-decreasing over live rows): its first row's count
+  // when all its rows are live, else 0 (warp-uniform).
+  const int n_warp_full = row_keys(wr0 + RW - 1) > 0 ? row_keys(wr0) : 0;
 
   int nb_begin = 0, nb_end = ceil_div(rows_reach(0, BM), BN);
   if (kSplit) {
@@ -187,39 +192,51 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
       }
 
       // ---- Mask and online softmax (log2 domain) on the fragments. Rows that have seen no key yet
-      // keep m = -inf and use 0 as the reference, so exp2 never sees -inf - (-inf).
+      // keep m = -inf and use 0 as the reference, so exp2 never sees -inf - (-inf). Tiles that every
+      // row of the warp sees whole (all but the causal diagonal and the k_len edge) skip the mask.
+      auto online_softmax = [&](auto masked) {
 #pragma unroll
-      for (int a = 0; a < MA; ++a)
+        for (int a = 0; a < MA; ++a)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int ri = 2 * a + h;
-          float mx = -INFINITY;
+          for (int h = 0; h < 2; ++h) {
+            const int ri = 2 * a + h;
+            float mx = -INFINITY;
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
+            for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int j = n0 + nt * 8 + 2 * tq + e;
-              float& x = s[a][nt][2 * h + e];
-              x = j < row_n[ri] ? x * p.scale_log2 : -INFINITY;
-              mx = fmaxf(mx, x);
-            }
-          mx = quad_max(mx);
-          const float m_new = fmaxf(m_run[ri], mx);
-          const float m_use = m_new == -INFINITY ? 0.f : m_new;
-          const float alpha = exp2f(m_run[ri] - m_use);
-          m_run[ri] = m_new;
-          l_run[ri] *= alpha;
+              for (int e = 0; e < 2; ++e) {
+                float& x = s[a][nt][2 * h + e];
+                if constexpr (decltype(masked)::value) {
+                  const int j = n0 + nt * 8 + 2 * tq + e;
+                  x = j < row_n[ri] ? x * p.scale_log2 : -INFINITY;
+                } else {
+                  x *= p.scale_log2;
+                }
+                mx = fmaxf(mx, x);
+              }
+            mx = quad_max(mx);
+            const float m_new = fmaxf(m_run[ri], mx);
+            const float m_use = m_new == -INFINITY ? 0.f : m_new;
+            const float alpha = exp2f(m_run[ri] - m_use);
+            m_run[ri] = m_new;
+            l_run[ri] *= alpha;
 #pragma unroll
-          for (int dt = 0; dt < DT; ++dt) acc[a][dt][2 * h] *= alpha, acc[a][dt][2 * h + 1] *= alpha;
+            for (int dt = 0; dt < DT; ++dt) acc[a][dt][2 * h] *= alpha, acc[a][dt][2 * h + 1] *= alpha;
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
+            for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float& x = s[a][nt][2 * h + e];
-              x = exp2f(x - m_use);
-              l_run[ri] += x;
-            }
-        }
+              for (int e = 0; e < 2; ++e) {
+                float& x = s[a][nt][2 * h + e];
+                x = exp2f(x - m_use);
+                l_run[ri] += x;
+              }
+          }
+      };
+      if (n0 + BN <= n_warp_full) {
+        online_softmax(std::false_type{});
+      } else {
+        online_softmax(std::true_type{});
+      }
 
       // ---- O += P V: P's C fragments of key tiles (2 kk, 2 kk + 1) are the A fragment of k16 step kk.
 #pragma unroll
