@@ -17,8 +17,6 @@
 #include "attention_common.cuh"
 #include "attention_mma.cuh"
 
-#include <type_traits>
-
 namespace gmod::attn {
 
 // kMAtoms: 16-row mma atoms per warp (tile rows = 4 warps x 16 x kMAtoms).
@@ -193,50 +191,48 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
 
       // ---- Mask and online softmax (log2 domain) on the fragments. Rows that have seen no key yet
       // keep m = -inf and use 0 as the reference, so exp2 never sees -inf - (-inf). Tiles that every
-      // row of the warp sees whole (all but the causal diagonal and the k_len edge) skip the mask.
-      auto online_softmax = [&](auto masked) {
+      // row of the warp sees whole (all but the causal diagonal and the k_len edge) skip the mask
+      // (a warp-uniform branch around the compare-and-select only, so no code is duplicated).
+#pragma unroll
+      for (int a = 0; a < MA; ++a)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[a][nt][e] *= p.scale_log2;
+      if (n0 + BN > n_warp_full) {
 #pragma unroll
         for (int a = 0; a < MA; ++a)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int ri = 2 * a + h;
-            float mx = -INFINITY;
+          for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                float& x = s[a][nt][2 * h + e];
-                if constexpr (decltype(masked)::value) {
-                  const int j = n0 + nt * 8 + 2 * tq + e;
-                  x = j < row_n[ri] ? x * p.scale_log2 : -INFINITY;
-                } else {
-                  x *= p.scale_log2;
-                }
-                mx = fmaxf(mx, x);
-              }
-            mx = quad_max(mx);
-            const float m_new = fmaxf(m_run[ri], mx);
-            const float m_use = m_new == -INFINITY ? 0.f : m_new;
-            const float alpha = exp2f(m_run[ri] - m_use);
-            m_run[ri] = m_new;
-            l_run[ri] *= alpha;
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt) acc[a][dt][2 * h] *= alpha, acc[a][dt][2 * h + 1] *= alpha;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                float& x = s[a][nt][2 * h + e];
-                x = exp2f(x - m_use);
-                l_run[ri] += x;
-              }
-          }
-      };
-      if (n0 + BN <= n_warp_full) {
-        online_softmax(std::false_type{});
-      } else {
-        online_softmax(std::true_type{});
+            for (int e = 0; e < 4; ++e)
+              if (n0 + nt * 8 + 2 * tq + e % 2 >= row_n[2 * a + e / 2]) s[a][nt][e] = -INFINITY;
       }
+#pragma unroll
+      for (int a = 0; a < MA; ++a)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int ri = 2 * a + h;
+          float mx = -INFINITY;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[a][nt][2 * h], s[a][nt][2 * h + 1]));
+          mx = quad_max(mx);
+          const float m_new = fmaxf(m_run[ri], mx);
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;
+          const float alpha = exp2f(m_run[ri] - m_use);
+          m_run[ri] = m_new;
+          l_run[ri] *= alpha;
+#pragma unroll
+          for (int dt = 0; dt < DT; ++dt) acc[a][dt][2 * h] *= alpha, acc[a][dt][2 * h + 1] *= alpha;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& x = s[a][nt][2 * h + e];
+              x = exp2f(x - m_use);
+              l_run[ri] += x;
+            }
+        }
 
       // ---- O += P V: P's C fragments of key tiles (2 kk, 2 kk + 1) are the A fragment of k16 step kk.
 #pragma unroll
