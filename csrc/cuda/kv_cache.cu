@@ -92,7 +92,7 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   constexpr int kThreads = 256;
   const unsigned len_blocks = static_cast<unsigned>(ceil_div(B, kThreads));
-  if (!trust_indices()) {
+  if (!skip_index_validation()) {
     DeviceErrorFlag flag(k_cache.device(), stream);
     gmod_kv_cache_validate_kernel<<<len_blocks, kThreads, 0, stream>>>(
         cache_len.data_ptr<int32_t>(), new_len.data_ptr<int32_t>(), B, T, cap, flag.ptr());

@@ -558,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor> route_cuda(const at::Tensor& scores, const at
   auto count = at::empty({B}, scores.options().dtype(at::kInt));
   if (B == 0) return {idx, count};
   std::optional<DeviceErrorFlag> flag;
-  if (!trust_indices()) flag.emplace(scores.device(), stream);
+  if (!skip_index_validation()) flag.emplace(scores.device(), stream);
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "gmod_route_cuda", [&] {
     const scalar_t thr = threshold.has_value() ? static_cast<scalar_t>(*threshold) : scalar_t(0);
     // Codes of up to ceil((S + 3) / 4) groups of 4 (pad <= 3), one key_type each.

@@ -7,6 +7,7 @@ Ops without a kernel for the device show "n/a (no CUDA kernel)" and are not fail
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -28,6 +29,9 @@ in the JSON); --graph times CUDA-graph replays instead of eager calls. On CPU, t
 medians. Sizes: full sizes on CUDA; --quick (and always on CPU) small sizes for a smoke test.
 Every gmod result is compared with its baseline once before it is timed; a difference prints
 MISMATCH in the row and on stderr and makes the exit status 2.
+index validation: the CUDA ops validate index / length values on the device and sync once per call
+(GMOD_TRUST_INDICES=1 turns that off). The benchmark times the kernels, so it sets
+GMOD_TRUST_INDICES=1 for itself unless --check-indices is given (then the sync is in every time).
 """
 
 
@@ -53,11 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-ms", type=float, help="time spent on the repeats of one measurement")
     p.add_argument("--threads", type=int, help="CPU: torch threads (default 1, for stable medians)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check-indices", action="store_true",
+                   help="keep the CUDA ops' index validation (one host sync per call) in the timed calls")
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if not args.check_indices:
+        # Read once per process by the extension, at the first CUDA op call: set before any.
+        os.environ["GMOD_TRUST_INDICES"] = "1"
     if args.device == "cuda" and not torch.cuda.is_available():
         print("python -m gmod_ext.bench: --device cuda but torch sees no GPU", file=sys.stderr)
         return 3
@@ -66,7 +75,7 @@ def main(argv=None) -> int:
     print(f"gmod_ext.bench {args.bench}: {m['device']} ({m['device_name']}), torch {m['torch']}, "
           f"{m['dtype']}, sizes {m['size_mode']}, gmod build {m['gmod_build']}")
     print(f"timing: {m['timing']['method']}, L2 flush {m['timing']['l2_flush_256MiB']}, "
-          f"graph {m['timing']['cuda_graph']}, {ctx.min_reps}-{ctx.max_reps} repeats / ~{ctx.budget_ms:.0f} ms each\n",
+          f"graph {m['timing']['cuda_graph']}, index validation {m['timing']['index_validation']}, {ctx.min_reps}-{ctx.max_reps} repeats / ~{ctx.budget_ms:.0f} ms each\n",
           flush=True)
     sections = []
     t0 = time.time()

@@ -421,6 +421,8 @@ def meta(ctx: Ctx) -> dict:
             "method": "cuda events, median" if ctx.cuda else "time.perf_counter, median",
             "l2_flush_256MiB": bool(ctx.cuda and ctx.flush),
             "cuda_graph": bool(ctx.graph),
+            # GMOD_TRUST_INDICES=1: the CUDA ops skip their index validation and its host sync
+            "index_validation": os.environ.get("GMOD_TRUST_INDICES") != "1",
             "budget_ms": ctx.budget_ms,
             "min_reps": ctx.min_reps,
             "max_reps": ctx.max_reps,

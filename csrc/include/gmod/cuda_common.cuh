@@ -6,14 +6,15 @@
 // device word (atomicMin of `location << 8 | code`); the host copies that word back once (one
 // stream sync). On an error the offending tensors are copied to the host and the CPU checker runs
 // on them, so the message is exactly the CPU one. GMOD_TRUST_INDICES=1 (read once per process)
-// skips the validation and its sync (needed for CUDA graph capture too); the kernels then still
-// never touch memory out of bounds: an out-of-range entry is ignored.
+// skips the validation and its sync, and so does CUDA graph capture (a sync would break it); the
+// kernels then still never touch memory out of bounds: an out-of-range entry is ignored.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>  // at::cuda::getCurrentCUDAStream (ATen/cuda/CUDAContext.h needs cusparse.h)
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdint>
@@ -34,6 +35,13 @@ inline bool trust_indices() {
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
   return trusted;
+}
+
+// The device-side index validation runs unless GMOD_TRUST_INDICES=1 or the current stream is being
+// captured into a CUDA graph (its host sync is illegal there).
+inline bool skip_index_validation() {
+  return trust_indices() ||
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
 // N elements of T in one aligned load / store (16 bytes for the vector paths).

@@ -57,7 +57,7 @@ __global__ void gmod_slot_map_kernel(const int32_t* __restrict__ idx, const int3
 inline std::optional<DeviceErrorFlag> launch_route_validation(const at::Tensor& idx, const at::Tensor& count,
                                                               int64_t S, cudaStream_t stream) {
   const int64_t B = idx.size(0), C = idx.size(1);
-  if (trust_indices() || B == 0) return std::nullopt;
+  if (skip_index_validation() || B == 0) return std::nullopt;
   std::optional<DeviceErrorFlag> flag;
   flag.emplace(idx.device(), stream);
   const int64_t n = B * (C > 0 ? C : 1);
