@@ -3,22 +3,49 @@
 //                      + dq kernel (grid = query tiles x Hq x B, loops over key tiles); or
 //   non-deterministic: dk/dv kernel that also atomically adds dq into fp32 dq_accum; with
 //                      heads_per_cta == 1 (small grids) one CTA per q head and atomic fp32 dk/dv.
-// Tiles: BwdTile<d> (64 queries x 32 keys for d <= 128, 32 x 16 for d = 256), 128 threads.
+// Kernels and tiles, 128 threads:
+//   tensor cores (bf16 / fp16 on sm_80+, head dim <= 128): attention_bwd_tc_kernel.cuh, TcBwdTile<d>
+//                      (dk/dv: 64 keys x 64-query steps; dq: 64 queries x 64-key steps);
+//   SIMT (float32, head dim 256, older GPUs, GMOD_ATTN_SIMT=1): attention_bwd_kernel.cuh, BwdTile<d>
+//                      (64 queries x 32 keys for d <= 128, 32 x 16 for d = 256).
+#include <type_traits>
+
 #include "attention_bwd_kernel.cuh"
+#include "attention_bwd_tc_kernel.cuh"
 #include "attention_launch.cuh"
 
 namespace gmod::attn {
 
 template <typename T, int kHeadDim>
 void run_attn_bwd(const AttnBwdParams& params, bool deterministic, cudaStream_t stream) {
-  using Tr = BwdTraits<kHeadDim>;
   const int64_t rows = static_cast<int64_t>(params.B) * params.Cq * params.Hq;
   launch_attn_kernel(gmod_attn_bwd_preprocess_kernel<T, kHeadDim>, dim3(ceil_div_host(rows, kNThreads / 32)), 0,
                      stream, params, "the backward preprocess kernel");
-  const dim3 grid_dkdv(ceil_div_host(params.Ck, Tr::kBlockN), params.Hk * (params.group / params.heads_per_cta),
-                       params.B);
+  const int kv_parts = params.Hk * (params.group / params.heads_per_cta);
+  TORCH_CHECK(!deterministic || params.heads_per_cta == params.group,
+              "gmod.attention_backward: deterministic mode sums a GQA group in one CTA");
+  if constexpr (!std::is_same_v<T, float> && kTcBwdHeadDim<kHeadDim>) {
+    if (params.use_tensor_cores) {
+      using Tr = TcBwdTile<kHeadDim>;
+      // attention_api.cu (attention_backward_cuda) picks heads_per_cta from this key tile.
+      static_assert(Tr::kBlockN == 64, "update the tensor-core block N in attention_backward_cuda");
+      const dim3 grid_dkdv(ceil_div_host(params.Ck, Tr::kBlockN), kv_parts, params.B);
+      if (deterministic) {
+        launch_attn_kernel(gmod_attn_bwd_dkdv_tc_kernel<Tr, T, /*kAtomicDq=*/false>, grid_dkdv,
+                           tc_bwd_dkdv_smem_bytes<Tr>(), stream, params, "the tensor-core backward dk/dv kernel");
+        launch_attn_kernel(gmod_attn_bwd_dq_tc_kernel<Tr, T>,
+                           dim3(ceil_div_host(params.Cq, Tr::kDqBlockM), params.Hq, params.B),
+                           tc_bwd_dq_smem_bytes<Tr>(), stream, params, "the tensor-core backward dq kernel");
+      } else {
+        launch_attn_kernel(gmod_attn_bwd_dkdv_tc_kernel<Tr, T, /*kAtomicDq=*/true>, grid_dkdv,
+                           tc_bwd_dkdv_smem_bytes<Tr>(), stream, params, "the tensor-core backward dk/dv kernel");
+      }
+      return;
+    }
+  }
+  using Tr = BwdTraits<kHeadDim>;
+  const dim3 grid_dkdv(ceil_div_host(params.Ck, Tr::kBlockN), kv_parts, params.B);
   if (deterministic) {
-    TORCH_CHECK(params.heads_per_cta == params.group, "gmod.attention_backward: deterministic mode sums a GQA group in one CTA");
     launch_attn_kernel(gmod_attn_bwd_dkdv_kernel<Tr, T, /*kAtomicDq=*/false>, grid_dkdv, bwd_dkdv_smem_bytes<Tr>(),
                        stream, params, "the backward dk/dv kernel");
     launch_attn_kernel(gmod_attn_bwd_dq_kernel<Tr, T>, dim3(ceil_div_host(params.Cq, Tr::kBlockM), params.Hq, params.B),

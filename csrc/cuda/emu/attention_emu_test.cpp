@@ -22,6 +22,7 @@
 #include "cuda_emu.h"  // first: the CUDA emulation the kernel headers compile against
 
 #include "../attention_bwd_kernel.cuh"
+#include "../attention_bwd_tc_kernel.cuh"
 #include "../attention_fwd_kernel.cuh"
 #include "../attention_fwd_tc_kernel.cuh"
 
@@ -253,8 +254,8 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   compare("o", tag, o, ref.o, rtol, atol);
   compare("lse", tag, lse, ref.lse, fp32 ? 1e-5 : 1e-3, fp32 ? 1e-6 : 1e-3);
 
-  // ---- backward: same plan as attention_api.cu / attention_bwd.cu, from the kernel's own o / lse
-  using Tb = BwdTraits<kHeadDim>;
+  // ---- backward: same plan as attention_api.cu / attention_bwd.cu, from the kernel's own o / lse:
+  // tensor cores for 16-bit T with d <= 128 (unless opt.simt), else the SIMT kernels.
   const int hpc = opt.deterministic ? group : (opt.heads_per_cta < 0 ? group : opt.heads_per_cta);
   std::vector<T> dq(nq, from_f<T>(NAN)), dk(nk, from_f<T>(NAN)), dv(nk, from_f<T>(NAN));
   std::vector<float> dq_acc(nq, 0.f), dk_acc(nk, 0.f), dv_acc(nk, 0.f), delta(static_cast<size_t>(P.B) * P.Hq * P.Cq, NAN);
@@ -265,13 +266,33 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   p.heads_per_cta = hpc;
   const int64_t rows = static_cast<int64_t>(P.B) * P.Cq * P.Hq;
   launch(dim3(ceil_div_host(rows, kNThreads / 32)), 0, [&] { gmod_attn_bwd_preprocess_kernel<T, kHeadDim>(p); });
-  const dim3 grid_dkdv(ceil_div_host(P.Ck, Tb::kBlockN), P.Hk * (group / hpc), P.B);
-  if (opt.deterministic) {
-    launch(grid_dkdv, bwd_dkdv_smem_bytes<Tb>(), [&] { gmod_attn_bwd_dkdv_kernel<Tb, T, false>(p); });
-    launch(dim3(ceil_div_host(P.Cq, Tb::kBlockM), P.Hq, P.B), bwd_dq_smem_bytes<Tb>(),
-           [&] { gmod_attn_bwd_dq_kernel<Tb, T>(p); });
-  } else {
-    launch(grid_dkdv, bwd_dkdv_smem_bytes<Tb>(), [&] { gmod_attn_bwd_dkdv_kernel<Tb, T, true>(p); });
+  bool tc_bwd = false;
+  if constexpr (!std::is_same_v<T, float> && kTcBwdHeadDim<kHeadDim>) {
+    if (tc) {
+      tc_bwd = true;
+      using Tt = TcBwdTile<kHeadDim>;
+      const dim3 grid_dkdv(ceil_div_host(P.Ck, Tt::kBlockN), P.Hk * (group / hpc), P.B);
+      if (opt.deterministic) {
+        launch(grid_dkdv, tc_bwd_dkdv_smem_bytes<Tt>(), [&] { gmod_attn_bwd_dkdv_tc_kernel<Tt, T, false>(p); });
+        launch(dim3(ceil_div_host(P.Cq, Tt::kDqBlockM), P.Hq, P.B), tc_bwd_dq_smem_bytes<Tt>(),
+               [&] { gmod_attn_bwd_dq_tc_kernel<Tt, T>(p); });
+      } else {
+        launch(grid_dkdv, tc_bwd_dkdv_smem_bytes<Tt>(), [&] { gmod_attn_bwd_dkdv_tc_kernel<Tt, T, true>(p); });
+      }
+    }
+  }
+  if (!tc_bwd) {
+    using Tb = BwdTraits<kHeadDim>;
+    const dim3 grid_dkdv(ceil_div_host(P.Ck, Tb::kBlockN), P.Hk * (group / hpc), P.B);
+    if (opt.deterministic) {
+      launch(grid_dkdv, bwd_dkdv_smem_bytes<Tb>(), [&] { gmod_attn_bwd_dkdv_kernel<Tb, T, false>(p); });
+      launch(dim3(ceil_div_host(P.Cq, Tb::kBlockM), P.Hq, P.B), bwd_dq_smem_bytes<Tb>(),
+             [&] { gmod_attn_bwd_dq_kernel<Tb, T>(p); });
+    } else {
+      launch(grid_dkdv, bwd_dkdv_smem_bytes<Tb>(), [&] { gmod_attn_bwd_dkdv_kernel<Tb, T, true>(p); });
+    }
+  }
+  if (!opt.deterministic) {
     for (size_t t = 0; t < nq; ++t) dq[t] = from_f<T>(dq_acc[t]);
   }
   if (hpc != group) {
@@ -279,9 +300,10 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   }
   // bf16/fp16: o is rounded to T before Delta = <dO, O>, so the gradients carry O(eps) relative errors.
   const double brtol = fp32 ? 2e-4 : 5e-2, batol = fp32 ? 2e-5 : 3e-2;
-  compare("dq", tag, dq, ref.dq, brtol, batol);
-  compare("dk", tag, dk, ref.dk, brtol, batol);
-  compare("dv", tag, dv, ref.dv, brtol, batol);
+  const std::string btag = tag + (tc_bwd ? " bwd=tc" : " bwd=simt");
+  compare("dq", btag, dq, ref.dq, brtol, batol);
+  compare("dk", btag, dk, ref.dk, brtol, batol);
+  compare("dv", btag, dv, ref.dv, brtol, batol);
 }
 
 template <typename T, int kHeadDim>
@@ -304,6 +326,64 @@ int main(int argc, char** argv) {
   det.deterministic = true;
   int cases = 0;
   auto count = [&] { ++cases; };
+  // Tensor-core backward (bf16 / fp16, d <= 128): every head dim with both dtypes, GQA groups 1 / 2 / 4
+  // with heads_per_cta = group and = 1, deterministic and atomic dQ, lengths 0 and 1, q_len > k_len and
+  // < k_len, several 64-key / 64-query tiles; then causal offsets k_len - q_len swept across the tile
+  // boundaries, and short query chunks. `tcbwd` as the argument runs only these.
+  const bool only_tc_bwd = argc > 1 && std::string(argv[1]) == "tcbwd";
+  auto tc_bwd_cases = [&](bool short_run) {
+    Options atomic_dq, det_dq, split;
+    det_dq.deterministic = true;
+    split.heads_per_cta = 1;
+    auto per_dim = [&](auto type, auto dim, bool all) {
+      using T = typename decltype(type)::type;
+      constexpr int D = decltype(dim)::value;
+      run_random<T, D>(rng, 3, 70, 90, 4, 2, atomic_dq, {70, 1, 0}, {90, 1, 5});   // group 2, whole group
+      run_random<T, D>(rng, 3, 70, 90, 4, 1, det_dq, {33, 70, 17}, {0, 20, 90});   // group 4, k_len 0
+      cases += 2;
+      if (!all) return;
+      run_random<T, D>(rng, 2, 65, 130, 4, 2, split, {65, 40}, {130, 64});         // group 2, hpc 1
+      run_random<T, D>(rng, 2, 130, 70, 2, 2, atomic_dq, {130, 129}, {70, 65});    // group 1, q_len > k_len
+      run_random<T, D>(rng, 2, 20, 140, 4, 1, split, {20, 1}, {140, 128});         // group 4, hpc 1
+      run_random<T, D>(rng, 1, 129, 129, 2, 1, det_dq, {129}, {129});              // group 2, square
+      cases += 4;
+    };
+    using bf16 = std::type_identity<__nv_bfloat16>;
+    using fp16 = std::type_identity<__half>;
+    per_dim(bf16{}, std::integral_constant<int, 32>{}, true);
+    per_dim(fp16{}, std::integral_constant<int, 32>{}, !short_run);
+    per_dim(fp16{}, std::integral_constant<int, 64>{}, true);
+    per_dim(bf16{}, std::integral_constant<int, 64>{}, !short_run);
+    per_dim(bf16{}, std::integral_constant<int, 96>{}, true);
+    per_dim(fp16{}, std::integral_constant<int, 96>{}, !short_run);
+    per_dim(fp16{}, std::integral_constant<int, 128>{}, true);
+    per_dim(bf16{}, std::integral_constant<int, 128>{}, !short_run);
+    // Causal offsets k_len - q_len around the 64-key / 64-query tile and 16-key warp boundaries, with
+    // three q_len alignments, one batch row each.
+    std::vector<int> ql, kl;
+    const int offsets[] = {-65, -64, -63, -16, -15, -1, 0, 1, 15, 16, 17, 47, 63, 64, 65, 66};
+    for (int b = 0; b < 16; ++b) {
+      ql.push_back(100 - b % 3);
+      kl.push_back(std::max(0, ql.back() + offsets[b]));
+    }
+    run_random<__nv_bfloat16, 64>(rng, 16, 100, 166, 2, 1, atomic_dq, ql, kl);
+    run_random<__half, 32>(rng, 16, 100, 166, 2, 1, split, ql, kl);
+    cases += 2;
+    if (!short_run) {
+      run_random<__half, 128>(rng, 16, 100, 166, 2, 1, det_dq, ql, kl);
+      run_random<__nv_bfloat16, 96>(rng, 16, 100, 166, 4, 2, split, ql, kl);
+      cases += 2;
+    }
+    // Short query chunks (the forward's decode path; the backward runs the same kernels).
+    run_random<__half, 96>(rng, 2, 5, 300, 8, 2, split, {5, 3}, {300, 2});
+    run_random<__nv_bfloat16, 128>(rng, 2, 16, 200, 4, 1, det_dq, {16, 7}, {200, 70});
+    cases += 2;
+  };
+  if (only_tc_bwd) {
+    tc_bwd_cases(false);
+    std::printf("%d cases, %d failures\n", cases, g_failures);
+    return g_failures ? 1 : 0;
+  }
   if (argc > 1 && std::string(argv[1]) == "tiny") {  // a few cases, for -fsanitize=thread
     Options many_sms;
     many_sms.num_sms = 1000;
@@ -435,6 +515,7 @@ int main(int argc, char** argv) {
     }
     ++cases;
   }
+  tc_bwd_cases(quick);
   // The same 16-bit problems on the SIMT kernels (GMOD_ATTN_SIMT=1, pre-sm_80 GPUs).
   {
     Options simt;
