@@ -223,12 +223,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const auto f32 = q.options().dtype(at::kFloat);
   // One dk/dv CTA per kv head (summing its GQA group, no atomics) when deterministic or when that grid
   // already fills the GPU twice over; else one per q head with fp32 atomics into dk/dv accumulators.
-  // Sized with the key tile of the dk/dv kernel that will run (attention_bwd.cu): 64 keys for the
-  // tensor-core kernel (TcBwdTile<d>::kBlockN, bf16 / fp16 with d <= 128, static_assert'ed there),
+  // Sized with the key tile of the dk/dv kernel that will run (attention_bwd.cu): kTcBwdBlockN keys
+  // for the tensor-core kernel (bf16 / fp16 with d <= 128, static_assert'ed there),
   // BwdTile<d>::kBlockN for the SIMT one.
-  const bool tc_bwd = use_tensor_cores(q.scalar_type()) && a.d <= 128;
+  const bool tc_bwd = use_tensor_cores(q.scalar_type()) && attn::tc_bwd_supports_head_dim(a.d);
   int64_t bwd_block_n = 0;
-  GMOD_HEADDIM_SWITCH(a.d, op, [&] { bwd_block_n = tc_bwd ? 64 : attn::BwdTile<kHeadDim>::kBlockN; });
+  GMOD_HEADDIM_SWITCH(a.d, op, [&] { bwd_block_n = tc_bwd ? attn::kTcBwdBlockN : attn::BwdTile<kHeadDim>::kBlockN; });
   const int64_t kv_ctas = (a.Ck + bwd_block_n - 1) / bwd_block_n * a.B * a.Hk;
   const int64_t heads_per_cta = (deterministic || group == 1 || kv_ctas >= 2 * num_sms()) ? group : 1;
 

@@ -28,7 +28,8 @@ void run_attn_bwd(const AttnBwdParams& params, bool deterministic, cudaStream_t 
     if (params.use_tensor_cores) {
       using Tr = TcBwdTile<kHeadDim>;
       // attention_api.cu (attention_backward_cuda) picks heads_per_cta from this key tile.
-      static_assert(Tr::kBlockN == 64, "update the tensor-core block N in attention_backward_cuda");
+      static_assert(Tr::kBlockN == kTcBwdBlockN && tc_bwd_supports_head_dim(kHeadDim),
+                    "attention_api.cu sizes heads_per_cta with kTcBwdBlockN / tc_bwd_supports_head_dim");
       const dim3 grid_dkdv(ceil_div_host(params.Ck, Tr::kBlockN), kv_parts, params.B);
       if (deterministic) {
         launch_attn_kernel(gmod_attn_bwd_dkdv_tc_kernel<Tr, T, /*kAtomicDq=*/false>, grid_dkdv,

@@ -90,6 +90,10 @@ inline constexpr int kDecodeMaxSplits = 128;
 // Tensor-core decode (attention_fwd_tc_kernel.cuh): 64 packed rows (16 per warp) x 64 keys (32 for d = 256).
 inline constexpr int kTcDecodeBlockM = 64;
 inline constexpr int kTcDecodeBlockN = 64;
+// Tensor-core backward (attention_bwd_tc_kernel.cuh): 64 keys per dk/dv CTA (4 warps x 16), d <= 128
+// (d = 256 would need more than 255 registers for dK + dV; it stays on the SIMT kernels).
+inline constexpr int kTcBwdBlockN = 64;
+inline constexpr bool tc_bwd_supports_head_dim(int64_t head_dim) { return head_dim <= 128; }
 inline int decode_block_m(bool tensor_cores) { return tensor_cores ? kTcDecodeBlockM : kDecodeBlockM; }
 inline int decode_block_n(bool tensor_cores, int64_t head_dim) {
   return tensor_cores ? (head_dim <= 128 ? kTcDecodeBlockN : kTcDecodeBlockN / 2) : kDecodeBlockN;
