@@ -495,29 +495,8 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_bwd_dq_tc_kernel(const At
             }
         }
 
-      // ---- dQ += dS K: dS's C fragments of key tiles (2 kk, 2 kk + 1) are the A fragment of k16 step
-      // kk; K rows are B rows (k = key), so ldmatrix.trans.
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t da[MA][4];
-#pragma unroll
-        for (int a = 0; a < MA; ++a) {
-          da[a][0] = pack2<T>(dp[a][2 * kk][0], dp[a][2 * kk][1]);
-          da[a][1] = pack2<T>(dp[a][2 * kk][2], dp[a][2 * kk][3]);
-          da[a][2] = pack2<T>(dp[a][2 * kk + 1][0], dp[a][2 * kk + 1][1]);
-          da[a][3] = pack2<T>(dp[a][2 * kk + 1][2], dp[a][2 * kk + 1][3]);
-        }
-#pragma unroll
-        for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-          uint32_t kb[4];  // (kb0, kb1): head-dim cols 16 dt2 + 0..7; (kb2, kb3): + 8..15
-          ldsm_x4_trans(kb, tK + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SD + dt2 * 16 + (lane / 16) * 8);
-#pragma unroll
-          for (int a = 0; a < MA; ++a) {
-            mma_16816<T>(acc[a][2 * dt2], da[a], kb[0], kb[1]);
-            mma_16816<T>(acc[a][2 * dt2 + 1], da[a], kb[2], kb[3]);
-          }
-        }
-      }
+      // ---- dQ += dS K: dS stays in registers as the A operand; K rows by ldmatrix.trans.
+      mma_frag_x_smem<T, MA, BN, D, SD>(acc, dp, tK, lane);
     }
   }
 

@@ -234,28 +234,8 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
             }
         }
 
-      // ---- O += P V: P's C fragments of key tiles (2 kk, 2 kk + 1) are the A fragment of k16 step kk.
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t pa[MA][4];
-#pragma unroll
-        for (int a = 0; a < MA; ++a) {
-          pa[a][0] = pack2<T>(s[a][2 * kk][0], s[a][2 * kk][1]);
-          pa[a][1] = pack2<T>(s[a][2 * kk][2], s[a][2 * kk][3]);
-          pa[a][2] = pack2<T>(s[a][2 * kk + 1][0], s[a][2 * kk + 1][1]);
-          pa[a][3] = pack2<T>(s[a][2 * kk + 1][2], s[a][2 * kk + 1][3]);
-        }
-#pragma unroll
-        for (int dt2 = 0; dt2 < DT / 2; ++dt2) {
-          uint32_t vb[4];  // (vb0, vb1): head-dim cols 16 dt2 + 0..7; (vb2, vb3): + 8..15
-          ldsm_x4_trans(vb, tV + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SD + dt2 * 16 + (lane / 16) * 8);
-#pragma unroll
-          for (int a = 0; a < MA; ++a) {
-            mma_16816<T>(acc[a][2 * dt2], pa[a], vb[0], vb[1]);
-            mma_16816<T>(acc[a][2 * dt2 + 1], pa[a], vb[2], vb[3]);
-          }
-        }
-      }
+      // ---- O += P V: P stays in registers as the A operand; V rows by ldmatrix.trans.
+      mma_frag_x_smem<T, MA, BN, D, SD>(acc, s, tV, lane);
     }
   }
 

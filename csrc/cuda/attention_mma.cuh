@@ -103,4 +103,39 @@ template <int N> GMOD_DEV void cp_async_wait() {
 
 #endif  // GMOD_HOST_EMULATION
 
+
+// acc += A x B for the rows of one warp, where
+//   A [16 kMAtoms x kK] is given as mma C fragments c[a][kK / 8] (fp32, e.g. P or dS): the C fragments
+//     of n8 tiles (2 kk, 2 kk + 1) are exactly the A fragment of k16 step kk, so A never leaves the
+//     registers (rounded to T here);
+//   B [kK x kN] is rows [0, kK) x cols [0, kN) of a row-major 16-bit shared tile with row stride
+//     kStride elements (B(k, n) = tile[k * kStride + n], e.g. V or K), read with ldmatrix.trans;
+//   acc [16 kMAtoms x kN] in C fragments acc[a][kN / 8].
+template <typename T, int kMAtoms, int kK, int kN, int kStride>
+GMOD_DEV void mma_frag_x_smem(float (&acc)[kMAtoms][kN / 8][4], const float (&c)[kMAtoms][kK / 8][4], const T* tile,
+                              int lane) {
+  static_assert(kK % 16 == 0 && kN % 16 == 0, "k16 steps, pairs of n8 tiles");
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t fa[kMAtoms][4];
+#pragma unroll
+    for (int a = 0; a < kMAtoms; ++a) {
+      fa[a][0] = pack2<T>(c[a][2 * kk][0], c[a][2 * kk][1]);
+      fa[a][1] = pack2<T>(c[a][2 * kk][2], c[a][2 * kk][3]);
+      fa[a][2] = pack2<T>(c[a][2 * kk + 1][0], c[a][2 * kk + 1][1]);
+      fa[a][3] = pack2<T>(c[a][2 * kk + 1][2], c[a][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int n2 = 0; n2 < kN / 16; ++n2) {
+      uint32_t fb[4];  // (fb0, fb1): cols 16 n2 + 0..7; (fb2, fb3): cols 16 n2 + 8..15
+      ldsm_x4_trans(fb, tile + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kStride + n2 * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int a = 0; a < kMAtoms; ++a) {
+        mma_16816<T>(acc[a][2 * n2], fa[a], fb[0], fb[1]);
+        mma_16816<T>(acc[a][2 * n2 + 1], fa[a], fb[2], fb[3]);
+      }
+    }
+  }
+}
+
 }  // namespace gmod::attn
