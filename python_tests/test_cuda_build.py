@@ -136,7 +136,9 @@ def assert_same_error(fn_dev, fn_cpu):
 # ================================================================== router_logits
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("D", [1, 7, 100, 256, 4096])
+# D: 16-byte rows or not (the warp-per-row fallback), the row-block kernel's 1 / 2 / 4 column groups
+# per thread (4096, 5120, 12288 for bf16) and rows too wide for it (16392).
+@pytest.mark.parametrize("D", [1, 7, 100, 256, 4096, 5120, 12288, 16392])
 @pytest.mark.parametrize("norm", ["none", "f32", "act"])
 def test_router_logits(dtype, D, norm):
     B, S = 3, 37

@@ -1,27 +1,25 @@
-// CUDA kernels of gmod.router_logits (fused RMSNorm + router projection) and its backward.
+// CUDA launchers of gmod.router_logits (fused RMSNorm + router projection) and its backward.
 // Semantics: csrc/cpu/router_logits.cpp.
 //   logit = r * sum_j x_j a_j,   r = 1 / sqrt(mean(x^2) + eps),   a_j = weight_j * norm_weight_j
 //
-// Forward: a tiny kernel forms a[D] in the accumulation type (as the CPU does), then one warp per
-// row reads x once with 16-byte vectors (when D * elem_size % 16 == 0 and x is aligned), keeps
-// the sum of squares and the dot with a in registers, and reduces both with warp shuffles.
-// Backward (deterministic, no float atomics):
-//   1. gmod_router_logits_backward_dx_kernel, one warp per row: recomputes ss, dot, r, writes
-//      dx = g r a - (g r^3 dot / D) x and coef[row] = g r (the row's weight in U below).
-//   2. gmod_router_logits_wgrad_partial_kernel: U_j = sum_rows coef[row] x[row, j] over fixed
-//      row chunks: grid (column tiles of 64, P chunks), each block sums its chunk in a fixed order
-//      and writes partial[P, D].
-//   3. gmod_router_logits_wgrad_reduce_kernel: U_j = sum_p partial[p, j] in order p = 0..P-1;
-//      dweight = U * norm_weight (or U), dnorm_weight = U * weight, stored in their dtypes.
-//   P depends only on the number of rows, so results are bit-reproducible run to run.
-// Speed work left: pass 2 re-reads x (a fused variant that keeps per-thread column
-// accumulators while walking rows would read x once), and the second read of x in step 1 relies
-// on L1/L2 hits.
+// Main path (x rows of 16-byte vectors, D <= 4 x 512 vectors): the row-block kernel of
+// router_logits_kernel.cuh, forward and backward. It reads x once in both directions; the backward
+// writes dx and per-chunk column sums partial[P, D] in the same pass, then
+// gmod_router_logits_wgrad_reduce_kernel adds the chunks in order (deterministic, no atomics).
+//
+// Fallback (rows not 16-byte vectors, or wider D): one warp per row.
+//   Forward: a tiny kernel forms a[D] in the accumulation type (as the CPU does), then each warp
+//   keeps the sum of squares and the dot with a in registers and reduces both with shuffles.
+//   Backward: (1) gmod_router_logits_backward_dx_kernel, one warp per row: recomputes ss, dot, r,
+//   writes dx and coef[row] = g r; (2) gmod_router_logits_wgrad_partial_kernel: U_j = sum_rows
+//   coef[row] x[row, j] over fixed row chunks into partial[P, D]; (3) the same reduce kernel.
+// P depends only on the number of rows, so results are bit-reproducible run to run.
 #include <torch/library.h>
 
 #include "gmod/cuda_common.cuh"
 #include "gmod/dispatch.h"
 #include "gmod/op_checks.h"
+#include "router_logits_kernel.cuh"
 
 namespace gmod {
 namespace {
@@ -153,17 +151,32 @@ __global__ void __launch_bounds__(kWgradCols / 2 * kWgradRowGroups)
   }
 }
 
+constexpr int kReduceCols = 32;    // columns per block of the chunk reduction (one per lane)
+constexpr int kReduceGroups = 8;   // chunk groups per column (one per warp)
+
 // U_j = sum_p partial[p, j]; dweight_j = U_j * norm_weight_j (U_j without norm_weight);
 // dnorm_j = U_j * weight_j. Written in the dtypes of weight / norm_weight.
+// Thread (lane c, warp q) adds chunks p = q, q + 8, ... of column c (8 loads in flight), then warp 0
+// adds the 8 group sums in order q = 0..7: a fixed order, so the bits do not change run to run.
 template <typename scalar_t, typename acc_t>
-__global__ void gmod_router_logits_wgrad_reduce_kernel(const acc_t* __restrict__ partial, int64_t P, int64_t D,
-                                                       const void* __restrict__ w, bool w_f32,
-                                                       const void* __restrict__ nw, bool nw_f32,
-                                                       void* __restrict__ dw, void* __restrict__ dnw) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= D) return;
+__global__ void __launch_bounds__(kReduceCols * kReduceGroups)
+    gmod_router_logits_wgrad_reduce_kernel(const acc_t* __restrict__ partial, int64_t P, int64_t D,
+                                           const void* __restrict__ w, bool w_f32, const void* __restrict__ nw,
+                                           bool nw_f32, void* __restrict__ dw, void* __restrict__ dnw) {
+  __shared__ acc_t sums[kReduceGroups][kReduceCols];
+  const int c = static_cast<int>(threadIdx.x) % kReduceCols, q = static_cast<int>(threadIdx.x) / kReduceCols;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kReduceCols + c;
   acc_t u = 0;
-  for (int64_t p = 0; p < P; ++p) u += partial[p * D + j];
+  if (j < D) {
+#pragma unroll 8
+    for (int64_t p = q; p < P; p += kReduceGroups) u += partial[p * D + j];
+  }
+  sums[q][c] = u;
+  __syncthreads();
+  if (q != 0 || j >= D) return;
+  u = 0;
+#pragma unroll
+  for (int g = 0; g < kReduceGroups; ++g) u += sums[g][c];
   if (nw != nullptr) {
     store_scale<scalar_t, acc_t>(dw, w_f32, j, u * load_scale<scalar_t, acc_t>(nw, nw_f32, j));
     store_scale<scalar_t, acc_t>(dnw, nw_f32, j, u * load_scale<scalar_t, acc_t>(w, w_f32, j));
@@ -197,6 +210,41 @@ at::Tensor combined_weight(const at::Tensor& weight, const std::optional<at::Ten
   return a;
 }
 
+// The row-block kernel (router_logits_kernel.cuh) for one direction; CPT picked from D.
+template <typename scalar_t, typename acc_t, bool kBackward>
+void launch_row_block(const router::RowBlockShape& shape, const router::RowBlockParams<acc_t>& p, int64_t chunks,
+                      cudaStream_t stream) {
+  constexpr int VN = vec16_elems<scalar_t>();
+  const auto launch = [&](auto kernel) {
+    kernel<<<static_cast<unsigned>(chunks), static_cast<unsigned>(shape.threads),
+             router::row_block_smem_bytes<acc_t>(), stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  switch (shape.cpt) {
+    case 1: launch(router::gmod_router_logits_rows_kernel<scalar_t, acc_t, VN, 1, kBackward>); break;
+    case 2: launch(router::gmod_router_logits_rows_kernel<scalar_t, acc_t, VN, 2, kBackward>); break;
+    default: launch(router::gmod_router_logits_rows_kernel<scalar_t, acc_t, VN, 4, kBackward>); break;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+router::RowBlockParams<acc_t> row_block_params(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& norm_weight, double eps,
+                                               const router::RowBlockShape& shape, int64_t rows_per_chunk) {
+  router::RowBlockParams<acc_t> p{};
+  p.x = x.data_ptr();
+  p.w = weight.data_ptr();
+  p.w_f32 = weight.scalar_type() == at::kFloat;
+  p.nw = norm_weight.has_value() ? norm_weight->data_ptr() : nullptr;
+  p.nw_f32 = norm_weight.has_value() && norm_weight->scalar_type() == at::kFloat;
+  p.rows = x.size(0) * x.size(1);
+  p.D = x.size(2);
+  p.eps = static_cast<acc_t>(eps);
+  p.threads = shape.threads;
+  p.rows_per_chunk = rows_per_chunk;
+  return p;
+}
+
 at::Tensor router_logits_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& norm_weight, double eps) {
   check_router_inputs(kOp, x, weight, norm_weight);
@@ -207,8 +255,16 @@ at::Tensor router_logits_cuda(const at::Tensor& x, const at::Tensor& weight,
   auto out = at::empty({B, S}, x.options().dtype(acc_type));
   if (N == 0) return out;
   GMOD_DISPATCH_FLOATING(x.scalar_type(), "gmod_router_logits_cuda", [&] {
-    const auto a = combined_weight<scalar_t, acc_t>(weight, norm_weight, acc_type, stream);
     const bool vec16 = can_use_vec16(D * x.element_size(), {x.data_ptr()});
+    router::RowBlockShape shape;
+    if (vec16 && router::row_block_shape(D, vec16_elems<scalar_t>(), shape)) {
+      const int64_t rpc = router::row_block_rows_per_chunk(N, false);
+      auto p = row_block_params<scalar_t, acc_t>(x, weight, norm_weight, eps, shape, rpc);
+      p.out = out.data_ptr<acc_t>();
+      launch_row_block<scalar_t, acc_t, false>(shape, p, ceil_div(N, rpc), stream);
+      return;
+    }
+    const auto a = combined_weight<scalar_t, acc_t>(weight, norm_weight, acc_type, stream);
     with_vec_width<scalar_t>(vec16, [&](auto n) {
       constexpr int VN = decltype(n)::value;
       gmod_router_logits_kernel<scalar_t, acc_t, VN>
@@ -234,16 +290,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_logits_backward_cuda(
   auto dweight = at::empty_like(weight);
   auto dnorm = norm_weight.has_value() ? at::empty_like(*norm_weight) : at::empty({0}, x.options().dtype(acc_type));
   if (D == 0) return {dx, dweight, dnorm};
-  // Fixed row chunks (a function of N only): P <= 256 chunks of >= 32 rows.
-  const int64_t P0 = std::min<int64_t>(256, ceil_div(N, 32));
-  const int64_t rows_per_chunk = N > 0 ? ceil_div(N, P0) : 1;
-  const int64_t P = N > 0 ? ceil_div(N, rows_per_chunk) : 0;
   GMOD_DISPATCH_FLOATING(x.scalar_type(), "gmod_router_logits_backward_cuda", [&] {
-    const auto a = combined_weight<scalar_t, acc_t>(weight, norm_weight, acc_type, stream);
-    auto partial = at::empty({std::max<int64_t>(P, 1), D}, x.options().dtype(acc_type));
-    if (N > 0) {
+    const bool vec16 = can_use_vec16(D * x.element_size(), {x.data_ptr(), dx.data_ptr()});
+    router::RowBlockShape shape;
+    at::Tensor partial;
+    int64_t P = 0;
+    if (N > 0 && vec16 && router::row_block_shape(D, vec16_elems<scalar_t>(), shape)) {
+      // One pass: dx and the per-chunk column sums of g r x.
+      const int64_t rpc = router::row_block_rows_per_chunk(N, true);
+      P = ceil_div(N, rpc);
+      partial = at::empty({P, D}, x.options().dtype(acc_type));
+      auto p = row_block_params<scalar_t, acc_t>(x, weight, norm_weight, eps, shape, rpc);
+      p.grad = grad.data_ptr<acc_t>();
+      p.dx = dx.data_ptr();
+      p.partial = partial.data_ptr<acc_t>();
+      launch_row_block<scalar_t, acc_t, true>(shape, p, P, stream);
+    } else if (N > 0) {
+      // Fixed row chunks (a function of N only): P <= 256 chunks of >= 32 rows.
+      const int64_t P0 = std::min<int64_t>(256, ceil_div(N, 32));
+      const int64_t rows_per_chunk = ceil_div(N, P0);
+      P = ceil_div(N, rows_per_chunk);
+      partial = at::empty({P, D}, x.options().dtype(acc_type));
+      const auto a = combined_weight<scalar_t, acc_t>(weight, norm_weight, acc_type, stream);
       auto coef = at::empty({N}, x.options().dtype(acc_type));
-      const bool vec16 = can_use_vec16(D * x.element_size(), {x.data_ptr(), dx.data_ptr()});
       with_vec_width<scalar_t>(vec16, [&](auto n) {
         constexpr int VN = decltype(n)::value;
         gmod_router_logits_backward_dx_kernel<scalar_t, acc_t, VN>
@@ -257,14 +326,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_logits_backward_cuda(
       gmod_router_logits_wgrad_partial_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
           x.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), N, D, rows_per_chunk, partial.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      partial = at::empty({1, D}, x.options().dtype(acc_type));
     }
     // With N == 0, P == 0 and the reduction writes zeros.
     const void* nw = norm_weight.has_value() ? norm_weight->data_ptr() : nullptr;
     const bool nw_f32 = norm_weight.has_value() && norm_weight->scalar_type() == at::kFloat;
     void* dnw = norm_weight.has_value() ? dnorm.data_ptr() : nullptr;
-    constexpr int kThreads = 256;
     gmod_router_logits_wgrad_reduce_kernel<scalar_t, acc_t>
-        <<<static_cast<unsigned>(ceil_div(D, kThreads)), kThreads, 0, stream>>>(
+        <<<static_cast<unsigned>(ceil_div(D, kReduceCols)), kReduceCols * kReduceGroups, 0, stream>>>(
             partial.data_ptr<acc_t>(), P, D, weight.data_ptr(), weight.scalar_type() == at::kFloat, nw, nw_f32,
             dweight.data_ptr(), dnw);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,4 +1,4 @@
-// Host emulation of the CUDA features the attention kernels use, so that the kernel headers compile
+// Host emulation of the CUDA features the attention and router_logits kernels use, so that the kernel headers compile
 // as plain C++ and run on the CPU (csrc/cuda/emu/*_test.cpp). One std::thread per CUDA thread; blocks
 // of a grid run one after another and share one "shared memory" array.
 //   threadIdx / blockIdx / gridDim      thread_local values
@@ -34,7 +34,7 @@
 #include <vector>
 
 namespace emu {
-inline constexpr int kMaxThreads = 128;
+inline constexpr int kMaxThreads = 512;  // the router_logits row-block kernel runs up to 512
 inline constexpr int kMaxWarps = kMaxThreads / 32;
 inline thread_local uint3 t_thread;
 inline thread_local dim3 t_block, t_grid;
@@ -86,6 +86,15 @@ inline int __shfl_xor_sync(unsigned, int v, int m) {
   emu::warp_sync();
   const int r = s.i[emu::lane_id() ^ m];
   emu::warp_sync();
+  return r;
+}
+inline double __shfl_xor_sync(unsigned, double v, int m) {  // two 32-bit exchanges, as on the device
+  int half[2];
+  std::memcpy(half, &v, 8);
+  half[0] = __shfl_xor_sync(0xffffffffu, half[0], m);
+  half[1] = __shfl_xor_sync(0xffffffffu, half[1], m);
+  double r;
+  std::memcpy(&r, half, 8);
   return r;
 }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
@@ -177,6 +186,11 @@ inline void cp_async_wait() {
 alignas(128) inline float4 gmod_attn_smem[1 << 16];  // 1 MiB, reused by each block
 }  // namespace gmod::attn
 
+namespace gmod::router {
+// Shared memory of the emulated router_logits row-block kernel (`extern __shared__ float4 gmod_router_smem[]`).
+alignas(128) inline float4 gmod_router_smem[1 << 10];
+}  // namespace gmod::router
+
 namespace emu {
 // Runs kernel() as grid x threads emulated CUDA threads. Shared memory is poisoned (NaN) before the
 // grid, so that reads of never-written shared memory show up in the results.
@@ -188,6 +202,7 @@ inline void launch(dim3 grid, int threads, int smem_bytes, const std::function<v
     std::abort();
   }
   for (auto& x : gmod::attn::gmod_attn_smem) x = make_float4(NAN, NAN, NAN, NAN);
+  for (auto& x : gmod::router::gmod_router_smem) x = make_float4(NAN, NAN, NAN, NAN);
   std::barrier<> bar(threads);
   std::vector<std::unique_ptr<std::barrier<>>> wbars;
   for (int w = 0; w < threads / 32; ++w) {

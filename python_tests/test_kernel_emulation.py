@@ -1,4 +1,4 @@
-"""The CUDA attention kernels, run on the CPU through the host emulation (csrc/cuda/emu/).
+"""CUDA kernels run on the CPU through the host emulation (csrc/cuda/emu/).
 
 csrc/cuda/emu/attention_emu_test.cpp compiles the kernel headers (SIMT and tensor-core forward,
 split-k decode and combine, backward) as plain C++ against csrc/cuda/emu/cuda_emu.h, which emulates
@@ -6,7 +6,9 @@ threads, barriers, shuffles, ldmatrix / mma.sync.m16n8k16 fragments and cp.async
 output with a float64 reference on random problems (lengths 0 and 1, GQA, decode packing, splits,
 causal offsets across tiles, NaN-poisoned padding). This test builds it with the host compiler and
 runs its quick set, so the kernels' index math, fragment layouts and synchronisation order are checked
-on every CI run, GPU or not. Skipped when no C++20 compiler or no CUDA headers (cuda_bf16.h) are found.
+on every CI run, GPU or not. csrc/cuda/emu/router_logits_emu_test.cpp does the same for the
+router_logits row-block kernel, forward and backward (CPT 1 / 2 / 4, partial warps, several row
+chunks, every dtype). Skipped when no C++20 compiler or no CUDA headers (cuda_bf16.h) are found.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "csrc" / "cuda" / "emu" / "attention_emu_test.cpp"
+EMU = ROOT / "csrc" / "cuda" / "emu"
 
 
 def _cuda_include() -> Path | None:
@@ -33,20 +35,30 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+def _build(tmp_path_factory, name: str) -> Path:
     inc, cxx = _cuda_include(), _compiler()
     if inc is None or cxx is None:
         pytest.skip("needs a C++20 compiler and the CUDA headers (set CUDA_HOME)")
-    exe = tmp_path_factory.mktemp("emu") / "attention_emu_test"
-    cmd = [cxx, "-std=c++20", "-O2", "-pthread", f"-I{ROOT / 'csrc' / 'include'}", f"-I{inc}", str(SOURCE), "-o", str(exe)]
+    exe = tmp_path_factory.mktemp("emu") / name
+    src = EMU / f"{name}.cpp"
+    cmd = [cxx, "-std=c++20", "-O2", "-pthread", f"-I{ROOT / 'csrc' / 'include'}", f"-I{inc}", str(src), "-o", str(exe)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
     return exe
 
 
-def test_attention_kernels_match_reference_in_emulation(emulator):
-    res = subprocess.run([str(emulator), "quick"], capture_output=True, text=True, timeout=1200)
+def _run(exe: Path, *args: str) -> str:
+    res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=1200)
     out = res.stdout + res.stderr
     assert res.returncode == 0, f"emulated kernels disagree with the float64 reference:\n{out[-6000:]}"
     assert " 0 failures" in out and "FAIL" not in out, out[-3000:]
+    return out
+
+
+def test_attention_kernels_match_reference_in_emulation(tmp_path_factory):
+    _run(_build(tmp_path_factory, "attention_emu_test"), "quick")
+
+
+def test_router_logits_kernel_matches_reference_in_emulation(tmp_path_factory):
+    out = _run(_build(tmp_path_factory, "router_logits_emu_test"), "all")
+    assert "cpt=2" in out and "cpt=4" in out, "the wide-D cases did not run"
