@@ -340,6 +340,27 @@ def test_kv_overflow_message(device):
     assert_unchanged(before, list(args.values()), list(args))
 
 
+def test_messages_format_numbers_shapes_and_devices(device):
+    """Exact text of messages that format integers, shapes and dtypes (csrc/include/gmod/message.h builds
+    them without iostream; an ostream-formatted integer crashed one GPU build)."""
+    args = route_args(device)
+    args["num_routed"] = i32([2, -1], device)
+    with pytest.raises(ValueError, match=r"^gmod\.route: num_routed\[1\] = -1 must be >= 0"):
+        torch.ops.gmod.route(*args.values())
+    args = router_args(device)
+    args["x"] = torch.randn(2, 5, device=device)
+    with pytest.raises(ValueError, match=r"^gmod\.router_logits: x must be 3-D .*, got shape \[2, 5\]"):
+        torch.ops.gmod.router_logits(*args.values())
+    args = router_args(device)
+    args["x"] = args["x"].to(torch.int32)
+    with pytest.raises(TypeError, match=r"^gmod\.router_logits: x must have dtype in \{.*\}, got Int"):
+        torch.ops.gmod.router_logits(*args.values())
+    args = router_args(device)
+    args["weight"] = torch.randn(8, device=other_device(device))
+    with pytest.raises(RuntimeError, match=rf"^gmod\.router_logits: weight is on {other_device(device)}"):
+        torch.ops.gmod.router_logits(*args.values())
+
+
 def test_every_op_has_bad_input_cases():
     assert {c[0] for c in CASES} == set(BUILDERS) == set(GMOD_OPS)
 

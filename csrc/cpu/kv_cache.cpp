@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "gmod/op_checks.h"
+#include "gmod/message.h"
 
 namespace gmod {
 namespace {
@@ -22,7 +23,7 @@ void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, c
   int32_t* clp = cache_len.data_ptr<int32_t>();
   const int32_t* nlp = new_len.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK_VALUE(static_cast<int64_t>(clp[b]) + nlp[b] <= cap, "gmod.", op, ": row ", b,
+    GMOD_CHECK_VALUE(static_cast<int64_t>(clp[b]) + nlp[b] <= cap, "gmod.", op, ": row ", b,
                       " overflows the cache: cache_len ", clp[b], " + new_len ", nlp[b], " > capacity ", cap,
                       " (allocate a larger cache)");
   const int64_t row_bytes = Hk * d * k_cache.element_size();

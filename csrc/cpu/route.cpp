@@ -12,6 +12,7 @@
 
 #include "gmod/dispatch.h"
 #include "gmod/op_checks.h"
+#include "gmod/message.h"
 
 namespace gmod {
 namespace {
@@ -33,9 +34,9 @@ std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& scores, const at:
   const int8_t* mp = mask.data_ptr<int8_t>();
   const int32_t* np = num_routed.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK_VALUE(np[b] >= 0, "gmod.route: num_routed[", b, "] = ", np[b], " must be >= 0");
+    GMOD_CHECK_VALUE(np[b] >= 0, "gmod.route: num_routed[", b, "] = ", np[b], " must be >= 0");
   for (int64_t i = 0; i < B * S; ++i)
-    TORCH_CHECK_VALUE(mp[i] >= 0 && mp[i] <= 2, "gmod.route: mask[", i / S, ", ", i % S, "] = ",
+    GMOD_CHECK_VALUE(mp[i] >= 0 && mp[i] <= 2, "gmod.route: mask[", i / S, ", ", i % S, "] = ",
                       static_cast<int>(mp[i]), " is not a mask code (0 routable, 1 forced, 2 never)");
 
   auto idx = at::full({B, C}, -1, scores.options().dtype(at::kInt));

@@ -26,6 +26,7 @@
 #include "gmod/attention_params.h"
 #include "gmod/op_checks.h"
 #include "gmod/static_switch.h"
+#include "gmod/message.h"
 
 namespace gmod {
 namespace {
@@ -108,7 +109,7 @@ void validate_lengths(const at::Tensor& q_len, const at::Tensor& k_len, int64_t 
   if (bad.item<int32_t>() != 0) {
     check_lengths_cpu(q_len.cpu(), Cq, op, "q_len", "q.shape[1]");
     check_lengths_cpu(k_len.cpu(), Ck, op, "k_len", "k.shape[1]");
-    TORCH_CHECK_VALUE(false, "gmod.", op, ": q_len / k_len out of range");
+    GMOD_CHECK_VALUE(false, "gmod.", op, ": q_len / k_len out of range");
   }
 }
 
@@ -117,17 +118,17 @@ void validate_lengths(const at::Tensor& q_len, const at::Tensor& k_len, int64_t 
 AttnDims check_attention_inputs_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& q_len, const at::Tensor& k_len) {
   check_activation(q, op, "q", 4, "[B, Cq, Hq, d]");
-  TORCH_CHECK(q.is_cuda(), "gmod.", op, ": q is on ", q.device(), ", expected a CUDA tensor");
+  GMOD_CHECK(q.is_cuda(), "gmod.", op, ": q is on ", q.device(), ", expected a CUDA tensor");
   // float64 is a CPU-only activation dtype (gradcheck); the CUDA kernels take fp32 / bf16 / fp16.
   check_dtype(q, op, "q", {at::kFloat, at::kBFloat16, at::kHalf});
   const auto a = check_attention_inputs(op, q, k, v, q_len, k_len);
   const int64_t B = a.B, Cq = a.Cq, Ck = a.Ck, Hq = a.Hq, d = a.d;
-  TORCH_CHECK_VALUE(attn::is_supported_head_dim(d), "gmod.", op, ": head dim d = ", d,
+  GMOD_CHECK_VALUE(attn::is_supported_head_dim(d), "gmod.", op, ": head dim d = ", d,
                     " is not supported by the CUDA kernels; supported: " GMOD_ATTN_HEADDIMS_STR);
   constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_VALUE(B <= 65535 && Hq <= 65535, "gmod.", op, ": the CUDA kernels support B <= 65535 and Hq <= 65535, got B = ",
+  GMOD_CHECK_VALUE(B <= 65535 && Hq <= 65535, "gmod.", op, ": the CUDA kernels support B <= 65535 and Hq <= 65535, got B = ",
                     B, ", Hq = ", Hq);
-  TORCH_CHECK_VALUE(Cq * Hq <= kMaxInt && Ck <= kMaxInt, "gmod.", op, ": sequence too long for the CUDA kernels (Cq * Hq = ",
+  GMOD_CHECK_VALUE(Cq * Hq <= kMaxInt && Ck <= kMaxInt, "gmod.", op, ": sequence too long for the CUDA kernels (Cq * Hq = ",
                     Cq * Hq, ", Ck = ", Ck, ")");
   return a;
 }

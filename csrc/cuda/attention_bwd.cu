@@ -13,6 +13,7 @@
 #include "attention_bwd_kernel.cuh"
 #include "attention_bwd_tc_kernel.cuh"
 #include "attention_launch.cuh"
+#include "gmod/message.h"
 
 namespace gmod::attn {
 
@@ -22,7 +23,7 @@ void run_attn_bwd(const AttnBwdParams& params, bool deterministic, cudaStream_t 
   launch_attn_kernel(gmod_attn_bwd_preprocess_kernel<T, kHeadDim>, dim3(ceil_div_host(rows, kNThreads / 32)), 0,
                      stream, params, "the backward preprocess kernel");
   const int kv_parts = params.Hk * (params.group / params.heads_per_cta);
-  TORCH_CHECK(!deterministic || params.heads_per_cta == params.group,
+  GMOD_CHECK(!deterministic || params.heads_per_cta == params.group,
               "gmod.attention_backward: deterministic mode sums a GQA group in one CTA");
   if constexpr (!std::is_same_v<T, float> && kTcBwdHeadDim<kHeadDim>) {
     if (params.use_tensor_cores) {

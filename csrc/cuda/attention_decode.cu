@@ -10,13 +10,14 @@
 #include "attention_fwd_kernel.cuh"
 #include "attention_fwd_tc_kernel.cuh"
 #include "attention_launch.cuh"
+#include "gmod/message.h"
 
 namespace gmod::attn {
 
 template <typename T, int kHeadDim>
 void run_attn_decode(const AttnFwdParams& params, cudaStream_t stream) {
   const bool split = params.num_splits > 1;
-  TORCH_CHECK(!split || (params.o_part != nullptr && params.lse_part != nullptr),
+  GMOD_CHECK(!split || (params.o_part != nullptr && params.lse_part != nullptr),
               "gmod.attention: split-k buffers missing");
   auto launch = [&](auto kernel_plain, auto kernel_split, int block_m, int smem_bytes) {
     const int m_blocks = ceil_div_host(static_cast<int64_t>(params.Cq) * params.group, block_m);

@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include "gmod/attention_params.h"
+#include "gmod/message.h"
 
 namespace gmod::attn {
 
@@ -18,12 +19,12 @@ template <typename Kernel, typename Params>
 void launch_attn_kernel(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t stream, const Params& params,
                         const char* what) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "gmod.attention: grid ", grid.x, " x ", grid.y, " x ",
+  GMOD_CHECK(grid.y <= 65535 && grid.z <= 65535, "gmod.attention: grid ", grid.x, " x ", grid.y, " x ",
               grid.z, " of ", what, " exceeds the CUDA limits (batch and head counts must be <= 65535)");
   if (smem_bytes > 48 * 1024) {
     int optin = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
-    TORCH_CHECK(smem_bytes <= optin, "gmod.attention: ", what, " needs ", smem_bytes,
+    GMOD_CHECK(smem_bytes <= optin, "gmod.attention: ", what, " needs ", smem_bytes,
                 " bytes of shared memory per block, but this GPU allows ", optin, "; use a smaller head dim");
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   }

@@ -12,6 +12,7 @@
 
 #include "gmod/cuda_common.cuh"
 #include "gmod/op_checks.h"
+#include "gmod/message.h"
 
 namespace gmod {
 namespace {
@@ -76,7 +77,7 @@ void check_lengths_host(const at::Tensor& cache_len_h, const at::Tensor& new_len
   const int32_t* clp = cache_len_h.data_ptr<int32_t>();
   const int32_t* nlp = new_len_h.data_ptr<int32_t>();
   for (int64_t b = 0; b < cache_len_h.size(0); ++b)
-    TORCH_CHECK_VALUE(static_cast<int64_t>(clp[b]) + nlp[b] <= cap, "gmod.", kOp, ": row ", b,
+    GMOD_CHECK_VALUE(static_cast<int64_t>(clp[b]) + nlp[b] <= cap, "gmod.", kOp, ": row ", b,
                       " overflows the cache: cache_len ", clp[b], " + new_len ", nlp[b], " > capacity ", cap,
                       " (allocate a larger cache)");
 }
@@ -100,7 +101,7 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
     const unsigned long long e = flag.fetch();
     if (e != kNoError) {
       check_lengths_host(cache_len.cpu(), new_len.cpu(), cap, T);  // throws with the CPU message
-      TORCH_CHECK_VALUE(false, "gmod.", op, ": invalid cache_len / new_len (device check code ", (e & 0xff),
+      GMOD_CHECK_VALUE(false, "gmod.", op, ": invalid cache_len / new_len (device check code ", (e & 0xff),
                         " at row ", (e >> 8), ")");
     }
   }

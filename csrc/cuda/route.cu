@@ -61,6 +61,7 @@
 
 #include "gmod/cuda_common.cuh"
 #include "gmod/op_checks.h"
+#include "gmod/message.h"
 
 namespace gmod {
 namespace {
@@ -515,9 +516,9 @@ void check_route_inputs_host(const at::Tensor& mask_h, const at::Tensor& num_rou
   const int8_t* mp = mask_h.data_ptr<int8_t>();
   const int32_t* np = num_routed_h.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK_VALUE(np[b] >= 0, "gmod.route: num_routed[", b, "] = ", np[b], " must be >= 0");
+    GMOD_CHECK_VALUE(np[b] >= 0, "gmod.route: num_routed[", b, "] = ", np[b], " must be >= 0");
   for (int64_t i = 0; i < B * S; ++i)
-    TORCH_CHECK_VALUE(mp[i] >= 0 && mp[i] <= 2, "gmod.route: mask[", i / S, ", ", i % S, "] = ",
+    GMOD_CHECK_VALUE(mp[i] >= 0 && mp[i] <= 2, "gmod.route: mask[", i / S, ", ", i % S, "] = ",
                       static_cast<int>(mp[i]), " is not a mask code (0 routable, 1 forced, 2 never)");
 }
 
@@ -548,7 +549,7 @@ std::tuple<at::Tensor, at::Tensor> route_cuda(const at::Tensor& scores, const at
                                               const at::Tensor& num_routed, int64_t capacity,
                                               std::optional<double> threshold) {
   check_route_inputs(scores, mask, num_routed, capacity, threshold);
-  TORCH_CHECK_VALUE(scores.size(1) <= std::numeric_limits<int32_t>::max(),
+  GMOD_CHECK_VALUE(scores.size(1) <= std::numeric_limits<int32_t>::max(),
                     "gmod.route: sequence length ", scores.size(1), " does not fit int32 indices");
 
   const c10::cuda::CUDAGuard guard(scores.device());
@@ -576,7 +577,7 @@ std::tuple<at::Tensor, at::Tensor> route_cuda(const at::Tensor& scores, const at
     const unsigned long long e = flag->fetch();
     if (e != kNoError) {
       check_route_inputs_host(mask.cpu(), num_routed.cpu());  // throws with the CPU message
-      TORCH_CHECK_VALUE(false, "gmod.route: invalid mask / num_routed values (device check code ", (e & 0xff),
+      GMOD_CHECK_VALUE(false, "gmod.route: invalid mask / num_routed values (device check code ", (e & 0xff),
                         " at flat position ", (e >> 8), ")");
     }
   }

@@ -7,6 +7,7 @@
 
 #include "gmod/cuda_common.cuh"
 #include "gmod/route_indices.h"
+#include "gmod/message.h"
 
 namespace gmod {
 namespace cuda {
@@ -77,7 +78,7 @@ inline void finish_route_validation(std::optional<DeviceErrorFlag>& flag, const 
   check_route_values_cpu(idx.cpu(), count.cpu(), S, op);  // throws with the CPU message
   const int64_t C = idx.size(1), Cm = C > 0 ? C : 1;
   const int64_t loc = static_cast<int64_t>(e >> 8);
-  TORCH_CHECK_VALUE(false, "gmod.", op, ": invalid idx/count values (device check code ", (e & 0xff),
+  GMOD_CHECK_VALUE(false, "gmod.", op, ": invalid idx/count values (device check code ", (e & 0xff),
                     " at idx[", loc / Cm, ", ", loc % Cm, "])");
 }
 

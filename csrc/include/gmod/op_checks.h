@@ -48,7 +48,7 @@ inline void check_router_grad(const char* op, const at::Tensor& grad, const at::
 inline void check_route_inputs(const at::Tensor& scores, const at::Tensor& mask, const at::Tensor& num_routed,
                                int64_t capacity, std::optional<double> threshold) {
   constexpr const char* op = "route";
-  TORCH_CHECK_VALUE(scores.defined(), "gmod.route: scores is undefined");
+  GMOD_CHECK_VALUE(scores.defined(), "gmod.route: scores is undefined");
   check_dtype(scores, op, "scores", {at::kFloat, at::kDouble});
   check_dim(scores, op, "scores", 2, "[B, S]");
   check_contiguous(scores, op, "scores");
@@ -58,9 +58,9 @@ inline void check_route_inputs(const at::Tensor& scores, const at::Tensor& mask,
   check_size(mask, op, "mask", 1, scores.size(1), "scores.shape[1] (S)");
   check_tensor(num_routed, scores, op, "num_routed", "scores", 1, "[B]", {at::kInt});
   check_size(num_routed, op, "num_routed", 0, scores.size(0), "scores.shape[0] (B)");
-  TORCH_CHECK_VALUE(capacity >= 0, "gmod.route: capacity must be >= 0, got ", capacity);
+  GMOD_CHECK_VALUE(capacity >= 0, "gmod.route: capacity must be >= 0, got ", capacity);
   if (threshold.has_value())
-    TORCH_CHECK_VALUE(!std::isnan(*threshold), "gmod.route: threshold must not be NaN");
+    GMOD_CHECK_VALUE(!std::isnan(*threshold), "gmod.route: threshold must not be NaN");
 }
 
 // ---------------------------------------------------------------- gather_rows
@@ -82,7 +82,7 @@ inline GatherDims check_gather_backward_inputs(const char* op, const at::Tensor&
                                                const at::Tensor& count, int64_t seq_len) {
   check_activation(grad, op, "grad", 3, "[B, C, D]");
   const int64_t B = grad.size(0), C = grad.size(1), D = grad.size(2), S = seq_len;
-  TORCH_CHECK_VALUE(S >= 0, "gmod.", op, ": seq_len must be >= 0, got ", S);
+  GMOD_CHECK_VALUE(S >= 0, "gmod.", op, ": seq_len must be >= 0, got ", S);
   check_route_shapes(idx, count, grad, op, B);
   check_size(idx, op, "idx", 1, C, "grad.shape[1] (C)");
   return {B, S, C, D};
@@ -105,7 +105,7 @@ inline MergeDims check_merge_inputs(const char* op, const at::Tensor& x, const a
   const int64_t C = base.size(1);
   if (delta.has_value()) {
     check_tensor(*delta, x, op, "delta", "x", 3, "[B, C, D]", {x.scalar_type()});
-    TORCH_CHECK_VALUE(delta->sizes() == base.sizes(), "gmod.", op, ": delta must have base's shape ",
+    GMOD_CHECK_VALUE(delta->sizes() == base.sizes(), "gmod.", op, ": delta must have base's shape ",
                       base.sizes(), ", got ", delta->sizes());
   }
   if (gate.has_value()) {
@@ -132,7 +132,7 @@ inline MergeDims check_merge_inputs(const char* op, const at::Tensor& x, const a
 // grad of scatter_merge_backward: x's dtype, device and shape.
 inline void check_merge_grad(const char* op, const at::Tensor& grad, const at::Tensor& x) {
   check_tensor(grad, x, op, "grad", "x", 3, "[B, S, D]", {x.scalar_type()});
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "gmod.", op, ": grad must have x's shape ", x.sizes(), ", got ",
+  GMOD_CHECK_VALUE(grad.sizes() == x.sizes(), "gmod.", op, ": grad must have x's shape ", x.sizes(), ", got ",
                     grad.sizes());
 }
 
@@ -149,10 +149,10 @@ inline AttnDims check_attention_inputs(const char* op, const at::Tensor& q, cons
   const int64_t B = q.size(0), Cq = q.size(1), Hq = q.size(2), d = q.size(3);
   check_size(k, op, "k", 0, B, "q.shape[0] (B)");
   check_size(k, op, "k", 3, d, "q.shape[3] (d)");
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "gmod.", op, ": v must have k's shape ", k.sizes(), ", got ",
+  GMOD_CHECK_VALUE(v.sizes() == k.sizes(), "gmod.", op, ": v must have k's shape ", k.sizes(), ", got ",
                     v.sizes());
   const int64_t Ck = k.size(1), Hk = k.size(2);
-  TORCH_CHECK_VALUE(Hk > 0 && Hq % Hk == 0, "gmod.", op, ": q heads (", Hq,
+  GMOD_CHECK_VALUE(Hk > 0 && Hq % Hk == 0, "gmod.", op, ": q heads (", Hq,
                     ") must be a positive multiple of k/v heads (", Hk, ")");
   check_tensor(q_len, q, op, "q_len", "q", 1, "[B]", {at::kInt});
   check_tensor(k_len, q, op, "k_len", "q", 1, "[B]", {at::kInt});
@@ -167,10 +167,10 @@ inline void check_attention_backward_inputs(const char* op, const at::Tensor& gr
                                             at::ScalarType lse_dtype) {
   check_tensor(grad_o, q, op, "grad_o", "q", 4, "[B, Cq, Hq, d]", {q.scalar_type()});
   check_tensor(o, q, op, "o", "q", 4, "[B, Cq, Hq, d]", {q.scalar_type()});
-  TORCH_CHECK_VALUE(grad_o.sizes() == q.sizes(), "gmod.", op, ": grad_o must have q's shape");
-  TORCH_CHECK_VALUE(o.sizes() == q.sizes(), "gmod.", op, ": o must have q's shape");
+  GMOD_CHECK_VALUE(grad_o.sizes() == q.sizes(), "gmod.", op, ": grad_o must have q's shape");
+  GMOD_CHECK_VALUE(o.sizes() == q.sizes(), "gmod.", op, ": o must have q's shape");
   check_tensor(lse, q, op, "lse", "q", 3, "[B, Hq, Cq]", {lse_dtype});
-  TORCH_CHECK_VALUE(lse.size(0) == a.B && lse.size(1) == a.Hq && lse.size(2) == a.Cq, "gmod.", op,
+  GMOD_CHECK_VALUE(lse.size(0) == a.B && lse.size(1) == a.Hq && lse.size(2) == a.Cq, "gmod.", op,
                     ": lse must have shape [B, Hq, Cq] = [", a.B, ", ", a.Hq, ", ", a.Cq, "], got ", lse.sizes());
 }
 
@@ -184,7 +184,7 @@ inline KvAppendDims check_kv_append_inputs(const char* op, const at::Tensor& k_c
                                            const at::Tensor& v_new, const at::Tensor& new_len) {
   check_activation(k_cache, op, "k_cache", 4, "[B, capacity, Hk, d]");
   check_tensor(v_cache, k_cache, op, "v_cache", "k_cache", 4, "[B, capacity, Hk, d]", {k_cache.scalar_type()});
-  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "gmod.", op, ": v_cache must have k_cache's shape ",
+  GMOD_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "gmod.", op, ": v_cache must have k_cache's shape ",
                     k_cache.sizes(), ", got ", v_cache.sizes());
   const int64_t B = k_cache.size(0), cap = k_cache.size(1), Hk = k_cache.size(2), d = k_cache.size(3);
   check_tensor(k_new, k_cache, op, "k_new", "k_cache", 4, "[B, T, Hk, d]", {k_cache.scalar_type()});
@@ -192,7 +192,7 @@ inline KvAppendDims check_kv_append_inputs(const char* op, const at::Tensor& k_c
   check_size(k_new, op, "k_new", 0, B, "k_cache.shape[0] (B)");
   check_size(k_new, op, "k_new", 2, Hk, "k_cache.shape[2] (Hk)");
   check_size(k_new, op, "k_new", 3, d, "k_cache.shape[3] (d)");
-  TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), "gmod.", op, ": v_new must have k_new's shape ",
+  GMOD_CHECK_VALUE(v_new.sizes() == k_new.sizes(), "gmod.", op, ": v_new must have k_new's shape ",
                     k_new.sizes(), ", got ", v_new.sizes());
   const int64_t T = k_new.size(1);
   check_tensor(cache_len, k_cache, op, "cache_len", "k_cache", 1, "[B]", {at::kInt});

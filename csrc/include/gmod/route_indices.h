@@ -24,14 +24,14 @@ inline void check_route_values_cpu(const at::Tensor& idx, const at::Tensor& coun
   const int32_t* cp = count.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = cp[b];
-    TORCH_CHECK_VALUE(n >= 0 && n <= C, "gmod.", op, ": count[", b, "] = ", n,
+    GMOD_CHECK_VALUE(n >= 0 && n <= C, "gmod.", op, ": count[", b, "] = ", n,
                       " is outside [0, capacity = idx.shape[1] = ", C, "]");
     int64_t prev = -1;
     for (int64_t c = 0; c < n; ++c) {
       const int64_t v = ip[b * C + c];
-      TORCH_CHECK_VALUE(v >= 0 && v < S, "gmod.", op, ": idx[", b, ", ", c, "] = ", v,
+      GMOD_CHECK_VALUE(v >= 0 && v < S, "gmod.", op, ": idx[", b, ", ", c, "] = ", v,
                         " is out of range for sequence length ", S);
-      TORCH_CHECK_VALUE(v > prev, "gmod.", op, ": idx[", b, "] must be strictly increasing over its first count[",
+      GMOD_CHECK_VALUE(v > prev, "gmod.", op, ": idx[", b, "] must be strictly increasing over its first count[",
                         b, "] = ", n, " entries, but idx[", b, ", ", c, "] = ", v, " follows ", prev);
       prev = v;
     }
@@ -54,7 +54,7 @@ inline void check_lengths_cpu(const at::Tensor& len, int64_t max_len, const char
                               const char* bound_name) {
   const int32_t* p = len.data_ptr<int32_t>();
   for (int64_t b = 0; b < len.size(0); ++b)
-    TORCH_CHECK_VALUE(p[b] >= 0 && p[b] <= max_len, "gmod.", op, ": ", name, "[", b, "] = ", p[b],
+    GMOD_CHECK_VALUE(p[b] >= 0 && p[b] <= max_len, "gmod.", op, ": ", name, "[", b, "] = ", p[b],
                       " is outside [0, ", bound_name, " = ", max_len, "]");
 }
 

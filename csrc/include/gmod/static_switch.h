@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 
 #include "gmod/attention_params.h"
+#include "gmod/message.h"
 
 #define GMOD_BOOL_SWITCH(COND, CONST_NAME, ...) \
   [&] {                                         \
@@ -51,7 +52,7 @@
         return __VA_ARGS__();                                                                            \
       }                                                                                                  \
       default:                                                                                           \
-        TORCH_CHECK_VALUE(false, "gmod.", OP_NAME, ": head dim d = ", HEADDIM,                           \
+        GMOD_CHECK_VALUE(false, "gmod.", OP_NAME, ": head dim d = ", HEADDIM,                           \
                           " is not supported by the CUDA kernels; supported: " GMOD_ATTN_HEADDIMS_STR); \
     }                                                                                                    \
   }()
@@ -69,7 +70,7 @@
       using elem_t = float;                                                                          \
       return __VA_ARGS__();                                                                          \
     } else {                                                                                         \
-      TORCH_CHECK_TYPE(false, "gmod.", OP_NAME, ": the CUDA kernels support float32, bfloat16 and ", \
+      GMOD_CHECK_TYPE(false, "gmod.", OP_NAME, ": the CUDA kernels support float32, bfloat16 and ", \
                        "float16 inputs, got ", _gmod_dt);                                            \
     }                                                                                                \
   }()
