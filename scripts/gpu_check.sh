@@ -8,7 +8,8 @@
 #   aliases: all (default) = every step above; sanitize = memcheck,racecheck; bench = bench_ops,bench_attention
 #   extra, only when named: bench_layer bench_model (python -m gmod_ext.bench layer|model; a second call:
 #   GMOD_GPU_CHECK_STEPS=bench_layer,bench_model on the warm machine reuses the build)
-#   extra, only when named: synccheck initcheck (compute-sanitizer tools)
+#   extra, only when named: synccheck initcheck (compute-sanitizer tools), ncu_nvtx (the README's NVTX
+#   filter: kernels inside gmod.attention of `bench layer --quick`)
 # Without build, the library already built in gmod_ext/ (a warm machine keeps it) is used.
 # Everything lands in $OUT (logs, bench_*.json, ncu.csv, summary.txt); the console shows short
 # tails, then the benchmark tables, then the summary table LAST (only the last 12,000 characters
@@ -237,6 +238,20 @@ for (i, name), m in kern.items():
           f"{g('sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active'):>7} "
           f"{g('Achieved Occupancy'):>6} {g('Registers Per Thread'):>5}")
 print(f"{len(kern)} kernels profiled")
+# Stall reasons (ncu_attn asks for them): the top three per launch, in warps stalled per issued instruction.
+pre = "smsp__average_warps_issue_stalled_"
+for (i, name), m in kern.items():
+    st = []
+    for k, (v, _) in m.items():
+        if k and k.startswith(pre):
+            try:
+                st.append((float(v.replace(",", "")), k[len(pre):].replace("_per_issue_active.ratio", "")))
+            except ValueError:
+                pass
+    if st:
+        short = re.sub(r"\(.*$", "", re.sub(r"<.*>", "<..>", name))[-40:]
+        top = ", ".join(f"{n} {v:.2f}" for v, n in sorted(st, reverse=True)[:3])
+        print(f"stalls {short:<40} {top}")
 EOF
 
 # ------------------------------------------------------------------ ncu
@@ -261,6 +276,9 @@ fi
 # The attention kernels at benchmark shapes: prefill forward + backward (B=4, C=2048, H=32, d=128,
 # bf16, causal) and GQA decode (B=8, 8192 cached keys), with the tensor pipe utilisation and the
 # achieved occupancy.
+STALLS=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' barrier long_scoreboard \
+  short_scoreboard mio_throttle math_pipe_throttle wait lg_throttle not_selected dispatch_stall no_instruction)
+STALLS=${STALLS%,}
 if want ncu_attn; then
   if ! command -v ncu > /dev/null; then
     record ncu_attn FAIL 0 "ncu not found"
@@ -270,7 +288,7 @@ if want ncu_attn; then
     for args in "--B 4 --C 2048 --bwd" "--B 8 --C 8192 --H 32 --Hk 8 --decode"; do
       run_step ncu_attn 90 ncu_attn_run.log ncu --clock-control none --kernel-name-base demangled \
         --kernel-name regex:gmod_attn --launch-skip 3 --launch-count 4 --section SpeedOfLight --section Occupancy \
-        --section LaunchStats --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active \
+        --section LaunchStats --metrics "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,$STALLS" \
         --csv --page details "$PY" scripts/profile_attention_case.py $args || break
       (( RC == 0 )) || ok=0
       dur_all=$((dur_all + DUR))
@@ -284,6 +302,27 @@ if want ncu_attn; then
       record ncu_attn ok "$dur_all" "$n launches (ncu_attn_summary.txt)"
     else
       record ncu_attn FAIL "$dur_all" "rc=$RC, ${n:-0} launches: $(grep -m1 -E 'ERR|==ERROR==' "$OUT/ncu_attn.log" | cut -c1-120)"
+    fi
+  fi
+fi
+
+# ------------------------------------------------------------------ ncu_nvtx (only when named)
+# The README's NVTX-filtered command: only the kernels inside the MoD layer's gmod.attention range.
+if [[ "$req" == *" ncu_nvtx "* ]]; then
+  if ! command -v ncu > /dev/null; then
+    record ncu_nvtx FAIL 0 "ncu not found"
+  elif run_step ncu_nvtx 150 ncu_nvtx.log env GMOD_NVTX=1 ncu --clock-control none --nvtx \
+         --nvtx-include "gmod.attention/" --section SpeedOfLight --launch-count 20 --csv --page details \
+         "$PY" -m gmod_ext.bench layer --quick --device cuda; then
+    grep -E '^"' "$OUT/ncu_nvtx.log" > "$OUT/ncu_nvtx.csv"
+    "$PY" "$OUT/ncu_summary.py" "$OUT/ncu_nvtx.csv" > "$OUT/ncu_nvtx_summary.txt" 2>&1
+    cut -c1-120 "$OUT/ncu_nvtx_summary.txt"
+    n=$(grep -oE "^[0-9]+ kernels profiled" "$OUT/ncu_nvtx_summary.txt" | grep -oE "^[0-9]+")
+    others=$(grep -vcE "^(kernel|stalls|[0-9]+ kernels)|gmod_" "$OUT/ncu_nvtx_summary.txt")
+    if (( RC == 0 )) && [[ -n "$n" && "$n" != 0 ]]; then
+      record ncu_nvtx ok "$DUR" "$n launches in gmod.attention ($others not named gmod_*)"
+    else
+      record ncu_nvtx FAIL "$DUR" "rc=$RC, ${n:-0} launches: $(grep -m1 -E 'ERR|==ERROR==|WARNING' "$OUT/ncu_nvtx.log" | cut -c1-120)"
     fi
   fi
 fi

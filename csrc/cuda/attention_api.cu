@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   const bool decode = a.Cq <= attn::kDecodeMaxCq;
   if (decode) {
     const bool tc = p.use_tensor_cores != 0;
-    const int block_m = attn::decode_block_m(tc);
+    const int block_m = attn::decode_block_m(tc, a.d, a.Cq * p.group);
     const int64_t m_blocks = (a.Cq * p.group + block_m - 1) / block_m;
     p.num_splits = attn::decode_num_splits(a.B, a.Hk, m_blocks, a.Ck, num_sms(), attn::decode_block_n(tc, a.d));
     if (p.num_splits > 1) {

@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(kNThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(con
               const bool vis = i >= first_q[hh] && i < ql;
               float& x = s[nt][2 * hh + e];
               float& y = dp[nt][2 * hh + e];
-              const float pv = vis ? exp2f(x * p.scale_log2 - lse2) : 0.f;
+              const float pv = vis ? exp2_ftz(x * p.scale_log2 - lse2) : 0.f;
               y = vis ? pv * (y - dlt) * p.scale : 0.f;
               x = pv;
             }
@@ -304,17 +304,12 @@ __global__ void __launch_bounds__(kNThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(con
             }
           }
           if (kk_end <= 0) continue;
+          const int i0 = m0 + r0 + g, i1 = i0 + 8;
+          float* dst0 = p.dq_accum + (((int64_t)b * p.Cq + imin(i0, p.Cq - 1)) * p.Hq + h) * D + c0;
+          float* dst1 = p.dq_accum + (((int64_t)b * p.Cq + imin(i1, p.Cq - 1)) * p.Hq + h) * D + c0;
 #pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int i = m0 + r0 + g + 8 * hh;
-            if (i >= ql) continue;
-            float* dst = p.dq_accum + (((int64_t)b * p.Cq + i) * p.Hq + h) * D + c0 + 2 * tq;
-#pragma unroll
-            for (int dt = 0; dt < DC / 8; ++dt) {
-              atomicAdd(dst + dt * 8, acc[dt][2 * hh]);
-              atomicAdd(dst + dt * 8 + 1, acc[dt][2 * hh + 1]);
-            }
-          }
+          for (int dt = 0; dt < DC / 8; ++dt)
+            atomic_add_frag(dst0 + dt * 8, dst1 + dt * 8, acc[dt], tq, i0 < ql, i1 < ql);
         }
       }
     }
@@ -346,18 +341,13 @@ __global__ void __launch_bounds__(kNThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(con
     }
   } else {
     // Part of a group: fp32 atomics straight from the fragments, keys < k_len only.
+    const int j0 = n0 + wk0 + g, j1 = j0 + 8;
+    const int64_t off0 = (((int64_t)b * p.Ck + imin(j0, p.Ck - 1)) * p.Hk + hk) * D;
+    const int64_t off1 = (((int64_t)b * p.Ck + imin(j1, p.Ck - 1)) * p.Hk + hk) * D;
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int j = n0 + wk0 + g + 8 * hh;
-      if (j >= kl) continue;
-      const int64_t off = (((int64_t)b * p.Ck + j) * p.Hk + hk) * D + 2 * tq;
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          atomicAdd(p.dk_accum + off + dt * 8 + e, dk[dt][2 * hh + e]);
-          atomicAdd(p.dv_accum + off + dt * 8 + e, dv[dt][2 * hh + e]);
-        }
+    for (int dt = 0; dt < DT; ++dt) {
+      atomic_add_frag(p.dk_accum + off0 + dt * 8, p.dk_accum + off1 + dt * 8, dk[dt], tq, j0 < kl, j1 < kl);
+      atomic_add_frag(p.dv_accum + off0 + dt * 8, p.dv_accum + off1 + dt * 8, dv[dt], tq, j0 < kl, j1 < kl);
     }
   }
 }
@@ -489,7 +479,7 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_bwd_dq_tc_kernel(const At
             for (int e = 0; e < 2; ++e) {
               const int j = n0 + nt * 8 + 2 * tq + e;
               const bool vis = j < row_n[ri];
-              const float pv = vis ? exp2f(s[a][nt][2 * hh + e] * p.scale_log2 - row_lse2[ri]) : 0.f;
+              const float pv = vis ? exp2_ftz(s[a][nt][2 * hh + e] * p.scale_log2 - row_lse2[ri]) : 0.f;
               float& y = dp[a][nt][2 * hh + e];
               y = vis ? pv * (y - row_delta[ri]) * p.scale : 0.f;
             }

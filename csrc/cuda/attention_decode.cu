@@ -2,7 +2,8 @@
 // of a GQA group packed into the tile rows, so that a kv head's keys are read once per group; with
 // params.num_splits > 1 the keys are split across CTAs (flash-decoding: grid = (packed tiles, Hk,
 // B * splits)) and gmod_attn_decode_combine_kernel merges the fp32 partials (one warp per output row).
-//   tensor cores (bf16 / fp16 on sm_80+): gmod_attn_fwd_tc_kernel, TcDecodeTile<d> (64 rows x 64 keys);
+//   tensor cores (bf16 / fp16 on sm_80+): gmod_attn_fwd_tc_kernel, TcDecodeTile<d> (64 rows x 64 keys),
+//     or TcDecodeKeySplitTile<d> (16 rows x 64 keys split over the warps) for <= 16 packed rows, d <= 128;
 //   SIMT: gmod_attn_fwd_kernel, DecodeTraits<d> (16 rows x 32 keys).
 // attention_api.cu sizes num_splits with the same plan (decode_block_m / decode_block_n).
 #include <type_traits>
@@ -32,10 +33,20 @@ void run_attn_decode(const AttnFwdParams& params, cudaStream_t stream) {
   bool done = false;
   if constexpr (!std::is_same_v<T, float>) {
     if (params.use_tensor_cores) {
-      using Tr = TcDecodeTile<kHeadDim>;
-      launch(gmod_attn_fwd_tc_kernel<Tr, T, true, false>, gmod_attn_fwd_tc_kernel<Tr, T, true, true>, Tr::kBlockM,
-             tc_fwd_smem_bytes<Tr>());
-      done = true;
+      if constexpr (kHeadDim <= 128) {
+        if (decode_key_split(true, kHeadDim, static_cast<int64_t>(params.Cq) * params.group)) {
+          using Tr = TcDecodeKeySplitTile<kHeadDim>;
+          launch(gmod_attn_fwd_tc_kernel<Tr, T, true, false>, gmod_attn_fwd_tc_kernel<Tr, T, true, true>,
+                 Tr::kBlockM, tc_fwd_smem_bytes<Tr>());
+          done = true;
+        }
+      }
+      if (!done) {
+        using Tr = TcDecodeTile<kHeadDim>;
+        launch(gmod_attn_fwd_tc_kernel<Tr, T, true, false>, gmod_attn_fwd_tc_kernel<Tr, T, true, true>,
+               Tr::kBlockM, tc_fwd_smem_bytes<Tr>());
+        done = true;
+      }
     }
   }
   if (!done) {

@@ -4,6 +4,11 @@
 //                             O in mma fragments: S = Q K^T (Q and K by ldmatrix), online softmax on the
 //                             fragments, P repacked in registers as the A operand of O += P V (V by
 //                             ldmatrix.trans). K / V tiles are double-buffered with cp.async.
+// Key-split variant (Tr::kKeySplit, decode with at most 16 packed rows, e.g. one query of a GQA group):
+//                             all 4 warps own the same 16 rows and split each key tile (warp w: keys
+//                             [16 w, 16 w + 16)), each with its own online softmax; the four (m, l, O)
+//                             states are merged through shared memory at the end. Otherwise only warp 0
+//                             would have live rows and the CTA's math would run on one warp.
 // Same grid, row mapping, masking and outputs as gmod_attn_fwd_kernel (attention_fwd_kernel.cuh, the
 // SIMT kernel kept for float32 and pre-sm_80 GPUs): kPackGQA packs the q heads of a GQA group into the
 // tile rows (decode), kSplit writes fp32 split-k partials for gmod_attn_decode_combine_kernel.
@@ -19,33 +24,44 @@
 
 namespace gmod::attn {
 
-// kMAtoms: 16-row mma atoms per warp (tile rows = 4 warps x 16 x kMAtoms).
-template <int kHeadDim_, int kMAtoms_, int kBlockN_>
+// kMAtoms: 16-row mma atoms per warp (tile rows = 4 warps x 16 x kMAtoms). kKeySplit: the warps share
+// their rows (tile rows = 16 x kMAtoms) and split the kBlockN keys of a tile instead.
+template <int kHeadDim_, int kMAtoms_, int kBlockN_, bool kKeySplit_ = false>
 struct TcFwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kMAtoms = kMAtoms_;
   static constexpr int kBlockN = kBlockN_;
+  static constexpr bool kKeySplit = kKeySplit_;
   static constexpr int kWarps = kNThreads / 32;
   static constexpr int kRowsPerWarp = 16 * kMAtoms;
-  static constexpr int kBlockM = kWarps * kRowsPerWarp;
-  static constexpr int kStride = kHeadDim + 8;  // 16-bit elements per shared-memory row
-  static constexpr int kNTiles = kBlockN / 8;   // n8 tiles of S per atom
-  static constexpr int kDTiles = kHeadDim / 8;  // n8 tiles of O per atom
-  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
-  static_assert(kHeadDim % 16 == 0 && kBlockN % 16 == 0, "mma.m16n8k16 tiles");
+  static constexpr int kBlockM = kKeySplit ? kRowsPerWarp : kWarps * kRowsPerWarp;
+  static constexpr int kWarpKeys = kKeySplit ? kBlockN / kWarps : kBlockN;  // keys of a tile per warp
+  static constexpr int kStride = kHeadDim + 8;   // 16-bit elements per shared-memory row
+  static constexpr int kNTiles = kWarpKeys / 8;  // n8 tiles of S per atom (this warp's keys)
+  static constexpr int kDTiles = kHeadDim / 8;   // n8 tiles of O per atom
+  static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per row
+  static_assert(kHeadDim % 16 == 0 && kWarpKeys % 16 == 0, "mma.m16n8k16 tiles");
 };
 
 // The tile plans of the launchers (attention_fwd.cu, attention_decode.cu) and of the host emulation.
 // Prefill: 128 x 64 tiles for d <= 128 (O: 128 fp32 registers per thread at d = 128), 64 x 32 for d = 256.
 template <int kHeadDim>
 using TcFwdTile = TcFwdTraits<kHeadDim, kHeadDim <= 128 ? 2 : 1, kHeadDim <= 128 ? 64 : 32>;
-// Decode: 64 packed rows (one atom per warp) x kTcDecodeBlockN keys.
+// Decode: 64 packed rows (one atom per warp) x kTcDecodeBlockN keys; with at most 16 packed rows and
+// d <= 128 (decode_key_split), 16 rows x 64 keys split over the warps.
 template <int kHeadDim>
 using TcDecodeTile = TcFwdTraits<kHeadDim, 1, kHeadDim <= 128 ? kTcDecodeBlockN : kTcDecodeBlockN / 2>;
+template <int kHeadDim>
+using TcDecodeKeySplitTile = TcFwdTraits<kHeadDim, 1, kTcDecodeBlockN, true>;
 
 template <typename Tr>
 constexpr int tc_fwd_smem_bytes() {  // sQ [BM][stride], sK / sV [2][BN][stride], 16-bit
-  return 2 * Tr::kStride * (Tr::kBlockM + 4 * Tr::kBlockN);
+  constexpr int tiles = 2 * Tr::kStride * (Tr::kBlockM + 4 * Tr::kBlockN);
+  // Key split: the warps' (m, l, O) states, fp32, merged in the K / V buffers at the end.
+  constexpr int merge = Tr::kKeySplit ? 2 * Tr::kStride * Tr::kBlockM +
+                                            4 * Tr::kWarps * Tr::kBlockM * (Tr::kHeadDim + 2)
+                                      : 0;
+  return tiles > merge ? tiles : merge;
 }
 
 // Rows [0, kRows) of a 16-bit tile into shared memory (row stride kStride elements) with cp.async;
@@ -71,6 +87,8 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
   static_assert(sizeof(T) == 2, "the tensor-core kernel takes bf16 / fp16");
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, SD = Tr::kStride;
   constexpr int MA = Tr::kMAtoms, NT = Tr::kNTiles, DT = Tr::kDTiles, RW = Tr::kRowsPerWarp;
+  constexpr int WK = Tr::kWarpKeys;
+  constexpr bool KS = Tr::kKeySplit;
 
   extern __shared__ float4 gmod_attn_smem[];
   T* sQ = reinterpret_cast<T*>(gmod_attn_smem);  // [BM][SD]; reused by the epilogue for O
@@ -89,7 +107,8 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
   const int kl = iclamp(p.k_len[b], 0, p.Ck);
   const int rows_total = p.Cq * group;
   const int m0 = m_block * BM;
-  const int wr0 = warp * RW;  // this warp's first tile row
+  const int wr0 = KS ? 0 : warp * RW;  // this warp's first tile row
+  const int wk0 = KS ? warp * WK : 0;  // this warp's first key of each tile
 
   const T* qp = static_cast<const T*>(p.q) + b * p.q_batch_stride;
   const T* kp = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -160,7 +179,7 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
       if (nb + 1 < nb_end) load_kv(nb + 1, buf ^ 1);  // overlaps with this tile's math
       cp_async_commit();
       const int n0 = nb * BN;
-      if (n0 >= n_warp) continue;  // warp-uniform: none of this warp's rows sees these keys
+      if (n0 + wk0 >= n_warp) continue;  // warp-uniform: none of this warp's rows sees its keys
       const T* tK = sK + buf * BN * SD;
       const T* tV = sV + buf * BN * SD;
 
@@ -180,7 +199,7 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
 #pragma unroll
         for (int nt2 = 0; nt2 < NT / 2; ++nt2) {
           uint32_t kb[4];  // (kb0, kb1): keys 16 nt2 + 0..7; (kb2, kb3): keys 16 nt2 + 8..15
-          ldsm_x4(kb, tK + (nt2 * 16 + lane % 8 + (lane / 16) * 8) * SD + kk * 16 + ((lane / 8) % 2) * 8);
+          ldsm_x4(kb, tK + (wk0 + nt2 * 16 + lane % 8 + (lane / 16) * 8) * SD + kk * 16 + ((lane / 8) % 2) * 8);
 #pragma unroll
           for (int a = 0; a < MA; ++a) {
             mma_16816<T>(s[a][2 * nt2], qa[a], kb[0], kb[1]);
@@ -199,14 +218,14 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[a][nt][e] *= p.scale_log2;
-      if (n0 + BN > n_warp_full) {
+      if (n0 + wk0 + WK > n_warp_full) {
 #pragma unroll
         for (int a = 0; a < MA; ++a)
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-              if (n0 + nt * 8 + 2 * tq + e % 2 >= row_n[2 * a + e / 2]) s[a][nt][e] = -INFINITY;
+              if (n0 + wk0 + nt * 8 + 2 * tq + e % 2 >= row_n[2 * a + e / 2]) s[a][nt][e] = -INFINITY;
       }
 #pragma unroll
       for (int a = 0; a < MA; ++a)
@@ -219,7 +238,7 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
           mx = quad_max(mx);
           const float m_new = fmaxf(m_run[ri], mx);
           const float m_use = m_new == -INFINITY ? 0.f : m_new;
-          const float alpha = exp2f(m_run[ri] - m_use);
+          const float alpha = exp2_ftz(m_run[ri] - m_use);
           m_run[ri] = m_new;
           l_run[ri] *= alpha;
 #pragma unroll
@@ -229,14 +248,64 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               float& x = s[a][nt][2 * h + e];
-              x = exp2f(x - m_use);
+              x = exp2_ftz(x - m_use);
               l_run[ri] += x;
             }
         }
 
       // ---- O += P V: P stays in registers as the A operand; V rows by ldmatrix.trans.
-      mma_frag_x_smem<T, MA, BN, D, SD>(acc, s, tV, lane);
+      mma_frag_x_smem<T, MA, WK, D, SD>(acc, s, tV + wk0 * SD, lane);
     }
+  }
+
+  if constexpr (KS) {
+    // ---- Merge the warps' states into warp 0: M = max_w m_w, O = sum_w 2^(m_w - M) O_w, likewise l.
+    // A warp that saw none of a row's keys has m_w = -inf, l_w = 0, O_w = 0 and weighs 0.
+    __syncthreads();  // every warp is done with sK / sV (the last tile's reads)
+    float* sm = reinterpret_cast<float*>(sK);  // [warps][BM] m, [warps][BM] l, [warps][BM][D] O
+    float* sl = sm + Tr::kWarps * BM;
+    float* so = sl + Tr::kWarps * BM;
+#pragma unroll
+    for (int a = 0; a < MA; ++a)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int ri = 2 * a + h, r = 16 * a + 8 * h + g;
+        const float l = quad_sum(l_run[ri]);
+        if (tq == 0) sm[warp * BM + r] = m_run[ri], sl[warp * BM + r] = l;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+          *reinterpret_cast<float2*>(so + (warp * BM + r) * D + dt * 8 + 2 * tq) =
+              make_float2(acc[a][dt][2 * h], acc[a][dt][2 * h + 1]);
+      }
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int a = 0; a < MA; ++a)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int ri = 2 * a + h, r = 16 * a + 8 * h + g;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < Tr::kWarps; ++w) mx = fmaxf(mx, sm[w * BM + r]);
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        float l = 0.f, f[Tr::kWarps];
+#pragma unroll
+        for (int w = 0; w < Tr::kWarps; ++w) {
+          f[w] = exp2_ftz(sm[w * BM + r] - m_use);
+          l += f[w] * sl[w * BM + r];
+        }
+        m_run[ri] = mx;
+        l_run[ri] = tq == 0 ? l : 0.f;  // the epilogue's quad_sum gives l back
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float o = 0.f;
+#pragma unroll
+            for (int w = 0; w < Tr::kWarps; ++w) o += f[w] * so[(w * BM + r) * D + dt * 8 + 2 * tq + e];
+            acc[a][dt][2 * h + e] = o;
+          }
+      }
   }
 
   // ---- Epilogue: o = acc / l, lse = (m + log2 l) ln 2; zeros and -inf for rows without keys.

@@ -3,6 +3,8 @@
 //   mma_16816<T>              mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32 (T = bf16 or fp16), d += a b
 //   cp_async_16 / _commit / _wait<N>   cp.async.cg.shared.global 16-byte copies, grouped
 //   pack2<T>                  two floats -> one 32-bit register of two T (the lower index in the low half)
+//   exp2_ftz                  ex2.approx.ftz.f32 (the softmax exponential)
+//   atomic_add_frag           an mma C fragment atomically added to fp32 global memory (float4 on sm_90)
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), for lane l, g = l / 4, t = l % 4:
 //   A 16x16 (4 regs):  reg j = rows g + 8 (j % 2), cols 2t + 8 (j / 2) + {0, 1}
 //   B 16x8  (2 regs):  reg j = rows (k) 2t + 8 j + {0, 1}, col g
@@ -37,6 +39,20 @@ template <> GMOD_DEV uint32_t pack2<__half>(float lo, float hi) {
   uint32_t r;
   memcpy(&r, &h, 4);
   return r;
+}
+
+// 2^x with one MUFU.EX2 (ex2.approx.ftz): exp2f without fast-math adds a subnormal range fix-up around
+// it, several instructions per softmax element. Results below 2^-126 flush to 0, which a softmax
+// whose largest term is 1 cannot see; -inf gives 0 and NaN stays NaN, as with exp2f.
+GMOD_DEV float exp2_ftz(float x) {
+#ifdef GMOD_HOST_EMULATION
+  const float r = exp2f(x);
+  return r < 1.17549435e-38f ? 0.f : r;
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
 }
 
 // Sum / max over the 4 lanes of a quad (the lanes that share the rows of an mma C fragment).
@@ -136,6 +152,27 @@ GMOD_DEV void mma_frag_x_smem(float (&acc)[kMAtoms][kN / 8][4], const float (&c)
       }
     }
   }
+}
+
+// Atomically adds one n8 C fragment c (rows g and g + 8, columns 2t, 2t + 1 of an 8-column tile) to
+// fp32 global memory: row_g / row_g8 point at the tile's first column in rows g / g + 8 (16-byte
+// aligned), ok_g / ok_g8 say whether those rows take the add. Every lane of the warp must call it.
+// sm_90: one float4 atomic per lane instead of four scalar ones. Quad neighbours trade halves with a
+// shuffle, so even-t lanes hold 4 consecutive columns of row g and odd-t lanes 4 of row g + 8.
+GMOD_DEV void atomic_add_frag(float* row_g, float* row_g8, const float (&c)[4], int t, bool ok_g, bool ok_g8) {
+#if defined(GMOD_HOST_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+  const bool even = (t & 1) == 0;
+  const float r0 = __shfl_xor_sync(0xffffffffu, even ? c[2] : c[0], 1);
+  const float r1 = __shfl_xor_sync(0xffffffffu, even ? c[3] : c[1], 1);
+  if (even) {
+    if (ok_g) atomicAdd(reinterpret_cast<float4*>(row_g + 2 * t), make_float4(c[0], c[1], r0, r1));
+  } else {
+    if (ok_g8) atomicAdd(reinterpret_cast<float4*>(row_g8 + 2 * (t - 1)), make_float4(r0, r1, c[2], c[3]));
+  }
+#else
+  if (ok_g) atomicAdd(row_g + 2 * t, c[0]), atomicAdd(row_g + 2 * t + 1, c[1]);
+  if (ok_g8) atomicAdd(row_g8 + 2 * t, c[2]), atomicAdd(row_g8 + 2 * t + 1, c[3]);
+#endif
 }
 
 }  // namespace gmod::attn

@@ -203,7 +203,8 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
       return;
     }
     const int m_blocks = ceil_div_host(static_cast<int64_t>(P.Cq) * group, Tr::kBlockM);
-    if (decode_block_m(tc) != Tr::kBlockM || decode_block_n(tc, d) != Tr::kBlockN) {
+    if (decode_block_m(tc, d, static_cast<int64_t>(P.Cq) * group) != Tr::kBlockM ||
+        decode_block_n(tc, d) != Tr::kBlockN) {
       std::printf("decode plan mismatch\n");
       std::abort();
     }
@@ -221,7 +222,18 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   };
   if constexpr (!std::is_same_v<T, float>) {
     if (tc) {
-      if (decode) {
+      bool done = false;
+      if constexpr (kHeadDim <= 128) {
+        if (decode && decode_key_split(true, d, static_cast<int64_t>(P.Cq) * group)) {
+          using Tr = TcDecodeKeySplitTile<kHeadDim>;
+          run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, false>(p); },
+                  [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, true>(p); }, tc_fwd_smem_bytes<Tr>());
+          done = true;
+        }
+      }
+      if (done) {
+        // the key-split decode ran
+      } else if (decode) {
         using Tr = TcDecodeTile<kHeadDim>;
         run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, false>(p); },
                 [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, true>(p); }, tc_fwd_smem_bytes<Tr>());
@@ -434,6 +446,14 @@ int main(int argc, char** argv) {
   run_random<__nv_bfloat16, 128>(rng, 2, 1, 1100, 8, 2, many_sms, {1, 1}, {1100, 1030});
   run_random<__half, 128>(rng, 1, 4, 333, 4, 4, many_sms, {4}, {333});
   run_random<float, 128>(rng, 2, 16, 40, 4, 4, det, {16, 9}, {40, 3});
+  cases += 4;
+  // Key-split tensor-core decode (<= 16 packed rows, d <= 128: the warps share the rows and split each
+  // key tile): 8 and 16 packed rows, with and without splits, rows with 0 / 1 keys, causal chunks whose
+  // visible keys end inside a warp's 16-key slice.
+  run_random<__nv_bfloat16, 64>(rng, 3, 1, 700, 8, 1, many_sms, {1, 1, 0}, {700, 1, 0});
+  run_random<__half, 32>(rng, 2, 2, 260, 16, 2, nondet, {2, 1}, {260, 77});
+  run_random<__nv_bfloat16, 96>(rng, 2, 16, 90, 2, 2, many_sms, {16, 5}, {90, 21});
+  run_random<__half, 128>(rng, 2, 3, 150, 4, 4, nondet, {3, 0}, {150, 10});
   cases += 4;
   if (!quick) {
     run_random<float, 256>(rng, 2, 2, 300, 4, 2, many_sms, {2, 1}, {300, 299});

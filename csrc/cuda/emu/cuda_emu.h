@@ -98,6 +98,14 @@ inline double __shfl_xor_sync(unsigned, double v, int m) {  // two 32-bit exchan
   return r;
 }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline float4 atomicAdd(float4* p, float4 v) {  // sm_90: one 16-byte atomic (16-byte aligned address)
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    std::fprintf(stderr, "emu: float4 atomicAdd at %p is not 16-byte aligned\n", static_cast<void*>(p));
+    std::abort();
+  }
+  float* f = reinterpret_cast<float*>(p);
+  return make_float4(atomicAdd(f, v.x), atomicAdd(f + 1, v.y), atomicAdd(f + 2, v.z), atomicAdd(f + 3, v.w));
+}
 
 namespace gmod::attn {
 

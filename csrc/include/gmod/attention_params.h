@@ -94,7 +94,16 @@ inline constexpr int kTcDecodeBlockN = 64;
 // (d = 256 would need more than 255 registers for dK + dV; it stays on the SIMT kernels).
 inline constexpr int kTcBwdBlockN = 64;
 inline constexpr bool tc_bwd_supports_head_dim(int64_t head_dim) { return head_dim <= 128; }
-inline int decode_block_m(bool tensor_cores) { return tensor_cores ? kTcDecodeBlockM : kDecodeBlockM; }
+// Key-split tensor-core decode (TcDecodeKeySplitTile): at most 16 packed rows (Cq x group) and d <= 128;
+// the 4 warps share those rows and split every key tile, instead of 3 of 4 warps having no rows.
+inline constexpr int kTcDecodeKeySplitRows = 16;
+inline bool decode_key_split(bool tensor_cores, int64_t head_dim, int64_t packed_rows) {
+  return tensor_cores && head_dim <= 128 && packed_rows <= kTcDecodeKeySplitRows;
+}
+inline int decode_block_m(bool tensor_cores, int64_t head_dim, int64_t packed_rows) {
+  if (decode_key_split(tensor_cores, head_dim, packed_rows)) return kTcDecodeKeySplitRows;
+  return tensor_cores ? kTcDecodeBlockM : kDecodeBlockM;
+}
 inline int decode_block_n(bool tensor_cores, int64_t head_dim) {
   return tensor_cores ? (head_dim <= 128 ? kTcDecodeBlockN : kTcDecodeBlockN / 2) : kDecodeBlockN;
 }
