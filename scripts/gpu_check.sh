@@ -8,7 +8,8 @@
 #   aliases: all (default) = every step above; sanitize = memcheck,racecheck; bench = bench_ops,bench_attention
 #   extra, only when named: bench_layer bench_model (python -m gmod_ext.bench layer|model; a second call:
 #   GMOD_GPU_CHECK_STEPS=bench_layer,bench_model on the warm machine reuses the build)
-#   extra, only when named: synccheck initcheck (compute-sanitizer tools), ncu_nvtx (the README's NVTX
+#   extra, only when named: bench_attention_det (GMOD_DETERMINISTIC=1), synccheck initcheck
+#   (compute-sanitizer tools), ncu_nvtx (the README's NVTX
 #   filter: kernels inside gmod.attention of `bench layer --quick`)
 # Without build, the library already built in gmod_ext/ (a warm machine keeps it) is used.
 # Everything lands in $OUT (logs, bench_*.json, ncu.csv, summary.txt); the console shows short
@@ -198,7 +199,10 @@ want initcheck && sanitize initcheck 150
 
 # ------------------------------------------------------------------ benchmarks
 bench() {  # name limit
-  local name=$1 limit=$2 which=${1#bench_}
+  bench_named "$1" "${1#bench_}" "$2"
+}
+bench_named() {  # name benchmark limit
+  local name=$1 which=$2 limit=$3
   # shellcheck disable=SC2086
   if run_step "$name" "$limit" "$name.log" "$PY" -m gmod_ext.bench "$which" --json "$OUT/$name.json" ${GMOD_BENCH_ARGS:-}; then
     local st
@@ -215,6 +219,11 @@ want bench_ops && bench bench_ops 150
 want bench_attention && bench bench_attention 220
 want bench_layer && bench bench_layer 200
 want bench_model && bench bench_model 250
+# Only when named: the attention benchmark with the deterministic backward (separate dQ kernel instead of
+# fp32 atomics; GMOD_DETERMINISTIC is read once per process), to compare the two dQ strategies.
+if [[ "$req" == *" bench_attention_det "* ]]; then
+  GMOD_DETERMINISTIC=1 bench_named bench_attention_det attention 220
+fi
 
 # ncu --csv --page details -> one line per kernel launch (time, SOL %, tensor pipe %, occupancy, registers)
 cat > "$OUT/ncu_summary.py" <<'EOF'
@@ -328,7 +337,7 @@ if [[ "$req" == *" ncu_nvtx "* ]]; then
 fi
 
 # ------------------------------------------------------------------ tables, then the summary LAST
-for b in bench_ops bench_attention bench_layer bench_model; do
+for b in bench_ops bench_attention bench_attention_det bench_layer bench_model; do
   if [[ -f "$OUT/$b.log" ]]; then
     echo; echo "################ $b (full log: $b.log, numbers: $b.json)"
     # the tables only: from the first '== ' line up to the status line
