@@ -160,7 +160,7 @@ if want tests; then
   # The CPU-only emulation of the attention kernels (test_kernel_emulation.py, minutes of CPU) and
   # the wheel build run in CI; here the time goes to the GPU.
   # shellcheck disable=SC2086
-  if run_step tests 200 tests.log "$PY" -m pytest python_tests -q -rfE -p no:cacheprovider \
+  if run_step tests 280 tests.log "$PY" -m pytest python_tests -q -rfE --durations=10 -p no:cacheprovider \
        --ignore=python_tests/test_bench_smoke.py --ignore=python_tests/test_kernel_emulation.py \
        --ignore=python_tests/test_wheel.py \
        ${GMOD_GPU_CHECK_PYTEST_ARGS:-}; then
