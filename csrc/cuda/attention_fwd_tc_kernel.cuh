@@ -89,6 +89,7 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
   constexpr int MA = Tr::kMAtoms, NT = Tr::kNTiles, DT = Tr::kDTiles, RW = Tr::kRowsPerWarp;
   constexpr int WK = Tr::kWarpKeys;
   constexpr bool KS = Tr::kKeySplit;
+  constexpr bool kLazyRescale = MA * DT <= 16;
 
   extern __shared__ float4 gmod_attn_smem[];
   T* sQ = reinterpret_cast<T*>(gmod_attn_smem);  // [BM][SD]; reused by the epilogue for O
@@ -227,6 +228,11 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
             for (int e = 0; e < 4; ++e)
               if (n0 + wk0 + nt * 8 + 2 * tq + e % 2 >= row_n[2 * a + e / 2]) s[a][nt][e] = -INFINITY;
       }
+      // Online softmax, row by row. With kLazyRescale, O and l are rescaled by 2^(m_old - m_new) only
+      // when the row's max grew in some lane of the warp (one vote per row): otherwise the factor is
+      // exactly 2^0 = 1, or the row still has no keys and O = l = 0, so skipping the 2 DT multiplies
+      // is bit-exact. Past the first tiles of a row the max rarely grows. Off where O fills the
+      // register file (MA DT > 16: d = 96 / 128 prefill, d = 256): there the branch made ptxas spill.
 #pragma unroll
       for (int a = 0; a < MA; ++a)
 #pragma unroll
@@ -238,11 +244,13 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
           mx = quad_max(mx);
           const float m_new = fmaxf(m_run[ri], mx);
           const float m_use = m_new == -INFINITY ? 0.f : m_new;
-          const float alpha = exp2_ftz(m_run[ri] - m_use);
-          m_run[ri] = m_new;
-          l_run[ri] *= alpha;
+          if (!kLazyRescale || __any_sync(0xffffffffu, m_new > m_run[ri])) {
+            const float alpha = exp2_ftz(m_run[ri] - m_use);
+            l_run[ri] *= alpha;
 #pragma unroll
-          for (int dt = 0; dt < DT; ++dt) acc[a][dt][2 * h] *= alpha, acc[a][dt][2 * h + 1] *= alpha;
+            for (int dt = 0; dt < DT; ++dt) acc[a][dt][2 * h] *= alpha, acc[a][dt][2 * h + 1] *= alpha;
+          }
+          m_run[ri] = m_new;
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
 #pragma unroll

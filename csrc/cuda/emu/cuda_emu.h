@@ -3,7 +3,7 @@
 // of a grid run one after another and share one "shared memory" array.
 //   threadIdx / blockIdx / gridDim      thread_local values
 //   __syncthreads / __syncwarp          std::barrier over the block / the warp
-//   __shfl_xor_sync                     a per-warp exchange array between two warp barriers
+//   __shfl_xor_sync, __any_sync         a per-warp exchange array between two warp barriers
 //   atomicAdd(float*)                   std::atomic_ref
 //   ldmatrix (x4, .trans), mma.sync m16n8k16 (bf16 / fp16 in, fp32 accumulate): the fragment layouts
 //                                       of the PTX ISA, rebuilt from what every lane of the warp holds
@@ -96,6 +96,15 @@ inline double __shfl_xor_sync(unsigned, double v, int m) {  // two 32-bit exchan
   double r;
   std::memcpy(&r, half, 8);
   return r;
+}
+inline int __any_sync(unsigned, int pred) {
+  auto& s = emu::slots[emu::warp_id()];
+  s.i[emu::lane_id()] = pred != 0;
+  emu::warp_sync();
+  int any = 0;
+  for (int l = 0; l < 32; ++l) any |= s.i[l];
+  emu::warp_sync();
+  return any;
 }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline float4 atomicAdd(float4* p, float4 v) {  // sm_90: one 16-byte atomic (16-byte aligned address)
