@@ -177,6 +177,22 @@ def test_forward_float32_all_head_dims(d, Cq, Ck):
 
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("scale", [-0.2, 0.0, 0.9])
+def test_forward_scale_sign(dtype, d, scale):
+    """The prefill kernel folds a positive scale into the exponent (d <= 96); zero and negative scales
+    take the plain path. Both must match the reference."""
+    B, Cq, Ck, Hq, Hk = 2, 150, 170, 4, 2
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
+    q_len, k_len = lengths(B, Cq, (Cq, 37)), lengths(B, Ck, (Ck, 90))
+    o, lse = ops.attention(q, k, v, q_len, k_len, scale)
+    o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, scale, torch.float64)
+    o_pt, _ = ref_attention(q, k, v, q_len, k_len, scale, dtype)
+    assert_flash_close(o, o_ref, o_pt, "o")
+    assert_lse_close(lse, lse_ref)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("Ck", [4096, 8195])
 def test_decode_long_cache(dtype, d, group, Ck):

@@ -17,6 +17,15 @@ void run_attn_fwd(const AttnFwdParams& params, cudaStream_t stream) {
     if (params.use_tensor_cores) {
       using Tr = TcFwdTile<kHeadDim>;
       const dim3 grid(ceil_div_host(params.Cq, Tr::kBlockM), params.Hq, params.B);
+      // scale > 0 (every real model): the scale is folded into the exponent's FFMA. Not at d = 128 / 256,
+      // where the kernel sits at 255 registers and this variant spilled (ptxas, sm_90).
+      if constexpr (kHeadDim <= 96) {
+        if (params.scale_log2 > 0.f) {
+          launch_attn_kernel(gmod_attn_fwd_tc_kernel<Tr, T, /*kPackGQA=*/false, /*kSplit=*/false, /*kPosScale=*/true>,
+                             grid, tc_fwd_smem_bytes<Tr>(), stream, params, "the tensor-core forward kernel");
+          return;
+        }
+      }
       launch_attn_kernel(gmod_attn_fwd_tc_kernel<Tr, T, /*kPackGQA=*/false, /*kSplit=*/false>, grid,
                          tc_fwd_smem_bytes<Tr>(), stream, params, "the tensor-core forward kernel");
       return;

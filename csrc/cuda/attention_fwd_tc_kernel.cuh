@@ -82,7 +82,10 @@ GMOD_DEV void cp_async_tile(T* smem, RowPtr row_ptr) {
   }
 }
 
-template <typename Tr, typename T, bool kPackGQA, bool kSplit>
+// kPosScale (the prefill launcher, when scale > 0): S stays unscaled; its row max times scale_log2 is the
+// scaled max (true only for a positive scale), and each exponent is one FFMA, s * scale_log2 - m,
+// instead of a separate scaling pass over S (one multiply per score).
+template <typename Tr, typename T, bool kPackGQA, bool kSplit, bool kPosScale = false>
 __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnFwdParams p) {
   static_assert(sizeof(T) == 2, "the tensor-core kernel takes bf16 / fp16");
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, SD = Tr::kStride;
@@ -213,12 +216,15 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
       // keep m = -inf and use 0 as the reference, so exp2 never sees -inf - (-inf). Tiles that every
       // row of the warp sees whole (all but the causal diagonal and the k_len edge) skip the mask
       // (a warp-uniform branch around the compare-and-select only, so no code is duplicated).
+      const float c = p.scale_log2;
+      if constexpr (!kPosScale) {
 #pragma unroll
-      for (int a = 0; a < MA; ++a)
+        for (int a = 0; a < MA; ++a)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+          for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[a][nt][e] *= p.scale_log2;
+            for (int e = 0; e < 4; ++e) s[a][nt][e] *= c;
+      }
       if (n0 + wk0 + WK > n_warp_full) {
 #pragma unroll
         for (int a = 0; a < MA; ++a)
@@ -242,6 +248,7 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[a][nt][2 * h], s[a][nt][2 * h + 1]));
           mx = quad_max(mx);
+          if constexpr (kPosScale) mx *= c;  // -inf stays -inf (c > 0)
           const float m_new = fmaxf(m_run[ri], mx);
           const float m_use = m_new == -INFINITY ? 0.f : m_new;
           if (!kLazyRescale || __any_sync(0xffffffffu, m_new > m_run[ri])) {
@@ -256,7 +263,7 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               float& x = s[a][nt][2 * h + e];
-              x = exp2_ftz(x - m_use);
+              x = kPosScale ? exp2_ftz(fmaf(x, c, -m_use)) : exp2_ftz(x - m_use);
               l_run[ri] += x;
             }
         }

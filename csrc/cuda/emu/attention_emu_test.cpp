@@ -144,6 +144,7 @@ struct Options {
   bool simt = false;       // bf16 / fp16 forward on the SIMT kernels (as GMOD_ATTN_SIMT=1 / pre-sm_80)
   bool deterministic = false;
   int heads_per_cta = -1;  // -1: group
+  float scale = 0.f;       // 0: 1 / sqrt(d)
 };
 
 template <typename T, int kHeadDim>
@@ -239,7 +240,10 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
                 [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, true>(p); }, tc_fwd_smem_bytes<Tr>());
       } else {
         using Tr = TcFwdTile<kHeadDim>;
-        run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
+        if (kHeadDim <= 96 && p.scale_log2 > 0.f)  // as attention_fwd.cu: the scale folded into the exponent
+          run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false, true>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
+        else
+          run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
       }
     }
   }
@@ -321,7 +325,7 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
 template <typename T, int kHeadDim>
 static void run_random(std::mt19937& rng, int B, int Cq, int Ck, int Hq, int Hk, const Options& opt,
                        std::vector<int> ql = {}, std::vector<int> kl = {}) {
-  Problem P{B, Cq, Ck, Hq, Hk, kHeadDim, ql, kl, 1.f / std::sqrt(float(kHeadDim))};
+  Problem P{B, Cq, Ck, Hq, Hk, kHeadDim, ql, kl, opt.scale != 0.f ? opt.scale : 1.f / std::sqrt(float(kHeadDim))};
   std::uniform_int_distribution<int> uq(0, Cq), uk(0, Ck);
   while (static_cast<int>(P.ql.size()) < B) {
     int a = uq(rng), c = uk(rng);
@@ -447,6 +451,17 @@ int main(int argc, char** argv) {
   run_random<__half, 128>(rng, 1, 4, 333, 4, 4, many_sms, {4}, {333});
   run_random<float, 128>(rng, 2, 16, 40, 4, 4, det, {16, 9}, {40, 3});
   cases += 4;
+  // Tensor-core prefill with a negative scale (the unfused exponent; d <= 96 folds a positive scale
+  // into it) and a large positive one.
+  {
+    Options neg, big;
+    neg.scale = -0.2f;
+    big.scale = 0.9f;
+    run_random<__nv_bfloat16, 64>(rng, 2, 70, 90, 4, 2, neg, {70, 33}, {90, 40});
+    run_random<__half, 96>(rng, 2, 70, 90, 2, 1, big, {70, 1}, {90, 71});
+    run_random<__half, 128>(rng, 1, 40, 60, 2, 2, neg, {40}, {60});
+    cases += 3;
+  }
   // Key-split tensor-core decode (<= 16 packed rows, d <= 128: the warps share the rows and split each
   // key tile): 8 and 16 packed rows, with and without splits, rows with 0 / 1 keys, causal chunks whose
   // visible keys end inside a warp's 16-key slice.
