@@ -310,12 +310,7 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_bwd_dq_kernel(const AttnB
   const int n_max = m0 < ql ? visible_keys(imin(m0 + BM, ql) - 1, ql, kl) : 0;
 
   float acc[RM][CD][4];
-#pragma unroll
-  for (int ii = 0; ii < RM; ++ii)
-#pragma unroll
-    for (int c = 0; c < CD; ++c)
-#pragma unroll
-      for (int t = 0; t < 4; ++t) acc[ii][c][t] = 0.f;
+  zero_frags(acc);
 
   if (n_max > 0) {
     const T* qp = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;

@@ -286,10 +286,7 @@ __global__ void __launch_bounds__(kNThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(con
           const int n_hi = visible_keys(imin(m0 + r0 + 16, ql) - 1, ql, kl);
           const int kk_end = imin(BN / 16, ceil_div(n_hi - n0, 16));
           float acc[DC / 8][4];
-#pragma unroll
-          for (int dt = 0; dt < DC / 8; ++dt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[dt][e] = 0.f;
+          zero_frags(acc);
 #pragma unroll 1
           for (int kk = 0; kk < kk_end; ++kk) {
             // Matrix lane / 8: query rows r0 + 8 ((lane / 8) % 2), keys 16 kk + 8 (lane / 16).
@@ -381,12 +378,7 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_bwd_dq_tc_kernel(const At
   const int n_warp = m0 + wr0 < ql ? visible_keys(imin(m0 + wr0 + RW, ql) - 1, ql, kl) : 0;
 
   float acc[MA][DT][4];
-#pragma unroll
-  for (int a = 0; a < MA; ++a)
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[a][dt][e] = 0.f;
+  zero_frags(acc);
 
   if (n_max > 0) {
     const T* qp = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;

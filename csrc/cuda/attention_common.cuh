@@ -30,6 +30,20 @@ inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr float kLn2 = 0.6931471805599453f;
 
 GMOD_DEV int imin(int a, int b) { return a < b ? a : b; }
+
+// Zeroes register accumulators of the kernels' [..][4] shapes (mma C fragments, SIMT 4-wide tiles).
+template <int N>
+GMOD_DEV void zero_frags(float (&x)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x[i][e] = 0.f;
+}
+template <int M, int N>
+GMOD_DEV void zero_frags(float (&x)[M][N][4]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i) zero_frags(x[i]);
+}
 GMOD_DEV int imax(int a, int b) { return a > b ? a : b; }
 GMOD_DEV int iclamp(int x, int lo, int hi) { return imin(imax(x, lo), hi); }
 GMOD_DEV int ceil_div(int a, int b) { return (a + b - 1) / b; }

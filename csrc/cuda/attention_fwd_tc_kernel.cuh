@@ -149,15 +149,9 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
 
   float acc[MA][DT][4];
   float m_run[2 * MA], l_run[2 * MA];  // running max (log2 domain), this lane's partial row sums
+  zero_frags(acc);
 #pragma unroll
-  for (int a = 0; a < MA; ++a) {
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[a][dt][e] = 0.f;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) m_run[2 * a + h] = -INFINITY, l_run[2 * a + h] = 0.f;
-  }
+  for (int ri = 0; ri < 2 * MA; ++ri) m_run[ri] = -INFINITY, l_run[ri] = 0.f;
 
   if (nb_begin < nb_end) {
     cp_async_tile<T, D, BM, SD>(sQ, [&](int r) -> const T* {
@@ -189,12 +183,7 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
 
       // ---- S = Q K^T: k16 steps over the head dim; one ldmatrix.x4 of K feeds two n8 tiles.
       float s[MA][NT][4];
-#pragma unroll
-      for (int a = 0; a < MA; ++a)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[a][nt][e] = 0.f;
+      zero_frags(s);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t qa[MA][4];
