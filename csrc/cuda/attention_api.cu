@@ -130,6 +130,9 @@ AttnDims check_attention_inputs_cuda(const char* op, const at::Tensor& q, const 
                     B, ", Hq = ", Hq);
   GMOD_CHECK_VALUE(Cq * Hq <= kMaxInt && Ck <= kMaxInt, "gmod.", op, ": sequence too long for the CUDA kernels (Cq * Hq = ",
                     Cq * Hq, ", Ck = ", Ck, ")");
+  // Implied by Hq <= 65535 and d <= 256 today; kept next to the kernels' 32-bit in-tile offsets.
+  GMOD_CHECK_VALUE(attn::kMaxTileRows * Hq * d <= kMaxInt, "gmod.", op, ": rows of ", Hq * d,
+                    " elements are too wide for the CUDA kernels");
   return a;
 }
 

@@ -32,7 +32,7 @@
 #pragma once
 
 #include "attention_common.cuh"
-#include "attention_fwd_tc_kernel.cuh"  // cp_async_tile
+#include "attention_fwd_tc_kernel.cuh"  // cp_async_rows
 #include "attention_mma.cuh"
 
 namespace gmod::attn {
@@ -54,7 +54,7 @@ struct TcBwdTraits {
   static constexpr int kSubM = kSubM_;           // queries of one register pass over S^T / dP^T
   static constexpr int kStride = kHeadDim + 8;   // 16-bit elements per Q / dO / K / V smem row
   static constexpr int kDsStride = kBlockM + 8;  // 16-bit elements per dS^T smem row (one key)
-  static constexpr int kDqChunk = 32;            // head-dim columns of one dQ work unit (atomic dQ)
+  static constexpr int kDqChunk = kHeadDim % 64 == 0 ? 64 : 32;  // head-dim columns of one dQ work unit (atomic dQ)
   // dq kernel
   static constexpr int kDqMAtoms = kDqMAtoms_;
   static constexpr int kDqRowsPerWarp = 16 * kDqMAtoms;
@@ -102,6 +102,9 @@ __global__ void __launch_bounds__(kNThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(con
   float* sLse = reinterpret_cast<float*>(sdS + BN * SS);  // [2][BM]: lse log2 e of the tile's queries
   float* sDelta = sLse + 2 * BM;                          // [2][BM]
 
+  // Fully unrolled Q / dO copies (see cp_async_rows) except at d = 128, where ptxas then spilled (sm_90).
+  constexpr bool kUnrollCopies = D < 128;
+
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;
   const int n_block = blockIdx.x;
@@ -129,20 +132,16 @@ __global__ void __launch_bounds__(kNThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(con
     const int m_tiles = ceil_div(ql, BM) - m_begin;
     const int steps = p.heads_per_cta * m_tiles;  // (head, query tile) pairs, head-major
 
-    cp_async_tile<T, D, BN, SD>(sK, [&](int r) -> const T* { return n0 + r < kl ? kp + (n0 + r) * p.k_row_stride : nullptr; });
-    cp_async_tile<T, D, BN, SD>(sV, [&](int r) -> const T* { return n0 + r < kl ? vp + (n0 + r) * p.v_row_stride : nullptr; });
-    // Q / dO rows of step `it` into buffer `buf` (cp.async), with the per-query lse log2 e and Delta
-    // (plain stores; 0 for queries without keys, whose entries are masked anyway).
+    cp_async_rows<T, D, BN, SD>(sK, kp + n0 * p.k_row_stride, int(p.k_row_stride), kl - n0);
+    cp_async_rows<T, D, BN, SD>(sV, vp + n0 * p.v_row_stride, int(p.v_row_stride), kl - n0);
+    // Q / dO rows of step `it` into buffer `buf` (cp.async; m0 < ql), with the per-query lse log2 e and
+    // Delta (plain stores; 0 for queries without keys, whose entries are masked anyway).
     auto load_step = [&](int it, int buf) {
       const int h = h_begin + it / m_tiles, m0 = (m_begin + it % m_tiles) * BM;
       const T* qp = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
       const T* gp = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-      cp_async_tile<T, D, BM, SD>(sQ + buf * BM * SD, [&](int r) -> const T* {
-        return m0 + r < ql ? qp + (m0 + r) * p.q_row_stride : nullptr;
-      });
-      cp_async_tile<T, D, BM, SD>(sdO + buf * BM * SD, [&](int r) -> const T* {
-        return m0 + r < ql ? gp + (m0 + r) * p.do_row_stride : nullptr;
-      });
+      cp_async_rows<T, D, BM, SD, kUnrollCopies>(sQ + buf * BM * SD, qp + m0 * p.q_row_stride, int(p.q_row_stride), ql - m0);
+      cp_async_rows<T, D, BM, SD, kUnrollCopies>(sdO + buf * BM * SD, gp + m0 * p.do_row_stride, int(p.do_row_stride), ql - m0);
       const float* lse = p.lse + ((int64_t)b * p.Hq + h) * p.Cq;
       const float* delta = p.delta + ((int64_t)b * p.Hq + h) * p.Cq;
       for (int r = tid; r < BM; r += kNThreads) {
@@ -399,16 +398,13 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_bwd_dq_tc_kernel(const At
       row_delta[ri] = row_n[ri] > 0 ? delta[i] : 0.f;
     }
 
-    cp_async_tile<T, D, BM, SD>(sQ, [&](int r) -> const T* { return m0 + r < ql ? qp + (m0 + r) * p.q_row_stride : nullptr; });
-    cp_async_tile<T, D, BM, SD>(sdO, [&](int r) -> const T* { return m0 + r < ql ? gp + (m0 + r) * p.do_row_stride : nullptr; });
+    // n_max > 0: m0 < ql, and every loaded key tile starts below kl.
+    cp_async_rows<T, D, BM, SD>(sQ, qp + m0 * p.q_row_stride, int(p.q_row_stride), ql - m0);
+    cp_async_rows<T, D, BM, SD>(sdO, gp + m0 * p.do_row_stride, int(p.do_row_stride), ql - m0);
     auto load_kv = [&](int nb, int buf) {
       const int n0 = nb * BN;
-      cp_async_tile<T, D, BN, SD>(sK + buf * BN * SD, [&](int r) -> const T* {
-        return n0 + r < kl ? kp + (n0 + r) * p.k_row_stride : nullptr;
-      });
-      cp_async_tile<T, D, BN, SD>(sV + buf * BN * SD, [&](int r) -> const T* {
-        return n0 + r < kl ? vp + (n0 + r) * p.v_row_stride : nullptr;
-      });
+      cp_async_rows<T, D, BN, SD>(sK + buf * BN * SD, kp + n0 * p.k_row_stride, int(p.k_row_stride), kl - n0);
+      cp_async_rows<T, D, BN, SD>(sV + buf * BN * SD, vp + n0 * p.v_row_stride, int(p.v_row_stride), kl - n0);
     };
     load_kv(0, 0);
     cp_async_commit();

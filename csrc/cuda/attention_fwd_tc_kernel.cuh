@@ -82,6 +82,39 @@ GMOD_DEV void cp_async_tile(T* smem, RowPtr row_ptr) {
   }
 }
 
+// Rows [0, kRows) of a 16-bit tile whose row r starts at src + r * row_stride (elements) into shared
+// memory (row stride kStride) with cp.async; rows r >= rows_valid are zero-filled by the copy itself
+// (src-size 0: nothing is read; the address passed is the tile's first row, so rows_valid >= 1).
+// The K / V (and backward Q / dO) tiles of the main loops, so it must be cheap: offsets inside a tile
+// are 32-bit (row_stride <= 65535 heads x 256 elements and kRows <= kMaxTileRows, checked on the host)
+// and there is no branch. kUnroll: fully unrolled, every copy's address computed up front (fewest
+// instructions); off, a loop whose unrolling is left to the compiler, for the kernels at 255 registers
+// (d = 96 / 128 prefill), where the unrolled form made ptxas spill. The old per-row pointer callback
+// with 64-bit math and a zero-store branch cost ~30 instructions per copy, 15-35 % of the main loops'
+// instructions (scripts/sass_loop_stats.py, sm_90).
+template <typename T, int kChunks, int kStride>
+GMOD_DEV void cp_async_row_chunk(T* smem, const T* src, int row_stride, int rows_valid, int idx) {
+  const int r = idx / kChunks, c = (idx % kChunks) * 8;
+  const bool pred = r < rows_valid;
+  cp_async_16_zfill(smem + r * kStride + c, src + ((pred ? r * row_stride : 0) + c), pred);
+}
+template <typename T, int kHeadDim, int kRows, int kStride, bool kUnroll = true>
+GMOD_DEV void cp_async_rows(T* smem, const T* src, int row_stride, int rows_valid) {
+  constexpr int kChunks = kHeadDim / 8, kCopies = kRows * kChunks;
+  static_assert(kRows <= kMaxTileRows, "32-bit tile offsets (see check_attention_inputs_cuda)");
+  if constexpr (kUnroll) {
+#pragma unroll
+    for (int i = 0; i < (kCopies + kNThreads - 1) / kNThreads; ++i) {
+      const int idx = threadIdx.x + i * kNThreads;
+      if (kCopies % kNThreads == 0 || idx < kCopies)
+        cp_async_row_chunk<T, kChunks, kStride>(smem, src, row_stride, rows_valid, idx);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < kCopies; idx += kNThreads)
+      cp_async_row_chunk<T, kChunks, kStride>(smem, src, row_stride, rows_valid, idx);
+  }
+}
+
 // kPosScale (the prefill launcher, when scale > 0): S stays unscaled; its row max times scale_log2 is the
 // scaled max (true only for a positive scale), and each exponent is one FFMA, s * scale_log2 - m,
 // instead of a separate scaling pass over S (one multiply per score).
@@ -93,6 +126,9 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
   constexpr int WK = Tr::kWarpKeys;
   constexpr bool KS = Tr::kKeySplit;
   constexpr bool kLazyRescale = MA * DT <= 16;
+  // Fully unrolled K / V copies (see cp_async_rows) where ptxas then still needs no spills (sm_90):
+  // prefill at d = 32 / 64 / 256. Not at d = 96 / 128 prefill (255 registers) nor in the decode kernels.
+  constexpr bool kUnrollCopies = !kPackGQA && (MA * DT <= 16 || MA == 1);
 
   extern __shared__ float4 gmod_attn_smem[];
   T* sQ = reinterpret_cast<T*>(gmod_attn_smem);  // [BM][SD]; reused by the epilogue for O
@@ -158,14 +194,10 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
       const int i = row_query(r);
       return (row_valid(r) && i < ql) ? qp + i * p.q_row_stride + row_head(r) * p.q_head_stride : nullptr;
     });
-    auto load_kv = [&](int nb, int buf) {
+    auto load_kv = [&](int nb, int buf) {  // nb < nb_end: key nb * BN < kl
       const int n0 = nb * BN;
-      cp_async_tile<T, D, BN, SD>(sK + buf * BN * SD, [&](int r) -> const T* {
-        return n0 + r < kl ? kp + (n0 + r) * p.k_row_stride : nullptr;
-      });
-      cp_async_tile<T, D, BN, SD>(sV + buf * BN * SD, [&](int r) -> const T* {
-        return n0 + r < kl ? vp + (n0 + r) * p.v_row_stride : nullptr;
-      });
+      cp_async_rows<T, D, BN, SD, kUnrollCopies>(sK + buf * BN * SD, kp + n0 * p.k_row_stride, int(p.k_row_stride), kl - n0);
+      cp_async_rows<T, D, BN, SD, kUnrollCopies>(sV + buf * BN * SD, vp + n0 * p.v_row_stride, int(p.v_row_stride), kl - n0);
     };
     load_kv(nb_begin, 0);
     cp_async_commit();

@@ -2,6 +2,7 @@
 //   ldsm_x4 / ldsm_x4_trans   ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16
 //   mma_16816<T>              mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32 (T = bf16 or fp16), d += a b
 //   cp_async_16 / _commit / _wait<N>   cp.async.cg.shared.global 16-byte copies, grouped
+//   cp_async_16_zfill         the same, or 16 zero bytes without reading global memory (src-size 0)
 //   pack2<T>                  two floats -> one 32-bit register of two T (the lower index in the low half)
 //   exp2_ftz                  ex2.approx.ftz.f32 (the softmax exponential)
 //   atomic_add_frag           an mma C fragment atomically added to fp32 global memory (float4 on sm_90)
@@ -109,6 +110,14 @@ GMOD_DEV void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t 
 GMOD_DEV void cp_async_16(void* smem_dst, const void* gmem_src) {
   GMOD_SM80_OR_TRAP(asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem_dst)),
                                  "l"(gmem_src)
+                                 : "memory"));
+}
+// pred ? 16 bytes global -> shared : 16 zero bytes into shared (src-size 0: no global byte is read).
+// A predicated form, so that a tile's edge rows cost no branch; gmem_src must still be an address of the
+// tensor (the callers pass the tile's first row when pred is false).
+GMOD_DEV void cp_async_16_zfill(void* smem_dst, const void* gmem_src, bool pred) {
+  GMOD_SM80_OR_TRAP(asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem_dst)),
+                                 "l"(gmem_src), "r"(pred ? 16 : 0)
                                  : "memory"));
 }
 GMOD_DEV void cp_async_commit() { GMOD_SM80_OR_TRAP(asm volatile("cp.async.commit_group;\n" ::: "memory")); }

@@ -181,6 +181,8 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   std::memset(&p, 0, sizeof(p));
   p.q = q.data(), p.k = k.data(), p.v = v.data(), p.o = o.data(), p.lse = lse.data();
   p.q_len = P.ql.data(), p.k_len = P.kl.data();
+  emu::readable = {{q.data(), q.data() + q.size()}, {k.data(), k.data() + k.size()},
+                   {v.data(), v.data() + v.size()}, {dout.data(), dout.data() + dout.size()}};
   p.q_batch_stride = p.o_batch_stride = p.do_batch_stride = p.dq_batch_stride = static_cast<int64_t>(P.Cq) * P.Hq * d;
   p.q_row_stride = p.o_row_stride = p.do_row_stride = p.dq_row_stride = static_cast<int64_t>(P.Hq) * d;
   p.q_head_stride = p.o_head_stride = p.do_head_stride = p.dq_head_stride = d;

@@ -60,7 +60,23 @@ inline void warp_sync() { warp_bar[warp_id()]->arrive_and_wait(); }
 struct PendingCopy {
   void* dst;
   const void* src;
+  int bytes;  // read from src; the rest of the 16 bytes is zero-filled (cp.async src-size)
 };
+// Global buffers the kernels may copy from (set by the test; empty: unchecked). A cp.async whose source,
+// even a zero-fill one that reads no byte, is outside all of them aborts.
+struct Range {
+  const void* begin;
+  const void* end;
+};
+inline std::vector<Range> readable;
+inline void check_readable(const void* src, int bytes) {
+  if (readable.empty()) return;
+  const char* p = static_cast<const char*>(src);
+  for (const auto& r : readable)
+    if (p >= static_cast<const char*>(r.begin) && p + (bytes > 0 ? bytes : 1) <= static_cast<const char*>(r.end)) return;
+  std::fprintf(stderr, "emu: cp.async source %p (%d bytes) is outside every input tensor\n", src, bytes);
+  std::abort();
+}
 inline thread_local std::vector<PendingCopy> pending;        // issued, in order
 inline thread_local std::vector<size_t> group_ends;          // pending.size() at each commit
 }  // namespace emu
@@ -185,7 +201,16 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 }
 
 // ---- cp.async.cg.shared.global (16 bytes), commit_group, wait_group N.
-inline void cp_async_16(void* smem_dst, const void* gmem_src) { emu::pending.push_back({smem_dst, gmem_src}); }
+inline void cp_async_16(void* smem_dst, const void* gmem_src) {
+  emu::check_readable(gmem_src, 16);
+  emu::pending.push_back({smem_dst, gmem_src, 16});
+}
+// src-size 0 when !pred: zeros land in shared memory when the group completes, as on the GPU. The
+// source must still be an address inside an input tensor (checked).
+inline void cp_async_16_zfill(void* smem_dst, const void* gmem_src, bool pred) {
+  emu::check_readable(gmem_src, pred ? 16 : 0);
+  emu::pending.push_back({smem_dst, gmem_src, pred ? 16 : 0});
+}
 inline void cp_async_commit() { emu::group_ends.push_back(emu::pending.size()); }
 template <int N>
 inline void cp_async_wait() {
@@ -193,7 +218,11 @@ inline void cp_async_wait() {
   const int groups = static_cast<int>(emu::group_ends.size());
   if (groups <= N) return;
   const size_t done = emu::group_ends[groups - 1 - N];
-  for (size_t t = 0; t < done; ++t) std::memcpy(emu::pending[t].dst, emu::pending[t].src, 16);
+  for (size_t t = 0; t < done; ++t) {
+    const auto& c = emu::pending[t];
+    std::memcpy(c.dst, c.src, c.bytes);
+    std::memset(static_cast<char*>(c.dst) + c.bytes, 0, 16 - c.bytes);
+  }
   emu::pending.erase(emu::pending.begin(), emu::pending.begin() + static_cast<std::ptrdiff_t>(done));
   emu::group_ends.erase(emu::group_ends.begin(), emu::group_ends.begin() + (groups - N));
   for (auto& e : emu::group_ends) e -= done;

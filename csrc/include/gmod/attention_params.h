@@ -75,6 +75,9 @@ struct AttnBwdParams : AttnFwdParams {
 // Every kernel runs 128 threads = 16 row groups x 8 lanes (the 8 lanes of a row group are
 // consecutive lanes of one warp, so a row's reductions are 3 xor-shuffles).
 inline constexpr int kNThreads = 128;
+// Most rows of any shared-memory tile the tensor-core kernels copy. Offsets inside a tile are 32-bit:
+// attention_api.cu checks that kMaxTileRows rows of q / k / v stay below 2^31 elements.
+inline constexpr int kMaxTileRows = 128;
 
 // Forward (prefill / training): BLOCK_M query rows x BLOCK_N keys per step.
 template <int kHeadDim> struct FwdTile {
