@@ -141,6 +141,13 @@ EOF
     irc=$?
     cat "$OUT/import.log" | cut -c1-300
     toolchain_facts
+    # Static main-loop instruction counts of the attention kernels that the benchmarks below time.
+    bdir=$(ls -d build/temp*/cmake* 2> /dev/null | head -n 1)
+    for f in attention_fwd attention_decode attention_bwd; do
+      o=$(find "$bdir" -name "$f.cu.o" 2> /dev/null | head -n 1)
+      [[ -n "$o" ]] && "$PY" scripts/sass_loop_stats.py "$o" --kernel 'tc_kernel.*bfloat' 2>&1
+    done > "$OUT/sass_stats.txt"
+    echo "sass (main loop per warp, fwd d128 prefill): $(grep 'TcFwdTraits<128, 2, 64, false>, __nv_bfloat16, false, false, false' "$OUT/sass_stats.txt" | awk '{print $1" instrs, "$2" HMMA, "$6" spill"}')"
     if (( rc != 0 )); then
       echo "--- build log tail:"; grep -iE "error|fatal" "$OUT/build.log" | head -n 15 | cut -c1-240; tail_of build.log 15
       record build FAIL "$dur" "pip rc=$rc; see build.log"
