@@ -464,3 +464,39 @@ def test_simt_kernels_for_16bit_inputs(dtype, tmp_path):
     od_pt, _ = ref_attention(qd, kd, vd, qd_len, kd_len, scale_d, dtype)
     assert_flash_close(out["od"], od_ref, od_pt, "simt decode o")
     assert_lse_close(out["lsed"], lsed_ref, "simt decode lse")
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_forward_narrow_key_tiles_d128(dtype, tmp_path):
+    """GMOD_ATTN_FWD_BLOCK_N=32 (read once per process) runs the d = 128 prefill forward on 128 x 32
+    tiles (lazy rescale, unrolled copies, positive scale folded into the exponent). It must meet the
+    flash rule like the default: causal offsets across tiles, ragged and empty rows, GQA, rows long
+    enough that the max grows on later tiles, and a negative scale (the unfolded path)."""
+    B, Cq, Ck, Hq, Hk, d = 3, 150, 300, 4, 2, 128
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
+    q_len, k_len = lengths(B, Cq, (150, 1, 0)), lengths(B, Ck, (300, 77, 0))
+    inputs = tmp_path / "inputs.pt"
+    torch.save({n: t.cpu() for n, t in dict(q=q, k=k, v=v, q_len=q_len, k_len=k_len).items()}, inputs)
+    code = textwrap.dedent(
+        f"""
+        import torch, gmod_ext
+        t = {{n: x.cuda() for n, x in torch.load({str(inputs)!r}).items()}}
+        out = {{}}
+        for name, scale in (("pos", 0.0883883), ("neg", -0.3)):
+            o, lse = torch.ops.gmod.attention(t["q"], t["k"], t["v"], t["q_len"], t["k_len"], scale)
+            out["o_" + name], out["lse_" + name] = o.cpu(), lse.cpu()
+        torch.save(out, {str(tmp_path / "out.pt")!r})
+        print("OK")
+        """
+    )
+    env = dict(os.environ, GMOD_ATTN_FWD_BLOCK_N="32")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    out = {n: x.to(DEV) for n, x in torch.load(tmp_path / "out.pt").items()}
+    for name, scale in (("pos", 0.0883883), ("neg", -0.3)):
+        o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, scale, torch.float64)
+        o_pt, _ = ref_attention(q, k, v, q_len, k_len, scale, dtype)
+        assert_flash_close(out["o_" + name], o_ref, o_pt, f"narrow o ({name} scale)")
+        assert_lse_close(out["lse_" + name], lse_ref, f"narrow lse ({name} scale)")

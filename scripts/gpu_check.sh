@@ -8,7 +8,8 @@
 #   aliases: all (default) = every step above; sanitize = memcheck,racecheck; bench = bench_ops,bench_attention
 #   extra, only when named: bench_layer bench_model (python -m gmod_ext.bench layer|model; a second call:
 #   GMOD_GPU_CHECK_STEPS=bench_layer,bench_model on the warm machine reuses the build)
-#   extra, only when named: bench_attention_det (GMOD_DETERMINISTIC=1), synccheck initcheck
+#   extra, only when named: bench_attention_det (GMOD_DETERMINISTIC=1), bench_attention_n32
+#   (GMOD_ATTN_FWD_BLOCK_N=32: the d = 128 forward on 32-key tiles), synccheck initcheck
 #   (compute-sanitizer tools), ncu_nvtx (the README's NVTX
 #   filter: kernels inside gmod.attention of `bench layer --quick`)
 # Without build, the library already built in gmod_ext/ (a warm machine keeps it) is used.
@@ -231,6 +232,12 @@ want bench_model && bench bench_model 250
 if [[ "$req" == *" bench_attention_det "* ]]; then
   GMOD_DETERMINISTIC=1 bench_named bench_attention_det attention 220
 fi
+# Only when named: the attention benchmark with the d = 128 prefill forward on 128 x 32 tiles (lazy
+# rescale, unrolled copies, folded scale; read once per process), against the default 64-key tiles of
+# bench_attention: the d = 128 rows decide which becomes the default.
+if [[ "$req" == *" bench_attention_n32 "* ]]; then
+  GMOD_ATTN_FWD_BLOCK_N=32 bench_named bench_attention_n32 attention 220
+fi
 
 # ncu --csv --page details -> one line per kernel launch (time, SOL %, tensor pipe %, occupancy, registers)
 cat > "$OUT/ncu_summary.py" <<'EOF'
@@ -344,7 +351,7 @@ if [[ "$req" == *" ncu_nvtx "* ]]; then
 fi
 
 # ------------------------------------------------------------------ tables, then the summary LAST
-for b in bench_ops bench_attention bench_attention_det bench_layer bench_model; do
+for b in bench_ops bench_attention bench_attention_det bench_attention_n32 bench_layer bench_model; do
   if [[ -f "$OUT/$b.log" ]]; then
     echo; echo "################ $b (full log: $b.log, numbers: $b.json)"
     # the tables only: from the first '== ' line up to the status line

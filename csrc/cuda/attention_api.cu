@@ -46,14 +46,21 @@ bool force_simt() {
   return value;
 }
 
+// GMOD_ATTN_FWD_BLOCK_N=32: the d = 128 tensor-core prefill forward with 32-key tiles (an experiment
+// until benchmarked, attention_fwd_tc_kernel.cuh); anything else keeps the 64-key default.
+int fwd_block_n() {
+  static const int value = [] {
+    const char* v = std::getenv("GMOD_ATTN_FWD_BLOCK_N");
+    return v != nullptr && std::strcmp(v, "32") == 0 ? 32 : 64;
+  }();
+  return value;
+}
+
 bool deterministic_mode() {
   static const bool env = env_flag("GMOD_DETERMINISTIC");
   return env || at::globalContext().deterministicAlgorithms();
 }
 
-// Streaming multiprocessors of the current device, queried once per device (cudaDeviceGetAttribute:
-// at::cuda::getCurrentDeviceProperties lives in ATen/cuda/CUDAContext.h, which needs the cuSPARSE /
-// cuBLAS headers that a bare toolkit may lack).
 // A device attribute of the current device, queried once per device (cudaDeviceGetAttribute:
 // at::cuda::getCurrentDeviceProperties lives in ATen/cuda/CUDAContext.h, which needs the cuSPARSE /
 // cuBLAS headers that a bare toolkit may lack).
@@ -163,6 +170,7 @@ void set_fwd_params(attn::AttnFwdParams& p, const AttnDims& a, const at::Tensor&
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.num_splits = 1;
   p.use_tensor_cores = use_tensor_cores(q.scalar_type()) ? 1 : 0;
+  p.tc_fwd_block_n = fwd_block_n();
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,

@@ -26,12 +26,22 @@ namespace gmod::attn {
 
 // kMAtoms: 16-row mma atoms per warp (tile rows = 4 warps x 16 x kMAtoms). kKeySplit: the warps share
 // their rows (tile rows = 16 x kMAtoms) and split the kBlockN keys of a tile instead.
-template <int kHeadDim_, int kMAtoms_, int kBlockN_, bool kKeySplit_ = false>
+// Two choices that cost registers, made per tile plan because what fits in 255 registers without
+// spills is only known from ptxas (sm_90, checked with scripts/sass_loop_stats.py / -Xptxas -v):
+//   kLazyRescale   O and l are rescaled only when a row's max grew (a warp vote per row);
+//   kUnrollCopies  the K / V tile copies fully unrolled (cp_async_rows; the decode kernels never do).
+// The defaults hold where O is at most 16 n8 tiles per warp (d <= 64 prefill, decode); at d = 96 / 128
+// prefill with 64-key tiles (O and S: 192 fp32 registers at d = 128) both made ptxas spill.
+template <int kHeadDim_, int kMAtoms_, int kBlockN_, bool kKeySplit_ = false,
+          bool kLazyRescale_ = kMAtoms_ * (kHeadDim_ / 8) <= 16,
+          bool kUnrollCopies_ = kMAtoms_ * (kHeadDim_ / 8) <= 16 || kMAtoms_ == 1>
 struct TcFwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kMAtoms = kMAtoms_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr bool kKeySplit = kKeySplit_;
+  static constexpr bool kLazyRescale = kLazyRescale_;
+  static constexpr bool kUnrollCopies = kUnrollCopies_;
   static constexpr int kWarps = kNThreads / 32;
   static constexpr int kRowsPerWarp = 16 * kMAtoms;
   static constexpr int kBlockM = kKeySplit ? kRowsPerWarp : kWarps * kRowsPerWarp;
@@ -47,6 +57,13 @@ struct TcFwdTraits {
 // Prefill: 128 x 64 tiles for d <= 128 (O: 128 fp32 registers per thread at d = 128), 64 x 32 for d = 256.
 template <int kHeadDim>
 using TcFwdTile = TcFwdTraits<kHeadDim, kHeadDim <= 128 ? 2 : 1, kHeadDim <= 128 ? 64 : 32>;
+// Prefill at d = 128 with 128 x 32 tiles (GMOD_ATTN_FWD_BLOCK_N=32, attention_api.cu): S takes 32
+// registers instead of 64, which leaves room for the lazy rescale, fully unrolled copies and the
+// positive scale in the exponent (no spills, sm_90), for ~18 % fewer instructions per key than the
+// 64-key tile (static SASS counts, mask and rescale branches not taken) but 20 % more ldmatrix
+// traffic (Q is re-read per key tile) and twice the barriers. Which is faster is for the benchmark to
+// say; until then the 64-key tile stays the default.
+using TcFwdNarrowTile128 = TcFwdTraits<128, 2, 32, false, /*kLazyRescale=*/true, /*kUnrollCopies=*/true>;
 // Decode: 64 packed rows (one atom per warp) x kTcDecodeBlockN keys; with at most 16 packed rows and
 // d <= 128 (decode_key_split), 16 rows x 64 keys split over the warps.
 template <int kHeadDim>
@@ -125,10 +142,10 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
   constexpr int MA = Tr::kMAtoms, NT = Tr::kNTiles, DT = Tr::kDTiles, RW = Tr::kRowsPerWarp;
   constexpr int WK = Tr::kWarpKeys;
   constexpr bool KS = Tr::kKeySplit;
-  constexpr bool kLazyRescale = MA * DT <= 16;
-  // Fully unrolled K / V copies (see cp_async_rows) where ptxas then still needs no spills (sm_90):
-  // prefill at d = 32 / 64 / 256. Not at d = 96 / 128 prefill (255 registers) nor in the decode kernels.
-  constexpr bool kUnrollCopies = !kPackGQA && (MA * DT <= 16 || MA == 1);
+  constexpr bool kLazyRescale = Tr::kLazyRescale;
+  // Fully unrolled K / V copies (cp_async_rows) as the tile plan says, never in the decode kernels
+  // (there ptxas spilled across the epilogue's division call).
+  constexpr bool kUnrollCopies = !kPackGQA && Tr::kUnrollCopies;
 
   extern __shared__ float4 gmod_attn_smem[];
   T* sQ = reinterpret_cast<T*>(gmod_attn_smem);  // [BM][SD]; reused by the epilogue for O
@@ -258,8 +275,8 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
       // Online softmax, row by row. With kLazyRescale, O and l are rescaled by 2^(m_old - m_new) only
       // when the row's max grew in some lane of the warp (one vote per row): otherwise the factor is
       // exactly 2^0 = 1, or the row still has no keys and O = l = 0, so skipping the 2 DT multiplies
-      // is bit-exact. Past the first tiles of a row the max rarely grows. Off where O fills the
-      // register file (MA DT > 16: d = 96 / 128 prefill, d = 256): there the branch made ptxas spill.
+      // is bit-exact. Past the first tiles of a row the max rarely grows. Off where the tile plan says
+      // the registers are full (TcFwdTraits: d = 96 / 128 prefill with 64-key tiles, d = 256).
 #pragma unroll
       for (int a = 0; a < MA; ++a)
 #pragma unroll

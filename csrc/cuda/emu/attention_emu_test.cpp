@@ -145,6 +145,7 @@ struct Options {
   bool deterministic = false;
   int heads_per_cta = -1;  // -1: group
   float scale = 0.f;       // 0: 1 / sqrt(d)
+  bool narrow = false;     // d = 128 prefill on TcFwdNarrowTile128 (GMOD_ATTN_FWD_BLOCK_N=32)
 };
 
 template <typename T, int kHeadDim>
@@ -240,6 +241,12 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
         using Tr = TcDecodeTile<kHeadDim>;
         run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, false>(p); },
                 [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, true>(p); }, tc_fwd_smem_bytes<Tr>());
+      } else if (kHeadDim == 128 && opt.narrow) {
+        using Tr = TcFwdNarrowTile128;  // as attention_fwd.cu: a positive scale folded into the exponent
+        if (p.scale_log2 > 0.f)
+          run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false, true>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
+        else
+          run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
       } else {
         using Tr = TcFwdTile<kHeadDim>;
         if (kHeadDim <= 96 && p.scale_log2 > 0.f)  // as attention_fwd.cu: the scale folded into the exponent
@@ -462,6 +469,18 @@ int main(int argc, char** argv) {
     run_random<__nv_bfloat16, 64>(rng, 2, 70, 90, 4, 2, neg, {70, 33}, {90, 40});
     run_random<__half, 96>(rng, 2, 70, 90, 2, 1, big, {70, 1}, {90, 71});
     run_random<__half, 128>(rng, 1, 40, 60, 2, 2, neg, {40}, {60});
+    cases += 3;
+  }
+  // d = 128 prefill on 128 x 32 tiles (GMOD_ATTN_FWD_BLOCK_N=32: lazy rescale, unrolled copies, the
+  // positive scale in the exponent): causal offsets across tiles, ragged and empty rows, GQA, a
+  // negative scale; rows of 300 keys so that the max grows on later tiles too.
+  {
+    Options nar, nar_neg;
+    nar.narrow = nar_neg.narrow = true;
+    nar_neg.scale = -0.3f;
+    run_random<__nv_bfloat16, 128>(rng, 3, 150, 300, 4, 2, nar, {150, 1, 0}, {300, 77, 0});
+    run_random<__half, 128>(rng, 2, 130, 130, 2, 2, nar, {130, 65}, {130, 129});
+    run_random<__nv_bfloat16, 128>(rng, 1, 40, 100, 2, 1, nar_neg, {40}, {100});
     cases += 3;
   }
   // Key-split tensor-core decode (<= 16 packed rows, d <= 128: the warps share the rows and split each

@@ -47,6 +47,9 @@ struct AttnFwdParams {
 
   // 1: run the tensor-core kernels (bf16 / fp16 on sm_80+, decided by attention_api.cu), 0: the SIMT ones.
   int use_tensor_cores;
+  // Keys per tile of the tensor-core prefill forward at d = 128: 64 (default) or 32 (TcFwdNarrowTile128,
+  // GMOD_ATTN_FWD_BLOCK_N=32); other head dims ignore it.
+  int tc_fwd_block_n;
 
   // Split-k decode (attention_decode.cu): CTA `split` handles key tiles
   // [split * blocks_per_split, (split + 1) * blocks_per_split) and writes fp32 partials.
