@@ -21,6 +21,11 @@
 #include "gmod/op_checks.h"
 #include "router_logits_kernel.cuh"
 
+// c10's bf16 converts to fp32 like cuda_bf16.h's (the upper half of the word): the row-block kernel
+// unpacks pairs of them with a shift and a mask.
+template <>
+struct gmod::router::RowBlockIsBf16<c10::BFloat16> : std::true_type {};
+
 namespace gmod {
 namespace {
 

@@ -11,8 +11,9 @@
 // Block: T threads (a multiple of 32, <= kRowBlockMaxThreads); thread t owns column groups
 // g = t + k T (k < CPT) of VN elements (16 bytes of x). Rows [chunk * rows_per_chunk, ...) are
 // walked R = 4 / CPT at a time: 4 vector loads per thread in flight, the next step's loads issued
-// before this step's reduction. Per step the 2R row sums (x.x and x.a) go warp shuffle -> shared
-// memory -> warp 0 adds the warps in order -> shared memory, two block barriers per step.
+// before this step's reduction. Per step the 2R row sums (x.x and x.a) go warp shuffle (one
+// reduce-scatter for all 2R) -> shared memory -> warp 0 adds the warps in order -> shared memory,
+// two block barriers per step.
 // Every summation order is fixed, so results are bit-reproducible run to run; the backward's
 // partial[chunk, D] is reduced over chunks in order by gmod_router_logits_wgrad_reduce_kernel.
 //
@@ -20,10 +21,12 @@
 // on the CPU.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace gmod::router {
@@ -62,11 +65,66 @@ __device__ __forceinline__ acc_t row_block_sqrt(acc_t v) {
     return sqrt(v);
 }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t row_block_warp_sum(acc_t v) {
+// Warp sums of N values at once (N a power of two <= 32), as a reduce-scatter: at the shuffle distance
+// 16 a lane keeps one half of its values and sends the other (N / 2 shuffles), then N / 4 at 8, ...,
+// then plain butterfly steps for the one value left. N - 1 + log2(32 / N) shuffles instead of
+// 5 N (8 values: 9 instead of 40). Lane l ends with the sum of value row_block_scatter_index<N>(l),
+// identical over each run of 32 / N lanes; the order of the additions is fixed.
+template <int N, typename acc_t>
+__device__ __forceinline__ acc_t row_block_warp_sum_scatter(acc_t (&v)[N], int lane) {
+  static_assert(N >= 1 && N <= kRowBlockWarp && (N & (N - 1)) == 0, "N: a power of two <= 32");
+  int off = kRowBlockWarp / 2;
 #pragma unroll
-  for (int off = kRowBlockWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
+  for (int half = N / 2; half >= 1; half /= 2, off /= 2) {
+    const bool upper = (lane & off) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const acc_t send = upper ? v[i] : v[i + half];
+      const acc_t keep = upper ? v[i + half] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+    }
+  }
+  acc_t s = v[0];
+#pragma unroll
+  for (; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+  return s;
+}
+// The value whose sum lane `lane` holds after row_block_warp_sum_scatter<N>.
+template <int N>
+__device__ __forceinline__ int row_block_scatter_index(int lane) {
+  int j = 0, off = kRowBlockWarp / 2;
+#pragma unroll
+  for (int half = N / 2; half >= 1; half /= 2, off /= 2)
+    if (lane & off) j += half;
+  return j;
+}
+
+// bf16 element types (cuda_bf16.h's here; the launcher adds c10::BFloat16): a bf16 is the upper half of
+// its fp32 value, so a 32-bit word of two converts with one shift and one mask.
+template <typename T>
+struct RowBlockIsBf16 : std::false_type {};
+template <>
+struct RowBlockIsBf16<__nv_bfloat16> : std::true_type {};
+
+__device__ __forceinline__ uint32_t row_block_word(const uint4& w, int j) {
+  return j == 0 ? w.x : j == 1 ? w.y : j == 2 ? w.z : w.w;
+}
+
+// Elements e and e + 1 (e even) of the 16 bytes w of a row, as acc_t. The rows stay in uint4 registers
+// (loaded, zero-filled and moved as whole words): as arrays of 16-bit elements, the compiler built the
+// zero-or-load select and the prefetch copy one 16-bit half at a time (~60 byte permutes per step).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void row_block_pair(const uint4& w, int e, acc_t& lo, acc_t& hi) {
+  if constexpr (RowBlockIsBf16<scalar_t>::value && std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+    const uint32_t x = row_block_word(w, e / 2), xl = x << 16, xh = x & 0xffff0000u;
+    std::memcpy(&lo, &xl, 4);
+    std::memcpy(&hi, &xh, 4);
+  } else {
+    scalar_t t[16 / sizeof(scalar_t)];
+    std::memcpy(t, &w, 16);
+    lo = static_cast<acc_t>(t[e]);
+    hi = static_cast<acc_t>(t[e + 1]);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -81,14 +139,16 @@ constexpr int row_block_smem_bytes() {
   return static_cast<int>(sizeof(acc_t)) * (kRowBlockMaxWarps + 1) * 2 * kRowBlockLoads;
 }
 
-// Registers (sm_90, bf16, CPT 1): the forward fits 64 (two 512-thread blocks per SM); the backward
-// also holds x for dx and the U accumulators (~120), one block per SM, whose 4 x 16-byte loads per
-// thread in flight (32 KiB per SM) still cover the memory latency.
+// Registers (sm_90, bf16, CPT 1): the forward fits 64 (62; two 512-thread blocks per SM); the backward
+// also holds x for dx and the U accumulators (92), one block per SM, whose 4 x 16-byte loads per
+// thread in flight (32 KiB per SM) still cover the memory latency. No spills but 8 bytes in the
+// 16-bit CPT 4 forward (rows wider than 8192 elements).
 template <typename scalar_t, typename acc_t, int VN, int CPT, bool kBackward>
 __global__ void __launch_bounds__(kRowBlockMaxThreads, kBackward ? 1 : 2)
     gmod_router_logits_rows_kernel(RowBlockParams<acc_t> p) {
   constexpr int R = kRowBlockLoads / CPT;  // rows per step
   static_assert(R * CPT == kRowBlockLoads && R >= 1, "CPT must divide kRowBlockLoads");
+  static_assert(VN % 2 == 0 && VN * sizeof(scalar_t) == 16, "16-byte row vectors of element pairs");
   using XV = RowVec<scalar_t, VN>;
   // Dynamic shared memory (row_block_smem_bytes): red[warp][2R], then tot[2R].
   extern __shared__ float4 gmod_router_smem[];
@@ -128,10 +188,10 @@ __global__ void __launch_bounds__(kRowBlockMaxThreads, kBackward ? 1 : 2)
 
   const int64_t r_begin = static_cast<int64_t>(blockIdx.x) * p.rows_per_chunk;
   const int64_t r_end = r_begin + p.rows_per_chunk < p.rows ? r_begin + p.rows_per_chunk : p.rows;
-  const XV* xrows = static_cast<const XV*>(p.x);
+  const uint4* xrows = static_cast<const uint4*>(p.x);  // 16 bytes = VN elements per vector
 
   // Step loads: rows r0 .. r0 + R - 1 (zeros past r_end or outside this thread's columns).
-  auto load_step = [&](int64_t r0, XV (&buf)[R][CPT]) {
+  auto load_step = [&](int64_t r0, uint4 (&buf)[R][CPT]) {
 #pragma unroll
     for (int i = 0; i < R; ++i)
 #pragma unroll
@@ -139,13 +199,12 @@ __global__ void __launch_bounds__(kRowBlockMaxThreads, kBackward ? 1 : 2)
         if (own[k] && r0 + i < r_end) {
           buf[i][k] = xrows[(r0 + i) * ngroups + tid + static_cast<int64_t>(k) * p.threads];
         } else {
-#pragma unroll
-          for (int e = 0; e < VN; ++e) buf[i][k].v[e] = static_cast<scalar_t>(0.0f);
+          buf[i][k] = make_uint4(0u, 0u, 0u, 0u);  // zero bits: +0 in every element type
         }
       }
   };
 
-  XV cur[R][CPT];
+  uint4 cur[R][CPT];
   if (r_begin < r_end) load_step(r_begin, cur);
   for (int64_t r0 = r_begin; r0 < r_end; r0 += R) {
     // This thread's part of x.x and x.a for each row of the step.
@@ -156,23 +215,24 @@ __global__ void __launch_bounds__(kRowBlockMaxThreads, kBackward ? 1 : 2)
 #pragma unroll
       for (int k = 0; k < CPT; ++k)
 #pragma unroll
-        for (int e = 0; e < VN; ++e) {
-          const acc_t v = static_cast<acc_t>(cur[i][k].v[e]);
-          s += v * v;
-          d += v * a[k][e];
+        for (int e = 0; e < VN; e += 2) {
+          acc_t v0, v1;
+          row_block_pair<scalar_t>(cur[i][k], e, v0, v1);
+          s += v0 * v0;
+          d += v0 * a[k][e];
+          s += v1 * v1;
+          d += v1 * a[k][e + 1];
         }
       part[i] = s;
       part[R + i] = d;
     }
     // The next step's loads go out before the barriers of this one.
-    XV nxt[R][CPT];
+    uint4 nxt[R][CPT];
     if (r0 + R < r_end) load_step(r0 + R, nxt);
 
-#pragma unroll
-    for (int j = 0; j < 2 * R; ++j) part[j] = row_block_warp_sum(part[j]);
-    if (lane == 0) {
-#pragma unroll
-      for (int j = 0; j < 2 * R; ++j) red[warp * 2 * R + j] = part[j];
+    {
+      const acc_t sum = row_block_warp_sum_scatter<2 * R>(part, lane);
+      if (lane % (kRowBlockWarp / (2 * R)) == 0) red[warp * 2 * R + row_block_scatter_index<2 * R>(lane)] = sum;
     }
     __syncthreads();
     if (warp == 0 && lane < 2 * R) {
@@ -200,10 +260,13 @@ __global__ void __launch_bounds__(kRowBlockMaxThreads, kBackward ? 1 : 2)
             if (!own[k]) continue;
             XV o;
 #pragma unroll
-            for (int e = 0; e < VN; ++e) {
-              const acc_t xv = static_cast<acc_t>(cur[i][k].v[e]);
-              o.v[e] = static_cast<scalar_t>(gr * a[k][e] - c * xv);
-              u[k][e] += gr * xv;
+            for (int e = 0; e < VN; e += 2) {
+              acc_t x0, x1;
+              row_block_pair<scalar_t>(cur[i][k], e, x0, x1);
+              o.v[e] = static_cast<scalar_t>(gr * a[k][e] - c * x0);
+              o.v[e + 1] = static_cast<scalar_t>(gr * a[k][e + 1] - c * x1);
+              u[k][e] += gr * x0;
+              u[k][e + 1] += gr * x1;
             }
             dxrow[tid + static_cast<int64_t>(k) * p.threads] = o;
           }
