@@ -11,7 +11,8 @@ slot from the tensor pipe.
 
 Counts are static: a loop's branches (e.g. the causal mask, taken only on diagonal tiles) are counted
 once whether or not they run, and nested loops are counted once, not per trip. Compare builds of the
-same kernel (--compare), not different kernels.
+same kernel (--compare), not different kernels; kernels are matched by their exact (mangled) name, so a
+changed template signature shows as "-" in the old column.
 
 Examples:
   # after scripts/dev_build.sh with a CUDA torch (see README, "Development"):
