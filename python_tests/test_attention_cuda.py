@@ -385,6 +385,16 @@ def test_bad_inputs_raise():
         )
 
 
+def run_in_subprocess(code: str, **env_flags: str) -> None:
+    """Runs ``code`` in a fresh interpreter with the given environment flags (the gmod env flags are read
+    once per process) and this checkout first on the path; it must exit 0 and print OK."""
+    env = dict(os.environ, **env_flags)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
 def test_env_flags_in_subprocess():
     """GMOD_TRUST_INDICES=1 skips validation but the kernels clamp (no crash, no fault);
     GMOD_DETERMINISTIC=1 gives bit-identical gradients."""
@@ -410,11 +420,7 @@ def test_env_flags_in_subprocess():
         print("OK")
         """
     )
-    env = dict(os.environ, GMOD_TRUST_INDICES="1", GMOD_DETERMINISTIC="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    run_in_subprocess(code, GMOD_TRUST_INDICES="1", GMOD_DETERMINISTIC="1")
 
 
 @pytest.mark.parametrize("dtype", LOWP)
@@ -445,11 +451,7 @@ def test_simt_kernels_for_16bit_inputs(dtype, tmp_path):
         print("OK")
         """
     )
-    env = dict(os.environ, GMOD_ATTN_SIMT="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    run_in_subprocess(code, GMOD_ATTN_SIMT="1")
     out = {n: x.to(DEV) for n, x in torch.load(tmp_path / "out.pt").items()}
     o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, 0.125, torch.float64)
     o_pt, _ = ref_attention(q, k, v, q_len, k_len, 0.125, dtype)
@@ -489,11 +491,7 @@ def test_forward_narrow_key_tiles_d128(dtype, tmp_path):
         print("OK")
         """
     )
-    env = dict(os.environ, GMOD_ATTN_FWD_BLOCK_N="32")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    run_in_subprocess(code, GMOD_ATTN_FWD_BLOCK_N="32")
     out = {n: x.to(DEV) for n, x in torch.load(tmp_path / "out.pt").items()}
     for name, scale in (("pos", 0.0883883), ("neg", -0.3)):
         o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, scale, torch.float64)
