@@ -13,37 +13,30 @@
 
 namespace gmod::attn {
 
+// The tensor-core prefill forward on tile plan Tr. scale > 0 (every real model): the scale is folded
+// into the exponent's FFMA where the plan has the registers for it (Tr::kFoldScale).
+template <typename Tr, typename T>
+void launch_tc_prefill(const AttnFwdParams& params, cudaStream_t stream) {
+  const dim3 grid(ceil_div_host(params.Cq, Tr::kBlockM), params.Hq, params.B);
+  if constexpr (Tr::kFoldScale) {
+    if (params.scale_log2 > 0.f) {
+      launch_attn_kernel(gmod_attn_fwd_tc_kernel<Tr, T, /*kPackGQA=*/false, /*kSplit=*/false, /*kPosScale=*/true>,
+                         grid, tc_fwd_smem_bytes<Tr>(), stream, params, "the tensor-core forward kernel");
+      return;
+    }
+  }
+  launch_attn_kernel(gmod_attn_fwd_tc_kernel<Tr, T, /*kPackGQA=*/false, /*kSplit=*/false>, grid,
+                     tc_fwd_smem_bytes<Tr>(), stream, params, "the tensor-core forward kernel");
+}
+
 template <typename T, int kHeadDim>
 void run_attn_fwd(const AttnFwdParams& params, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (params.use_tensor_cores) {
       if constexpr (kHeadDim == 128) {
-        if (params.tc_fwd_block_n == 32) {  // 128 x 32 tiles; positive scale folded in as below
-          using Tr = TcFwdNarrowTile128;
-          const dim3 grid(ceil_div_host(params.Cq, Tr::kBlockM), params.Hq, params.B);
-          if (params.scale_log2 > 0.f)
-            launch_attn_kernel(gmod_attn_fwd_tc_kernel<Tr, T, false, false, /*kPosScale=*/true>, grid,
-                               tc_fwd_smem_bytes<Tr>(), stream, params, "the tensor-core forward kernel");
-          else
-            launch_attn_kernel(gmod_attn_fwd_tc_kernel<Tr, T, false, false>, grid, tc_fwd_smem_bytes<Tr>(), stream,
-                               params, "the tensor-core forward kernel");
-          return;
-        }
+        if (params.tc_fwd_block_n == 32) return launch_tc_prefill<TcFwdNarrowTile128, T>(params, stream);
       }
-      using Tr = TcFwdTile<kHeadDim>;
-      const dim3 grid(ceil_div_host(params.Cq, Tr::kBlockM), params.Hq, params.B);
-      // scale > 0 (every real model): the scale is folded into the exponent's FFMA. Not at d = 128 / 256,
-      // where the kernel sits at 255 registers and this variant spilled (ptxas, sm_90).
-      if constexpr (kHeadDim <= 96) {
-        if (params.scale_log2 > 0.f) {
-          launch_attn_kernel(gmod_attn_fwd_tc_kernel<Tr, T, /*kPackGQA=*/false, /*kSplit=*/false, /*kPosScale=*/true>,
-                             grid, tc_fwd_smem_bytes<Tr>(), stream, params, "the tensor-core forward kernel");
-          return;
-        }
-      }
-      launch_attn_kernel(gmod_attn_fwd_tc_kernel<Tr, T, /*kPackGQA=*/false, /*kSplit=*/false>, grid,
-                         tc_fwd_smem_bytes<Tr>(), stream, params, "the tensor-core forward kernel");
-      return;
+      return launch_tc_prefill<TcFwdTile<kHeadDim>, T>(params, stream);
     }
   }
   using Tr = FwdTraits<kHeadDim>;

@@ -26,15 +26,17 @@ namespace gmod::attn {
 
 // kMAtoms: 16-row mma atoms per warp (tile rows = 4 warps x 16 x kMAtoms). kKeySplit: the warps share
 // their rows (tile rows = 16 x kMAtoms) and split the kBlockN keys of a tile instead.
-// Two choices that cost registers, made per tile plan because what fits in 255 registers without
+// Three choices that cost registers, made per tile plan because what fits in 255 registers without
 // spills is only known from ptxas (sm_90, checked with scripts/sass_loop_stats.py / -Xptxas -v):
 //   kLazyRescale   O and l are rescaled only when a row's max grew (a warp vote per row);
-//   kUnrollCopies  the K / V tile copies fully unrolled (cp_async_rows; the decode kernels never do).
-// The defaults hold where O is at most 16 n8 tiles per warp (d <= 64 prefill, decode); at d = 96 / 128
-// prefill with 64-key tiles (O and S: 192 fp32 registers at d = 128) both made ptxas spill.
+//   kUnrollCopies  the K / V tile copies fully unrolled (cp_async_rows; the decode kernels never do);
+//   kFoldScale     the prefill launcher folds a positive scale into the exponent (kPosScale).
+// The defaults hold where O is at most 16 n8 tiles per warp (d <= 64 prefill, decode; the folded scale
+// up to d = 96); at d = 128 prefill with 64-key tiles (O and S: 192 fp32 registers) each made ptxas spill.
 template <int kHeadDim_, int kMAtoms_, int kBlockN_, bool kKeySplit_ = false,
           bool kLazyRescale_ = kMAtoms_ * (kHeadDim_ / 8) <= 16,
-          bool kUnrollCopies_ = kMAtoms_ * (kHeadDim_ / 8) <= 16 || kMAtoms_ == 1>
+          bool kUnrollCopies_ = kMAtoms_ * (kHeadDim_ / 8) <= 16 || kMAtoms_ == 1,
+          bool kFoldScale_ = kHeadDim_ <= 96>
 struct TcFwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kMAtoms = kMAtoms_;
@@ -42,6 +44,7 @@ struct TcFwdTraits {
   static constexpr bool kKeySplit = kKeySplit_;
   static constexpr bool kLazyRescale = kLazyRescale_;
   static constexpr bool kUnrollCopies = kUnrollCopies_;
+  static constexpr bool kFoldScale = kFoldScale_;
   static constexpr int kWarps = kNThreads / 32;
   static constexpr int kRowsPerWarp = 16 * kMAtoms;
   static constexpr int kBlockM = kKeySplit ? kRowsPerWarp : kWarps * kRowsPerWarp;
@@ -63,7 +66,8 @@ using TcFwdTile = TcFwdTraits<kHeadDim, kHeadDim <= 128 ? 2 : 1, kHeadDim <= 128
 // 64-key tile (static SASS counts, mask and rescale branches not taken) but 20 % more ldmatrix
 // traffic (Q is re-read per key tile) and twice the barriers. Which is faster is for the benchmark to
 // say; until then the 64-key tile stays the default.
-using TcFwdNarrowTile128 = TcFwdTraits<128, 2, 32, false, /*kLazyRescale=*/true, /*kUnrollCopies=*/true>;
+using TcFwdNarrowTile128 =
+    TcFwdTraits<128, 2, 32, false, /*kLazyRescale=*/true, /*kUnrollCopies=*/true, /*kFoldScale=*/true>;
 // Decode: 64 packed rows (one atom per warp) x kTcDecodeBlockN keys; with at most 16 packed rows and
 // d <= 128 (decode_key_split), 16 rows x 64 keys split over the warps.
 template <int kHeadDim>

@@ -184,6 +184,9 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   p.q_len = P.ql.data(), p.k_len = P.kl.data();
   emu::readable = {{q.data(), q.data() + q.size()}, {k.data(), k.data() + k.size()},
                    {v.data(), v.data() + v.size()}, {dout.data(), dout.data() + dout.size()}};
+  struct ClearReadable {  // the ranges die with this problem's tensors
+    ~ClearReadable() { emu::readable.clear(); }
+  } clear_readable;
   p.q_batch_stride = p.o_batch_stride = p.do_batch_stride = p.dq_batch_stride = static_cast<int64_t>(P.Cq) * P.Hq * d;
   p.q_row_stride = p.o_row_stride = p.do_row_stride = p.dq_row_stride = static_cast<int64_t>(P.Hq) * d;
   p.q_head_stride = p.o_head_stride = p.do_head_stride = p.dq_head_stride = d;
@@ -241,18 +244,20 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
         using Tr = TcDecodeTile<kHeadDim>;
         run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, false>(p); },
                 [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, true>(p); }, tc_fwd_smem_bytes<Tr>());
-      } else if (kHeadDim == 128 && opt.narrow) {
-        using Tr = TcFwdNarrowTile128;  // as attention_fwd.cu: a positive scale folded into the exponent
-        if (p.scale_log2 > 0.f)
-          run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false, true>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
-        else
-          run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
       } else {
-        using Tr = TcFwdTile<kHeadDim>;
-        if (kHeadDim <= 96 && p.scale_log2 > 0.f)  // as attention_fwd.cu: the scale folded into the exponent
-          run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false, true>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
+        // As attention_fwd.cu's launch_tc_prefill: a positive scale folded into the exponent where the
+        // tile plan says so.
+        auto prefill = [&](auto tile) {
+          using Tr = decltype(tile);
+          if (Tr::kFoldScale && p.scale_log2 > 0.f)
+            run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false, true>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
+          else
+            run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
+        };
+        if (kHeadDim == 128 && opt.narrow)
+          prefill(TcFwdNarrowTile128{});
         else
-          run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
+          prefill(TcFwdTile<kHeadDim>{});
       }
     }
   }
