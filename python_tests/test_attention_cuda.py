@@ -210,6 +210,30 @@ def test_decode_long_cache(dtype, d, group, Ck):
     assert bool((o[3] == 0).all()) and bool(torch.isneginf(lse[3]).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d", [32, 96, 128, 256])
+@pytest.mark.parametrize("splits", [2, 7, 64, 500])
+def test_decode_forced_split_counts(dtype, d, splits, monkeypatch):
+    """GMOD_ATTN_DECODE_SPLITS (read at every call) forces the key-split count: up to the 128 the
+    combine takes (500 is clamped), with rows whose short caches leave most splits empty (their o_part
+    must be written as zeros, weight 0), at head dims with 8 to 64 float4 columns per combine row.
+    Every count must match the reference and give bit-identical results on a second call."""
+    B, Hq, Hk, Ck = 3, 8, 2, 8192 + 40
+    q, k, v = make_qkv(B, 1, Ck, Hq, Hk, d, dtype)
+    q_len = torch.ones(B, dtype=torch.int32, device=DEV)
+    k_len = torch.tensor([Ck, 100, 1], dtype=torch.int32, device=DEV)
+    scale = 1.0 / math.sqrt(d)
+    monkeypatch.setenv("GMOD_ATTN_DECODE_SPLITS", str(splits))
+    poison_heap(64 << 20)
+    o, lse = ops.attention(q, k, v, q_len, k_len, scale)
+    o2, lse2 = ops.attention(q, k, v, q_len, k_len, scale)
+    o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, scale, torch.float64)
+    o_pt, _ = ref_attention(q, k, v, q_len, k_len, scale, dtype)
+    assert_flash_close(o, o_ref, o_pt, "o")
+    assert_lse_close(lse, lse_ref)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2), "the split-k combine must be deterministic"
+
+
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("Cq", [1, 4, 16])
 @pytest.mark.parametrize("B,Ck", [(1, 5000), (6, 4100), (3, 100)])
@@ -498,3 +522,50 @@ def test_forward_narrow_key_tiles_d128(dtype, tmp_path):
         o_pt, _ = ref_attention(q, k, v, q_len, k_len, scale, dtype)
         assert_flash_close(out["o_" + name], o_ref, o_pt, f"narrow o ({name} scale)")
         assert_lse_close(out["lse_" + name], lse_ref, f"narrow lse ({name} scale)")
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_backward_wide_dkdv_tiles(dtype, tmp_path):
+    """GMOD_ATTN_BWD_BLOCK_N=128 (read once per process) runs the tensor-core dk/dv kernel on 8 warps
+    and 128 keys per CTA. Its gradients must meet the flash rule like the default: d = 64 and 128,
+    atomic and deterministic dQ, GQA 4 with heads_per_cta = group and 1, causal offsets around the
+    128-key tiles, rows with 0 / 1 keys."""
+    B, Cq, Ck, Hq, Hk = 4, 200, 330, 8, 2
+    cases = {}
+    for d in (64, 128):
+        q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
+        g = torch.randn(B, Cq, Hq, d, device=DEV, dtype=dtype)
+        cases[d] = dict(q=q, k=k, v=v, g=g)
+    q_len = lengths(B, Cq, (200, 73, 1, 0))
+    k_len = lengths(B, Ck, (330, 200, 129, 5))
+    inputs = tmp_path / "inputs.pt"
+    torch.save({"cases": {d: {n: t.cpu() for n, t in c.items()} for d, c in cases.items()},
+                "q_len": q_len.cpu(), "k_len": k_len.cpu()}, inputs)
+    code = textwrap.dedent(
+        f"""
+        import torch, gmod_ext
+        from gmod_ext import ops
+        t = torch.load({str(inputs)!r})
+        ql, kl = t["q_len"].cuda(), t["k_len"].cuda()
+        out = {{}}
+        for d, c in t["cases"].items():
+            c = {{n: x.cuda() for n, x in c.items()}}
+            for det in (False, True):
+                torch.use_deterministic_algorithms(det)
+                q, k, v = (c[n].clone().requires_grad_(True) for n in "qkv")
+                o, _ = ops.attention(q, k, v, ql, kl)
+                out[(d, det)] = [x.cpu() for x in torch.autograd.grad(o, (q, k, v), c["g"])]
+        torch.save(out, {str(tmp_path / "out.pt")!r})
+        print("OK")
+        """
+    )
+    run_in_subprocess(code, GMOD_ATTN_BWD_BLOCK_N="128")
+    out = torch.load(tmp_path / "out.pt")
+    for d, c in cases.items():
+        q, k, v = (c[n].clone().requires_grad_(True) for n in "qkv")
+        scale = 1.0 / math.sqrt(d)
+        _, *ref = ref_grads(q, k, v, q_len, k_len, scale, torch.float64, c["g"])
+        _, *ref_pt = ref_grads(q, k, v, q_len, k_len, scale, dtype, c["g"])
+        for det in (False, True):
+            for name, got, want, pt in zip(("dq", "dk", "dv"), out[(d, det)], ref, ref_pt):
+                assert_flash_close(got.to(DEV), want, pt, f"wide {name} d={d} det={det}")

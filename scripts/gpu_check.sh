@@ -9,7 +9,9 @@
 #   extra, only when named: bench_layer bench_model (python -m gmod_ext.bench layer|model; a second call:
 #   GMOD_GPU_CHECK_STEPS=bench_layer,bench_model on the warm machine reuses the build)
 #   extra, only when named: bench_attention_det (GMOD_DETERMINISTIC=1), bench_attention_n32
-#   (GMOD_ATTN_FWD_BLOCK_N=32: the d = 128 forward on 32-key tiles), synccheck initcheck
+#   (GMOD_ATTN_FWD_BLOCK_N=32: the d = 128 forward on 32-key tiles), bench_attention_exp (that and
+#   GMOD_ATTN_BWD_BLOCK_N=128, the 8-warp dk/dv kernel, in one run), decode_sweep (the decode's split
+#   count swept against the wave model, scripts/decode_split_sweep.py), synccheck initcheck
 #   (compute-sanitizer tools), ncu_nvtx (the README's NVTX
 #   filter: kernels inside gmod.attention of `bench layer --quick`)
 # Without build, the library already built in gmod_ext/ (a warm machine keeps it) is used.
@@ -238,6 +240,21 @@ fi
 if [[ "$req" == *" bench_attention_n32 "* ]]; then
   GMOD_ATTN_FWD_BLOCK_N=32 bench_named bench_attention_n32 attention 220
 fi
+# Only when named: both tile experiments in one run (each flag touches one pass): the fwd rows are the
+# d = 128 forward on 128 x 32 tiles (GMOD_ATTN_FWD_BLOCK_N=32), the bwd rows the dk/dv kernel on 8 warps
+# x 128 keys (GMOD_ATTN_BWD_BLOCK_N=128); compare each with bench_attention's rows.
+if [[ "$req" == *" bench_attention_exp "* ]]; then
+  GMOD_ATTN_FWD_BLOCK_N=32 GMOD_ATTN_BWD_BLOCK_N=128 bench_named bench_attention_exp attention 220
+fi
+# Only when named: the decode's key-split count swept (GMOD_ATTN_DECODE_SPLITS) against the wave model's
+# choice, on the decode shapes of bench_attention; the table says how far the model is from the best.
+if [[ "$req" == *" decode_sweep "* ]]; then
+  if run_step decode_sweep 150 decode_sweep.log "$PY" scripts/decode_split_sweep.py --json "$OUT/decode_sweep.json"; then
+    tail_of decode_sweep.log 12
+    if (( RC == 0 )); then record decode_sweep ok "$DUR" "model/best per shape in decode_sweep.log"
+    else record decode_sweep FAIL "$DUR" "rc=$RC"; fi
+  fi
+fi
 
 # ncu --csv --page details -> one line per kernel launch (time, SOL %, tensor pipe %, occupancy, registers)
 cat > "$OUT/ncu_summary.py" <<'EOF'
@@ -297,8 +314,8 @@ fi
 
 # ------------------------------------------------------------------ ncu_attn
 # The attention kernels at benchmark shapes: prefill forward + backward (B=4, C=2048, H=32, d=128,
-# bf16, causal) and GQA decode (B=8, 8192 cached keys), with the tensor pipe utilisation and the
-# achieved occupancy.
+# bf16, causal) and GQA decode (B=8, 8192 cached keys; B=1, 4096: the split kernel against the
+# combine's time), with the tensor pipe utilisation and the achieved occupancy.
 STALLS=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' barrier long_scoreboard \
   short_scoreboard mio_throttle math_pipe_throttle wait lg_throttle not_selected dispatch_stall no_instruction)
 STALLS=${STALLS%,}
@@ -308,7 +325,7 @@ if want ncu_attn; then
   else
     : > "$OUT/ncu_attn.csv"; : > "$OUT/ncu_attn.log"
     ok=1; dur_all=0
-    for args in "--B 4 --C 2048 --bwd" "--B 8 --C 8192 --H 32 --Hk 8 --decode"; do
+    for args in "--B 4 --C 2048 --bwd" "--B 8 --C 8192 --H 32 --Hk 8 --decode" "--B 1 --C 4096 --H 32 --Hk 8 --decode"; do
       run_step ncu_attn 90 ncu_attn_run.log ncu --clock-control none --kernel-name-base demangled \
         --kernel-name regex:gmod_attn --launch-skip 3 --launch-count 4 --section SpeedOfLight --section Occupancy \
         --section LaunchStats --metrics "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,$STALLS" \
@@ -351,7 +368,7 @@ if [[ "$req" == *" ncu_nvtx "* ]]; then
 fi
 
 # ------------------------------------------------------------------ tables, then the summary LAST
-for b in bench_ops bench_attention bench_attention_det bench_attention_n32 bench_layer bench_model; do
+for b in bench_ops bench_attention bench_attention_det bench_attention_n32 bench_attention_exp bench_layer bench_model; do
   if [[ -f "$OUT/$b.log" ]]; then
     echo; echo "################ $b (full log: $b.log, numbers: $b.json)"
     # the tables only: from the first '== ' line up to the status line
@@ -403,6 +420,20 @@ if att:
         if r["impl"] == "gmod":
             print(f"   decode B{r['B']:<3} L{r['L']:<6} {f(r.get('GBps'), '.0f'):>6} GB/s {f(r.get('pct_copy'), '.0f'):>4}% copy "
                   f"vs flash {f(r.get('vs_flash'), '.2f'):>5}  {r.get('check') or r.get('ms')}"[:150])
+# The tile experiments against the default, row by row (gmod TFLOP/s: default -> experiment).
+for exp_name, what in (("bench_attention_n32.json", "GMOD_ATTN_FWD_BLOCK_N=32"),
+                       ("bench_attention_exp.json", "FWD_BLOCK_N=32 (fwd rows) + BWD_BLOCK_N=128 (bwd rows)")):
+    exp = load(exp_name)
+    if att and exp:
+        print(f"-- {exp_name[:-5]} ({what}): gmod TFLOP/s, default -> experiment")
+        base = {(r["pass"], r["shape"], r["d"]): r for r in att["sections"].get("prefill", {}).get("rows", [])
+                if r["impl"] == "gmod"}
+        for r in exp["sections"].get("prefill", {}).get("rows", []):
+            b = base.get((r["pass"], r["shape"], r["d"]))
+            if r["impl"] == "gmod" and b:
+                ratio = (r["TFLOPs"] / b["TFLOPs"]) if isinstance(r.get("TFLOPs"), float) and isinstance(b.get("TFLOPs"), float) else None
+                print(f"   {r['pass']} {r['shape']:>7} d{r['d']:<4} {f(b.get('TFLOPs'), '.4g'):>7} -> {f(r.get('TFLOPs'), '.4g'):>7} "
+                      f"({f(ratio, '.3f')}x)  {r.get('check') or r.get('ms')}"[:150])
 for name, doc in (("ops", ops), ("attention", att)):
     if doc and doc.get("mismatches"):
         print(f"!!! MISMATCH in bench {name}: " + "; ".join(m["bench"] for m in doc["mismatches"]))

@@ -8,6 +8,8 @@
 // device sync per call; also skipped while a CUDA graph is being captured) - the kernels clamp the
 // lengths to [0, Cq] / [0, Ck], so bad lengths give wrong numbers, never out-of-bounds accesses.
 // GMOD_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)) selects the deterministic backward.
+// GMOD_ATTN_BWD_BLOCK_N=128 runs the tensor-core dk/dv kernel on 128 keys x 8 warps per CTA.
+// GMOD_ATTN_DECODE_SPLITS=N forces the decode's key-split count (benchmark sweeps; read at every call).
 // GMOD_ATTN_SIMT=1 runs the SIMT kernels for bf16 / fp16 too (they always run for float32 and on GPUs
 // older than sm_80); by default bf16 / fp16 forward runs on tensor cores (attention_fwd_tc_kernel.cuh).
 #include <ATen/Context.h>
@@ -54,6 +56,25 @@ int fwd_block_n() {
     return v != nullptr && std::strcmp(v, "32") == 0 ? 32 : 64;
   }();
   return value;
+}
+
+// GMOD_ATTN_BWD_BLOCK_N=128: the tensor-core dk/dv kernel on 8 warps and 128 keys per CTA
+// (TcBwdWideTile; an experiment until benchmarked); anything else keeps the 64-key, 4-warp default.
+int tc_bwd_keys_per_cta() {
+  static const int value = [] {
+    const char* v = std::getenv("GMOD_ATTN_BWD_BLOCK_N");
+    return v != nullptr && std::strcmp(v, "128") == 0 ? attn::kTcBwdWideBlockN : attn::kTcBwdBlockN;
+  }();
+  return value;
+}
+
+// GMOD_ATTN_DECODE_SPLITS=N: the split-k decode uses N key splits (clamped to what the cache allows)
+// instead of the wave model's choice (decode_num_splits). Read at every call, unlike the other flags,
+// so that one process can sweep it (scripts/decode_split_sweep.py); a getenv per call is ~0.1 us.
+int forced_decode_splits() {
+  const char* v = std::getenv("GMOD_ATTN_DECODE_SPLITS");
+  const int n = v != nullptr ? std::atoi(v) : 0;
+  return n > 0 ? n : 0;
 }
 
 bool deterministic_mode() {
@@ -190,26 +211,29 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   set_fwd_params(p, a, q, k, v, o, lse, q_len, k_len, scale);
   at::Tensor o_part, lse_part;
   const bool decode = a.Cq <= attn::kDecodeMaxCq;
-  if (decode) {
-    const bool tc = p.use_tensor_cores != 0;
-    const int block_m = attn::decode_block_m(tc, a.d, a.Cq * p.group);
-    const int64_t m_blocks = (a.Cq * p.group + block_m - 1) / block_m;
-    p.num_splits = attn::decode_num_splits(a.B, a.Hk, m_blocks, a.Ck, num_sms(), attn::decode_block_n(tc, a.d));
-    if (p.num_splits > 1) {
-      // The split kernel writes every lse_part entry, and o_part wherever lse_part is finite (the
-      // only entries the combine reads): no zero fill needed.
-      o_part = at::empty({p.num_splits, a.B, a.Cq, a.Hq, a.d}, q.options().dtype(at::kFloat));
-      lse_part = at::empty({p.num_splits, a.B, a.Hq, a.Cq}, q.options().dtype(at::kFloat));
-      p.o_part = o_part.data_ptr<float>();
-      p.lse_part = lse_part.data_ptr<float>();
-    }
-  }
   GMOD_ATTN_DTYPE_SWITCH(q.scalar_type(), op, [&] {
     GMOD_HEADDIM_SWITCH(a.d, op, [&] {
-      if (decode)
-        attn::run_attn_decode<elem_t, kHeadDim>(p, stream);
-      else
+      if (!decode) {
         attn::run_attn_fwd<elem_t, kHeadDim>(p, stream);
+        return;
+      }
+      const bool tc = p.use_tensor_cores != 0;
+      const int block_m = attn::decode_block_m(tc, a.d, a.Cq * p.group);
+      const int block_n = attn::decode_block_n(tc, a.d);
+      const int64_t m_blocks = (a.Cq * p.group + block_m - 1) / block_m;
+      const int forced = forced_decode_splits();
+      p.num_splits = forced > 0
+                         ? attn::decode_clamp_splits(forced, a.B, a.Ck, block_n)
+                         : attn::decode_num_splits(a.B, a.Hk, m_blocks, a.Ck, num_sms(), block_n,
+                                                   attn::decode_split_ctas_per_sm<elem_t, kHeadDim>(p));
+      if (p.num_splits > 1) {
+        // The split kernel writes every lse_part and o_part entry: no zero fill needed.
+        o_part = at::empty({p.num_splits, a.B, a.Cq, a.Hq, a.d}, q.options().dtype(at::kFloat));
+        lse_part = at::empty({p.num_splits, a.B, a.Hq, a.Cq}, q.options().dtype(at::kFloat));
+        p.o_part = o_part.data_ptr<float>();
+        p.lse_part = lse_part.data_ptr<float>();
+      }
+      attn::run_attn_decode<elem_t, kHeadDim>(p, stream);
     });
   });
   return {o, lse};
@@ -236,11 +260,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   // One dk/dv CTA per kv head (summing its GQA group, no atomics) when deterministic or when that grid
   // already fills the GPU twice over; else one per q head with fp32 atomics into dk/dv accumulators.
   // Sized with the key tile of the dk/dv kernel that will run (attention_bwd.cu): kTcBwdBlockN keys
-  // for the tensor-core kernel (bf16 / fp16 with d <= 128, static_assert'ed there),
+  // (kTcBwdWideBlockN with GMOD_ATTN_BWD_BLOCK_N=128) for the tensor-core kernel (bf16 / fp16 with
+  // d <= 128, static_assert'ed there),
   // BwdTile<d>::kBlockN for the SIMT one.
   const bool tc_bwd = use_tensor_cores(q.scalar_type()) && attn::tc_bwd_supports_head_dim(a.d);
   int64_t bwd_block_n = 0;
-  GMOD_HEADDIM_SWITCH(a.d, op, [&] { bwd_block_n = tc_bwd ? attn::kTcBwdBlockN : attn::BwdTile<kHeadDim>::kBlockN; });
+  GMOD_HEADDIM_SWITCH(a.d, op, [&] { bwd_block_n = tc_bwd ? tc_bwd_keys_per_cta() : attn::BwdTile<kHeadDim>::kBlockN; });
   const int64_t kv_ctas = (a.Ck + bwd_block_n - 1) / bwd_block_n * a.B * a.Hk;
   const int64_t heads_per_cta = (deterministic || group == 1 || kv_ctas >= 2 * num_sms()) ? group : 1;
 
@@ -281,6 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   p.dk_accum = dk_accum.defined() ? dk_accum.data_ptr<float>() : nullptr;
   p.dv_accum = dv_accum.defined() ? dv_accum.data_ptr<float>() : nullptr;
   p.heads_per_cta = static_cast<int>(heads_per_cta);
+  p.tc_bwd_block_n = tc_bwd ? static_cast<int>(bwd_block_n) : 0;
 
   GMOD_ATTN_DTYPE_SWITCH(q.scalar_type(), op, [&] {
     GMOD_HEADDIM_SWITCH(a.d, op, [&] { attn::run_attn_bwd<elem_t, kHeadDim>(p, deterministic, stream); });

@@ -5,7 +5,9 @@
 //                      heads_per_cta == 1 (small grids) one CTA per q head and atomic fp32 dk/dv.
 // Kernels and tiles, 128 threads:
 //   tensor cores (bf16 / fp16 on sm_80+, head dim <= 128): attention_bwd_tc_kernel.cuh, TcBwdTile<d>
-//                      (dk/dv: 64 keys x 64-query steps; dq: 64 queries x 64-key steps);
+//                      (dk/dv: 64 keys x 64-query steps; dq: 64 queries x 64-key steps); with
+//                      params.tc_bwd_block_n == 128 the dk/dv kernel runs TcBwdWideTile<d> (256 threads,
+//                      128 keys x 64-query steps);
 //   SIMT (float32, head dim 256, older GPUs, GMOD_ATTN_SIMT=1): attention_bwd_kernel.cuh, BwdTile<d>
 //                      (64 queries x 32 keys for d <= 128, 32 x 16 for d = 256).
 #include <type_traits>
@@ -27,20 +29,31 @@ void run_attn_bwd(const AttnBwdParams& params, bool deterministic, cudaStream_t 
               "gmod.attention_backward: deterministic mode sums a GQA group in one CTA");
   if constexpr (!std::is_same_v<T, float> && kTcBwdHeadDim<kHeadDim>) {
     if (params.use_tensor_cores) {
-      using Tr = TcBwdTile<kHeadDim>;
-      // attention_api.cu (attention_backward_cuda) picks heads_per_cta from this key tile.
-      static_assert(Tr::kBlockN == kTcBwdBlockN && tc_bwd_supports_head_dim(kHeadDim),
+      // attention_api.cu (attention_backward_cuda) picks heads_per_cta from the key tile set here.
+      static_assert(TcBwdTile<kHeadDim>::kBlockN == kTcBwdBlockN && TcBwdWideTile<kHeadDim>::kBlockN == kTcBwdWideBlockN &&
+                        tc_bwd_supports_head_dim(kHeadDim),
                     "attention_api.cu sizes heads_per_cta with kTcBwdBlockN / tc_bwd_supports_head_dim");
-      const dim3 grid_dkdv(ceil_div_host(params.Ck, Tr::kBlockN), kv_parts, params.B);
+      auto launch_dkdv = [&](auto traits) {
+        using Tr = decltype(traits);
+        const dim3 grid_dkdv(ceil_div_host(params.Ck, Tr::kBlockN), kv_parts, params.B);
+        if (deterministic)
+          launch_attn_kernel(gmod_attn_bwd_dkdv_tc_kernel<Tr, T, /*kAtomicDq=*/false>, grid_dkdv,
+                             tc_bwd_dkdv_smem_bytes<Tr>(), stream, params, "the tensor-core backward dk/dv kernel",
+                             Tr::kThreads);
+        else
+          launch_attn_kernel(gmod_attn_bwd_dkdv_tc_kernel<Tr, T, /*kAtomicDq=*/true>, grid_dkdv,
+                             tc_bwd_dkdv_smem_bytes<Tr>(), stream, params, "the tensor-core backward dk/dv kernel",
+                             Tr::kThreads);
+      };
+      if (params.tc_bwd_block_n == kTcBwdWideBlockN)
+        launch_dkdv(TcBwdWideTile<kHeadDim>{});
+      else
+        launch_dkdv(TcBwdTile<kHeadDim>{});
       if (deterministic) {
-        launch_attn_kernel(gmod_attn_bwd_dkdv_tc_kernel<Tr, T, /*kAtomicDq=*/false>, grid_dkdv,
-                           tc_bwd_dkdv_smem_bytes<Tr>(), stream, params, "the tensor-core backward dk/dv kernel");
-        launch_attn_kernel(gmod_attn_bwd_dq_tc_kernel<Tr, T>,
-                           dim3(ceil_div_host(params.Cq, Tr::kDqBlockM), params.Hq, params.B),
-                           tc_bwd_dq_smem_bytes<Tr>(), stream, params, "the tensor-core backward dq kernel");
-      } else {
-        launch_attn_kernel(gmod_attn_bwd_dkdv_tc_kernel<Tr, T, /*kAtomicDq=*/true>, grid_dkdv,
-                           tc_bwd_dkdv_smem_bytes<Tr>(), stream, params, "the tensor-core backward dk/dv kernel");
+        using Tq = TcBwdTile<kHeadDim>;
+        launch_attn_kernel(gmod_attn_bwd_dq_tc_kernel<Tq, T>,
+                           dim3(ceil_div_host(params.Cq, Tq::kDqBlockM), params.Hq, params.B),
+                           tc_bwd_dq_smem_bytes<Tq>(), stream, params, "the tensor-core backward dq kernel");
       }
       return;
     }

@@ -1,6 +1,7 @@
 // Tensor-core backward attention (bf16 / fp16 in, fp32 accumulate; sm_80+, also the sm_90 path for now):
 //   gmod_attn_bwd_dkdv_tc_kernel  one CTA per (64-key tile, kv head [x part of its GQA group], b), as
-//                                 gmod_attn_bwd_dkdv_kernel: 4 warps, warp w owns keys [16 w, 16 w + 16)
+//                                 gmod_attn_bwd_dkdv_kernel (128 keys on 8 warps: TcBwdWideTile):
+//                                 4 warps, warp w owns keys [16 w, 16 w + 16)
 //                                 of the tile and keeps their dK / dV in mma accumulators. Per query tile
 //                                 it computes S^T = K Q^T and dP^T = V dO^T directly (keys are the mma
 //                                 rows), so P^T and dS^T come out in the accumulator layout and are
@@ -41,24 +42,30 @@ namespace gmod::attn {
 template <int kHeadDim>
 inline constexpr bool kTcBwdHeadDim = kHeadDim <= 128;
 
-// kBlockM: query rows per step of the dk/dv kernel (its keys: 4 warps x 16 = kBlockN = 64), handled in
-// register passes of kSubM queries. kDqMAtoms: 16-row atoms per warp of the dq kernel (its query tile:
-// 64 kDqMAtoms rows), kDqBlockN its key tile.
-template <int kHeadDim_, int kBlockM_, int kSubM_, int kDqMAtoms_, int kDqBlockN_>
+// kBlockM: query rows per step of the dk/dv kernel (its keys: kWarps warps x 16 = kBlockN), handled in
+// register passes of kSubM queries. kWarps: 4 (128 threads, 64 keys) or 8 (256 threads, 128 keys: each
+// Q / dO tile loaded into shared memory serves twice the keys, and the atomic dQ of a query tile is
+// added once per 128 keys instead of once per 64, as FlashAttention-2's d = 128 backward does).
+// kDqMAtoms: 16-row atoms per warp of the dq kernel (always 4 warps; its query tile: 64 kDqMAtoms
+// rows), kDqBlockN its key tile.
+template <int kHeadDim_, int kBlockM_, int kSubM_, int kDqMAtoms_, int kDqBlockN_, int kWarps_ = kNThreads / 32>
 struct TcBwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kWarps = kNThreads / 32;
   // dk/dv kernel
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kWarps * 16;
   static constexpr int kSubM = kSubM_;           // queries of one register pass over S^T / dP^T
   static constexpr int kStride = kHeadDim + 8;   // 16-bit elements per Q / dO / K / V smem row
   static constexpr int kDsStride = kBlockM + 8;  // 16-bit elements per dS^T smem row (one key)
-  static constexpr int kDqChunk = kHeadDim % 64 == 0 ? 64 : 32;  // head-dim columns of one dQ work unit (atomic dQ)
+  // Head-dim columns of one atomic-dQ work unit (16 query rows x kDqChunk): 64 where that still gives
+  // every warp a unit, else 32.
+  static constexpr int kDqChunk = kHeadDim % 64 == 0 && (kBlockM / 16) * (kHeadDim / 64) >= kWarps ? 64 : 32;
   // dq kernel
   static constexpr int kDqMAtoms = kDqMAtoms_;
   static constexpr int kDqRowsPerWarp = 16 * kDqMAtoms;
-  static constexpr int kDqBlockM = kWarps * kDqRowsPerWarp;
+  static constexpr int kDqBlockM = (kNThreads / 32) * kDqRowsPerWarp;
   static constexpr int kDqBlockN = kDqBlockN_;
   static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
   static_assert(kHeadDim % 32 == 0 && kSubM % 16 == 0 && kBlockM % kSubM == 0 && kDqBlockN % 16 == 0, "mma.m16n8k16 tiles");
@@ -72,6 +79,12 @@ struct TcBwdTraits {
 // attention_api.cu sizes its heads_per_cta heuristic with kBlockN = 64 (static_assert in attention_bwd.cu).
 template <int kHeadDim>
 using TcBwdTile = TcBwdTraits<kHeadDim, 64, kHeadDim <= 96 ? 64 : 32, 1, 64>;
+// The dk/dv kernel on 8 warps and 128 keys per CTA (GMOD_ATTN_BWD_BLOCK_N=128, attention_api.cu): the
+// same per-warp work and registers, shared memory 158 KiB at d = 128 (one CTA of 8 warps per SM instead
+// of two of 4). An experiment until benchmarked against TcBwdTile. The deterministic path's dq kernel
+// stays TcBwdTile's.
+template <int kHeadDim>
+using TcBwdWideTile = TcBwdTraits<kHeadDim, 64, kHeadDim <= 96 ? 64 : 32, 1, 64, 8>;
 
 template <typename Tr>
 constexpr int tc_bwd_dkdv_smem_bytes() {  // sK, sV [BN][SD]; sQ, sdO [2][BM][SD]; sdS [BN][BM + 8]; lse, Delta [2][BM]
@@ -83,11 +96,12 @@ constexpr int tc_bwd_dq_smem_bytes() {  // sQ, sdO [BM][SD]; sK, sV [2][BN][SD]
   return 2 * Tr::kStride * (2 * Tr::kDqBlockM + 4 * Tr::kDqBlockN);
 }
 
-// One CTA: keys [n0, n0 + 64) of kv head hk, q heads [h_begin, h_begin + heads_per_cta), looping over
-// (head, query tile) pairs. __launch_bounds__(128, 1): dK / dV / S^T / dP^T need up to ~200 registers at
-// d = 128 and shared memory allows 1-2 CTAs per SM anyway; ptxas must not trade registers for spills.
+// One CTA: keys [n0, n0 + kBlockN) of kv head hk, q heads [h_begin, h_begin + heads_per_cta), looping
+// over (head, query tile) pairs. __launch_bounds__(kThreads, 1): dK / dV / S^T / dP^T need up to ~200
+// registers at d = 128 and shared memory allows 1-2 CTAs per SM anyway; ptxas must not trade registers
+// for spills.
 template <typename Tr, typename T, bool kAtomicDq>
-__global__ void __launch_bounds__(kNThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(const AttnBwdParams p) {
+__global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(const AttnBwdParams p) {
   static_assert(sizeof(T) == 2, "the tensor-core kernel takes bf16 / fp16");
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, SD = Tr::kStride, SS = Tr::kDsStride;
   constexpr int SM = Tr::kSubM, NT = SM / 8;  // queries per register pass, their n8 tiles of S^T / dP^T
@@ -132,19 +146,21 @@ __global__ void __launch_bounds__(kNThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(con
     const int m_tiles = ceil_div(ql, BM) - m_begin;
     const int steps = p.heads_per_cta * m_tiles;  // (head, query tile) pairs, head-major
 
-    cp_async_rows<T, D, BN, SD>(sK, kp + n0 * p.k_row_stride, int(p.k_row_stride), kl - n0);
-    cp_async_rows<T, D, BN, SD>(sV, vp + n0 * p.v_row_stride, int(p.v_row_stride), kl - n0);
+    cp_async_rows<T, D, BN, SD, true, Tr::kThreads>(sK, kp + n0 * p.k_row_stride, int(p.k_row_stride), kl - n0);
+    cp_async_rows<T, D, BN, SD, true, Tr::kThreads>(sV, vp + n0 * p.v_row_stride, int(p.v_row_stride), kl - n0);
     // Q / dO rows of step `it` into buffer `buf` (cp.async; m0 < ql), with the per-query lse log2 e and
     // Delta (plain stores; 0 for queries without keys, whose entries are masked anyway).
     auto load_step = [&](int it, int buf) {
       const int h = h_begin + it / m_tiles, m0 = (m_begin + it % m_tiles) * BM;
       const T* qp = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
       const T* gp = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-      cp_async_rows<T, D, BM, SD, kUnrollCopies>(sQ + buf * BM * SD, qp + m0 * p.q_row_stride, int(p.q_row_stride), ql - m0);
-      cp_async_rows<T, D, BM, SD, kUnrollCopies>(sdO + buf * BM * SD, gp + m0 * p.do_row_stride, int(p.do_row_stride), ql - m0);
+      cp_async_rows<T, D, BM, SD, kUnrollCopies, Tr::kThreads>(sQ + buf * BM * SD, qp + m0 * p.q_row_stride,
+                                                              int(p.q_row_stride), ql - m0);
+      cp_async_rows<T, D, BM, SD, kUnrollCopies, Tr::kThreads>(sdO + buf * BM * SD, gp + m0 * p.do_row_stride,
+                                                              int(p.do_row_stride), ql - m0);
       const float* lse = p.lse + ((int64_t)b * p.Hq + h) * p.Cq;
       const float* delta = p.delta + ((int64_t)b * p.Hq + h) * p.Cq;
-      for (int r = tid; r < BM; r += kNThreads) {
+      for (int r = tid; r < BM; r += Tr::kThreads) {
         const int i = m0 + r;
         const bool live = i < ql && visible_keys(i, ql, kl) > 0;
         sLse[buf * BM + r] = live ? lse[i] * kLog2e : 0.f;

@@ -2,7 +2,6 @@
 //   gmod_attn_fwd_kernel             one CTA per (query tile, q head, batch row): prefill / training;
 //                                    with kPackGQA, one CTA per (packed tile of (query, head-in-group)
 //                                    rows, kv head, batch row [, key split]): decode;
-//   gmod_attn_decode_combine_kernel  merges the per-split (o, lse) partials of the split-k decode.
 // Launchers: attention_fwd.cu (prefill), attention_decode.cu (decode).
 #pragma once
 
@@ -25,7 +24,8 @@ constexpr int fwd_smem_bytes() {
 // kPackGQA = true:  blockIdx = (packed tile, kv head, b * num_splits + split); tile row r is packed
 //                   row pr = m0 + r = query * group + head-in-group.
 // kSplit: this CTA covers key tiles [split * per, (split + 1) * per) only and writes the fp32 partials
-//         o_part (normalised by its own row sums) and lse_part; gmod_attn_decode_combine_kernel merges.
+//         o_part (normalised by its own row sums; zeros for rows without keys here) and lse_part; gmod_attn_decode_combine_kernel
+//         (attention_combine_kernel.cuh) merges.
 // Every row of the tile that exists in the tensor is written: o = 0 and lse = -inf for rows past
 // q_len and rows that see no key (in this CTA's key range, for a split).
 template <typename Tr, typename T, bool kPackGQA, bool kSplit>
@@ -215,15 +215,15 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_kernel(const AttnFwdP
     const float inv_l = has_keys ? 1.f / l_row[ii] : 0.f;
     const float lse = has_keys ? (m_run[ii] + log2f(l_row[ii])) * kLn2 : -INFINITY;
     if (kSplit) {
-      // The combine kernel skips splits with lse = -inf without reading their o_part: empty splits
-      // (short rows in a long cache) cost one store.
+      // Every o_part row is written, zeros for a split without keys (weight 0 in the combine), so that
+      // the combine's loads need no predicate.
       if (lc == 0) p.lse_part[(((int64_t)split * p.B + b) * p.Hq + h) * p.Cq + i] = lse;
-      if (!has_keys) continue;
       float* dst = p.o_part + ((((int64_t)split * p.B + b) * p.Cq + i) * p.Hq + h) * D;
 #pragma unroll
       for (int c = 0; c < CD; ++c) {
-        const float x[4] = {acc[ii][c][0] * inv_l, acc[ii][c][1] * inv_l, acc[ii][c][2] * inv_l,
-                            acc[ii][c][3] * inv_l};
+        float x[4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) x[t] = has_keys ? acc[ii][c][t] * inv_l : 0.f;
         Elem<float>::store4(dst + 4 * lc + 32 * c, x);
       }
     } else {
@@ -237,51 +237,6 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_kernel(const AttnFwdP
       if (lc == 0) p.lse[((int64_t)b * p.Hq + h) * p.Cq + i] = lse;
     }
   }
-}
-
-// Split-k combine: one warp per (b, query, q head). o = sum_s w_s o_s, w_s = exp(lse_s - lse),
-// lse = log sum_s exp(lse_s). Splits with lse_s = -inf (no key) are skipped, so their o_s is never read.
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kNThreads) gmod_attn_decode_combine_kernel(const AttnFwdParams p) {
-  constexpr int kWarps = kNThreads / 32;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (row >= static_cast<int64_t>(p.B) * p.Cq * p.Hq) return;  // uniform over the warp
-  const int h = static_cast<int>(row % p.Hq);
-  const int i = static_cast<int>((row / p.Hq) % p.Cq);
-  const int b = static_cast<int>(row / (static_cast<int64_t>(p.Hq) * p.Cq));
-  const int S = p.num_splits;
-  auto lse_at = [&](int s) { return p.lse_part[(((int64_t)s * p.B + b) * p.Hq + h) * p.Cq + i]; };
-
-  float mx = -INFINITY;
-  for (int s = lane; s < S; s += 32) mx = fmaxf(mx, lse_at(s));
-  mx = warp_max(mx);
-  const bool has_keys = mx != -INFINITY;
-  float sum = 0.f;
-  if (has_keys)
-    for (int s = lane; s < S; s += 32) sum += expf(lse_at(s) - mx);
-  sum = warp_sum(sum);
-  const float lse = has_keys ? mx + logf(sum) : -INFINITY;
-
-  T* dst = static_cast<T*>(p.o) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
-  for (int c = 4 * lane; c < kHeadDim; c += 128) {
-    float x[4] = {0.f, 0.f, 0.f, 0.f};
-    if (has_keys) {
-      for (int s = 0; s < S; ++s) {
-        const float ls = lse_at(s);
-        if (ls == -INFINITY) continue;
-        const float w = expf(ls - lse);
-        const float4 part = *reinterpret_cast<const float4*>(
-            p.o_part + ((((int64_t)s * p.B + b) * p.Cq + i) * p.Hq + h) * kHeadDim + c);
-        x[0] = fmaf(w, part.x, x[0]);
-        x[1] = fmaf(w, part.y, x[1]);
-        x[2] = fmaf(w, part.z, x[2]);
-        x[3] = fmaf(w, part.w, x[3]);
-      }
-    }
-    Elem<T>::store4(dst + c, x);
-  }
-  if (lane == 0) p.lse[((int64_t)b * p.Hq + h) * p.Cq + i] = lse;
 }
 
 }  // namespace gmod::attn

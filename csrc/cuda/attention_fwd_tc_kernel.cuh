@@ -119,19 +119,20 @@ GMOD_DEV void cp_async_row_chunk(T* smem, const T* src, int row_stride, int rows
   const bool pred = r < rows_valid;
   cp_async_16_zfill(smem + r * kStride + c, src + ((pred ? r * row_stride : 0) + c), pred);
 }
-template <typename T, int kHeadDim, int kRows, int kStride, bool kUnroll = true>
+// kThreads: the CTA's threads, which share the copies (128, or 256 for the 8-warp backward).
+template <typename T, int kHeadDim, int kRows, int kStride, bool kUnroll = true, int kThreads = kNThreads>
 GMOD_DEV void cp_async_rows(T* smem, const T* src, int row_stride, int rows_valid) {
   constexpr int kChunks = kHeadDim / 8, kCopies = kRows * kChunks;
   static_assert(kRows <= kMaxTileRows, "32-bit tile offsets (see check_attention_inputs_cuda)");
   if constexpr (kUnroll) {
 #pragma unroll
-    for (int i = 0; i < (kCopies + kNThreads - 1) / kNThreads; ++i) {
-      const int idx = threadIdx.x + i * kNThreads;
-      if (kCopies % kNThreads == 0 || idx < kCopies)
+    for (int i = 0; i < (kCopies + kThreads - 1) / kThreads; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      if (kCopies % kThreads == 0 || idx < kCopies)
         cp_async_row_chunk<T, kChunks, kStride>(smem, src, row_stride, rows_valid, idx);
     }
   } else {
-    for (int idx = threadIdx.x; idx < kCopies; idx += kNThreads)
+    for (int idx = threadIdx.x; idx < kCopies; idx += kThreads)
       cp_async_row_chunk<T, kChunks, kStride>(smem, src, row_stride, rows_valid, idx);
   }
 }
@@ -385,14 +386,15 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
         const int ri = 2 * a + h, r = wr0 + 16 * a + 8 * h + g;
         if (!row_valid(r)) continue;
         const int i = row_query(r), hq = row_head(r);
-        // The combine kernel skips splits with lse = -inf without reading their o_part.
+        // Every o_part row is written, zeros for a split without keys (weight 0 in the combine), so
+        // that the combine's loads need no predicate.
         if (tq == 0) p.lse_part[(((int64_t)split * p.B + b) * p.Hq + hq) * p.Cq + i] = lse[ri];
-        if (!has_keys[ri]) continue;
         float* dst = p.o_part + ((((int64_t)split * p.B + b) * p.Cq + i) * p.Hq + hq) * D + 2 * tq;
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
           *reinterpret_cast<float2*>(dst + dt * 8) =
-              make_float2(acc[a][dt][2 * h] * inv_l[ri], acc[a][dt][2 * h + 1] * inv_l[ri]);
+              has_keys[ri] ? make_float2(acc[a][dt][2 * h] * inv_l[ri], acc[a][dt][2 * h + 1] * inv_l[ri])
+                           : make_float2(0.f, 0.f);
       }
     return;
   }

@@ -12,12 +12,12 @@
 
 namespace gmod::attn {
 
-// Launches kernel<<<grid, kNThreads, smem_bytes, stream>>>(params): raises the dynamic shared-memory
+// Launches kernel<<<grid, threads, smem_bytes, stream>>>(params): raises the dynamic shared-memory
 // limit when the kernel needs more than the default 48 KB, and fails with a clear message when the
 // device cannot give that much (e.g. head dim 256 on GPUs with 99 KB per block).
 template <typename Kernel, typename Params>
 void launch_attn_kernel(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t stream, const Params& params,
-                        const char* what) {
+                        const char* what, int threads = kNThreads) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   GMOD_CHECK(grid.y <= 65535 && grid.z <= 65535, "gmod.attention: grid ", grid.x, " x ", grid.y, " x ",
               grid.z, " of ", what, " exceeds the CUDA limits (batch and head counts must be <= 65535)");
@@ -28,8 +28,23 @@ void launch_attn_kernel(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t s
                 " bytes of shared memory per block, but this GPU allows ", optin, "; use a smaller head dim");
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   }
-  kernel<<<grid, kNThreads, smem_bytes, stream>>>(params);
+  kernel<<<grid, threads, smem_bytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// CTAs of kernel (kNThreads threads, smem_bytes of dynamic shared memory) one SM holds at once, from
+// the CUDA occupancy API (registers, shared memory, the per-SM block limit); at least 1.
+template <typename Kernel>
+int attn_kernel_ctas_per_sm(Kernel kernel, int smem_bytes) {
+  if (smem_bytes > 48 * 1024) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+    if (smem_bytes > optin) return 1;  // the launch raises the clear error
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  }
+  int ctas = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kNThreads, smem_bytes));
+  return ctas > 0 ? ctas : 1;
 }
 
 }  // namespace gmod::attn

@@ -23,6 +23,7 @@
 
 #include "../attention_bwd_kernel.cuh"
 #include "../attention_bwd_tc_kernel.cuh"
+#include "../attention_combine_kernel.cuh"
 #include "../attention_fwd_kernel.cuh"
 #include "../attention_fwd_tc_kernel.cuh"
 
@@ -140,12 +141,15 @@ static bool compare(const char* what, const std::string& tag, const std::vector<
 
 // ---------------------------------------------------------------- one problem through the emulated kernels
 struct Options {
-  int num_sms = 132;       // decode split heuristic
+  int num_sms = 132;       // decode split heuristic (num_sms x ctas_per_sm resident CTAs)
+  int ctas_per_sm = 3;
+  int forced_splits = 0;   // > 0: as GMOD_ATTN_DECODE_SPLITS (decode_clamp_splits)
   bool simt = false;       // bf16 / fp16 forward on the SIMT kernels (as GMOD_ATTN_SIMT=1 / pre-sm_80)
   bool deterministic = false;
   int heads_per_cta = -1;  // -1: group
   float scale = 0.f;       // 0: 1 / sqrt(d)
   bool narrow = false;     // d = 128 prefill on TcFwdNarrowTile128 (GMOD_ATTN_FWD_BLOCK_N=32)
+  bool wide_bwd = false;   // dk/dv on TcBwdWideTile: 8 warps x 16 keys (GMOD_ATTN_BWD_BLOCK_N=128)
 };
 
 template <typename T, int kHeadDim>
@@ -215,7 +219,9 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
       std::printf("decode plan mismatch\n");
       std::abort();
     }
-    p.num_splits = decode_num_splits(P.B, P.Hk, m_blocks, P.Ck, opt.num_sms, Tr::kBlockN);
+    p.num_splits = opt.forced_splits > 0
+                       ? decode_clamp_splits(opt.forced_splits, P.B, P.Ck, Tr::kBlockN)
+                       : decode_num_splits(P.B, P.Hk, m_blocks, P.Ck, opt.num_sms, Tr::kBlockN, opt.ctas_per_sm);
     if (p.num_splits <= 1) {
       launch(dim3(m_blocks, P.Hk, P.B), smem, kernel_plain);
     } else {
@@ -224,7 +230,8 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
       p.o_part = o_part.data(), p.lse_part = lse_part.data();
       launch(dim3(m_blocks, P.Hk, P.B * p.num_splits), smem, kernel_split);
       const int64_t rows = static_cast<int64_t>(P.B) * P.Cq * P.Hq;
-      launch(dim3(ceil_div_host(rows, kNThreads / 32)), 0, [&] { gmod_attn_decode_combine_kernel<T, kHeadDim>(p); });
+      emu::launch(dim3(decode_combine_grid(rows)), kCombineThreads, decode_combine_smem_bytes<kHeadDim>(),
+                  [&] { gmod_attn_decode_combine_kernel<T, kHeadDim>(p); });
     }
   };
   if constexpr (!std::is_same_v<T, float>) {
@@ -300,14 +307,24 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   if constexpr (!std::is_same_v<T, float> && kTcBwdHeadDim<kHeadDim>) {
     if (tc) {
       tc_bwd = true;
-      using Tt = TcBwdTile<kHeadDim>;
-      const dim3 grid_dkdv(ceil_div_host(P.Ck, Tt::kBlockN), P.Hk * (group / hpc), P.B);
+      auto run_dkdv = [&](auto traits) {
+        using Tt = decltype(traits);
+        const dim3 grid_dkdv(ceil_div_host(P.Ck, Tt::kBlockN), P.Hk * (group / hpc), P.B);
+        if (opt.deterministic)
+          emu::launch(grid_dkdv, Tt::kThreads, tc_bwd_dkdv_smem_bytes<Tt>(),
+                      [&] { gmod_attn_bwd_dkdv_tc_kernel<Tt, T, false>(p); });
+        else
+          emu::launch(grid_dkdv, Tt::kThreads, tc_bwd_dkdv_smem_bytes<Tt>(),
+                      [&] { gmod_attn_bwd_dkdv_tc_kernel<Tt, T, true>(p); });
+      };
+      if (opt.wide_bwd)
+        run_dkdv(TcBwdWideTile<kHeadDim>{});
+      else
+        run_dkdv(TcBwdTile<kHeadDim>{});
       if (opt.deterministic) {
-        launch(grid_dkdv, tc_bwd_dkdv_smem_bytes<Tt>(), [&] { gmod_attn_bwd_dkdv_tc_kernel<Tt, T, false>(p); });
-        launch(dim3(ceil_div_host(P.Cq, Tt::kDqBlockM), P.Hq, P.B), tc_bwd_dq_smem_bytes<Tt>(),
-               [&] { gmod_attn_bwd_dq_tc_kernel<Tt, T>(p); });
-      } else {
-        launch(grid_dkdv, tc_bwd_dkdv_smem_bytes<Tt>(), [&] { gmod_attn_bwd_dkdv_tc_kernel<Tt, T, true>(p); });
+        using Tq = TcBwdTile<kHeadDim>;
+        launch(dim3(ceil_div_host(P.Cq, Tq::kDqBlockM), P.Hq, P.B), tc_bwd_dq_smem_bytes<Tq>(),
+               [&] { gmod_attn_bwd_dq_tc_kernel<Tq, T>(p); });
       }
     }
   }
@@ -359,12 +376,16 @@ int main(int argc, char** argv) {
   // Tensor-core backward (bf16 / fp16, d <= 128): every head dim with both dtypes, GQA groups 1 / 2 / 4
   // with heads_per_cta = group and = 1, deterministic and atomic dQ, lengths 0 and 1, q_len > k_len and
   // < k_len, several 64-key / 64-query tiles; then causal offsets k_len - q_len swept across the tile
-  // boundaries, and short query chunks. `tcbwd` as the argument runs only these.
+  // boundaries, and short query chunks. `tcbwd` as the argument runs only these, `widebwd` the same on
+  // the 8-warp dk/dv kernel.
   const bool only_tc_bwd = argc > 1 && std::string(argv[1]) == "tcbwd";
-  auto tc_bwd_cases = [&](bool short_run) {
+  // wide: the same cases with the dk/dv kernel on TcBwdWideTile (8 warps, 128 keys per CTA), and
+  // offsets around its 128-key tiles.
+  auto tc_bwd_cases = [&](bool short_run, bool wide) {
     Options atomic_dq, det_dq, split;
     det_dq.deterministic = true;
     split.heads_per_cta = 1;
+    atomic_dq.wide_bwd = det_dq.wide_bwd = split.wide_bwd = wide;
     auto per_dim = [&](auto type, auto dim, bool all) {
       using T = typename decltype(type)::type;
       constexpr int D = decltype(dim)::value;
@@ -392,16 +413,18 @@ int main(int argc, char** argv) {
     // three q_len alignments, one batch row each.
     std::vector<int> ql, kl;
     const int offsets[] = {-65, -64, -63, -16, -15, -1, 0, 1, 15, 16, 17, 47, 63, 64, 65, 66};
+    const int wide_offsets[] = {-129, -128, -127, -65, -64, -16, -1, 0, 1, 16, 63, 64, 65, 127, 128, 129};
     for (int b = 0; b < 16; ++b) {
       ql.push_back(100 - b % 3);
-      kl.push_back(std::max(0, ql.back() + offsets[b]));
+      kl.push_back(std::max(0, ql.back() + (wide ? wide_offsets[b] : offsets[b])));
     }
-    run_random<__nv_bfloat16, 64>(rng, 16, 100, 166, 2, 1, atomic_dq, ql, kl);
-    run_random<__half, 32>(rng, 16, 100, 166, 2, 1, split, ql, kl);
+    const int ck = wide ? 230 : 166;
+    run_random<__nv_bfloat16, 64>(rng, 16, 100, ck, 2, 1, atomic_dq, ql, kl);
+    run_random<__half, 32>(rng, 16, 100, ck, 2, 1, split, ql, kl);
     cases += 2;
     if (!short_run) {
-      run_random<__half, 128>(rng, 16, 100, 166, 2, 1, det_dq, ql, kl);
-      run_random<__nv_bfloat16, 96>(rng, 16, 100, 166, 4, 2, split, ql, kl);
+      run_random<__half, 128>(rng, 16, 100, ck, 2, 1, det_dq, ql, kl);
+      run_random<__nv_bfloat16, 96>(rng, 16, 100, ck, 4, 2, split, ql, kl);
       cases += 2;
     }
     // Short query chunks (the forward's decode path; the backward runs the same kernels).
@@ -409,8 +432,68 @@ int main(int argc, char** argv) {
     run_random<__nv_bfloat16, 128>(rng, 2, 16, 200, 4, 1, det_dq, {16, 7}, {200, 70});
     cases += 2;
   };
+  // The decode split model (decode_num_splits) on the H100's 132 SMs x 3 resident key-split CTAs
+  // (d = 128, 64-key tiles, Hk = 8): whole waves, worked out by hand from the model.
+  {
+    struct SplitCase { int64_t B, Ck; int want; };
+    const SplitCase split_cases[] = {
+        {1, 4096, 32},    // 64 tiles: the most splits of 2 tiles, 256 CTAs (< 1 wave)
+        {1, 32768, 47},   // 47 x 11 tiles: 376 CTAs, one wave (64 splits would be 512 CTAs, 2 waves)
+        {8, 4096, 6},     // 384 CTAs, one wave (8 splits: 512 CTAs, 1.3 waves)
+        {8, 32768, 6},    // 6 x 86 tiles, one wave
+        {32, 32768, 3},   // 768 CTAs, 1.94 waves
+        {64, 4096, 3},    // 1536 CTAs, 3.9 waves (1 split: 512 CTAs, 1.3 waves)
+        {1, 256, 2},      // 4 tiles: two splits of the 2-tile minimum
+        {1, 150, 1},      // 3 tiles: fewer than 2 x 2, no split
+    };
+    for (const auto& c : split_cases) {
+      const int got = decode_num_splits(c.B, 8, 1, c.Ck, 132, 64, 3);
+      if (got != c.want) {
+        std::printf("FAIL decode_num_splits(B=%lld, Ck=%lld) = %d, expected %d\n", (long long)c.B,
+                    (long long)c.Ck, got, c.want);
+        ++g_failures;
+      }
+    }
+    // Forced counts: clamped to 1..128, one tile per split at least, no empty split.
+    const int forced[][4] = {{500, 1, 8192, 128}, {40, 2, 1500, 24}, {8, 2, 1500, 8}, {0, 1, 4096, 1}, {7, 1, 64 * 20, 7}};
+    for (const auto& f : forced) {
+      const int got = decode_clamp_splits(f[0], f[1], f[2], 64);
+      if (got != f[3]) {
+        std::printf("FAIL decode_clamp_splits(%d, B=%d, Ck=%d) = %d, expected %d\n", f[0], f[1], f[2], got, f[3]);
+        ++g_failures;
+      }
+    }
+  }
+  // The split-k combine with many splits (as GMOD_ATTN_DECODE_SPLITS): 128 splits of one 64-key tile
+  // (the most the combine takes, one lse per thread) with a second row whose 100 keys leave 126 splits
+  // empty (lse = -inf, weight 0: their o_part rows must be written as zeros, the buffer is NaN-poisoned
+  // here), at d = 32 (8 float4 columns, 32 slots of the 256-thread combine); d = 96 (24 columns, 10
+  // slots, 16 idle threads) with 24 and 8 splits; d = 256 on the SIMT kernels (64 columns, 4 slots).
+  // `combine` as the argument runs only these (and the split-model checks above).
+  auto combine_cases = [&] {
+    Options many;
+    many.forced_splits = 500;
+    run_random<__nv_bfloat16, 32>(rng, 2, 1, 8192, 2, 1, many, {1, 1}, {8192, 100});
+    many.forced_splits = 40;
+    run_random<__half, 96>(rng, 2, 2, 1500, 4, 1, many, {2, 1}, {1500, 700});
+    many.forced_splits = 8;
+    run_random<__nv_bfloat16, 96>(rng, 2, 3, 1500, 2, 1, many, {3, 2}, {1500, 1});
+    many.forced_splits = 30;
+    run_random<float, 256>(rng, 1, 1, 700, 2, 1, many, {1}, {700});
+    cases += 4;
+  };
+  if (argc > 1 && std::string(argv[1]) == "widebwd") {  // the tensor-core backward cases on TcBwdWideTile
+    tc_bwd_cases(false, true);
+    std::printf("%d cases, %d failures\n", cases, g_failures);
+    return g_failures ? 1 : 0;
+  }
+  if (argc > 1 && std::string(argv[1]) == "combine") {
+    combine_cases();
+    std::printf("%d cases, %d failures\n", cases, g_failures);
+    return g_failures ? 1 : 0;
+  }
   if (only_tc_bwd) {
-    tc_bwd_cases(false);
+    tc_bwd_cases(false, false);
     std::printf("%d cases, %d failures\n", cases, g_failures);
     return g_failures ? 1 : 0;
   }
@@ -496,6 +579,7 @@ int main(int argc, char** argv) {
   run_random<__nv_bfloat16, 96>(rng, 2, 16, 90, 2, 2, many_sms, {16, 5}, {90, 21});
   run_random<__half, 128>(rng, 2, 3, 150, 4, 4, nondet, {3, 0}, {150, 10});
   cases += 4;
+  combine_cases();
   if (!quick) {
     run_random<float, 256>(rng, 2, 2, 300, 4, 2, many_sms, {2, 1}, {300, 299});
     run_random<float, 32>(rng, 2, 3, 300, 4, 1, many_sms, {3, 2}, {300, 100});
@@ -576,7 +660,8 @@ int main(int argc, char** argv) {
     }
     ++cases;
   }
-  tc_bwd_cases(quick);
+  tc_bwd_cases(quick, false);
+  tc_bwd_cases(true, true);
   // The same 16-bit problems on the SIMT kernels (GMOD_ATTN_SIMT=1, pre-sm_80 GPUs).
   {
     Options simt;

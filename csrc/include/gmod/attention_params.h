@@ -72,6 +72,9 @@ struct AttnBwdParams : AttnFwdParams {
   float* dk_accum;  // fp32 [B, Ck, Hk, d] when heads_per_cta < group (atomicAdd), else unused
   float* dv_accum;
   int heads_per_cta;  // q heads of one GQA group handled by one dk/dv CTA: group (direct write) or 1
+  // Keys per CTA of the tensor-core dk/dv kernel: kTcBwdBlockN (64, 4 warps; default) or
+  // kTcBwdWideBlockN (128, 8 warps: TcBwdWideTile, GMOD_ATTN_BWD_BLOCK_N=128).
+  int tc_bwd_block_n;
 };
 
 // ---------------------------------------------------------------- tile plans (host and device)
@@ -99,6 +102,7 @@ inline constexpr int kTcDecodeBlockN = 64;
 // Tensor-core backward (attention_bwd_tc_kernel.cuh): 64 keys per dk/dv CTA (4 warps x 16), d <= 128
 // (d = 256 would need more than 255 registers for dK + dV; it stays on the SIMT kernels).
 inline constexpr int kTcBwdBlockN = 64;
+inline constexpr int kTcBwdWideBlockN = 128;  // 8 warps x 16 keys (GMOD_ATTN_BWD_BLOCK_N=128)
 inline constexpr bool tc_bwd_supports_head_dim(int64_t head_dim) { return head_dim <= 128; }
 // Key-split tensor-core decode (TcDecodeKeySplitTile): at most 16 packed rows (Cq x group) and d <= 128;
 // the 4 warps share those rows and split every key tile, instead of 3 of 4 warps having no rows.
@@ -121,21 +125,47 @@ template <int kHeadDim> struct BwdTile {
 
 inline int ceil_div_host(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-// Number of key splits for the decode kernel (key tiles of block_n keys): enough CTAs to give every SM
-// a few (B * Hk * m_blocks * splits ~ 4 x SMs), at least 128 keys per split, no empty split, and
-// B * splits within the grid's z limit.
-inline int decode_num_splits(int64_t B, int64_t Hk, int64_t m_blocks, int64_t Ck, int num_sms, int block_n) {
+// Number of key splits for the decode kernel (flash-decoding), chosen with a wave model: the kernel is
+// bound by reading the cache, every CTA of a wave streams at about the same rate, so the time goes as
+// waves x (key tiles per CTA + kDecodeCtaOverheadTiles), where waves = ceil(CTAs / resident CTAs) and
+// resident CTAs = num_sms x ctas_per_sm (the occupancy of the split kernel, from the CUDA occupancy
+// API). The smallest split count of least cost wins. Each split gets at least 128 keys, none is empty,
+// and B x splits stays within the grid's z limit. Why not "about 4 CTAs per SM", the stop-9 rule: on
+// the H100 the d = 128 key-split kernel holds 3 CTAs per SM (74 KB of shared memory), 396 in all, so
+// B = 8 took 512-576 CTAs, 1.3-1.5 waves, and the tail wave ran a few CTAs on a mostly idle GPU (61-78 %
+// of copy measured, against 98-100 % at B = 32 with 768 CTAs, 1.94 waves).
+inline constexpr int kDecodeCtaOverheadTiles = 1;  // a CTA's prologue / epilogue, in key-tile times
+inline int decode_num_splits(int64_t B, int64_t Hk, int64_t m_blocks, int64_t Ck, int num_sms, int block_n,
+                             int ctas_per_sm) {
   const int64_t n_blocks = (Ck + block_n - 1) / block_n;
   const int64_t min_blocks = (128 + block_n - 1) / block_n;  // key tiles per split, at least
   const int64_t ctas = B * Hk * m_blocks;
-  const int64_t target = static_cast<int64_t>(num_sms) * 4;
-  if (ctas >= target || n_blocks < 2 * min_blocks) return 1;
-  int64_t splits = (target + ctas - 1) / ctas;
-  if (splits > n_blocks / min_blocks) splits = n_blocks / min_blocks;
-  if (splits > kDecodeMaxSplits) splits = kDecodeMaxSplits;
-  if (splits > 65535 / B) splits = 65535 / B;
-  if (splits < 1) splits = 1;
-  const int64_t per = (n_blocks + splits - 1) / splits;  // key tiles per split
+  const int64_t resident = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * (ctas_per_sm > 0 ? ctas_per_sm : 1);
+  if (n_blocks < 2 * min_blocks || ctas <= 0) return 1;
+  int64_t max_splits = n_blocks / min_blocks;
+  if (max_splits > kDecodeMaxSplits) max_splits = kDecodeMaxSplits;
+  if (max_splits > 65535 / B) max_splits = 65535 / B;
+  int64_t best = 1, best_cost = -1;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t per = (n_blocks + s - 1) / s;      // key tiles per split
+    const int64_t splits = (n_blocks + per - 1) / per;  // no empty split
+    const int64_t waves = (ctas * splits + resident - 1) / resident;
+    const int64_t cost = waves * (per + kDecodeCtaOverheadTiles);
+    if (best_cost < 0 || cost < best_cost) best = splits, best_cost = cost;
+  }
+  return static_cast<int>(best);
+}
+
+// A requested split count (GMOD_ATTN_DECODE_SPLITS) made valid: 1..kDecodeMaxSplits, at most one key
+// tile per split and B x splits within the grid's z limit, and no empty split.
+inline int decode_clamp_splits(int64_t requested, int64_t B, int64_t Ck, int block_n) {
+  const int64_t n_blocks = (Ck + block_n - 1) / block_n;
+  int64_t s = requested;
+  if (s > kDecodeMaxSplits) s = kDecodeMaxSplits;
+  if (s > n_blocks) s = n_blocks;
+  if (s > 65535 / B) s = 65535 / B;
+  if (s < 1) return 1;
+  const int64_t per = (n_blocks + s - 1) / s;
   return static_cast<int>((n_blocks + per - 1) / per);
 }
 
@@ -146,6 +176,8 @@ inline int decode_num_splits(int64_t B, int64_t Hk, int64_t m_blocks, int64_t Ck
 template <typename T, int kHeadDim> void run_attn_fwd(const AttnFwdParams& params, cudaStream_t stream);
 // Cq <= kDecodeMaxCq. params.num_splits > 1: params.o_part / lse_part must be allocated.
 template <typename T, int kHeadDim> void run_attn_decode(const AttnFwdParams& params, cudaStream_t stream);
+// CTAs per SM of the split-k decode kernel run_attn_decode would launch for params (sizes num_splits).
+template <typename T, int kHeadDim> int decode_split_ctas_per_sm(const AttnFwdParams& params);
 // deterministic: dq by a separate pass over key tiles, dk/dv of a GQA group summed inside one CTA.
 // Otherwise dq is atomically added into params.dq_accum (zeroed by the caller), and dk/dv go to
 // dk_accum/dv_accum (zeroed) when heads_per_cta < group.
