@@ -150,8 +150,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(
     cp_async_rows<T, D, BN, SD, true, Tr::kThreads>(sV, vp + n0 * p.v_row_stride, int(p.v_row_stride), kl - n0);
     // Q / dO rows of step `it` into buffer `buf` (cp.async; m0 < ql), with the per-query lse log2 e and
     // Delta (plain stores; 0 for queries without keys, whose entries are masked anyway).
-    auto load_step = [&](int it, int buf) {
-      const int h = h_begin + it / m_tiles, m0 = (m_begin + it % m_tiles) * BM;
+    auto load_step = [&](int h, int m0, int buf) {
       const T* qp = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
       const T* gp = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
       cp_async_rows<T, D, BM, SD, kUnrollCopies, Tr::kThreads>(sQ + buf * BM * SD, qp + m0 * p.q_row_stride,
@@ -167,7 +166,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(
         sDelta[buf * BM + r] = live ? delta[i] : 0.f;
       }
     };
-    load_step(0, 0);
+    load_step(h_begin, m_begin * BM, 0);
     cp_async_commit();
 
     // This lane's two keys j = n0 + wk0 + g + 8 hh are seen by queries first_q[hh] <= i < ql
@@ -179,13 +178,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(
       first_q[hh] = j < kl ? j - (kl - ql) : ql;
     }
 
+    // (head, query tile) of the current step, advanced by counters (no integer division per step).
+    int step_h = h_begin, step_mt = 0;
     for (int it = 0; it < steps; ++it) {
+      const int next_mt = step_mt + 1 == m_tiles ? 0 : step_mt + 1;
+      const int next_h = next_mt == 0 ? step_h + 1 : step_h;
       const int buf = it & 1;
       cp_async_wait<0>();
       __syncthreads();  // step it is in smem for everyone; everyone is done with step it - 1's buffers and sdS
-      if (it + 1 < steps) load_step(it + 1, buf ^ 1);  // overlaps with this step's math
+      if (it + 1 < steps) load_step(next_h, (m_begin + next_mt) * BM, buf ^ 1);  // overlaps with this step's math
       cp_async_commit();
-      const int h = h_begin + it / m_tiles, m0 = (m_begin + it % m_tiles) * BM;
+      const int h = step_h, m0 = (m_begin + step_mt) * BM;
+      step_h = next_h, step_mt = next_mt;
       const T* tQ = sQ + buf * BM * SD;
       const T* tdO = sdO + buf * BM * SD;
       const float* tLse = sLse + buf * BM;

@@ -7,6 +7,10 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "gmod/attention_params.h"
 #include "gmod/message.h"
 
@@ -33,18 +37,32 @@ void launch_attn_kernel(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t s
 }
 
 // CTAs of kernel (kNThreads threads, smem_bytes of dynamic shared memory) one SM holds at once, from
-// the CUDA occupancy API (registers, shared memory, the per-SM block limit); at least 1.
+// the CUDA occupancy API (registers, shared memory, the per-SM block limit); at least 1. Cached per
+// (kernel, device, smem_bytes): the decode asks on every call, and eager decode steps are short.
 template <typename Kernel>
 int attn_kernel_ctas_per_sm(Kernel kernel, int smem_bytes) {
-  if (smem_bytes > 48 * 1024) {
-    int optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
-    if (smem_bytes > optin) return 1;  // the launch raises the clear error
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  const int device = c10::cuda::current_device();
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, smem_bytes);
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, int> cache;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
   }
-  int ctas = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kNThreads, smem_bytes));
-  return ctas > 0 ? ctas : 1;
+  int ctas = 1;
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (smem_bytes <= optin) {  // else the launch raises the clear error
+    if (smem_bytes > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kNThreads, smem_bytes));
+    ctas = n > 0 ? n : 1;
+  }
+  const std::lock_guard<std::mutex> lock(mutex);
+  cache[key] = ctas;
+  return ctas;
 }
 
 }  // namespace gmod::attn
