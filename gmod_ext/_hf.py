@@ -64,3 +64,48 @@ def find_decoder(model: nn.Module) -> DecoderParts:
             break
     hidden = layers[0].input_layernorm.weight.shape[-1]
     return DecoderParts(text_model, layers, getattr(text_model, "rotary_emb", None), cfg, hidden, image_token_id)
+
+
+# ------------------------------------------------------------------ the KV cache's keyword
+# transformers 5.24 renamed the KV cache argument of models and decoder layers from ``past_key_values``
+# to ``cache`` (the old name is accepted with a deprecation warning until 5.40; outputs keep a
+# ``past_key_values`` property); earlier releases only know ``past_key_values``. These helpers let the
+# MoD layers and generation hooks work with both.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_kwarg_of(fn) -> str:
+    """The name of the KV cache parameter of ``fn`` (a model's or decoder layer's ``forward``):
+    ``"cache"`` when it has one (transformers >= 5.24), else ``"past_key_values"``."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def pop_cache(kwargs: dict):
+    """Removes the KV cache from a call's keywords under either name and returns it (or None).
+    Both names at once is the caller's error, as in transformers."""
+    given = [n for n in CACHE_KWARGS if kwargs.get(n) is not None]
+    if len(given) > 1:
+        raise ValueError("gmod: both `cache` and `past_key_values` were given; pass the KV cache once")
+    found = None
+    for n in CACHE_KWARGS:
+        v = kwargs.pop(n, None)
+        if v is not None:
+            found = v
+    return found
+
+
+def output_cache(out):
+    """The KV cache a model output carries (``cache`` on transformers >= 5.24, ``past_key_values``
+    before), or None. Reads the output's fields, not the deprecated ``past_key_values`` property."""
+    get = out.get if hasattr(out, "get") else (lambda n: getattr(out, n, None))
+    for n in CACHE_KWARGS:
+        v = get(n)
+        if v is not None:
+            return v
+    return None

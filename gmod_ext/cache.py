@@ -276,8 +276,8 @@ def _make_cache_class():
         """A ``DynamicCache`` whose MoD-layer slots are compact :class:`GmodLayer` caches.
 
         ``GmodCache(model)`` for a converted model (or ``GmodCache(config=text_config,
-        mod_layers=[...])``). Use it as ``past_key_values`` (``model(..., past_key_values=cache,
-        use_cache=True)``) or let ``model.generate`` create it. ``cache.memory_report()`` /
+        mod_layers=[...])``). Pass it as the model's KV cache (``model(..., cache=cache, use_cache=True)``
+        on transformers >= 5.24, ``past_key_values=cache`` before) or let ``model.generate`` create it. ``cache.memory_report()`` /
         ``print(cache.format_memory_report())`` show the KV bytes per layer.
         """
 
@@ -352,7 +352,8 @@ def gmod_layer_cache(cache, layer_idx: int):
     cu = _cache_utils()
     layer_cls = GmodLayer_cls()
     if not isinstance(cache, cu.Cache):
-        raise TypeError(f"gmod: MoD layers need a transformers Cache as past_key_values, got {type(cache).__name__}")
+        raise TypeError(f"gmod: MoD layers need a transformers Cache as the KV cache (cache= / past_key_values=), "
+                        f"got {type(cache).__name__}")
     layers = cache.layers
     if layer_idx < len(layers) and isinstance(layers[layer_idx], layer_cls):
         return layers[layer_idx]

@@ -56,6 +56,8 @@ from typing import Any, Optional
 
 import torch
 
+from ._hf import output_cache
+
 __all__ = ["add_demo", "run_demo", "SyntheticTask", "build_builtin_model", "forward_flops", "kv_estimate",
            "kept_for_generation", "cache_module", "dense_cache_bytes"]
 
@@ -549,7 +551,7 @@ def generate(model, prompts: dict, new_tokens: int, *, use_cache: bool, pad: int
         if times[-1] > 2.0:
             break
     seqs = out.sequences if return_cache else out
-    cache = getattr(out, "past_key_values", None) if return_cache else None
+    cache = output_cache(out) if return_cache else None
     return {"sequences": seqs, "seconds": statistics.median(times), "times": times, "cache": cache}
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from ._hf import CACHE_KWARGS
+
 __all__ = ["GmodGenerate", "GmodPrepareCache", "GmodNewCache", "install", "uninstall", "prompt_length"]
 
 _INSTALLED = ("generate", "_prepare_cache_for_generation", "gmod_new_cache")
@@ -62,7 +64,10 @@ class GmodPrepareCache(_Bound):
         p = getattr(state, "generate_prefill_len", None)
         if p is not None and model_kwargs.get("gmod_prefill_len") is None:
             model_kwargs["gmod_prefill_len"] = p
-        cache = model_kwargs.get("past_key_values")
+        # The cache generate() just made: model_kwargs["cache"] on transformers >= 5.24, else
+        # model_kwargs["past_key_values"].
+        key = next((n for n in CACHE_KWARGS if model_kwargs.get(n) is not None), None)
+        cache = model_kwargs.get(key) if key is not None else None
         if (
             state is not None
             and state.config.on_cache == "compact"
@@ -70,7 +75,7 @@ class GmodPrepareCache(_Bound):
             and not getattr(cache, "_is_user_defined", False)
             and cache.get_seq_length() == 0
         ):
-            model_kwargs["past_key_values"] = GmodCache_cls()(model, offloading=bool(getattr(cache, "offloading", False)))
+            model_kwargs[key] = GmodCache_cls()(model, offloading=bool(getattr(cache, "offloading", False)))
         return out
 
 

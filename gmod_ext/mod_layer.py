@@ -9,8 +9,10 @@ keys of the original weights do not change; a per-layer router adds ``gmod_route
 instance of the original class (Hugging Face's output capturing, gradient checkpointing and FSDP
 class plans keep working) and accepts the same call as the wrapped layer::
 
-    layer(hidden_states, attention_mask=..., position_ids=..., past_key_values=..., use_cache=...,
+    layer(hidden_states, attention_mask=..., position_ids=..., cache=..., use_cache=...,
           position_embeddings=(cos, sin), **kwargs) -> hidden_states [B, S, D]
+
+(the KV cache as ``cache=``, the name transformers >= 5.24 uses, or ``past_key_values=``, the earlier one)
 
 Forward on the selected tokens (all through ``gmod_ext.ops``)::
 
@@ -30,7 +32,7 @@ tokens of the same row; padding (mask code 2) is never kept. The routing mask co
 ``gmod_routing`` keyword (a :class:`~gmod_ext.router.RoutingInfo`) that a converted model's
 forward hook injects; without it every token is routable.
 
-KV cache: a MoD layer called with ``past_key_values`` goes to :meth:`MoDDecoderLayer.gmod_forward_with_cache`:
+KV cache: a MoD layer called with a KV cache (``cache`` / ``past_key_values``) goes to :meth:`MoDDecoderLayer.gmod_forward_with_cache`:
 with ``on_cache="compact"`` (the default of :func:`gmod_ext.convert`) it keeps a compact cache of the
 tokens it processed (:mod:`gmod_ext.cache`): the first call (prefill) routes like training (top-k /
 threshold), later calls keep a new token iff ``p >= decode_threshold`` and attend to the layer's
@@ -52,6 +54,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._hf import cache_kwarg_of, pop_cache
 from .config import GmodConfig, capacity
 from .masks import check_routing_mask
 from .profiling import nvtx_range
@@ -129,6 +132,9 @@ class MoDDecoderLayer:
         **kwargs,
     ) -> torch.Tensor:
         routing = kwargs.pop("gmod_routing", None)
+        # transformers >= 5.24 passes the KV cache as `cache`, earlier releases as `past_key_values`.
+        kwargs["past_key_values"] = past_key_values
+        past_key_values = pop_cache(kwargs)
         if past_key_values is not None:
             return self.gmod_forward_with_cache(
                 hidden_states,
@@ -155,8 +161,9 @@ class MoDDecoderLayer:
         the wrapped layer densely (every token, ungated); ``on_cache="error"`` raises.
         """
         cfg: GmodConfig = self._gmod_state.config
-        if cfg.on_cache == "dense":
-            return super().forward(hidden_states, past_key_values=past_key_values, **kwargs)
+        if cfg.on_cache == "dense":  # the wrapped layer, with the cache under the name it takes
+            kwargs[cache_kwarg_of(super().forward)] = past_key_values
+            return super().forward(hidden_states, **kwargs)
         if cfg.on_cache != "compact":
             raise NotImplementedError(
                 f"gmod: MoD layer {self.gmod_layer_idx} was called with a KV cache (past_key_values) but on_cache="

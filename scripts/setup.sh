@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtual environment in .venv with CPU torch, the build tools and the
 # test/model dependencies, then build and install gmod_ext (editable) into it. Safe to re-run.
-#   VENV=.venv  TORCH_SPEC="torch==2.13.0"  EDITABLE=1  bash scripts/setup.sh
+#   VENV=.venv  TORCH_SPEC="torch==2.13.0"  TRANSFORMERS_SPEC="transformers>=4.45,<5.25"  EDITABLE=1  bash scripts/setup.sh
 # EDITABLE=0 installs a regular (non-editable) copy into the environment instead.
+# transformers has an upper bound: the newest release the tests have passed on (5.24, which renamed
+# the KV cache argument past_key_values -> cache). A new release can change the Cache API under the MoD
+# layers, so it is let in here, raising the bound, only once the tests pass on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
 torch_spec=${TORCH_SPEC:-torch==2.13.0}
+transformers_spec=${TRANSFORMERS_SPEC:-transformers>=4.45,<5.25}
 py=${PYTHON:-python3}
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating $venv"
@@ -17,7 +21,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 echo "[setup] installing $torch_spec and dependencies"
 "${pip[@]}" install "$torch_spec" 2>&1 | grep -v "^WARNING: Location" || true
 "${pip[@]}" install numpy "cmake>=3.26" ninja setuptools wheel pytest expecttest tqdm matplotlib \
-  "transformers>=4.45" 2>&1 | grep -v "^WARNING: Location" || true
+  "$transformers_spec" 2>&1 | grep -v "^WARNING: Location" || true
 "$venv/bin/python" -c "import torch, transformers" || { echo "[setup] dependency install failed"; exit 1; }
 echo "[setup] building gmod_ext against torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
 if [ "${EDITABLE:-1}" = 1 ]; then target=(-e .); else target=(.); fi
