@@ -66,6 +66,22 @@ def test_bench_cpu_quick(bench, tmp_path):
         assert dec and all(r["GBps"] > 0 and r["check"].startswith("ok") for r in dec)
 
 
+def test_bench_attention_experiments_rows(tmp_path):
+    """--experiments adds gmod-exp rows (the opt-in tile plans, via flags the extension reads at every
+    call): forward only at d = 128, backward at every tensor-core head dim, each checked against the
+    baseline and compared with the default gmod row (vs_default). On CPU the flags change nothing, so
+    the ratio is near 1; the code path is what runs here."""
+    proc, out = _run("attention", tmp_path, "--experiments")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["sections"]["prefill"]["rows"]
+    exp = [r for r in rows if r["impl"] == "gmod-exp"]
+    assert {(r["pass"], r["d"]) for r in exp} == {("fwd", 128), ("bwd", 64), ("bwd", 128)}
+    for r in exp:
+        assert r["check"].startswith("ok") and isinstance(r["ms"], float) and r["vs_default"] > 0, r
+    assert not any(r["impl"] == "gmod-exp" for r in json.loads(
+        _run("attention", tmp_path)[1].read_text())["sections"]["prefill"]["rows"])
+
+
 def test_bench_missing_kernel_rows(tmp_path):
     """An op without a kernel for the device prints 'n/a (no ... kernel)' and the baselines still run."""
     proc, out = _run("attention", tmp_path, env_extra={"GMOD_BENCH_HIDE_OPS": "attention,attention_backward"})

@@ -8,9 +8,9 @@
 #   aliases: all (default) = every step above; sanitize = memcheck,racecheck; bench = bench_ops,bench_attention
 #   extra, only when named: bench_layer bench_model (python -m gmod_ext.bench layer|model; a second call:
 #   GMOD_GPU_CHECK_STEPS=bench_layer,bench_model on the warm machine reuses the build)
-#   extra, only when named: bench_attention_det (GMOD_DETERMINISTIC=1), bench_attention_n32
-#   (GMOD_ATTN_FWD_BLOCK_N=32: the d = 128 forward on 32-key tiles), bench_attention_exp (that and
-#   GMOD_ATTN_BWD_BLOCK_N=128, the 8-warp dk/dv kernel, in one run), decode_sweep (the decode's split
+#   bench_attention runs with --experiments: gmod-exp rows time the opt-in tile plans (the d = 128
+#   forward on 32-key tiles, the 8-warp dk/dv kernel) next to the defaults, in the same process.
+#   extra, only when named: bench_attention_det (GMOD_DETERMINISTIC=1), decode_sweep (the decode's split
 #   count swept against the wave model, scripts/decode_split_sweep.py), synccheck initcheck
 #   (compute-sanitizer tools), ncu_nvtx (the README's NVTX
 #   filter: kernels inside gmod.attention of `bench layer --quick`)
@@ -226,25 +226,15 @@ bench_named() {  # name benchmark limit
   fi
 }
 want bench_ops && bench bench_ops 150
-want bench_attention && bench bench_attention 220
+# --experiments: gmod-exp rows, the opt-in tile plans timed in the same process (the d = 128 forward on
+# 128 x 32 tiles, the backward's dk/dv kernel on 8 warps x 128 keys); they decide the defaults.
+want bench_attention && GMOD_BENCH_ARGS="--experiments ${GMOD_BENCH_ARGS:-}" bench bench_attention 240
 want bench_layer && bench bench_layer 200
 want bench_model && bench bench_model 250
 # Only when named: the attention benchmark with the deterministic backward (separate dQ kernel instead of
 # fp32 atomics; GMOD_DETERMINISTIC is read once per process), to compare the two dQ strategies.
 if [[ "$req" == *" bench_attention_det "* ]]; then
   GMOD_DETERMINISTIC=1 bench_named bench_attention_det attention 220
-fi
-# Only when named: the attention benchmark with the d = 128 prefill forward on 128 x 32 tiles (lazy
-# rescale, unrolled copies, folded scale; read once per process), against the default 64-key tiles of
-# bench_attention: the d = 128 rows decide which becomes the default.
-if [[ "$req" == *" bench_attention_n32 "* ]]; then
-  GMOD_ATTN_FWD_BLOCK_N=32 bench_named bench_attention_n32 attention 220
-fi
-# Only when named: both tile experiments in one run (each flag touches one pass): the fwd rows are the
-# d = 128 forward on 128 x 32 tiles (GMOD_ATTN_FWD_BLOCK_N=32), the bwd rows the dk/dv kernel on 8 warps
-# x 128 keys (GMOD_ATTN_BWD_BLOCK_N=128); compare each with bench_attention's rows.
-if [[ "$req" == *" bench_attention_exp "* ]]; then
-  GMOD_ATTN_FWD_BLOCK_N=32 GMOD_ATTN_BWD_BLOCK_N=128 bench_named bench_attention_exp attention 220
 fi
 # Only when named: the decode's key-split count swept (GMOD_ATTN_DECODE_SPLITS) against the wave model's
 # choice, on the decode shapes of bench_attention; the table says how far the model is from the best.
@@ -368,7 +358,7 @@ if [[ "$req" == *" ncu_nvtx "* ]]; then
 fi
 
 # ------------------------------------------------------------------ tables, then the summary LAST
-for b in bench_ops bench_attention bench_attention_det bench_attention_n32 bench_attention_exp bench_layer bench_model; do
+for b in bench_ops bench_attention bench_attention_det bench_layer bench_model; do
   if [[ -f "$OUT/$b.log" ]]; then
     echo; echo "################ $b (full log: $b.log, numbers: $b.json)"
     # the tables only: from the first '== ' line up to the status line
@@ -420,20 +410,14 @@ if att:
         if r["impl"] == "gmod":
             print(f"   decode B{r['B']:<3} L{r['L']:<6} {f(r.get('GBps'), '.0f'):>6} GB/s {f(r.get('pct_copy'), '.0f'):>4}% copy "
                   f"vs flash {f(r.get('vs_flash'), '.2f'):>5}  {r.get('check') or r.get('ms')}"[:150])
-# The tile experiments against the default, row by row (gmod TFLOP/s: default -> experiment).
-for exp_name, what in (("bench_attention_n32.json", "GMOD_ATTN_FWD_BLOCK_N=32"),
-                       ("bench_attention_exp.json", "FWD_BLOCK_N=32 (fwd rows) + BWD_BLOCK_N=128 (bwd rows)")):
-    exp = load(exp_name)
-    if att and exp:
-        print(f"-- {exp_name[:-5]} ({what}): gmod TFLOP/s, default -> experiment")
-        base = {(r["pass"], r["shape"], r["d"]): r for r in att["sections"].get("prefill", {}).get("rows", [])
-                if r["impl"] == "gmod"}
-        for r in exp["sections"].get("prefill", {}).get("rows", []):
-            b = base.get((r["pass"], r["shape"], r["d"]))
-            if r["impl"] == "gmod" and b:
-                ratio = (r["TFLOPs"] / b["TFLOPs"]) if isinstance(r.get("TFLOPs"), float) and isinstance(b.get("TFLOPs"), float) else None
-                print(f"   {r['pass']} {r['shape']:>7} d{r['d']:<4} {f(b.get('TFLOPs'), '.4g'):>7} -> {f(r.get('TFLOPs'), '.4g'):>7} "
-                      f"({f(ratio, '.3f')}x)  {r.get('check') or r.get('ms')}"[:150])
+# The tile experiments (bench_attention --experiments): gmod-exp against gmod, row by row.
+if att:
+    exp_rows = [r for r in att["sections"].get("prefill", {}).get("rows", []) if r["impl"] == "gmod-exp"]
+    if exp_rows:
+        print("-- tile experiments (gmod-exp: fwd = GMOD_ATTN_FWD_BLOCK_N=32, bwd = GMOD_ATTN_BWD_BLOCK_N=128)")
+        for r in exp_rows:
+            print(f"   {r['pass']} {r['shape']:>7} d{r['d']:<4} {f(r.get('TFLOPs'), '.4g'):>7} TFLOP/s = "
+                  f"{f(r.get('vs_default'), '.3f')}x the default  {r.get('check') or r.get('ms')}"[:150])
 for name, doc in (("ops", ops), ("attention", att)):
     if doc and doc.get("mismatches"):
         print(f"!!! MISMATCH in bench {name}: " + "; ".join(m["bench"] for m in doc["mismatches"]))

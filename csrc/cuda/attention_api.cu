@@ -8,10 +8,11 @@
 // device sync per call; also skipped while a CUDA graph is being captured) - the kernels clamp the
 // lengths to [0, Cq] / [0, Ck], so bad lengths give wrong numbers, never out-of-bounds accesses.
 // GMOD_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)) selects the deterministic backward.
-// GMOD_ATTN_BWD_BLOCK_N=128 runs the tensor-core dk/dv kernel on 128 keys x 8 warps per CTA.
-// GMOD_ATTN_DECODE_SPLITS=N forces the decode's key-split count (benchmark sweeps; read at every call).
 // GMOD_ATTN_SIMT=1 runs the SIMT kernels for bf16 / fp16 too (they always run for float32 and on GPUs
 // older than sm_80); by default bf16 / fp16 forward runs on tensor cores (attention_fwd_tc_kernel.cuh).
+// Read at every call (benchmark comparisons in one process): GMOD_ATTN_FWD_BLOCK_N=32 (the d = 128
+// prefill forward on 32-key tiles), GMOD_ATTN_BWD_BLOCK_N=128 (the tensor-core dk/dv kernel on 128 keys x
+// 8 warps per CTA), GMOD_ATTN_DECODE_SPLITS=N (the decode's key-split count).
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -48,24 +49,20 @@ bool force_simt() {
   return value;
 }
 
+// The tile experiments below are read at every call (a getenv is ~0.1 us), so that one benchmark
+// process can time the default and the experiment side by side (`gmod_ext.bench attention --experiments`).
 // GMOD_ATTN_FWD_BLOCK_N=32: the d = 128 tensor-core prefill forward with 32-key tiles (an experiment
 // until benchmarked, attention_fwd_tc_kernel.cuh); anything else keeps the 64-key default.
 int fwd_block_n() {
-  static const int value = [] {
-    const char* v = std::getenv("GMOD_ATTN_FWD_BLOCK_N");
-    return v != nullptr && std::strcmp(v, "32") == 0 ? 32 : 64;
-  }();
-  return value;
+  const char* v = std::getenv("GMOD_ATTN_FWD_BLOCK_N");
+  return v != nullptr && std::strcmp(v, "32") == 0 ? 32 : 64;
 }
 
 // GMOD_ATTN_BWD_BLOCK_N=128: the tensor-core dk/dv kernel on 8 warps and 128 keys per CTA
 // (TcBwdWideTile; an experiment until benchmarked); anything else keeps the 64-key, 4-warp default.
 int tc_bwd_keys_per_cta() {
-  static const int value = [] {
-    const char* v = std::getenv("GMOD_ATTN_BWD_BLOCK_N");
-    return v != nullptr && std::strcmp(v, "128") == 0 ? attn::kTcBwdWideBlockN : attn::kTcBwdBlockN;
-  }();
-  return value;
+  const char* v = std::getenv("GMOD_ATTN_BWD_BLOCK_N");
+  return v != nullptr && std::strcmp(v, "128") == 0 ? attn::kTcBwdWideBlockN : attn::kTcBwdBlockN;
 }
 
 // GMOD_ATTN_DECODE_SPLITS=N: the split-k decode uses N key splits (clamped to what the cache allows)

@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-ms", type=float, help="time spent on the repeats of one measurement")
     p.add_argument("--threads", type=int, help="CPU: torch threads (default 1, for stable medians)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--experiments", action="store_true",
+                   help="attention: also time the opt-in tile plans as gmod-exp rows, in the same process: the "
+                        "d = 128 forward on 128 x 32 tiles (GMOD_ATTN_FWD_BLOCK_N=32) and the backward's dk/dv "
+                        "kernel on 8 warps x 128 keys (GMOD_ATTN_BWD_BLOCK_N=128); vs_default = gmod-exp / gmod")
     p.add_argument("--check-indices", action="store_true",
                    help="keep the CUDA ops' index validation (one host sync per call) in the timed calls")
     return p

@@ -7,13 +7,18 @@ decode   one query token (q_len = 1) against KV caches of 4k-32k tokens, GQA 32/
          bytes moved (K and V cache read once, q read, o written) over the time, against the copy
          bandwidth and SDPA.
 
+--experiments adds gmod-exp rows to prefill: the same call with the opt-in tile plan of that pass
+(EXPERIMENTS: an environment flag the extension reads at every call), timed in the same process.
+
 Layouts: gmod takes q/k/v as [B, S, H, d]; SDPA is given transposed views [B, H, S, d] of the same
 tensors (what flash-attention reads natively), so neither side pays for a copy.
 """
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +48,13 @@ PREFILL_COLS = [
     Col("d", "d", help="head dim"),
     Col("pass", "pass", help="fwd = attention; bwd = its backward alone (gmod: attention_backward op; "
         "SDPA: autograd.grad of its forward)"),
-    Col("impl", "impl", help="gmod = torch.ops.gmod.attention; sdpa-flash / sdpa-cudnn / sdpa-math = "
+    Col("impl", "impl", help="gmod = torch.ops.gmod.attention; gmod-exp (--experiments) = the same with the opt-in "
+        "tile plan of that pass (EXPERIMENTS); sdpa-flash / sdpa-cudnn / sdpa-math = "
         "F.scaled_dot_product_attention(is_causal=True) under sdpa_kernel(<that backend>)"),
     Col("ms", "ms", "ms", "median time; 'n/a (...)' when there is no kernel for this device/shape"),
     Col("TFLOPs", "TFLOP/s", ".4g", "causal FLOPs (fwd 4*B*H*S^2*d/2, bwd 2.5x fwd) / time, 10^12 per second"),
     Col("vs_flash", "vs flash", ".2f", "this row's TFLOP/s / the SDPA flash row's (sdpa-math on CPU) of the same pass"),
+    Col("vs_default", "vs gmod", ".3f", "--experiments: this gmod-exp row's TFLOP/s / the gmod row's"),
     Col("check", "check", help="gmod o (fwd) or dq, dk, dv (bwd) vs the baseline's, once before timing"),
 ]
 DECODE_COLS = [
@@ -87,6 +94,26 @@ def _short(err: BaseException) -> str:
     return f"n/a ({type(err).__name__}: {(s[0] if s else '')[:50]})"
 
 
+# --experiments: per pass, the environment flag of the opt-in tile plan (read by the extension at every
+# call) and the head dims it changes; timed as gmod-exp rows next to the default gmod rows.
+EXPERIMENTS = {
+    "fwd": ("GMOD_ATTN_FWD_BLOCK_N", "32", (128,)),        # d = 128 forward on 128 x 32 tiles
+    "bwd": ("GMOD_ATTN_BWD_BLOCK_N", "128", (32, 64, 96, 128)),  # dk/dv on 8 warps x 128 keys
+}
+
+
+def _env(name: str, value: str):
+    """os.environ[name] = value inside the with block, restored after."""
+    return mock.patch.dict(os.environ, {name: value})
+
+
+def _experiment_applies(ctx: Ctx, p: str, d: int) -> bool:
+    """The experiments change the tensor-core kernels (bf16 / fp16 on CUDA). On CPU the flags change
+    nothing; the rows still run there, so that CI runs this code path."""
+    lowp = ctx.dtype in (torch.bfloat16, torch.float16)
+    return ctx.experiments and (lowp or not ctx.cuda) and d in EXPERIMENTS[p][2]
+
+
 def bench_prefill(ctx: Ctx) -> Section:
     z = SIZES[ctx.size_mode]
     H, dt, dev = z["H"], ctx.dtype, ctx.device
@@ -102,7 +129,9 @@ def bench_prefill(ctx: Ctx) -> Section:
             ref_fwd = ref_bwd = None
             flops_f, flops_b = causal_flops(B, H, S, d), causal_flops(B, H, S, d, bwd=True)
             rows = {(p, name): sec.add(**base, **{"pass": p}, impl=name)
-                    for p in ("fwd", "bwd") for name in ["gmod"] + [n for n, _ in _backends(ctx)]}
+                    for p in ("fwd", "bwd")
+                    for name in ["gmod"] + (["gmod-exp"] if _experiment_applies(ctx, p, d) else [])
+                    + [n for n, _ in _backends(ctx)]}
             # --- SDPA baselines
             for name, backend in _backends(ctx):
                 qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -146,6 +175,20 @@ def bench_prefill(ctx: Ctx) -> Section:
                     gf.update(ms=t.ms, TFLOPs=flops_f / (t.ms * 1e-3) / 1e12, timing=t.as_json())
                 except Exception as err:  # noqa: BLE001
                     gf["ms"] = record_error(ctx, f"attention fwd {label}", err)
+                if ("fwd", "gmod-exp") in rows:
+                    ef = rows[("fwd", "gmod-exp")]
+                    try:
+                        with _env(*EXPERIMENTS["fwd"][:2]):
+                            oe, _ = _ops.attention(q, k, v, lens, lens, scale)
+                            ctx.sync()
+                            ef["check"] = (record_check(ctx, f"attention fwd (experiment) {label}",
+                                                        check_all([("o", oe, ref_fwd)], dt))
+                                           if ref_fwd is not None else "unchecked")
+                            del oe
+                            t = measure(lambda: _ops.attention(q, k, v, lens, lens, scale), ctx)
+                        ef.update(ms=t.ms, TFLOPs=flops_f / (t.ms * 1e-3) / 1e12, timing=t.as_json())
+                    except Exception as err:  # noqa: BLE001
+                        ef["ms"] = record_error(ctx, f"attention fwd (experiment) {label}", err)
                 na_b = missing(["attention_backward"], ctx)
                 if na_b:
                     gb["ms"] = na_b
@@ -164,12 +207,29 @@ def bench_prefill(ctx: Ctx) -> Section:
                         gb.update(ms=t.ms, TFLOPs=flops_b / (t.ms * 1e-3) / 1e12, timing=t.as_json())
                     except Exception as err:  # noqa: BLE001
                         gb["ms"] = record_error(ctx, f"attention bwd {label}", err)
+                    if ("bwd", "gmod-exp") in rows:
+                        eb = rows[("bwd", "gmod-exp")]
+                        try:
+                            with _env(*EXPERIMENTS["bwd"][:2]):
+                                dq, dk, dv = bw()
+                                ctx.sync()
+                                eb["check"] = (record_check(ctx, f"attention bwd (experiment) {label}", check_all(
+                                    [("dq", dq, ref_bwd[0]), ("dk", dk, ref_bwd[1]), ("dv", dv, ref_bwd[2])], dt))
+                                    if ref_bwd is not None else "unchecked")
+                                del dq, dk, dv
+                                t = measure(bw, ctx)
+                            eb.update(ms=t.ms, TFLOPs=flops_b / (t.ms * 1e-3) / 1e12, timing=t.as_json())
+                        except Exception as err:  # noqa: BLE001
+                            eb["ms"] = record_error(ctx, f"attention bwd (experiment) {label}", err)
             ref_name = _backends(ctx)[0][0]
             for p in ("fwd", "bwd"):
                 ref_t = rows[(p, ref_name)].get("TFLOPs")
                 for (pp, _), r in rows.items():
                     if pp == p and ref_t and r.get("TFLOPs"):
                         r["vs_flash"] = r["TFLOPs"] / ref_t
+                exp, dflt = rows.get((p, "gmod-exp")), rows[(p, "gmod")]
+                if exp is not None and exp.get("TFLOPs") and dflt.get("TFLOPs"):
+                    exp["vs_default"] = exp["TFLOPs"] / dflt["TFLOPs"]
             del q, k, v, do, o, lse, ref_fwd, ref_bwd
             if ctx.cuda:
                 torch.cuda.empty_cache()

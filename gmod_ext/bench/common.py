@@ -45,6 +45,7 @@ class Ctx:
     min_reps: int = 10
     max_reps: int = 200
     seed: int = 0
+    experiments: bool = False  # attention: also time the opt-in tile plans (gmod-exp rows)
     copy_GBps: Optional[float] = None
     mismatches: list = dataclasses.field(default_factory=list)
     errors: list = dataclasses.field(default_factory=list)
@@ -79,7 +80,8 @@ def make_ctx(args) -> Ctx:
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ctx = Ctx(device=device, dtype=dtype, quick=quick, graph=bool(getattr(args, "graph", False)),
-              flush=not getattr(args, "no_flush", False), seed=getattr(args, "seed", 0))
+              flush=not getattr(args, "no_flush", False), seed=getattr(args, "seed", 0),
+              experiments=bool(getattr(args, "experiments", False)))
     if device.type == "cuda":
         if quick:
             ctx.budget_ms, ctx.min_reps, ctx.max_reps = 60.0, 5, 100
