@@ -114,6 +114,25 @@ def _experiment_applies(ctx: Ctx, p: str, d: int) -> bool:
     return ctx.experiments and (lowp or not ctx.cuda) and d in EXPERIMENTS[p][2]
 
 
+def _run_gmod(ctx: Ctx, row: dict, what: str, fn, refs, flops: float, experiment=None):
+    """One gmod row: fn() once, its outputs checked against refs [(name, baseline tensor)] (in order,
+    None: unchecked), then timed; with `experiment`, under that tile plan's environment flag. Returns
+    fn's result, or None when it raised (the row then holds the error)."""
+    with _env(*experiment[:2]) if experiment else nullcontext():
+        try:
+            out = fn()
+            ctx.sync()
+            row["check"] = (record_check(ctx, what, check_all([(n, got, ref) for (n, ref), got in zip(refs, out)],
+                                                               ctx.dtype))
+                            if refs is not None else "unchecked")
+            t = measure(fn, ctx)
+        except Exception as err:  # noqa: BLE001
+            row["ms"] = record_error(ctx, what, err)
+            return None
+    row.update(ms=t.ms, TFLOPs=flops / (t.ms * 1e-3) / 1e12, timing=t.as_json())
+    return out
+
+
 def bench_prefill(ctx: Ctx) -> Section:
     z = SIZES[ctx.size_mode]
     H, dt, dev = z["H"], ctx.dtype, ctx.device
@@ -159,68 +178,31 @@ def bench_prefill(ctx: Ctx) -> Section:
                         if r.get("ms") is None:
                             r["ms"] = _short(err)
                 del qs, ks, vs
-            # --- gmod
+            # --- gmod (and the experiments' gmod-exp rows)
             gf, gb = rows[("fwd", "gmod")], rows[("bwd", "gmod")]
+            ef, eb = rows.get(("fwd", "gmod-exp")), rows.get(("bwd", "gmod-exp"))
             na = missing(["attention"], ctx)
             o = lse = None
             if na:
                 gf["ms"] = gb["ms"] = na
             else:
-                try:
-                    o, lse = _ops.attention(q, k, v, lens, lens, scale)
-                    ctx.sync()
-                    gf["check"] = (record_check(ctx, f"attention fwd {label}", check_all([("o", o, ref_fwd)], dt))
-                                   if ref_fwd is not None else "unchecked")
-                    t = measure(lambda: _ops.attention(q, k, v, lens, lens, scale), ctx)
-                    gf.update(ms=t.ms, TFLOPs=flops_f / (t.ms * 1e-3) / 1e12, timing=t.as_json())
-                except Exception as err:  # noqa: BLE001
-                    gf["ms"] = record_error(ctx, f"attention fwd {label}", err)
-                if ("fwd", "gmod-exp") in rows:
-                    ef = rows[("fwd", "gmod-exp")]
-                    try:
-                        with _env(*EXPERIMENTS["fwd"][:2]):
-                            oe, _ = _ops.attention(q, k, v, lens, lens, scale)
-                            ctx.sync()
-                            ef["check"] = (record_check(ctx, f"attention fwd (experiment) {label}",
-                                                        check_all([("o", oe, ref_fwd)], dt))
-                                           if ref_fwd is not None else "unchecked")
-                            del oe
-                            t = measure(lambda: _ops.attention(q, k, v, lens, lens, scale), ctx)
-                        ef.update(ms=t.ms, TFLOPs=flops_f / (t.ms * 1e-3) / 1e12, timing=t.as_json())
-                    except Exception as err:  # noqa: BLE001
-                        ef["ms"] = record_error(ctx, f"attention fwd (experiment) {label}", err)
+                fw = lambda: _ops.attention(q, k, v, lens, lens, scale)  # noqa: E731
+                refs_f = [("o", ref_fwd)] if ref_fwd is not None else None
+                o, lse = _run_gmod(ctx, gf, f"attention fwd {label}", fw, refs_f, flops_f) or (None, None)
+                if ef is not None:
+                    _run_gmod(ctx, ef, f"attention fwd (experiment) {label}", fw, refs_f, flops_f, EXPERIMENTS["fwd"])
                 na_b = missing(["attention_backward"], ctx)
                 if na_b:
                     gb["ms"] = na_b
                 elif o is None:
                     gb["ms"] = "n/a (forward failed)"
                 else:
-                    try:
-                        bw = lambda: _ops.attention_backward(do, q, k, v, o, lse, lens, lens, scale)  # noqa: E731
-                        dq, dk, dv = bw()
-                        ctx.sync()
-                        gb["check"] = (record_check(ctx, f"attention bwd {label}", check_all(
-                            [("dq", dq, ref_bwd[0]), ("dk", dk, ref_bwd[1]), ("dv", dv, ref_bwd[2])], dt))
-                            if ref_bwd is not None else "unchecked")
-                        del dq, dk, dv
-                        t = measure(bw, ctx)
-                        gb.update(ms=t.ms, TFLOPs=flops_b / (t.ms * 1e-3) / 1e12, timing=t.as_json())
-                    except Exception as err:  # noqa: BLE001
-                        gb["ms"] = record_error(ctx, f"attention bwd {label}", err)
-                    if ("bwd", "gmod-exp") in rows:
-                        eb = rows[("bwd", "gmod-exp")]
-                        try:
-                            with _env(*EXPERIMENTS["bwd"][:2]):
-                                dq, dk, dv = bw()
-                                ctx.sync()
-                                eb["check"] = (record_check(ctx, f"attention bwd (experiment) {label}", check_all(
-                                    [("dq", dq, ref_bwd[0]), ("dk", dk, ref_bwd[1]), ("dv", dv, ref_bwd[2])], dt))
-                                    if ref_bwd is not None else "unchecked")
-                                del dq, dk, dv
-                                t = measure(bw, ctx)
-                            eb.update(ms=t.ms, TFLOPs=flops_b / (t.ms * 1e-3) / 1e12, timing=t.as_json())
-                        except Exception as err:  # noqa: BLE001
-                            eb["ms"] = record_error(ctx, f"attention bwd (experiment) {label}", err)
+                    bw = lambda: _ops.attention_backward(do, q, k, v, o, lse, lens, lens, scale)  # noqa: E731
+                    refs_b = list(zip(("dq", "dk", "dv"), ref_bwd)) if ref_bwd is not None else None
+                    _run_gmod(ctx, gb, f"attention bwd {label}", bw, refs_b, flops_b)
+                    if eb is not None:
+                        _run_gmod(ctx, eb, f"attention bwd (experiment) {label}", bw, refs_b, flops_b,
+                                  EXPERIMENTS["bwd"])
             ref_name = _backends(ctx)[0][0]
             for p in ("fwd", "bwd"):
                 ref_t = rows[(p, ref_name)].get("TFLOPs")
