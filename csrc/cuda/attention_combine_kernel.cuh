@@ -10,7 +10,7 @@
 //   1. thread s < S loads lse_s; block max and sum give lse and the weights w_s (shared memory);
 //   2. the threads are (slot, column): column c of kCols float4 columns of the head dim, slot t of
 //      kSlots; thread (t, c) sums w_s o_s[c] over s = t, t + kSlots, ..., with loads that depend on
-//      nothing but s (unrolled, so several are in flight);
+//      nothing but s;
 //   3. the kSlots partial sums of each column are added in slot order (shared memory).
 // The order of every sum is fixed: bit-identical results run to run. Splits with lse_s = -inf (no key)
 // get w_s = 0; the split kernel writes their o_s as zeros, so every load is unconditional.
@@ -42,29 +42,6 @@ constexpr int decode_combine_smem_bytes() {
 // Rows beyond the grid are taken by a grid-stride loop (B x Cq x Hq can exceed gridDim.x's 2^31 - 1).
 inline unsigned decode_combine_grid(int64_t rows) {
   return static_cast<unsigned>(rows < (int64_t{1} << 30) ? rows : (int64_t{1} << 30));
-}
-
-// Four 16-byte global loads in one asm statement, so that they are issued back to back and their round
-// trips overlap: written as four plain loads, ptxas (CUDA 13, sm_90) placed the third and fourth after
-// the FMAs that consume the first two, two round trips per batch instead of one.
-GMOD_DEV void load_f4x4(const float* a0, const float* a1, const float* a2, const float* a3, float4 (&o)[4]) {
-#ifdef GMOD_HOST_EMULATION
-  o[0] = *reinterpret_cast<const float4*>(a0);
-  o[1] = *reinterpret_cast<const float4*>(a1);
-  o[2] = *reinterpret_cast<const float4*>(a2);
-  o[3] = *reinterpret_cast<const float4*>(a3);
-#else
-  asm volatile(
-      "ld.global.v4.f32 {%0, %1, %2, %3}, [%16];\n\t"
-      "ld.global.v4.f32 {%4, %5, %6, %7}, [%17];\n\t"
-      "ld.global.v4.f32 {%8, %9, %10, %11}, [%18];\n\t"
-      "ld.global.v4.f32 {%12, %13, %14, %15}, [%19];"
-      : "=f"(o[0].x), "=f"(o[0].y), "=f"(o[0].z), "=f"(o[0].w), "=f"(o[1].x), "=f"(o[1].y), "=f"(o[1].z),
-        "=f"(o[1].w), "=f"(o[2].x), "=f"(o[2].y), "=f"(o[2].z), "=f"(o[2].w), "=f"(o[3].x), "=f"(o[3].y),
-        "=f"(o[3].z), "=f"(o[3].w)
-      : "l"(a0), "l"(a1), "l"(a2), "l"(a3)
-      : "memory");
-#endif
 }
 
 template <typename T, int kHeadDim>
@@ -118,26 +95,13 @@ __global__ void __launch_bounds__(kCombineThreads) gmod_attn_decode_combine_kern
         x.w = fmaf(w, o_s.w, x.w);
       };
       // Every o_s row is written by the split kernel (zeros for a split without keys), so the loads
-      // need no predicate and all kBatch of a batch are issued before the first is used.
-      auto load = [&](int s) { return *reinterpret_cast<const float4*>(part + s * split_stride + 4 * col); };
-      constexpr int kBatch = 4;  // load_f4x4
-      int s = slot;
+      // need no predicate and depend on nothing but s. ptxas (CUDA 13, sm_90) keeps about two of them
+      // in flight per thread (also with explicit batches of four, or the four in one asm statement),
+      // so the 256 threads per row are what give the parallelism.
       if (has_keys) {
-        for (; s + (kBatch - 1) * P::kSlots < S; s += kBatch * P::kSlots) {
-          float w[kBatch];
-          float4 o_s[kBatch];
-#pragma unroll
-          for (int u = 0; u < kBatch; ++u) w[u] = sW[s + u * P::kSlots];
-          const float* a = part + s * split_stride + 4 * col;
-          load_f4x4(a, a + P::kSlots * split_stride, a + 2 * P::kSlots * split_stride,
-                    a + 3 * P::kSlots * split_stride, o_s);
-#pragma unroll
-          for (int u = 0; u < kBatch; ++u) add(w[u], o_s[u]);
-        }
-        for (; s < S; s += P::kSlots) {
-          const float w = sW[s];
-          add(w, load(s));
-        }
+#pragma unroll 4
+        for (int s = slot; s < S; s += P::kSlots)
+          add(sW[s], *reinterpret_cast<const float4*>(part + s * split_stride + 4 * col));
       }
       sAcc[slot * P::kCols + col] = x;
     }
