@@ -32,6 +32,8 @@
 // addresses of every ldmatrix 8x8 matrix fall in 8 different 16-byte bank groups (no conflicts).
 #pragma once
 
+#include <type_traits>
+
 #include "attention_common.cuh"
 #include "attention_fwd_tc_kernel.cuh"  // cp_async_rows
 #include "attention_mma.cuh"
@@ -62,6 +64,9 @@ struct TcBwdTraits {
   // Head-dim columns of one atomic-dQ work unit (16 query rows x kDqChunk): 64 where that still gives
   // every warp a unit, else 32.
   static constexpr int kDqChunk = kHeadDim % 64 == 0 && (kBlockM / 16) * (kHeadDim / 64) >= kWarps ? 64 : 32;
+  // Passes off the causal diagonal skip the per-entry visibility test (a second, unmasked copy of the
+  // P / dS code). Off at d = 96 (one pass of 64 queries), where that copy made ptxas spill (sm_90).
+  static constexpr bool kUnmaskedPasses = kHeadDim != 96;
   // dq kernel
   static constexpr int kDqMAtoms = kDqMAtoms_;
   static constexpr int kDqRowsPerWarp = 16 * kDqMAtoms;
@@ -237,23 +242,34 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(
         }
 
         // ---- P^T and dS^T in place (s -> P^T, dp -> dS^T). Select, not multiply: a masked entry is
-        // exactly 0 whatever S, lse or dP hold.
+        // exactly 0 whatever S, lse or dP hold. Off the causal diagonal and inside both lengths every
+        // (key of this warp, query of the pass) pair is visible (warp-uniform `full`, most passes of a
+        // long causal row), and the per-entry visibility test is left out, as the forward leaves out
+        // its mask off the diagonal.
+        auto p_and_ds = [&](auto masked) {
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+          for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int c = c0 + nt * 8 + 2 * tq + e, i = m0 + c;
-            const float lse2 = tLse[c], dlt = tDelta[c];
+            for (int e = 0; e < 2; ++e) {
+              const int c = c0 + nt * 8 + 2 * tq + e, i = m0 + c;
+              const float lse2 = tLse[c], dlt = tDelta[c];
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-              const bool vis = i >= first_q[hh] && i < ql;
-              float& x = s[nt][2 * hh + e];
-              float& y = dp[nt][2 * hh + e];
-              const float pv = vis ? exp2_ftz(x * p.scale_log2 - lse2) : 0.f;
-              y = vis ? pv * (y - dlt) * p.scale : 0.f;
-              x = pv;
+              for (int hh = 0; hh < 2; ++hh) {
+                const bool vis = !decltype(masked)::value || (i >= first_q[hh] && i < ql);
+                float& x = s[nt][2 * hh + e];
+                float& y = dp[nt][2 * hh + e];
+                const float pv = vis ? exp2_ftz(x * p.scale_log2 - lse2) : 0.f;
+                y = vis ? pv * (y - dlt) * p.scale : 0.f;
+                x = pv;
+              }
             }
-          }
+        };
+        const int j_last = n0 + wk0 + 15;  // this warp's last key
+        const bool full = j_last < kl && m0 + c0 + SM <= ql && m0 + c0 >= j_last - (kl - ql);
+        if (Tr::kUnmaskedPasses && full)
+          p_and_ds(std::false_type{});
+        else
+          p_and_ds(std::true_type{});
 
         // ---- dV += P^T dO, dK += dS^T Q: the C fragments of query tiles (2 kk, 2 kk + 1) are the A
         // fragment of k16 step kk; dO / Q rows are B rows (k = query), so ldmatrix.trans.
