@@ -64,6 +64,13 @@ def test_bench_cpu_quick(bench, tmp_path):
         assert any(r["impl"] == "sdpa-math" for r in rows)
         dec = [r for r in doc["sections"]["decode"]["rows"] if r["impl"] == "gmod"]
         assert dec and all(r["GBps"] > 0 and r["check"].startswith("ok") for r in dec)
+        # one same-size copy row per decode shape, and every timed row compared with it
+        copies = {(r["B"], r["L"]): r for r in doc["sections"]["decode"]["rows"] if r["impl"] == "copy"}
+        assert set(copies) == {(r["B"], r["L"]) for r in dec}
+        for r in dec:
+            c = copies[(r["B"], r["L"])]
+            assert c["check"] == "ok" and c["MB"] == r["MB"]
+            assert abs(r["pct_copy_size"] - 100.0 * c["ms"] / r["ms"]) < 1e-6 * r["pct_copy_size"]
 
 
 def test_bench_attention_experiments_rows(tmp_path):

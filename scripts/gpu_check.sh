@@ -43,6 +43,14 @@ req=${req// all / $ALL_STEPS }
 req=${req// sanitize / memcheck racecheck }
 req=${req// bench / bench_ops bench_attention }
 want() { [[ "$req" == *" $1 "* ]]; }
+# A misspelt step would otherwise run nothing and cost a GPU call: refuse it before anything runs.
+KNOWN_STEPS="$ALL_STEPS bench_layer bench_model bench_attention_det decode_sweep synccheck initcheck ncu_nvtx"
+for s in $req; do
+  if [[ " $KNOWN_STEPS " != *" $s "* ]]; then
+    echo "gpu_check: unknown step '$s' in GMOD_GPU_CHECK_STEPS; steps: $KNOWN_STEPS (aliases: all sanitize bench)" >&2
+    exit 2
+  fi
+done
 
 # ------------------------------------------------------------------ helpers
 record() {  # step status seconds detail
@@ -409,7 +417,7 @@ if att:
     for r in att["sections"].get("decode", {}).get("rows", []):
         if r["impl"] == "gmod":
             print(f"   decode B{r['B']:<3} L{r['L']:<6} {f(r.get('GBps'), '.0f'):>6} GB/s {f(r.get('pct_copy'), '.0f'):>4}% copy "
-                  f"vs flash {f(r.get('vs_flash'), '.2f'):>5}  {r.get('check') or r.get('ms')}"[:150])
+                  f"{f(r.get('pct_copy_size'), '.0f'):>4}% same-size copy vs flash {f(r.get('vs_flash'), '.2f'):>5}  {r.get('check') or r.get('ms')}"[:150])
 # The tile experiments (bench_attention --experiments): gmod-exp against gmod, row by row.
 if att:
     exp_rows = [r for r in att["sections"].get("prefill", {}).get("rows", []) if r["impl"] == "gmod-exp"]
@@ -418,7 +426,25 @@ if att:
         for r in exp_rows:
             print(f"   {r['pass']} {r['shape']:>7} d{r['d']:<4} {f(r.get('TFLOPs'), '.4g'):>7} TFLOP/s = "
                   f"{f(r.get('vs_default'), '.3f')}x the default  {r.get('check') or r.get('ms')}"[:150])
-for name, doc in (("ops", ops), ("attention", att)):
+# The layer and model benchmarks (named steps): gamma-MoD against dense, and issue 7's targets.
+lay = load("bench_layer.json")
+if lay:
+    print(f"-- layer ({lay['status']}): gmod MoD layer vs the dense layer on all tokens / on the kept tokens only")
+    for r in lay["sections"].get("layer", {}).get("rows", []):
+        if r["impl"] == "gmod MoD":
+            print(f"   {r['pass']:<8} {f(r.get('ms'), '.4g'):>8} ms = {f(r.get('vs_dense'), '.3f')} x dense, "
+                  f"{f(r.get('vs_kept'), '.3f')} x kept-only  {r.get('check') or ''}"[:150])
+mod = load("bench_model.json")
+if mod:
+    print(f"-- model ({mod['status']}): gamma-MoD speed-up over dense (targets: prefill >= 1.7x, train step >= 1.5x)")
+    for r in mod["sections"].get("model", {}).get("rows", []):
+        if r["impl"] != "dense":
+            x = r.get("x_dense")
+            sp = 1.0 / x if isinstance(x, (int, float)) and x > 0 else None
+            fl = r.get("flops")
+            print(f"   {r['pass']:<10} {f(sp, '.2f'):>5}x  (FLOPs bound {f(1.0 / fl if fl else None, '.2f')}x)  "
+                  f"{r.get('info') or ''}  {f(r.get('ms'), '.4g')} ms"[:150])
+for name, doc in (("ops", ops), ("attention", att), ("layer", lay), ("model", mod)):
     if doc and doc.get("mismatches"):
         print(f"!!! MISMATCH in bench {name}: " + "; ".join(m["bench"] for m in doc["mismatches"]))
 EOF

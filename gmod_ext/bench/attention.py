@@ -5,7 +5,8 @@ prefill  causal self-attention on full rows (q_len = k_len = S), forward and bac
          benchmark counts them: forward 4*B*H*S*S*d / 2 for causal, backward 2.5x forward.
 decode   one query token (q_len = 1) against KV caches of 4k-32k tokens, GQA 32/8 heads, batch 1-32:
          bytes moved (K and V cache read once, q read, o written) over the time, against the copy
-         bandwidth and SDPA.
+         bandwidth (a 1 GiB copy), against a copy of the same bytes timed the same way (the "copy" row:
+         what any one kernel moving that much reaches, launch and ramp included), and SDPA.
 
 --experiments adds gmod-exp rows to prefill: the same call with the opt-in tile plan of that pass
 (EXPERIMENTS: an environment flag the extension reads at every call), timed in the same process.
@@ -61,11 +62,14 @@ DECODE_COLS = [
     Col("B", "B", help="batch"),
     Col("L", "cache", help="tokens in each row's KV cache (k_len); one query token (q_len = 1)"),
     Col("heads", "Hq/Hk", help="query heads / key-value heads (GQA), head dim in the title"),
-    Col("impl", "impl", help="gmod = torch.ops.gmod.attention; sdpa-* = SDPA (enable_gqa=True) under that backend"),
+    Col("impl", "impl", help="gmod = torch.ops.gmod.attention; sdpa-* = SDPA (enable_gqa=True) under that backend; "
+        "copy = a device copy of MB bytes in all (MB/2 read, MB/2 written), the same-size reference"),
     Col("ms", "ms", "ms", "median time of one decode step's attention"),
     Col("MB", "MB", ".1f", "bytes that must move: K and V caches 2*B*L*Hk*d*e + q + o, 10^6 bytes"),
     Col("GBps", "GB/s", ".0f", "MB / ms: cache read bandwidth"),
-    Col("pct_copy", "% copy", ".0f", "GB/s over the measured copy bandwidth, in %"),
+    Col("pct_copy", "% copy", ".0f", "GB/s over the measured copy bandwidth (1 GiB copy), in %"),
+    Col("pct_copy_size", "% copy@MB", ".0f", "the copy row's ms / this row's ms, in %: GB/s against a copy moving "
+        "the same bytes, whose launch and ramp-up weigh as much as this row's"),
     Col("vs_flash", "vs flash", ".2f", "SDPA flash ms / this row's ms (> 1: faster than flash)"),
     Col("check", "check", help="gmod o vs the baseline's, once before timing"),
 ]
@@ -271,17 +275,40 @@ def bench_decode(ctx: Ctx) -> Section:
                     g.update(ms=t.ms, timing=t.as_json())
                 except Exception as err:  # noqa: BLE001
                     g["ms"] = record_error(ctx, f"attention decode B{B} L{L}", err)
+            rows.append(_same_size_copy(ctx, sec, base, nbytes))
             flash = next((r for r in rows if r["impl"] == _backends(ctx)[0][0]), None)
+            copy_ms = rows[-1].get("ms")
             for r in rows:
                 if isinstance(r.get("ms"), float):
                     r["GBps"] = gbps(nbytes, r["ms"])
                     r["pct_copy"] = 100.0 * r["GBps"] / ctx.copy_GBps if ctx.copy_GBps else None
-                    if flash is not None and isinstance(flash.get("ms"), float):
+                    if isinstance(copy_ms, float):
+                        r["pct_copy_size"] = 100.0 * copy_ms / r["ms"]
+                    if flash is not None and isinstance(flash.get("ms"), float) and r["impl"] != "copy":
                         r["vs_flash"] = flash["ms"] / r["ms"]
             del q, k, v, ref
             if ctx.cuda:
                 torch.cuda.empty_cache()
     return sec
+
+
+def _same_size_copy(ctx: Ctx, sec: Section, base: dict, nbytes: int) -> dict:
+    """The "copy" row of a decode shape: dst.copy_(src) of nbytes / 2 bytes (nbytes moved), timed like
+    the attention rows. A 16 MB cache read is far from the 1 GiB copy's bandwidth for any kernel (launch,
+    ramp-up, tail); this row says how far."""
+    r = sec.add(**base, impl="copy")
+    try:
+        src = torch.randint(0, 256, (nbytes // 2,), dtype=torch.uint8, device=ctx.device)
+        dst = torch.empty_like(src)
+        t = measure(lambda: dst.copy_(src), ctx)
+        r.update(ms=t.ms, timing=t.as_json(), check="ok" if torch.equal(dst, src) else "MISMATCH")
+        if r["check"] != "ok":
+            ctx.mismatches.append({"bench": f"decode copy B{base['B']} L{base['L']}", "detail": "dst != src"})
+        del src, dst
+    except Exception as err:  # noqa: BLE001  (out of memory at the largest shapes: the row says so)
+        ctx.sync()
+        r["ms"] = _short(err)
+    return r
 
 
 def run(ctx: Ctx):
