@@ -125,7 +125,10 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gmod_ext", description="gamma-MoD tools")
+    parser = argparse.ArgumentParser(
+        prog="python -m gmod_ext", description="gamma-MoD tools",
+        epilog="benchmarks: python -m gmod_ext.bench {ops,attention,layer,model} [--quick] [--json PATH] "
+               "(--help there explains every column); the GPU check, from a source checkout: bash scripts/gpu_check.sh")
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
     for name, (add, run, help_text) in SUBCOMMANDS.items():

@@ -7,6 +7,11 @@ Covers random per-row q_len/k_len (0 and 1 included, q_len < k_len and q_len > k
 1/2/4/8, head dims 64 and 128 (plus 32/96/256), the split-k decode path (q_len = 1, caches of 4096+),
 exact zeros past q_len / k_len on NaN-poisoned memory, the deterministic backward (bit-identical
 reruns), and input errors. Skipped without a GPU or without the CUDA kernels.
+
+GMOD_CUDA_TESTS_ON_CPU=1 runs the same tests on the CPU kernels (test_attention.py does, in every CI
+run): that checks the tests themselves (references, tolerances, shapes, flag handling) on a machine
+without a GPU, so that a GPU session's few minutes are not spent on a broken test. Tests of CUDA-only
+behaviour (``cuda_only``) are skipped then.
 """
 from __future__ import annotations
 
@@ -34,9 +39,15 @@ def _skip_reason():
     return None
 
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
-
-DEV = "cuda"
+ON_CPU = os.environ.get("GMOD_CUDA_TESTS_ON_CPU") == "1"
+if ON_CPU:
+    pytestmark = []
+    DEV = "cpu"
+else:
+    pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+    DEV = "cuda"
+# CUDA-only behaviour: the CUDA kernels' head-dim / device errors, CUDA subprocesses.
+cuda_only = pytest.mark.skipif(ON_CPU, reason="CUDA-only behaviour (GMOD_CUDA_TESTS_ON_CPU=1)")
 LOWP = [torch.bfloat16, torch.float16]
 
 
@@ -374,6 +385,7 @@ def test_opcheck():
 
 
 # ------------------------------------------------------------------ errors
+@cuda_only
 def test_bad_inputs_raise():
     q, k, v = make_qkv(2, 8, 12, 4, 2, 64, torch.bfloat16)
     q_len = torch.tensor([8, 3], dtype=torch.int32, device=DEV)
@@ -419,6 +431,7 @@ def run_in_subprocess(code: str, **env_flags: str) -> None:
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
+@cuda_only
 def test_env_flags_in_subprocess():
     """GMOD_TRUST_INDICES=1 skips validation but the kernels clamp (no crash, no fault);
     GMOD_DETERMINISTIC=1 gives bit-identical gradients."""
@@ -447,6 +460,7 @@ def test_env_flags_in_subprocess():
     run_in_subprocess(code, GMOD_TRUST_INDICES="1", GMOD_DETERMINISTIC="1")
 
 
+@cuda_only
 @pytest.mark.parametrize("dtype", LOWP)
 def test_simt_kernels_for_16bit_inputs(dtype, tmp_path):
     """bf16 / fp16 run on the tensor-core kernels by default; GMOD_ATTN_SIMT=1 (read once per process)
