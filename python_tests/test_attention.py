@@ -162,23 +162,24 @@ def test_empty(device):
         assert bool((dq == 0).all()) and bool((dk == 0).all()) and bool((dv == 0).all())
 
 
-def test_cuda_attention_tests_run_on_cpu_kernels():
-    """test_attention_cuda.py with GMOD_CUDA_TESTS_ON_CPU=1: the GPU tests' own logic (references,
-    tolerances, shapes, flag handling) against the CPU kernels, so that a broken GPU test shows up here
-    and not in a GPU session's few minutes. Skipped where a GPU runs that file for real."""
+def test_gpu_test_files_run_on_cpu_kernels():
+    """test_attention_cuda.py and test_cuda_build.py with GMOD_TEST_DEVICE_UNDER_TEST=cpu: the GPU tests'
+    own logic (references, tolerances, shapes, flag handling) against the CPU kernels, so that a broken
+    GPU test shows up here and not in a GPU session's few minutes. Skipped where a GPU runs them."""
     import os
     import subprocess
     import sys
 
     if torch.cuda.is_available():
-        pytest.skip("a GPU is here: test_attention_cuda.py runs on it")
+        pytest.skip("a GPU is here: the GPU test files run on it")
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, GMOD_CUDA_TESTS_ON_CPU="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", os.path.join(here, "test_attention_cuda.py"), "-q", "-x",
-                          "-p", "no:cacheprovider"], cwd=here, env=env, capture_output=True, text=True, timeout=1500)
-    tail = res.stdout[-3000:] + res.stderr[-1000:]
-    assert res.returncode == 0, tail
-    summary = res.stdout.strip().splitlines()[-1]
-    # a few hundred cases run; only the cuda_only ones are skipped
-    passed = int(summary.split(" passed")[0].split()[-1])
-    assert passed >= 300 and " failed" not in summary, summary
+    env = dict(os.environ, GMOD_TEST_DEVICE_UNDER_TEST="cpu")
+    for name, least in (("test_attention_cuda.py", 300), ("test_cuda_build.py", 600)):
+        res = subprocess.run([sys.executable, "-m", "pytest", os.path.join(here, name), "-q", "-x",
+                              "-p", "no:cacheprovider"], cwd=here, env=env, capture_output=True, text=True,
+                             timeout=1500)
+        assert res.returncode == 0, (name, res.stdout[-3000:] + res.stderr[-1000:])
+        summary = res.stdout.strip().splitlines()[-1]
+        # hundreds of cases run; only those of CUDA-only behaviour are skipped
+        passed = int(summary.split(" passed")[0].split()[-1])
+        assert passed >= least and " failed" not in summary, (name, summary)

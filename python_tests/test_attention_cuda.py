@@ -8,8 +8,8 @@ Covers random per-row q_len/k_len (0 and 1 included, q_len < k_len and q_len > k
 exact zeros past q_len / k_len on NaN-poisoned memory, the deterministic backward (bit-identical
 reruns), and input errors. Skipped without a GPU or without the CUDA kernels.
 
-GMOD_CUDA_TESTS_ON_CPU=1 runs the same tests on the CPU kernels (test_attention.py does, in every CI
-run): that checks the tests themselves (references, tolerances, shapes, flag handling) on a machine
+GMOD_TEST_DEVICE_UNDER_TEST=cpu runs the same tests on the CPU kernels (as test_cuda_build.py does;
+test_attention.py runs both files so, in every CI run): that checks the tests themselves (references, tolerances, shapes, flag handling) on a machine
 without a GPU, so that a GPU session's few minutes are not spent on a broken test. Tests of CUDA-only
 behaviour (``cuda_only``) are skipped then.
 """
@@ -39,7 +39,7 @@ def _skip_reason():
     return None
 
 
-ON_CPU = os.environ.get("GMOD_CUDA_TESTS_ON_CPU") == "1"
+ON_CPU = os.environ.get("GMOD_TEST_DEVICE_UNDER_TEST", "cuda") == "cpu"
 if ON_CPU:
     pytestmark = []
     DEV = "cpu"
@@ -47,7 +47,7 @@ else:
     pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
     DEV = "cuda"
 # CUDA-only behaviour: the CUDA kernels' head-dim / device errors, CUDA subprocesses.
-cuda_only = pytest.mark.skipif(ON_CPU, reason="CUDA-only behaviour (GMOD_CUDA_TESTS_ON_CPU=1)")
+cuda_only = pytest.mark.skipif(ON_CPU, reason="CUDA-only behaviour (GMOD_TEST_DEVICE_UNDER_TEST=cpu)")
 LOWP = [torch.bfloat16, torch.float16]
 
 
