@@ -72,3 +72,20 @@ def test_cuda_steps_fail_cleanly_without_the_tools(tmp_path):
     st = _steps(tmp_path)
     assert st["memcheck"] == "FAIL" and st["ncu"] == "FAIL" and st["bench_attention_det"] == "ok", st
     assert "overall: FAILURES" in proc.stdout
+
+
+def test_sanitize_ops_script_on_cpu():
+    """scripts/sanitize_ops.py (what memcheck / racecheck / ncu run) with --device cpu: every case,
+    the opt-in kernel plans included, runs and matches the CPU kernels."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sanitize_ops.py"), "--device", "cpu"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "6 ok, 0 skipped, 0 failed" in proc.stdout, proc.stdout[-1000:]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import sanitize_ops
+    finally:
+        sys.path.pop(0)
+    plans = [flags for flags, _, _ in sanitize_ops._attn_runs(False) if flags]
+    assert {k for f in plans for k in f} == {"GMOD_ATTN_FWD_BLOCK_N", "GMOD_ATTN_BWD_BLOCK_N",
+                                              "GMOD_ATTN_DECODE_SPLITS"}

@@ -15,7 +15,9 @@ Exit status: 0 every case that ran passed, 1 a case raised or differed, 2 no GPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 import traceback
 
@@ -212,33 +214,72 @@ def _attn_configs(large):
     ]
 
 
+# The opt-in kernel plans (flags the extension reads at every call), each on the small configs it
+# changes, bf16: the d = 128 prefill forward on 32-key tiles, the 8-warp dk/dv kernel (every config
+# with a backward), and the decode forced to many key splits (the combine with splits of one tile each).
+# config: (B, Cq, Ck, Hq, Hk, d, q_len, k_len, backward)
+_ATTN_PLANS = [
+    ({"GMOD_ATTN_FWD_BLOCK_N": "32"}, lambda c: c[5] == 128 and c[1] > 16),
+    ({"GMOD_ATTN_BWD_BLOCK_N": "128"}, lambda c: c[8] and c[5] <= 128),
+    ({"GMOD_ATTN_DECODE_SPLITS": "64"}, lambda c: c[1] <= 16),
+]
+
+
+@contextlib.contextmanager
+def _env(flags: dict):
+    old = {k: os.environ.get(k) for k in flags}
+    os.environ.update(flags)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _attn_runs(large):
+    """(flags, config, dtypes) of every attention run: each config with the default plan, then (small
+    shapes only) the configs each opt-in plan changes."""
+    dts = [torch.bfloat16] if large else [torch.bfloat16, torch.float16]
+    runs = [({}, c, dts) for c in _attn_configs(large)]
+    if not large:
+        runs += [(flags, c, [torch.bfloat16]) for flags, wants in _ATTN_PLANS for c in _attn_configs(large) if wants(c)]
+    return runs
+
+
 @case("attention fwd+bwd", "attention")
 def _attention(large):
-    dts = [torch.bfloat16] if large else [torch.bfloat16, torch.float16]
-    for B, Cq, Ck, Hq, Hk, d, ql, kl, bwd in _attn_configs(large):
+    for flags, config, dts in _attn_runs(large):
         for dt in dts:
-            q = torch.randn(B, Cq, Hq, d, dtype=dt, device=DEV)
-            k = torch.randn(B, Ck, Hk, d, dtype=dt, device=DEV)
-            v = torch.randn(B, Ck, Hk, d, dtype=dt, device=DEV)
-            q_len = torch.tensor(ql, dtype=torch.int32, device=DEV)
-            k_len = torch.tensor(kl, dtype=torch.int32, device=DEV)
-            scale = 1 / math.sqrt(d)
-            tag = f"B{B} Cq{Cq} Ck{Ck} H{Hq}/{Hk} d{d} {str(dt)[6:]}"
-            o, lse = _ops.attention(q, k, v, q_len, k_len, scale)
-            sync()
-            if COMPARE:  # CPU reference on float32 copies
-                ro, rlse = _ops.attention(*cpu((q.float(), k.float(), v.float(), q_len, k_len)), scale)
-                close(f"attention {tag}", (o.float(), lse), (ro, rlse), tol_of(dt))
-            if bwd and not has_cuda("attention_backward"):
-                NO_KERNEL.add("attention_backward")
-            elif bwd:
-                do = torch.randn_like(o)
-                dq, dk, dv = _ops.attention_backward(do, q, k, v, o, lse, q_len, k_len, scale)
-                sync()
-                if COMPARE:
-                    ref = _ops.attention_backward(*cpu((do.float(), q.float(), k.float(), v.float(), o.float(),
-                                                        lse, q_len, k_len)), scale)
-                    close(f"attention_backward {tag}", (dq.float(), dk.float(), dv.float()), ref, 2 * tol_of(dt))
+            with _env(flags):
+                _attention_once(*config, dt, " ".join(f"{k}={v}" for k, v in flags.items()))
+
+
+def _attention_once(B, Cq, Ck, Hq, Hk, d, ql, kl, bwd, dt, plan):
+    q = torch.randn(B, Cq, Hq, d, dtype=dt, device=DEV)
+    k = torch.randn(B, Ck, Hk, d, dtype=dt, device=DEV)
+    v = torch.randn(B, Ck, Hk, d, dtype=dt, device=DEV)
+    q_len = torch.tensor(ql, dtype=torch.int32, device=DEV)
+    k_len = torch.tensor(kl, dtype=torch.int32, device=DEV)
+    scale = 1 / math.sqrt(d)
+    tag = f"B{B} Cq{Cq} Ck{Ck} H{Hq}/{Hk} d{d} {str(dt)[6:]}" + (f" [{plan}]" if plan else "")
+    o, lse = _ops.attention(q, k, v, q_len, k_len, scale)
+    sync()
+    if COMPARE:  # CPU reference on float32 copies
+        ro, rlse = _ops.attention(*cpu((q.float(), k.float(), v.float(), q_len, k_len)), scale)
+        close(f"attention {tag}", (o.float(), lse), (ro, rlse), tol_of(dt))
+    if bwd and not has_cuda("attention_backward"):
+        NO_KERNEL.add("attention_backward")
+    elif bwd:
+        do = torch.randn_like(o)
+        dq, dk, dv = _ops.attention_backward(do, q, k, v, o, lse, q_len, k_len, scale)
+        sync()
+        if COMPARE:
+            ref = _ops.attention_backward(*cpu((do.float(), q.float(), k.float(), v.float(), o.float(),
+                                                lse, q_len, k_len)), scale)
+            close(f"attention_backward {tag}", (dq.float(), dk.float(), dv.float()), ref, 2 * tol_of(dt))
 
 
 @case("kv_cache_append", "kv_cache_append")
