@@ -52,6 +52,8 @@ def _gpu_skip_reason():
 
 
 gpu = pytest.mark.skipif(_gpu_skip_reason() is not None, reason=str(_gpu_skip_reason()))
+# Every test here is about the CUDA build: `pytest -m cuda` (scripts/gpu_check.sh) selects the file.
+pytestmark = pytest.mark.cuda
 
 
 # ================================================================== (b) build / registration

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -38,6 +39,8 @@ def test_unknown_step_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "out" / "steps.tsv").read_text().strip()  # no step ran
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the benchmark steps run at full size: "
+                    "there, run scripts/gpu_check.sh itself")
 def test_benchmark_steps_and_summary_on_cpu(tmp_path):
     proc = _run(tmp_path, "bench,bench_layer,bench_model")
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -64,13 +67,15 @@ def test_benchmark_steps_and_summary_on_cpu(tmp_path):
 
 
 def test_cuda_steps_fail_cleanly_without_the_tools(tmp_path):
-    """Without compute-sanitizer / ncu the step is a recorded FAIL, the script goes on and exits 1."""
-    if shutil.which("compute-sanitizer") or shutil.which("ncu"):
-        pytest.skip("this machine has the CUDA tools")
-    proc = _run(tmp_path, "memcheck,ncu,bench_attention_det")
+    """Without compute-sanitizer / ncu the step is a recorded FAIL, the script goes on and exits 1; the
+    tests step (pytest -m cuda) with every test skipped (no GPU) is a FAIL too, not a silent ok."""
+    if shutil.which("compute-sanitizer") or shutil.which("ncu") or torch.cuda.is_available():
+        pytest.skip("this machine has a GPU or the CUDA tools")
+    proc = _run(tmp_path, "memcheck,ncu,tests,bench_attention_det")
     assert proc.returncode == 1, proc.stdout[-2000:]
     st = _steps(tmp_path)
-    assert st["memcheck"] == "FAIL" and st["ncu"] == "FAIL" and st["bench_attention_det"] == "ok", st
+    assert st == {"memcheck": "FAIL", "ncu": "FAIL", "tests": "FAIL", "bench_attention_det": "ok"}, st
+    assert "no test passed" in (tmp_path / "out" / "steps.tsv").read_text()
     assert "overall: FAILURES" in proc.stdout
 
 
