@@ -32,6 +32,13 @@ def _steps(tmp_path) -> dict:
     return {r[0]: r[1] for r in rows}
 
 
+def test_help_lists_the_steps():
+    proc = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for word in ("GMOD_GPU_CHECK_STEPS", "bench_attention", "decode_sweep", "ncu_nvtx", "Exit status"):
+        assert word in proc.stdout, word
+
+
 def test_unknown_step_is_refused_before_anything_runs(tmp_path):
     proc = _run(tmp_path, "bench_opz", timeout=60)
     assert proc.returncode == 2

@@ -25,6 +25,10 @@
 # Knobs: GMOD_GPU_CHECK_BUDGET_S (default 530 s for the whole script), GMOD_GPU_CHECK_PYTEST_ARGS (default -m cuda),
 #        GMOD_BENCH_ARGS (extra args for both benchmarks, e.g. --graph), PYTHON (default python3).
 set -uo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the comment block above is the help
+  sed -n '2,/^set -uo/p' "$0" | grep '^#' | cut -c3-
+  exit 0
+fi
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 OUT=${OUT:-$ROOT/out/gpu_check}
