@@ -5,6 +5,7 @@ its step selection, the benchmark steps (which run on the CPU at tiny shapes), a
 parses their JSON and prints it last. The CUDA-only steps (build with nvcc, sanitizers, ncu) are not
 run here.
 """
+import csv
 import json
 import os
 import pathlib
@@ -101,3 +102,44 @@ def test_sanitize_ops_script_on_cpu():
     plans = [flags for flags, _, _ in sanitize_ops._attn_runs(False) if flags]
     assert {k for f in plans for k in f} == {"GMOD_ATTN_FWD_BLOCK_N", "GMOD_ATTN_BWD_BLOCK_N",
                                               "GMOD_ATTN_DECODE_SPLITS"}
+
+
+def test_ncu_summary_on_a_synthetic_csv(tmp_path):
+    """scripts/ncu_summary.py on `ncu --csv --page details` rows: one line per launch in launch order,
+    durations converted to us, template arguments kept (the tile plan) but shortened, stall reasons."""
+    cols = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+            "Grid Size", "Device", "CC", "Section Name", "Metric Name", "Metric Unit", "Metric Value"]
+    fwd = ("void gmod::attn::gmod_attn_fwd_tc_kernel<gmod::attn::TcFwdTraits<128, 128, 64>, __nv_bfloat16, "
+           "false, false, true>(gmod::attn::AttnFwdParams)")
+    dec = fwd.replace("false, false, true", "true, true, false")
+    metrics = {
+        (0, fwd): [("Duration", "msecond", "1.25"), ("Memory Throughput", "%", "41.2"),
+                   ("Compute (SM) Throughput", "%", "77.5"), ("DRAM Throughput", "%", "12.0"),
+                   ("Achieved Occupancy", "%", "12.4"), ("Registers Per Thread", "register/thread", "255"),
+                   ("sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active", "%", "61.3"),
+                   ("smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio", "", "0.31"),
+                   ("smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio", "", "1.52"),
+                   ("smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio", "", "0.07"),
+                   ("smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio", "", "0.44")],
+        (1, dec): [("Duration", "usecond", "9.80"), ("DRAM Throughput", "%", "70.1")],
+        (2, "gmod_attn_decode_combine_kernel(gmod::attn::AttnFwdParams)"): [("Duration", "nsecond", "2,500")],
+    }
+    path = tmp_path / "ncu.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, quoting=csv.QUOTE_ALL)
+        w.writerow(cols)
+        for (i, name), ms in metrics.items():
+            for metric, unit, value in ms:
+                w.writerow([i, 1, "python3", "h", name, 1, 7, "(128, 1, 1)", "(16, 32, 4)", 0, "9.0", "S", metric,
+                            unit, value])
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "ncu_summary.py"), str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].split()[:2] == ["gmod_attn_fwd_tc_kernel<TcFwdTraits<128,128,64>,bf16,0,0,1>", "1250.0"]
+    assert lines[1].split()[2:] == ["41.2", "77.5", "12.0", "61.3", "12.4", "255"]
+    assert lines[2].split()[:2] == ["gmod_attn_fwd_tc_kernel<TcFwdTraits<128,128,64>,bf16,1,1,0>", "9.8"]
+    assert lines[3].split()[:2] == ["gmod_attn_decode_combine_kernel", "2.5"]
+    assert "3 kernels profiled" in lines
+    stall = [l for l in lines if l.startswith("stalls")]
+    assert len(stall) == 1 and stall[0].endswith("math_pipe_throttle 1.52, mio_throttle 0.44, barrier 0.31")

@@ -219,43 +219,6 @@ if [[ "$req" == *" decode_sweep "* ]]; then
   fi
 fi
 
-# ncu --csv --page details -> one line per kernel launch (time, SOL %, tensor pipe %, occupancy, registers)
-cat > "$OUT/ncu_summary.py" <<'EOF'
-import csv, re, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-kern = {}
-for r in rows:
-    k = (r.get("ID"), r.get("Kernel Name", "?"))
-    kern.setdefault(k, {})[r.get("Metric Name")] = (r.get("Metric Value"), r.get("Metric Unit"))
-print(f"{'kernel':<48} {'us':>9} {'mem%':>6} {'SM%':>6} {'DRAM%':>6} {'tensor%':>7} {'occ%':>6} {'regs':>5}")
-for (i, name), m in kern.items():
-    short = re.sub(r"\(.*$", "", re.sub(r"<.*>", "<..>", name))[-48:]
-    dur, unit = m.get("Duration", ("?", ""))
-    try:
-        us = float(dur.replace(",", "")) * {"nsecond": 1e-3, "usecond": 1, "msecond": 1e3, "second": 1e6}.get(unit, 1)
-        dur = f"{us:.1f}"
-    except ValueError:
-        pass
-    g = lambda n: m.get(n, ("-",))[0]
-    print(f"{short:<48} {dur:>9} {g('Memory Throughput'):>6} {g('Compute (SM) Throughput'):>6} {g('DRAM Throughput'):>6} "
-          f"{g('sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active'):>7} "
-          f"{g('Achieved Occupancy'):>6} {g('Registers Per Thread'):>5}")
-print(f"{len(kern)} kernels profiled")
-# Stall reasons (ncu_attn asks for them): the top three per launch, in warps stalled per issued instruction.
-pre = "smsp__average_warps_issue_stalled_"
-for (i, name), m in kern.items():
-    st = []
-    for k, (v, _) in m.items():
-        if k and k.startswith(pre):
-            try:
-                st.append((float(v.replace(",", "")), k[len(pre):].replace("_per_issue_active.ratio", "")))
-            except ValueError:
-                pass
-    if st:
-        short = re.sub(r"\(.*$", "", re.sub(r"<.*>", "<..>", name))[-40:]
-        top = ", ".join(f"{n} {v:.2f}" for v, n in sorted(st, reverse=True)[:3])
-        print(f"stalls {short:<40} {top}")
-EOF
 
 # ------------------------------------------------------------------ tests
 if want tests; then
@@ -310,8 +273,8 @@ if want ncu; then
   elif run_step ncu 150 ncu.log ncu --clock-control none --kernel-name-base demangled --kernel-name regex:gmod --launch-count 30 \
          --section SpeedOfLight --csv --page details "$PY" scripts/sanitize_ops.py --large; then
     grep -E '^"' "$OUT/ncu.log" > "$OUT/ncu.csv"
-    "$PY" "$OUT/ncu_summary.py" "$OUT/ncu.csv" > "$OUT/ncu_summary.txt" 2>&1
-    cat "$OUT/ncu_summary.txt" | cut -c1-120
+    "$PY" scripts/ncu_summary.py "$OUT/ncu.csv" > "$OUT/ncu_summary.txt" 2>&1
+    cut -c1-130 "$OUT/ncu_summary.txt"
     n=$(grep -oE "^[0-9]+ kernels profiled" "$OUT/ncu_summary.txt" | grep -oE "^[0-9]+")
     if (( RC == 0 )) && [[ -n "$n" && "$n" != 0 ]]; then
       record ncu ok "$DUR" "$n kernels (ncu_summary.txt)"
@@ -344,7 +307,7 @@ if want ncu_attn; then
       cat "$OUT/ncu_attn_run.log" >> "$OUT/ncu_attn.log"
       grep -E '^"' "$OUT/ncu_attn_run.log" >> "$OUT/ncu_attn.csv"
     done
-    "$PY" "$OUT/ncu_summary.py" "$OUT/ncu_attn.csv" > "$OUT/ncu_attn_summary.txt" 2>&1
+    "$PY" scripts/ncu_summary.py "$OUT/ncu_attn.csv" > "$OUT/ncu_attn_summary.txt" 2>&1
     cut -c1-130 "$OUT/ncu_attn_summary.txt"
     n=$(grep -oE "^[0-9]+ kernels profiled" "$OUT/ncu_attn_summary.txt" | grep -oE "^[0-9]+")
     if (( ok )) && [[ -n "$n" && "$n" != 0 ]]; then
@@ -364,7 +327,7 @@ if [[ "$req" == *" ncu_nvtx "* ]]; then
          --nvtx-include "gmod.attention/" --section SpeedOfLight --launch-count 20 --csv --page details \
          "$PY" -m gmod_ext.bench layer --quick --device cuda; then
     grep -E '^"' "$OUT/ncu_nvtx.log" > "$OUT/ncu_nvtx.csv"
-    "$PY" "$OUT/ncu_summary.py" "$OUT/ncu_nvtx.csv" > "$OUT/ncu_nvtx_summary.txt" 2>&1
+    "$PY" scripts/ncu_summary.py "$OUT/ncu_nvtx.csv" > "$OUT/ncu_nvtx_summary.txt" 2>&1
     cut -c1-120 "$OUT/ncu_nvtx_summary.txt"
     n=$(grep -oE "^[0-9]+ kernels profiled" "$OUT/ncu_nvtx_summary.txt" | grep -oE "^[0-9]+")
     others=$(grep -vcE "^(kernel|stalls|[0-9]+ kernels)|gmod_" "$OUT/ncu_nvtx_summary.txt")
