@@ -401,23 +401,22 @@ if att:
             print(f"   {r['pass']} {r['shape']:>7} d{r['d']:<4} {f(r.get('TFLOPs'), '.4g'):>7} TFLOP/s = "
                   f"{f(r.get('vs_default'), '.3f')}x the default  {r.get('check') or r.get('ms')}"[:150])
 # The layer and model benchmarks (named steps): gamma-MoD against dense, and issue 7's targets.
-lay = load("bench_layer.json")
+def inv(x):
+    return 1.0 / x if isinstance(x, (int, float)) and x > 0 else None
+
+lay, mod = load("bench_layer.json"), load("bench_model.json")
 if lay:
     print(f"-- layer ({lay['status']}): gmod MoD layer vs the dense layer on all tokens / on the kept tokens only")
-    for r in lay["sections"].get("layer", {}).get("rows", []):
-        if r["impl"] == "gmod MoD":
-            print(f"   {r['pass']:<8} {f(r.get('ms'), '.4g'):>8} ms = {f(r.get('vs_dense'), '.3f')} x dense, "
-                  f"{f(r.get('vs_kept'), '.3f')} x kept-only  {r.get('check') or ''}"[:150])
-mod = load("bench_model.json")
+for r in (lay or {}).get("sections", {}).get("layer", {}).get("rows", []):
+    if r["impl"] == "gmod MoD":
+        print(f"   {r['pass']:<8} {f(r.get('ms'), '.4g'):>8} ms = {f(r.get('vs_dense'), '.3f')} x dense, "
+              f"{f(r.get('vs_kept'), '.3f')} x kept-only  {r.get('check') or ''}"[:150])
 if mod:
     print(f"-- model ({mod['status']}): gamma-MoD speed-up over dense (targets: prefill >= 1.7x, train step >= 1.5x)")
-    for r in mod["sections"].get("model", {}).get("rows", []):
-        if r["impl"] != "dense":
-            x = r.get("x_dense")
-            sp = 1.0 / x if isinstance(x, (int, float)) and x > 0 else None
-            fl = r.get("flops")
-            print(f"   {r['pass']:<10} {f(sp, '.2f'):>5}x  (FLOPs bound {f(1.0 / fl if fl else None, '.2f')}x)  "
-                  f"{r.get('info') or ''}  {f(r.get('ms'), '.4g')} ms"[:150])
+for r in (mod or {}).get("sections", {}).get("model", {}).get("rows", []):
+    if r["impl"] != "dense":
+        print(f"   {r['pass']:<10} {f(inv(r.get('x_dense')), '.2f'):>5}x  (FLOPs bound {f(inv(r.get('flops')), '.2f')}x)  "
+              f"{r.get('info') or ''}  {f(r.get('ms'), '.4g')} ms"[:150])
 for name, doc in (("ops", ops), ("attention", att), ("layer", lay), ("model", mod)):
     if doc and doc.get("mismatches"):
         print(f"!!! MISMATCH in bench {name}: " + "; ".join(m["bench"] for m in doc["mismatches"]))
