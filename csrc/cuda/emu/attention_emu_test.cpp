@@ -410,21 +410,28 @@ int main(int argc, char** argv) {
     per_dim(fp16{}, std::integral_constant<int, 128>{}, true);
     per_dim(bf16{}, std::integral_constant<int, 128>{}, !short_run);
     // Causal offsets k_len - q_len around the 64-key / 64-query tile and 16-key warp boundaries, with
-    // three q_len alignments, one batch row each.
+    // five q_len alignments, one batch row each. A warp's pass (16 keys x a 32- or 64-query step) sees
+    // every pair exactly when the offset is >= its boundary, which is 15 mod 16, and the step ends
+    // inside q_len exactly when q_len reaches a multiple of 32: so offsets 14 mod 16 (one short of the
+    // boundary: an unmasked pass there would be wrong) and q_len 31 mod 32 are in the set, or an
+    // off-by-one in the dk/dv kernel's unmasked-pass test goes unseen (it did, until they were).
     std::vector<int> ql, kl;
-    const int offsets[] = {-65, -64, -63, -16, -15, -1, 0, 1, 15, 16, 17, 47, 63, 64, 65, 66};
-    const int wide_offsets[] = {-129, -128, -127, -65, -64, -16, -1, 0, 1, 16, 63, 64, 65, 127, 128, 129};
-    for (int b = 0; b < 16; ++b) {
-      ql.push_back(100 - b % 3);
+    const int offsets[] = {-65, -64, -63, -18, -16, -15, -2, -1, 0, 1, 14, 15, 16, 17, 46, 47, 63, 64, 65, 66};
+    const int wide_offsets[] = {-129, -128, -127, -65, -64, -18, -16, -2, -1, 0,
+                                1, 14, 16, 63, 64, 65, 126, 127, 128, 129};
+    const int q_lens[] = {100, 99, 98, 95, 63};
+    constexpr int kRows = 20;
+    for (int b = 0; b < kRows; ++b) {
+      ql.push_back(q_lens[b % 5]);
       kl.push_back(std::max(0, ql.back() + (wide ? wide_offsets[b] : offsets[b])));
     }
     const int ck = wide ? 230 : 166;
-    run_random<__nv_bfloat16, 64>(rng, 16, 100, ck, 2, 1, atomic_dq, ql, kl);
-    run_random<__half, 32>(rng, 16, 100, ck, 2, 1, split, ql, kl);
+    run_random<__nv_bfloat16, 64>(rng, kRows, 100, ck, 2, 1, atomic_dq, ql, kl);
+    run_random<__half, 32>(rng, kRows, 100, ck, 2, 1, split, ql, kl);
     cases += 2;
     if (!short_run) {
-      run_random<__half, 128>(rng, 16, 100, ck, 2, 1, det_dq, ql, kl);
-      run_random<__nv_bfloat16, 96>(rng, 16, 100, ck, 4, 2, split, ql, kl);
+      run_random<__half, 128>(rng, kRows, 100, ck, 2, 1, det_dq, ql, kl);
+      run_random<__nv_bfloat16, 96>(rng, kRows, 100, ck, 4, 2, split, ql, kl);
       cases += 2;
     }
     // Short query chunks (the forward's decode path; the backward runs the same kernels).
