@@ -62,7 +62,12 @@ def find_decoder(model: nn.Module) -> DecoderParts:
                 break
         if image_token_id is not None:
             break
-    hidden = layers[0].input_layernorm.weight.shape[-1]
+    weight = getattr(layers[0].input_layernorm, "weight", None)
+    if not isinstance(weight, nn.Parameter) and not hasattr(weight, "shape"):
+        raise TypeError(
+            f"gmod: {type(layers[0]).__name__}.input_layernorm ({type(layers[0].input_layernorm).__name__}) has no "
+            "weight; MoD layers need a norm with a weight (RMSNorm / LayerNorm), which the router reads")
+    hidden = weight.shape[-1]
     return DecoderParts(text_model, layers, getattr(text_model, "rotary_emb", None), cfg, hidden, image_token_id)
 
 

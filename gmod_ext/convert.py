@@ -3,7 +3,10 @@
     model = gmod_ext.convert(model, ratio=0.5, layers="arank", calibration_batches=batches)
 
 Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (and other
-Llama-family ``*ForCausalLM``) and ``LlavaForConditionalGeneration`` (its language model).
+Llama-family ``*ForCausalLM``: Qwen3, Gemma, Mixtral, ...) and ``LlavaForConditionalGeneration``
+(its language model). Before converting, :mod:`gmod_ext.verify` checks that a MoD layer reproduces
+the model's decoder layer and refuses the blocks it does not (Gemma-2/3, GLM, Granite with residual
+multipliers, parallel-residual blocks, attention sinks, ...) with TypeError.
 The model is changed **in place** and returned:
 
 * the chosen decoder layers become MoD layers (:mod:`gmod_ext.mod_layer`), keeping their modules
@@ -63,6 +66,7 @@ from .config import GmodConfig, prd_skip_ratios
 from .masks import build_routing_mask, check_routing_mask
 from .mod_layer import make_mod_layer, unmake_mod_layer
 from .router import GmodRouter, GmodState, RoutingInfo
+from .verify import check_decoder_layers
 
 __all__ = ["convert", "unconvert", "from_pretrained", "gmod_stats", "is_converted", "GmodStatsCallback"]
 
@@ -123,6 +127,7 @@ def convert(
     on_cache: str = "compact",
     decode_threshold: float = 0.5,
     progress: bool = True,
+    verify: bool = True,
 ) -> nn.Module:
     """Convert ``model`` in place into a MoD model and return it.
 
@@ -145,11 +150,17 @@ def convert(
     on_cache: "compact" (compact MoD KV cache, default), "dense" or "error", see
         :meth:`MoDDecoderLayer.gmod_forward_with_cache`.
     decode_threshold: with a cache, a new token runs a MoD layer iff p >= decode_threshold.
+    verify: first check that a MoD layer computes what each kind of decoder layer of this model computes
+        (a float32 copy of the layer, every token kept, on a short random prompt; see
+        :mod:`gmod_ext.verify`) and raise TypeError if not, e.g. for Gemma-2/3 (extra norms), GLM
+        (interleaved partial rotary) or Granite with residual multipliers. ``verify=False`` skips it.
     """
     if is_converted(model):
         raise ValueError("gmod.convert: the model is already converted")
     parts = find_decoder(model)
     L = len(parts.layers)
+    if verify:  # before ARank: an unsupported block should fail here, with the reason
+        check_decoder_layers(model, parts)
     if image_token_id is None:
         image_token_id = parts.image_token_id
     if forced is None:

@@ -104,10 +104,22 @@ def _qk_norm(attn: nn.Module, name: str, t: torch.Tensor, B: int, C: int, head_d
 
 
 def _sliding_window(attn: nn.Module) -> Optional[int]:
+    """The attention's sliding window in tokens, or None. The module's own ``sliding_window`` decides
+    where it has one (transformers sets it per layer from ``config.layer_types``); else the config's,
+    unless ``use_sliding_window`` is False or ``layer_types`` says this layer attends fully. 0 means
+    none (Qwen2-MoE's config default)."""
     if hasattr(attn, "sliding_window"):
-        return attn.sliding_window
-    cfg = getattr(attn, "config", None)
-    return getattr(cfg, "sliding_window", None) if cfg is not None else None
+        w = attn.sliding_window
+    else:
+        cfg = getattr(attn, "config", None)
+        if cfg is None or getattr(cfg, "use_sliding_window", True) is False:
+            return None
+        types, idx = getattr(cfg, "layer_types", None), getattr(attn, "layer_idx", None)
+        if isinstance(types, (list, tuple)) and isinstance(idx, int) and 0 <= idx < len(types) \
+                and types[idx] != "sliding_attention":
+            return None
+        w = getattr(cfg, "sliding_window", None)
+    return int(w) if isinstance(w, int) and not isinstance(w, bool) and w > 0 else None
 
 
 class MoDDecoderLayer:

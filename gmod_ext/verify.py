@@ -1,0 +1,199 @@
+"""Conversion guard: does a MoD layer compute what this model's decoder layer computes?
+
+A MoD layer re-implements the decoder block on the kept tokens with the layer's own modules:
+``h = x + o_proj(attention(rope(q), rope(k), v))`` with ``q, k, v`` projected from
+``input_layernorm(x)``, then ``h + mlp(post_attention_layernorm(h))``. That is the Llama family
+(Llama, Mistral, Qwen2 / Qwen3, Gemma, Mixtral, ...). A block that deviates from it (Gemma-2 / 3's
+extra norms around attention and MLP, GLM's interleaved partial rotary, Granite's residual
+multipliers, a parallel attention + MLP residual, attention sinks, ...) would convert without
+complaint and give wrong outputs. :func:`check_decoder_layers` rules that out before converting.
+
+How: the model runs once on a short random prompt while forward pre-hooks record what it passes to
+one decoder layer of each kind (layer class, sliding window, ``config.layer_types`` entry). A float32
+copy of that layer then runs on those inputs twice: as it is (the reference), and as a MoD layer that
+keeps every token without gating, which then must compute the same function. Their residual updates
+(output - input) must agree to float32 rounding; a mismatch, or an error inside the MoD path, raises
+``TypeError`` naming the layer and, where it can tell, the feature that is not reproduced. The model's
+weights, modes and random number generators are left as they were.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .config import GmodConfig
+from .mod_layer import _sliding_window, make_mod_layer
+from .router import GmodState
+
+__all__ = ["check_decoder_layers", "VERIFY_TOLERANCE"]
+
+# max |MoD update - dense update| / max |dense update|, both in float32. The two paths differ only in
+# the attention kernel (gmod.attention against the model's SDPA / eager attention): 2e-7 to 5e-7 on the
+# CPU for Llama, Qwen3, Gemma, Mixtral; GLM's interleaved partial rotary, the subtlest refusal, gives 4e-3.
+VERIFY_TOLERANCE = 1e-4
+_PROMPT_LEN = 12
+
+
+def _kind(parts, i: int) -> tuple:
+    layer = parts.layers[i]
+    types = getattr(parts.text_config, "layer_types", None)
+    layer_type = types[i] if isinstance(types, (list, tuple)) and i < len(types) else None
+    return (type(layer), _sliding_window(layer.self_attn), layer_type)
+
+
+def _to_float32(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_float32(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_float32(v) for k, v in obj.items()}
+    return obj
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"a decoder layer returned {type(out).__name__}, not a tensor")
+    return out
+
+
+def _hints(layer: nn.Module, cfg: Any) -> list[str]:
+    """Features of this block that a MoD layer does not reproduce, where they can be told by name."""
+    hints = []
+    extra = sorted(n for n, _ in layer.named_children()
+                   if n not in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+                   and "norm" in n)
+    if extra:
+        hints.append(f"extra norms {extra} (MoD layers apply input_layernorm before attention and "
+                     "post_attention_layernorm before the MLP only)")
+
+    def val(name):
+        return getattr(cfg, name, None) if cfg is not None else None
+
+    v = val("residual_multiplier")
+    if isinstance(v, (int, float)) and float(v) != 1.0:
+        hints.append(f"config.residual_multiplier = {v} (residual updates are not scaled in MoD layers)")
+    if val("attn_logit_softcapping") not in (None, 0, 0.0):
+        hints.append(f"config.attn_logit_softcapping = {val('attn_logit_softcapping')} (no logit soft-capping in "
+                     "gmod.attention)")
+    v = val("partial_rotary_factor")
+    if isinstance(v, (int, float)) and float(v) != 1.0:
+        hints.append(f"config.partial_rotary_factor = {v} (check the rotary layout: MoD layers rotate the first "
+                     "dims in halves, not interleaved pairs)")
+    for name in ("use_parallel_residual", "parallel_attn", "parallel_block"):
+        if val(name) is True:
+            hints.append(f"config.{name} = True (MoD layers run attention, then the MLP)")
+    if any(n == "sinks" or n.endswith(".sinks") for n, _ in layer.self_attn.named_parameters()):
+        hints.append("attention sinks (self_attn.sinks)")
+    return hints
+
+
+def _reference_attention(layer: nn.Module) -> None:
+    """The float32 copy's attention must run in float32: flash-attention kernels take 16-bit inputs only."""
+    cfg = getattr(layer.self_attn, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None)
+    if isinstance(impl, str) and "flash" in impl:
+        try:
+            cfg._attn_implementation = "sdpa"
+        except Exception:  # noqa: BLE001  (a config without the setter: leave it, the check reports errors)
+            pass
+
+
+def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwargs: dict, rotary,
+               cfg: Any, tolerance: float) -> None:
+    where = f"gmod.convert: {model_name} decoder layer {index} ({type(layer).__name__})"
+    advice = ("Keep this model dense, or pass verify=False to gmod.convert to convert it anyway (its outputs "
+              "will not be the model's).")
+    args, kwargs = _to_float32(args), _to_float32(kwargs)
+    x = args[0] if args else kwargs.get("hidden_states")
+    try:
+        work = copy.deepcopy(layer).float().eval()  # deep: its attention config is its own, changed below
+        _reference_attention(work)
+        with torch.no_grad():
+            ref = _first_tensor(work(*args, **kwargs)) - x
+    except Exception as err:  # noqa: BLE001  (e.g. quantized weights that cannot run in float32)
+        raise TypeError(f"{where}: could not run a float32 copy of the layer to check it ({type(err).__name__}: "
+                        f"{err}). Pass verify=False to gmod.convert to convert without the check.") from err
+    with torch.no_grad():
+        state = GmodState(GmodConfig(gate="none", router="per_layer", router_init="zeros"), rotary=rotary)
+        make_mod_layer(work, 0.0, layer_idx=index, state=state)
+        try:
+            out = _first_tensor(work(*args, **kwargs)) - x
+        except Exception as err:  # noqa: BLE001
+            hints = _hints(layer, cfg)
+            raise TypeError(f"{where}: a MoD layer cannot run this block ({type(err).__name__}: {err})"
+                            + (f"; likely cause: {'; '.join(hints)}" if hints else "") + f". {advice}") from err
+    scale = float(ref.abs().max())
+    err = float((out - ref).abs().max()) / max(scale, 1e-30)
+    if not err <= tolerance:  # NaN fails too
+        hints = _hints(layer, cfg)
+        raise TypeError(
+            f"{where} is not a block a MoD layer reproduces: keeping every token, the MoD layer's update differs "
+            f"from the layer's own by {err:.1e} (relative, float32; rounding is ~1e-6)"
+            + (f"; likely cause: {'; '.join(hints)}" if hints else "")
+            + ". MoD layers compute x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(.)), with "
+            f"rotary q/k (the Llama family: Llama, Mistral, Qwen2/3, Gemma, Mixtral, ...). {advice}")
+
+
+def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLERANCE,
+                         vocab_size: Optional[int] = None) -> int:
+    """Raise TypeError unless a MoD layer reproduces each kind of decoder layer of ``model`` (see the
+    module docstring). ``parts``: :func:`gmod_ext._hf.find_decoder`'s result. Returns the number of
+    layer kinds checked."""
+    kinds: dict = {}
+    for i in range(len(parts.layers)):
+        kinds.setdefault(_kind(parts, i), i)
+    indices = sorted(kinds.values())
+    emb = parts.text_model.get_input_embeddings() if hasattr(parts.text_model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"gmod.convert: {type(parts.text_model).__name__} has no input embedding to run a check prompt")
+    device = weight.device
+    if device.type == "meta":  # no values to compute with (a model built for loading weights later)
+        warnings.warn("gmod.convert: the model is on the meta device, so its decoder block was not checked "
+                      "(gmod_ext.verify); convert a model with weights to have it checked", stacklevel=3)
+        return 0
+    vocab = int(vocab_size or weight.shape[0])
+    avoid = {parts.image_token_id} if parts.image_token_id is not None else set()
+
+    captured: dict = {}
+
+    def recorder(i):
+        def hook(_module, args, kwargs):
+            captured.setdefault(i, (args, dict(kwargs)))
+        return hook
+
+    modes = {m: m.training for m in parts.text_model.modules()}
+    rng_devices = [device] if device.type == "cuda" else []
+    handles = [parts.layers[i].register_forward_pre_hook(recorder(i), with_kwargs=True) for i in indices]
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, max(2, min(vocab, 1000)), (1, _PROMPT_LEN), generator=g)
+            for t in avoid:  # no image placeholder tokens (there are no image features to put there)
+                ids[ids == t] = (t + 1) % max(2, min(vocab, 1000))
+            parts.text_model.eval()
+            with torch.no_grad():
+                parts.text_model(input_ids=ids.to(device), use_cache=False)
+            for h in handles:
+                h.remove()
+            handles = []
+            missing = [i for i in indices if i not in captured]
+            if missing:
+                raise TypeError(f"gmod.convert: decoder layers {missing} did not run on a check prompt")
+            for i in indices:
+                args, kwargs = captured[i]
+                _check_one(type(model).__name__, i, parts.layers[i], args, kwargs, parts.rotary,
+                           parts.text_config, tolerance)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in modes.items():
+            m.training = flag
+    return len(indices)

@@ -1,0 +1,178 @@
+"""gmod_ext.verify: convert refuses decoder blocks a MoD layer does not reproduce, and accepts the
+Llama family.
+
+Each architecture is a tiny Hugging Face model built from a config (no download). The reference is
+Hugging Face's own decoder layer: for the accepted ones, the converted model with every token kept and
+no gating must give the dense model's logits; for the refused ones, the same comparison is what fails
+(shown here once with verify=False), and convert must say so before changing anything.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gmod_hf_utils import VOCAB, text_config_kwargs, tiny_model, transformers
+
+import gmod_ext
+from gmod_ext._hf import find_decoder
+from gmod_ext.convert import is_converted
+from gmod_ext.verify import VERIFY_TOLERANCE, check_decoder_layers
+
+
+def _hf(cls_name: str, cfg_name: str, **over):
+    cls, cfg_cls = getattr(transformers, cls_name, None), getattr(transformers, cfg_name, None)
+    if cls is None or cfg_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
+    torch.manual_seed(0)
+    cfg = cfg_cls(**text_config_kwargs(**over))
+    cfg.pad_token_id = None
+    return cls(cfg).float()
+
+
+REFUSED = {
+    # name: (builder, words the error must contain)
+    "gemma2": (lambda: _hf("Gemma2ForCausalLM", "Gemma2Config", head_dim=16), "pre_feedforward_layernorm"),
+    "gemma3": (lambda: _hf("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=16), "post_feedforward_layernorm"),
+    "granite_residual": (lambda: _hf("GraniteForCausalLM", "GraniteConfig", residual_multiplier=0.5),
+                         "residual_multiplier = 0.5"),
+    "glm": (lambda: _hf("GlmForCausalLM", "GlmConfig", head_dim=16), "not a block a MoD layer reproduces"),
+    "gpt_oss": (lambda: _hf("GptOssForCausalLM", "GptOssConfig", head_dim=16, num_local_experts=4,
+                            num_experts_per_tok=2), "sinks"),
+}
+ACCEPTED = {
+    "llama": lambda: tiny_model("llama"),
+    "mistral": lambda: tiny_model("mistral"),
+    "qwen2": lambda: tiny_model("qwen2"),
+    "qwen3": lambda: tiny_model("qwen3"),
+    "llava": lambda: tiny_model("llava"),
+    "gemma": lambda: _hf("GemmaForCausalLM", "GemmaConfig", head_dim=16),
+    "mixtral": lambda: _hf("MixtralForCausalLM", "MixtralConfig"),
+    "qwen2_moe": lambda: _hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", moe_intermediate_size=32,
+                             shared_expert_intermediate_size=32),  # sliding_window 0 = none
+    "granite": lambda: _hf("GraniteForCausalLM", "GraniteConfig"),  # multipliers 1: a Llama block
+}
+
+
+def _ids(seed=3, B=2, S=20):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB - 30, (B, S), generator=g)  # below LLaVA's image token
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_accepted_blocks_convert_and_keep_every_token_exactly(name):
+    """Accepted: convert passes its check, and with ratio 0 and no gate the converted model computes
+    the dense model's function (logits against Hugging Face's own layers, eager and SDPA)."""
+    model = ACCEPTED[name]().eval()
+    ids = _ids()
+    ref = _logits(model, ids)
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    out = _logits(model, ids)
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert err < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_blocks_raise_before_anything_changes(name):
+    build, words = REFUSED[name]
+    model = build()
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    with pytest.raises(TypeError, match="gmod.convert") as info:
+        gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
+    msg = str(info.value)
+    assert words in msg and "verify=False" in msg, msg
+    # nothing changed: not converted, same weights, same train/eval flags, same global RNG state
+    assert not is_converted(model)
+    assert not any(type(l).__name__.startswith("Gmod") or hasattr(l, "gmod_ratio") for l in find_decoder(model).layers)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_verify_false_converts_a_refused_block_and_the_check_was_right():
+    """With verify=False a Gemma-2 model converts, and keeping every token does NOT give its logits:
+    what the check refused is a real difference, not a false alarm."""
+    model = REFUSED["gemma2"][0]().eval()
+    ids = _ids()
+    ref = _logits(model, ids)
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False, verify=False)
+    err = float((_logits(model, ids) - ref).abs().max() / ref.abs().max())
+    assert err > 1e-2, err
+
+
+def test_a_changed_llama_block_is_refused():
+    """A Llama layer whose forward adds a term the MoD layer does not compute (a planted deviation in an
+    otherwise supported class) is refused: the check compares behaviour, not class names."""
+    model = tiny_model("llama")
+    base = type(model.model.layers[0])
+
+    class Scaled(base):
+        def forward(self, hidden_states, *args, **kwargs):
+            out = super().forward(hidden_states, *args, **kwargs)
+            if isinstance(out, tuple):
+                return (out[0] + 0.01 * hidden_states,) + tuple(out[1:])
+            return out + 0.01 * hidden_states
+
+    for layer in model.model.layers:
+        layer.__class__ = Scaled
+    with pytest.raises(TypeError, match=r"differs from the layer's own by"):
+        gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
+
+
+def test_check_counts_kinds_and_leaves_rng_and_modes_alone():
+    model = tiny_model("llama")
+    model.train()
+    model.model.layers[1].eval()  # a mixed state must come back as it was
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    assert check_decoder_layers(model, find_decoder(model)) == 1  # four layers of one kind
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert 1e-6 < VERIFY_TOLERANCE <= 1e-3
+
+
+def test_sliding_window_zero_or_disabled_means_none():
+    from gmod_ext.mod_layer import _sliding_window
+
+    class Attn(torch.nn.Module):
+        def __init__(self, **cfg):
+            super().__init__()
+            self.config = type("C", (), cfg)()
+            self.layer_idx = 1
+
+    assert _sliding_window(Attn(sliding_window=0)) is None
+    assert _sliding_window(Attn(sliding_window=4096, use_sliding_window=False)) is None
+    assert _sliding_window(Attn(sliding_window=4096, layer_types=["sliding_attention", "full_attention"])) is None
+    assert _sliding_window(Attn(sliding_window=4096, layer_types=["full_attention", "sliding_attention"])) == 4096
+    assert _sliding_window(Attn(sliding_window=4096)) == 4096
+    a = Attn(sliding_window=4096)
+    a.sliding_window = None  # the module's own setting decides
+    assert _sliding_window(a) is None
+
+
+def test_a_norm_without_weight_is_a_clear_error():
+    if getattr(transformers, "OlmoForCausalLM", None) is None:
+        pytest.skip("no OLMo in this transformers")
+    model = _hf("OlmoForCausalLM", "OlmoConfig")
+    with pytest.raises(TypeError, match="has no weight"):
+        gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
+
+
+def test_meta_device_model_converts_with_a_warning():
+    """A model built on the meta device (weights to be loaded later) has nothing to compute with: the
+    check is skipped with a warning, and the conversion itself goes on."""
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**text_config_kwargs()))
+    with pytest.warns(UserWarning, match="meta device"):
+        gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
+    assert is_converted(model)
