@@ -3,10 +3,10 @@
     model = gmod_ext.convert(model, ratio=0.5, layers="arank", calibration_batches=batches)
 
 Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (and other
-Llama-family ``*ForCausalLM``: Qwen3, Gemma, Mixtral, ...) and ``LlavaForConditionalGeneration``
+Llama-family ``*ForCausalLM``: Qwen3, Gemma, Gemma-3, Mixtral, ...) and ``LlavaForConditionalGeneration``
 (its language model). Before converting, :mod:`gmod_ext.verify` checks that a MoD layer reproduces
-the model's decoder layer and refuses the blocks it does not (Gemma-2/3, GLM, Granite with residual
-multipliers, parallel-residual blocks, attention sinks, ...) with TypeError.
+the model's decoder layer and refuses the blocks it does not (GLM, Granite with residual
+multipliers, parallel-residual blocks, attention sinks, logit soft-capping, ...) with TypeError.
 The model is changed **in place** and returned:
 
 * the chosen decoder layers become MoD layers (:mod:`gmod_ext.mod_layer`), keeping their modules
@@ -152,8 +152,8 @@ def convert(
     decode_threshold: with a cache, a new token runs a MoD layer iff p >= decode_threshold.
     verify: first check that a MoD layer computes what each kind of decoder layer of this model computes
         (a float32 copy of the layer, every token kept, on a short random prompt; see
-        :mod:`gmod_ext.verify`) and raise TypeError if not, e.g. for Gemma-2/3 (extra norms), GLM
-        (interleaved partial rotary) or Granite with residual multipliers. ``verify=False`` skips it.
+        :mod:`gmod_ext.verify`) and raise TypeError if not, e.g. for GLM (interleaved partial rotary)
+        or Granite with residual multipliers. ``verify=False`` skips it.
     """
     if is_converted(model):
         raise ValueError("gmod.convert: the model is already converted")

@@ -3,7 +3,8 @@
 :func:`make_mod_layer` turns a ``LlamaDecoderLayer`` / ``MistralDecoderLayer`` /
 ``Qwen2DecoderLayer`` (or any layer with the same parts: ``input_layernorm`` (RMSNorm),
 ``self_attn.{q,k,v,o}_proj`` (+ optional ``q_norm`` / ``k_norm``), ``post_attention_layernorm``,
-``mlp``) into a MoD layer **in place**: the object's class becomes a subclass
+``mlp``; or Gemma-2 / 3's block, which adds ``pre_`` / ``post_feedforward_layernorm`` and norms the
+attention output with ``post_attention_layernorm``) into a MoD layer **in place**: the object's class becomes a subclass
 ``MoD<Layer>(MoDDecoderLayer, <Layer>)``, so it keeps its own modules and weights (the state_dict
 keys of the original weights do not change; a per-layer router adds ``gmod_router.*``), is still an
 instance of the original class (Hugging Face's output capturing, gradient checkpointing and FSDP
@@ -20,7 +21,7 @@ Forward on the selected tokens (all through ``gmod_ext.ops``)::
     idx, count = route(l, C, num_routed, mask)                                # top-k + forced
     xs = gather_rows(x); cos, sin = gather_rows(cos/sin) (or compact arange(count))
     q, k, v = proj(LN1(xs)); (q/k norm); RoPE; o = attention(q, k, v, count, count)  # causal, GQA
-    h = xs + o_proj(o); m = mlp(LN2(h))
+    h = xs + o_proj(o); m = mlp(LN2(h))     (Gemma-2/3: h = xs + LN2(o_proj(o)); m = postFF(mlp(preFF(h))))
     y = scatter_merge(x, base, idx, count, delta, gate[, skip_scale])          # variant gating
 
 Gating: gamma ``y = h + p*m``; mod ``y = xs + p*(h + m - xs)``; pmod ``y = xs + w*(h + m - xs)``,
@@ -208,9 +209,11 @@ class MoDDecoderLayer:
         return router
 
     def gmod_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Router logit difference l1 - l0 [B, S] fp32 on this layer's input norm."""
+        """Router logit difference l1 - l0 [B, S] fp32 on this layer's input norm (RMSNorm with the
+        norm's own scale: ``weight``, or ``1 + weight`` for Gemma's offset norms)."""
         ln1 = self.input_layernorm
-        return self.gmod_router_module()(hidden_states, ln1.weight, _norm_eps(ln1))
+        w = ln1.weight + 1.0 if getattr(self, "_gmod_norm_offset", False) else ln1.weight
+        return self.gmod_router_module()(hidden_states, w, _norm_eps(ln1))
 
     def _gmod_rotary(self, x: torch.Tensor, position_ids: torch.Tensor):
         rotary = self._gmod_state.rotary
@@ -266,6 +269,24 @@ class MoDDecoderLayer:
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim)
         return q.contiguous(), k.contiguous(), v.contiguous(), float(scale)
+
+    def _gmod_sandwich(self) -> bool:
+        """Gemma-2 / Gemma-3 blocks: norms after attention and around the MLP (``post_attention_layernorm``
+        on the attention output, ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm``)."""
+        return isinstance(self._modules.get("pre_feedforward_layernorm"), nn.Module) and \
+            isinstance(self._modules.get("post_feedforward_layernorm"), nn.Module)
+
+    def _gmod_attn_out(self, o: torch.Tensor) -> torch.Tensor:
+        """What the attention adds to the residual stream: o_proj(o) (post-normed in a sandwich block)."""
+        a = self.self_attn.o_proj(o)
+        return self.post_attention_layernorm(a) if self._gmod_sandwich() else a
+
+    def _gmod_mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """What the MLP adds: mlp(post_attention_layernorm(h)), or the sandwich block's
+        post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))."""
+        if self._gmod_sandwich():
+            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        return self.mlp(self.post_attention_layernorm(h))
 
     def _gmod_merge(self, x, xs, h, a, m, logits, idx, count, mask):
         cfg: GmodConfig = self._gmod_state.config
@@ -410,10 +431,10 @@ class MoDDecoderLayer:
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
                 kv_cache.append(k, v, count)
             o, _ = ops.attention(q, k, v, count, count, scale)
-            a = attn.o_proj(o.reshape(B, C, -1))
+            a = self._gmod_attn_out(o.reshape(B, C, -1))
             h = xs + a
         with nvtx_range("mlp"):
-            m = self.mlp(self.post_attention_layernorm(h))
+            m = self._gmod_mlp(h)
 
         # ---- gating + merge
         with nvtx_range("merge"):
@@ -477,10 +498,10 @@ class MoDDecoderLayer:
             q, k, v, scale = self._gmod_qkv(xs, cos, sin)
             cache.append(k, v, count, counts)
             o, _ = ops.attention(q, cache.keys, cache.values, count, cache.cache_len, scale)
-            a = attn.o_proj(o.reshape(B, n, -1))
+            a = self._gmod_attn_out(o.reshape(B, n, -1))
             h = xs + a
         with nvtx_range("mlp"):
-            m = self.mlp(self.post_attention_layernorm(h))
+            m = self._gmod_mlp(h)
         with nvtx_range("merge"):
             y = self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask)
         self._gmod_record(sink, logits, idx, count, mask, n)
@@ -527,6 +548,24 @@ def _check_layer(layer: nn.Module) -> None:
         missing.append("input_layernorm.weight (an RMSNorm with a weight)")
     if missing:
         raise TypeError(f"gmod: {type(layer).__name__} is not a Llama-family decoder layer (missing {missing})")
+    softcap = getattr(attn, "attn_logit_softcapping", None)
+    if softcap is None:
+        softcap = getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
+    if softcap not in (None, 0, 0.0):
+        raise TypeError(f"gmod: {type(layer).__name__} soft-caps its attention logits (attn_logit_softcapping = "
+                        f"{softcap}); gmod.attention does not, so a MoD layer would compute a different function")
+
+
+def _norm_is_offset(norm: nn.Module) -> bool:
+    """Whether an RMSNorm scales by ``1 + weight`` (Gemma) rather than ``weight``: probed on a vector of
+    ones (RMS 1), whose output is the norm's effective scale."""
+    w = norm.weight.detach()
+    with torch.no_grad():
+        y = norm(torch.ones(1, w.shape[-1], dtype=w.dtype, device=w.device)).float().reshape(-1)
+    if y.device.type == "meta":
+        return "gemma" in type(norm).__name__.lower()
+    wf = w.float().reshape(-1)
+    return bool((y - (wf + 1.0)).abs().max() < (y - wf).abs().max())
 
 
 def make_mod_layer(
@@ -561,6 +600,7 @@ def make_mod_layer(
     if router is None and state.router is None:
         router = GmodRouter(D, init=state.config.router_init, device=device)
     layer.__class__ = mod_class_for(type(layer))
+    layer._gmod_norm_offset = _norm_is_offset(layer.input_layernorm)
     layer.gmod_layer_idx = int(layer_idx)
     layer.gmod_ratio = float(ratio)
     layer._gmod_state = state
@@ -574,7 +614,7 @@ def unmake_mod_layer(layer: nn.Module) -> nn.Module:
     if not isinstance(layer, MoDDecoderLayer):
         return layer
     layer.__class__ = layer._gmod_base_class
-    for name in ("gmod_layer_idx", "gmod_ratio", "_gmod_state"):
+    for name in ("gmod_layer_idx", "gmod_ratio", "_gmod_state", "_gmod_norm_offset"):
         layer.__dict__.pop(name, None)
     layer._modules.pop("gmod_router", None)
     return layer

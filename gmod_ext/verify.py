@@ -3,10 +3,13 @@
 A MoD layer re-implements the decoder block on the kept tokens with the layer's own modules:
 ``h = x + o_proj(attention(rope(q), rope(k), v))`` with ``q, k, v`` projected from
 ``input_layernorm(x)``, then ``h + mlp(post_attention_layernorm(h))``. That is the Llama family
-(Llama, Mistral, Qwen2 / Qwen3, Gemma, Mixtral, ...). A block that deviates from it (Gemma-2 / 3's
-extra norms around attention and MLP, GLM's interleaved partial rotary, Granite's residual
-multipliers, a parallel attention + MLP residual, attention sinks, ...) would convert without
-complaint and give wrong outputs. :func:`check_decoder_layers` rules that out before converting.
+(Llama, Mistral, Qwen2 / Qwen3, Gemma, Mixtral, ...), and Gemma-2 / 3's block with its extra norms
+(``post_attention_layernorm`` on the attention output, ``pre_`` / ``post_feedforward_layernorm``
+around the MLP). A block that deviates from these (GLM's interleaved partial rotary, Granite's
+residual multipliers, a parallel attention + MLP residual, attention sinks, ...) would convert
+without complaint and give wrong outputs. :func:`check_decoder_layers` rules that out before
+converting. (Attention logit soft-capping is refused by the MoD layer itself: with random weights
+the logits are too small for a check to see it.)
 
 How: the model runs once on a short random prompt while forward pre-hooks record what it passes to
 one decoder layer of each kind (layer class, sliding window, ``config.layer_types`` entry). A float32
@@ -66,12 +69,11 @@ def _first_tensor(out: Any) -> torch.Tensor:
 def _hints(layer: nn.Module, cfg: Any) -> list[str]:
     """Features of this block that a MoD layer does not reproduce, where they can be told by name."""
     hints = []
-    extra = sorted(n for n, _ in layer.named_children()
-                   if n not in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-                   and "norm" in n)
+    known = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp",
+             "pre_feedforward_layernorm", "post_feedforward_layernorm")  # the last two: Gemma-2/3 sandwich
+    extra = sorted(n for n, _ in layer.named_children() if n not in known and "norm" in n)
     if extra:
-        hints.append(f"extra norms {extra} (MoD layers apply input_layernorm before attention and "
-                     "post_attention_layernorm before the MLP only)")
+        hints.append(f"extra norms {extra} (MoD layers know the Llama block's two norms and Gemma-2/3's four)")
 
     def val(name):
         return getattr(cfg, name, None) if cfg is not None else None
@@ -138,7 +140,8 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
             f"from the layer's own by {err:.1e} (relative, float32; rounding is ~1e-6)"
             + (f"; likely cause: {'; '.join(hints)}" if hints else "")
             + ". MoD layers compute x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(.)), with "
-            f"rotary q/k (the Llama family: Llama, Mistral, Qwen2/3, Gemma, Mixtral, ...). {advice}")
+            f"rotary q/k (the Llama family: Llama, Mistral, Qwen2/3, Gemma, Mixtral, ...; or Gemma-2/3's block with "
+            f"its four norms). {advice}")
 
 
 def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLERANCE,

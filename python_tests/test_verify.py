@@ -32,14 +32,14 @@ def _hf(cls_name: str, cfg_name: str, **over):
 
 
 REFUSED = {
-    # name: (builder, words the error must contain)
-    "gemma2": (lambda: _hf("Gemma2ForCausalLM", "Gemma2Config", head_dim=16), "pre_feedforward_layernorm"),
-    "gemma3": (lambda: _hf("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=16), "post_feedforward_layernorm"),
+    # name: (builder, words the error must contain, whether verify=False is offered)
+    "gemma2_softcap": (lambda: _hf("Gemma2ForCausalLM", "Gemma2Config", head_dim=16),  # default softcap 50
+                       "soft-caps its attention logits", False),
     "granite_residual": (lambda: _hf("GraniteForCausalLM", "GraniteConfig", residual_multiplier=0.5),
-                         "residual_multiplier = 0.5"),
-    "glm": (lambda: _hf("GlmForCausalLM", "GlmConfig", head_dim=16), "not a block a MoD layer reproduces"),
+                         "residual_multiplier = 0.5", True),
+    "glm": (lambda: _hf("GlmForCausalLM", "GlmConfig", head_dim=16), "not a block a MoD layer reproduces", True),
     "gpt_oss": (lambda: _hf("GptOssForCausalLM", "GptOssConfig", head_dim=16, num_local_experts=4,
-                            num_experts_per_tok=2), "sinks"),
+                            num_experts_per_tok=2), "sinks", True),
 }
 ACCEPTED = {
     "llama": lambda: tiny_model("llama"),
@@ -52,6 +52,9 @@ ACCEPTED = {
     "qwen2_moe": lambda: _hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", moe_intermediate_size=32,
                              shared_expert_intermediate_size=32),  # sliding_window 0 = none
     "granite": lambda: _hf("GraniteForCausalLM", "GraniteConfig"),  # multipliers 1: a Llama block
+    # Gemma-2 / 3: the sandwich block (norms after attention and around the MLP), Gemma's 1 + w norms
+    "gemma2_nocap": lambda: _hf("Gemma2ForCausalLM", "Gemma2Config", head_dim=16, attn_logit_softcapping=None),
+    "gemma3": lambda: _hf("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=16),
 }
 
 
@@ -80,16 +83,16 @@ def test_accepted_blocks_convert_and_keep_every_token_exactly(name):
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_refused_blocks_raise_before_anything_changes(name):
-    build, words = REFUSED[name]
+    build, words, offers_override = REFUSED[name]
     model = build()
     before = copy.deepcopy(model.state_dict())
     model.train()
     modes = [m.training for m in model.modules()]
     rng = torch.get_rng_state()
-    with pytest.raises(TypeError, match="gmod.convert") as info:
+    with pytest.raises(TypeError, match=r"^gmod") as info:
         gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
     msg = str(info.value)
-    assert words in msg and "verify=False" in msg, msg
+    assert words in msg and (("verify=False" in msg) == offers_override), msg
     # nothing changed: not converted, same weights, same train/eval flags, same global RNG state
     assert not is_converted(model)
     assert not any(type(l).__name__.startswith("Gmod") or hasattr(l, "gmod_ratio") for l in find_decoder(model).layers)
@@ -100,9 +103,9 @@ def test_refused_blocks_raise_before_anything_changes(name):
 
 
 def test_verify_false_converts_a_refused_block_and_the_check_was_right():
-    """With verify=False a Gemma-2 model converts, and keeping every token does NOT give its logits:
-    what the check refused is a real difference, not a false alarm."""
-    model = REFUSED["gemma2"][0]().eval()
+    """With verify=False a Granite model with residual multipliers converts, and keeping every token
+    does NOT give its logits: what the check refused is a real difference, not a false alarm."""
+    model = REFUSED["granite_residual"][0]().eval()
     ids = _ids()
     ref = _logits(model, ids)
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False, verify=False)
@@ -176,3 +179,22 @@ def test_meta_device_model_converts_with_a_warning():
     with pytest.warns(UserWarning, match="meta device"):
         gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
     assert is_converted(model)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma", "gemma3"])
+def test_router_reads_the_norm_the_layer_applies(name):
+    """The router's RMSNorm uses the input norm's effective scale: ``weight`` (Llama) or ``1 + weight``
+    (Gemma's offset norms, probed at conversion): its logits equal the router's projection of the layer's
+    own input_layernorm output (Hugging Face's module), in float64."""
+    model = ACCEPTED[name]()
+    gmod_ext.convert(model, ratio=0.5, layers=[1], progress=False)
+    layer = find_decoder(model).layers[1]
+    assert layer._gmod_norm_offset == (name != "llama")
+    with torch.no_grad():
+        layer.input_layernorm.weight.uniform_(-0.5, 0.5)  # away from the init, so both readings differ
+    x = torch.randn(2, 9, layer.input_layernorm.weight.shape[0])
+    got = layer.gmod_logits(x)
+    r = model.gmod_router
+    w = (r.weight[1] - r.weight[0]).double()
+    want = copy.deepcopy(layer.input_layernorm).double()(x.double()) @ w + (r.bias[1] - r.bias[0]).double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
