@@ -66,9 +66,30 @@ def _first_tensor(out: Any) -> torch.Tensor:
     return out
 
 
-def _hints(layer: nn.Module, cfg: Any) -> list[str]:
-    """Features of this block that a MoD layer does not reproduce, where they can be told by name."""
+def _sees_later_tokens(kwargs: dict) -> bool:
+    """Whether the 4-D attention mask the model passed lets a token attend to later tokens (a prefix-LM /
+    bidirectional mask, e.g. PaliGemma's); bool masks (True = attend) and additive float masks."""
+    m = kwargs.get("attention_mask")
+    if isinstance(m, dict):  # a mask per attention type
+        m = next((v for v in m.values() if isinstance(v, torch.Tensor)), None)
+    if not isinstance(m, torch.Tensor) or m.dim() != 4:
+        return False
+    S, Sk = m.shape[-2], m.shape[-1]
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    later = torch.ones(S, Sk, dtype=torch.bool, device=m.device).triu(1 + Sk - S)
+    return bool((allowed & later).any())
+
+
+def _hints(layer: nn.Module, cfg: Any, kwargs: Optional[dict] = None) -> list[str]:
+    """Features of this block that a MoD layer does not reproduce, where they can be told by name (or,
+    for the attention mask, from what the model passed)."""
     hints = []
+    attn = layer.self_attn
+    if getattr(attn, "is_causal", True) is False or getattr(getattr(attn, "config", None),
+                                                             "use_bidirectional_attention", False) is True \
+            or (kwargs is not None and _sees_later_tokens(kwargs)):
+        hints.append("the attention lets tokens see later tokens (is_causal=False, a bidirectional or prefix-LM "
+                     "mask, e.g. PaliGemma); MoD layers attend causally")
     known = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp",
              "pre_feedforward_layernorm", "post_feedforward_layernorm")  # the last two: Gemma-2/3 sandwich
     extra = sorted(n for n, _ in layer.named_children() if n not in known and "norm" in n)
@@ -128,13 +149,13 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
         try:
             out = _first_tensor(work(*args, **kwargs)) - x
         except Exception as err:  # noqa: BLE001
-            hints = _hints(layer, cfg)
+            hints = _hints(layer, cfg, kwargs)
             raise TypeError(f"{where}: a MoD layer cannot run this block ({type(err).__name__}: {err})"
                             + (f"; likely cause: {'; '.join(hints)}" if hints else "") + f". {advice}") from err
     scale = float(ref.abs().max())
     err = float((out - ref).abs().max()) / max(scale, 1e-30)
     if not err <= tolerance:  # NaN fails too
-        hints = _hints(layer, cfg)
+        hints = _hints(layer, cfg, kwargs)
         raise TypeError(
             f"{where} is not a block a MoD layer reproduces: keeping every token, the MoD layer's update differs "
             f"from the layer's own by {err:.1e} (relative, float32; rounding is ~1e-6)"

@@ -217,3 +217,67 @@ def test_generation_with_every_token_kept_equals_dense(name):
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _vlm(name: str):
+    """Tiny multimodal models of other families (their language models are what convert changes)."""
+    T = transformers
+    tc = dict(text_config_kwargs(vocab_size=300, max_position_embeddings=512), num_hidden_layers=2)
+    vis = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+               patch_size=8)
+    torch.manual_seed(0)
+    try:
+        if name == "llava_next":
+            cfg = T.LlavaNextConfig(text_config=T.LlamaConfig(**tc), vision_config=T.CLIPVisionConfig(**vis),
+                                    image_token_index=299)
+            return T.LlavaNextForConditionalGeneration(cfg).float()
+        if name == "llava_onevision":
+            cfg = T.LlavaOnevisionConfig(text_config=T.Qwen2Config(**tc), vision_config=T.SiglipVisionConfig(**vis),
+                                         image_token_index=299, video_token_index=298)
+            return T.LlavaOnevisionForConditionalGeneration(cfg).float()
+        if name == "gemma3_vlm":
+            cfg = T.Gemma3Config(text_config=dict(tc, head_dim=16), vision_config=vis, mm_tokens_per_image=4)
+            return T.Gemma3ForConditionalGeneration(cfg).float()
+        if name == "paligemma":
+            cfg = T.PaliGemmaConfig(text_config=T.GemmaConfig(**tc, head_dim=16), vision_config=T.SiglipVisionConfig(**vis),
+                                    image_token_index=299)
+            return T.PaliGemmaForConditionalGeneration(cfg).float()
+    except (AttributeError, TypeError, ValueError) as err:  # a transformers without it, or another config API
+        pytest.skip(f"cannot build a tiny {name} here: {err}")
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "gemma3_vlm"])
+def test_multimodal_models_convert_exactly(name):
+    model = _vlm(name).eval()
+    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(7))
+    ref = _logits(model, ids)
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    err = float((_logits(model, ids) - ref).abs().max() / ref.abs().max())
+    assert err < 1e-5, (name, err)
+
+
+def test_prefix_lm_attention_is_refused_with_the_reason():
+    """PaliGemma's language model attends bidirectionally over its prefix (is_causal=False): a MoD layer,
+    causal over the kept tokens, would compute something else, and the error says why."""
+    model = _vlm("paligemma")
+    with pytest.raises(TypeError, match=r"see later tokens .*MoD layers attend causally"):
+        gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
+    assert not is_converted(model)
+
+
+def test_mask_hint_reads_bool_and_additive_masks():
+    from gmod_ext.verify import _sees_later_tokens
+
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    full = torch.ones(5, 5, dtype=torch.bool)
+    add = lambda b: torch.zeros(5, 5).masked_fill(~b, torch.finfo(torch.float32).min)  # noqa: E731
+    assert not _sees_later_tokens({"attention_mask": causal[None, None]})
+    assert _sees_later_tokens({"attention_mask": full[None, None]})
+    assert not _sees_later_tokens({"attention_mask": add(causal)[None, None]})
+    assert _sees_later_tokens({"attention_mask": add(full)[None, None]})
+    assert _sees_later_tokens({"attention_mask": {"full_attention": full[None, None]}})
+    assert not _sees_later_tokens({"attention_mask": None}) and not _sees_later_tokens({})
+    # a chunk of 2 queries after 3 cached keys: bottom-right aligned causal
+    chunk = torch.ones(2, 5, dtype=torch.bool).tril(3)
+    assert not _sees_later_tokens({"attention_mask": chunk[None, None]})
