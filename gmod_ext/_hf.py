@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import torch
 from torch import nn
 
 
@@ -63,7 +64,7 @@ def find_decoder(model: nn.Module) -> DecoderParts:
         if image_token_id is not None:
             break
     weight = getattr(layers[0].input_layernorm, "weight", None)
-    if not isinstance(weight, nn.Parameter) and not hasattr(weight, "shape"):
+    if not isinstance(weight, torch.Tensor):
         raise TypeError(
             f"gmod: {type(layers[0]).__name__}.input_layernorm ({type(layers[0].input_layernorm).__name__}) has no "
             "weight; MoD layers need a norm with a weight (RMSNorm / LayerNorm), which the router reads")

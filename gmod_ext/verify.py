@@ -165,8 +165,7 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
             f"its four norms). {advice}")
 
 
-def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLERANCE,
-                         vocab_size: Optional[int] = None) -> int:
+def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLERANCE) -> int:
     """Raise TypeError unless a MoD layer reproduces each kind of decoder layer of ``model`` (see the
     module docstring). ``parts``: :func:`gmod_ext._hf.find_decoder`'s result. Returns the number of
     layer kinds checked."""
@@ -183,7 +182,7 @@ def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLE
         warnings.warn("gmod.convert: the model is on the meta device, so its decoder block was not checked "
                       "(gmod_ext.verify); convert a model with weights to have it checked", stacklevel=3)
         return 0
-    vocab = int(vocab_size or weight.shape[0])
+    vocab = int(weight.shape[0])
     avoid = {parts.image_token_id} if parts.image_token_id is not None else set()
 
     captured: dict = {}
@@ -205,9 +204,6 @@ def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLE
             parts.text_model.eval()
             with torch.no_grad():
                 parts.text_model(input_ids=ids.to(device), use_cache=False)
-            for h in handles:
-                h.remove()
-            handles = []
             missing = [i for i in indices if i not in captured]
             if missing:
                 raise TypeError(f"gmod.convert: decoder layers {missing} did not run on a check prompt")

@@ -15,11 +15,11 @@ Exit status: 0 every case that ran passed, 1 a case raised or differed, 2 no GPU
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
 import traceback
+from unittest import mock
 
 import torch
 
@@ -225,20 +225,6 @@ _ATTN_PLANS = [
 ]
 
 
-@contextlib.contextmanager
-def _env(flags: dict):
-    old = {k: os.environ.get(k) for k in flags}
-    os.environ.update(flags)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _attn_runs(large):
     """(flags, config, dtypes) of every attention run: each config with the default plan, then (small
     shapes only) the configs each opt-in plan changes."""
@@ -253,7 +239,7 @@ def _attn_runs(large):
 def _attention(large):
     for flags, config, dts in _attn_runs(large):
         for dt in dts:
-            with _env(flags):
+            with mock.patch.dict(os.environ, flags):
                 _attention_once(*config, dt, " ".join(f"{k}={v}" for k, v in flags.items()))
 
 
