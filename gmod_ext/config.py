@@ -87,9 +87,12 @@ class GmodConfig:
     * ``router``: "shared" (one router for all MoD layers, gamma-MoD) or "per_layer".
     * ``positions``: RoPE at the original positions ("original") or at arange(count) ("compact").
     * ``forced``: which tokens are always kept: "none"; "text" (every token that is not an image
-      token, p-MoD's vision-only routing); "ignored_labels" (tokens whose label is -100, i.e. the
-      instruction / question text, except image tokens which stay routable; gamma-MoD's masked
-      routing). An explicit ``gmod_forced_mask`` passed to the model's forward is always added.
+      token: only the image is routed, as in the public gamma-MoD training code and p-MoD;
+      :func:`gmod_ext.convert`'s default for gamma and pmod on a model with an image token);
+      "ignored_labels" (tokens whose label is -100, i.e. the instruction / question text, except
+      image tokens which stay routable; the labelled answer is routed too, and at inference, without
+      labels, nothing is forced). An explicit ``gmod_forced_mask`` passed to the model's forward is
+      always added.
     * ``threshold``: if set, eval-mode routing keeps routable tokens with p > threshold (at most
       the top-k count), gamma-MoD's inference rule; training always uses top-k.
     * ``on_cache``: what a MoD layer does when called with a KV cache: "compact" (its own compact

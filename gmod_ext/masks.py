@@ -5,10 +5,11 @@ forced. Sources of forced tokens:
 
 * an explicit boolean mask (``gmod_forced_mask=`` on the converted model's forward);
 * ``mode="text"``: every token that is not an image token (``input_ids != image_token_id``):
-  image tokens are routable, text is forced (p-MoD's vision-only routing);
+  image tokens are routable, text is forced (the gamma-MoD training code's masked routing, which
+  keeps the whole conversation; p-MoD's vision-only routing);
 * ``mode="ignored_labels"``: tokens whose ``labels == -100`` (the instruction / question text in
-  LLaVA-style SFT data) are forced, except image tokens (also -100 there) which stay routable:
-  gamma-MoD's masked routing learning. Labels are used unshifted (``labels[b, t]`` belongs to
+  LLaVA-style SFT data) are forced, except image tokens (also -100 there) which stay routable; the
+  labelled answer tokens are routed too. Labels are used unshifted (``labels[b, t]`` belongs to
   token t, as in Hugging Face's causal-LM convention). Without labels (inference) nothing is forced.
 
 Padding comes from a 2-D ``attention_mask`` (0 = padding); other mask shapes are ignored.

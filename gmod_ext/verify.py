@@ -22,6 +22,7 @@ weights, modes and random number generators are left as they were.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Any, Optional
 
@@ -165,6 +166,48 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
             f"its four norms). {advice}")
 
 
+def _accepts(module: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, layer_index: int) -> None:
+    """Multimodal models that mark image tokens with ``token_type_ids`` (Gemma-3's and PaliGemma's) let the
+    tokens of one image attend to each other in both directions. The language-model check prompt has no
+    image, so it cannot see that: run the whole model once more with a span of the prompt marked as image
+    tokens (no pixels: their embeddings stay text embeddings) and look at the mask the decoder layer gets.
+    """
+    if parts.image_token_id is None or not _accepts(model, "token_type_ids"):
+        return
+    types = torch.zeros_like(ids)
+    types[:, 3:7] = 1
+    seen: dict = {}
+
+    def hook(_module, _args, kwargs):
+        seen.setdefault("kwargs", dict(kwargs))
+
+    handle = parts.layers[layer_index].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=types, use_cache=False)
+    except Exception as err:  # noqa: BLE001  (a model that needs pixels with token types: say it was not checked)
+        warnings.warn(f"gmod.convert: {type(model).__name__} takes token_type_ids, but a check prompt with image "
+                      f"token types did not run ({type(err).__name__}: {err}), so whether its image tokens attend "
+                      "to later tokens was not checked", stacklevel=4)
+        return
+    finally:
+        handle.remove()
+    if _sees_later_tokens(seen.get("kwargs", {})):
+        raise TypeError(
+            f"gmod.convert: {type(model).__name__} lets the tokens of an image attend to each other in both "
+            "directions (token_type_ids marks them; e.g. Gemma-3's and PaliGemma's multimodal models), and MoD "
+            "layers attend causally, so on prompts with images a converted model would compute something else. "
+            "Keep this model dense, convert its text-only language model, or pass verify=False to gmod.convert "
+            "to convert it anyway (its outputs on images will not be the model's).")
+
+
 def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLERANCE) -> int:
     """Raise TypeError unless a MoD layer reproduces each kind of decoder layer of ``model`` (see the
     module docstring). ``parts``: :func:`gmod_ext._hf.find_decoder`'s result. Returns the number of
@@ -211,6 +254,7 @@ def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLE
                 args, kwargs = captured[i]
                 _check_one(type(model).__name__, i, parts.layers[i], args, kwargs, parts.rotary,
                            parts.text_config, tolerance)
+            _check_image_attention(model, parts, ids.to(device), indices[0])
     finally:
         for h in handles:
             h.remove()

@@ -172,10 +172,15 @@ def _check_selection(model, batch, info, ratio, must_keep):
             assert int(count[b]) == len(forced) + R - math.floor(ratio * R + 1e-9)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_ratio_half_routing(arch):
+@pytest.mark.parametrize("arch,forced_mode", [(a, None) for a in ARCHS] + [("llava", "ignored_labels")])
+def test_ratio_half_routing(arch, forced_mode):
+    """convert's default masked routing: a LLaVA model keeps every text token (labelled answer tokens
+    included) and routes the image; a text-only model keeps the label -100 prompt and routes the rest.
+    ``forced="ignored_labels"`` on LLaVA keeps only the unlabelled text."""
     model = tiny_model(arch)
-    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], progress=False)
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], progress=False, forced=forced_mode)
+    expected_mode = forced_mode or ("text" if arch == "llava" else "ignored_labels")
+    assert model.config.gmod["forced"] == expected_mode
     batch = make_batch(arch, labels_prefix=6)
     seen = {}
 
@@ -190,9 +195,13 @@ def test_ratio_half_routing(arch):
     for h in handles:
         h.remove()
     info = model.gmod_state.current
-    forced = (batch["labels"] == -100) & batch["attention_mask"].bool()
-    if arch == "llava":
-        forced &= batch["input_ids"] != IMAGE_TOKEN
+    if expected_mode == "text":
+        forced = (batch["input_ids"] != IMAGE_TOKEN) & batch["attention_mask"].bool()
+        assert ((batch["labels"] != -100) & forced).any()  # labelled tokens are among the forced ones
+    else:
+        forced = (batch["labels"] == -100) & batch["attention_mask"].bool()
+        if arch == "llava":
+            forced &= batch["input_ids"] != IMAGE_TOKEN
     assert forced.any()
     _check_selection(model, batch, info, 0.5, forced)
     # skipped tokens (and padding) leave each MoD layer bit-identical

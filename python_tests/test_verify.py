@@ -9,6 +9,7 @@ no gating must give the dense model's logits; for the refused ones, the same com
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -236,7 +237,8 @@ def _vlm(name: str):
                                          image_token_index=299, video_token_index=298)
             return T.LlavaOnevisionForConditionalGeneration(cfg).float()
         if name == "gemma3_vlm":
-            cfg = T.Gemma3Config(text_config=dict(tc, head_dim=16), vision_config=vis, mm_tokens_per_image=4)
+            cfg = T.Gemma3Config(text_config=dict(tc, head_dim=16), vision_config=vis, mm_tokens_per_image=4,
+                                 image_token_id=299, boi_token_id=297, eoi_token_id=298)
             return T.Gemma3ForConditionalGeneration(cfg).float()
         if name == "paligemma":
             cfg = T.PaliGemmaConfig(text_config=T.GemmaConfig(**tc, head_dim=16), vision_config=T.SiglipVisionConfig(**vis),
@@ -247,7 +249,7 @@ def _vlm(name: str):
     raise ValueError(name)
 
 
-@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "gemma3_vlm"])
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
 def test_multimodal_models_convert_exactly(name):
     model = _vlm(name).eval()
     ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(7))
@@ -255,6 +257,75 @@ def test_multimodal_models_convert_exactly(name):
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
     err = float((_logits(model, ids) - ref).abs().max() / ref.abs().max())
     assert err < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_image_prompt_with_3d_positions_converts_exactly(name):
+    """Qwen2-VL / Qwen2.5-VL rotate q and k by 3-D (time, height, width) positions on image tokens
+    (M-RoPE). MoD layers take the model's cos / sin rows of the kept tokens, so a prompt with an image
+    must give the dense logits with every token kept. The 1-D positions' logits differ, so a MoD layer
+    that recomputed positions itself would fail here."""
+    T = transformers
+    tc = dict(text_config_kwargs(vocab_size=300, max_position_embeddings=512), num_hidden_layers=2)
+    hd = tc["hidden_size"] // tc["num_attention_heads"]
+    section = [hd // 2 - 2 * (hd // 2 // 3), hd // 2 // 3, hd // 2 // 3]
+    text = dict(tc, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
+    vis = dict(depth=1, embed_dim=32, hidden_size=tc["hidden_size"], num_heads=2, patch_size=4, spatial_merge_size=2,
+               temporal_patch_size=2, in_channels=3, out_hidden_size=tc["hidden_size"], intermediate_size=64)
+    ids_cfg = dict(image_token_id=299, video_token_id=298, vision_start_token_id=297, vision_end_token_id=296)
+    torch.manual_seed(0)
+    try:
+        if name == "qwen2_vl":
+            model = T.Qwen2VLForConditionalGeneration(T.Qwen2VLConfig(text_config=text, vision_config=vis, **ids_cfg))
+        else:
+            model = T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(text_config=text, vision_config=vis,
+                                                                              **ids_cfg))
+    except (AttributeError, TypeError, ValueError) as err:
+        pytest.skip(f"cannot build a tiny {name} here: {err}")
+    model = model.float().eval()
+    B, S = 2, 16
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 250, (B, S), generator=g)
+    ids[:, 2], ids[:, 3:7], ids[:, 7] = 297, 299, 296  # vision start, 4 image tokens (a 4x4 patch grid, merged 2x2)
+    kw = dict(pixel_values=torch.randn(B * 16, 3 * 2 * 4 * 4, generator=g),
+              image_grid_thw=torch.tensor([[1, 4, 4]] * B))
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        kw["mm_token_type_ids"] = (ids == 299).long()
+    with torch.no_grad():
+        ref = model(input_ids=ids, **kw).logits
+        flat = model(input_ids=ids, **kw, position_ids=torch.arange(S).expand(B, -1)).logits
+    assert float((flat - ref).abs().max() / ref.abs().max()) > 1e-4  # the 3-D positions matter here
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    with torch.no_grad():
+        out = model(input_ids=ids, **kw).logits
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert err < 1e-5, (name, err)
+
+
+def test_bidirectional_image_attention_is_refused():
+    """Gemma-3's multimodal model lets the tokens of one image attend to each other both ways
+    (token_type_ids). The language-model check prompt has no image; the extra probe with image token
+    types must refuse it. With verify=False the difference is real on an image prompt (and absent on a
+    text-only one, so it is the image attention and nothing else)."""
+    model = _vlm("gemma3_vlm").eval()
+    with pytest.raises(TypeError, match="attend to each other in both directions"):
+        gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    assert not is_converted(model)
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 250, (2, 16), generator=g)
+    ids[:, 3], ids[:, 4:8], ids[:, 8] = 297, 299, 298  # begin-of-image, 4 image tokens, end-of-image
+    image = dict(pixel_values=torch.randn(2, 3, 32, 32, generator=g), token_type_ids=(ids == 299).long())
+    text_ids = torch.randint(0, 250, (2, 16), generator=g)
+    with torch.no_grad():
+        ref_img = model(input_ids=ids, **image).logits
+        ref_txt = model(input_ids=text_ids).logits
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False, verify=False)
+    assert is_converted(model)
+    with torch.no_grad():
+        err_img = float((model(input_ids=ids, **image).logits - ref_img).abs().max() / ref_img.abs().max())
+        err_txt = float((model(input_ids=text_ids).logits - ref_txt).abs().max() / ref_txt.abs().max())
+    assert err_txt < 1e-5 and err_img > 1e-3, (err_txt, err_img)
 
 
 def test_prefix_lm_attention_is_refused_with_the_reason():
