@@ -261,7 +261,14 @@ def load_user_model(path: str):
     if cls is None:
         cls = transformers.AutoModelForImageTextToText if hasattr(cfg, "vision_config") else \
             transformers.AutoModelForCausalLM
-    return cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    from ._hf import find_decoder
+
+    try:  # a model gmod_ext cannot convert: say so now, not as a traceback from the report code
+        find_decoder(model)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"gmod demo: --model {path}: {err} (the demo runs LLaVA or a Llama-family *ForCausalLM)")
+    return model
 
 
 def _task_for(model, seq_len: int, seed: int, grid: Optional[int] = None, forced: str = "text") -> SyntheticTask:
@@ -797,8 +804,14 @@ def run_demo(args: argparse.Namespace) -> int:
     dense = copy.deepcopy(model)
     t0 = time.perf_counter()
     image_token_id = task.image_token_id if task.vision else None
-    gmod_ext.convert(model, ratio=args.ratio, layers="arank", calibration_batches=calib, keep_dense=args.keep_dense,
-                     image_token_id=image_token_id, forced=args.forced if task.vision else "none", progress=progress)
+    try:
+        gmod_ext.convert(model, ratio=args.ratio, layers="arank", calibration_batches=calib,
+                         keep_dense=args.keep_dense, image_token_id=image_token_id,
+                         forced=args.forced if task.vision else "none", progress=progress)
+    except TypeError as err:  # gmod_ext.verify refused the model's decoder block: the reason is in the message
+        if not str(err).startswith("gmod"):
+            raise
+        raise SystemExit(f"gmod demo: {err}") from None
     t_convert = time.perf_counter() - t0
     gcfg = model.config.gmod
     ranks = [float(r) for r in gcfg["arank"]]

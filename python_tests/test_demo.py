@@ -105,6 +105,52 @@ def test_demo_gmod_close_to_dense(tmp_path):
     assert doc2["heldout"]["gmod"]["loss"] > 1.5 * mod["loss"], (doc2["heldout"], mod)
 
 
+@pytest.mark.parametrize("kind", ["llama", "llava"])
+def test_demo_on_a_user_model_folder(tmp_path, kind):
+    """``--model PATH``: a local Hugging Face folder (a Llama ``*ForCausalLM`` or a LLaVA) runs the whole job.
+    The text-only model gets "visual word" tokens as its image and the demo's own routing mask."""
+    import transformers
+
+    from gmod_ext.demo import build_builtin_model
+
+    folder = tmp_path / kind
+    if kind == "llava":
+        model, _ = build_builtin_model(48)
+    else:
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=400, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    model.save_pretrained(folder)
+    out = tmp_path / "out"
+    proc = _run(["-m", "gmod_ext", "demo", "--model", str(folder), "--steps", "4", "--batch-size", "2", "--seq-len",
+                 "48", "--device", "cpu", "--out", str(out), "--no-progress", "--no-plot"])
+    assert str(folder) in proc.stdout and "gamma-MoD demo report" in proc.stdout
+    doc = json.loads((out / "report.json").read_text())
+    L = doc["num_layers"]
+    assert doc["builtin"] is False and L == (8 if kind == "llava" else 4)
+    assert len(doc["layers_converted"]) == L - 1  # ceil(L / 8) = 1 layer stays dense
+    for i in doc["layers_converted"]:  # the image (or visual-word) tokens are routed at ratio 0.5
+        assert abs(doc["skip_ratio"]["train_routable"][str(i)] - 0.5) < 0.05
+    assert doc["train"]["pretrain"]["steps"] == 0 and len(doc["train"]["gmod"]["losses"]) == 4
+    assert 0 < doc["kv_memory"]["gmod"]["total_bytes"] < doc["kv_memory"]["dense_bytes"]
+
+
+def test_demo_model_path_errors(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gmod_ext", "demo", "--model", str(tmp_path / "nope")], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    # a model folder of an architecture the MoD layer does not wrap: a one-line reason, no traceback
+    import transformers
+
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300)) \
+        .save_pretrained(tmp_path / "gpt2")
+    proc = subprocess.run([sys.executable, "-m", "gmod_ext", "demo", "--model", str(tmp_path / "gpt2")], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "could not find a decoder layer stack in GPT2LMHeadModel" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_synthetic_task_routing_codes():
     """The demo's routing mask per --forced mode, and its labels (the answer and EOS only)."""
     from gmod_ext.demo import SyntheticTask
