@@ -683,8 +683,8 @@ DESCRIPTION = """\
 The gamma-MoD job end to end on a small LLaVA-shaped model (built from a config, no download) and
 synthetic image+question->answer batches: pretrain the dense model briefly, compute ARank per
 layer, convert the low-ARank layers into MoD layers (gmod_ext.convert, gamma-MoD, shared router,
-masked routing: image tokens routed, text kept), fine-tune the gamma-MoD model and the dense baseline, generate a
-batch of answers with both, and print a report: layers converted, ARank and skip ratio per layer,
+masked routing: image tokens routed, text kept), fine-tune the gamma-MoD model and the dense
+baseline, generate a batch of answers with both, and print a report: layers converted, ARank and skip ratio per layer,
 analytic FLOPs per forward, time per training step and for generation, KV memory dense vs gamma-MoD.
 Writes report.json and gmod_demo.png to --out."""
 
