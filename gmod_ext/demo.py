@@ -584,7 +584,7 @@ def generate(model, prompts: dict, new_tokens: int, *, use_cache: bool, pad: int
 @torch.no_grad()
 def evaluate(model, batch: dict, *, converted: bool, explicit_mask: bool) -> dict:
     """Held-out loss (plain LM cross-entropy, no router aux term) and teacher-forced accuracy on the
-    answer tokens of one batch."""
+    answer tokens of one batch, and on the first answer token alone (the one that needs the image)."""
     import torch.nn.functional as F
 
     model.eval()
@@ -596,8 +596,13 @@ def evaluate(model, batch: dict, *, converted: bool, explicit_mask: bool) -> dic
     tgt = labels[:, 1:]
     m = tgt != IGNORE
     loss = F.cross_entropy(logits[m], tgt[m])
-    acc = (logits.argmax(-1) == tgt)[m].float().mean()
-    return {"loss": float(loss), "answer_accuracy": float(acc), "samples": int(labels.shape[0])}
+    right = logits.argmax(-1) == tgt
+    acc = right[m].float().mean()
+    # the first labelled token of each row: the answer's start word, the one token that needs the image
+    first = m.float().argmax(1)
+    acc_first = right.gather(1, first.unsqueeze(1))[m.any(1)].float().mean()
+    return {"loss": float(loss), "answer_accuracy": float(acc), "first_token_accuracy": float(acc_first),
+            "samples": int(labels.shape[0])}
 
 
 def _accuracy(seqs: torch.Tensor, prompt_len: int, answers: torch.Tensor) -> float:
@@ -960,6 +965,8 @@ def run_demo(args: argparse.Namespace) -> int:
     w(f"held-out batch ({ev_mod['samples']} samples): loss dense {ev_dense['loss']:.3f}, gamma-MoD {ev_mod['loss']:.3f}; "
       f"answer-token accuracy (teacher forced) dense {ev_dense['answer_accuracy']:.3f}, "
       f"gamma-MoD {ev_mod['answer_accuracy']:.3f}")
+    w(f"  first answer token alone (the one that needs the image and the question): dense "
+      f"{ev_dense['first_token_accuracy']:.3f}, gamma-MoD {ev_mod['first_token_accuracy']:.3f}")
     w("")
     w(f"generation (batch {args.gen_batch_size}, prompt {P} tokens, {new} new tokens, greedy)")
     mc = "compact KV cache" if mod_cache_used else "no cache"

@@ -73,6 +73,7 @@ def test_demo_end_to_end(tmp_path):
     for m in ("dense", "gmod"):
         ho = doc["heldout"][m]
         assert 0 < ho["loss"] < 10 and 0 <= ho["answer_accuracy"] <= 1 and ho["samples"] >= 8
+        assert 0 <= ho["first_token_accuracy"] <= 1
     gen = doc["generation"]
     assert gen["batch"] == 4 and gen["new_tokens"] == 8 and gen["gmod_s"] > 0
     kv = doc["kv_memory"]
@@ -149,6 +150,42 @@ def test_demo_model_path_errors(tmp_path):
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "could not find a decoder layer stack in GPT2LMHeadModel" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_evaluate_accuracies_against_a_direct_count():
+    """evaluate's loss, answer accuracy and first-answer-token accuracy, on a stub model with random logits,
+    against a float64 cross-entropy and counts done row by row."""
+    import types
+
+    from gmod_ext.demo import evaluate
+
+    g = torch.Generator().manual_seed(11)
+    B, S, V = 5, 12, 7
+    ids = torch.randint(0, V, (B, S), generator=g)
+    labels = torch.full((B, S), -100)
+    starts = [6, 8, 9, 6, 10]  # first labelled token per row (left padding varies the answer's start)
+    for b, st in enumerate(starts):
+        labels[b, st:] = ids[b, st:]
+    logits = torch.randn(B, S, V, generator=g)
+    for b in (0, 2):  # make the first answer token right in rows 0 and 2, wrong in the others
+        logits[b, starts[b] - 1, ids[b, starts[b]]] = 50.0
+    for b in (1, 3, 4):
+        logits[b, starts[b] - 1, ids[b, starts[b]]] = -50.0
+
+    class Stub(torch.nn.Module):
+        def forward(self, **kw):
+            return types.SimpleNamespace(logits=logits.clone())
+
+    r = evaluate(Stub(), {"input_ids": ids, "labels": labels}, converted=False, explicit_mask=False)
+    right, total, nll = 0, 0, 0.0
+    for b, st in enumerate(starts):
+        for t in range(st, S):
+            lp = torch.log_softmax(logits[b, t - 1].double(), -1)
+            nll -= float(lp[ids[b, t]])
+            right += int(int(logits[b, t - 1].argmax()) == int(ids[b, t]))
+            total += 1
+    assert abs(r["loss"] - nll / total) < 1e-5 and abs(r["answer_accuracy"] - right / total) < 1e-6
+    assert abs(r["first_token_accuracy"] - 2 / 5) < 1e-6 and r["samples"] == B
 
 
 def test_synthetic_task_routing_codes():
