@@ -16,7 +16,10 @@ one decoder layer of each kind (layer class, sliding window, ``config.layer_type
 copy of that layer then runs on those inputs twice: as it is (the reference), and as a MoD layer that
 keeps every token without gating, which then must compute the same function. Their residual updates
 (output - input) must agree to float32 rounding; a mismatch, or an error inside the MoD path, raises
-``TypeError`` naming the layer and, where it can tell, the feature that is not reproduced. The model's
+``TypeError`` naming the layer and, where it can tell, the feature that is not reproduced. A model
+whose ``forward`` takes ``token_type_ids`` (Gemma-3's and PaliGemma's multimodal models) runs once more
+with a span of the prompt marked as image tokens, and is refused if its decoder layers are then
+told to let tokens see later ones (image tokens attending to each other both ways). The model's
 weights, modes and random number generators are left as they were.
 """
 from __future__ import annotations
