@@ -36,7 +36,7 @@ def _steps(tmp_path) -> dict:
 def test_help_lists_the_steps():
     proc = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for word in ("GMOD_GPU_CHECK_STEPS", "bench_attention", "decode_sweep", "ncu_nvtx", "Exit status"):
+    for word in ("GMOD_GPU_CHECK_STEPS", "bench_attention", "decode_sweep", "ncu_nvtx", "demo", "Exit status"):
         assert word in proc.stdout, word
 
 
@@ -72,6 +72,20 @@ def test_benchmark_steps_and_summary_on_cpu(tmp_path):
     model_rows = json.loads((out / "bench_model.json").read_text())["sections"]["model"]["rows"]
     prefill = next(r for r in model_rows if r["impl"] != "dense" and r["pass"] == "prefill")
     assert f"{1.0 / prefill['x_dense']:.2f}x" in summary
+
+
+def test_demo_step_on_cpu(tmp_path, monkeypatch):
+    """The named demo step runs the main job and puts its dense vs gamma-MoD numbers in the summary."""
+    monkeypatch.setenv("GMOD_GPU_DEMO_ARGS", "--device cpu --steps 3 --pretrain-steps 2 --baseline-steps 2 "
+                       "--seq-len 40 --batch-size 2 --gen-batch-size 2 --no-plot")
+    proc = _run(tmp_path, "demo", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert _steps(tmp_path) == {"demo": "ok"}
+    report = json.loads((tmp_path / "out" / "demo" / "report.json").read_text())
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    line = next(l for l in summary.splitlines() if l.startswith("demo "))
+    assert "cpu float32, 3 steps" in line and "first answer token" in line, line
+    assert f"gamma-MoD {report['heldout']['gmod']['loss']:.3f}" in line, line
 
 
 def test_cuda_steps_fail_cleanly_without_the_tools(tmp_path):

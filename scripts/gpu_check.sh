@@ -16,14 +16,16 @@
 #   extra, only when named: bench_attention_det (GMOD_DETERMINISTIC=1), decode_sweep (the decode's split
 #   count swept against the wave model, scripts/decode_split_sweep.py), synccheck initcheck
 #   (compute-sanitizer tools), ncu_nvtx (the README's NVTX
-#   filter: kernels inside gmod.attention of `bench layer --quick`)
+#   filter: kernels inside gmod.attention of `bench layer --quick`), demo (python -m gmod_ext demo on the GPU,
+#   200 fine-tuning steps: does gamma-MoD's first-answer-token accuracy recover with a longer fine-tune?)
 # Without build, the library already built in gmod_ext/ (a warm machine keeps it) is used.
 # Everything lands in $OUT (logs, bench_*.json, ncu.csv, summary.txt); the console shows short
 # tails, then the benchmark tables, then the summary table LAST (only the last 12,000 characters
 # of output come back). A failing step never stops the script; its failure is in the summary.
 # Exit status: 0 if every step that ran passed, 1 otherwise.
 # Knobs: GMOD_GPU_CHECK_BUDGET_S (default 530 s for the whole script), GMOD_GPU_CHECK_PYTEST_ARGS (default -m cuda),
-#        GMOD_BENCH_ARGS (extra args for both benchmarks, e.g. --graph), PYTHON (default python3).
+#        GMOD_BENCH_ARGS (extra args for both benchmarks, e.g. --graph), PYTHON (default python3),
+#        GMOD_GPU_DEMO_ARGS (the demo step's options, default --steps 200).
 set -uo pipefail
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the comment block above is the help
   sed -n '2,/^set -uo/p' "$0" | grep '^#' | cut -c3-
@@ -51,7 +53,7 @@ req=${req// sanitize / memcheck racecheck }
 req=${req// bench / bench_ops bench_attention }
 want() { [[ "$req" == *" $1 "* ]]; }
 # A misspelt step would otherwise run nothing and cost a GPU call: refuse it before anything runs.
-KNOWN_STEPS="$ALL_STEPS bench_layer bench_model bench_attention_det decode_sweep synccheck initcheck ncu_nvtx"
+KNOWN_STEPS="$ALL_STEPS bench_layer bench_model bench_attention_det decode_sweep synccheck initcheck ncu_nvtx demo"
 for s in $req; do
   if [[ " $KNOWN_STEPS " != *" $s "* ]]; then
     echo "gpu_check: unknown step '$s' in GMOD_GPU_CHECK_STEPS; steps: $KNOWN_STEPS (aliases: all sanitize bench)" >&2
@@ -218,7 +220,26 @@ if [[ "$req" == *" decode_sweep "* ]]; then
     else record decode_sweep FAIL "$DUR" "rc=$RC"; fi
   fi
 fi
-
+# Only when named: the main job on the GPU (bf16), with a longer fine-tune than the CPU default.
+if [[ "$req" == *" demo "* ]]; then
+  # shellcheck disable=SC2086
+  if run_step demo 240 demo.log "$PY" -m gmod_ext demo --no-progress --out "$OUT/demo" ${GMOD_GPU_DEMO_ARGS:---steps 200}; then
+    tail_of demo.log 40
+    if (( RC == 0 )); then
+      record demo ok "$DUR" "$("$PY" - "$OUT/demo/report.json" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+h, t = r["heldout"], r["train"]
+ratio = t.get("step_time_ratio")
+print(f"{r['device']} {r['dtype']}, {t['gmod']['steps']} steps: held-out loss dense {h['dense']['loss']:.3f} / "
+      f"gamma-MoD {h['gmod']['loss']:.3f}; first answer token {h['dense']['first_token_accuracy']:.2f} / "
+      f"{h['gmod']['first_token_accuracy']:.2f}; FLOPs {r['flops']['ratio']:.3f}; train step "
+      + (f"{ratio:.3f}x dense" if ratio else "n/a"))
+PYEOF
+)"
+    else record demo FAIL "$DUR" "rc=$RC; $(grep -m1 -E 'Error|error' "$OUT/demo.log" | cut -c1-120)"; fi
+  fi
+fi
 
 # ------------------------------------------------------------------ tests
 if want tests; then
