@@ -80,16 +80,20 @@ def find_decoder(model: nn.Module) -> DecoderParts:
 CACHE_KWARGS = ("cache", "past_key_values")
 
 
-def cache_kwarg_of(fn) -> str:
-    """The name of the KV cache parameter of ``fn`` (a model's or decoder layer's ``forward``):
-    ``"cache"`` when it has one (transformers >= 5.24), else ``"past_key_values"``."""
+def accepts(fn, name: str) -> bool:
+    """Whether callable ``fn`` (e.g. a module's ``forward``) has a parameter called ``name``."""
     import inspect
 
     try:
-        params = inspect.signature(fn).parameters
+        return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+        return False
+
+
+def cache_kwarg_of(fn) -> str:
+    """The name of the KV cache parameter of ``fn`` (a model's or decoder layer's ``forward``):
+    ``"cache"`` when it has one (transformers >= 5.24), else ``"past_key_values"``."""
+    return "cache" if accepts(fn, "cache") else "past_key_values"
 
 
 def pop_cache(kwargs: dict):

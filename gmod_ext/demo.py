@@ -65,7 +65,7 @@ from typing import Any, Optional
 
 import torch
 
-from ._hf import output_cache
+from ._hf import find_decoder, output_cache
 
 __all__ = ["add_demo", "run_demo", "SyntheticTask", "build_builtin_model", "forward_flops", "kv_estimate",
            "kept_for_generation", "cache_module", "dense_cache_bytes"]
@@ -267,8 +267,6 @@ def load_user_model(path: str):
         cls = transformers.AutoModelForImageTextToText if hasattr(cfg, "vision_config") else \
             transformers.AutoModelForCausalLM
     model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    from ._hf import find_decoder
-
     try:  # a model gmod_ext cannot convert: say so now, not as a traceback from the report code
         find_decoder(model)
     except (TypeError, ValueError) as err:

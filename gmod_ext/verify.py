@@ -25,13 +25,13 @@ weights, modes and random number generators are left as they were.
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from ._hf import accepts
 from .config import GmodConfig
 from .mod_layer import _sliding_window, make_mod_layer
 from .router import GmodState
@@ -169,20 +169,13 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
             f"its four norms). {advice}")
 
 
-def _accepts(module: nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, layer_index: int) -> None:
     """Multimodal models that mark image tokens with ``token_type_ids`` (Gemma-3's and PaliGemma's) let the
     tokens of one image attend to each other in both directions. The language-model check prompt has no
     image, so it cannot see that: run the whole model once more with a span of the prompt marked as image
     tokens (no pixels: their embeddings stay text embeddings) and look at the mask the decoder layer gets.
     """
-    if parts.image_token_id is None or not _accepts(model, "token_type_ids"):
+    if parts.image_token_id is None or not accepts(model.forward, "token_type_ids"):
         return
     types = torch.zeros_like(ids)
     types[:, 3:7] = 1
