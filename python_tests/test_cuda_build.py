@@ -162,8 +162,17 @@ def test_router_logits(dtype, D, norm):
     out_b = OPS.router_logits_backward(to_dev(g), to_dev(x), to_dev(w), to_dev(nw), eps)
     lowp = dtype in LOWP
     # dx: one rounding to the activation dtype of a value computed in acc (which may differ in
-    # the last fp32 bits), so up to one ulp of dtype.
-    assert_close(out_b[0], ref_b[0], dtype, "dx", ulps=1.0 if lowp else 64, atol_rel=(1e-3 if lowp else 1e-5))
+    # the last fp32 bits), so up to one ulp of dtype. With a norm, dx_i = (u_i - xhat_i * mean(u * xhat)) / rms
+    # (u = g * w * norm_weight) cancels (at D = 1 almost wholly: xhat = +-1), so the absolute error is set by
+    # the terms before the cancellation, |g| * max|u| / rms, not by the result.
+    atol = 0.0
+    if nw is not None and not lowp:
+        xd = x.double()
+        rms = (xd.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        term = (g.double().abs()[..., None] * (w.double() * nw.double()).abs().max() / rms).max().item()
+        atol = 64 * torch.finfo(acc).eps * math.sqrt(D) * term
+    assert_close(out_b[0], ref_b[0], dtype, "dx", ulps=1.0 if lowp else 64,
+                 atol_rel=(1e-3 if lowp else 1e-5) + atol / max(ref_b[0].abs().max().item(), 1e-30))
     for i, name in ((1, "dweight"), (2, "dnorm_weight")):
         if i == 2 and nw is None:
             assert out_b[2].numel() == 0 and out_b[2].dtype == ref_b[2].dtype
@@ -474,9 +483,12 @@ def test_scatter_merge_misaligned_and_empty():
         g = torch.randn(B, S, D)
         ref_b = OPS.scatter_merge_backward(g, *args)
         out_b = OPS.scatter_merge_backward(to_dev(g), *(to_dev(t) for t in args))
-        for a, r in zip(out_b, ref_b):
-            assert a.shape == r.shape and a.dtype == r.dtype
-            assert torch.equal(a.cpu(), r)
+        for a, r, name in zip(out_b, ref_b, ("dx", "dbase", "ddelta", "dgate", "dskip_scale")):
+            assert a.shape == r.shape and a.dtype == r.dtype, name
+            if name in ("dx", "dbase", "ddelta"):  # one product, one rounding: identical
+                assert torch.equal(a.cpu(), r), f"{name} differs"
+            else:  # dot products over D (with C = 0, dskip_scale = sum_d g * x): summation order differs
+                assert_close(a, r, r.dtype, name, ulps=64, atol_rel=64 * torch.finfo(r.dtype).eps * math.sqrt(D))
 
 
 # ================================================================== kv_cache_append
