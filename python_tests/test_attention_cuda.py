@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -524,16 +525,53 @@ def test_forward_narrow_key_tiles_d128(dtype, monkeypatch):
         assert_lse_close(lse, lse_ref, f"narrow lse ({name} scale)")
 
 
+@cuda_only
+def test_backward_default_tile_on_a_large_grid(monkeypatch):
+    """Without GMOD_ATTN_BWD_BLOCK_N, a grid of two waves or more (here ceil(1100/128) x 2 x 16 = 288 CTAs
+    >= 2 x 132 SMs on the H100) takes the 8-warp, 128-key dk/dv tile (seen in the profiler's kernel name:
+    TcBwdTraits<..., kWarps = 8>), and its gradients meet the flash rule; with GMOD_ATTN_BWD_BLOCK_N=64 the
+    same problem runs the 4-warp kernel."""
+    monkeypatch.delenv("GMOD_ATTN_BWD_BLOCK_N", raising=False)
+    B, C, Hq, Hk, d, dtype = 2, 1100, 16, 4, 128, torch.bfloat16
+    q_len = lengths(B, C, (1100, 517))
+    k_len = q_len.clone()
+    q0, k0, v0 = make_qkv(B, C, C, Hq, Hk, d, dtype)
+    g = torch.randn(B, C, Hq, d, device=DEV, dtype=dtype)
+    scale = 1.0 / math.sqrt(d)
+    _, *ref = ref_grads(q0, k0, v0, q_len, k_len, scale, torch.float64, g)
+    _, *ref_pt = ref_grads(q0, k0, v0, q_len, k_len, scale, dtype, g)
+
+    def grads_and_dkdv_warps():
+        q, k, v = (t.detach().clone().requires_grad_(True) for t in (q0, k0, v0))
+        o, _ = ops.attention(q, k, v, q_len, k_len)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = torch.autograd.grad(o, (q, k, v), g)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "gmod_attn_bwd_dkdv_tc_kernel" in e.name]
+        assert names, "no tensor-core dk/dv kernel ran"
+        warps = {re.search(r"TcBwdTraits<([^<>]*)>", n).group(1).split(",")[-1].strip() for n in names}
+        return out, warps
+
+    default, warps = grads_and_dkdv_warps()
+    assert warps == {"8"}, f"the default dk/dv tile on this grid has {warps} warps, not 8 (128 keys)"
+    for name, got, want, pt in zip(("dq", "dk", "dv"), default, ref, ref_pt):
+        assert_flash_close(got, want, pt, f"default tile {name}")
+    monkeypatch.setenv("GMOD_ATTN_BWD_BLOCK_N", "64")
+    assert grads_and_dkdv_warps()[1] == {"4"}
+
+
+@pytest.mark.parametrize("block_n", ["128", "64"])
 @pytest.mark.parametrize("dtype", LOWP)
-def test_backward_wide_dkdv_tiles(dtype, monkeypatch):
-    """GMOD_ATTN_BWD_BLOCK_N=128 (read at every call) runs the tensor-core dk/dv kernel on 8 warps and
-    128 keys per CTA. Its gradients must meet the flash rule like the default: d = 64 and 128, atomic
+def test_backward_wide_dkdv_tiles(dtype, block_n, monkeypatch):
+    """GMOD_ATTN_BWD_BLOCK_N=128 / =64 (read at every call) forces the tensor-core dk/dv kernel onto 8
+    warps x 128 keys / 4 warps x 64 keys per CTA (by default the choice follows the grid size, so a small
+    problem would never run the wide tile). The gradients must meet the flash rule both ways: d = 64 and 128, atomic
     and deterministic dQ, GQA 4 with heads_per_cta = group and 1, causal offsets around the 128-key
     tiles, rows with 0 / 1 keys."""
     B, Cq, Ck, Hq, Hk = 4, 200, 330, 8, 2
     q_len = lengths(B, Cq, (200, 73, 1, 0))
     k_len = lengths(B, Ck, (330, 200, 129, 5))
-    monkeypatch.setenv("GMOD_ATTN_BWD_BLOCK_N", "128")
+    monkeypatch.setenv("GMOD_ATTN_BWD_BLOCK_N", block_n)
     for d in (64, 128):
         q0, k0, v0 = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
         g = torch.randn(B, Cq, Hq, d, device=DEV, dtype=dtype)
@@ -550,4 +588,4 @@ def test_backward_wide_dkdv_tiles(dtype, monkeypatch):
             finally:
                 torch.use_deterministic_algorithms(prev)
             for name, got, want, pt in zip(("dq", "dk", "dv"), grads, ref, ref_pt):
-                assert_flash_close(got, want, pt, f"wide {name} d={d} det={det}")
+                assert_flash_close(got, want, pt, f"block_n {block_n} {name} d={d} det={det}")

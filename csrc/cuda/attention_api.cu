@@ -58,13 +58,6 @@ int fwd_block_n() {
   return v != nullptr && std::strcmp(v, "32") == 0 ? 32 : 64;
 }
 
-// GMOD_ATTN_BWD_BLOCK_N=128: the tensor-core dk/dv kernel on 8 warps and 128 keys per CTA
-// (TcBwdWideTile; an experiment until benchmarked); anything else keeps the 64-key, 4-warp default.
-int tc_bwd_keys_per_cta() {
-  const char* v = std::getenv("GMOD_ATTN_BWD_BLOCK_N");
-  return v != nullptr && std::strcmp(v, "128") == 0 ? attn::kTcBwdWideBlockN : attn::kTcBwdBlockN;
-}
-
 // GMOD_ATTN_DECODE_SPLITS=N: the split-k decode uses N key splits (clamped to what the cache allows)
 // instead of the wave model's choice (decode_num_splits). Read at every call, unlike the other flags,
 // so that one process can sweep it (scripts/decode_split_sweep.py); a getenv per call is ~0.1 us.
@@ -102,6 +95,21 @@ int device_attribute() {
 }
 
 int num_sms() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
+
+// Keys per CTA of the tensor-core dk/dv kernel. 8 warps x 128 keys (TcBwdWideTile) halve the fp32 dQ
+// atomics per key and let each Q/dO tile in shared memory serve twice the keys: on the H100 (gpu_check,
+// 2026-11-24) it ran the backward 1.04-1.12x faster than 4 warps x 64 keys at B x C = 8x1024, 4x2048,
+// 2x4096, H = 32, d = 64 and 128. It also halves the CTA count, so it is the default only where the
+// grid still fills at least two waves (ceil(Ck / 128) x B x Hq CTAs >= 2 x SMs); small problems keep
+// the 64-key tile. GMOD_ATTN_BWD_BLOCK_N=128 / =64 forces one (read at every call: the benchmark's
+// --experiments row and the tests time and check both in one process).
+int tc_bwd_keys_per_cta(int64_t B, int64_t Hq, int64_t Ck) {
+  const char* v = std::getenv("GMOD_ATTN_BWD_BLOCK_N");
+  if (v != nullptr && std::strcmp(v, "128") == 0) return attn::kTcBwdWideBlockN;
+  if (v != nullptr && std::strcmp(v, "64") == 0) return attn::kTcBwdBlockN;
+  const int64_t wide_ctas = (Ck + attn::kTcBwdWideBlockN - 1) / attn::kTcBwdWideBlockN * B * Hq;
+  return wide_ctas >= 2 * static_cast<int64_t>(num_sms()) ? attn::kTcBwdWideBlockN : attn::kTcBwdBlockN;
+}
 
 // Tensor-core kernels: 16-bit inputs on sm_80+ (mma.sync.m16n8k16 with bf16, ldmatrix, cp.async).
 bool use_tensor_cores(at::ScalarType dtype) {
@@ -256,13 +264,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const auto f32 = q.options().dtype(at::kFloat);
   // One dk/dv CTA per kv head (summing its GQA group, no atomics) when deterministic or when that grid
   // already fills the GPU twice over; else one per q head with fp32 atomics into dk/dv accumulators.
-  // Sized with the key tile of the dk/dv kernel that will run (attention_bwd.cu): kTcBwdBlockN keys
-  // (kTcBwdWideBlockN with GMOD_ATTN_BWD_BLOCK_N=128) for the tensor-core kernel (bf16 / fp16 with
+  // Sized with the key tile of the dk/dv kernel that will run (attention_bwd.cu): kTcBwdBlockN or
+  // kTcBwdWideBlockN keys (tc_bwd_keys_per_cta) for the tensor-core kernel (bf16 / fp16 with
   // d <= 128, static_assert'ed there),
   // BwdTile<d>::kBlockN for the SIMT one.
   const bool tc_bwd = use_tensor_cores(q.scalar_type()) && attn::tc_bwd_supports_head_dim(a.d);
   int64_t bwd_block_n = 0;
-  GMOD_HEADDIM_SWITCH(a.d, op, [&] { bwd_block_n = tc_bwd ? tc_bwd_keys_per_cta() : attn::BwdTile<kHeadDim>::kBlockN; });
+  GMOD_HEADDIM_SWITCH(a.d, op, [&] { bwd_block_n = tc_bwd ? tc_bwd_keys_per_cta(a.B, a.Hq, a.Ck) : attn::BwdTile<kHeadDim>::kBlockN; });
   const int64_t kv_ctas = (a.Ck + bwd_block_n - 1) / bwd_block_n * a.B * a.Hk;
   const int64_t heads_per_cta = (deterministic || group == 1 || kv_ctas >= 2 * num_sms()) ? group : 1;
 

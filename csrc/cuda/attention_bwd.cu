@@ -6,8 +6,9 @@
 // Kernels and tiles, 128 threads:
 //   tensor cores (bf16 / fp16 on sm_80+, head dim <= 128): attention_bwd_tc_kernel.cuh, TcBwdTile<d>
 //                      (dk/dv: 64 keys x 64-query steps; dq: 64 queries x 64-key steps); with
-//                      params.tc_bwd_block_n == 128 the dk/dv kernel runs TcBwdWideTile<d> (256 threads,
-//                      128 keys x 64-query steps);
+//                      params.tc_bwd_block_n == 128 (the default on grids of two waves or more,
+//                      tc_bwd_keys_per_cta in attention_api.cu) the dk/dv kernel runs TcBwdWideTile<d>
+//                      (256 threads, 128 keys x 64-query steps);
 //   SIMT (float32, head dim 256, older GPUs, GMOD_ATTN_SIMT=1): attention_bwd_kernel.cuh, BwdTile<d>
 //                      (64 queries x 32 keys for d <= 128, 32 x 16 for d = 256).
 #include <type_traits>

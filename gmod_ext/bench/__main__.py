@@ -23,8 +23,9 @@ from . import ops as ops_bench
 BENCHES = {"ops": ops_bench, "attention": attention_bench, "layer": layer_bench, "model": model_bench}
 
 TIMING_HELP = """\
-timing: on CUDA, CUDA events around each call, a 256 MiB buffer written before each call so no
-input or output is left in L2, warm-up first, the median of many repeats (min and 80th percentile
+timing: on CUDA, CUDA events around each call, a 256 MiB buffer read before each call so no input
+or output is left in L2 (read, not written: a written buffer leaves dirty lines whose write-back
+lands in the timed call; --flush-mode write keeps that for comparison), warm-up first, the median of many repeats (min and 80th percentile
 in the JSON); --graph times CUDA-graph replays instead of eager calls. On CPU, time.perf_counter
 medians. Sizes: full sizes on CUDA; --quick (and always on CPU) small sizes for a smoke test.
 Every gmod result is compared with its baseline once before it is timed; a difference prints
@@ -54,13 +55,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="activations (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--graph", action="store_true", help="CUDA: time CUDA-graph replays (falls back to eager)")
     p.add_argument("--no-flush", action="store_true", help="CUDA: do not flush L2 between repeats")
+    p.add_argument("--flush-mode", choices=["read", "write"], default="read",
+                   help="CUDA: evict L2 by reading a 256 MiB buffer (default) or by writing it (leaves up to 50 MB "
+                        "of dirty lines whose write-back is billed to the timed call; the benchmarks before "
+                        "2026-11-24 did this)")
     p.add_argument("--budget-ms", type=float, help="time spent on the repeats of one measurement")
     p.add_argument("--threads", type=int, help="CPU: torch threads (default 1, for stable medians)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiments", action="store_true",
-                   help="attention: also time the opt-in tile plans as gmod-exp rows, in the same process: the "
+                   help="attention: also time the other tile plans as gmod-exp rows, in the same process: the "
                         "d = 128 forward on 128 x 32 tiles (GMOD_ATTN_FWD_BLOCK_N=32) and the backward's dk/dv "
-                        "kernel on 8 warps x 128 keys (GMOD_ATTN_BWD_BLOCK_N=128); vs_default = gmod-exp / gmod")
+                        "kernel on 4 warps x 64 keys (GMOD_ATTN_BWD_BLOCK_N=64; the default at the benchmark "
+                        "shapes is 8 warps x 128 keys); vs_default = gmod-exp / gmod")
+    p.add_argument("--profile", action="store_true",
+                   help="model: also profile one fwd+bwd per impl (torch.profiler) and print GPU time per kernel "
+                        "group (GEMM, attention, gmod ops, elementwise, ...): where gamma-MoD's time goes")
     p.add_argument("--check-indices", action="store_true",
                    help="keep the CUDA ops' index validation (one host sync per call) in the timed calls")
     return p
@@ -78,7 +87,7 @@ def main(argv=None) -> int:
     m = common.meta(ctx)
     print(f"gmod_ext.bench {args.bench}: {m['device']} ({m['device_name']}), torch {m['torch']}, "
           f"{m['dtype']}, sizes {m['size_mode']}, gmod build {m['gmod_build']}")
-    print(f"timing: {m['timing']['method']}, L2 flush {m['timing']['l2_flush_256MiB']}, "
+    print(f"timing: {m['timing']['method']}, L2 flush {m['timing']['l2_flush_mode'] or False}, "
           f"graph {m['timing']['cuda_graph']}, index validation {m['timing']['index_validation']}, {ctx.min_reps}-{ctx.max_reps} repeats / ~{ctx.budget_ms:.0f} ms each\n",
           flush=True)
     sections = []
