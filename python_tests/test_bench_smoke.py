@@ -106,3 +106,25 @@ def test_bench_help_explains_columns():
     assert proc.returncode == 0
     for word in ("% copy", "x floor", "TFLOP/s", "vs flash", "MISMATCH", "bytes that must move"):
         assert word in proc.stdout, word
+
+
+@pytest.mark.parametrize("name,group", [
+    ("void gmod::attn::gmod_attn_fwd_tc_kernel<gmod::attn::TcFwdTraits<128, 2, 64>, __nv_bfloat16>(Params)",
+     "void gmod::attn::gmod_attn_fwd_tc_kernel"),
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", "GEMM (cuBLAS)"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM (cuBLAS)"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention (SDPA)"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("void at::native::reduce_kernel<512, 1, ReduceOp<float, MeanOps<float, float, float, float>>>", "torch reductions"),
+    ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<c10::BFloat16>>", "torch elementwise"),
+    ("void at::native::index_elementwise_kernel<128, 4>", "torch elementwise"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<OpaqueType<2>, unsigned int, 4, 64, 64>",
+     "torch copy/index"),
+    ("some_kernel_nobody_knows", "other"),
+])
+def test_profile_kernel_groups(name, group):
+    """bench model --profile sums GPU time per kernel group: each kind of kernel lands in its group, and a
+    gmod kernel is listed under its own name (without template arguments)."""
+    from gmod_ext.bench.model import kernel_group
+
+    assert kernel_group(name) == group

@@ -12,6 +12,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -45,6 +46,18 @@ def test_unknown_step_is_refused_before_anything_runs(tmp_path):
     assert proc.returncode == 2
     assert "unknown step 'bench_opz'" in proc.stderr and "bench_ops" in proc.stderr
     assert not (tmp_path / "out" / "steps.tsv").read_text().strip()  # no step ran
+
+
+def test_pack_leaves_two_files_holding_everything(tmp_path, monkeypatch):
+    """GMOD_GPU_CHECK_PACK=1: the device tool brings back at most 8 files, so $OUT ends with summary.txt and
+    gpu_check.tgz, and the archive holds every log the steps wrote."""
+    monkeypatch.setenv("GMOD_GPU_CHECK_PACK", "1")
+    proc = _run(tmp_path, "info", timeout=120)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tgz", "summary.txt"], proc.stdout[-2000:]
+    with tarfile.open(out / "gpu_check.tgz") as tar:
+        names = {pathlib.PurePosixPath(n).name for n in tar.getnames()}
+    assert {"steps.tsv", "info.log", "summary.txt"} <= names
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the benchmark steps run at full size: "

@@ -40,12 +40,14 @@ class Ctx:
     quick: bool
     graph: bool = False
     flush: bool = True
+    flush_mode: str = "read"  # how flush_l2 evicts L2: "read" (clean lines) or "write" (the old memset)
     budget_ms: float = 300.0  # time spent on the timed repeats of one measurement
     warmup_ms: float = 25.0
     min_reps: int = 10
     max_reps: int = 200
     seed: int = 0
     experiments: bool = False  # attention: also time the opt-in tile plans (gmod-exp rows)
+    profile: bool = False  # model: a kernel-time breakdown of one fwd+bwd per impl (torch.profiler)
     copy_GBps: Optional[float] = None
     mismatches: list = dataclasses.field(default_factory=list)
     errors: list = dataclasses.field(default_factory=list)
@@ -67,9 +69,17 @@ class Ctx:
             torch.cuda.synchronize(self.device)
 
     def flush_l2(self) -> None:
+        """Evict L2 by reading a 256 MiB buffer (5x the H100's L2). A read leaves clean lines, which the
+        timed call evicts for free. The old flush *wrote* the buffer (zero_()), which left up to the L2's
+        50 MB of dirty lines; their write-back to DRAM then ran inside the timed call and was billed to
+        it: +37 % traffic for a 134 MB op, +300 % for the 17 MB decode at B=1 (flush_mode "write" keeps
+        that behaviour for comparison)."""
         if self._flush_buf is None:
-            self._flush_buf = torch.empty(256 * MiB, dtype=torch.int8, device=self.device)
-        self._flush_buf.zero_()
+            self._flush_buf = torch.zeros(64 * MiB, dtype=torch.float32, device=self.device)
+        if self.flush_mode == "write":
+            self._flush_buf.zero_()
+        else:
+            self._flush_buf.sum()
 
 
 def make_ctx(args) -> Ctx:
@@ -81,7 +91,9 @@ def make_ctx(args) -> Ctx:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ctx = Ctx(device=device, dtype=dtype, quick=quick, graph=bool(getattr(args, "graph", False)),
               flush=not getattr(args, "no_flush", False), seed=getattr(args, "seed", 0),
-              experiments=bool(getattr(args, "experiments", False)))
+              flush_mode=getattr(args, "flush_mode", None) or "read",
+              experiments=bool(getattr(args, "experiments", False)),
+              profile=bool(getattr(args, "profile", False)))
     if device.type == "cuda":
         if quick:
             ctx.budget_ms, ctx.min_reps, ctx.max_reps = 60.0, 5, 100
@@ -208,7 +220,7 @@ def _measure_cuda(fns, ctx: Ctx) -> Timing:
     # time-based warm-up
     for i in range(int(min(200, ctx.warmup_ms / est))):
         fns[i % len(fns)]()
-    flush_ms = 0.12 if ctx.flush else 0.0  # 256 MiB memset at ~2.5 TB/s
+    flush_ms = 0.12 if ctx.flush else 0.0  # 256 MiB read (or memset) at ~2.5 TB/s
     reps = int(min(ctx.max_reps, max(ctx.min_reps, ctx.budget_ms / (est + flush_ms))))
     starts = [ev() for _ in range(reps)]
     ends = [ev() for _ in range(reps)]
@@ -422,6 +434,7 @@ def meta(ctx: Ctx) -> dict:
         "timing": {
             "method": "cuda events, median" if ctx.cuda else "time.perf_counter, median",
             "l2_flush_256MiB": bool(ctx.cuda and ctx.flush),
+            "l2_flush_mode": ctx.flush_mode if ctx.cuda and ctx.flush else None,
             "cuda_graph": bool(ctx.graph),
             # GMOD_TRUST_INDICES=1: the CUDA ops skip their index validation and its host sync
             "index_validation": os.environ.get("GMOD_TRUST_INDICES") != "1",

@@ -18,7 +18,10 @@ prefill, 1.5x train step at ratio 0.5) are reachable at all (FLOPs bounds 1.81x 
               compact cache), logits of the last position only (as ``generate`` does); no labels,
               so nothing is forced and each MoD layer keeps half of the tokens;
   fwd+bwd     forward with labels (LM loss + router aux loss) and backward, no KV cache;
-  train step  fwd+bwd + AdamW step.
+  train step  fwd+bwd + AdamW step (fused AdamW on CUDA).
+
+``--profile`` adds a table: one fwd+bwd call per impl under torch.profiler, GPU time per kernel group
+(GEMM, SDPA attention, each gmod op, torch elementwise / reductions), to show where the time goes.
 
 ``x dense`` is the gamma-MoD time over the dense time; ``FLOPs`` the analytic matmul-FLOP ratio of
 the same forward (from the tokens each MoD layer kept), the speed-up to expect if every part scaled.
@@ -57,7 +60,59 @@ ARANK_COLS = [
     Col("arank", "ARank", ".2f", "mean rank of the layer's causal attention maps (calibration batch)"),
     Col("kind", "kind", help="MoD or dense (the highest-ARank layers stay dense)"),
 ]
-TABLES = [("model", MODEL_COLS), ("arank", ARANK_COLS)]
+PROFILE_COLS = [
+    Col("impl", "impl"),
+    Col("pass", "pass"),
+    Col("group", "kernel group", help="--profile: CUDA kernels grouped by kind (gmod ops by kernel name; GEMM = "
+        "cuBLAS/nvjet/cutlass; attention = SDPA's flash / cuDNN / memory-efficient kernels; torch elementwise and "
+        "reductions; other)"),
+    Col("calls", "launches"),
+    Col("ms", "ms", ".3f", "GPU time of the group in one call of the pass (profiled; the sum is near the timed ms)"),
+    Col("share", "share", ".3f", "ms / the impl's total GPU time in that pass"),
+]
+TABLES = [("model", MODEL_COLS), ("arank", ARANK_COLS), ("profile", PROFILE_COLS)]
+
+
+def kernel_group(name: str) -> str:
+    """A CUDA kernel's name -> the group --profile sums it under."""
+    n = name.lower()
+    if n.startswith("gmod_") or "gmod_" in n[:40]:
+        return name.split("<")[0].split("(")[0]
+    if any(s in n for s in ("nvjet", "gemm", "cutlass", "cublas", "sm90_xmma", "sm80_xmma")):
+        return "GEMM (cuBLAS)"
+    if any(s in n for s in ("flash", "fmha", "cudnn", "attention", "mem_eff")):
+        return "attention (SDPA)"
+    if "adam" in n or "multi_tensor_apply" in n:
+        return "optimizer"
+    if "reduce" in n:
+        return "torch reductions"
+    if "elementwise" in n or "vectorized" in n or "unrolled" in n:
+        return "torch elementwise"
+    if "copy" in n or "cat" in n or "index" in n or "scatter" in n or "gather" in n:
+        return "torch copy/index"
+    return "other"
+
+
+def profile_breakdown(fn, ctx: Ctx) -> list:
+    """[(group, launches, ms)] of one call of fn, by GPU time, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm
+    ctx.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        ctx.sync()
+    groups: dict = {}
+    for e in prof.events():
+        if "cuda" not in str(getattr(e, "device_type", "")).lower():
+            continue
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        g = groups.setdefault(kernel_group(e.name), [0, 0.0])
+        g[0] += 1
+        g[1] += t / 1e3  # us -> ms
+    return sorted(((k, n, ms) for k, (n, ms) in groups.items()), key=lambda r: -r[2])
 
 
 def build_model(z: dict, dev: torch.device, dt: torch.dtype, seed: int):
@@ -116,6 +171,7 @@ def run(ctx: Ctx):
     if ctx.size_mode == "cpu":
         sec.notes.append("CPU: tiny shapes and the gmod ops' C++ reference kernels: not representative of the GPU")
     arank_sec = Section("arank", "ARank per layer and the MoD layer choice (random weights)", ARANK_COLS)
+    prof_sec = Section("profile", "GPU time by kernel group, one fwd+bwd call (torch.profiler)", PROFILE_COLS)
     a = _arch(z)
     tokens = [S] * B
 
@@ -129,7 +185,8 @@ def run(ctx: Ctx):
         return torch.cuda.max_memory_allocated(dev) / 1e9 if ctx.cuda else None
 
     def passes(m, converted: bool):
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
+        # fused on CUDA (one kernel per step, as a trainer would set it); the same optimizer for both impls
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6, fused=ctx.cuda or None)
 
         def prefill():
             with torch.no_grad():
@@ -178,6 +235,13 @@ def run(ctx: Ctx):
                 del out
                 t = measure(fn, ctx)
                 row.update(ms=t.ms, ktok_s=B * S / (t.ms * 1e-3) / 1e3, peak_GB=peak(), timing=t.as_json())
+                if ctx.profile and ctx.cuda and name == "fwd+bwd":
+                    groups = profile_breakdown(fn, ctx)
+                    total = sum(ms for _, _, ms in groups) or float("nan")
+                    for g, n, ms in groups:
+                        prof_sec.add(impl=impl, group=g, calls=n, ms=ms, share=ms / total, **{"pass": name})
+                    prof_sec.add(impl=impl, group="total", calls=sum(n for _, n, _ in groups), ms=total, share=1.0,
+                                 **{"pass": name})
             except Exception as err:  # noqa: BLE001
                 row["ms"] = record_error(ctx, f"model {impl} {name}", err)
             finally:
@@ -225,3 +289,5 @@ def run(ctx: Ctx):
             row["flops"] = 1.0
     yield sec
     yield arank_sec
+    if prof_sec.rows:
+        yield prof_sec
