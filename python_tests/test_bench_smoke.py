@@ -110,7 +110,10 @@ def test_bench_help_explains_columns():
 
 @pytest.mark.parametrize("name,group", [
     ("void gmod::attn::gmod_attn_fwd_tc_kernel<gmod::attn::TcFwdTraits<128, 2, 64>, __nv_bfloat16>(Params)",
-     "void gmod::attn::gmod_attn_fwd_tc_kernel"),
+     "gmod_attn_fwd_tc_kernel"),
+    ("void gmod::(anonymous namespace)::gmod_scatter_merge_kernel<c10::BFloat16, float>(const T1*, int)",
+     "gmod_scatter_merge_kernel"),
+    ("gmod::cuda::gmod_validate_route_kernel(const int*, long)", "gmod_validate_route_kernel"),
     ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", "GEMM (cuBLAS)"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM (cuBLAS)"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention (SDPA)"),

@@ -25,9 +25,10 @@ BENCHES = {"ops": ops_bench, "attention": attention_bench, "layer": layer_bench,
 TIMING_HELP = """\
 timing: on CUDA, CUDA events around each call, a 256 MiB buffer read before each call so no input
 or output is left in L2 (read, not written: a written buffer leaves dirty lines whose write-back
-lands in the timed call; --flush-mode write keeps that for comparison), warm-up first, the median of many repeats (min and 80th percentile
-in the JSON); --graph times CUDA-graph replays instead of eager calls. On CPU, time.perf_counter
-medians. Sizes: full sizes on CUDA; --quick (and always on CPU) small sizes for a smoke test.
+lands in the timed call; --flush-mode write keeps that for comparison), warm-up first, the median
+of many repeats (min and 80th percentile in the JSON); --graph times CUDA-graph replays instead of
+eager calls. On CPU, time.perf_counter medians. Sizes: full sizes on CUDA; --quick (and always on
+CPU) small sizes for a smoke test.
 Every gmod result is compared with its baseline once before it is timed; a difference prints
 MISMATCH in the row and on stderr and makes the exit status 2.
 index validation: the CUDA ops validate index / length values on the device and sync once per call

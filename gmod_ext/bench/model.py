@@ -76,8 +76,9 @@ TABLES = [("model", MODEL_COLS), ("arank", ARANK_COLS), ("profile", PROFILE_COLS
 def kernel_group(name: str) -> str:
     """A CUDA kernel's name -> the group --profile sums it under."""
     n = name.lower()
-    if n.startswith("gmod_") or "gmod_" in n[:40]:
-        return name.split("<")[0].split("(")[0]
+    base = name.replace("(anonymous namespace)::", "").split("<")[0].split("(")[0]
+    if "gmod_" in base:  # a gmod kernel: its own name, e.g. gmod_attn_fwd_tc_kernel
+        return base.split()[-1].rsplit("::", 1)[-1]
     if any(s in n for s in ("nvjet", "gemm", "cutlass", "cublas", "sm90_xmma", "sm80_xmma")):
         return "GEMM (cuBLAS)"
     if any(s in n for s in ("flash", "fmha", "cudnn", "attention", "mem_eff")):
