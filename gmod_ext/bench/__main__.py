@@ -54,7 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes (always on for --device cpu)")
     p.add_argument("--json", metavar="PATH", help="write every number (and the timing details) here")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="activations (default bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--graph", action="store_true", help="CUDA: time CUDA-graph replays (falls back to eager)")
+    p.add_argument("--graph", action="store_true",
+                   help="CUDA: time CUDA-graph replays (falls back to eager). The copy baseline measured 2426 GB/s "
+                        "replayed against 3000 eager on the H100 (the ops' own times did not change): read %% copy "
+                        "from eager runs")
     p.add_argument("--no-flush", action="store_true", help="CUDA: do not flush L2 between repeats")
     p.add_argument("--flush-mode", choices=["read", "write"], default="read",
                    help="CUDA: evict L2 by reading a 256 MiB buffer (default) or by writing it (leaves up to 50 MB "
