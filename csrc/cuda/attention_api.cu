@@ -51,8 +51,9 @@ bool force_simt() {
 
 // The tile experiments below are read at every call (a getenv is ~0.1 us), so that one benchmark
 // process can time the default and the experiment side by side (`gmod_ext.bench attention --experiments`).
-// GMOD_ATTN_FWD_BLOCK_N=32: the d = 128 tensor-core prefill forward with 32-key tiles (an experiment
-// until benchmarked, attention_fwd_tc_kernel.cuh); anything else keeps the 64-key default.
+// GMOD_ATTN_FWD_BLOCK_N=32: the d = 128 tensor-core prefill forward with 32-key tiles
+// (attention_fwd_tc_kernel.cuh; opt-in: 0.94-0.96x the 64-key default on the H100, 2026-11-24);
+// anything else keeps the 64-key default.
 int fwd_block_n() {
   const char* v = std::getenv("GMOD_ATTN_FWD_BLOCK_N");
   return v != nullptr && std::strcmp(v, "32") == 0 ? 32 : 64;
@@ -98,8 +99,8 @@ int num_sms() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
 // Keys per CTA of the tensor-core dk/dv kernel. 8 warps x 128 keys (TcBwdWideTile) halve the fp32 dQ
 // atomics per key and let each Q/dO tile in shared memory serve twice the keys: on the H100 (gpu_check,
-// 2026-11-24) it ran the backward 1.04-1.12x faster than 4 warps x 64 keys at B x C = 8x1024, 4x2048,
-// 2x4096, H = 32, d = 64 and 128. It also halves the CTA count, so it is the default only where the
+// 2026-11-24, two runs) it ran the backward 1.01-1.12x faster than 4 warps x 64 keys at B x C =
+// 8x1024, 4x2048, 2x4096, H = 32, d = 64 and 128. It also halves the CTA count, so it is the default only where the
 // grid still fills at least two waves (ceil(Ck / 128) x B x Hq CTAs >= 2 x SMs); small problems keep
 // the 64-key tile. GMOD_ATTN_BWD_BLOCK_N=128 / =64 forces one (read at every call: the benchmark's
 // --experiments row and the tests time and check both in one process).

@@ -64,8 +64,8 @@ using TcFwdTile = TcFwdTraits<kHeadDim, kHeadDim <= 128 ? 2 : 1, kHeadDim <= 128
 // registers instead of 64, which leaves room for the lazy rescale, fully unrolled copies and the
 // positive scale in the exponent (no spills, sm_90), for ~18 % fewer instructions per key than the
 // 64-key tile (static SASS counts, mask and rescale branches not taken) but 20 % more ldmatrix
-// traffic (Q is re-read per key tile) and twice the barriers. Which is faster is for the benchmark to
-// say; until then the 64-key tile stays the default.
+// traffic (Q is re-read per key tile) and twice the barriers. On the H100 it ran at 0.94-0.96x the
+// 64-key tile (bench attention --experiments, 2026-11-24, two runs), so the 64-key tile stays the default.
 using TcFwdNarrowTile128 =
     TcFwdTraits<128, 2, 32, false, /*kLazyRescale=*/true, /*kUnrollCopies=*/true, /*kFoldScale=*/true>;
 // Decode: 64 packed rows (one atom per warp) x kTcDecodeBlockN keys; with at most 16 packed rows and
