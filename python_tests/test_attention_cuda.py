@@ -527,12 +527,14 @@ def test_forward_narrow_key_tiles_d128(dtype, monkeypatch):
 
 @cuda_only
 def test_backward_default_tile_on_a_large_grid(monkeypatch):
-    """Without GMOD_ATTN_BWD_BLOCK_N, a grid of two waves or more (here ceil(1100/128) x 2 x 16 = 288 CTAs
-    >= 2 x 132 SMs on the H100) takes the 8-warp, 128-key dk/dv tile (seen in the profiler's kernel name:
+    """Without GMOD_ATTN_BWD_BLOCK_N, a grid of two waves or more (ceil(1100/128) x B x 16 CTAs >= 2 x SMs,
+    B sized from this GPU's SM count: 2 on the H100) takes the 8-warp, 128-key dk/dv tile (seen in the profiler's kernel name:
     TcBwdTraits<..., kWarps = 8>), and its gradients meet the flash rule; with GMOD_ATTN_BWD_BLOCK_N=64 the
     same problem runs the 4-warp kernel."""
     monkeypatch.delenv("GMOD_ATTN_BWD_BLOCK_N", raising=False)
-    B, C, Hq, Hk, d, dtype = 2, 1100, 16, 4, 128, torch.bfloat16
+    C, Hq, Hk, d, dtype = 1100, 16, 4, 128, torch.bfloat16
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    B = -(-2 * sms // (-(-C // 128) * Hq))  # the smallest batch whose 128-key grid fills two waves
     q_len = lengths(B, C, (1100, 517))
     k_len = q_len.clone()
     q0, k0, v0 = make_qkv(B, C, C, Hq, Hk, d, dtype)

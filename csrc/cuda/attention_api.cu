@@ -100,9 +100,9 @@ int num_sms() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 // Keys per CTA of the tensor-core dk/dv kernel. 8 warps x 128 keys (TcBwdWideTile) halve the fp32 dQ
 // atomics per key and let each Q/dO tile in shared memory serve twice the keys: on the H100 (gpu_check,
 // 2026-11-24, two runs) it ran the backward 1.01-1.12x faster than 4 warps x 64 keys at B x C =
-// 8x1024, 4x2048, 2x4096, H = 32, d = 64 and 128. It also halves the CTA count, so it is the default only where the
-// grid still fills at least two waves (ceil(Ck / 128) x B x Hq CTAs >= 2 x SMs); small problems keep
-// the 64-key tile. GMOD_ATTN_BWD_BLOCK_N=128 / =64 forces one (read at every call: the benchmark's
+// 8x1024, 4x2048, 2x4096, H = 32, d = 64 and 128. It also halves the CTA count, so it is the default
+// only where the grid still fills at least two waves (ceil(Ck / 128) x B x Hq CTAs >= 2 x SMs); small
+// problems keep the 64-key tile. GMOD_ATTN_BWD_BLOCK_N=128 / =64 forces one (read at every call: the benchmark's
 // --experiments row and the tests time and check both in one process).
 int tc_bwd_keys_per_cta(int64_t B, int64_t Hq, int64_t Ck) {
   const char* v = std::getenv("GMOD_ATTN_BWD_BLOCK_N");
@@ -271,7 +271,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   // BwdTile<d>::kBlockN for the SIMT one.
   const bool tc_bwd = use_tensor_cores(q.scalar_type()) && attn::tc_bwd_supports_head_dim(a.d);
   int64_t bwd_block_n = 0;
-  GMOD_HEADDIM_SWITCH(a.d, op, [&] { bwd_block_n = tc_bwd ? tc_bwd_keys_per_cta(a.B, a.Hq, a.Ck) : attn::BwdTile<kHeadDim>::kBlockN; });
+  GMOD_HEADDIM_SWITCH(a.d, op, [&] {
+    bwd_block_n = tc_bwd ? tc_bwd_keys_per_cta(a.B, a.Hq, a.Ck) : attn::BwdTile<kHeadDim>::kBlockN;
+  });
   const int64_t kv_ctas = (a.Ck + bwd_block_n - 1) / bwd_block_n * a.B * a.Hk;
   const int64_t heads_per_cta = (deterministic || group == 1 || kv_ctas >= 2 * num_sms()) ? group : 1;
 

@@ -87,8 +87,8 @@ template <int kHeadDim>
 using TcBwdTile = TcBwdTraits<kHeadDim, 64, kHeadDim <= 96 ? 64 : 32, 1, 64>;
 // The dk/dv kernel on 8 warps and 128 keys per CTA: the same per-warp work and registers, shared memory
 // 158 KiB at d = 128 (one CTA of 8 warps per SM instead of two of 4). The default wherever its grid fills
-// two waves (tc_bwd_keys_per_cta, attention_api.cu): 1.04-1.12x faster than TcBwdTile on the H100 at the
-// benchmark shapes. The deterministic path's dq kernel stays TcBwdTile's.
+// two waves (tc_bwd_keys_per_cta, attention_api.cu): 1.01-1.12x faster than TcBwdTile on the H100 at the
+// benchmark shapes (two runs). The deterministic path's dq kernel stays TcBwdTile's.
 template <int kHeadDim>
 using TcBwdWideTile = TcBwdTraits<kHeadDim, 64, kHeadDim <= 96 ? 64 : 32, 1, 64, 8>;
 
