@@ -22,6 +22,11 @@ static std::string build_info() {
 #else
   s += ";cuda=0";
 #endif
+#ifdef GMOD_WITH_SM90A
+  s += ";sm90a=1";  // the wgmma kernels (csrc/cuda/sm90a/) are in
+#else
+  s += ";sm90a=0";
+#endif
   return s;
 }
 

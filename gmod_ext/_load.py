@@ -44,7 +44,7 @@ def load() -> dict:
     have = torch.__version__.split("+")[0]
     if built.split(".")[:2] != have.split(".")[:2]:
         raise ImportError(f"gmod_ext: library built against torch {built}, but torch {have} is installed. {_REBUILD}")
-    return {"torch": info["torch"], "cuda": info["cuda"] == "1"}
+    return {"torch": info["torch"], "cuda": info["cuda"] == "1", "sm90a": info.get("sm90a") == "1"}
 
 
 def _loaded() -> bool:

@@ -525,6 +525,82 @@ def test_forward_narrow_key_tiles_d128(dtype, monkeypatch):
         assert_lse_close(lse, lse_ref, f"narrow lse ({name} scale)")
 
 
+def _wgmma_here():
+    """The sm_90a wgmma forward can run here: a compute capability 9.0 GPU and a build with sm_90a kernels."""
+    return (not ON_CPU and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and gmod_ext.BUILD_INFO.get("sm90a", False))
+
+
+needs_wgmma = pytest.mark.skipif(not ON_CPU and not _wgmma_here(),
+                                 reason="the wgmma forward needs an sm_90 GPU and a build with sm_90a kernels")
+
+
+def _forward_kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return out, {e.name for e in prof.events() if "gmod_attn_fwd" in e.name}
+
+
+@needs_wgmma
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", LOWP)
+def test_forward_wgmma(dtype, d, monkeypatch):
+    """GMOD_ATTN_FWD_IMPL=wgmma (read at every call) runs the d = 64 / 128 prefill forward on the sm_90a
+    wgmma kernel (128 x 128 tiles, 2 warpgroups; the profiler must show gmod_attn_fwd_wgmma_kernel). It
+    must meet the flash rule like the default: causal offsets across its 128-row / 128-key tiles, rows
+    with 0 / 1 / all keys, q_len > k_len, GQA, rows of 300 keys (the max grows on later tiles), and a
+    negative scale (the unfolded exponent). The backward then runs on its o / lse. On CPU
+    (GMOD_TEST_DEVICE_UNDER_TEST=cpu) the flag changes nothing and the CPU kernel is checked."""
+    B, Cq, Ck, Hq, Hk = 12, 150, 300, 4, 2
+    offsets = [-129, -128, -127, -64, -1, 0, 1, 63, 64, 127, 128, 129]
+    ql = [150 - 3 * (b % 4) for b in range(B)]
+    ql[0], ql[1] = 1, 0
+    kl = [min(Ck, max(0, q + o)) for q, o in zip(ql, offsets)]
+    q_len, k_len = lengths(B, Cq, ql), lengths(B, Ck, kl)
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
+    monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", "wgmma")
+    for name, scale in (("pos", 1.0 / math.sqrt(d)), ("neg", -0.3)):
+        fn = lambda: torch.ops.gmod.attention(q, k, v, q_len, k_len, scale)  # noqa: E731
+        if ON_CPU:
+            o, lse = fn()
+        else:
+            (o, lse), names = _forward_kernel_names(fn)
+            assert names and all("gmod_attn_fwd_wgmma_kernel" in n for n in names), names
+        o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, scale, torch.float64)
+        o_pt, _ = ref_attention(q, k, v, q_len, k_len, scale, dtype)
+        assert_flash_close(o, o_ref, o_pt, f"wgmma o ({name} scale)")
+        assert_lse_close(lse, lse_ref, f"wgmma lse ({name} scale)")
+    g = torch.randn_like(q)
+    dq, dk, dv = torch.ops.gmod.attention_backward(g, q, k, v, o, lse, q_len, k_len, -0.3)
+    _, *ref = ref_grads(q, k, v, q_len, k_len, -0.3, torch.float64, g)
+    _, *ref_pt = ref_grads(q, k, v, q_len, k_len, -0.3, dtype, g)
+    for gname, got, want, pt in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, ref_pt):
+        assert_flash_close(got, want, pt, f"backward on the wgmma forward's o / lse: {gname}")
+
+
+@cuda_only
+def test_forward_impl_flag_errors(monkeypatch):
+    """GMOD_ATTN_FWD_IMPL: an unknown value is a ValueError naming the choices; wgmma where it cannot run
+    (not an sm_90 GPU, or no sm_90a kernels in the build) is a RuntimeError saying why, never a silent
+    fallback (a benchmark would time the wrong kernel); mma is the default kernel."""
+    q, k, v = make_qkv(1, 40, 40, 2, 2, 64, torch.bfloat16)
+    lens = lengths(1, 40, (40,))
+    want, _ = torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)
+    monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", "mma")
+    assert torch.equal(torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)[0], want)
+    monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", "tma")
+    with pytest.raises(ValueError, match="GMOD_ATTN_FWD_IMPL=tma.*wgmma.*mma"):
+        torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)
+    monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", "wgmma")
+    if _wgmma_here():
+        o, _ = torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)
+        assert o.shape == want.shape
+    else:
+        with pytest.raises(RuntimeError, match="GMOD_ATTN_FWD_IMPL=wgmma"):
+            torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)
+
+
 @cuda_only
 def test_backward_default_tile_on_a_large_grid(monkeypatch):
     """Without GMOD_ATTN_BWD_BLOCK_N, a grid of two waves or more (ceil(1100/128) x B x 16 CTAs >= 2 x SMs,

@@ -74,15 +74,15 @@ def test_bench_cpu_quick(bench, tmp_path):
 
 
 def test_bench_attention_experiments_rows(tmp_path):
-    """--experiments adds gmod-exp rows (the opt-in tile plans, via flags the extension reads at every
-    call): forward only at d = 128, backward at every tensor-core head dim, each checked against the
+    """--experiments adds gmod-exp rows (the opt-in kernel plans, via flags the extension reads at every
+    call): forward at d = 64 / 128 (the wgmma kernel), backward at every tensor-core head dim, each checked against the
     baseline and compared with the default gmod row (vs_default). On CPU the flags change nothing, so
     the ratio is near 1; the code path is what runs here."""
     proc, out = _run("attention", tmp_path, "--experiments")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(out.read_text())["sections"]["prefill"]["rows"]
     exp = [r for r in rows if r["impl"] == "gmod-exp"]
-    assert {(r["pass"], r["d"]) for r in exp} == {("fwd", 128), ("bwd", 64), ("bwd", 128)}
+    assert {(r["pass"], r["d"]) for r in exp} == {("fwd", 64), ("fwd", 128), ("bwd", 64), ("bwd", 128)}
     for r in exp:
         assert r["check"].startswith("ok") and isinstance(r["ms"], float) and r["vs_default"] > 0, r
     assert not any(r["impl"] == "gmod-exp" for r in json.loads(

@@ -309,8 +309,9 @@ fi
 
 # ------------------------------------------------------------------ ncu_attn
 # The attention kernels at benchmark shapes: prefill forward + backward (B=4, C=2048, H=32, d=128,
-# bf16, causal) and GQA decode (B=8, 8192 cached keys; B=1, 4096: the split kernel against the
-# combine's time), with the tensor pipe utilisation and the achieved occupancy.
+# bf16, causal), GQA decode (B=8, 8192 cached keys; B=1, 4096: the split kernel against the
+# combine's time) and the wgmma forward at the prefill shape, with the tensor pipe utilisation and the
+# achieved occupancy.
 STALLS=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' barrier long_scoreboard \
   short_scoreboard mio_throttle math_pipe_throttle wait lg_throttle not_selected dispatch_stall no_instruction)
 STALLS=${STALLS%,}
@@ -320,7 +321,9 @@ if want ncu_attn; then
   else
     : > "$OUT/ncu_attn.csv"; : > "$OUT/ncu_attn.log"
     ok=1; dur_all=0
-    for args in "--B 4 --C 2048 --bwd" "--B 8 --C 8192 --H 32 --Hk 8 --decode" "--B 1 --C 4096 --H 32 --Hk 8 --decode"; do
+    # last: the sm_90a wgmma forward (GMOD_ATTN_FWD_IMPL=wgmma) at the same prefill shape
+    for args in "--B 4 --C 2048 --bwd" "--B 8 --C 8192 --H 32 --Hk 8 --decode" "--B 1 --C 4096 --H 32 --Hk 8 --decode" \
+        "--B 4 --C 2048 --fwd-impl wgmma"; do
       run_step ncu_attn 90 ncu_attn_run.log ncu --clock-control none --kernel-name-base demangled \
         --kernel-name regex:gmod_attn --launch-skip 3 --launch-count 4 --section SpeedOfLight --section Occupancy \
         --section LaunchStats --metrics "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,$STALLS" \
@@ -422,7 +425,7 @@ if att:
 if att:
     exp_rows = [r for r in att["sections"].get("prefill", {}).get("rows", []) if r["impl"] == "gmod-exp"]
     if exp_rows:
-        print("-- tile experiments (gmod-exp: fwd = GMOD_ATTN_FWD_BLOCK_N=32, bwd = GMOD_ATTN_BWD_BLOCK_N=64, the old 64-key tile)")
+        print("-- kernel experiments (gmod-exp: fwd = GMOD_ATTN_FWD_IMPL=wgmma, bwd = GMOD_ATTN_BWD_BLOCK_N=64, the old 64-key tile)")
         for r in exp_rows:
             print(f"   {r['pass']} {r['shape']:>7} d{r['d']:<4} {f(r.get('TFLOPs'), '.4g'):>7} TFLOP/s = "
                   f"{f(r.get('vs_default'), '.3f')}x the default  {r.get('check') or r.get('ms')}"[:150])

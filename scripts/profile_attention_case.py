@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 
@@ -28,7 +29,10 @@ def main() -> None:
     ap.add_argument("--bwd", action="store_true", help="also run the backward")
     ap.add_argument("--decode", action="store_true", help="one query per row against C cached keys")
     ap.add_argument("--iters", type=int, default=4, help="calls of each op (default 4)")
+    ap.add_argument("--fwd-impl", choices=["mma", "wgmma"], default="mma",
+                    help="prefill forward kernel: mma (mma.sync, the default) or wgmma (sm_90a; sets GMOD_ATTN_FWD_IMPL)")
     a = ap.parse_args()
+    os.environ["GMOD_ATTN_FWD_IMPL"] = a.fwd_impl
     if not torch.cuda.is_available():
         raise SystemExit("profile_attention_case.py needs a CUDA device")
     dt = getattr(torch, a.dtype)
@@ -46,7 +50,7 @@ def main() -> None:
             torch.ops.gmod.attention_backward(torch.randn_like(o), q, k, v, o, lse, q_len, k_len, scale)
     torch.cuda.synchronize()
     print(f"ran {a.iters} x attention{' + backward' if a.bwd else ''}: B={a.B} Cq={cq} Ck={a.C} H={a.H} Hk={hk} "
-          f"d={a.d} {a.dtype}")
+          f"d={a.d} {a.dtype} fwd={a.fwd_impl}")
 
 
 if __name__ == "__main__":

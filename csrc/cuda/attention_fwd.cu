@@ -4,7 +4,8 @@
 //                                          (128 x 64 for d <= 128, 64 x 32 for d = 256), or
 //                                          TcFwdNarrowTile128 (128 x 32) at d = 128 when
 //                                          GMOD_ATTN_FWD_BLOCK_N=32;
-//   SIMT (float32, older GPUs, GMOD_ATTN_SIMT=1): gmod_attn_fwd_kernel, tiles FwdTile<d>.
+//   SIMT (float32, older GPUs, GMOD_ATTN_SIMT=1): gmod_attn_fwd_kernel, tiles FwdTile<d>;
+//   wgmma (sm_90a, d = 64 / 128, GMOD_ATTN_FWD_IMPL=wgmma): run_attn_fwd_wgmma (sm90a/attention_fwd_wgmma.cu).
 #include <type_traits>
 
 #include "attention_fwd_kernel.cuh"
@@ -32,6 +33,11 @@ void launch_tc_prefill(const AttnFwdParams& params, cudaStream_t stream) {
 template <typename T, int kHeadDim>
 void run_attn_fwd(const AttnFwdParams& params, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
+#ifdef GMOD_WITH_SM90A
+    if constexpr (wgmma_fwd_supports_head_dim(kHeadDim)) {
+      if (params.use_tensor_cores && params.fwd_wgmma) return run_attn_fwd_wgmma<T, kHeadDim>(params, stream);
+    }
+#endif
     if (params.use_tensor_cores) {
       if constexpr (kHeadDim == 128) {
         if (params.tc_fwd_block_n == 32) return launch_tc_prefill<TcFwdNarrowTile128, T>(params, stream);

@@ -67,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU: torch threads (default 1, for stable medians)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiments", action="store_true",
-                   help="attention: also time the other tile plans as gmod-exp rows, in the same process: the "
-                        "d = 128 forward on 128 x 32 tiles (GMOD_ATTN_FWD_BLOCK_N=32) and the backward's dk/dv "
+                   help="attention: also time the other kernel plans as gmod-exp rows, in the same process: the "
+                        "d = 64 / 128 forward on the sm_90a wgmma kernel (GMOD_ATTN_FWD_IMPL=wgmma; H100 / H200 "
+                        "only) and the backward's dk/dv "
                         "kernel on 4 warps x 64 keys (GMOD_ATTN_BWD_BLOCK_N=64; the default at the benchmark "
                         "shapes is 8 warps x 128 keys); vs_default = gmod-exp / gmod")
     p.add_argument("--profile", action="store_true",

@@ -26,6 +26,7 @@
 #include "../attention_combine_kernel.cuh"
 #include "../attention_fwd_kernel.cuh"
 #include "../attention_fwd_tc_kernel.cuh"
+#include "../attention_fwd_wgmma_kernel.cuh"
 
 using namespace gmod::attn;
 
@@ -150,6 +151,7 @@ struct Options {
   float scale = 0.f;       // 0: 1 / sqrt(d)
   bool narrow = false;     // d = 128 prefill on TcFwdNarrowTile128 (GMOD_ATTN_FWD_BLOCK_N=32)
   bool wide_bwd = false;   // dk/dv on TcBwdWideTile: 8 warps x 16 keys (GMOD_ATTN_BWD_BLOCK_N=128)
+  bool wgmma = false;      // d = 64 / 128 prefill on the sm_90a wgmma kernel (GMOD_ATTN_FWD_IMPL=wgmma)
 };
 
 template <typename T, int kHeadDim>
@@ -261,7 +263,19 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
           else
             run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
         };
-        if (kHeadDim == 128 && opt.narrow)
+        if constexpr (wgmma_fwd_supports_head_dim(kHeadDim)) {
+          if (opt.wgmma) {  // as attention_fwd_wgmma.cu: 256 threads, a positive scale in the exponent
+            using Tr = WgmmaFwdTraits<kHeadDim>;
+            const dim3 grid(ceil_div_host(P.Cq, Tr::kBlockM), P.Hq, P.B);
+            if (p.scale_log2 > 0.f)
+              emu::launch(grid, Tr::kThreads, Tr::kSmemBytes, [&] { gmod_attn_fwd_wgmma_kernel<Tr, T, true>(p); });
+            else
+              emu::launch(grid, Tr::kThreads, Tr::kSmemBytes, [&] { gmod_attn_fwd_wgmma_kernel<Tr, T, false>(p); });
+          }
+        }
+        if (opt.wgmma && wgmma_fwd_supports_head_dim(kHeadDim)) {
+          // ran above
+        } else if (kHeadDim == 128 && opt.narrow)
           prefill(TcFwdNarrowTile128{});
         else
           prefill(TcFwdTile<kHeadDim>{});
@@ -282,8 +296,8 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   char buf[256];
   std::string lens;
   for (int b = 0; b < P.B; ++b) lens += std::to_string(P.ql[b]) + "/" + std::to_string(P.kl[b]) + " ";
-  std::snprintf(buf, sizeof(buf), "%s%s d=%d B=%d Cq=%d Ck=%d Hq=%d Hk=%d splits=%d det=%d hpc=%d lens=[%s]", tname<T>(),
-                tc ? "/tc" : "", d, P.B, P.Cq, P.Ck, P.Hq, P.Hk, p.num_splits, int(opt.deterministic), opt.heads_per_cta,
+  std::snprintf(buf, sizeof(buf), "%s%s%s d=%d B=%d Cq=%d Ck=%d Hq=%d Hk=%d splits=%d det=%d hpc=%d lens=[%s]", tname<T>(),
+                tc ? "/tc" : "", opt.wgmma ? "/wgmma" : "", d, P.B, P.Cq, P.Ck, P.Hq, P.Hk, p.num_splits, int(opt.deterministic), opt.heads_per_cta,
                 lens.c_str());
   const std::string tag = buf;
   const bool fp32 = std::is_same_v<T, float>;
@@ -491,6 +505,34 @@ int main(int argc, char** argv) {
   };
   if (argc > 1 && std::string(argv[1]) == "widebwd") {  // the tensor-core backward cases on TcBwdWideTile
     tc_bwd_cases(false, true);
+    std::printf("%d cases, %d failures\n", cases, g_failures);
+    return g_failures ? 1 : 0;
+  }
+  // The sm_90a wgmma prefill forward (d = 64 / 128, 128 x 128 tiles, 2 warpgroups): causal offsets
+  // across its 128-row / 128-key tiles, rows with 0 / 1 / all keys, q_len > k_len, GQA, both dtypes,
+  // a negative scale (the unfused exponent), rows of 300+ keys so that the max grows on later tiles.
+  // Each case also runs the backward on the kernel's o / lse. `wgmma` as the argument runs only these.
+  auto wgmma_cases = [&] {
+    Options wg, wg_neg;
+    wg.wgmma = wg_neg.wgmma = true;
+    wg_neg.scale = -0.25f;
+    run_random<__nv_bfloat16, 128>(rng, 3, 150, 300, 4, 2, wg, {150, 1, 0}, {300, 77, 0});
+    run_random<__half, 64>(rng, 3, 200, 330, 2, 1, wg, {200, 129, 64}, {330, 128, 200});
+    run_random<__half, 128>(rng, 2, 130, 130, 2, 2, wg, {130, 65}, {130, 129});
+    run_random<__nv_bfloat16, 64>(rng, 2, 100, 260, 4, 4, wg_neg, {100, 37}, {260, 37});
+    cases += 4;
+    std::vector<int> ql, kl;
+    const int offsets[] = {-129, -128, -127, -64, -1, 0, 1, 63, 64, 127, 128, 129};
+    for (int b = 0; b < 12; ++b) {
+      ql.push_back(140 - 3 * (b % 4));
+      kl.push_back(std::max(0, ql.back() + offsets[b]));
+    }
+    run_random<__nv_bfloat16, 128>(rng, 12, 140, 270, 2, 1, wg, ql, kl);
+    run_random<__half, 64>(rng, 12, 140, 270, 2, 1, wg, ql, kl);
+    cases += 2;
+  };
+  if (argc > 1 && std::string(argv[1]) == "wgmma") {
+    wgmma_cases();
     std::printf("%d cases, %d failures\n", cases, g_failures);
     return g_failures ? 1 : 0;
   }

@@ -9,6 +9,9 @@
 //                                       of the PTX ISA, rebuilt from what every lane of the warp holds
 //   cp.async 16-byte copies             deferred until the cp.async.wait_group that covers them, so a
 //                                       kernel that reads shared memory too early reads the poison
+//   wgmma.mma_async m64nNk16 (sm_90a)   deferred to wgmma.wait_group: the accumulators read NaN until
+//                                       then; operands decoded from the matrix descriptors and the
+//                                       128-byte swizzle as the PTX ISA's canonical layouts define them
 // It checks index math, fragment layouts, masking and synchronisation order; it says nothing about
 // speed or bank conflicts. Include it before the kernel headers (it defines GMOD_HOST_EMULATION,
 // which makes attention_mma.cuh leave out its inline PTX).
@@ -229,7 +232,148 @@ inline void cp_async_wait() {
 }
 
 // Shared memory of the emulated blocks (the kernels declare `extern __shared__ float4 gmod_attn_smem[]`).
-alignas(128) inline float4 gmod_attn_smem[1 << 16];  // 1 MiB, reused by each block
+// 1024-byte aligned like a device's shared window, so that the wgmma kernel's swizzle (which works on
+// address bits) sees the same addresses.
+alignas(1024) inline float4 gmod_attn_smem[1 << 16];  // 1 MiB, reused by each block
+
+// ---- wgmma (sm_90a; attention_wgmma.cuh). "Shared addresses" are byte offsets into gmod_attn_smem.
+inline uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(static_cast<const char*>(p) - reinterpret_cast<const char*>(gmod_attn_smem));
+}
+inline void wgmma_fence() {}
+inline void fence_proxy_async() {}
+template <int N> inline void wgmma_keep(float (&)[N]) {}
+
+// One 16-bit element at a shared address, through the 128-byte swizzle: address bits [4, 7) xor [7, 10).
+inline float emu_wgmma_elem(uint32_t addr, bool bf16) {
+  addr ^= ((addr >> 7) & 7u) << 4;
+  uint16_t v;
+  std::memcpy(&v, reinterpret_cast<const char*>(gmod_attn_smem) + addr, 2);
+  return bf16 ? emu_half_to_float<__nv_bfloat16>(v) : emu_half_to_float<__half>(v);
+}
+// The matrix descriptor, decoded independently of wgmma_desc_sw128 (PTX ISA "Matrix Descriptor Format").
+struct EmuDesc {
+  uint32_t start, lbo, sbo;
+};
+inline EmuDesc emu_wgmma_decode(uint64_t d) {
+  if ((d >> 62) != 1u || ((d >> 49) & 7u) != 0u) {
+    std::fprintf(stderr, "emu: wgmma descriptor %#llx is not 128-byte swizzle with base offset 0\n",
+                 static_cast<unsigned long long>(d));
+    std::abort();
+  }
+  return {static_cast<uint32_t>(d & 0x3FFFu) << 4, static_cast<uint32_t>((d >> 16) & 0x3FFFu) << 4,
+          static_cast<uint32_t>((d >> 32) & 0x3FFFu) << 4};
+}
+// Canonical 128-byte-swizzle layouts (PTX ISA "Shared Memory Matrix Layout", 16-bit elements):
+//   K-major,  element (mn, k < 16): start + (mn % 8) 128 + (mn / 8) SBO + 2 k      (LBO unused)
+//   MN-major, element (k < 16, n):  start + 2 (n % 64) + (n / 64) LBO + (k % 8) 128 + (k / 8) SBO
+inline uint32_t emu_kmajor_addr(const EmuDesc& e, int mn, int k) {
+  if (e.start % 128 + 32 > 128) {
+    std::fprintf(stderr, "emu: a K-major k16 step at %u crosses its 128-byte row\n", e.start);
+    std::abort();
+  }
+  return e.start + (mn % 8) * 128 + (mn / 8) * e.sbo + 2 * k;
+}
+inline uint32_t emu_nmajor_addr(const EmuDesc& e, int k, int n) {
+  if (e.start % 128 != 0) {
+    std::fprintf(stderr, "emu: an N-major operand at %u does not start on a 128-byte row\n", e.start);
+    std::abort();
+  }
+  return e.start + 2 * (n % 64) + (n / 64) * e.lbo + (k % 8) * 128 + (k / 8) * e.sbo;
+}
+}  // namespace gmod::attn
+
+namespace emu {
+// A wgmma issued by this thread and not yet waited for: its results land at wgmma_wait, computed
+// from shared memory as it is then (so a kernel that overwrites an operand tile too early sees it).
+struct PendingWgmma {
+  float* d;
+  int n;          // accumulator registers (N / 2)
+  bool chain;     // accumulate onto an earlier pending wgmma's result (read d at completion)
+  float c[64];    // else: the accumulator at issue (zeros when scale-d = 0)
+  bool a_smem, trans_b, bf16;
+  uint64_t desc_a, desc_b;
+  float a_rows[2][16];  // register A: this thread's rows 16 w + g and + 8
+};
+inline thread_local std::vector<PendingWgmma> wgmma_pending;
+inline thread_local std::vector<size_t> wgmma_group_ends;
+inline std::barrier<>* wg_bar[kMaxWarps / 4] = {};
+inline uint32_t wg_slots[kMaxWarps / 4][128][4];
+inline void wg_sync() { wg_bar[t_thread.x / 128]->arrive_and_wait(); }
+}  // namespace emu
+
+namespace gmod::attn {
+template <typename T>
+inline void emu_wgmma_issue(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool trans_b,
+                            bool accumulate) {
+  const int t = static_cast<int>(threadIdx.x) % 128, wg = static_cast<int>(threadIdx.x) / 128;
+  emu::PendingWgmma w{};
+  w.d = d, w.n = n, w.a_smem = a == nullptr, w.trans_b = trans_b, w.desc_a = desc_a, w.desc_b = desc_b;
+  w.bf16 = std::is_same_v<T, __nv_bfloat16>;
+  w.chain = false;
+  if (accumulate)
+    for (const auto& q : emu::wgmma_pending) w.chain |= q.d == d;
+  for (int i = 0; i < n; ++i) {
+    if (!w.chain) w.c[i] = accumulate ? d[i] : 0.f;
+    d[i] = NAN;  // undefined until the wait
+  }
+  if (a != nullptr) {  // register A: gather this thread's two rows from the warpgroup's fragments
+    for (int j = 0; j < 4; ++j) emu::wg_slots[wg][t][j] = a[j];
+  }
+  emu::wg_sync();
+  if (a != nullptr) {
+    const int warp = t / 32, g = (t % 32) / 4;
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 16; ++k) {
+        const int row = 16 * warp + g + 8 * h;  // reg j holds rows + 8 (j % 2), cols 2 q + 8 (j / 2) + {0, 1}
+        const int owner = (row / 16) * 32 + (row % 8) * 4 + (k % 8) / 2;
+        const uint32_t word = emu::wg_slots[wg][owner][((row % 16) / 8) + 2 * (k / 8)];
+        w.a_rows[h][k] = emu_half_to_float<T>(k % 2 ? word >> 16 : word & 0xffffu);
+      }
+  }
+  emu::wg_sync();
+  emu::wgmma_pending.push_back(w);
+}
+template <typename T>
+inline void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  emu_wgmma_issue<T>(d, 64, nullptr, desc_a, desc_b, false, accumulate);
+}
+template <typename T, int N>
+inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) {
+  static_assert(N == 64 || N == 128, "wgmma_rs: N = 64 or 128");
+  emu_wgmma_issue<T>(d, N / 2, a, 0, desc_b, true, accumulate);
+}
+inline void wgmma_commit() { emu::wgmma_group_ends.push_back(emu::wgmma_pending.size()); }
+template <int N>
+inline void wgmma_wait() {
+  emu::wg_sync();  // .sync.aligned
+  const int groups = static_cast<int>(emu::wgmma_group_ends.size());
+  if (groups <= N) return;
+  const size_t done = emu::wgmma_group_ends[groups - 1 - N];
+  const int t = static_cast<int>(threadIdx.x) % 128, warp = t / 32, g = (t % 32) / 4, q = t % 4;
+  for (size_t u = 0; u < done; ++u) {
+    const auto& w = emu::wgmma_pending[u];
+    const EmuDesc eb = emu_wgmma_decode(w.desc_b);
+    const EmuDesc ea = w.a_smem ? emu_wgmma_decode(w.desc_a) : EmuDesc{};
+    float out[64];
+    for (int i = 0; i < w.n; ++i) {
+      const int h = (i / 2) % 2, row = 16 * warp + g + 8 * h, col = 8 * (i / 4) + 2 * q + i % 2;
+      float acc = w.chain ? w.d[i] : w.c[i];
+      for (int k = 0; k < 16; ++k) {
+        const float a = w.a_smem ? emu_wgmma_elem(emu_kmajor_addr(ea, row, k), w.bf16) : w.a_rows[h][k];
+        const float b = w.trans_b ? emu_wgmma_elem(emu_nmajor_addr(eb, k, col), w.bf16)
+                                  : emu_wgmma_elem(emu_kmajor_addr(eb, col, k), w.bf16);
+        acc = std::fma(a, b, acc);
+      }
+      out[i] = acc;
+    }
+    for (int i = 0; i < w.n; ++i) w.d[i] = out[i];
+  }
+  emu::wgmma_pending.erase(emu::wgmma_pending.begin(), emu::wgmma_pending.begin() + static_cast<std::ptrdiff_t>(done));
+  emu::wgmma_group_ends.erase(emu::wgmma_group_ends.begin(), emu::wgmma_group_ends.begin() + (groups - N));
+  for (auto& e : emu::wgmma_group_ends) e -= done;
+  emu::wg_sync();
+}
 }  // namespace gmod::attn
 
 namespace gmod::router {
@@ -255,6 +399,11 @@ inline void launch(dim3 grid, int threads, int smem_bytes, const std::function<v
     wbars.push_back(std::make_unique<std::barrier<>>(32));
     warp_bar[w] = wbars.back().get();
   }
+  std::vector<std::unique_ptr<std::barrier<>>> wgbars;  // warpgroups (wgmma), when whole ones exist
+  for (int w = 0; w < threads / 128; ++w) {
+    wgbars.push_back(std::make_unique<std::barrier<>>(128));
+    wg_bar[w] = wgbars.back().get();
+  }
   block_bar = &bar;
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) {
@@ -268,6 +417,8 @@ inline void launch(dim3 grid, int threads, int smem_bytes, const std::function<v
             kernel();
             pending.clear();  // copies never waited for are lost, as on the device at kernel exit
             group_ends.clear();
+            wgmma_pending.clear();
+            wgmma_group_ends.clear();
             bar.arrive_and_wait();  // the next block reuses shared memory
           }
     });

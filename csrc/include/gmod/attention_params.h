@@ -50,6 +50,9 @@ struct AttnFwdParams {
   // Keys per tile of the tensor-core prefill forward at d = 128: 64 (default) or 32 (TcFwdNarrowTile128,
   // GMOD_ATTN_FWD_BLOCK_N=32); other head dims ignore it.
   int tc_fwd_block_n;
+  // 1: the prefill forward runs the sm_90a wgmma kernel (attention_fwd_wgmma_kernel.cuh; 16-bit inputs,
+  // d = 64 / 128, a compute capability 9.0 GPU, GMOD_ATTN_FWD_IMPL=wgmma); other cases ignore it.
+  int fwd_wgmma;
 
   // Split-k decode (attention_decode.cu): CTA `split` handles key tiles
   // [split * blocks_per_split, (split + 1) * blocks_per_split) and writes fp32 partials.
@@ -174,6 +177,10 @@ inline int decode_clamp_splits(int64_t requested, int64_t B, int64_t Ck, int blo
 // attention_fwd.cu, attention_decode.cu and attention_bwd.cu. The forward launchers run the tensor-core
 // kernel when params.use_tensor_cores (16-bit T only), else the SIMT kernel.
 template <typename T, int kHeadDim> void run_attn_fwd(const AttnFwdParams& params, cudaStream_t stream);
+// The sm_90a wgmma prefill forward (csrc/cuda/sm90a/attention_fwd_wgmma.cu; only in builds that define
+// GMOD_WITH_SM90A), for T = __half / __nv_bfloat16 and the head dims below.
+inline constexpr bool wgmma_fwd_supports_head_dim(int64_t d) { return d == 64 || d == 128; }
+template <typename T, int kHeadDim> void run_attn_fwd_wgmma(const AttnFwdParams& params, cudaStream_t stream);
 // Cq <= kDecodeMaxCq. params.num_splits > 1: params.o_part / lse_part must be allocated.
 template <typename T, int kHeadDim> void run_attn_decode(const AttnFwdParams& params, cudaStream_t stream);
 // CTAs per SM of the split-k decode kernel run_attn_decode would launch for params (sizes num_splits).

@@ -1,0 +1,152 @@
+// Hopper warpgroup MMA building blocks (sm_90a only: wgmma.mma_async), used by the wgmma forward kernel
+// (attention_fwd_wgmma_kernel.cuh):
+//   sw128_offset               byte offset of a 16-byte chunk in a 128-byte-swizzled [d / 64][rows][64] tile
+//   wgmma_desc_sw128           the 64-bit shared-memory matrix descriptor of such a tile
+//   wgmma_ss<T>                D[64 x 128] (+)= A[64 x 16] B[16 x 128], A and B K-major in shared memory
+//   wgmma_rs<T, N>             D[64 x N] (+)= A[64 x 16] B[16 x N], A in registers, B N-major in shared memory
+//   wgmma_fence / _commit / _wait<N>, fence_proxy_async, wgmma_keep (an optimisation barrier for the
+//                              accumulator registers, which the compiler does not know are written late)
+// Warpgroup = 4 consecutive warps (128 threads) issuing together. Fragment layouts (PTX ISA, "Register
+// Fragments and Shared Memory Matrix Layouts" of wgmma), for thread t of the warpgroup, w = t / 32,
+// l = t % 32, g = l / 4, q = l % 4:
+//   D 64 x N (N / 2 fp32): element i = row 16 w + g + 8 ((i / 2) % 2), col 8 (i / 4) + 2 q + i % 2
+//   A 64 x 16 (4 regs, 16-bit pairs): reg j = row 16 w + g + 8 (j % 2), cols 2 q + 8 (j / 2) + {0, 1}
+// i.e. each warp holds a 16-row slice laid out as mma.m16n8k16's C and A fragments, so the S
+// accumulator of two adjacent n8 column groups is the A fragment of one k16 step of P V (as in the
+// mma.sync kernel, attention_mma.cuh).
+// Shared-memory tiles: 16-bit rows of d elements are stored as d / 64 column blocks of [rows][128 B];
+// 16-byte chunk c of row r of a block sits at r * 128 + ((c ^ (r % 8)) * 16) (the 128-byte swizzle:
+// address bits [4, 7) xor bits [7, 10), so the block must start 1024-byte aligned). One layout serves
+// as a K-major operand (rows = M or N, contiguous = the reduction dim: Q and K in S = Q K^T) and as an
+// N-major one (rows = the reduction dim, contiguous = N: V in O = P V).
+// The host emulation (csrc/cuda/emu/cuda_emu.h) defines the same functions from these layouts, with
+// the results delivered at wgmma_wait (so reading an accumulator early reads NaN there).
+#pragma once
+
+#include "attention_mma.cuh"
+
+namespace gmod::attn {
+
+GMOD_DEV uint32_t sw128_offset(int row, int chunk, int rows) {
+  return static_cast<uint32_t>((chunk / 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) * 16));
+}
+
+// Matrix descriptor (PTX ISA "Matrix Descriptor Format"): start address, leading- and stride-dimension
+// byte offsets (all >> 4, 14 bits), base offset 0 (the tile is 1024-byte aligned), bits 62-63 = 1:
+// 128-byte swizzle. For a K-major operand with this swizzle only the stride offset is used (1024: the
+// next 8 rows); for an N-major one the leading offset is the next 64-column block and the stride
+// offset the next 8 rows of the reduction dim.
+GMOD_DEV uint64_t wgmma_desc_sw128(uint32_t smem_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  uint64_t desc = static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4);
+  desc |= static_cast<uint64_t>((lbo_bytes & 0x3FFFFu) >> 4) << 16;
+  desc |= static_cast<uint64_t>((sbo_bytes & 0x3FFFFu) >> 4) << 32;
+  desc |= static_cast<uint64_t>(1) << 62;
+  return desc;
+}
+
+#ifndef GMOD_HOST_EMULATION
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GMOD_SM90A_OR_TRAP(...) __trap()  // compiled only for sm_90a (csrc/cuda/sm90a/CMakeLists.txt)
+#else
+#define GMOD_SM90A_OR_TRAP(...) __VA_ARGS__
+#endif
+
+GMOD_DEV void wgmma_fence() { GMOD_SM90A_OR_TRAP(asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory")); }
+GMOD_DEV void wgmma_commit() { GMOD_SM90A_OR_TRAP(asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory")); }
+template <int N> GMOD_DEV void wgmma_wait() {
+  GMOD_SM90A_OR_TRAP(asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"));
+}
+// Makes this thread's generic-proxy writes to shared memory (cp.async, st.shared) visible to the async
+// proxy that wgmma reads shared memory through; before the barrier that publishes a tile.
+GMOD_DEV void fence_proxy_async() {
+  GMOD_SM90A_OR_TRAP(asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"));
+}
+// The wgmma asm statements name the accumulators as in-out operands, but the hardware writes them
+// until wgmma_wait: this keeps the compiler from moving their uses across the wait.
+template <int N> GMOD_DEV void wgmma_keep(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define GMOD_WGMMA_D32_STR                                                                   \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                 \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define GMOD_WGMMA_D64_STR                                                                   \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                 \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "       \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "       \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define GMOD_WGMMA_OPS8(i)                                                                    \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+#define GMOD_WGMMA_OPS32 GMOD_WGMMA_OPS8(0), GMOD_WGMMA_OPS8(8), GMOD_WGMMA_OPS8(16), GMOD_WGMMA_OPS8(24)
+#define GMOD_WGMMA_OPS64 GMOD_WGMMA_OPS32, GMOD_WGMMA_OPS8(32), GMOD_WGMMA_OPS8(40), GMOD_WGMMA_OPS8(48), GMOD_WGMMA_OPS8(56)
+
+template <typename T> struct WgmmaType;
+template <> struct WgmmaType<__nv_bfloat16> { static constexpr bool kBf16 = true; };
+template <> struct WgmmaType<__half> { static constexpr bool kBf16 = false; };
+
+// D[64 x 128] = A B (+ D when accumulate): A (desc_a) and B (desc_b) K-major, no transpose.
+template <typename T>
+GMOD_DEV void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  const int acc = accumulate ? 1 : 0;
+  if constexpr (WgmmaType<T>::kBf16) {
+    GMOD_SM90A_OR_TRAP(asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " GMOD_WGMMA_D64_STR ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : GMOD_WGMMA_OPS64
+        : "l"(desc_a), "l"(desc_b), "r"(acc)));
+  } else {
+    GMOD_SM90A_OR_TRAP(asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " GMOD_WGMMA_D64_STR ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : GMOD_WGMMA_OPS64
+        : "l"(desc_a), "l"(desc_b), "r"(acc)));
+  }
+}
+
+// D[64 x N] = A B (+ D when accumulate), N = 64 or 128: A in registers (the layout above), B N-major
+// (transposed, imm-trans-b = 1) through desc_b.
+template <typename T, int N>
+GMOD_DEV void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) {
+  static_assert(N == 64 || N == 128, "wgmma_rs: N = 64 or 128");
+  const int acc = accumulate ? 1 : 0;
+  if constexpr (N == 128) {
+    if constexpr (WgmmaType<T>::kBf16) {
+      GMOD_SM90A_OR_TRAP(asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " GMOD_WGMMA_D64_STR
+          ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+          : GMOD_WGMMA_OPS64
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc)));
+    } else {
+      GMOD_SM90A_OR_TRAP(asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " GMOD_WGMMA_D64_STR
+          ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+          : GMOD_WGMMA_OPS64
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc)));
+    }
+  } else {
+    if constexpr (WgmmaType<T>::kBf16) {
+      GMOD_SM90A_OR_TRAP(asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GMOD_WGMMA_D32_STR
+          ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+          : GMOD_WGMMA_OPS32
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc)));
+    } else {
+      GMOD_SM90A_OR_TRAP(asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " GMOD_WGMMA_D32_STR
+          ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+          : GMOD_WGMMA_OPS32
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc)));
+    }
+  }
+}
+
+#endif  // GMOD_HOST_EMULATION
+
+}  // namespace gmod::attn
