@@ -131,3 +131,34 @@ def test_profile_kernel_groups(name, group):
     from gmod_ext.bench.model import kernel_group
 
     assert kernel_group(name) == group
+
+
+def test_profile_gemm_rows_by_shape():
+    """bench model --profile lists the matmuls by shape: dims from the recorded input shapes of mm / addmm /
+    bmm (addmm's bias first), calls and time summed per shape, TFLOP/s = 2 M K N x calls / time. Checked
+    on a CPU profile of known products (CPU time standing in for GPU time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from gmod_ext.bench.model import gemm_dims, gemm_rows
+
+    assert gemm_dims("aten::mm", [[8, 16], [16, 4]]) == (1, 8, 16, 4)
+    assert gemm_dims("aten::addmm", [[4], [8, 16], [16, 4], [], []]) == (1, 8, 16, 4)
+    assert gemm_dims("aten::bmm", [[3, 8, 16], [3, 16, 4]]) == (3, 8, 16, 4)
+    assert gemm_dims("aten::mm", [[8, 16], [15, 4]]) is None and gemm_dims("aten::mm", []) is None
+    assert gemm_dims("aten::add", [[8], [8]]) is None
+    a, b, c = torch.randn(64, 96), torch.randn(96, 32), torch.randn(2, 64, 96)
+    bias = torch.randn(32)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(3):
+            torch.mm(a, b)
+        torch.addmm(bias, a, b)
+        torch.bmm(c, c.transpose(1, 2))
+    rows = gemm_rows(prof.key_averages(group_by_input_shape=True), device=False)
+    by = {(r["op"], r["shape"]): r for r in rows}
+    assert by[("mm", "64 x 96 x 32")]["calls"] == 3
+    assert by[("addmm", "64 x 96 x 32")]["calls"] == 1
+    assert by[("bmm", "2 x 64 x 96 x 64")]["calls"] == 1
+    r = by[("mm", "64 x 96 x 32")]
+    assert r["TFLOPs"] == pytest.approx(2 * 64 * 96 * 32 * 3 / (r["ms"] * 1e-3) / 1e12)
+    assert [x["ms"] for x in rows] == sorted((x["ms"] for x in rows), reverse=True)

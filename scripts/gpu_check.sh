@@ -9,10 +9,11 @@
 #   they are the numbers the issues ask for; when the budget runs out, what is left is skipped
 #   and a second call on the warm machine names it)
 #   aliases: all (default) = every step above; sanitize = memcheck,racecheck; bench = bench_ops,bench_attention
-#   extra, only when named: bench_layer bench_model (python -m gmod_ext.bench layer|model; a second call:
+#   extra, only when named: bench_layer bench_model (python -m gmod_ext.bench layer|model, the model with
+#   --profile; a second call:
 #   GMOD_GPU_CHECK_STEPS=bench_layer,bench_model on the warm machine reuses the build)
-#   bench_attention runs with --experiments: gmod-exp rows time the opt-in tile plans (the d = 128
-#   forward on 32-key tiles, the 8-warp dk/dv kernel) next to the defaults, in the same process.
+#   bench_attention runs with --experiments: gmod-exp rows time the opt-in kernel plans (the sm_90a
+#   wgmma forward at d = 64 / 128, the 4-warp 64-key dk/dv tile) next to the defaults, in the same process.
 #   extra, only when named: bench_attention_det (GMOD_DETERMINISTIC=1), decode_sweep (the decode's split
 #   count swept against the wave model, scripts/decode_split_sweep.py), synccheck initcheck
 #   (compute-sanitizer tools), ncu_nvtx (the README's NVTX
@@ -207,7 +208,7 @@ want bench_ops && bench bench_ops 150
 # 128 x 32 tiles, the backward's dk/dv kernel on the old 4 warps x 64 keys); they decide the defaults.
 want bench_attention && GMOD_BENCH_ARGS="--experiments ${GMOD_BENCH_ARGS:-}" bench bench_attention 240
 want bench_layer && bench bench_layer 200
-want bench_model && bench bench_model 250
+want bench_model && GMOD_BENCH_ARGS="--profile ${GMOD_BENCH_ARGS:-}" bench bench_model 250
 # Only when named: the attention benchmark with the deterministic backward (separate dQ kernel instead of
 # fp32 atomics; GMOD_DETERMINISTIC is read once per process), to compare the two dQ strategies.
 if [[ "$req" == *" bench_attention_det "* ]]; then
@@ -446,6 +447,18 @@ for r in (mod or {}).get("sections", {}).get("model", {}).get("rows", []):
     if r["impl"] != "dense":
         print(f"   {r['pass']:<10} {f(inv(r.get('x_dense')), '.2f'):>5}x  (FLOPs bound {f(inv(r.get('flops')), '.2f')}x)  "
               f"{r.get('info') or ''}  {f(r.get('ms'), '.4g')} ms"[:150])
+# --profile: GPU time by kernel group, and the largest matmuls by shape with their TFLOP/s per impl.
+prof_rows = (mod or {}).get("sections", {}).get("profile", {}).get("rows", [])
+if prof_rows:
+    print("   GPU ms by group: " + "; ".join(
+        f"{r['impl']} {r['group'][:24]} {f(r.get('ms'), '.1f')}" for r in prof_rows
+        if r.get("group") in ("total", "GEMM (cuBLAS)", "torch elementwise", "attention (SDPA)")
+        or "gmod_attn" in str(r.get("group")))[:600])
+gemm_rows = (mod or {}).get("sections", {}).get("gemm", {}).get("rows", [])
+for impl in dict.fromkeys(r["impl"] for r in gemm_rows):
+    top = [r for r in gemm_rows if r["impl"] == impl][:5]
+    print(f"   GEMMs {impl}: " + "; ".join(f"{r['op']} {r['shape']} x{r['calls']} {f(r.get('ms'), '.1f')} ms "
+                                          f"{f(r.get('TFLOPs'), '.0f')} TF/s" for r in top)[:400])
 for name, doc in (("ops", ops), ("attention", att), ("layer", lay), ("model", mod)):
     if doc and doc.get("mismatches"):
         print(f"!!! MISMATCH in bench {name}: " + "; ".join(m["bench"] for m in doc["mismatches"]))

@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                         "shapes is 8 warps x 128 keys); vs_default = gmod-exp / gmod")
     p.add_argument("--profile", action="store_true",
                    help="model: also profile one fwd+bwd per impl (torch.profiler) and print GPU time per kernel "
-                        "group (GEMM, attention, gmod ops, elementwise, ...): where gamma-MoD's time goes")
+                        "group (GEMM, attention, gmod ops, elementwise, ...): where gamma-MoD's time goes; and "
+                        "the matmuls by shape with their TFLOP/s")
     p.add_argument("--check-indices", action="store_true",
                    help="keep the CUDA ops' index validation (one host sync per call) in the timed calls")
     return p

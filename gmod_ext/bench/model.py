@@ -20,8 +20,9 @@ prefill, 1.5x train step at ratio 0.5) are reachable at all (FLOPs bounds 1.81x 
   fwd+bwd     forward with labels (LM loss + router aux loss) and backward, no KV cache;
   train step  fwd+bwd + AdamW step (fused AdamW on CUDA).
 
-``--profile`` adds a table: one fwd+bwd call per impl under torch.profiler, GPU time per kernel group
-(GEMM, SDPA attention, each gmod op, torch elementwise / reductions), to show where the time goes.
+``--profile`` adds two tables from one fwd+bwd call per impl under torch.profiler: GPU time per kernel
+group (GEMM, SDPA attention, each gmod op, torch elementwise / reductions), to show where the time
+goes, and the matmuls by shape with their TFLOP/s (is a product slower per FLOP on the kept tokens?).
 
 ``x dense`` is the gamma-MoD time over the dense time; ``FLOPs`` the analytic matmul-FLOP ratio of
 the same forward (from the tokens each MoD layer kept), the speed-up to expect if every part scaled.
@@ -70,7 +71,61 @@ PROFILE_COLS = [
     Col("ms", "ms", ".3f", "GPU time of the group in one call of the pass (profiled; the sum is near the timed ms)"),
     Col("share", "share", ".3f", "ms / the impl's total GPU time in that pass"),
 ]
-TABLES = [("model", MODEL_COLS), ("arank", ARANK_COLS), ("profile", PROFILE_COLS)]
+GEMM_COLS = [
+    Col("impl", "impl"),
+    Col("op", "op", help="--profile: the aten matmul op (mm, addmm, bmm) whose kernels ran"),
+    Col("shape", "M x K x N", help="the product's dims (batch x M x K x N for bmm); the input shapes torch.profiler "
+        "recorded"),
+    Col("calls", "calls"),
+    Col("ms", "ms", ".3f", "GPU time of those calls (their kernels), one fwd+bwd"),
+    Col("TFLOPs", "TFLOP/s", ".1f", "2 M K N per call over the GPU time: compare the same product across impls "
+        "(gamma-MoD's run on the kept tokens, M = B x C)"),
+]
+TABLES = [("model", MODEL_COLS), ("arank", ARANK_COLS), ("profile", PROFILE_COLS), ("gemm", GEMM_COLS)]
+
+# aten matmul ops -> (name, index of the first factor in the recorded input shapes)
+_GEMM_OPS = {"aten::mm": ("mm", 0), "aten::addmm": ("addmm", 1), "aten::bmm": ("bmm", 0)}
+
+
+def gemm_dims(op: str, shapes) -> tuple | None:
+    """(batch, M, K, N) of an aten matmul op from its recorded input shapes, or None if they are not
+    those of a matrix product (e.g. shapes were not recorded)."""
+    if op not in _GEMM_OPS or not shapes:
+        return None
+    i = _GEMM_OPS[op][1]
+    try:
+        a, b = list(shapes[i]), list(shapes[i + 1])
+    except (IndexError, TypeError):
+        return None
+    if op == "aten::bmm" and len(a) == 3 and len(b) == 3 and a[0] == b[0] and a[2] == b[1]:
+        return (a[0], a[1], a[2], b[2])
+    if len(a) == 2 and len(b) == 2 and a[1] == b[0]:
+        return (1, a[0], a[1], b[1])
+    return None
+
+
+def gemm_rows(averages, top: int = 12, device: bool = True) -> list:
+    """Rows {op, shape, calls, ms, TFLOPs} of the matmul ops in ``prof.key_averages(group_by_input_shape=True)``,
+    largest GPU time first (``device=False``: CPU time, for tests without a GPU)."""
+    rows = []
+    for ev in averages:
+        dims = gemm_dims(ev.key, getattr(ev, "input_shapes", None))
+        if dims is None:
+            continue
+        if device:
+            us = getattr(ev, "device_time_total", None)
+            if us is None:
+                us = getattr(ev, "cuda_time_total", 0.0)
+        else:
+            us = ev.cpu_time_total
+        bt, m, k, n = dims
+        ms = us / 1e3
+        flops = 2.0 * bt * m * k * n * ev.count
+        shape = (f"{bt} x " if bt > 1 else "") + f"{m} x {k} x {n}"
+        rows.append({"op": _GEMM_OPS[ev.key][0], "shape": shape, "calls": ev.count, "ms": ms,
+                     "TFLOPs": flops / (ms * 1e-3) / 1e12 if ms > 0 else None})
+    rows.sort(key=lambda r: -r["ms"])
+    return rows[:top]
 
 
 def kernel_group(name: str) -> str:
@@ -94,13 +149,14 @@ def kernel_group(name: str) -> str:
     return "other"
 
 
-def profile_breakdown(fn, ctx: Ctx) -> list:
-    """[(group, launches, ms)] of one call of fn, by GPU time, largest first."""
+def profile_breakdown(fn, ctx: Ctx) -> tuple[list, list]:
+    """[(group, launches, ms)] of one call of fn, by GPU time, largest first; and the matmul ops by
+    shape (gemm_rows), from the same call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()  # warm
     ctx.sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         fn()
         ctx.sync()
     groups: dict = {}
@@ -113,7 +169,8 @@ def profile_breakdown(fn, ctx: Ctx) -> list:
         g = groups.setdefault(kernel_group(e.name), [0, 0.0])
         g[0] += 1
         g[1] += t / 1e3  # us -> ms
-    return sorted(((k, n, ms) for k, (n, ms) in groups.items()), key=lambda r: -r[2])
+    by_group = sorted(((k, n, ms) for k, (n, ms) in groups.items()), key=lambda r: -r[2])
+    return by_group, gemm_rows(prof.key_averages(group_by_input_shape=True))
 
 
 def build_model(z: dict, dev: torch.device, dt: torch.dtype, seed: int):
@@ -173,6 +230,8 @@ def run(ctx: Ctx):
         sec.notes.append("CPU: tiny shapes and the gmod ops' C++ reference kernels: not representative of the GPU")
     arank_sec = Section("arank", "ARank per layer and the MoD layer choice (random weights)", ARANK_COLS)
     prof_sec = Section("profile", "GPU time by kernel group, one fwd+bwd call (torch.profiler)", PROFILE_COLS)
+    gemm_sec = Section("gemm", "the matmuls of one fwd+bwd call by shape, largest GPU time first (torch.profiler)",
+                       GEMM_COLS)
     a = _arch(z)
     tokens = [S] * B
 
@@ -237,12 +296,19 @@ def run(ctx: Ctx):
                 t = measure(fn, ctx)
                 row.update(ms=t.ms, ktok_s=B * S / (t.ms * 1e-3) / 1e3, peak_GB=peak(), timing=t.as_json())
                 if ctx.profile and ctx.cuda and name == "fwd+bwd":
-                    groups = profile_breakdown(fn, ctx)
+                    try:  # a profiler failure costs the profile rows, not the timed row
+                        groups, gemms = profile_breakdown(fn, ctx)
+                    except Exception as err:  # noqa: BLE001
+                        prof_sec.add(impl=impl, group=record_error(ctx, f"model {impl} profile", err), **{"pass": name})
+                        groups, gemms = [], []
+                    for r in gemms:
+                        gemm_sec.add(impl=impl, **r)
                     total = sum(ms for _, _, ms in groups) or float("nan")
                     for g, n, ms in groups:
                         prof_sec.add(impl=impl, group=g, calls=n, ms=ms, share=ms / total, **{"pass": name})
-                    prof_sec.add(impl=impl, group="total", calls=sum(n for _, n, _ in groups), ms=total, share=1.0,
-                                 **{"pass": name})
+                    if groups:
+                        prof_sec.add(impl=impl, group="total", calls=sum(n for _, n, _ in groups), ms=total,
+                                     share=1.0, **{"pass": name})
             except Exception as err:  # noqa: BLE001
                 row["ms"] = record_error(ctx, f"model {impl} {name}", err)
             finally:
@@ -292,3 +358,5 @@ def run(ctx: Ctx):
     yield arank_sec
     if prof_sec.rows:
         yield prof_sec
+    if gemm_sec.rows:
+        yield gemm_sec
