@@ -535,6 +535,33 @@ needs_wgmma = pytest.mark.skipif(not ON_CPU and not _wgmma_here(),
                                  reason="the wgmma forward needs an sm_90 GPU and a build with sm_90a kernels")
 
 
+_WGMMA_PROBE = {}
+
+
+def _wgmma_probe_error():
+    """None if one wgmma forward runs cleanly in a fresh process, else its error. A kernel fault is sticky
+    for the whole CUDA context: the in-process tests below run only after this probe passed, so a broken
+    wgmma kernel fails its own tests instead of every CUDA test after them."""
+    if "err" not in _WGMMA_PROBE:
+        code = textwrap.dedent(
+            """
+            import torch, gmod_ext
+            q = torch.randn(2, 200, 4, 128, device="cuda", dtype=torch.bfloat16)
+            k, v = torch.randn_like(q), torch.randn_like(q)
+            n = torch.tensor([200, 77], dtype=torch.int32, device="cuda")
+            o, lse = torch.ops.gmod.attention(q, k, v, n, n, 0.088)
+            torch.cuda.synchronize()
+            print("OK")
+            """
+        )
+        try:
+            run_in_subprocess(code, GMOD_ATTN_FWD_IMPL="wgmma")
+            _WGMMA_PROBE["err"] = None
+        except AssertionError as err:
+            _WGMMA_PROBE["err"] = str(err)[-2000:]
+    return _WGMMA_PROBE["err"]
+
+
 def _forward_kernel_names(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = fn()
@@ -552,6 +579,8 @@ def test_forward_wgmma(dtype, d, monkeypatch):
     with 0 / 1 / all keys, q_len > k_len, GQA, rows of 300 keys (the max grows on later tiles), and a
     negative scale (the unfolded exponent). The backward then runs on its o / lse. On CPU
     (GMOD_TEST_DEVICE_UNDER_TEST=cpu) the flag changes nothing and the CPU kernel is checked."""
+    if not ON_CPU and _wgmma_probe_error() is not None:
+        pytest.fail(f"the wgmma forward failed in a fresh process: {_wgmma_probe_error()}")
     B, Cq, Ck, Hq, Hk = 12, 150, 300, 4, 2
     offsets = [-129, -128, -127, -64, -1, 0, 1, 63, 64, 127, 128, 129]
     ql = [150 - 3 * (b % 4) for b in range(B)]
@@ -594,6 +623,7 @@ def test_forward_impl_flag_errors(monkeypatch):
         torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)
     monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", "wgmma")
     if _wgmma_here():
+        assert _wgmma_probe_error() is None, _wgmma_probe_error()
         o, _ = torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)
         assert o.shape == want.shape
     else:

@@ -162,3 +162,24 @@ def test_profile_gemm_rows_by_shape():
     r = by[("mm", "64 x 96 x 32")]
     assert r["TFLOPs"] == pytest.approx(2 * 64 * 96 * 32 * 3 / (r["ms"] * 1e-3) / 1e12)
     assert [x["ms"] for x in rows] == sorted((x["ms"] for x in rows), reverse=True)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the probe's failure path (no GPU)")
+def test_experiment_probe_failure_becomes_a_row_error():
+    """On CUDA an --experiments kernel first runs in a fresh process (a fault there must not poison the
+    benchmark's CUDA context). Where it fails (here: no GPU at all), the probe returns the error's last
+    line, once per flag (cached), and the experiment's rows carry that error instead of a timing."""
+    from types import SimpleNamespace
+
+    from gmod_ext.bench import attention as ba
+
+    ctx = SimpleNamespace(cuda=True, errors=[], sync=lambda: None)
+    exp = ("GMOD_ATTN_FWD_IMPL", "wgmma", (64, 128))
+    ba._probes.pop(exp[:2], None)
+    err = ba._probe_error(ctx, exp)
+    assert isinstance(err, str) and err
+    assert ba._probe_error(ctx, exp) == err  # cached
+    row = {}
+    assert ba._run_gmod(ctx, row, "attention fwd (experiment)", lambda: 1 / 0, None, 1.0, exp) is None
+    assert row["ms"].startswith("ERROR") and "probe" in row["ms"] + ctx.errors[0]["error"]
+    ba._probes.pop(exp[:2], None)

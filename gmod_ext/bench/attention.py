@@ -121,10 +121,53 @@ def _experiment_applies(ctx: Ctx, p: str, d: int) -> bool:
     return ctx.experiments and (lowp or not ctx.cuda) and d in EXPERIMENTS[p][2]
 
 
+_PROBE_CODE = """
+import torch, gmod_ext
+q = torch.randn(2, 200, 4, {d}, device="cuda", dtype=torch.bfloat16)
+k, v = torch.randn_like(q), torch.randn_like(q)
+n = torch.tensor([200, 77], dtype=torch.int32, device="cuda")
+o, lse = torch.ops.gmod.attention(q, k, v, n, n, 0.1)
+o2, lse2 = torch.ops.gmod.attention_backward(torch.randn_like(o), q, k, v, o, lse, n, n, 0.1)
+torch.cuda.synchronize()
+print("OK")
+"""
+_probes: dict = {}
+
+
+def _probe_error(ctx: Ctx, experiment) -> str | None:
+    """On CUDA, an experiment's kernel first runs once in a fresh process (cached per flag): a kernel that
+    faults would leave this process's CUDA context unusable and lose every row after it. None if it ran."""
+    if not ctx.cuda:
+        return None
+    key = experiment[:2]
+    if key not in _probes:
+        import subprocess
+        import sys
+
+        import gmod_ext
+
+        env = dict(os.environ, **{experiment[0]: experiment[1]})
+        env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(gmod_ext.__file__))) + os.pathsep + \
+            env.get("PYTHONPATH", "")
+        try:
+            res = subprocess.run([sys.executable, "-c", _PROBE_CODE.format(d=max(experiment[2]))], env=env,
+                                 capture_output=True, text=True, timeout=300)
+            ok = res.returncode == 0 and "OK" in res.stdout
+            err = (res.stderr.strip().splitlines() or ["exit %d" % res.returncode])[-1][:80]
+        except Exception as e:  # noqa: BLE001
+            ok, err = False, f"{type(e).__name__}: {e}"[:80]
+        _probes[key] = None if ok else err
+    return _probes[key]
+
+
 def _run_gmod(ctx: Ctx, row: dict, what: str, fn, refs, flops: float, experiment=None):
     """One gmod row: fn() once, its outputs checked against refs [(name, baseline tensor)] (in order,
     None: unchecked), then timed; with `experiment`, under that tile plan's environment flag. Returns
     fn's result, or None when it raised (the row then holds the error)."""
+    if experiment and (err := _probe_error(ctx, experiment)) is not None:
+        row["ms"] = record_error(ctx, what, RuntimeError(f"{experiment[0]}={experiment[1]} failed in a probe "
+                                                         f"process: {err}"))
+        return None
     with _env(*experiment[:2]) if experiment else nullcontext():
         try:
             out = fn()
