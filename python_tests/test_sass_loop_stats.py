@@ -70,6 +70,14 @@ def test_main_loop_falls_back_to_the_largest_loop(sls):
     assert sls.main_loop(straight) == []
 
 
+def test_hgmma_counts_as_mma(sls):
+    """The sm_90a wgmma kernel's loop has HGMMA instead of HMMA: it is found as the main loop and counted."""
+    wg = [(a, t.replace("HMMA.16816.F32.BF16 R12, R8, R16, R12", "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16], R24"))
+          for a, t in _listing() if "HMMA.16816.F32.BF16 R20" not in t]
+    body = sls.main_loop(wg)
+    assert body[0].startswith("LDGSTS") and sls.stats(body)["HMMA"] == 1
+
+
 def test_help_runs():
     out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--compare" in out.stdout and "main loop" in out.stdout

@@ -4,7 +4,7 @@
 For every kernel in a CUDA object file or shared library, finds its main loop (the largest loop, by
 instruction count, that issues tensor-core MMAs, or the largest loop when none does) and prints how many
 instructions one trip through it issues per warp, split into the ones that matter for a FlashAttention-
-style kernel: HMMA (tensor-core math), LDSM (ldmatrix), LDGSTS (cp.async), MUFU (exp2), local-memory
+style kernel: HMMA (tensor-core math; HGMMA, the sm_90a warpgroup MMA, counts here too), LDSM (ldmatrix), LDGSTS (cp.async), MUFU (exp2), local-memory
 spill traffic (LDL / STL) and everything else. Instructions per HMMA is the number to drive down when a
 kernel is issue-bound: with two warps per scheduler, each instruction that is not an HMMA takes an issue
 slot from the tensor pipe.
@@ -70,6 +70,9 @@ def parse(path: str, cuobjdump: str) -> dict[str, list[tuple[int, str]]]:
     return kernels
 
 
+_MMA_OPS = ("HMMA", "HGMMA")  # mma.sync, wgmma
+
+
 def main_loop(instrs: list[tuple[int, str]]) -> list[str]:
     """Body of the largest backward-branch loop that contains an HMMA (else the largest loop)."""
     best, best_mma = [], []
@@ -83,7 +86,7 @@ def main_loop(instrs: list[tuple[int, str]]) -> list[str]:
         body = [t for a, t in instrs if lo <= a <= addr]
         if len(body) > len(best):
             best = body
-        if any(opcode(t) == "HMMA" for t in body) and len(body) > len(best_mma):
+        if any(opcode(t) in _MMA_OPS for t in body) and len(body) > len(best_mma):
             best_mma = body
     return best_mma or best
 
@@ -91,6 +94,7 @@ def main_loop(instrs: list[tuple[int, str]]) -> list[str]:
 def stats(body: list[str]) -> dict[str, int]:
     c = collections.Counter(opcode(t) for t in body)
     s = {k: c.get(k, 0) for k in ("HMMA", "LDSM", "LDGSTS", "MUFU")}
+    s["HMMA"] += c.get("HGMMA", 0)  # Hopper warpgroup MMAs (one HGMMA does the work of 32-64 HMMAs)
     s["spill"] = c.get("LDL", 0) + c.get("STL", 0)
     s["total"] = len(body)
     s["other"] = s["total"] - sum(s[k] for k in ("HMMA", "LDSM", "LDGSTS", "MUFU", "spill"))

@@ -95,16 +95,29 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_fwd_wgmma_kernel(co
       const bool pred = m0 + r < ql;
       cp_async_16_zfill(sQ + sw128_offset(r, c, BM), qp + (pred ? (m0 + r) * p.q_row_stride : 0) + c * 8, pred);
     }
-    auto load_kv = [&](int nb, int buf) {  // keys past k_len zero-filled
+    // K / V tile copies, keys past k_len zero-filled. Thread tid always copies chunk c0 = tid % NC of rows
+    // r0 + i * kPassRows: a pass moves a multiple of 8 rows, so the swizzle (which depends on r % 8) and
+    // hence the shared offset are fixed per thread up to i * kPassRows * 128. Row offsets are 32-bit
+    // (kMaxTileRows rows of a tensor stay below 2^31 elements, checked on the host), the 64-bit tile
+    // base is formed once per tile: the per-copy 64-bit multiplies cost ~15 instructions per copy.
+    constexpr int kPassRows = Tr::kThreads / NC;
+    static_assert(kPassRows % 8 == 0 && BN % kPassRows == 0 && BN <= kMaxTileRows, "copy passes");
+    const int r0 = tid / NC, c0 = tid % NC;
+    const uint32_t s0 = sw128_offset(r0, c0, BN);
+    const int ks = static_cast<int>(p.k_row_stride), vs = static_cast<int>(p.v_row_stride);
+    auto load_kv = [&](int nb, int buf) {
       const int n0 = nb * BN;
+      const T* kt = kp + n0 * p.k_row_stride + c0 * 8;
+      const T* vt = vp + n0 * p.v_row_stride + c0 * 8;
+      char* dk = sK + buf * Tr::kKVBytes + s0;
+      char* dv = sV + buf * Tr::kKVBytes + s0;
+      const int rows_valid = kl - n0;
 #pragma unroll
-      for (int i = 0; i < BN * NC / Tr::kThreads; ++i) {
-        const int idx = tid + i * Tr::kThreads;
-        const int r = idx / NC, c = idx % NC;
-        const bool pred = n0 + r < kl;
-        const uint32_t off = buf * Tr::kKVBytes + sw128_offset(r, c, BN);
-        cp_async_16_zfill(sK + off, kp + (pred ? (n0 + r) * p.k_row_stride : 0) + c * 8, pred);
-        cp_async_16_zfill(sV + off, vp + (pred ? (n0 + r) * p.v_row_stride : 0) + c * 8, pred);
+      for (int i = 0; i < BN / kPassRows; ++i) {
+        const int r = r0 + i * kPassRows;
+        const bool pred = r < rows_valid;
+        cp_async_16_zfill(dk + i * kPassRows * 128, kt + (pred ? r * ks : 0), pred);
+        cp_async_16_zfill(dv + i * kPassRows * 128, vt + (pred ? r * vs : 0), pred);
       }
     };
     load_kv(0, 0);
