@@ -570,11 +570,13 @@ def _forward_kernel_names(fn):
 
 
 @needs_wgmma
+@pytest.mark.parametrize("impl", ["wgmma", "wgmma-2stage"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", LOWP)
-def test_forward_wgmma(dtype, d, monkeypatch):
-    """GMOD_ATTN_FWD_IMPL=wgmma (read at every call) runs the d = 64 / 128 prefill forward on the sm_90a
-    wgmma kernel (128 x 128 tiles, 2 warpgroups; the profiler must show gmod_attn_fwd_wgmma_kernel). It
+def test_forward_wgmma(dtype, d, impl, monkeypatch):
+    """GMOD_ATTN_FWD_IMPL=wgmma / wgmma-2stage (read at every call) runs the d = 64 / 128 prefill forward on
+    the sm_90a wgmma kernel with 3 / 2 K-V stages (128 x 128 tiles, 2 warpgroups; the profiler must show
+    gmod_attn_fwd_wgmma_kernel with WgmmaFwdTraits<d, stages>). It
     must meet the flash rule like the default: causal offsets across its 128-row / 128-key tiles, rows
     with 0 / 1 / all keys, q_len > k_len, GQA, rows of 300 keys (the max grows on later tiles), and a
     negative scale (the unfolded exponent). The backward then runs on its o / lse. On CPU
@@ -588,7 +590,8 @@ def test_forward_wgmma(dtype, d, monkeypatch):
     kl = [min(Ck, max(0, q + o)) for q, o in zip(ql, offsets)]
     q_len, k_len = lengths(B, Cq, ql), lengths(B, Ck, kl)
     q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
-    monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", "wgmma")
+    monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", impl)
+    stages = 2 if impl == "wgmma-2stage" else 3
     for name, scale in (("pos", 1.0 / math.sqrt(d)), ("neg", -0.3)):
         fn = lambda: torch.ops.gmod.attention(q, k, v, q_len, k_len, scale)  # noqa: E731
         if ON_CPU:
@@ -596,6 +599,7 @@ def test_forward_wgmma(dtype, d, monkeypatch):
         else:
             (o, lse), names = _forward_kernel_names(fn)
             assert names and all("gmod_attn_fwd_wgmma_kernel" in n for n in names), names
+            assert all(re.search(rf"WgmmaFwdTraits<{d}, {stages}>", n) for n in names), names
         o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, scale, torch.float64)
         o_pt, _ = ref_attention(q, k, v, q_len, k_len, scale, dtype)
         assert_flash_close(o, o_ref, o_pt, f"wgmma o ({name} scale)")
@@ -619,7 +623,7 @@ def test_forward_impl_flag_errors(monkeypatch):
     monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", "mma")
     assert torch.equal(torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)[0], want)
     monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", "tma")
-    with pytest.raises(ValueError, match="GMOD_ATTN_FWD_IMPL=tma.*wgmma.*mma"):
+    with pytest.raises(ValueError, match="GMOD_ATTN_FWD_IMPL=tma.*wgmma or wgmma-2stage.*mma"):
         torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)
     monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", "wgmma")
     if _wgmma_here():

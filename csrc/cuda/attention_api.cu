@@ -12,8 +12,8 @@
 // older than sm_80); by default bf16 / fp16 forward runs on tensor cores (attention_fwd_tc_kernel.cuh).
 // Read at every call (benchmark comparisons in one process): GMOD_ATTN_FWD_BLOCK_N=32 (the d = 128
 // prefill forward on 32-key tiles), GMOD_ATTN_BWD_BLOCK_N=128 (the tensor-core dk/dv kernel on 128 keys x
-// 8 warps per CTA), GMOD_ATTN_DECODE_SPLITS=N (the decode's key-split count), GMOD_ATTN_FWD_IMPL=wgmma (the
-// d = 64 / 128 prefill forward on the sm_90a wgmma kernel).
+// 8 warps per CTA), GMOD_ATTN_DECODE_SPLITS=N (the decode's key-split count), GMOD_ATTN_FWD_IMPL=wgmma / wgmma-2stage
+// (the d = 64 / 128 prefill forward on the sm_90a wgmma kernel).
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -61,10 +61,11 @@ int fwd_block_n() {
 }
 
 // GMOD_ATTN_FWD_IMPL=wgmma: the bf16 / fp16 prefill forward at d = 64 / 128 on the sm_90a wgmma kernel
-// (attention_fwd_wgmma_kernel.cuh), other cases unchanged; unset or "mma": the mma.sync kernels. Opt-in
-// until an H100 benchmark shows it faster. Asked for where it cannot run (no sm_90a kernels in this
-// build, or not a compute capability 9.0 GPU) it raises, so that a benchmark never times the wrong kernel.
-bool fwd_wgmma(bool tensor_cores, int64_t head_dim);
+// (attention_fwd_wgmma_kernel.cuh, 3 K / V stages; =wgmma-2stage: 2 stages, each P V waited in place),
+// other cases unchanged; unset or "mma": the mma.sync kernels. Opt-in until an H100 benchmark shows it
+// faster. Asked for where it cannot run (no sm_90a kernels in this build, or not a compute capability
+// 9.0 GPU) it raises, so that a benchmark never times the wrong kernel. Returns the stages, or 0.
+int fwd_wgmma(bool tensor_cores, int64_t head_dim);
 
 // GMOD_ATTN_DECODE_SPLITS=N: the split-k decode uses N key splits (clamped to what the cache allows)
 // instead of the wave model's choice (decode_num_splits). Read at every call, unlike the other flags,
@@ -119,11 +120,12 @@ int tc_bwd_keys_per_cta(int64_t B, int64_t Hq, int64_t Ck) {
   return wide_ctas >= 2 * static_cast<int64_t>(num_sms()) ? attn::kTcBwdWideBlockN : attn::kTcBwdBlockN;
 }
 
-bool fwd_wgmma(bool tensor_cores, int64_t head_dim) {
+int fwd_wgmma(bool tensor_cores, int64_t head_dim) {
   const char* v = std::getenv("GMOD_ATTN_FWD_IMPL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "mma") == 0) return false;
-  GMOD_CHECK_VALUE(std::strcmp(v, "wgmma") == 0, "GMOD_ATTN_FWD_IMPL=", v,
-                   " is not a forward implementation; use wgmma (sm_90a) or mma (the default)");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "mma") == 0) return 0;
+  const int stages = std::strcmp(v, "wgmma") == 0 ? 3 : std::strcmp(v, "wgmma-2stage") == 0 ? 2 : 0;
+  GMOD_CHECK_VALUE(stages > 0, "GMOD_ATTN_FWD_IMPL=", v,
+                   " is not a forward implementation; use wgmma or wgmma-2stage (sm_90a) or mma (the default)");
 #ifdef GMOD_WITH_SM90A
   constexpr bool built = true;
 #else
@@ -135,7 +137,7 @@ bool fwd_wgmma(bool tensor_cores, int64_t head_dim) {
   const int minor = device_attribute<cudaDevAttrComputeCapabilityMinor>();
   GMOD_CHECK(major == 9 && minor == 0, "GMOD_ATTN_FWD_IMPL=wgmma needs a compute capability 9.0 GPU (H100 / H200); "
              "this one is ", major, ".", minor);
-  return tensor_cores && attn::wgmma_fwd_supports_head_dim(head_dim);
+  return tensor_cores && attn::wgmma_fwd_supports_head_dim(head_dim) ? stages : 0;
 }
 
 // Tensor-core kernels: 16-bit inputs on sm_80+ (mma.sync.m16n8k16 with bf16, ldmatrix, cp.async).
@@ -224,7 +226,7 @@ void set_fwd_params(attn::AttnFwdParams& p, const AttnDims& a, const at::Tensor&
   p.num_splits = 1;
   p.use_tensor_cores = use_tensor_cores(q.scalar_type()) ? 1 : 0;
   p.tc_fwd_block_n = fwd_block_n();
-  p.fwd_wgmma = fwd_wgmma(p.use_tensor_cores != 0, a.d) ? 1 : 0;
+  p.fwd_wgmma = fwd_wgmma(p.use_tensor_cores != 0, a.d);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,

@@ -23,9 +23,16 @@
 
 namespace gmod::attn {
 
-template <int kHeadDim_>
+// kStages_ = 2: K / V double-buffered, each tile's P V waited for before the next tile (the plain
+// order). 3: a third K / V buffer, and the P V of tile j is left running while the loop crosses the
+// barrier, issues tile j + 2's copies and tile j + 1's S = Q K^T; one wait then covers both (in order),
+// before the softmax touches O. The copies into a buffer start only after the P V that read it (tile
+// j - 2's) was waited for by both warpgroups: each waits before the barrier of the next iteration (also
+// on the path that skips a tile). d = 128: 225 KB of shared memory (the H100 gives 227 KB).
+template <int kHeadDim_, int kStages_ = 3>
 struct WgmmaFwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kStages = kStages_;
   static constexpr int kThreads = 256;  // 2 warpgroups
   static constexpr int kBlockM = 128;   // 64 rows per warpgroup (the wgmma M)
   static constexpr int kBlockN = 128;   // keys per tile (the N of S = Q K^T)
@@ -33,12 +40,13 @@ struct WgmmaFwdTraits {
   static constexpr int kChunks = kHeadDim / 8;      // 16-byte chunks per row
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
-  // Q, 2 K and 2 V buffers, + 1024 bytes to align the base (the swizzle works on address bits).
-  static constexpr int kSmemBytes = kQBytes + 4 * kKVBytes + 1024;
+  // Q, kStages K and V buffers, + 1024 bytes to align the base (the swizzle works on address bits).
+  static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 1024;
   static constexpr int kSRegs = kBlockN / 2;   // S fragment registers per thread (64 x kBlockN / 128)
   static constexpr int kORegs = kHeadDim / 2;  // O fragment registers per thread
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma forward: head dim 64 or 128");
   static_assert(kBlockN == 128, "S = Q K^T is one m64n128k16 per k16 step");
+  static_assert(kStages == 2 || kStages == 3, "2 or 3 K / V buffers");
 };
 
 // kPosScale as in gmod_attn_fwd_tc_kernel: S stays unscaled and each exponent is one FFMA.
@@ -52,9 +60,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_fwd_wgmma_kernel(co
   const uint32_t smem_raw = smem_u32(gmod_attn_smem);
   const uint32_t pad = (1024u - (smem_raw & 1023u)) & 1023u;
   char* const sQ = reinterpret_cast<char*>(gmod_attn_smem) + pad;  // [D / 64][BM][128 B], swizzled
-  char* const sK = sQ + Tr::kQBytes;                               // [2][D / 64][BN][128 B]
-  char* const sV = sK + 2 * Tr::kKVBytes;                          // [2][D / 64][BN][128 B]
-  const uint32_t aQ = smem_raw + pad, aK = aQ + Tr::kQBytes, aV = aK + 2 * Tr::kKVBytes;
+  constexpr int NS = Tr::kStages;
+  char* const sK = sQ + Tr::kQBytes;                               // [NS][D / 64][BN][128 B]
+  char* const sV = sK + NS * Tr::kKVBytes;                         // [NS][D / 64][BN][128 B]
+  const uint32_t aQ = smem_raw + pad, aK = aQ + Tr::kQBytes, aV = aK + NS * Tr::kKVBytes;
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;
@@ -123,15 +132,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_fwd_wgmma_kernel(co
     load_kv(0, 0);
     cp_async_commit();
 
+    uint32_t pa[BN / 16][4] = {};  // P as the A operand of P V (read by the hardware until that wgmma is waited for)
     for (int nb = 0; nb < nb_end; ++nb) {
-      const int buf = nb & 1;
+      const int buf = nb % NS;
       cp_async_wait<0>();
       fence_proxy_async();  // this thread's copies, visible to the wgmma (async proxy) reads
-      __syncthreads();      // tile nb is in shared memory; both warpgroups are done with tile nb - 1
-      if (nb + 1 < nb_end) load_kv(nb + 1, buf ^ 1);
+      // Tile nb is in shared memory; both warpgroups are done with tile nb + 1 - NS's buffer.
+      __syncthreads();
+      if (nb + 1 < nb_end) load_kv(nb + 1, (nb + 1) % NS);
       cp_async_commit();
       const int n0 = nb * BN;
-      if (n0 >= n_wg) continue;  // warpgroup-uniform: none of its rows sees these keys
+      if (n0 >= n_wg) {  // warpgroup-uniform: none of its rows sees these keys (nor later ones)
+        if constexpr (NS == 3) wgmma_wait<0>();  // the last P V, before the next copies reuse its buffer
+        continue;
+      }
 
       // ---- S = Q K^T: D / 16 k16 steps; a step moves 32 bytes along the swizzled rows of Q and K
       // (inside one 128-byte block), and to the next 64-column block every 4 steps.
@@ -145,8 +159,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_fwd_wgmma_kernel(co
         wgmma_ss<T>(s, da, db, kk > 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();
+      wgmma_wait<0>();  // (NS = 3: also the previous tile's P V, committed before)
       wgmma_keep(s);
+      if constexpr (NS == 3) {
+        wgmma_keep(o);
+        wgmma_keep_regs(pa);
+      }
 
       // ---- Mask and online softmax (log2 domain), as gmod_attn_fwd_tc_kernel. Element i of s:
       // row half h = (i / 2) % 2, key n0 + 8 (i / 4) + 2 tq + i % 2.
@@ -186,7 +204,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_fwd_wgmma_kernel(co
 
       // ---- O += P V: P's fragments of n8 groups (2 kk, 2 kk + 1) are the A operand of k16 step kk;
       // V N-major: step kk starts 16 rows (2048 bytes) down, the next 64 columns are BN rows further.
-      uint32_t pa[BN / 16][4];
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -202,8 +219,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_fwd_wgmma_kernel(co
         wgmma_rs<T, D>(o, pa[kk], db, true);
       }
       wgmma_commit();
+      if constexpr (NS == 2) {
+        wgmma_wait<0>();
+        wgmma_keep(o);
+      }
+    }
+    if constexpr (NS == 3) {
       wgmma_wait<0>();
       wgmma_keep(o);
+      wgmma_keep_regs(pa);
     }
   }
 

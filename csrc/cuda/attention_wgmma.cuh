@@ -4,8 +4,9 @@
 //   wgmma_desc_sw128           the 64-bit shared-memory matrix descriptor of such a tile
 //   wgmma_ss<T>                D[64 x 128] (+)= A[64 x 16] B[16 x 128], A and B K-major in shared memory
 //   wgmma_rs<T, N>             D[64 x N] (+)= A[64 x 16] B[16 x N], A in registers, B N-major in shared memory
-//   wgmma_fence / _commit / _wait<N>, fence_proxy_async, wgmma_keep (an optimisation barrier for the
-//                              accumulator registers, which the compiler does not know are written late)
+//   wgmma_fence / _commit / _wait<N>, fence_proxy_async, wgmma_keep / wgmma_keep_regs (optimisation
+//                              barriers for the accumulator and register A operands, which the compiler
+//                              does not know the hardware writes / reads until the wait)
 // Warpgroup = 4 consecutive warps (128 threads) issuing together. Fragment layouts (PTX ISA, "Register
 // Fragments and Shared Memory Matrix Layouts" of wgmma), for thread t of the warpgroup, w = t / 32,
 // l = t % 32, g = l / 4, q = l % 4:
@@ -67,6 +68,14 @@ GMOD_DEV void fence_proxy_async() {
 template <int N> GMOD_DEV void wgmma_keep(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// The same for register A operands: read by the hardware until the wait, so they must stay live (and
+// unmodified) until after it.
+template <int N, int M> GMOD_DEV void wgmma_keep_regs(uint32_t (&a)[N][M]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < M; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
 }
 
 #define GMOD_WGMMA_D32_STR                                                                   \

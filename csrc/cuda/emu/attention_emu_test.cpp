@@ -151,7 +151,8 @@ struct Options {
   float scale = 0.f;       // 0: 1 / sqrt(d)
   bool narrow = false;     // d = 128 prefill on TcFwdNarrowTile128 (GMOD_ATTN_FWD_BLOCK_N=32)
   bool wide_bwd = false;   // dk/dv on TcBwdWideTile: 8 warps x 16 keys (GMOD_ATTN_BWD_BLOCK_N=128)
-  bool wgmma = false;      // d = 64 / 128 prefill on the sm_90a wgmma kernel (GMOD_ATTN_FWD_IMPL=wgmma)
+  int wgmma = 0;           // > 0: d = 64 / 128 prefill on the sm_90a wgmma kernel with this many K / V stages
+                           // (GMOD_ATTN_FWD_IMPL=wgmma: 3, =wgmma-2stage: 2)
 };
 
 template <typename T, int kHeadDim>
@@ -264,14 +265,17 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
             run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, false, false>(p); }, [] {}, tc_fwd_smem_bytes<Tr>());
         };
         if constexpr (wgmma_fwd_supports_head_dim(kHeadDim)) {
-          if (opt.wgmma) {  // as attention_fwd_wgmma.cu: 256 threads, a positive scale in the exponent
-            using Tr = WgmmaFwdTraits<kHeadDim>;
+          // as attention_fwd_wgmma.cu: 256 threads, a positive scale in the exponent
+          auto run_wgmma = [&](auto traits) {
+            using Tr = decltype(traits);
             const dim3 grid(ceil_div_host(P.Cq, Tr::kBlockM), P.Hq, P.B);
             if (p.scale_log2 > 0.f)
               emu::launch(grid, Tr::kThreads, Tr::kSmemBytes, [&] { gmod_attn_fwd_wgmma_kernel<Tr, T, true>(p); });
             else
               emu::launch(grid, Tr::kThreads, Tr::kSmemBytes, [&] { gmod_attn_fwd_wgmma_kernel<Tr, T, false>(p); });
-          }
+          };
+          if (opt.wgmma == 3) run_wgmma(WgmmaFwdTraits<kHeadDim, 3>{});
+          if (opt.wgmma == 2) run_wgmma(WgmmaFwdTraits<kHeadDim, 2>{});
         }
         if (opt.wgmma && wgmma_fwd_supports_head_dim(kHeadDim)) {
           // ran above
@@ -297,7 +301,7 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   std::string lens;
   for (int b = 0; b < P.B; ++b) lens += std::to_string(P.ql[b]) + "/" + std::to_string(P.kl[b]) + " ";
   std::snprintf(buf, sizeof(buf), "%s%s%s d=%d B=%d Cq=%d Ck=%d Hq=%d Hk=%d splits=%d det=%d hpc=%d lens=[%s]", tname<T>(),
-                tc ? "/tc" : "", opt.wgmma ? "/wgmma" : "", d, P.B, P.Cq, P.Ck, P.Hq, P.Hk, p.num_splits, int(opt.deterministic), opt.heads_per_cta,
+                tc ? "/tc" : "", opt.wgmma == 3 ? "/wgmma3" : opt.wgmma == 2 ? "/wgmma2" : "", d, P.B, P.Cq, P.Ck, P.Hq, P.Hk, p.num_splits, int(opt.deterministic), opt.heads_per_cta,
                 lens.c_str());
   const std::string tag = buf;
   const bool fp32 = std::is_same_v<T, float>;
@@ -512,9 +516,9 @@ int main(int argc, char** argv) {
   // across its 128-row / 128-key tiles, rows with 0 / 1 / all keys, q_len > k_len, GQA, both dtypes,
   // a negative scale (the unfused exponent), rows of 300+ keys so that the max grows on later tiles.
   // Each case also runs the backward on the kernel's o / lse. `wgmma` as the argument runs only these.
-  auto wgmma_cases = [&] {
+  auto wgmma_cases = [&](int stages) {
     Options wg, wg_neg;
-    wg.wgmma = wg_neg.wgmma = true;
+    wg.wgmma = wg_neg.wgmma = stages;
     wg_neg.scale = -0.25f;
     run_random<__nv_bfloat16, 128>(rng, 3, 150, 300, 4, 2, wg, {150, 1, 0}, {300, 77, 0});
     run_random<__half, 64>(rng, 3, 200, 330, 2, 1, wg, {200, 129, 64}, {330, 128, 200});
@@ -531,8 +535,13 @@ int main(int argc, char** argv) {
     run_random<__half, 64>(rng, 12, 140, 270, 2, 1, wg, ql, kl);
     cases += 2;
   };
-  if (argc > 1 && std::string(argv[1]) == "wgmma") {
-    wgmma_cases();
+  if (argc > 1 && std::string(argv[1]) == "wgmma") {  // both pipelines: 3 stages (the default) and 2
+    wgmma_cases(3);
+    wgmma_cases(2);
+    // Copies landing at once: a K / V copy into a buffer that a still-running P V reads shows up.
+    emu::eager_copies = true;
+    wgmma_cases(3);
+    emu::eager_copies = false;
     std::printf("%d cases, %d failures\n", cases, g_failures);
     return g_failures ? 1 : 0;
   }

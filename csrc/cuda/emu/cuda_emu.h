@@ -8,7 +8,8 @@
 //   ldmatrix (x4, .trans), mma.sync m16n8k16 (bf16 / fp16 in, fp32 accumulate): the fragment layouts
 //                                       of the PTX ISA, rebuilt from what every lane of the warp holds
 //   cp.async 16-byte copies             deferred until the cp.async.wait_group that covers them, so a
-//                                       kernel that reads shared memory too early reads the poison
+//                                       kernel that reads shared memory too early reads the poison (or,
+//                                       with emu::eager_copies, landing at once: see there)
 //   wgmma.mma_async m64nNk16 (sm_90a)   deferred to wgmma.wait_group: the accumulators read NaN until
 //                                       then; operands decoded from the matrix descriptors and the
 //                                       128-byte swizzle as the PTX ISA's canonical layouts define them
@@ -81,6 +82,10 @@ inline void check_readable(const void* src, int bytes) {
   std::abort();
 }
 inline thread_local std::vector<PendingCopy> pending;        // issued, in order
+// Eager copies: a cp.async lands at once (a legal order on the device too). The default (deferred to the
+// wait) catches reads before the wait; eager catches copies that overwrite a buffer an in-flight wgmma
+// still reads (the emulated wgmma reads shared memory at its wait).
+inline bool eager_copies = false;
 inline thread_local std::vector<size_t> group_ends;          // pending.size() at each commit
 }  // namespace emu
 
@@ -206,12 +211,21 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 // ---- cp.async.cg.shared.global (16 bytes), commit_group, wait_group N.
 inline void cp_async_16(void* smem_dst, const void* gmem_src) {
   emu::check_readable(gmem_src, 16);
+  if (emu::eager_copies) {
+    std::memcpy(smem_dst, gmem_src, 16);
+    return;
+  }
   emu::pending.push_back({smem_dst, gmem_src, 16});
 }
 // src-size 0 when !pred: zeros land in shared memory when the group completes, as on the GPU. The
 // source must still be an address inside an input tensor (checked).
 inline void cp_async_16_zfill(void* smem_dst, const void* gmem_src, bool pred) {
   emu::check_readable(gmem_src, pred ? 16 : 0);
+  if (emu::eager_copies) {
+    if (pred) std::memcpy(smem_dst, gmem_src, 16);
+    else std::memset(smem_dst, 0, 16);
+    return;
+  }
   emu::pending.push_back({smem_dst, gmem_src, pred ? 16 : 0});
 }
 inline void cp_async_commit() { emu::group_ends.push_back(emu::pending.size()); }
@@ -243,6 +257,7 @@ inline uint32_t smem_u32(const void* p) {
 inline void wgmma_fence() {}
 inline void fence_proxy_async() {}
 template <int N> inline void wgmma_keep(float (&)[N]) {}
+template <int N, int M> inline void wgmma_keep_regs(uint32_t (&)[N][M]) {}
 
 // One 16-bit element at a shared address, through the 128-byte swizzle: address bits [4, 7) xor [7, 10).
 inline float emu_wgmma_elem(uint32_t addr, bool bf16) {

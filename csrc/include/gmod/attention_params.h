@@ -50,8 +50,9 @@ struct AttnFwdParams {
   // Keys per tile of the tensor-core prefill forward at d = 128: 64 (default) or 32 (TcFwdNarrowTile128,
   // GMOD_ATTN_FWD_BLOCK_N=32); other head dims ignore it.
   int tc_fwd_block_n;
-  // 1: the prefill forward runs the sm_90a wgmma kernel (attention_fwd_wgmma_kernel.cuh; 16-bit inputs,
-  // d = 64 / 128, a compute capability 9.0 GPU, GMOD_ATTN_FWD_IMPL=wgmma); other cases ignore it.
+  // 3 or 2: the prefill forward runs the sm_90a wgmma kernel with that many K / V stages
+  // (attention_fwd_wgmma_kernel.cuh; 16-bit inputs, d = 64 / 128, a compute capability 9.0 GPU,
+  // GMOD_ATTN_FWD_IMPL=wgmma / wgmma-2stage); 0, and other cases: the mma.sync kernels.
   int fwd_wgmma;
 
   // Split-k decode (attention_decode.cu): CTA `split` handles key tiles
