@@ -225,7 +225,7 @@ def _wgmma_here():
 
 
 # The opt-in kernel plans (flags the extension reads at every call), each on the small configs it
-# changes, bf16: the d = 128 prefill forward on 32-key tiles, the wgmma prefill forward (sm_90a), the
+# changes, bf16: the d = 128 prefill forward on 32-key tiles, the wgmma prefill forward (sm_90a; 3 and 2 stages), the
 # 8-warp dk/dv kernel (every config
 # with a backward), and the decode forced to many key splits (the combine with splits of one tile each).
 # config: (B, Cq, Ck, Hq, Hk, d, q_len, k_len, backward)
@@ -233,6 +233,7 @@ _ATTN_PLANS = [
     ({"GMOD_ATTN_FWD_BLOCK_N": "32"}, lambda c: c[5] == 128 and c[1] > 16),
     # the sm_90a wgmma forward (prefill, d = 64 / 128); only where it can run (_wgmma_here)
     ({"GMOD_ATTN_FWD_IMPL": "wgmma"}, lambda c: _wgmma_here() and c[5] in (64, 128) and c[1] > 16),
+    ({"GMOD_ATTN_FWD_IMPL": "wgmma-2stage"}, lambda c: _wgmma_here() and c[5] in (64, 128) and c[1] > 16),
     ({"GMOD_ATTN_BWD_BLOCK_N": "128"}, lambda c: c[8] and c[5] <= 128),
     ({"GMOD_ATTN_DECODE_SPLITS": "64"}, lambda c: c[1] <= 16),
 ]
