@@ -4,8 +4,8 @@
 // its B operand (and A for S = Q K^T) straight from shared memory and runs asynchronously, is what the
 // cuDNN backend's 438-528 TFLOP/s are made of.
 // Structure (one CTA = 128 query rows of one head of one batch row, 2 warpgroups x 64 rows, 256 threads):
-//   Q [128 x d] -> shared memory once (cp.async); K / V tiles of 128 keys double-buffered with cp.async
-//   by all 256 threads (the next tile's copies are issued before this tile's math);
+//   Q [128 x d] -> shared memory once (cp.async); K / V tiles of 128 keys in 3 (or 2) buffers filled
+//   with cp.async by all 256 threads (the next tile's copies are issued before this tile's math);
 //   per tile and warpgroup: S = Q K^T as d / 16 wgmma m64n128k16 (both operands from shared memory),
 //   mask + online softmax on the S fragments (log2 domain, as the mma.sync kernel), P rounded to T in
 //   registers, O += P V as 128 / 16 wgmma m64n{d}k16 with P as the register A operand and V N-major.
@@ -14,8 +14,9 @@
 // causal, rows past q_len: o = 0, lse = -inf), GQA mapping and outputs as gmod_attn_fwd_tc_kernel.
 // Skipped work: key tiles past the CTA's causal / length reach are never loaded; a warpgroup whose rows
 // see none of a tile's keys skips its MMAs; tiles every row of a warpgroup sees whole skip the mask.
-// Head dims 64 and 128 (whole 128-byte swizzle blocks). Opt-in for now (GMOD_ATTN_FWD_IMPL=wgmma,
-// attention_api.cu) until the H100 benchmark says it beats the mma.sync kernel.
+// Head dims 64 and 128 (whole 128-byte swizzle blocks). Opt-in for now (GMOD_ATTN_FWD_IMPL=wgmma /
+// wgmma-2stage, attention_api.cu) until the H100 benchmark says it beats the mma.sync kernel; it has
+// been checked only in the host emulation (csrc/cuda/emu/, `attention_emu_test wgmma`) so far.
 #pragma once
 
 #include "attention_common.cuh"
