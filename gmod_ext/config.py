@@ -21,9 +21,19 @@ is
     ``C = min(S, keep(S, r) + F_max)``
 
 where ``S`` is the sequence length and ``F_max`` the largest number of forced tokens in one row of
-the batch (0 when nothing is forced; computed once per model forward, the only host sync).
-``keep`` is non-decreasing in n, so ``C >= count`` for every row: no token that should be kept is
-ever dropped. Without forced tokens ``C`` depends on ``S`` and ``r`` only.
+the batch (0 when nothing is forced). ``keep`` is non-decreasing in n, so ``C >= count`` for every row:
+no token that should be kept is ever dropped. Without forced tokens ``C`` depends on ``S`` and ``r`` only.
+
+When a model forward has a routing mask (forced tokens or padding), ``gmod_ext.convert``'s hook also
+reads each row's ``(F_b, R_b)`` once (``RoutingInfo.rows``; with ``F_max``, the forward's host syncs), and
+MoD layers use the tight capacity
+
+    ``C = max_b (F_b + keep(R_b, r))``   (:func:`capacity_of_rows`)
+
+the largest row's exact count, instead. The loose rule pays for ``F_max`` forced tokens on top of
+``keep(S, r)`` routable ones that no row has at once: with a question span of S/8 forced tokens at
+r = 0.5 it gives C = 5S/8 where every row keeps 9S/16, so 11 % of the rows every GEMM, norm and
+attention of the layer processed were padding.
 """
 from __future__ import annotations
 
@@ -54,6 +64,12 @@ def keep_count(n: int, ratio: float) -> int:
 def capacity(seq_len: int, ratio: float, max_forced: int = 0) -> int:
     """Static capacity ``C = min(S, keep(S, r) + F_max)`` (see the module docstring)."""
     return min(seq_len, keep_count(seq_len, ratio) + int(max_forced))
+
+
+def capacity_of_rows(rows, ratio: float, seq_len: int) -> int:
+    """Tight static capacity ``C = max_b (F_b + keep(R_b, r))`` from each row's forced / routable counts
+    ``rows = [(F_b, R_b), ...]`` (Python ints), at least 1 and at most S (see the module docstring)."""
+    return max(1, min(seq_len, max((int(f) + keep_count(int(r), ratio) for f, r in rows), default=0)))
 
 
 def prd_keep_ratios(num_layers: int, rbar: float, r_min: float) -> list[float]:

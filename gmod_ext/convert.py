@@ -63,7 +63,7 @@ from torch import nn
 from . import generation
 from ._hf import find_decoder
 from .config import GmodConfig, prd_skip_ratios
-from .masks import build_routing_mask, check_routing_mask
+from .masks import build_routing_mask, check_routing_mask, row_forced_routable
 from .mod_layer import make_mod_layer, unmake_mod_layer
 from .router import GmodRouter, GmodState, RoutingInfo
 from .verify import check_decoder_layers
@@ -349,7 +349,8 @@ def _pre_hook(module, args, kwargs):
             mode=cfg.forced,
             image_token_id=cfg.image_token_id,
         )
-    info = RoutingInfo(codes, max_forced)
+    # Each row's (forced, routable) counts for the tight capacity (one more tiny host sync).
+    info = RoutingInfo(codes, max_forced, rows=None if codes is None else row_forced_routable(codes))
     if prefill_len is not None:
         info.prefill_len = prefill_len  # read by MoDDecoderLayer.gmod_forward (see gmod_ext.cache)
     state.current = info

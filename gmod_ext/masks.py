@@ -97,3 +97,10 @@ def check_routing_mask(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tens
     if mask.dim() != 2 or tuple(mask.shape) != tuple(shape):
         raise ValueError(f"gmod: routing mask has shape {tuple(mask.shape)}, expected {list(shape)}")
     return mask.to(torch.int8)
+
+
+def row_forced_routable(codes: torch.Tensor) -> list:
+    """``[(F_b, R_b), ...]``: forced (code 1) and routable (code 0) tokens of each row of a [B, S] code
+    mask, as Python ints (one host sync), for the tight capacity (:func:`gmod_ext.config.capacity_of_rows`)."""
+    counts = torch.stack([(codes == MASK_FORCED).sum(1), (codes == MASK_ROUTABLE).sum(1)], dim=1)
+    return [tuple(r) for r in counts.tolist()]

@@ -56,7 +56,7 @@ from torch import nn
 
 from . import ops
 from ._hf import cache_kwarg_of, pop_cache
-from .config import GmodConfig, capacity
+from .config import GmodConfig, capacity, capacity_of_rows
 from .masks import check_routing_mask
 from .profiling import nvtx_range
 from .router import GmodRouter, GmodState, RoutingInfo, logit, router_aux_loss, selection_mask
@@ -409,6 +409,8 @@ class MoDDecoderLayer:
                 decided = torch.where(keep_tail, ops.MASK_FORCED, ops.MASK_NEVER).to(torch.int8)
                 codes = torch.where(tail.unsqueeze(0), decided, base).contiguous()
                 C = capacity(P, ratio, max_forced) + (S - P)
+            elif routing is not None and routing.rows is not None and len(routing.rows) == B:
+                C = capacity_of_rows(routing.rows, ratio, S)  # the largest row's exact count
             else:
                 C = capacity(S, ratio, max_forced)
             if codes is None:

@@ -91,14 +91,17 @@ class RoutingInfo:
     """What one model forward routes with, and what its MoD layers record.
 
     ``mask`` [B, S] int8 codes (0 routable, 1 forced, 2 padding) or None (all routable);
-    ``max_forced`` the largest forced count of a row (Python int, used for the static capacity).
+    ``max_forced`` the largest forced count of a row (Python int, used for the static capacity);
+    ``rows`` each row's (forced, routable) counts (Python ints) when known: MoD layers then use the tight
+    capacity ``max_b (F_b + keep(R_b, r))`` (:func:`gmod_ext.config.capacity_of_rows`).
     MoD layers write ``aux[layer]`` (differentiable aux loss term), ``stats[layer]`` (detached
     tensors) and ``selection[layer] = (idx, count)`` (what ``ops.route`` chose). A gradient-checkpointing replay overwrites them with equal values.
     """
 
-    def __init__(self, mask: Optional[torch.Tensor] = None, max_forced: int = 0):
+    def __init__(self, mask: Optional[torch.Tensor] = None, max_forced: int = 0, rows: Optional[list] = None):
         self.mask = mask
         self.max_forced = int(max_forced)
+        self.rows = rows  # [(F_b, R_b)] Python ints, or None: the tight capacity when given
         self.aux: dict[int, torch.Tensor] = {}
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
         self.selection: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (idx, count)

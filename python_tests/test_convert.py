@@ -20,7 +20,7 @@ from gmod_hf_utils import (
 )
 
 import gmod_ext
-from gmod_ext.config import capacity, prd_skip_ratios
+from gmod_ext.config import capacity, capacity_of_rows, prd_skip_ratios
 from gmod_ext.convert import is_converted
 
 ARCHS = ["llama", "mistral", "qwen2", "llava"]
@@ -162,7 +162,10 @@ def _check_selection(model, batch, info, ratio, must_keep):
     am = batch["attention_mask"].bool()
     for layer_idx, (idx, count) in info.selection.items():
         S = am.shape[1]
-        assert idx.shape[1] == capacity(S, ratio, info.max_forced)
+        # the tight capacity: the largest row's exact count (no all-padding rows in the GEMMs)
+        assert info.rows is not None and idx.shape[1] == capacity_of_rows(info.rows, ratio, S)
+        assert idx.shape[1] == max(1, int(count.max()))
+        assert idx.shape[1] <= capacity(S, ratio, info.max_forced)
         for b in range(am.shape[0]):
             kept = set(idx[b, : count[b]].tolist())
             assert not kept & set((~am[b]).nonzero().flatten().tolist()), "padding processed"

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gmod_ext import ops
-from gmod_ext.config import GmodConfig, capacity, keep_count, prd_keep_ratios, prd_skip_ratios
+from gmod_ext.config import GmodConfig, capacity, capacity_of_rows, keep_count, prd_keep_ratios, prd_skip_ratios
 from gmod_ext.masks import build_routing_mask
 from gmod_ext.router import GmodRouter, router_aux_loss, selection_mask
 
@@ -119,6 +119,28 @@ def test_capacity_rule_bounds_every_row(ratio):
     assert capacity(S, 0.0) == S
     assert keep_count(100, 0.29) == 71  # floor with tolerance: 0.29 * 100 counts as 29
     assert keep_count(10, 0.5) == 5 and keep_count(11, 0.5) == 6 and keep_count(1, 0.5) == 1
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.17, 0.5, 0.9])
+def test_tight_capacity_is_the_largest_row_count(ratio):
+    """capacity_of_rows: C = max_b (F_b + keep(R_b, r)), so every row fits and the largest row fills C
+    exactly; never above the loose rule min(S, keep(S, r) + F_max), never below 1, never above S."""
+    S = 40
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        B = int(torch.randint(1, 5, (1,), generator=rng))
+        rows = []
+        for _ in range(B):
+            F_ = int(torch.randint(0, 12, (1,), generator=rng))
+            R = int(torch.randint(0, S - F_ + 1, (1,), generator=rng))
+            rows.append((F_, R))
+        C = capacity_of_rows(rows, ratio, S)
+        counts = [f + keep_count(r, ratio) for f, r in rows]
+        assert C == max(1, max(counts)) and all(c <= C for c in counts)
+        assert C <= capacity(S, ratio, max(f for f, _ in rows))
+    assert capacity_of_rows([(0, 0), (0, 0)], 0.5, S) == 1
+    # the bench's LLaVA-like rows: S/8 forced, the rest routable -> 9S/16 where the loose rule gives 5S/8
+    assert capacity_of_rows([(256, 1792)] * 4, 0.5, 2048) == 1152 and capacity(2048, 0.5, 256) == 1280
 
 
 def test_route_follows_rule_with_capacity():
