@@ -20,6 +20,7 @@ _LAZY = {
     "unconvert": ("convert", "unconvert"),
     "from_pretrained": ("convert", "from_pretrained"),
     "gmod_stats": ("convert", "gmod_stats"),
+    "set_attention": ("convert", "set_attention"),
     "arank": ("arank", "arank"),
     "choose_mod_layers": ("arank", "choose_mod_layers"),
     "GmodConfig": ("config", "GmodConfig"),

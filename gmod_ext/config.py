@@ -25,7 +25,7 @@ the batch (0 when nothing is forced). ``keep`` is non-decreasing in n, so ``C >=
 no token that should be kept is ever dropped. Without forced tokens ``C`` depends on ``S`` and ``r`` only.
 
 When a model forward has a routing mask (forced tokens or padding), ``gmod_ext.convert``'s hook also
-reads each row's ``(F_b, R_b)`` once (``RoutingInfo.rows``; with ``F_max``, the forward's host syncs), and
+reads each row's ``(F_b, R_b)`` once (``RoutingInfo.rows``, the forward's one host sync, which also gives ``F_max``), and
 MoD layers use the tight capacity
 
     ``C = max_b (F_b + keep(R_b, r))``   (:func:`capacity_of_rows`)
@@ -47,6 +47,7 @@ ROUTERS = ("shared", "per_layer")
 POSITIONS = ("original", "compact")
 FORCED = ("none", "text", "ignored_labels")
 ON_CACHE = ("error", "dense", "compact")
+ATTENTIONS = ("gmod", "sdpa")
 
 _FLOOR_TOL = 1e-9
 
@@ -118,6 +119,14 @@ class GmodConfig:
     * ``decode_threshold``: with a KV cache, a token after the prefill (decode) is processed by a
       MoD layer iff ``p >= decode_threshold`` (default 0.5, gamma-MoD; 0 keeps every token). A full
       forward given ``gmod_prefill_len=P`` applies the same rule to positions ``>= P``.
+    * ``attention``: the kernel of a MoD layer's attention over its kept tokens in a whole-sequence
+      forward (training, prefill): "gmod" (``gmod.attention``, the default) or "sdpa"
+      (``torch.nn.functional.scaled_dot_product_attention``, causal, over the [B, C] compact rows; on
+      an H100, torch 2.11 runs it at cuDNN's fused kernel's speed). Both compute the same function: every row has
+      q_len = k_len = its kept count, so a kept query sees only the kept keys before it; the padding
+      slots after a row's count, which SDPA fills and ``gmod.attention`` zeroes, are discarded by the
+      merge, forward and backward. Decoding against the compact KV cache (q_len != k_len per row)
+      always uses ``gmod.attention``.
     """
 
     variant: str = "gamma"
@@ -137,6 +146,7 @@ class GmodConfig:
     pmod_b: float = 1.0
     router_init: str = "normal"
     arank: Optional[list] = None
+    attention: str = "gmod"
 
     def __post_init__(self):
         self.validate()
@@ -149,6 +159,7 @@ class GmodConfig:
             ("positions", POSITIONS),
             ("forced", FORCED),
             ("on_cache", ON_CACHE),
+            ("attention", ATTENTIONS),
         ):
             value = getattr(self, name)
             if value not in allowed:

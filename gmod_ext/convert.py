@@ -62,8 +62,8 @@ from torch import nn
 
 from . import generation
 from ._hf import find_decoder
-from .config import GmodConfig, prd_skip_ratios
-from .masks import build_routing_mask, check_routing_mask, row_forced_routable
+from .config import ATTENTIONS, GmodConfig, prd_skip_ratios
+from .masks import check_routing_mask, routing_codes_and_rows, row_forced_routable
 from .mod_layer import make_mod_layer, unmake_mod_layer
 from .router import GmodRouter, GmodState, RoutingInfo
 from .verify import check_decoder_layers
@@ -137,6 +137,7 @@ def convert(
     router_init: Optional[str] = None,
     on_cache: str = "compact",
     decode_threshold: float = 0.5,
+    attention: str = "gmod",
     progress: bool = True,
     verify: bool = True,
 ) -> nn.Module:
@@ -164,6 +165,10 @@ def convert(
     on_cache: "compact" (compact MoD KV cache, default), "dense" or "error", see
         :meth:`MoDDecoderLayer.gmod_forward_with_cache`.
     decode_threshold: with a cache, a new token runs a MoD layer iff p >= decode_threshold.
+    attention: "gmod" (``gmod.attention``, default) or "sdpa" (torch's fused SDPA kernels, cuDNN on
+        an H100) for the MoD layers' attention in whole-sequence forwards; decoding against the compact
+        KV cache always uses ``gmod.attention``. Same function, see :class:`~gmod_ext.config.GmodConfig`;
+        :func:`set_attention` switches it on a converted model.
     verify: first check that a MoD layer computes what each kind of decoder layer of this model computes
         (a float32 copy of the layer, every token kept, on a short random prompt; see
         :mod:`gmod_ext.verify`) and raise TypeError if not, e.g. for GLM (interleaved partial rotary)
@@ -225,6 +230,7 @@ def convert(
         on_cache=on_cache,
         decode_threshold=float(decode_threshold),
         router_init=router_init,
+        attention=attention,
         arank=None if ranks is None else [float(r) for r in ranks],
     )
     return apply_gmod_config(model, cfg)
@@ -295,6 +301,19 @@ def unconvert(model: nn.Module) -> nn.Module:
     return model
 
 
+def set_attention(model: nn.Module, attention: str) -> nn.Module:
+    """Switch the attention kernel of a converted model's MoD layers ("gmod" or "sdpa", see
+    :class:`~gmod_ext.config.GmodConfig`) in place; the weights and the routing are unchanged."""
+    state = model.__dict__.get("gmod_state")
+    if state is None:
+        raise ValueError("gmod.set_attention: the model is not converted (call gmod_ext.convert first)")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"gmod.set_attention: attention={attention!r} is not one of {ATTENTIONS}")
+    state.config.attention = attention
+    model.config.gmod = state.config.to_dict()
+    return model
+
+
 # --------------------------------------------------------------------------- hooks
 def _named_inputs(state: GmodState, module, args, kwargs) -> dict:
     cache = state.forward_params
@@ -335,11 +354,14 @@ def _pre_hook(module, args, kwargs):
     ):
         # with a KV cache the 2-D mask covers past + current tokens: the current ones are the last S
         attention_mask = attention_mask[:, -shape[1] :]
+    # The code mask and each row's (forced, routable) counts, read in one host sync: the counts give
+    # the tight capacity (RoutingInfo.rows) and F_max.
     if routing_mask is not None:
         codes = check_routing_mask(routing_mask.to(ref.device), shape)
-        max_forced = int((codes == 1).sum(1).max().item())
+        rows = row_forced_routable(codes)
+        max_forced = max(f for f, _ in rows)
     else:
-        codes, max_forced = build_routing_mask(
+        codes, max_forced, rows = routing_codes_and_rows(
             shape,
             ref.device,
             attention_mask=attention_mask,
@@ -349,8 +371,7 @@ def _pre_hook(module, args, kwargs):
             mode=cfg.forced,
             image_token_id=cfg.image_token_id,
         )
-    # Each row's (forced, routable) counts for the tight capacity (one more tiny host sync).
-    info = RoutingInfo(codes, max_forced, rows=None if codes is None else row_forced_routable(codes))
+    info = RoutingInfo(codes, max_forced, rows=rows)
     if prefill_len is not None:
         info.prefill_len = prefill_len  # read by MoDDecoderLayer.gmod_forward (see gmod_ext.cache)
     state.current = info

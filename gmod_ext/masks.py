@@ -40,7 +40,29 @@ def forced_from_labels(
     return forced
 
 
-def build_routing_mask(
+def build_routing_mask(shape: tuple[int, int], device, **kwargs) -> tuple[Optional[torch.Tensor], int]:
+    """Return ``(codes [B, S] int8 or None, max_forced)``.
+
+    Keywords: ``attention_mask``, ``input_ids``, ``labels``, ``forced_mask``, ``mode`` ("none",
+    "text", "ignored_labels") and ``image_token_id``. ``None`` means every token is routable
+    (nothing given). ``max_forced`` is the largest number of forced (code 1) tokens in one row, a
+    Python int (one host sync when a mask is built).
+    """
+    codes = routing_codes(shape, device, **kwargs)
+    return codes, 0 if codes is None else int((codes == MASK_FORCED).sum(1).max().item())
+
+
+def routing_codes_and_rows(shape, device, **kwargs) -> tuple[Optional[torch.Tensor], int, Optional[list]]:
+    """:func:`build_routing_mask` (same keywords) plus each row's counts (:func:`row_forced_routable`)
+    in a single host sync: ``(codes or None, max_forced, rows or None)``, ``max_forced`` read off ``rows``."""
+    codes = routing_codes(shape, device, **kwargs)
+    if codes is None:
+        return None, 0, None
+    rows = row_forced_routable(codes)
+    return codes, max(f for f, _ in rows), rows
+
+
+def routing_codes(
     shape: tuple[int, int],
     device,
     *,
@@ -50,12 +72,9 @@ def build_routing_mask(
     forced_mask: Optional[torch.Tensor] = None,
     mode: str = "none",
     image_token_id: Optional[int] = None,
-) -> tuple[Optional[torch.Tensor], int]:
-    """Return ``(codes [B, S] int8 or None, max_forced)``.
-
-    ``None`` means every token is routable (nothing given). ``max_forced`` is the largest number
-    of forced (code 1) tokens in one row, a Python int (one host sync when anything is forced).
-    """
+) -> Optional[torch.Tensor]:
+    """The [B, S] int8 code mask (0 routable, 1 forced, 2 padding) of :func:`build_routing_mask`, or
+    None when every token is routable; no host sync."""
     B, S = shape
     forced = None
 
@@ -82,14 +101,13 @@ def build_routing_mask(
         pad = _check("attention_mask", attention_mask) == 0
 
     if forced is None and pad is None:
-        return None, 0
+        return None
     codes = torch.zeros((B, S), dtype=torch.int8, device=device)
     if forced is not None:
         codes.masked_fill_(forced, MASK_FORCED)
     if pad is not None:
         codes.masked_fill_(pad, MASK_NEVER)
-    max_forced = int((codes == MASK_FORCED).sum(1).max().item()) if forced is not None else 0
-    return codes, max_forced
+    return codes
 
 
 def check_routing_mask(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

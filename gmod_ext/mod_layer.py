@@ -92,6 +92,21 @@ def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     return q, k
 
 
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of [B, C, H, d] compact rows with torch's SDPA (``attention="sdpa"``), as
+    [B, C, Hq, d]. Every row has q_len = k_len = its count, so plain causal attention over the C slots
+    is ``gmod.attention(q, k, v, count, count)`` on the first count rows: a kept query sees only
+    kept keys before it. The rows past count differ (SDPA attends them to what precedes them; the
+    gmod kernel writes zeros), but nothing reads them: the merge scatters the first count rows and
+    gives the others a zero gradient, so they add nothing to dq / dk / dv either."""
+    Hq, Hk = q.shape[2], k.shape[2]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        is_causal=True, scale=scale, enable_gqa=Hq != Hk,
+    )
+    return o.transpose(1, 2)
+
+
 def _qk_norm(attn: nn.Module, name: str, t: torch.Tensor, B: int, C: int, head_dim: int) -> torch.Tensor:
     """Projection [B, C, H*d] -> [B, C, H, d] with the optional q/k norm: per head (Qwen3 style,
     norm over head_dim) or over the whole projection (OLMo-2 style, applied before the split)."""
@@ -432,7 +447,10 @@ class MoDDecoderLayer:
             q, k, v, scale = self._gmod_qkv(xs, cos, sin)
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
                 kv_cache.append(k, v, count)
-            o, _ = ops.attention(q, k, v, count, count, scale)
+            if cfg.attention == "sdpa":
+                o = _sdpa_causal(q, k, v, scale)
+            else:
+                o, _ = ops.attention(q, k, v, count, count, scale)
             a = self._gmod_attn_out(o.reshape(B, C, -1))
             h = xs + a
         with nvtx_range("mlp"):

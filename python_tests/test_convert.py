@@ -445,3 +445,55 @@ def test_inner_decoder_called_directly_excludes_padding(arch):
     # through the top-level model the inner hook passes the top-level routing on (labels -> forced)
     model(**make_batch(arch, labels_prefix=4))
     assert model.gmod_state.current.max_forced >= 4
+
+
+# ----------------------------------------------------------------------------- attention="sdpa"
+def test_sdpa_attention_matches_gmod_attention():
+    """convert(attention="sdpa") computes the same model as the default gmod.attention: float64, GQA,
+    ratio 0.5 with padding and forced tokens (so rows keep different counts and C has padding slots),
+    the loss and every gradient; then a cached prefill (SDPA) + compact-cache decode (gmod) generates
+    the same tokens, and set_attention switches back and forth."""
+    batch = make_batch("llama", B=3, S=28, labels_prefix=6)
+    batch["attention_mask"][0, -5:] = 0  # right padding on another row: three different kept counts
+    batch["labels"][0, -5:] = -100
+    models = {}
+    for att in ("gmod", "sdpa"):
+        m = tiny_model("llama", dtype=torch.float64, seed=3)
+        gmod_ext.convert(m, ratio=0.5, layers=[0, 2, 3], attention=att, progress=False)
+        with torch.no_grad():  # a trained-looking router: separated logits, no near-ties
+            m.gmod_router.weight.normal_(0.0, 1.0)
+        assert m.config.gmod["attention"] == att
+        models[att] = m
+    models["sdpa"].load_state_dict(models["gmod"].state_dict())
+    outs = {}
+    for att, m in models.items():
+        out = m(**batch)
+        out.loss.backward()
+        outs[att] = out
+    counts = [c.tolist() for _, c in models["gmod"].gmod_state.current.selection.values()]
+    assert any(len(set(c)) > 1 for c in counts), counts  # rows with different counts were exercised
+    for att in ("gmod", "sdpa"):
+        for li, (idx, cnt) in models[att].gmod_state.current.selection.items():
+            ref_idx, ref_cnt = models["gmod"].gmod_state.current.selection[li]
+            assert torch.equal(cnt, ref_cnt) and torch.equal(idx, ref_idx)
+    torch.testing.assert_close(outs["sdpa"].loss, outs["gmod"].loss, atol=1e-12, rtol=1e-10)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(outs["sdpa"].logits[valid], outs["gmod"].logits[valid], atol=1e-10, rtol=1e-9)
+    _compare_grads(models["gmod"], models["sdpa"], atol=1e-10, rtol=1e-8)
+
+    ids = batch["input_ids"][:2, 3:]
+    gen = {}
+    for att, m in models.items():
+        m.eval()
+        gen[att] = m.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen["sdpa"], gen["gmod"])
+
+    m = models["sdpa"]
+    assert gmod_ext.set_attention(m, "gmod") is m and m.gmod_state.config.attention == "gmod"
+    assert m.config.gmod["attention"] == "gmod"
+    with pytest.raises(ValueError, match="attention='flash'"):
+        gmod_ext.set_attention(m, "flash")
+    with pytest.raises(ValueError, match="not converted"):
+        gmod_ext.set_attention(tiny_model("llama"), "sdpa")
+    with pytest.raises(ValueError, match="attention"):
+        gmod_ext.convert(tiny_model("llama"), layers="all", attention="flash", progress=False)

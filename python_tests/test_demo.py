@@ -318,12 +318,15 @@ def test_bench_model_quick(tmp_path):
     assert "reduced from 32" in proc.stdout and "x dense" in proc.stdout
     rows = doc["sections"]["model"]["rows"]
     assert {(r["impl"], r["pass"]) for r in rows} == {
-        (i, p) for i in ("dense", "gamma-MoD") for p in ("prefill", "fwd+bwd", "train step")}
+        (i, p) for i in ("dense", "gamma-MoD", "gamma-MoD sdpa") for p in ("prefill", "fwd+bwd", "train step")}
     for r in rows:
         assert isinstance(r["ms"], float) and r["ms"] > 0 and r["ktok_s"] > 0, r
         assert r["x_dense"] > 0 and 0 < r["flops"] <= 1.0
     for r in rows:
-        if r["impl"] == "gamma-MoD":
+        if r["impl"].startswith("gamma-MoD"):
             assert r["flops"] < 0.9 and "skip" in r["info"]
+    by = {(r["impl"], r["pass"]): r for r in rows}
+    for p in ("prefill", "fwd+bwd", "train step"):  # the same routing, so the same kept tokens
+        assert by[("gamma-MoD sdpa", p)]["flops"] == by[("gamma-MoD", p)]["flops"]
     ar = doc["sections"]["arank"]["rows"]
     assert len(ar) == 4 and sum(r["kind"] == "MoD" for r in ar) == 3

@@ -96,8 +96,9 @@ def expected_output(layer, x, pe, mask, ratio, variant, gate, positions, rotary)
     ],
 )
 @pytest.mark.parametrize("ratio", [0.0, 0.5])
-def test_layer_matches_plain_pytorch(variant, gate, positions, ratio):
-    model, layer, _ = build(variant, gate, positions, ratio)
+@pytest.mark.parametrize("attention", ["gmod", "sdpa"])
+def test_layer_matches_plain_pytorch(variant, gate, positions, ratio, attention):
+    model, layer, _ = build(variant, gate, positions, ratio, attention=attention)
     rotary = model.model.rotary_emb
     x = torch.randn(B, S, 64, requires_grad=True)
     pe = rotary(x, torch.arange(S).unsqueeze(0))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from gmod_ext import ops
 from gmod_ext.config import GmodConfig, capacity, capacity_of_rows, keep_count, prd_keep_ratios, prd_skip_ratios
-from gmod_ext.masks import build_routing_mask
+from gmod_ext.masks import build_routing_mask, routing_codes_and_rows
 from gmod_ext.router import GmodRouter, router_aux_loss, selection_mask
 
 
@@ -104,6 +104,12 @@ def test_routing_mask_sources():
     assert codes[:, -1].tolist() == [1, 1] and mf == 1
     with pytest.raises(ValueError, match="shape"):
         build_routing_mask((B, S), "cpu", attention_mask=am[:, :5])
+    # the hook's one-sync form: the same codes, F_max read off each row's (forced, routable) counts
+    kw = dict(attention_mask=am, input_ids=ids, mode="text", image_token_id=9)
+    codes, mf, rows = routing_codes_and_rows((B, S), "cpu", **kw)
+    assert torch.equal(codes, build_routing_mask((B, S), "cpu", **kw)[0]) and mf == 5
+    assert rows == [(5, 3), (4, 2)]
+    assert routing_codes_and_rows((B, S), "cpu") == (None, 0, None)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.17, 0.3, 0.5, 0.68, 0.9])

@@ -208,7 +208,7 @@ want bench_ops && bench bench_ops 150
 # 128 x 32 tiles, the backward's dk/dv kernel on the old 4 warps x 64 keys); they decide the defaults.
 want bench_attention && GMOD_BENCH_ARGS="--experiments ${GMOD_BENCH_ARGS:-}" bench bench_attention 240
 want bench_layer && bench bench_layer 200
-want bench_model && GMOD_BENCH_ARGS="--profile ${GMOD_BENCH_ARGS:-}" bench bench_model 250
+want bench_model && GMOD_BENCH_ARGS="--profile ${GMOD_BENCH_ARGS:-}" bench bench_model 330
 # Only when named: the attention benchmark with the deterministic backward (separate dQ kernel instead of
 # fp32 atomics; GMOD_DETERMINISTIC is read once per process), to compare the two dQ strategies.
 if [[ "$req" == *" bench_attention_det "* ]]; then
@@ -445,7 +445,7 @@ if mod:
     print(f"-- model ({mod['status']}): gamma-MoD speed-up over dense (targets: prefill >= 1.7x, train step >= 1.5x)")
 for r in (mod or {}).get("sections", {}).get("model", {}).get("rows", []):
     if r["impl"] != "dense":
-        print(f"   {r['pass']:<10} {f(inv(r.get('x_dense')), '.2f'):>5}x  (FLOPs bound {f(inv(r.get('flops')), '.2f')}x)  "
+        print(f"   {r['impl']:<14} {r['pass']:<10} {f(inv(r.get('x_dense')), '.2f'):>5}x  (FLOPs bound {f(inv(r.get('flops')), '.2f')}x)  "
               f"{r.get('info') or ''}  {f(r.get('ms'), '.4g')} ms"[:150])
 # --profile: GPU time by kernel group, and the largest matmuls by shape with their TFLOP/s per impl.
 prof_rows = (mod or {}).get("sections", {}).get("profile", {}).get("rows", [])

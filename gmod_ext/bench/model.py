@@ -46,7 +46,8 @@ GMOD_OPS = ["router_logits", "route", "gather_rows", "attention", "scatter_merge
 
 MODEL_COLS = [
     Col("impl", "impl", help="dense = the Hugging Face model as is (SDPA attention); gamma-MoD = the same model "
-        "after gmod_ext.convert(ratio=0.5, layers='arank')"),
+        "after gmod_ext.convert(ratio=0.5, layers='arank') (MoD layers' attention: gmod.attention); gamma-MoD sdpa "
+        "= the same converted model with attention='sdpa' (torch's SDPA over the kept tokens, gmod_ext.set_attention)"),
     Col("pass", "pass", help="prefill = forward with use_cache=True, last-position logits; fwd+bwd = forward with "
         "labels + backward; train step = fwd+bwd + AdamW step"),
     Col("ms", "ms", "ms", "median time; 'n/a (no CUDA kernel)' when a gmod op has no kernel for the device"),
@@ -345,9 +346,14 @@ def run(ctx: Ctx):
         arank_sec.add(layer=i, arank=float(r), kind="MoD" if i in mod_layers else "dense")
     sec.notes.append(f"MoD layers {mod_layers} of {z['L']} (ARank on a {z['cal_B']}x{z['cal_S']} calibration batch; "
                      f"random weights, so the choice is exercised, not meaningful)")
-    mod_rows = time_passes(model, "gamma-MoD", True)
-    for name, row in mod_rows.items():
-        d = dense_rows[name].get("ms")
+    mod_rows = list(time_passes(model, "gamma-MoD", True).values())
+    # The same converted model with its MoD layers' attention on torch's SDPA (cuDNN on an H100): the
+    # same function (GmodConfig.attention), so the gap between the two rows is the attention kernel's.
+    gmod_ext.set_attention(model, "sdpa")
+    mod_rows += list(time_passes(model, "gamma-MoD sdpa", True).values())
+    gmod_ext.set_attention(model, "gmod")
+    for row in mod_rows:
+        d = dense_rows[row["pass"]].get("ms")
         if isinstance(row.get("ms"), float) and isinstance(d, float):
             row["x_dense"] = row["ms"] / d
     for row in dense_rows.values():
