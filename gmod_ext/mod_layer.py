@@ -100,11 +100,15 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     gmod kernel writes zeros), but nothing reads them: the merge scatters the first count rows and
     gives the others a zero gradient, so they add nothing to dq / dk / dv either."""
     Hq, Hk = q.shape[2], k.shape[2]
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        is_causal=True, scale=scale, enable_gqa=Hq != Hk,
-    )
-    return o.transpose(1, 2)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if Hq == Hk:
+        return sdpa(qt, kt, vt, is_causal=True, scale=scale).transpose(1, 2)
+    try:
+        return sdpa(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2)
+    except TypeError:  # torch < 2.5 has no enable_gqa: repeat the kv heads
+        kt, vt = (t.repeat_interleave(Hq // Hk, dim=1) for t in (kt, vt))
+        return sdpa(qt, kt, vt, is_causal=True, scale=scale).transpose(1, 2)
 
 
 def _qk_norm(attn: nn.Module, name: str, t: torch.Tensor, B: int, C: int, head_dim: int) -> torch.Tensor:

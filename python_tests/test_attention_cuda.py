@@ -538,11 +538,12 @@ needs_wgmma = pytest.mark.skipif(not ON_CPU and not _wgmma_here(),
 _WGMMA_PROBE = {}
 
 
-def _wgmma_probe_error():
-    """None if one wgmma forward runs cleanly in a fresh process, else its error. A kernel fault is sticky
-    for the whole CUDA context: the in-process tests below run only after this probe passed, so a broken
-    wgmma kernel fails its own tests instead of every CUDA test after them."""
-    if "err" not in _WGMMA_PROBE:
+def _wgmma_probe_error(flag="GMOD_ATTN_FWD_IMPL"):
+    """None if one forward + backward under flag=wgmma (GMOD_ATTN_FWD_IMPL: the wgmma forward,
+    GMOD_ATTN_BWD_IMPL: the wgmma backward) runs cleanly in a fresh process, else its error. A kernel fault
+    is sticky for the whole CUDA context: the in-process tests below run only after this probe passed, so
+    a broken wgmma kernel fails its own tests instead of every CUDA test after them."""
+    if flag not in _WGMMA_PROBE:
         code = textwrap.dedent(
             """
             import torch, gmod_ext
@@ -550,16 +551,17 @@ def _wgmma_probe_error():
             k, v = torch.randn_like(q), torch.randn_like(q)
             n = torch.tensor([200, 77], dtype=torch.int32, device="cuda")
             o, lse = torch.ops.gmod.attention(q, k, v, n, n, 0.088)
+            dq, dk, dv = torch.ops.gmod.attention_backward(torch.randn_like(o), q, k, v, o, lse, n, n, 0.088)
             torch.cuda.synchronize()
             print("OK")
             """
         )
         try:
-            run_in_subprocess(code, GMOD_ATTN_FWD_IMPL="wgmma")
-            _WGMMA_PROBE["err"] = None
+            run_in_subprocess(code, **{flag: "wgmma"})
+            _WGMMA_PROBE[flag] = None
         except AssertionError as err:
-            _WGMMA_PROBE["err"] = str(err)[-2000:]
-    return _WGMMA_PROBE["err"]
+            _WGMMA_PROBE[flag] = str(err)[-2000:]
+    return _WGMMA_PROBE[flag]
 
 
 def _forward_kernel_names(fn):
@@ -633,6 +635,81 @@ def test_forward_impl_flag_errors(monkeypatch):
     else:
         with pytest.raises(RuntimeError, match="GMOD_ATTN_FWD_IMPL=wgmma"):
             torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)
+
+
+@needs_wgmma
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", LOWP)
+def test_backward_wgmma(dtype, d, monkeypatch):
+    """GMOD_ATTN_BWD_IMPL=wgmma (read at every call) runs the non-deterministic d = 64 / 128 backward's dk/dv
+    and dQ on the sm_90a wgmma kernel (128 keys x 64-query steps, 2 warpgroups; the profiler must show
+    gmod_attn_bwd_dkdv_wgmma_kernel with WgmmaBwdTraits<d> and no mma.sync dk/dv kernel). The gradients must
+    meet the flash rule: causal offsets across its 128-key / 64-query tiles, rows with 0 / 1 keys, q_len >
+    k_len, a negative scale, GQA 1 (dK / dV written by the CTA) and GQA 4 on a small grid (one q head per
+    CTA: fp32 atomics into dk / dv accumulators). The deterministic mode keeps the mma.sync kernels. On
+    CPU (GMOD_TEST_DEVICE_UNDER_TEST=cpu) the flag changes nothing and the CPU kernel is checked."""
+    if not ON_CPU and (err := _wgmma_probe_error("GMOD_ATTN_BWD_IMPL")) is not None:
+        pytest.fail(f"the wgmma backward failed in a fresh process: {err}")
+    B, Cq, Ck = 13, 140, 270
+    offsets = [-129, -128, -127, -64, -63, -1, 0, 1, 63, 64, 127, 128, 129]
+    ql = [140 - 3 * (b % 4) for b in range(B)]
+    ql[0], ql[1] = 1, 0
+    kl = [min(Ck, max(0, q + o)) for q, o in zip(ql, offsets)]
+    q_len, k_len = lengths(B, Cq, ql), lengths(B, Ck, kl)
+    monkeypatch.setenv("GMOD_ATTN_BWD_IMPL", "wgmma")
+    for (Hq, Hk), scale in (((2, 2), 1.0 / math.sqrt(d)), ((4, 1), -0.3)):
+        q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
+        o, lse = torch.ops.gmod.attention(q, k, v, q_len, k_len, scale)
+        g = torch.randn_like(q)
+        fn = lambda: torch.ops.gmod.attention_backward(g, q, k, v, o, lse, q_len, k_len, scale)  # noqa: E731
+        if ON_CPU:
+            grads = fn()
+        else:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                grads = fn()
+                torch.cuda.synchronize()
+            names = {e.name for e in prof.events() if "gmod_attn_bwd_dkdv" in e.name}
+            assert names and all("gmod_attn_bwd_dkdv_wgmma_kernel" in n for n in names), names
+            assert all(re.search(rf"WgmmaBwdTraits<{d}>", n) for n in names), names
+        _, *ref = ref_grads(q, k, v, q_len, k_len, scale, torch.float64, g)
+        _, *ref_pt = ref_grads(q, k, v, q_len, k_len, scale, dtype, g)
+        for gname, got, want, pt in zip(("dq", "dk", "dv"), grads, ref, ref_pt):
+            assert_flash_close(got, want, pt, f"wgmma backward {gname} (GQA {Hq // Hk}, scale {scale:.3f})")
+
+
+@cuda_only
+def test_backward_impl_flag_errors(monkeypatch):
+    """GMOD_ATTN_BWD_IMPL: an unknown value is a ValueError naming the choices; wgmma where it cannot run
+    is a RuntimeError saying why (never a silent fallback); mma is the default kernel; the deterministic
+    mode keeps its mma.sync kernels (bit-identical with and without the flag)."""
+    q, k, v = make_qkv(1, 40, 40, 2, 2, 64, torch.bfloat16)
+    lens = lengths(1, 40, (40,))
+    o, lse = torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)
+    g = torch.randn_like(q)
+    bwd = lambda: torch.ops.gmod.attention_backward(g, q, k, v, o, lse, lens, lens, 0.125)  # noqa: E731
+    want = bwd()
+    monkeypatch.setenv("GMOD_ATTN_BWD_IMPL", "mma")
+    assert all(torch.equal(a, b) for a, b in zip(bwd(), want))
+    monkeypatch.setenv("GMOD_ATTN_BWD_IMPL", "tma")
+    with pytest.raises(ValueError, match="GMOD_ATTN_BWD_IMPL=tma.*wgmma.*mma"):
+        bwd()
+    monkeypatch.setenv("GMOD_ATTN_BWD_IMPL", "wgmma")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        monkeypatch.delenv("GMOD_ATTN_BWD_IMPL")
+        det_want = bwd()
+        monkeypatch.setenv("GMOD_ATTN_BWD_IMPL", "wgmma")
+        assert all(torch.equal(a, b) for a, b in zip(bwd(), det_want))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    if _wgmma_here():
+        err = _wgmma_probe_error("GMOD_ATTN_BWD_IMPL")
+        assert err is None, err
+        assert all(a.shape == b.shape for a, b in zip(bwd(), want))
+    else:
+        with pytest.raises(RuntimeError, match="GMOD_ATTN_BWD_IMPL=wgmma"):
+            bwd()
 
 
 @cuda_only

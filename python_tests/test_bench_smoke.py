@@ -75,7 +75,7 @@ def test_bench_cpu_quick(bench, tmp_path):
 
 def test_bench_attention_experiments_rows(tmp_path):
     """--experiments adds gmod-exp rows (the opt-in kernel plans, via flags the extension reads at every
-    call): forward at d = 64 / 128 (the wgmma kernel), backward at every tensor-core head dim, each checked against the
+    call): forward and backward at d = 64 / 128 (the wgmma kernels), each checked against the
     baseline and compared with the default gmod row (vs_default). On CPU the flags change nothing, so
     the ratio is near 1; the code path is what runs here."""
     proc, out = _run("attention", tmp_path, "--experiments")

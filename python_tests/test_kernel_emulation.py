@@ -3,7 +3,7 @@
 csrc/cuda/emu/attention_emu_test.cpp compiles the kernel headers (SIMT and tensor-core forward,
 split-k decode and combine, backward) as plain C++ against csrc/cuda/emu/cuda_emu.h, which emulates
 threads, barriers, shuffles, ldmatrix / mma.sync.m16n8k16 fragments, cp.async and (for the sm_90a
-forward) wgmma.mma_async with its shared-memory descriptors, and compares every
+forward and backward) wgmma.mma_async with its shared-memory descriptors, and compares every
 output with a float64 reference on random problems (lengths 0 and 1, GQA, decode packing, splits,
 causal offsets across tiles, NaN-poisoned padding). This test builds it with the host compiler and
 runs its quick set, so the kernels' index math, fragment layouts and synchronisation order are checked
@@ -73,6 +73,16 @@ def test_wgmma_forward_matches_reference_in_emulation(attention_emu):
     cases x (3 K/V stages, 2 stages, 3 stages with cp.async landing at once)."""
     out = _run(attention_emu, "wgmma")
     assert "18 cases, 0 failures" in out, out[-2000:]
+
+
+def test_wgmma_backward_matches_reference_in_emulation(attention_emu):
+    """The sm_90a wgmma backward dk/dv kernel (attention_bwd_wgmma_kernel.cuh): S^T / dP^T from two
+    K-major shared operands, dV / dK with register A and N-major B, dQ = dS K with an M-major A read back
+    from the dS^T tile (imm-trans-a) and fp32 atomics; d = 64 / 128, bf16 / fp16, GQA 1 / 2 / 4 with
+    dK / dV written directly and atomically, causal offsets across its 128-key / 64-query tiles, empty
+    rows, a negative scale. Seven cases x (copies landing at their wait, copies landing at once)."""
+    out = _run(attention_emu, "wgmmabwd")
+    assert "14 wgmma backward runs" in out and "14 cases, 0 failures" in out, out[-2000:]
 
 
 def test_router_logits_kernel_matches_reference_in_emulation(tmp_path_factory):

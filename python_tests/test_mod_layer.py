@@ -237,3 +237,27 @@ def test_compile_aot_eager():
     gc = torch.autograd.grad(loss_c, [xc, layer.gmod_router.weight])
     for a, b in zip(ge, gc):
         torch.testing.assert_close(a, b)
+
+
+def test_sdpa_causal_gqa_without_enable_gqa(monkeypatch):
+    """attention="sdpa" on a torch without SDPA's enable_gqa (before 2.5) repeats the kv heads instead:
+    the same result, checked against a float64 masked softmax."""
+    from gmod_ext import mod_layer
+
+    g = torch.Generator().manual_seed(5)
+    B, C, Hq, Hk, d = 2, 9, 4, 2, 8
+    q = torch.randn(B, C, Hq, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, C, Hk, d, generator=g, dtype=torch.float64) for _ in range(2))
+    s = torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(2, dim=2)) * 0.3
+    s = s.masked_fill(torch.ones(C, C, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v.repeat_interleave(2, dim=2))
+    torch.testing.assert_close(mod_layer._sdpa_causal(q, k, v, 0.3), want)
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def old_sdpa(*args, **kwargs):
+        if "enable_gqa" in kwargs:
+            raise TypeError("scaled_dot_product_attention() got an unexpected keyword argument 'enable_gqa'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", old_sdpa)
+    torch.testing.assert_close(mod_layer._sdpa_causal(q, k, v, 0.3), want)

@@ -13,7 +13,7 @@
 #   --profile; a second call:
 #   GMOD_GPU_CHECK_STEPS=bench_layer,bench_model on the warm machine reuses the build)
 #   bench_attention runs with --experiments: gmod-exp rows time the opt-in kernel plans (the sm_90a
-#   wgmma forward at d = 64 / 128, the 4-warp 64-key dk/dv tile) next to the defaults, in the same process.
+#   wgmma forward and backward at d = 64 / 128) next to the defaults, in the same process.
 #   extra, only when named: bench_attention_det (GMOD_DETERMINISTIC=1), decode_sweep (the decode's split
 #   count swept against the wave model, scripts/decode_split_sweep.py), synccheck initcheck
 #   (compute-sanitizer tools), ncu_nvtx (the README's NVTX
@@ -204,8 +204,8 @@ bench_named() {  # name benchmark limit
   fi
 }
 want bench_ops && bench bench_ops 150
-# --experiments: gmod-exp rows, the other tile plans timed in the same process (the d = 128 forward on
-# 128 x 32 tiles, the backward's dk/dv kernel on the old 4 warps x 64 keys); they decide the defaults.
+# --experiments: gmod-exp rows, the opt-in kernels timed in the same process (the sm_90a wgmma forward
+# and backward at d = 64 / 128); they decide the defaults.
 want bench_attention && GMOD_BENCH_ARGS="--experiments ${GMOD_BENCH_ARGS:-}" bench bench_attention 240
 want bench_layer && bench bench_layer 200
 want bench_model && GMOD_BENCH_ARGS="--profile ${GMOD_BENCH_ARGS:-}" bench bench_model 330
@@ -311,7 +311,7 @@ fi
 # ------------------------------------------------------------------ ncu_attn
 # The attention kernels at benchmark shapes: prefill forward + backward (B=4, C=2048, H=32, d=128,
 # bf16, causal), GQA decode (B=8, 8192 cached keys; B=1, 4096: the split kernel against the
-# combine's time) and the wgmma forward at the prefill shape, with the tensor pipe utilisation and the
+# combine's time) and the wgmma forward + backward at the prefill shape, with the tensor pipe utilisation and the
 # achieved occupancy.
 STALLS=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' barrier long_scoreboard \
   short_scoreboard mio_throttle math_pipe_throttle wait lg_throttle not_selected dispatch_stall no_instruction)
@@ -322,9 +322,9 @@ if want ncu_attn; then
   else
     : > "$OUT/ncu_attn.csv"; : > "$OUT/ncu_attn.log"
     ok=1; dur_all=0
-    # last: the sm_90a wgmma forward (GMOD_ATTN_FWD_IMPL=wgmma) at the same prefill shape
+    # last: the sm_90a wgmma forward and backward (GMOD_ATTN_{FWD,BWD}_IMPL=wgmma) at the same prefill shape
     for args in "--B 4 --C 2048 --bwd" "--B 8 --C 8192 --H 32 --Hk 8 --decode" "--B 1 --C 4096 --H 32 --Hk 8 --decode" \
-        "--B 4 --C 2048 --fwd-impl wgmma"; do
+        "--B 4 --C 2048 --bwd --fwd-impl wgmma --bwd-impl wgmma"; do
       run_step ncu_attn 90 ncu_attn_run.log ncu --clock-control none --kernel-name-base demangled \
         --kernel-name regex:gmod_attn --launch-skip 3 --launch-count 4 --section SpeedOfLight --section Occupancy \
         --section LaunchStats --metrics "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,$STALLS" \
@@ -426,7 +426,7 @@ if att:
 if att:
     exp_rows = [r for r in att["sections"].get("prefill", {}).get("rows", []) if r["impl"] == "gmod-exp"]
     if exp_rows:
-        print("-- kernel experiments (gmod-exp: fwd = GMOD_ATTN_FWD_IMPL=wgmma, bwd = GMOD_ATTN_BWD_BLOCK_N=64, the old 64-key tile)")
+        print("-- kernel experiments (gmod-exp: fwd = GMOD_ATTN_FWD_IMPL=wgmma, bwd = GMOD_ATTN_BWD_IMPL=wgmma)")
         for r in exp_rows:
             print(f"   {r['pass']} {r['shape']:>7} d{r['d']:<4} {f(r.get('TFLOPs'), '.4g'):>7} TFLOP/s = "
                   f"{f(r.get('vs_default'), '.3f')}x the default  {r.get('check') or r.get('ms')}"[:150])

@@ -31,8 +31,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=4, help="calls of each op (default 4)")
     ap.add_argument("--fwd-impl", choices=["mma", "wgmma"], default="mma",
                     help="prefill forward kernel: mma (mma.sync, the default) or wgmma (sm_90a; sets GMOD_ATTN_FWD_IMPL)")
+    ap.add_argument("--bwd-impl", choices=["mma", "wgmma"], default="mma",
+                    help="backward dk/dv kernel: mma (mma.sync, the default) or wgmma (sm_90a; sets GMOD_ATTN_BWD_IMPL)")
     a = ap.parse_args()
     os.environ["GMOD_ATTN_FWD_IMPL"] = a.fwd_impl
+    os.environ["GMOD_ATTN_BWD_IMPL"] = a.bwd_impl
     if not torch.cuda.is_available():
         raise SystemExit("profile_attention_case.py needs a CUDA device")
     dt = getattr(torch, a.dtype)
@@ -50,7 +53,7 @@ def main() -> None:
             torch.ops.gmod.attention_backward(torch.randn_like(o), q, k, v, o, lse, q_len, k_len, scale)
     torch.cuda.synchronize()
     print(f"ran {a.iters} x attention{' + backward' if a.bwd else ''}: B={a.B} Cq={cq} Ck={a.C} H={a.H} Hk={hk} "
-          f"d={a.d} {a.dtype} fwd={a.fwd_impl}")
+          f"d={a.d} {a.dtype} fwd={a.fwd_impl} bwd={a.bwd_impl}")
 
 
 if __name__ == "__main__":

@@ -215,8 +215,9 @@ def _attn_configs(large):
 
 
 def _wgmma_here():
-    """The sm_90a wgmma forward can run: a compute capability 9.0 GPU and a build with sm_90a kernels
-    (elsewhere GMOD_ATTN_FWD_IMPL=wgmma raises), or --device cpu (where the flag changes nothing)."""
+    """The sm_90a wgmma kernels can run: a compute capability 9.0 GPU and a build with sm_90a kernels
+    (elsewhere GMOD_ATTN_FWD_IMPL / GMOD_ATTN_BWD_IMPL=wgmma raise), or --device cpu (where the flags
+    change nothing)."""
     if DEV.type == "cpu":
         return True
     import gmod_ext
@@ -225,7 +226,8 @@ def _wgmma_here():
 
 
 # The opt-in kernel plans (flags the extension reads at every call), each on the small configs it
-# changes, bf16: the d = 128 prefill forward on 32-key tiles, the wgmma prefill forward (sm_90a; 3 and 2 stages), the
+# changes, bf16: the d = 128 prefill forward on 32-key tiles, the wgmma prefill forward (sm_90a; 3 and 2 stages) and
+# backward, the
 # 8-warp dk/dv kernel (every config
 # with a backward), and the decode forced to many key splits (the combine with splits of one tile each).
 # config: (B, Cq, Ck, Hq, Hk, d, q_len, k_len, backward)
@@ -234,6 +236,8 @@ _ATTN_PLANS = [
     # the sm_90a wgmma forward (prefill, d = 64 / 128); only where it can run (_wgmma_here)
     ({"GMOD_ATTN_FWD_IMPL": "wgmma"}, lambda c: _wgmma_here() and c[5] in (64, 128) and c[1] > 16),
     ({"GMOD_ATTN_FWD_IMPL": "wgmma-2stage"}, lambda c: _wgmma_here() and c[5] in (64, 128) and c[1] > 16),
+    # the sm_90a wgmma backward dk/dv kernel (d = 64 / 128, every config with a backward)
+    ({"GMOD_ATTN_BWD_IMPL": "wgmma"}, lambda c: _wgmma_here() and c[5] in (64, 128) and c[8]),
     ({"GMOD_ATTN_BWD_BLOCK_N": "128"}, lambda c: c[8] and c[5] <= 128),
     ({"GMOD_ATTN_DECODE_SPLITS": "64"}, lambda c: c[1] <= 16),
 ]

@@ -13,7 +13,8 @@
 // Read at every call (benchmark comparisons in one process): GMOD_ATTN_FWD_BLOCK_N=32 (the d = 128
 // prefill forward on 32-key tiles), GMOD_ATTN_BWD_BLOCK_N=128 (the tensor-core dk/dv kernel on 128 keys x
 // 8 warps per CTA), GMOD_ATTN_DECODE_SPLITS=N (the decode's key-split count), GMOD_ATTN_FWD_IMPL=wgmma / wgmma-2stage
-// (the d = 64 / 128 prefill forward on the sm_90a wgmma kernel).
+// (the d = 64 / 128 prefill forward on the sm_90a wgmma kernel), GMOD_ATTN_BWD_IMPL=wgmma (the d = 64 / 128
+// non-deterministic backward's dk/dv + dQ on the sm_90a wgmma kernel).
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -120,24 +121,43 @@ int tc_bwd_keys_per_cta(int64_t B, int64_t Hq, int64_t Ck) {
   return wide_ctas >= 2 * static_cast<int64_t>(num_sms()) ? attn::kTcBwdWideBlockN : attn::kTcBwdBlockN;
 }
 
+// The sm_90a kernels asked for by `flag` can run: this build has them and the GPU is compute capability
+// 9.0 (wgmma has no other encoding). Raises saying which is missing.
+void require_sm90a(const char* flag) {
+#ifdef GMOD_WITH_SM90A
+  constexpr bool built = true;
+#else
+  constexpr bool built = false;
+#endif
+  GMOD_CHECK(built, flag, ": this build of gmod_ext has no sm_90a kernels (rebuild with TORCH_CUDA_ARCH_LIST "
+             "containing 9.0)");
+  const int major = device_attribute<cudaDevAttrComputeCapabilityMajor>();
+  const int minor = device_attribute<cudaDevAttrComputeCapabilityMinor>();
+  GMOD_CHECK(major == 9 && minor == 0, flag, " needs a compute capability 9.0 GPU (H100 / H200); this one is ",
+             major, ".", minor);
+}
+
 int fwd_wgmma(bool tensor_cores, int64_t head_dim) {
   const char* v = std::getenv("GMOD_ATTN_FWD_IMPL");
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "mma") == 0) return 0;
   const int stages = std::strcmp(v, "wgmma") == 0 ? 3 : std::strcmp(v, "wgmma-2stage") == 0 ? 2 : 0;
   GMOD_CHECK_VALUE(stages > 0, "GMOD_ATTN_FWD_IMPL=", v,
                    " is not a forward implementation; use wgmma or wgmma-2stage (sm_90a) or mma (the default)");
-#ifdef GMOD_WITH_SM90A
-  constexpr bool built = true;
-#else
-  constexpr bool built = false;
-#endif
-  GMOD_CHECK(built, "GMOD_ATTN_FWD_IMPL=wgmma: this build of gmod_ext has no sm_90a kernels (rebuild with "
-             "TORCH_CUDA_ARCH_LIST containing 9.0)");
-  const int major = device_attribute<cudaDevAttrComputeCapabilityMajor>();
-  const int minor = device_attribute<cudaDevAttrComputeCapabilityMinor>();
-  GMOD_CHECK(major == 9 && minor == 0, "GMOD_ATTN_FWD_IMPL=wgmma needs a compute capability 9.0 GPU (H100 / H200); "
-             "this one is ", major, ".", minor);
+  require_sm90a("GMOD_ATTN_FWD_IMPL=wgmma");
   return tensor_cores && attn::wgmma_fwd_supports_head_dim(head_dim) ? stages : 0;
+}
+
+// GMOD_ATTN_BWD_IMPL=wgmma: the non-deterministic bf16 / fp16 backward at d = 64 / 128 runs its dk/dv
+// (+ atomic dQ) on the sm_90a wgmma kernel (attention_bwd_wgmma_kernel.cuh); =mma or unset: the mma.sync
+// kernels. As GMOD_ATTN_FWD_IMPL: read at every call, an error (never a silent fallback) where that
+// kernel cannot run. The deterministic mode keeps the mma.sync kernels (its dQ is a separate pass).
+int bwd_wgmma(bool tensor_cores, int64_t head_dim) {
+  const char* v = std::getenv("GMOD_ATTN_BWD_IMPL");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "mma") == 0) return 0;
+  GMOD_CHECK_VALUE(std::strcmp(v, "wgmma") == 0, "GMOD_ATTN_BWD_IMPL=", v,
+                   " is not a backward implementation; use wgmma (sm_90a) or mma (the default)");
+  require_sm90a("GMOD_ATTN_BWD_IMPL=wgmma");
+  return tensor_cores && attn::wgmma_fwd_supports_head_dim(head_dim) ? 1 : 0;
 }
 
 // Tensor-core kernels: 16-bit inputs on sm_80+ (mma.sync.m16n8k16 with bf16, ldmatrix, cp.async).
@@ -299,9 +319,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   // d <= 128, static_assert'ed there),
   // BwdTile<d>::kBlockN for the SIMT one.
   const bool tc_bwd = use_tensor_cores(q.scalar_type()) && attn::tc_bwd_supports_head_dim(a.d);
+  // The wgmma dk/dv kernel (non-deterministic only) has 128 keys per CTA, as TcBwdWideTile.
+  const int wgmma_bwd = tc_bwd && !deterministic ? bwd_wgmma(true, a.d) : 0;
   int64_t bwd_block_n = 0;
   GMOD_HEADDIM_SWITCH(a.d, op, [&] {
-    bwd_block_n = tc_bwd ? tc_bwd_keys_per_cta(a.B, a.Hq, a.Ck) : attn::BwdTile<kHeadDim>::kBlockN;
+    bwd_block_n = wgmma_bwd ? attn::kTcBwdWideBlockN
+                  : tc_bwd  ? tc_bwd_keys_per_cta(a.B, a.Hq, a.Ck)
+                            : attn::BwdTile<kHeadDim>::kBlockN;
   });
   const int64_t kv_ctas = (a.Ck + bwd_block_n - 1) / bwd_block_n * a.B * a.Hk;
   const int64_t heads_per_cta = (deterministic || group == 1 || kv_ctas >= 2 * num_sms()) ? group : 1;
@@ -344,6 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   p.dv_accum = dv_accum.defined() ? dv_accum.data_ptr<float>() : nullptr;
   p.heads_per_cta = static_cast<int>(heads_per_cta);
   p.tc_bwd_block_n = tc_bwd ? static_cast<int>(bwd_block_n) : 0;
+  p.bwd_wgmma = wgmma_bwd;
 
   GMOD_ATTN_DTYPE_SWITCH(q.scalar_type(), op, [&] {
     GMOD_HEADDIM_SWITCH(a.d, op, [&] { attn::run_attn_bwd<elem_t, kHeadDim>(p, deterministic, stream); });

@@ -9,6 +9,8 @@
 //                      params.tc_bwd_block_n == 128 (the default on grids of two waves or more,
 //                      tc_bwd_keys_per_cta in attention_api.cu) the dk/dv kernel runs TcBwdWideTile<d>
 //                      (256 threads, 128 keys x 64-query steps);
+//   wgmma (sm_90a, d = 64 / 128, non-deterministic, GMOD_ATTN_BWD_IMPL=wgmma): run_attn_bwd_dkdv_wgmma
+//                      (sm90a/attention_bwd_wgmma.cu; 256 threads, 128 keys x 64-query steps, atomic dQ);
 //   SIMT (float32, head dim 256, older GPUs, GMOD_ATTN_SIMT=1): attention_bwd_kernel.cuh, BwdTile<d>
 //                      (64 queries x 32 keys for d <= 128, 32 x 16 for d = 256).
 #include <type_traits>
@@ -28,6 +30,12 @@ void run_attn_bwd(const AttnBwdParams& params, bool deterministic, cudaStream_t 
   const int kv_parts = params.Hk * (params.group / params.heads_per_cta);
   GMOD_CHECK(!deterministic || params.heads_per_cta == params.group,
               "gmod.attention_backward: deterministic mode sums a GQA group in one CTA");
+#ifdef GMOD_WITH_SM90A
+  if constexpr (!std::is_same_v<T, float> && wgmma_fwd_supports_head_dim(kHeadDim)) {
+    if (params.use_tensor_cores && params.bwd_wgmma && !deterministic)
+      return run_attn_bwd_dkdv_wgmma<T, kHeadDim>(params, stream);
+  }
+#endif
   if constexpr (!std::is_same_v<T, float> && kTcBwdHeadDim<kHeadDim>) {
     if (params.use_tensor_cores) {
       // attention_api.cu (attention_backward_cuda) picks heads_per_cta from the key tile set here.

@@ -135,14 +135,9 @@ __global__ void __launch_bounds__(kNThreads, 1) gmod_attn_bwd_dkdv_kernel(const 
 
   const int tid = threadIdx.x;
   const int rg = tid / kColLanes, lc = tid % kColLanes;
-  const int n_block = blockIdx.x;
-  const int chunks = p.group / p.heads_per_cta;
-  const int hk = blockIdx.y / chunks;
-  const int h_begin = hk * p.group + (blockIdx.y % chunks) * p.heads_per_cta;
-  const int b = blockIdx.z;
-  const int ql = iclamp(p.q_len[b], 0, p.Cq);
-  const int kl = iclamp(p.k_len[b], 0, p.Ck);
-  const int n0 = n_block * BN;
+  const DkdvCta cta = dkdv_cta(p);
+  const int hk = cta.hk, h_begin = cta.h_begin, b = cta.b, ql = cta.ql, kl = cta.kl;
+  const int n0 = static_cast<int>(blockIdx.x) * BN;
 
   // dK / dV of keys n0 + rg + 16 * ii, columns 4 * lc + 32 * c + t.
   float dk[RN][CD][4], dv[RN][CD][4];

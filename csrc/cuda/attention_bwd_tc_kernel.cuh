@@ -127,14 +127,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;
-  const int n_block = blockIdx.x;
-  const int chunks = p.group / p.heads_per_cta;
-  const int hk = blockIdx.y / chunks;
-  const int h_begin = hk * p.group + (blockIdx.y % chunks) * p.heads_per_cta;
-  const int b = blockIdx.z;
-  const int ql = iclamp(p.q_len[b], 0, p.Cq);
-  const int kl = iclamp(p.k_len[b], 0, p.Ck);
-  const int n0 = n_block * BN;
+  const DkdvCta cta = dkdv_cta(p);
+  const int hk = cta.hk, h_begin = cta.h_begin, b = cta.b, ql = cta.ql, kl = cta.kl;
+  const int n0 = static_cast<int>(blockIdx.x) * BN;
   const int wk0 = warp * 16;  // this warp's first key row in the tile
 
   // dK / dV of keys n0 + wk0 + g + 8 (e / 2), head-dim columns 8 dt + 2 tq + e % 2.
@@ -163,14 +158,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_bwd_dkdv_tc_kernel(
                                                               int(p.q_row_stride), ql - m0);
       cp_async_rows<T, D, BM, SD, kUnrollCopies, Tr::kThreads>(sdO + buf * BM * SD, gp + m0 * p.do_row_stride,
                                                               int(p.do_row_stride), ql - m0);
-      const float* lse = p.lse + ((int64_t)b * p.Hq + h) * p.Cq;
-      const float* delta = p.delta + ((int64_t)b * p.Hq + h) * p.Cq;
-      for (int r = tid; r < BM; r += Tr::kThreads) {
-        const int i = m0 + r;
-        const bool live = i < ql && visible_keys(i, ql, kl) > 0;
-        sLse[buf * BM + r] = live ? lse[i] * kLog2e : 0.f;
-        sDelta[buf * BM + r] = live ? delta[i] : 0.f;
-      }
+      stage_lse_delta(p, b, h, m0, BM, ql, kl, sLse + buf * BM, sDelta + buf * BM, tid, Tr::kThreads);
     };
     load_step(h_begin, m_begin * BM, 0);
     cp_async_commit();

@@ -51,6 +51,36 @@ GMOD_DEV int ceil_div(int a, int b) { return (a + b - 1) / b; }
 // Keys query i (< q_len) of a row sees: 0 .. n-1 (bottom-right causal alignment).
 GMOD_DEV int visible_keys(int i, int ql, int kl) { return imax(0, imin(kl, kl - ql + i + 1)); }
 
+// The work of one backward dk/dv CTA, grid (key tiles, Hk x group / heads_per_cta, B): kv head hk,
+// q heads [h_begin, h_begin + heads_per_cta), batch row b and its clamped lengths.
+struct DkdvCta {
+  int hk, h_begin, b, ql, kl;
+};
+template <typename Params>
+GMOD_DEV DkdvCta dkdv_cta(const Params& p) {
+  const int chunks = p.group / p.heads_per_cta;
+  const int hk = static_cast<int>(blockIdx.y) / chunks;
+  const int b = static_cast<int>(blockIdx.z);
+  return {hk, hk * p.group + static_cast<int>(blockIdx.y) % chunks * p.heads_per_cta, b,
+          iclamp(p.q_len[b], 0, p.Cq), iclamp(p.k_len[b], 0, p.Ck)};
+}
+
+// A dk/dv step's per-query softmax statistics into shared memory (threads tid, tid + nthreads, ..):
+// lse log2 e and Delta of queries m0 .. m0 + rows - 1 of head h, 0 for queries without keys (their
+// entries are masked anyway).
+template <typename Params>
+GMOD_DEV void stage_lse_delta(const Params& p, int b, int h, int m0, int rows, int ql, int kl, float* s_lse,
+                              float* s_delta, int tid, int nthreads) {
+  const float* lse = p.lse + ((int64_t)b * p.Hq + h) * p.Cq;
+  const float* delta = p.delta + ((int64_t)b * p.Hq + h) * p.Cq;
+  for (int r = tid; r < rows; r += nthreads) {
+    const int i = m0 + r;
+    const bool live = i < ql && visible_keys(i, ql, kl) > 0;
+    s_lse[r] = live ? lse[i] * kLog2e : 0.f;
+    s_delta[r] = live ? delta[i] : 0.f;
+  }
+}
+
 // Tile geometry shared by the passes. A thread owns
 //   rows   rg + 16 * ii     (ii < kRowsPerThread)   of a BLOCK_M tile,  rg = tid / 8
 //   keys   lc + 8 * jj      (jj < kKeysPerThread)   of S / P / dS,      lc = tid % 8

@@ -1,9 +1,12 @@
-// Hopper warpgroup MMA building blocks (sm_90a only: wgmma.mma_async), used by the wgmma forward kernel
-// (attention_fwd_wgmma_kernel.cuh):
+// Hopper warpgroup MMA building blocks (sm_90a only: wgmma.mma_async), used by the wgmma forward and
+// backward kernels (attention_fwd_wgmma_kernel.cuh, attention_bwd_wgmma_kernel.cuh):
 //   sw128_offset               byte offset of a 16-byte chunk in a 128-byte-swizzled [d / 64][rows][64] tile
 //   wgmma_desc_sw128           the 64-bit shared-memory matrix descriptor of such a tile
-//   wgmma_ss<T>                D[64 x 128] (+)= A[64 x 16] B[16 x 128], A and B K-major in shared memory
+//   wgmma_ss<T, N, tA, tB>     D[64 x N] (+)= A[64 x 16] B[16 x N], A and B in shared memory, K-major (or
+//                              M- / N-major with the transpose flags)
 //   wgmma_rs<T, N>             D[64 x N] (+)= A[64 x 16] B[16 x N], A in registers, B N-major in shared memory
+//   warpgroup_sync(wg)         a barrier of one warpgroup's 128 threads
+//   wgmma_opaque(x)            an optimisation barrier for a shared address
 //   wgmma_fence / _commit / _wait<N>, fence_proxy_async, wgmma_keep / wgmma_keep_regs (optimisation
 //                              barriers for the accumulator and register A operands, which the compiler
 //                              does not know the hardware writes / reads until the wait)
@@ -19,7 +22,8 @@
 // 16-byte chunk c of row r of a block sits at r * 128 + ((c ^ (r % 8)) * 16) (the 128-byte swizzle:
 // address bits [4, 7) xor bits [7, 10), so the block must start 1024-byte aligned). One layout serves
 // as a K-major operand (rows = M or N, contiguous = the reduction dim: Q and K in S = Q K^T) and as an
-// N-major one (rows = the reduction dim, contiguous = N: V in O = P V).
+// N-major one (rows = the reduction dim, contiguous = N: V in O = P V; the M-major A of the backward's
+// dQ = dS K, dS^T stored key by key, is the same with M for N).
 // The host emulation (csrc/cuda/emu/cuda_emu.h) defines the same functions from these layouts, with
 // the results delivered at wgmma_wait (so reading an accumulator early reads NaN there).
 #pragma once
@@ -47,6 +51,10 @@ GMOD_DEV uint64_t wgmma_desc_sw128(uint32_t smem_addr, uint32_t lbo_bytes, uint3
 
 #ifndef GMOD_HOST_EMULATION
 
+// Hides a value from the optimizer: shared addresses made opaque once per loop trip stop ptxas from
+// hoisting every descriptor built from them out of the loop (dozens of live 64-bit registers).
+GMOD_DEV void wgmma_opaque(uint32_t& x) { asm volatile("" : "+r"(x)); }
+
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GMOD_SM90A_OR_TRAP(...) __trap()  // compiled only for sm_90a (csrc/cuda/sm90a/CMakeLists.txt)
 #else
@@ -63,6 +71,8 @@ template <int N> GMOD_DEV void wgmma_wait() {
 GMOD_DEV void fence_proxy_async() {
   GMOD_SM90A_OR_TRAP(asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"));
 }
+// Barrier of the 128 threads of warpgroup wg (named barrier 1 + wg; __syncthreads is barrier 0).
+GMOD_DEV void warpgroup_sync(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
 // The wgmma asm statements name the accumulators as in-out operands, but the hardware writes them
 // until wgmma_wait: this keeps the compiler from moving their uses across the wait.
 template <int N> GMOD_DEV void wgmma_keep(float (&d)[N]) {
@@ -96,22 +106,42 @@ template <typename T> struct WgmmaType;
 template <> struct WgmmaType<__nv_bfloat16> { static constexpr bool kBf16 = true; };
 template <> struct WgmmaType<__half> { static constexpr bool kBf16 = false; };
 
-// D[64 x 128] = A B (+ D when accumulate): A (desc_a) and B (desc_b) K-major, no transpose.
-template <typename T>
-GMOD_DEV void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+// D[64 x N] = A B (+ D when accumulate), N = 64 or 128, both operands in shared memory: A (desc_a) K-major,
+// or M-major with kTransA (imm-trans-a = 1: dS^T stored key-major as the A of dQ = dS K in the backward);
+// B (desc_b) K-major, or N-major with kTransB. The transpose immediates are "n" operands.
+template <typename T, int N = 128, bool kTransA = false, bool kTransB = false>
+GMOD_DEV void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  static_assert(N == 64 || N == 128, "wgmma_ss: N = 64 or 128");
   const int acc = accumulate ? 1 : 0;
-  if constexpr (WgmmaType<T>::kBf16) {
-    GMOD_SM90A_OR_TRAP(asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " GMOD_WGMMA_D64_STR ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : GMOD_WGMMA_OPS64
-        : "l"(desc_a), "l"(desc_b), "r"(acc)));
+  constexpr int ta = kTransA ? 1 : 0, tb = kTransB ? 1 : 0;
+  if constexpr (N == 128) {
+    if constexpr (WgmmaType<T>::kBf16) {
+      GMOD_SM90A_OR_TRAP(asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " GMOD_WGMMA_D64_STR ", %64, %65, p, 1, 1, %67, %68;\n}\n"
+          : GMOD_WGMMA_OPS64
+          : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(ta), "n"(tb)));
+    } else {
+      GMOD_SM90A_OR_TRAP(asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " GMOD_WGMMA_D64_STR ", %64, %65, p, 1, 1, %67, %68;\n}\n"
+          : GMOD_WGMMA_OPS64
+          : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(ta), "n"(tb)));
+    }
   } else {
-    GMOD_SM90A_OR_TRAP(asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " GMOD_WGMMA_D64_STR ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : GMOD_WGMMA_OPS64
-        : "l"(desc_a), "l"(desc_b), "r"(acc)));
+    if constexpr (WgmmaType<T>::kBf16) {
+      GMOD_SM90A_OR_TRAP(asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GMOD_WGMMA_D32_STR ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+          : GMOD_WGMMA_OPS32
+          : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(ta), "n"(tb)));
+    } else {
+      GMOD_SM90A_OR_TRAP(asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " GMOD_WGMMA_D32_STR ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+          : GMOD_WGMMA_OPS32
+          : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(ta), "n"(tb)));
+    }
   }
 }
 

@@ -68,10 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiments", action="store_true",
                    help="attention: also time the other kernel plans as gmod-exp rows, in the same process: the "
-                        "d = 64 / 128 forward on the sm_90a wgmma kernel (GMOD_ATTN_FWD_IMPL=wgmma; H100 / H200 "
-                        "only) and the backward's dk/dv "
-                        "kernel on 4 warps x 64 keys (GMOD_ATTN_BWD_BLOCK_N=64; the default at the benchmark "
-                        "shapes is 8 warps x 128 keys); vs_default = gmod-exp / gmod")
+                        "d = 64 / 128 forward and backward on the sm_90a wgmma kernels (GMOD_ATTN_FWD_IMPL=wgmma, "
+                        "GMOD_ATTN_BWD_IMPL=wgmma; H100 / H200 only); vs_default = gmod-exp / gmod")
     p.add_argument("--profile", action="store_true",
                    help="model: also profile one fwd+bwd per impl (torch.profiler) and print GPU time per kernel "
                         "group (GEMM, attention, gmod ops, elementwise, ...): where gamma-MoD's time goes; and "

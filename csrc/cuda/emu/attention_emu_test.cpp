@@ -23,6 +23,7 @@
 
 #include "../attention_bwd_kernel.cuh"
 #include "../attention_bwd_tc_kernel.cuh"
+#include "../attention_bwd_wgmma_kernel.cuh"
 #include "../attention_combine_kernel.cuh"
 #include "../attention_fwd_kernel.cuh"
 #include "../attention_fwd_tc_kernel.cuh"
@@ -112,6 +113,7 @@ static RefOut reference(const Problem& P, const std::vector<float>& q, const std
 
 // ---------------------------------------------------------------- comparisons
 static int g_failures = 0;
+static int g_wgmma_bwd_runs = 0;  // problems whose backward ran the wgmma dk/dv kernel
 
 template <typename Out>
 static bool compare(const char* what, const std::string& tag, const std::vector<Out>& got,
@@ -153,6 +155,7 @@ struct Options {
   bool wide_bwd = false;   // dk/dv on TcBwdWideTile: 8 warps x 16 keys (GMOD_ATTN_BWD_BLOCK_N=128)
   int wgmma = 0;           // > 0: d = 64 / 128 prefill on the sm_90a wgmma kernel with this many K / V stages
                            // (GMOD_ATTN_FWD_IMPL=wgmma: 3, =wgmma-2stage: 2)
+  bool wgmma_bwd = false;  // d = 64 / 128 atomic-dQ backward on the sm_90a wgmma dk/dv kernel (GMOD_ATTN_BWD_IMPL=wgmma)
 };
 
 template <typename T, int kHeadDim>
@@ -335,7 +338,19 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
           emu::launch(grid_dkdv, Tt::kThreads, tc_bwd_dkdv_smem_bytes<Tt>(),
                       [&] { gmod_attn_bwd_dkdv_tc_kernel<Tt, T, true>(p); });
       };
-      if (opt.wide_bwd)
+      bool wgmma_ran = false;
+      if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+        if (opt.wgmma_bwd && !opt.deterministic) {  // as sm90a/attention_bwd_wgmma.cu
+          using Tw = WgmmaBwdTraits<kHeadDim>;
+          emu::launch(dim3(ceil_div_host(P.Ck, Tw::kBlockN), P.Hk * (group / hpc), P.B), Tw::kThreads, Tw::kSmemBytes,
+                      [&] { gmod_attn_bwd_dkdv_wgmma_kernel<Tw, T>(p); });
+          wgmma_ran = true;
+          ++g_wgmma_bwd_runs;
+        }
+      }
+      if (wgmma_ran) {
+        // ran above
+      } else if (opt.wide_bwd)
         run_dkdv(TcBwdWideTile<kHeadDim>{});
       else
         run_dkdv(TcBwdTile<kHeadDim>{});
@@ -365,7 +380,7 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   }
   // bf16/fp16: o is rounded to T before Delta = <dO, O>, so the gradients carry O(eps) relative errors.
   const double brtol = fp32 ? 2e-4 : 5e-2, batol = fp32 ? 2e-5 : 3e-2;
-  const std::string btag = tag + (tc_bwd ? " bwd=tc" : " bwd=simt");
+  const std::string btag = tag + (tc_bwd ? (opt.wgmma_bwd ? " bwd=wgmma" : " bwd=tc") : " bwd=simt");
   compare("dq", btag, dq, ref.dq, brtol, batol);
   compare("dk", btag, dk, ref.dk, brtol, batol);
   compare("dv", btag, dv, ref.dv, brtol, batol);
@@ -542,6 +557,40 @@ int main(int argc, char** argv) {
     emu::eager_copies = true;
     wgmma_cases(3);
     emu::eager_copies = false;
+    std::printf("%d cases, %d failures\n", cases, g_failures);
+    return g_failures ? 1 : 0;
+  }
+  // The sm_90a wgmma backward dk/dv kernel (d = 64 / 128, 128 keys x 64-query steps, 2 warpgroups of 64
+  // keys, dQ atomics per warpgroup): causal offsets across its tiles, rows with 0 / 1 keys, q_len >
+  // k_len and < k_len, GQA groups 1 / 2 / 4 with heads_per_cta = group (direct dK / dV) and = 1 (atomic),
+  // both dtypes, a negative scale. The forward is the mma.sync one. `wgmmabwd` as the argument.
+  auto wgmma_bwd_cases = [&] {
+    Options wb, wb_split, wb_neg;
+    wb.wgmma_bwd = wb_split.wgmma_bwd = wb_neg.wgmma_bwd = true;
+    wb_split.heads_per_cta = 1;
+    wb_neg.scale = -0.3f;
+    run_random<__nv_bfloat16, 128>(rng, 3, 150, 300, 4, 2, wb, {150, 1, 0}, {300, 77, 0});
+    run_random<__half, 64>(rng, 3, 200, 330, 2, 1, wb, {200, 129, 64}, {330, 128, 200});
+    run_random<__half, 128>(rng, 2, 130, 130, 4, 1, wb_split, {130, 65}, {130, 129});
+    run_random<__nv_bfloat16, 64>(rng, 2, 100, 260, 4, 4, wb_neg, {100, 37}, {260, 37});
+    run_random<__nv_bfloat16, 64>(rng, 2, 70, 200, 4, 2, wb_split, {70, 0}, {200, 5});
+    cases += 5;
+    std::vector<int> ql, kl;
+    const int offsets[] = {-129, -128, -127, -64, -63, -1, 0, 1, 63, 64, 127, 128, 129};
+    for (int b = 0; b < 13; ++b) {
+      ql.push_back(140 - 3 * (b % 4));
+      kl.push_back(std::max(0, ql.back() + offsets[b]));
+    }
+    run_random<__nv_bfloat16, 128>(rng, 13, 140, 270, 2, 1, wb, ql, kl);
+    run_random<__half, 64>(rng, 13, 140, 270, 2, 1, wb, ql, kl);
+    cases += 2;
+  };
+  if (argc > 1 && std::string(argv[1]) == "wgmmabwd") {
+    wgmma_bwd_cases();
+    emu::eager_copies = true;  // a Q / dO copy into a buffer a still-running MMA reads shows up
+    wgmma_bwd_cases();
+    emu::eager_copies = false;
+    std::printf("%d wgmma backward runs\n", g_wgmma_bwd_runs);
     std::printf("%d cases, %d failures\n", cases, g_failures);
     return g_failures ? 1 : 0;
   }

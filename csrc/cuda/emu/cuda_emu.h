@@ -306,7 +306,7 @@ struct PendingWgmma {
   int n;          // accumulator registers (N / 2)
   bool chain;     // accumulate onto an earlier pending wgmma's result (read d at completion)
   float c[64];    // else: the accumulator at issue (zeros when scale-d = 0)
-  bool a_smem, trans_b, bf16;
+  bool a_smem, trans_a, trans_b, bf16;
   uint64_t desc_a, desc_b;
   float a_rows[2][16];  // register A: this thread's rows 16 w + g and + 8
 };
@@ -320,10 +320,11 @@ inline void wg_sync() { wg_bar[t_thread.x / 128]->arrive_and_wait(); }
 namespace gmod::attn {
 template <typename T>
 inline void emu_wgmma_issue(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool trans_b,
-                            bool accumulate) {
+                            bool accumulate, bool trans_a = false) {
   const int t = static_cast<int>(threadIdx.x) % 128, wg = static_cast<int>(threadIdx.x) / 128;
   emu::PendingWgmma w{};
   w.d = d, w.n = n, w.a_smem = a == nullptr, w.trans_b = trans_b, w.desc_a = desc_a, w.desc_b = desc_b;
+  w.trans_a = trans_a;
   w.bf16 = std::is_same_v<T, __nv_bfloat16>;
   w.chain = false;
   if (accumulate)
@@ -349,10 +350,13 @@ inline void emu_wgmma_issue(float* d, int n, const uint32_t* a, uint64_t desc_a,
   emu::wg_sync();
   emu::wgmma_pending.push_back(w);
 }
-template <typename T>
-inline void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  emu_wgmma_issue<T>(d, 64, nullptr, desc_a, desc_b, false, accumulate);
+template <typename T, int N = 128, bool kTransA = false, bool kTransB = false>
+inline void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  static_assert(N == 64 || N == 128, "wgmma_ss: N = 64 or 128");
+  emu_wgmma_issue<T>(d, N / 2, nullptr, desc_a, desc_b, kTransB, accumulate, kTransA);
 }
+inline void warpgroup_sync(int) { emu::wg_sync(); }
+inline void wgmma_opaque(uint32_t&) {}
 template <typename T, int N>
 inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) {
   static_assert(N == 64 || N == 128, "wgmma_rs: N = 64 or 128");
@@ -375,7 +379,9 @@ inline void wgmma_wait() {
       const int h = (i / 2) % 2, row = 16 * warp + g + 8 * h, col = 8 * (i / 4) + 2 * q + i % 2;
       float acc = w.chain ? w.d[i] : w.c[i];
       for (int k = 0; k < 16; ++k) {
-        const float a = w.a_smem ? emu_wgmma_elem(emu_kmajor_addr(ea, row, k), w.bf16) : w.a_rows[h][k];
+        const float a = !w.a_smem   ? w.a_rows[h][k]
+                        : w.trans_a ? emu_wgmma_elem(emu_nmajor_addr(ea, k, row), w.bf16)
+                                    : emu_wgmma_elem(emu_kmajor_addr(ea, row, k), w.bf16);
         const float b = w.trans_b ? emu_wgmma_elem(emu_nmajor_addr(eb, k, col), w.bf16)
                                   : emu_wgmma_elem(emu_kmajor_addr(eb, col, k), w.bf16);
         acc = std::fma(a, b, acc);

@@ -79,6 +79,10 @@ struct AttnBwdParams : AttnFwdParams {
   // Keys per CTA of the tensor-core dk/dv kernel: kTcBwdBlockN (64, 4 warps; default) or
   // kTcBwdWideBlockN (128, 8 warps: TcBwdWideTile, GMOD_ATTN_BWD_BLOCK_N=128).
   int tc_bwd_block_n;
+  // 1: the non-deterministic tensor-core backward runs the sm_90a wgmma dk/dv kernel
+  // (attention_bwd_wgmma_kernel.cuh; 16-bit inputs, d = 64 / 128, a compute capability 9.0 GPU,
+  // GMOD_ATTN_BWD_IMPL=wgmma; 128 keys per CTA like TcBwdWideTile); 0: the mma.sync kernels.
+  int bwd_wgmma;
 };
 
 // ---------------------------------------------------------------- tile plans (host and device)
@@ -182,6 +186,9 @@ template <typename T, int kHeadDim> void run_attn_fwd(const AttnFwdParams& param
 // GMOD_WITH_SM90A), for T = __half / __nv_bfloat16 and the head dims below.
 inline constexpr bool wgmma_fwd_supports_head_dim(int64_t d) { return d == 64 || d == 128; }
 template <typename T, int kHeadDim> void run_attn_fwd_wgmma(const AttnFwdParams& params, cudaStream_t stream);
+// The sm_90a wgmma backward dk/dv kernel with atomic dQ (csrc/cuda/sm90a/attention_bwd_wgmma.cu; only in
+// builds that define GMOD_WITH_SM90A), same head dims.
+template <typename T, int kHeadDim> void run_attn_bwd_dkdv_wgmma(const AttnBwdParams& params, cudaStream_t stream);
 // Cq <= kDecodeMaxCq. params.num_splits > 1: params.o_part / lse_part must be allocated.
 template <typename T, int kHeadDim> void run_attn_decode(const AttnFwdParams& params, cudaStream_t stream);
 // CTAs per SM of the split-k decode kernel run_attn_decode would launch for params (sizes num_splits).
