@@ -37,8 +37,20 @@ def _steps(tmp_path) -> dict:
 def test_help_lists_the_steps():
     proc = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for word in ("GMOD_GPU_CHECK_STEPS", "bench_attention", "decode_sweep", "ncu_nvtx", "demo", "Exit status"):
+    for word in ("GMOD_GPU_CHECK_STEPS", "bench_attention", "wgmma_selftest", "decode_sweep", "ncu_nvtx", "demo",
+                 "Exit status"):
         assert word in proc.stdout, word
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or torch.cuda.is_available(), reason="needs nvcc and no GPU")
+def test_wgmma_selftest_step_builds_and_says_why_it_cannot_run_here(tmp_path):
+    """The wgmma_selftest step compiles scripts/wgmma_selftest.cu for sm_90a with nvcc alone; on a machine
+    without an sm_90 GPU the program refuses to run (exit 99) and the step is a FAIL that says so."""
+    proc = _run(tmp_path, "wgmma_selftest", timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert _steps(tmp_path) == {"wgmma_selftest": "FAIL"}
+    log = (tmp_path / "out" / "wgmma_selftest.log").read_text()
+    assert "needs a compute capability 9.0 GPU" in log, log[-2000:]
 
 
 def test_unknown_step_is_refused_before_anything_runs(tmp_path):

@@ -85,6 +85,23 @@ def test_wgmma_backward_matches_reference_in_emulation(attention_emu):
     assert "14 wgmma backward runs" in out and "14 cases, 0 failures" in out, out[-2000:]
 
 
+def test_wgmma_selftest_passes_in_emulation(tmp_path_factory):
+    """scripts/wgmma_selftest.cu (the GPU step that checks each wgmma operand form of the sm_90a kernels on
+    its own) built against the host emulation: every case must pass here, so that a FAIL on the H100 means
+    the hardware reads that form differently from cuda_emu.h, not a bug of the self-test."""
+    inc, cxx = _cuda_include(), _compiler()
+    if inc is None or cxx is None:
+        pytest.skip("needs a C++20 compiler and the CUDA headers (set CUDA_HOME)")
+    exe = tmp_path_factory.mktemp("wgmma_selftest") / "wgmma_selftest_emu"
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-x", "c++", "-DGMOD_SELFTEST_EMU", f"-I{ROOT / 'csrc' / 'cuda'}",
+           f"-I{ROOT / 'csrc' / 'include'}", f"-I{inc}", str(ROOT / "scripts" / "wgmma_selftest.cu"), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "0 of 6 wgmma cases failed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+    assert res.stdout.count("PASS") == 6
+
+
 def test_router_logits_kernel_matches_reference_in_emulation(tmp_path_factory):
     out = _run(_build(tmp_path_factory, "router_logits_emu_test"), "all")
     assert "cpt=2" in out and "cpt=4" in out, "the wide-D cases did not run"

@@ -4,7 +4,9 @@
 #   bash scripts/gpu_check.sh
 #   GMOD_GPU_CHECK_STEPS=build,tests,bench bash scripts/gpu_check.sh     # a subset
 #
-# Steps (in this order): info build bench_ops bench_attention tests memcheck racecheck ncu ncu_attn
+# Steps (in this order): info wgmma_selftest build bench_ops bench_attention tests memcheck racecheck ncu ncu_attn
+#   (wgmma_selftest: scripts/wgmma_selftest.cu, nvcc only, ~20 s: each wgmma operand form of the sm_90a
+#   kernels on its own against a float64 product; if the wgmma tests fail, it says which form)
 #   (the benchmarks first: they check every result against a baseline before timing it, and
 #   they are the numbers the issues ask for; when the budget runs out, what is left is skipped
 #   and a second call on the warm machine names it)
@@ -48,7 +50,7 @@ STATUS_FILE=$OUT/steps.tsv
 ANY_FAIL=0
 
 # ------------------------------------------------------------------ which steps
-ALL_STEPS="info build bench_ops bench_attention tests memcheck racecheck ncu ncu_attn"
+ALL_STEPS="info wgmma_selftest build bench_ops bench_attention tests memcheck racecheck ncu ncu_attn"
 req=${GMOD_GPU_CHECK_STEPS:-all}
 req=" $(echo "$req" | tr ',' ' ') "
 req=${req// all / $ALL_STEPS }
@@ -142,6 +144,20 @@ except ValueError as e:
   } > "$OUT/toolchain.log" 2>&1
   echo "toolchain: $(grep -m 1 '^c++:' "$OUT/toolchain.log"); $(grep -m 1 '^weak std' "$OUT/toolchain.log" | sed 's/ in .*:/:/'); $(grep '^probe rc' "$OUT/toolchain.log")"
 }
+
+# ------------------------------------------------------------------ wgmma_selftest
+if want wgmma_selftest; then
+  if run_step wgmma_selftest 120 wgmma_selftest.log bash -c "nvcc -std=c++17 -O2 -gencode arch=compute_90a,code=sm_90a \
+      -I csrc/cuda -I csrc/include scripts/wgmma_selftest.cu -o '$OUT/wgmma_selftest' && '$OUT/wgmma_selftest'"; then
+    cut -c1-160 "$OUT/wgmma_selftest.log" | grep -E "PASS|FAIL|cases|error" | head -n 12
+    rm -f "$OUT/wgmma_selftest"
+    if (( RC == 0 )); then
+      record wgmma_selftest ok "$DUR" "$(tail -n 1 "$OUT/wgmma_selftest.log")"
+    else
+      record wgmma_selftest FAIL "$DUR" "rc=$RC: $(grep -m1 -E 'FAIL|error' "$OUT/wgmma_selftest.log" | cut -c1-120)"
+    fi
+  fi
+fi
 
 if want build; then
   if run_step build 360 build.log "$PY" -m pip install --no-build-isolation --no-deps -e . -q; then
