@@ -139,11 +139,14 @@ def test_sanitize_ops_script_on_cpu():
     finally:
         sys.path.pop(0)
     plans = [flags for flags, _, _ in sanitize_ops._attn_runs(False) if flags]
-    # GMOD_ATTN_FWD_IMPL=wgmma runs only where it can (an sm_90 GPU with the sm_90a kernels built).
-    assert {k for f in plans for k in f} - {"GMOD_ATTN_FWD_IMPL"} == {"GMOD_ATTN_FWD_BLOCK_N", "GMOD_ATTN_BWD_BLOCK_N",
-                                                                     "GMOD_ATTN_DECODE_SPLITS"}
-    assert {k for f, _ in sanitize_ops._ATTN_PLANS for k in f} == {"GMOD_ATTN_FWD_BLOCK_N", "GMOD_ATTN_FWD_IMPL",
-                                                                   "GMOD_ATTN_BWD_BLOCK_N", "GMOD_ATTN_DECODE_SPLITS"}
+    # GMOD_ATTN_FWD_IMPL / GMOD_ATTN_BWD_IMPL=wgmma run only where they can (an sm_90 GPU with the sm_90a
+    # kernels built).
+    wgmma = {"GMOD_ATTN_FWD_IMPL", "GMOD_ATTN_BWD_IMPL"}
+    assert {k for f in plans for k in f} - wgmma == {"GMOD_ATTN_FWD_BLOCK_N", "GMOD_ATTN_BWD_BLOCK_N",
+                                                     "GMOD_ATTN_DECODE_SPLITS"}
+    assert {k for f, _ in sanitize_ops._ATTN_PLANS for k in f} == wgmma | {"GMOD_ATTN_FWD_BLOCK_N",
+                                                                           "GMOD_ATTN_BWD_BLOCK_N",
+                                                                           "GMOD_ATTN_DECODE_SPLITS"}
 
 
 def test_ncu_summary_on_a_synthetic_csv(tmp_path):

@@ -266,7 +266,7 @@ def run(ctx: Ctx):
 
         return opt, [("prefill", prefill, False), ("fwd+bwd", fwd_bwd, True), ("train step", step, True)]
 
-    def time_passes(m, impl: str, converted: bool) -> dict:
+    def time_passes(m, impl: str, converted: bool, profile: bool = True) -> dict:
         res = {}
         opt, ps = passes(m, converted)
         for name, fn, train in ps:
@@ -296,7 +296,7 @@ def run(ctx: Ctx):
                 del out
                 t = measure(fn, ctx)
                 row.update(ms=t.ms, ktok_s=B * S / (t.ms * 1e-3) / 1e3, peak_GB=peak(), timing=t.as_json())
-                if ctx.profile and ctx.cuda and name == "fwd+bwd":
+                if profile and ctx.profile and ctx.cuda and name == "fwd+bwd":
                     try:  # a profiler failure costs the profile rows, not the timed row
                         groups, gemms = profile_breakdown(fn, ctx)
                     except Exception as err:  # noqa: BLE001
@@ -349,8 +349,9 @@ def run(ctx: Ctx):
     mod_rows = list(time_passes(model, "gamma-MoD", True).values())
     # The same converted model with its MoD layers' attention on torch's SDPA (cuDNN on an H100): the
     # same function (GmodConfig.attention), so the gap between the two rows is the attention kernel's.
+    # (Not profiled: --profile's tables are for the default impl, and gpu_check's step has a time limit.)
     gmod_ext.set_attention(model, "sdpa")
-    mod_rows += list(time_passes(model, "gamma-MoD sdpa", True).values())
+    mod_rows += list(time_passes(model, "gamma-MoD sdpa", True, profile=False).values())
     gmod_ext.set_attention(model, "gmod")
     for row in mod_rows:
         d = dense_rows[row["pass"]].get("ms")
