@@ -106,6 +106,23 @@ template <typename T> struct WgmmaType;
 template <> struct WgmmaType<__nv_bfloat16> { static constexpr bool kBf16 = true; };
 template <> struct WgmmaType<__half> { static constexpr bool kBf16 = false; };
 
+// The wgmma instructions below differ between bf16 and fp16 only in the type string TY ("bf16" / "f16"),
+// between N = 64 and 128 only in the accumulator count (so the operand numbers after it).
+// SS: "wgmma ... d, desc-a, desc-b, scale-d, imm-scale-a, imm-scale-b, imm-trans-a, imm-trans-b"
+#define GMOD_WGMMA_SS(SHAPE, TY, DSTR, OPS, A, B, P, TA, TB)                                              \
+  GMOD_SM90A_OR_TRAP(asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" P ", 0;\n"                        \
+                                  "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " " DSTR        \
+                                  ", %" A ", %" B ", p, 1, 1, %" TA ", %" TB ";\n}\n"                    \
+                                  : OPS                                                                  \
+                                  : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(ta), "n"(tb)))
+// RS: "wgmma ... d, {a0..a3}, desc-b, scale-d, imm-scale-a, imm-scale-b, imm-trans-b" (B N-major)
+#define GMOD_WGMMA_RS(SHAPE, TY, DSTR, OPS, A0, A1, A2, A3, B, P)                                         \
+  GMOD_SM90A_OR_TRAP(asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" P ", 0;\n"                        \
+                                  "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " " DSTR        \
+                                  ", {%" A0 ", %" A1 ", %" A2 ", %" A3 "}, %" B ", p, 1, 1, 1;\n}\n"   \
+                                  : OPS                                                                  \
+                                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc)))
+
 // D[64 x N] = A B (+ D when accumulate), N = 64 or 128, both operands in shared memory: A (desc_a) K-major,
 // or M-major with kTransA (imm-trans-a = 1: dS^T stored key-major as the A of dQ = dS K in the backward);
 // B (desc_b) K-major, or N-major with kTransB. The transpose immediates are "n" operands.
@@ -114,35 +131,11 @@ GMOD_DEV void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool
   static_assert(N == 64 || N == 128, "wgmma_ss: N = 64 or 128");
   const int acc = accumulate ? 1 : 0;
   constexpr int ta = kTransA ? 1 : 0, tb = kTransB ? 1 : 0;
-  if constexpr (N == 128) {
-    if constexpr (WgmmaType<T>::kBf16) {
-      GMOD_SM90A_OR_TRAP(asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " GMOD_WGMMA_D64_STR ", %64, %65, p, 1, 1, %67, %68;\n}\n"
-          : GMOD_WGMMA_OPS64
-          : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(ta), "n"(tb)));
-    } else {
-      GMOD_SM90A_OR_TRAP(asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " GMOD_WGMMA_D64_STR ", %64, %65, p, 1, 1, %67, %68;\n}\n"
-          : GMOD_WGMMA_OPS64
-          : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(ta), "n"(tb)));
-    }
-  } else {
-    if constexpr (WgmmaType<T>::kBf16) {
-      GMOD_SM90A_OR_TRAP(asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GMOD_WGMMA_D32_STR ", %32, %33, p, 1, 1, %35, %36;\n}\n"
-          : GMOD_WGMMA_OPS32
-          : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(ta), "n"(tb)));
-    } else {
-      GMOD_SM90A_OR_TRAP(asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " GMOD_WGMMA_D32_STR ", %32, %33, p, 1, 1, %35, %36;\n}\n"
-          : GMOD_WGMMA_OPS32
-          : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(ta), "n"(tb)));
-    }
-  }
+  constexpr bool bf16 = WgmmaType<T>::kBf16;
+  if constexpr (N == 128 && bf16) GMOD_WGMMA_SS("m64n128k16", "bf16", GMOD_WGMMA_D64_STR, GMOD_WGMMA_OPS64, "64", "65", "66", "67", "68");
+  if constexpr (N == 128 && !bf16) GMOD_WGMMA_SS("m64n128k16", "f16", GMOD_WGMMA_D64_STR, GMOD_WGMMA_OPS64, "64", "65", "66", "67", "68");
+  if constexpr (N == 64 && bf16) GMOD_WGMMA_SS("m64n64k16", "bf16", GMOD_WGMMA_D32_STR, GMOD_WGMMA_OPS32, "32", "33", "34", "35", "36");
+  if constexpr (N == 64 && !bf16) GMOD_WGMMA_SS("m64n64k16", "f16", GMOD_WGMMA_D32_STR, GMOD_WGMMA_OPS32, "32", "33", "34", "35", "36");
 }
 
 // D[64 x N] = A B (+ D when accumulate), N = 64 or 128: A in registers (the layout above), B N-major
@@ -151,39 +144,11 @@ template <typename T, int N>
 GMOD_DEV void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) {
   static_assert(N == 64 || N == 128, "wgmma_rs: N = 64 or 128");
   const int acc = accumulate ? 1 : 0;
-  if constexpr (N == 128) {
-    if constexpr (WgmmaType<T>::kBf16) {
-      GMOD_SM90A_OR_TRAP(asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " GMOD_WGMMA_D64_STR
-          ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-          : GMOD_WGMMA_OPS64
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc)));
-    } else {
-      GMOD_SM90A_OR_TRAP(asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " GMOD_WGMMA_D64_STR
-          ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-          : GMOD_WGMMA_OPS64
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc)));
-    }
-  } else {
-    if constexpr (WgmmaType<T>::kBf16) {
-      GMOD_SM90A_OR_TRAP(asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GMOD_WGMMA_D32_STR
-          ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-          : GMOD_WGMMA_OPS32
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc)));
-    } else {
-      GMOD_SM90A_OR_TRAP(asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " GMOD_WGMMA_D32_STR
-          ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-          : GMOD_WGMMA_OPS32
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc)));
-    }
-  }
+  constexpr bool bf16 = WgmmaType<T>::kBf16;
+  if constexpr (N == 128 && bf16) GMOD_WGMMA_RS("m64n128k16", "bf16", GMOD_WGMMA_D64_STR, GMOD_WGMMA_OPS64, "64", "65", "66", "67", "68", "69");
+  if constexpr (N == 128 && !bf16) GMOD_WGMMA_RS("m64n128k16", "f16", GMOD_WGMMA_D64_STR, GMOD_WGMMA_OPS64, "64", "65", "66", "67", "68", "69");
+  if constexpr (N == 64 && bf16) GMOD_WGMMA_RS("m64n64k16", "bf16", GMOD_WGMMA_D32_STR, GMOD_WGMMA_OPS32, "32", "33", "34", "35", "36", "37");
+  if constexpr (N == 64 && !bf16) GMOD_WGMMA_RS("m64n64k16", "f16", GMOD_WGMMA_D32_STR, GMOD_WGMMA_OPS32, "32", "33", "34", "35", "36", "37");
 }
 
 #endif  // GMOD_HOST_EMULATION
