@@ -183,3 +183,99 @@ def test_experiment_probe_failure_becomes_a_row_error():
     assert ba._run_gmod(ctx, row, "attention fwd (experiment)", lambda: 1 / 0, None, 1.0, exp) is None
     assert row["ms"].startswith("ERROR") and "probe" in row["ms"] + ctx.errors[0]["error"]
     ba._probes.pop(exp[:2], None)
+
+
+# ----------------------------------------------------------------------------- bench model --layers auto
+def _saved_activation_bytes(model, ids) -> int:
+    """Bytes of the distinct storages autograd saves for the backward of a training forward, parameters
+    excluded (what the forward adds to memory until the backward frees it)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids, use_cache=False)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dims", [(256, 688, 1024), (128, 512, 3000)])
+def test_train_memory_estimate_matches_saved_activations(dims):
+    """bench model --layers auto picks the layer count from train_memory_bytes: its activation term must
+    match what autograd really saves for transformers' Llama (bf16, SDPA), per layer and for the rest."""
+    import torch
+
+    from gmod_ext.bench.model import build_model, param_count, train_memory_bytes
+
+    D, I, V = dims
+    z = dict(B=1, S=96, D=D, H=D // 64, Hk=D // 128, I=I, V=V)
+    got, est = {}, {}
+    for L in (1, 3):
+        model = build_model(dict(z, L=L), torch.device("cpu"), torch.bfloat16, seed=L)
+        assert sum(p.numel() for p in model.parameters()) == param_count(z, L)
+        model.train()
+        ids = torch.randint(0, V, (z["B"], z["S"]), generator=torch.Generator().manual_seed(L))
+        got[L] = _saved_activation_bytes(model, ids)
+        est[L] = train_memory_bytes(z, L, 2)["activations"]
+    per_layer, rest = (got[3] - got[1]) / 2, got[1] - (got[3] - got[1]) / 2
+    est_layer, est_rest = (est[3] - est[1]) / 2, est[1] - (est[3] - est[1]) / 2
+    assert abs(est_layer - per_layer) <= 0.03 * per_layer, (est_layer, per_layer)
+    assert abs(est_rest - rest) <= 0.05 * rest, (est_rest, rest)
+
+
+def test_fit_layers_takes_the_most_layers_that_fit():
+    """--layers auto: counts whose estimate exceeds the free memory are not tried; an out-of-memory error in
+    the trial step moves to the next count; the notes say why; nothing fits -> a clear error."""
+    import torch
+
+    from gmod_ext.bench import model as mb
+
+    z = dict(mb.SIZES["full"])
+    est = {L: mb.train_memory_bytes(z, L, 2)["total"] for L in mb.LAYER_CHOICES}
+    assert est[32] > est[24] > est[16] > est[8]
+    built, tried = [], []
+
+    def build(L):
+        built.append(L)
+        return f"model{L}"
+
+    def trial_oom_above(limit):
+        def trial(m):
+            L = int(m[5:])
+            tried.append(L)
+            if L > limit:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return trial
+
+    # everything fits by the estimate; the trial fails at 32 and 24
+    model, L, notes = mb.fit_layers(z, None, torch.bfloat16, 0, None, None, free_bytes=2 * est[32],
+                                    build=build, trial=trial_oom_above(16))
+    assert (model, L) == ("model16", 16) and tried == [32, 24, 16]
+    assert len(notes) == 2 and "32 layers: out of memory" in notes[0] and "24 layers" in notes[1]
+    # an 80 GB GPU: the estimate rules out 32 and 24 without building them
+    built.clear(), tried.clear()
+    free = int(est[24] / mb.MEMORY_SHARE) - 1
+    model, L, notes = mb.fit_layers(z, None, torch.bfloat16, 0, None, None, free_bytes=free, build=build,
+                                    trial=trial_oom_above(64))
+    assert L == 16 and built == [16] and "32/24 layers skipped" in notes[0]
+    # nothing fits: the smallest count is still tried, then a RuntimeError that lists the attempts
+    with pytest.raises(RuntimeError, match="not even the smallest"):
+        mb.fit_layers(z, None, torch.bfloat16, 0, None, None, free_bytes=1, build=build, trial=trial_oom_above(0))
+
+
+def test_layers_option_parsing():
+    from gmod_ext.bench.__main__ import _parser
+
+    p = _parser()
+    assert p.parse_args(["model"]).layers is None
+    assert p.parse_args(["model", "--layers", "auto"]).layers is None
+    assert p.parse_args(["model", "--layers", "16"]).layers == 16
+    for bad in ("0", "x", "-3"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["model", "--layers", bad])

@@ -278,10 +278,10 @@ def test_flops_and_kv_formulas():
 
 
 # ----------------------------------------------------------------------------- benchmarks
-def _bench(name, tmp_path, **env_extra):
+def _bench(name, tmp_path, *extra, **env_extra):
     out = tmp_path / f"{name}.json"
-    proc = _run(["-m", "gmod_ext.bench", name, "--quick", "--device", "cpu", "--json", str(out)], timeout=120,
-                **env_extra)
+    proc = _run(["-m", "gmod_ext.bench", name, "--quick", "--device", "cpu", "--json", str(out), *extra],
+                timeout=120, **env_extra)
     assert "MISMATCH" not in proc.stdout and "status: ok" in proc.stdout, proc.stdout[-3000:]
     doc = json.loads(out.read_text())
     assert TOP_KEYS <= set(doc) and doc["benchmark"] == name and doc["status"] == "ok"
@@ -314,8 +314,8 @@ def test_bench_layer_missing_kernel_rows(tmp_path):
 
 
 def test_bench_model_quick(tmp_path):
-    proc, doc = _bench("model", tmp_path)
-    assert "reduced from 32" in proc.stdout and "x dense" in proc.stdout
+    proc, doc = _bench("model", tmp_path, "--layers", "5")  # not the size default (4): the option is used
+    assert "5 decoder layers of 32 (--layers)" in proc.stdout and "x dense" in proc.stdout
     rows = doc["sections"]["model"]["rows"]
     assert {(r["impl"], r["pass"]) for r in rows} == {
         (i, p) for i in ("dense", "gamma-MoD", "gamma-MoD sdpa") for p in ("prefill", "fwd+bwd", "train step")}
@@ -329,4 +329,4 @@ def test_bench_model_quick(tmp_path):
     for p in ("prefill", "fwd+bwd", "train step"):  # the same routing, so the same kept tokens
         assert by[("gamma-MoD sdpa", p)]["flops"] == by[("gamma-MoD", p)]["flops"]
     ar = doc["sections"]["arank"]["rows"]
-    assert len(ar) == 4 and sum(r["kind"] == "MoD" for r in ar) == 3
+    assert len(ar) == 5 and sum(r["kind"] == "MoD" for r in ar) == 4  # ceil(5 / 8) = 1 layer stays dense

@@ -224,7 +224,7 @@ want bench_ops && bench bench_ops 150
 # and backward at d = 64 / 128); they decide the defaults.
 want bench_attention && GMOD_BENCH_ARGS="--experiments ${GMOD_BENCH_ARGS:-}" bench bench_attention 240
 want bench_layer && bench bench_layer 200
-want bench_model && GMOD_BENCH_ARGS="--profile ${GMOD_BENCH_ARGS:-}" bench bench_model 330
+want bench_model && GMOD_BENCH_ARGS="--profile ${GMOD_BENCH_ARGS:-}" bench bench_model 420
 # Only when named: the attention benchmark with the deterministic backward (separate dQ kernel instead of
 # fp32 atomics; GMOD_DETERMINISTIC is read once per process), to compare the two dQ strategies.
 if [[ "$req" == *" bench_attention_det "* ]]; then
@@ -459,6 +459,13 @@ for r in (lay or {}).get("sections", {}).get("layer", {}).get("rows", []):
               f"{f(r.get('vs_kept'), '.3f')} x kept-only  {r.get('check') or ''}"[:150])
 if mod:
     print(f"-- model ({mod['status']}): gamma-MoD speed-up over dense (targets: prefill >= 1.7x, train step >= 1.5x)")
+    msec = mod.get("sections", {}).get("model", {})
+    print(f"   {msec.get('title', '')}"[:200])
+    for n in msec.get("notes", []):
+        print(f"   note: {n}"[:200])
+    peaks = [r.get("peak_GB") for r in msec.get("rows", []) if isinstance(r.get("peak_GB"), (int, float))]
+    if peaks:
+        print(f"   peak memory {max(peaks):.1f} GB (dense train step; the estimate is in the title)")
 for r in (mod or {}).get("sections", {}).get("model", {}).get("rows", []):
     if r["impl"] != "dense":
         print(f"   {r['impl']:<14} {r['pass']:<10} {f(inv(r.get('x_dense')), '.2f'):>5}x  (FLOPs bound {f(inv(r.get('flops')), '.2f')}x)  "

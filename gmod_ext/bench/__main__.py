@@ -37,6 +37,19 @@ GMOD_TRUST_INDICES=1 for itself unless --check-indices is given (then the sync i
 """
 
 
+def _layers(text: str):
+    """--layers: a positive int, or "auto" (None: the model bench's size default decides)."""
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of layers or 'auto', got {text!r}") from None
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"layers must be in [1, 256], got {n}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     cols = "\n".join(
         f"--- {name} tables ---\n" + common.columns_help(mod.TABLES) for name, mod in BENCHES.items())
@@ -48,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("bench", choices=sorted(BENCHES),
                    help="ops: memory-bound MoD ops; attention: gmod.attention; layer: a LLaMA-7B-shaped MoD "
                         "decoder layer vs dense / kept-tokens dense / plain-torch MoD; model: a LLaMA-7B-shaped "
-                        "model (8 layers) gamma-MoD vs dense, prefill and training step")
+                        "model (as many of its 32 layers as fit for training) gamma-MoD vs dense, prefill and "
+                        "training step")
     default_dev = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", choices=["cuda", "cpu"], default=default_dev, help=f"default: {default_dev}")
     p.add_argument("--quick", action="store_true", help="small sizes (always on for --device cpu)")
@@ -74,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="model: also profile one fwd+bwd per impl (torch.profiler) and print GPU time per kernel "
                         "group (GEMM, attention, gmod ops, elementwise, ...): where gamma-MoD's time goes; and "
                         "the matmuls by shape with their TFLOP/s")
+    p.add_argument("--layers", type=_layers, default=None, metavar="N|auto",
+                   help="model: decoder layers. auto (the default at full size on CUDA): the most of 32 / 24 / "
+                        "16 / 8 whose training step fits in the GPU's memory (estimated, then one trial step; "
+                        "16 on an 80 GB H100, 32 on a 141 GB H200). Default 4 with --quick and on CPU")
     p.add_argument("--check-indices", action="store_true",
                    help="keep the CUDA ops' index validation (one host sync per call) in the timed calls")
     return p

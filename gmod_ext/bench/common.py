@@ -48,6 +48,7 @@ class Ctx:
     seed: int = 0
     experiments: bool = False  # attention: also time the opt-in tile plans (gmod-exp rows)
     profile: bool = False  # model: a kernel-time breakdown of one fwd+bwd per impl (torch.profiler)
+    layers: Optional[int] = None  # model: decoder layers (None: the size's default, "auto" at full size)
     copy_GBps: Optional[float] = None
     mismatches: list = dataclasses.field(default_factory=list)
     errors: list = dataclasses.field(default_factory=list)
@@ -93,7 +94,8 @@ def make_ctx(args) -> Ctx:
               flush=not getattr(args, "no_flush", False), seed=getattr(args, "seed", 0),
               flush_mode=getattr(args, "flush_mode", None) or "read",
               experiments=bool(getattr(args, "experiments", False)),
-              profile=bool(getattr(args, "profile", False)))
+              profile=bool(getattr(args, "profile", False)),
+              layers=getattr(args, "layers", None))
     if device.type == "cuda":
         if quick:
             ctx.budget_ms, ctx.min_reps, ctx.max_reps = 60.0, 5, 100

@@ -1,8 +1,16 @@
 """`python -m gmod_ext.bench model`: a LLaMA-7B-shaped model, gamma-MoD against dense.
 
 The model is ``LlamaForCausalLM`` with LLaMA-7B's layer shape (D=4096, 32 heads, MLP 11008,
-vocab 32000) but **8 decoder layers** (4 with --quick on CUDA; tiny fp32 shapes on CPU), random
-weights, bf16 on CUDA. It is timed densely first, then converted in place with
+vocab 32000), random weights, bf16 on CUDA. **Decoder layers:** LLaMA-7B's 32 where its training
+step fits in the GPU's memory, else as few fewer as needed (issue 7: "reduced layers if needed"):
+``--layers auto``, the default at full size on CUDA, takes the most of 32 / 24 / 16 / 8 whose
+estimated training memory (:func:`train_memory_bytes`: weights, grads and AdamW state, plus the
+activations saved for the backward, measured per token on CPU) fits in 90 % of the free memory,
+and confirms it with one training step (an out-of-memory error moves it to the next count). On an
+80 GB H100 that is 16 layers (about 57 GB estimated), on a 141 GB H200 all 32. Fewer layers
+understate gamma-MoD's speed-up: the LM head, embedding and loss do not shrink, and their share of
+the step falls with depth. ``--layers N`` fixes the count (runs before 2026-11-25 used 8); 4 with
+--quick on CUDA, tiny fp32 shapes on CPU. It is timed densely first, then converted in place with
 ``gmod_ext.convert(ratio=0.5, layers="arank")``: ARank on a calibration batch (random weights: the
 highest-ranked ``ceil(L/8)`` layer stays dense, the choice is exercised rather than meaningful) and
 timed again.
@@ -36,11 +44,14 @@ import torch
 from .common import Col, Ctx, Section, measure, missing, record_error
 
 SIZES = {
-    "full": dict(B=4, S=2048, D=4096, H=32, Hk=32, I=11008, V=32000, L=8, cal_B=1, cal_S=512),
+    # L=None: --layers auto (the most of LAYER_CHOICES whose training fits in memory)
+    "full": dict(B=4, S=2048, D=4096, H=32, Hk=32, I=11008, V=32000, L=None, cal_B=1, cal_S=512),
     "quick": dict(B=2, S=1024, D=4096, H=32, Hk=32, I=11008, V=32000, L=4, cal_B=1, cal_S=256),
     "cpu": dict(B=2, S=256, D=256, H=4, Hk=4, I=688, V=1024, L=4, cal_B=2, cal_S=64),
 }
 RATIO = 0.5
+LAYER_CHOICES = (32, 24, 16, 8)  # --layers auto, most first: multiples of 8, so ceil(L/8) dense layers are 1/8
+MEMORY_SHARE = 0.9  # of the free GPU memory the estimate may use (allocator fragmentation, cuBLAS workspace)
 GMOD_OPS = ["router_logits", "route", "gather_rows", "attention", "scatter_merge", "kv_cache_append",
             "router_logits_backward", "gather_rows_backward", "attention_backward", "scatter_merge_backward"]
 
@@ -187,6 +198,81 @@ def build_model(z: dict, dev: torch.device, dt: torch.dtype, seed: int):
     return model.to(device=dev, dtype=dt)
 
 
+def param_count(z: dict, L: int) -> int:
+    """Parameters of the Llama model of these sizes with L decoder layers (untied embedding and LM head)."""
+    D, I, V, d = z["D"], z["I"], z["V"], z["D"] // z["H"]
+    attn = D * z["H"] * d + 2 * D * z["Hk"] * d + z["H"] * d * D  # q, k, v, o
+    return L * (attn + 3 * D * I + 2 * D) + 2 * V * D + D
+
+
+def train_memory_bytes(z: dict, L: int, esize: int) -> dict:
+    """Estimated peak memory of a training step (fwd+bwd + AdamW) of the dense model, in bytes, by part.
+
+    weights, grads and the two AdamW moments in the parameters' dtype (``esize`` bytes: fused AdamW
+    keeps bf16 moments for bf16 weights); activations saved for the backward per token, counted with
+    ``torch.autograd.graph.saved_tensors_hooks`` on CPU for transformers' Llama with SDPA (bf16, D 128 to
+    4096, MHA and GQA; per layer the fit is exact to ~0.3 %, python_tests/test_bench_smoke.py checks it):
+    per layer (10 D + 2 Dk + 4 I) elements, Dk = kv heads x head dim (the RMSNorm inputs in fp32, q, k /
+    v, RoPE, the MLP's gate / up / act products), plus about 5 D elements and the fp32 logits (4 V bytes)
+    for the embedding, final norm and loss; and a transient of the backward: the fp32 and the
+    dtype-sized gradient of the logits, and one MLP-width gradient. A dense step is the largest of the
+    benchmark's passes (gamma-MoD saves activations for the kept tokens only)."""
+    T = z["B"] * z["S"]
+    D, I, V = z["D"], z["I"], z["V"]
+    Dk = z["Hk"] * (D // z["H"])
+    states = 4 * esize * param_count(z, L)
+    act = T * (L * (10 * D + 2 * Dk + 4 * I) * esize + 5 * D * esize + 4 * V)
+    transient = T * (V * (4 + esize) + I * esize)
+    return {"states": states, "activations": act, "transient": transient, "total": states + act + transient}
+
+
+def _trial_step(model, ids, labels) -> None:
+    """One dense training step (fwd+bwd + fused AdamW) and nothing kept: the largest pass, run once to
+    see that it fits before anything is timed."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    model.train()
+    model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    del opt
+    model.eval()
+
+
+def fit_layers(z: dict, dev: torch.device, dt: torch.dtype, seed: int, ids, labels, free_bytes: int,
+               build=None, trial=None) -> tuple:
+    """(model, L, notes) for ``--layers auto``: the model with the most layers of LAYER_CHOICES whose
+    estimated training memory fits in MEMORY_SHARE of ``free_bytes`` and whose trial step then runs
+    (CUDA out-of-memory there: the next count). ``build`` / ``trial`` default to build_model /
+    _trial_step (tests pass their own)."""
+    import gc
+
+    build = build or (lambda L: build_model(dict(z, L=L), dev, dt, seed))
+    trial = trial or (lambda m: _trial_step(m, ids, labels))
+    esize = torch.empty((), dtype=dt).element_size()
+    budget = MEMORY_SHARE * free_bytes
+    fits = [L for L in LAYER_CHOICES if train_memory_bytes(z, L, esize)["total"] <= budget]
+    notes = []
+    if len(fits) < len(LAYER_CHOICES):
+        skipped = [L for L in LAYER_CHOICES if L not in fits]
+        notes.append(f"{'/'.join(map(str, skipped))} layers skipped: estimated training memory "
+                     f"{train_memory_bytes(z, skipped[-1], esize)['total'] / 1e9:.1f} GB and up, over "
+                     f"{MEMORY_SHARE:.0%} of the {free_bytes / 1e9:.1f} GB free")
+    for L in fits or [LAYER_CHOICES[-1]]:
+        model = build(L)
+        try:
+            trial(model)
+        except torch.cuda.OutOfMemoryError:
+            notes.append(f"{L} layers: out of memory in the trial step (estimated "
+                         f"{train_memory_bytes(z, L, esize)['total'] / 1e9:.1f} GB)")
+        else:
+            return model, L, notes
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    raise RuntimeError("bench model: not even the smallest layer count fits: " + "; ".join(notes))
+
+
 def make_inputs(z: dict, B: int, S: int, dev: torch.device, gen: torch.Generator) -> dict:
     """LLaVA-like rows: image span (routable), question (forced via labels -100), answer (labelled)."""
     V = z["V"]
@@ -215,18 +301,32 @@ def run(ctx: Ctx):
     from ..demo import forward_flops
 
     transformers.logging.set_verbosity_error()
-    z = SIZES[ctx.size_mode]
+    z = dict(SIZES[ctx.size_mode])
     B, S = z["B"], z["S"]
     dev, dt = ctx.device, ctx.dtype
     gen = torch.Generator().manual_seed(ctx.seed)
     data = make_inputs(z, B, S, dev, gen)
     image_token = data.pop("image_token_id")
     ids, labels = data["input_ids"], data["labels"]
-    model = build_model(z, dev, dt, ctx.seed)
+    layer_notes, model = [], None
+    if isinstance(ctx.layers, int):
+        z["L"] = ctx.layers
+        how = "--layers"
+    elif z["L"] is None and ctx.cuda:  # auto: the most layers whose training fits
+        free, _ = torch.cuda.mem_get_info(dev)
+        model, z["L"], layer_notes = fit_layers(z, dev, dt, ctx.seed, ids, labels, free)
+        est = train_memory_bytes(z, z["L"], torch.empty((), dtype=dt).element_size())["total"]
+        how = f"auto: the most of {'/'.join(map(str, LAYER_CHOICES))} whose training fits, est. {est / 1e9:.1f} GB"
+    else:
+        z["L"] = z["L"] or LAYER_CHOICES[-1]
+        how = "size default"
+    if model is None:
+        model = build_model(z, dev, dt, ctx.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    sec = Section("model", f"LLaMA-7B-shaped model, {z['L']} decoder layers (reduced from 32), D={z['D']} "
+    sec = Section("model", f"LLaMA-7B-shaped model, {z['L']} decoder layers of 32 ({how}), D={z['D']} "
                   f"H={z['H']} MLP {z['I']} vocab {z['V']} ({_count(n_params)} params), B={B} S={S}, "
                   f"gamma-MoD ratio {RATIO}, {str(dt)[6:]}", MODEL_COLS)
+    sec.notes.extend(layer_notes)
     if ctx.size_mode == "cpu":
         sec.notes.append("CPU: tiny shapes and the gmod ops' C++ reference kernels: not representative of the GPU")
     arank_sec = Section("arank", "ARank per layer and the MoD layer choice (random weights)", ARANK_COLS)
