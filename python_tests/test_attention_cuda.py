@@ -246,6 +246,47 @@ def test_decode_forced_split_counts(dtype, d, splits, monkeypatch):
     assert torch.equal(o, o2) and torch.equal(lse, lse2), "the split-k combine must be deterministic"
 
 
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,Ck", [(1, 4096), (2, 16384 + 5), (16, 4096)])
+def test_decode_pdl_combine(dtype, B, Ck, monkeypatch):
+    """GMOD_ATTN_PDL=1: the split-k decode's combine kernel is launched with programmatic dependent launch
+    (sm_90+), so it starts while the split kernel drains and waits on griddepcontrol.wait before reading
+    the partials. The same kernels run, so the result must be bit-identical to the plain launch, and
+    right against the reference, also for calls queued back to back (a combine that read partials
+    before the split kernel wrote them would differ). The profiler must show the split and the combine kernels.
+    Other values raise; below compute capability 9.0 the flag changes nothing."""
+    Hq, Hk, d = 32, 8, 128
+    q, k, v = make_qkv(B, 1, Ck, Hq, Hk, d, dtype)
+    q_len = torch.ones(B, dtype=torch.int32, device=DEV)
+    k_len = torch.randint(Ck // 2, Ck + 1, (B,), dtype=torch.int32, device=DEV)
+    k_len[0] = Ck
+    scale = 1.0 / math.sqrt(d)
+    monkeypatch.setenv("GMOD_ATTN_PDL", "0")
+    o0, lse0 = ops.attention(q, k, v, q_len, k_len, scale)
+    monkeypatch.setenv("GMOD_ATTN_PDL", "1")
+    poison_heap(64 << 20)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        o1, lse1 = ops.attention(q, k, v, q_len, k_len, scale)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "gmod_attn" in e.name]
+    assert any("gmod_attn_decode_combine_kernel" in n for n in names), names  # only a split decode combines
+    assert any("gmod_attn_fwd" in n for n in names), names
+    assert torch.equal(o0, o1) and torch.equal(lse0, lse1), "PDL must not change the result"
+    outs = [ops.attention(q, k * (1 + i), v, q_len, k_len, scale) for i in range(4)]  # back to back
+    o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, scale, torch.float64)
+    o_pt, _ = ref_attention(q, k, v, q_len, k_len, scale, dtype)
+    assert_flash_close(o1, o_ref, o_pt, "o")
+    assert_lse_close(lse1, lse_ref)
+    monkeypatch.setenv("GMOD_ATTN_PDL", "0")
+    for i, (o, lse) in enumerate(outs):
+        o_plain, lse_plain = ops.attention(q, k * (1 + i), v, q_len, k_len, scale)
+        assert torch.equal(o, o_plain) and torch.equal(lse, lse_plain), i
+    monkeypatch.setenv("GMOD_ATTN_PDL", "yes")
+    with pytest.raises(ValueError, match="GMOD_ATTN_PDL=yes is not 0 or 1"):
+        ops.attention(q, k, v, q_len, k_len, scale)
+
+
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("Cq", [1, 4, 16])
 @pytest.mark.parametrize("B,Ck", [(1, 5000), (6, 4100), (3, 100)])

@@ -75,8 +75,9 @@ def test_bench_cpu_quick(bench, tmp_path):
 
 def test_bench_attention_experiments_rows(tmp_path):
     """--experiments adds gmod-exp rows (the opt-in kernel plans, via flags the extension reads at every
-    call): forward and backward at d = 64 / 128 (the wgmma kernels), each checked against the
-    baseline and compared with the default gmod row (vs_default). On CPU the flags change nothing, so
+    call): forward and backward at d = 64 / 128 (the wgmma kernels), and each decode shape with the
+    PDL-launched combine, each checked against the baseline and compared with the default gmod row
+    (vs_default). On CPU the flags change nothing, so
     the ratio is near 1; the code path is what runs here."""
     proc, out = _run("attention", tmp_path, "--experiments")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -85,8 +86,14 @@ def test_bench_attention_experiments_rows(tmp_path):
     assert {(r["pass"], r["d"]) for r in exp} == {("fwd", 64), ("fwd", 128), ("bwd", 64), ("bwd", 128)}
     for r in exp:
         assert r["check"].startswith("ok") and isinstance(r["ms"], float) and r["vs_default"] > 0, r
-    assert not any(r["impl"] == "gmod-exp" for r in json.loads(
-        _run("attention", tmp_path)[1].read_text())["sections"]["prefill"]["rows"])
+    dec = json.loads(out.read_text())["sections"]["decode"]["rows"]
+    dexp = [r for r in dec if r["impl"] == "gmod-exp"]  # GMOD_ATTN_PDL=1: one per decode shape
+    assert len(dexp) == len({(r["B"], r["L"]) for r in dec}) >= 1
+    for r in dexp:
+        assert r["check"].startswith("ok") and isinstance(r["ms"], float) and r["vs_default"] > 0, r
+        assert r["GBps"] > 0 and r["pct_copy_size"] > 0
+    plain = json.loads(_run("attention", tmp_path)[1].read_text())["sections"]
+    assert not any(r["impl"] == "gmod-exp" for sec in ("prefill", "decode") for r in plain[sec]["rows"])
 
 
 def test_bench_missing_kernel_rows(tmp_path):

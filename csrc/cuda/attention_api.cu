@@ -106,6 +106,19 @@ int device_attribute() {
 
 int num_sms() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
+// GMOD_ATTN_PDL=1: the split-k decode launches its combine kernel with programmatic dependent launch
+// (sm_90+: the combine's CTAs are scheduled while the split kernel's last CTAs finish, and wait on
+// griddepcontrol.wait for their partials), saving one kernel-launch latency per decode call, which at
+// batch 1 over 4k tokens is a large share of a ~20 us call. Opt-in until an H100 benchmark shows the
+// gain (`bench attention --experiments`: decode gmod-exp rows); =0 or unset: a plain launch. Read at
+// every call; has no effect below compute capability 9.0 (the instructions compile to nothing there).
+int decode_pdl() {
+  const char* v = std::getenv("GMOD_ATTN_PDL");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return 0;
+  GMOD_CHECK_VALUE(std::strcmp(v, "1") == 0, "GMOD_ATTN_PDL=", v, " is not 0 or 1");
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 ? 1 : 0;
+}
+
 // Keys per CTA of the tensor-core dk/dv kernel. 8 warps x 128 keys (TcBwdWideTile) halve the fp32 dQ
 // atomics per key and let each Q/dO tile in shared memory serve twice the keys: on the H100 (gpu_check,
 // 2026-11-24, two runs) it ran the backward 1.01-1.12x faster than 4 warps x 64 keys at B x C =
@@ -244,6 +257,7 @@ void set_fwd_params(attn::AttnFwdParams& p, const AttnDims& a, const at::Tensor&
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.num_splits = 1;
+  p.decode_pdl = 0;
   p.use_tensor_cores = use_tensor_cores(q.scalar_type()) ? 1 : 0;
   p.tc_fwd_block_n = fwd_block_n();
   p.fwd_wgmma = fwd_wgmma(p.use_tensor_cores != 0, a.d);
@@ -287,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
         lse_part = at::empty({p.num_splits, a.B, a.Hq, a.Cq}, q.options().dtype(at::kFloat));
         p.o_part = o_part.data_ptr<float>();
         p.lse_part = lse_part.data_ptr<float>();
+        p.decode_pdl = decode_pdl();
       }
       attn::run_attn_decode<elem_t, kHeadDim>(p, stream);
     });

@@ -57,6 +57,7 @@ __global__ void __launch_bounds__(kCombineThreads) gmod_attn_decode_combine_kern
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int S = p.num_splits;
   const int64_t rows = static_cast<int64_t>(p.B) * p.Cq * p.Hq;
+  pdl_wait_prerequisites();  // launched early (PDL): the split kernel's partials are complete from here
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // uniform over the CTA
     const int h = static_cast<int>(row % p.Hq);
     const int i = static_cast<int>((row / p.Hq) % p.Cq);

@@ -48,6 +48,25 @@ GMOD_DEV int imax(int a, int b) { return a > b ? a : b; }
 GMOD_DEV int iclamp(int x, int lo, int hi) { return imin(imax(x, lo), hi); }
 GMOD_DEV int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Programmatic dependent launch (PDL, sm_90+) between the split-k decode kernel and its combine kernel
+// (attention_decode.cu launches the combine with cudaLaunchAttributeProgrammaticStreamSerialization):
+//   pdl_launch_dependents   a split CTA whose key tiles are all loaded lets the combine grid launch: its
+//                           CTAs get scheduled as soon as every split CTA has said so (or exited), instead
+//                           of after the whole split grid has drained (one launch latency saved);
+//   pdl_wait_prerequisites  the combine waits there until every split CTA has completed and its partials
+//                           are visible (griddepcontrol.wait), before it reads any.
+// Launched without the attribute, or compiled below sm_90 / for the host emulation, both do nothing.
+GMOD_DEV void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+GMOD_DEV void pdl_wait_prerequisites() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Keys query i (< q_len) of a row sees: 0 .. n-1 (bottom-right causal alignment).
 GMOD_DEV int visible_keys(int i, int ql, int kl) { return imax(0, imin(kl, kl - ql + i + 1)); }
 

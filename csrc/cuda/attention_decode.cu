@@ -2,7 +2,8 @@
 // of a GQA group packed into the tile rows, so that a kv head's keys are read once per group; with
 // params.num_splits > 1 the keys are split across CTAs (flash-decoding: grid = (packed tiles, Hk,
 // B * splits)) and gmod_attn_decode_combine_kernel (attention_combine_kernel.cuh) merges the fp32
-// partials (one CTA per output row).
+// partials (one CTA per output row); with params.decode_pdl (GMOD_ATTN_PDL=1) it is launched with
+// programmatic dependent launch, so its CTAs start as the split kernel's last ones finish their loads.
 //   tensor cores (bf16 / fp16 on sm_80+): gmod_attn_fwd_tc_kernel, TcDecodeTile<d> (64 rows x 64 keys),
 //     or TcDecodeKeySplitTile<d> (16 rows x 64 keys split over the warps) for <= 16 packed rows, d <= 128;
 //   SIMT: gmod_attn_fwd_kernel, DecodeTraits<d> (16 rows x 32 keys).
@@ -71,7 +72,7 @@ void run_attn_decode(const AttnFwdParams& params, cudaStream_t stream) {
     const int64_t rows = static_cast<int64_t>(params.B) * params.Cq * params.Hq;
     launch_attn_kernel(gmod_attn_decode_combine_kernel<T, kHeadDim>, dim3(decode_combine_grid(rows)),
                        decode_combine_smem_bytes<kHeadDim>(), stream, params, "the split-k combine kernel",
-                       kCombineThreads);
+                       kCombineThreads, params.decode_pdl != 0);
   }
 }
 

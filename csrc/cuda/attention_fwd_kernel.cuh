@@ -201,6 +201,8 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_kernel(const AttnFwdP
     }
   }
 
+  if constexpr (kSplit) pdl_launch_dependents();  // every load of this CTA is done: the combine may launch
+
   // ---- Epilogue: o = acc / l, lse = (m + log2 l) * ln 2; zeros and -inf for rows without keys.
   float l_row[RM];
 #pragma unroll

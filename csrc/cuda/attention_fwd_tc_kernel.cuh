@@ -315,6 +315,7 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
       mma_frag_x_smem<T, MA, WK, D, SD>(acc, s, tV + wk0 * SD, lane);
     }
   }
+  if constexpr (kSplit) pdl_launch_dependents();  // every load of this CTA is done: the combine may launch
 
   if constexpr (KS) {
     // ---- Merge the warps' states into warp 0: M = max_w m_w, O = sum_w 2^(m_w - M) O_w, likewise l.

@@ -19,9 +19,13 @@ namespace gmod::attn {
 // Launches kernel<<<grid, threads, smem_bytes, stream>>>(params): raises the dynamic shared-memory
 // limit when the kernel needs more than the default 48 KB, and fails with a clear message when the
 // device cannot give that much (e.g. head dim 256 on GPUs with 99 KB per block).
+// pdl: launch with programmatic stream serialization (sm_90+, the split-k decode's combine kernel,
+// GMOD_ATTN_PDL=1): the kernel may start before the previous kernel in the stream has finished and must
+// call pdl_wait_prerequisites (attention_common.cuh) before it reads that kernel's output. Where the
+// runtime refuses the attribute, a plain launch follows (the same result, without the overlap).
 template <typename Kernel, typename Params>
 void launch_attn_kernel(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t stream, const Params& params,
-                        const char* what, int threads = kNThreads) {
+                        const char* what, int threads = kNThreads, bool pdl = false) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   GMOD_CHECK(grid.y <= 65535 && grid.z <= 65535, "gmod.attention: grid ", grid.x, " x ", grid.y, " x ",
               grid.z, " of ", what, " exceeds the CUDA limits (batch and head counts must be <= 65535)");
@@ -31,6 +35,20 @@ void launch_attn_kernel(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t s
     GMOD_CHECK(smem_bytes <= optin, "gmod.attention: ", what, " needs ", smem_bytes,
                 " bytes of shared memory per block, but this GPU allows ", optin, "; use a smaller head dim");
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  }
+  if (pdl) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaLaunchKernelEx(&cfg, kernel, params) == cudaSuccess) return;
+    (void)cudaGetLastError();  // a refused launch configuration is not sticky: launch plainly below
   }
   kernel<<<grid, threads, smem_bytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -9,7 +9,8 @@ decode   one query token (q_len = 1) against KV caches of 4k-32k tokens, GQA 32/
          what any one kernel moving that much reaches, launch and ramp included), and SDPA.
 
 --experiments adds gmod-exp rows to prefill: the same call with the opt-in tile plan of that pass
-(EXPERIMENTS: an environment flag the extension reads at every call), timed in the same process.
+(EXPERIMENTS: an environment flag the extension reads at every call), timed in the same process; and
+to decode: the split-k combine launched with programmatic dependent launch (DECODE_EXPERIMENT).
 
 Layouts: gmod takes q/k/v as [B, S, H, d]; SDPA is given transposed views [B, H, S, d] of the same
 tensors (what flash-attention reads natively), so neither side pays for a copy.
@@ -71,6 +72,7 @@ DECODE_COLS = [
     Col("pct_copy_size", "% copy@MB", ".0f", "the copy row's ms / this row's ms, in %: GB/s against a copy moving "
         "the same bytes, whose launch and ramp-up weigh as much as this row's"),
     Col("vs_flash", "vs flash", ".2f", "SDPA flash ms / this row's ms (> 1: faster than flash)"),
+    Col("vs_default", "vs gmod", ".3f", "--experiments: the gmod row's ms / this gmod-exp row's ms (> 1: faster)"),
     Col("check", "check", help="gmod o vs the baseline's, once before timing"),
 ]
 TABLES = [("prefill", PREFILL_COLS), ("decode", DECODE_COLS)]
@@ -109,6 +111,12 @@ EXPERIMENTS = {
     # 8-warp 128-key default.)
     "bwd": ("GMOD_ATTN_BWD_IMPL", "wgmma", (64, 128)),
 }
+
+
+# --experiments in decode: the split-k decode's combine kernel launched with programmatic dependent launch
+# (sm_90+; it starts while the split kernel's last CTAs finish, one launch latency less per call). On
+# shapes without a split, and below sm_90, the flag changes nothing.
+DECODE_EXPERIMENT = ("GMOD_ATTN_PDL", "1")
 
 
 def _env(name: str, value: str):
@@ -310,19 +318,29 @@ def bench_decode(ctx: Ctx) -> Section:
                         ref = fn().transpose(1, 2)
                 except Exception:  # noqa: BLE001
                     ref = None
-            if na:
-                g["ms"] = na
-            else:
-                try:
-                    o, _ = _ops.attention(q, k, v, q_len, k_len, scale)
-                    ctx.sync()
-                    g["check"] = (record_check(ctx, f"attention decode B{B} L{L}", check_all([("o", o, ref)], dt))
-                                  if ref is not None else "unchecked")
-                    del o
-                    t = measure(lambda: _ops.attention(q, k, v, q_len, k_len, scale), ctx)
-                    g.update(ms=t.ms, timing=t.as_json())
-                except Exception as err:  # noqa: BLE001
-                    g["ms"] = record_error(ctx, f"attention decode B{B} L{L}", err)
+            exp = sec.add(**base, impl="gmod-exp") if ctx.experiments else None
+            for r, flag in ((g, None), (exp, DECODE_EXPERIMENT)):
+                if r is None:
+                    continue
+                if na:
+                    r["ms"] = na
+                    continue
+                what = f"attention decode{' (experiment)' if flag else ''} B{B} L{L}"
+                with _env(*flag) if flag else nullcontext():
+                    try:
+                        o, _ = _ops.attention(q, k, v, q_len, k_len, scale)
+                        ctx.sync()
+                        r["check"] = (record_check(ctx, what, check_all([("o", o, ref)], dt))
+                                      if ref is not None else "unchecked")
+                        del o
+                        t = measure(lambda: _ops.attention(q, k, v, q_len, k_len, scale), ctx)
+                        r.update(ms=t.ms, timing=t.as_json())
+                    except Exception as err:  # noqa: BLE001
+                        r["ms"] = record_error(ctx, what, err)
+            if exp is not None and isinstance(exp.get("ms"), float) and isinstance(g.get("ms"), float):
+                exp["vs_default"] = g["ms"] / exp["ms"]
+            if exp is not None:
+                rows.append(exp)
             rows.append(_same_size_copy(ctx, sec, base, nbytes))
             flash = next((r for r in rows if r["impl"] == _backends(ctx)[0][0]), None)
             copy_ms = rows[-1].get("ms")

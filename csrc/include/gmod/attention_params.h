@@ -60,6 +60,9 @@ struct AttnFwdParams {
   int num_splits;
   float* o_part;
   float* lse_part;
+  // 1: the combine kernel is launched with programmatic dependent launch (GMOD_ATTN_PDL=1, sm_90+), so it
+  // starts while the split kernel drains (attention_common.cuh: pdl_launch_dependents / pdl_wait_prerequisites).
+  int decode_pdl;
 };
 
 struct AttnBwdParams : AttnFwdParams {
