@@ -230,6 +230,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) gmod_attn_bwd_dkdv_wgmma_kern
         }
       // ---- dV += P^T dO, dK += dS^T Q: dO / Q N-major, k16 step kk = 16 query rows (2048 bytes) down,
       // the next 64 head-dim columns BM rows further.
+      // At d = 64 the accumulators are pinned to their registers before the fence: without it the
+      // compiler's register moves land after the fence and ptxas injects a warpgroup.arrive (C7519). At
+      // d = 128 the pin made ptxas spill 132 bytes instead of 60, so there the injected arrive stays.
+      if constexpr (D == 64) {
+        wgmma_keep(dv);
+        wgmma_keep(dk);
+      }
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk)
