@@ -47,7 +47,7 @@ ROUTERS = ("shared", "per_layer")
 POSITIONS = ("original", "compact")
 FORCED = ("none", "text", "ignored_labels")
 ON_CACHE = ("error", "dense", "compact")
-ATTENTIONS = ("gmod", "sdpa")
+ATTENTIONS = ("auto", "gmod", "sdpa")
 
 _FLOOR_TOL = 1e-9
 
@@ -120,13 +120,17 @@ class GmodConfig:
       MoD layer iff ``p >= decode_threshold`` (default 0.5, gamma-MoD; 0 keeps every token). A full
       forward given ``gmod_prefill_len=P`` applies the same rule to positions ``>= P``.
     * ``attention``: the kernel of a MoD layer's attention over its kept tokens in a whole-sequence
-      forward (training, prefill): "gmod" (``gmod.attention``, the default) or "sdpa"
+      forward (training, prefill): "gmod" (``gmod.attention``), "sdpa"
       (``torch.nn.functional.scaled_dot_product_attention``, causal, over the [B, C] compact rows; on
-      an H100, torch 2.11 runs it at cuDNN's fused kernel's speed). Both compute the same function: every row has
-      q_len = k_len = its kept count, so a kept query sees only the kept keys before it; the padding
-      slots after a row's count, which SDPA fills and ``gmod.attention`` zeroes, are discarded by the
-      merge, forward and backward. Decoding against the compact KV cache (q_len != k_len per row)
-      always uses ``gmod.attention``.
+      an H100, torch 2.11 runs it at cuDNN's fused kernel's speed) or "auto" (the default): "sdpa" for
+      bf16 / fp16 CUDA tensors, "gmod" otherwise. Why: on the H100 the cuDNN backend ran causal
+      attention at 438-528 TFLOP/s forward and 286-438 backward, ``gmod.attention`` at 227-283 and
+      153-200 (``bench attention``, 2026-11-24), and this is the case cuDNN covers (one length per row,
+      from slot 0). Both compute the same function: every row has q_len = k_len = its kept count, so a
+      kept query sees only the kept keys before it; the padding slots after a row's count, which SDPA
+      fills and ``gmod.attention`` zeroes, are discarded by the merge, forward and backward. Decoding
+      against the compact KV cache (q_len != k_len per row) always uses ``gmod.attention``, whose
+      split-k decode kernels were written for it.
     """
 
     variant: str = "gamma"
@@ -146,7 +150,7 @@ class GmodConfig:
     pmod_b: float = 1.0
     router_init: str = "normal"
     arank: Optional[list] = None
-    attention: str = "gmod"
+    attention: str = "auto"
 
     def __post_init__(self):
         self.validate()

@@ -137,7 +137,7 @@ def convert(
     router_init: Optional[str] = None,
     on_cache: str = "compact",
     decode_threshold: float = 0.5,
-    attention: str = "gmod",
+    attention: str = "auto",
     progress: bool = True,
     verify: bool = True,
 ) -> nn.Module:
@@ -165,10 +165,11 @@ def convert(
     on_cache: "compact" (compact MoD KV cache, default), "dense" or "error", see
         :meth:`MoDDecoderLayer.gmod_forward_with_cache`.
     decode_threshold: with a cache, a new token runs a MoD layer iff p >= decode_threshold.
-    attention: "gmod" (``gmod.attention``, default) or "sdpa" (torch's fused SDPA kernels, cuDNN on
-        an H100) for the MoD layers' attention in whole-sequence forwards; decoding against the compact
-        KV cache always uses ``gmod.attention``. Same function, see :class:`~gmod_ext.config.GmodConfig`;
-        :func:`set_attention` switches it on a converted model.
+    attention: "auto" (default: "sdpa" for bf16 / fp16 on CUDA, else "gmod"), "gmod" (``gmod.attention``)
+        or "sdpa" (torch's fused SDPA kernels, cuDNN on an H100) for the MoD layers' attention in
+        whole-sequence forwards; decoding against the compact KV cache always uses ``gmod.attention``.
+        Same function, see :class:`~gmod_ext.config.GmodConfig`; :func:`set_attention` switches it on a
+        converted model.
     verify: first check that a MoD layer computes what each kind of decoder layer of this model computes
         (a float32 copy of the layer, every token kept, on a short random prompt; see
         :mod:`gmod_ext.verify`) and raise TypeError if not, e.g. for GLM (interleaved partial rotary)
@@ -302,7 +303,7 @@ def unconvert(model: nn.Module) -> nn.Module:
 
 
 def set_attention(model: nn.Module, attention: str) -> nn.Module:
-    """Switch the attention kernel of a converted model's MoD layers ("gmod" or "sdpa", see
+    """Switch the attention kernel of a converted model's MoD layers ("auto", "gmod" or "sdpa", see
     :class:`~gmod_ext.config.GmodConfig`) in place; the weights and the routing are unchanged."""
     state = model.__dict__.get("gmod_state")
     if state is None:

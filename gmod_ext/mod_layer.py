@@ -21,6 +21,7 @@ Forward on the selected tokens (all through ``gmod_ext.ops``)::
     idx, count = route(l, C, num_routed, mask)                                # top-k + forced
     xs = gather_rows(x); cos, sin = gather_rows(cos/sin) (or compact arange(count))
     q, k, v = proj(LN1(xs)); (q/k norm); RoPE; o = attention(q, k, v, count, count)  # causal, GQA
+                                            # (or SDPA over the compact rows: GmodConfig.attention)
     h = xs + o_proj(o); m = mlp(LN2(h))     (Gemma-2/3: h = xs + LN2(o_proj(o)); m = postFF(mlp(preFF(h))))
     y = scatter_merge(x, base, idx, count, delta, gate[, skip_scale])          # variant gating
 
@@ -109,6 +110,16 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     except TypeError:  # torch < 2.5 has no enable_gqa: repeat the kv heads
         kt, vt = (t.repeat_interleave(Hq // Hk, dim=1) for t in (kt, vt))
         return sdpa(qt, kt, vt, is_causal=True, scale=scale).transpose(1, 2)
+
+
+def attention_backend(setting: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel a whole-sequence MoD attention runs on: ``GmodConfig.attention``, where "auto" means
+    "sdpa" for bf16 / fp16 on CUDA (torch's fused causal kernels; cuDNN on an H100 ran about 1.8x
+    ``gmod.attention``'s TFLOP/s, forward and backward, in the same benchmark) and "gmod" elsewhere
+    (CPU, float32: the gmod kernels, whose results the CPU tests and the demo's numbers are made of)."""
+    if setting != "auto":
+        return setting
+    return "sdpa" if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else "gmod"
 
 
 def _qk_norm(attn: nn.Module, name: str, t: torch.Tensor, B: int, C: int, head_dim: int) -> torch.Tensor:
@@ -451,7 +462,7 @@ class MoDDecoderLayer:
             q, k, v, scale = self._gmod_qkv(xs, cos, sin)
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
                 kv_cache.append(k, v, count)
-            if cfg.attention == "sdpa":
+            if attention_backend(cfg.attention, q.device, q.dtype) == "sdpa":
                 o = _sdpa_causal(q, k, v, scale)
             else:
                 o, _ = ops.attention(q, k, v, count, count, scale)

@@ -449,7 +449,7 @@ def test_inner_decoder_called_directly_excludes_padding(arch):
 
 # ----------------------------------------------------------------------------- attention="sdpa"
 def test_sdpa_attention_matches_gmod_attention():
-    """convert(attention="sdpa") computes the same model as the default gmod.attention: float64, GQA,
+    """convert(attention="sdpa") computes the same model as attention="gmod" (what "auto" runs on CPU): float64, GQA,
     ratio 0.5 with padding and forced tokens (so rows keep different counts and C has padding slots),
     the loss and every gradient; then a cached prefill (SDPA) + compact-cache decode (gmod) generates
     the same tokens, and set_attention switches back and forth."""

@@ -121,7 +121,7 @@ def run(ctx: Ctx):
     import transformers
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    from ..mod_layer import make_mod_layer
+    from ..mod_layer import attention_backend, make_mod_layer
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(ctx.seed)
@@ -152,6 +152,8 @@ def run(ctx: Ctx):
         sec.notes.append("CPU: tiny shapes, gmod ops run their C++ reference kernels (not the target of the "
                          "1.05x goal); the GPU run uses D=4096, 32 heads, MLP 11008 in bf16")
     sec.notes.append("target: gmod MoD <= 1.05x of (b) dense on the kept tokens (same pass)")
+    sec.notes.append(f"gmod MoD attention: {attention_backend(mod._gmod_state.config.attention, dev, dt)} "
+                     f"(GmodConfig.attention={mod._gmod_state.config.attention!r})")
 
     # the kept tokens of (b): a fixed selection (the gmod layer's, or every other token)
     idx_b = torch.arange(0, S, 2, device=dev)[:C].unsqueeze(0).expand(B, C).contiguous()

@@ -57,8 +57,9 @@ GMOD_OPS = ["router_logits", "route", "gather_rows", "attention", "scatter_merge
 
 MODEL_COLS = [
     Col("impl", "impl", help="dense = the Hugging Face model as is (SDPA attention); gamma-MoD = the same model "
-        "after gmod_ext.convert(ratio=0.5, layers='arank') (MoD layers' attention: gmod.attention); gamma-MoD sdpa "
-        "= the same converted model with attention='sdpa' (torch's SDPA over the kept tokens, gmod_ext.set_attention)"),
+        "after gmod_ext.convert(ratio=0.5, layers='arank') with its default attention='auto' (the MoD layers' "
+        "attention on torch's SDPA for bf16 / fp16 on CUDA, on gmod.attention elsewhere); gamma-MoD gmod / "
+        "gamma-MoD sdpa = the same converted model with the other attention kernel (gmod_ext.set_attention)"),
     Col("pass", "pass", help="prefill = forward with use_cache=True, last-position logits; fwd+bwd = forward with "
         "labels + backward; train step = fwd+bwd + AdamW step"),
     Col("ms", "ms", "ms", "median time; 'n/a (no CUDA kernel)' when a gmod op has no kernel for the device"),
@@ -446,13 +447,19 @@ def run(ctx: Ctx):
         arank_sec.add(layer=i, arank=float(r), kind="MoD" if i in mod_layers else "dense")
     sec.notes.append(f"MoD layers {mod_layers} of {z['L']} (ARank on a {z['cal_B']}x{z['cal_S']} calibration batch; "
                      f"random weights, so the choice is exercised, not meaningful)")
+    from ..mod_layer import attention_backend
+
+    default = attention_backend("auto", dev, dt)
+    other = "gmod" if default == "sdpa" else "sdpa"
+    sec.notes.append(f"gamma-MoD: MoD-layer attention on {default} (attention='auto' for {str(dt)[6:]} on "
+                     f"{dev.type}); gamma-MoD {other}: the same model on {other}")
     mod_rows = list(time_passes(model, "gamma-MoD", True).values())
-    # The same converted model with its MoD layers' attention on torch's SDPA (cuDNN on an H100): the
-    # same function (GmodConfig.attention), so the gap between the two rows is the attention kernel's.
+    # The same converted model with its MoD layers' attention on the other kernel: the same function
+    # (GmodConfig.attention), so the gap between the two rows is the attention kernel's.
     # (Not profiled: --profile's tables are for the default impl, and gpu_check's step has a time limit.)
-    gmod_ext.set_attention(model, "sdpa")
-    mod_rows += list(time_passes(model, "gamma-MoD sdpa", True, profile=False).values())
-    gmod_ext.set_attention(model, "gmod")
+    gmod_ext.set_attention(model, other)
+    mod_rows += list(time_passes(model, f"gamma-MoD {other}", True, profile=False).values())
+    gmod_ext.set_attention(model, "auto")
     for row in mod_rows:
         d = dense_rows[row["pass"]].get("ms")
         if isinstance(row.get("ms"), float) and isinstance(d, float):
