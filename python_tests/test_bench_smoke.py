@@ -244,6 +244,7 @@ def test_fit_layers_takes_the_most_layers_that_fit():
     from gmod_ext.bench import model as mb
 
     z = dict(mb.SIZES["full"])
+    assert mb.param_count(z, 32) == 6_738_415_616  # LLaMA-7B's published parameter count
     est = {L: mb.train_memory_bytes(z, L, 2)["total"] for L in mb.LAYER_CHOICES}
     assert est[32] > est[24] > est[16] > est[8]
     built, tried = [], []

@@ -188,3 +188,32 @@ def test_ncu_summary_on_a_synthetic_csv(tmp_path):
     assert "3 kernels profiled" in lines
     stall = [l for l in lines if l.startswith("stalls")]
     assert len(stall) == 1 and stall[0].endswith("math_pipe_throttle 1.52, mio_throttle 0.44, barrier 0.31")
+
+
+def test_decode_timeline_groups_kernels_into_calls():
+    """scripts/decode_timeline.py splits the profiler's gmod_attn kernels into calls: a split kernel and the
+    combine after it (gap = combine start - split end, negative when PDL overlaps them), a lone kernel
+    when the cache is not split, and a combine cut off from its split kernel is dropped."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from decode_timeline import split_calls
+    finally:
+        sys.path.pop(0)
+    ks = [("void gmod_attn_decode_combine_kernel<...>", 0.0, 3.0),  # its split kernel was before the profile
+          ("void gmod_attn_fwd_tc_kernel<..., true, true>", 10.0, 22.0),
+          ("void gmod_attn_decode_combine_kernel<...>", 25.0, 29.0),
+          ("void gmod_attn_fwd_tc_kernel<..., true, true>", 40.0, 52.0),
+          ("void gmod_attn_decode_combine_kernel<...>", 51.0, 54.5),  # PDL: starts before the split ends
+          ("void gmod_attn_fwd_tc_kernel<..., true, false>", 60.0, 61.5)]
+    calls = split_calls(ks)
+    assert calls == [{"split": 12.0, "combine": 4.0, "gap": 3.0, "span": 19.0},
+                     {"split": 12.0, "combine": 3.5, "gap": -1.0, "span": 14.5},
+                     {"split": 1.5, "combine": None, "gap": None, "span": 1.5}]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_decode_timeline_step_without_a_gpu(tmp_path):
+    proc = _run(tmp_path, "decode_timeline", timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert _steps(tmp_path) == {"decode_timeline": "FAIL"}
+    assert "needs a CUDA device" in (tmp_path / "out" / "decode_timeline.log").read_text()

@@ -5,8 +5,11 @@
 #   GMOD_GPU_CHECK_STEPS=build,tests,bench bash scripts/gpu_check.sh     # a subset
 #
 # Steps (in this order): info wgmma_selftest build bench_ops bench_attention tests memcheck racecheck ncu ncu_attn
+#   decode_timeline
 #   (wgmma_selftest: scripts/wgmma_selftest.cu, nvcc only, ~20 s: each wgmma operand form of the sm_90a
 #   kernels on its own against a float64 product; if the wgmma tests fail, it says which form)
+#   (decode_timeline: scripts/decode_timeline.py, ~30 s: the decode's split / combine kernels and the gap
+#   between them from profiler timestamps, with and without GMOD_ATTN_PDL, against the CUDA-event time)
 #   (the benchmarks first: they check every result against a baseline before timing it, and
 #   they are the numbers the issues ask for; when the budget runs out, what is left is skipped
 #   and a second call on the warm machine names it)
@@ -50,7 +53,7 @@ STATUS_FILE=$OUT/steps.tsv
 ANY_FAIL=0
 
 # ------------------------------------------------------------------ which steps
-ALL_STEPS="info wgmma_selftest build bench_ops bench_attention tests memcheck racecheck ncu ncu_attn"
+ALL_STEPS="info wgmma_selftest build bench_ops bench_attention tests memcheck racecheck ncu ncu_attn decode_timeline"
 req=${GMOD_GPU_CHECK_STEPS:-all}
 req=" $(echo "$req" | tr ',' ' ') "
 req=${req// all / $ALL_STEPS }
@@ -358,6 +361,17 @@ if want ncu_attn; then
     else
       record ncu_attn FAIL "$dur_all" "rc=$RC, ${n:-0} launches: $(grep -m1 -E 'ERR|==ERROR==' "$OUT/ncu_attn.log" | cut -c1-120)"
     fi
+  fi
+fi
+
+# ------------------------------------------------------------------ decode_timeline
+# Where a batch-1 decode call's time goes (split kernel, gap, combine kernel, outside the kernels), with
+# and without the PDL-launched combine: the fixed ~15 us per call that keeps batch 1 from the target.
+if want decode_timeline; then
+  if run_step decode_timeline 90 decode_timeline.log "$PY" scripts/decode_timeline.py --json "$OUT/decode_timeline.json"; then
+    tail_of decode_timeline.log 12
+    if (( RC == 0 )); then record decode_timeline ok "$DUR" "per-kernel times in decode_timeline.log"
+    else record decode_timeline FAIL "$DUR" "rc=$RC: $(tail -n 1 "$OUT/decode_timeline.log" | cut -c1-120)"; fi
   fi
 fi
 

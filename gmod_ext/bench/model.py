@@ -2,12 +2,12 @@
 
 The model is ``LlamaForCausalLM`` with LLaMA-7B's layer shape (D=4096, 32 heads, MLP 11008,
 vocab 32000), random weights, bf16 on CUDA. **Decoder layers:** LLaMA-7B's 32 where its training
-step fits in the GPU's memory, else as few fewer as needed (issue 7: "reduced layers if needed"):
-``--layers auto``, the default at full size on CUDA, takes the most of 32 / 24 / 16 / 8 whose
+step fits in the GPU's memory, else fewer (issue 7: "reduced layers if needed"): ``--layers auto``,
+the default at full size on CUDA, takes the most of 32 / 24 / 16 / 8 whose
 estimated training memory (:func:`train_memory_bytes`: weights, grads and AdamW state, plus the
 activations saved for the backward, measured per token on CPU) fits in 90 % of the free memory,
 and confirms it with one training step (an out-of-memory error moves it to the next count). On an
-80 GB H100 that is 16 layers (about 57 GB estimated), on a 141 GB H200 all 32. Fewer layers
+80 GB H100 that is 16 layers (about 56 GB estimated), on a 141 GB H200 all 32. Fewer layers
 understate gamma-MoD's speed-up: the LM head, embedding and loss do not shrink, and their share of
 the step falls with depth. ``--layers N`` fixes the count (runs before 2026-11-25 used 8); 4 with
 --quick on CUDA, tiny fp32 shapes on CPU. It is timed densely first, then converted in place with
