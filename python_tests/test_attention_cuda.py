@@ -463,13 +463,17 @@ def test_bad_inputs_raise():
         )
 
 
-def run_in_subprocess(code: str, **env_flags: str) -> None:
+def run_in_subprocess(code: str, timeout: float = 300, **env_flags: str) -> None:
     """Runs ``code`` in a fresh interpreter with the given environment flags (the gmod env flags are read
-    once per process) and this checkout first on the path; it must exit 0 and print OK."""
+    once per process) and this checkout first on the path; it must exit 0 and print OK within timeout
+    seconds (a timeout is an AssertionError too: a hung kernel fails its test, not the session)."""
     env = dict(os.environ, **env_flags)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"timed out after {timeout:.0f} s (a kernel that never finishes?)") from err
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
@@ -598,7 +602,8 @@ def _wgmma_probe_error(flag="GMOD_ATTN_FWD_IMPL"):
             """
         )
         try:
-            run_in_subprocess(code, **{flag: "wgmma"})
+            # 90 s: a fresh process with two small calls takes ~10 s; a hung kernel must not eat the call
+            run_in_subprocess(code, timeout=90, **{flag: "wgmma"})
             _WGMMA_PROBE[flag] = None
         except AssertionError as err:
             _WGMMA_PROBE[flag] = str(err)[-2000:]

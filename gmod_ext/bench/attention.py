@@ -160,8 +160,9 @@ def _probe_error(ctx: Ctx, experiment) -> str | None:
         env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(gmod_ext.__file__))) + os.pathsep + \
             env.get("PYTHONPATH", "")
         try:
+            # 90 s: a fresh process with two small calls takes ~10 s; a hung kernel must not eat the step
             res = subprocess.run([sys.executable, "-c", _PROBE_CODE.format(d=max(experiment[2]))], env=env,
-                                 capture_output=True, text=True, timeout=300)
+                                 capture_output=True, text=True, timeout=90)
             ok = res.returncode == 0 and "OK" in res.stdout
             err = (res.stderr.strip().splitlines() or ["exit %d" % res.returncode])[-1][:80]
         except Exception as e:  # noqa: BLE001
