@@ -121,7 +121,8 @@ def test_cuda_steps_fail_cleanly_without_the_tools(tmp_path):
     proc = _run(tmp_path, "memcheck,ncu,tests,bench_attention_det")
     assert proc.returncode == 1, proc.stdout[-2000:]
     st = _steps(tmp_path)
-    assert st == {"memcheck": "FAIL", "ncu": "FAIL", "tests": "FAIL", "bench_attention_det": "ok"}, st
+    assert st == {"memcheck": "FAIL", "ncu": "FAIL", "tests": "FAIL", "tests_wgmma": "FAIL",
+                  "bench_attention_det": "ok"}, st
     assert "no test passed" in (tmp_path / "out" / "steps.tsv").read_text()
     assert "overall: FAILURES" in proc.stdout
 
@@ -143,10 +144,11 @@ def test_sanitize_ops_script_on_cpu():
     # kernels built).
     wgmma = {"GMOD_ATTN_FWD_IMPL", "GMOD_ATTN_BWD_IMPL"}
     assert {k for f in plans for k in f} - wgmma == {"GMOD_ATTN_FWD_BLOCK_N", "GMOD_ATTN_BWD_BLOCK_N",
-                                                     "GMOD_ATTN_DECODE_SPLITS"}
+                                                     "GMOD_ATTN_DECODE_SPLITS", "GMOD_ATTN_PDL"}
     assert {k for f, _ in sanitize_ops._ATTN_PLANS for k in f} == wgmma | {"GMOD_ATTN_FWD_BLOCK_N",
                                                                            "GMOD_ATTN_BWD_BLOCK_N",
-                                                                           "GMOD_ATTN_DECODE_SPLITS"}
+                                                                           "GMOD_ATTN_DECODE_SPLITS",
+                                                                           "GMOD_ATTN_PDL"}
 
 
 def test_ncu_summary_on_a_synthetic_csv(tmp_path):

@@ -8,6 +8,7 @@
 #   decode_timeline
 #   (wgmma_selftest: scripts/wgmma_selftest.cu, nvcc only, ~20 s: each wgmma operand form of the sm_90a
 #   kernels on its own against a float64 product; if the wgmma tests fail, it says which form)
+#   (tests: pytest -m cuda, the opt-in wgmma kernels' tests apart as tests_wgmma after the rest)
 #   (decode_timeline: scripts/decode_timeline.py, ~30 s: the decode's split / combine kernels and the gap
 #   between them from profiler timestamps, with and without GMOD_ATTN_PDL, against the CUDA-event time)
 #   (the benchmarks first: they check every result against a baseline before timing it, and
@@ -268,18 +269,31 @@ if want tests; then
   # The tests marked cuda (the GPU side of every op test, test_attention_cuda.py, test_cuda_build.py):
   # the CPU tests, the kernel emulation and the wheel build run in CI; here the time goes to the GPU.
   # GMOD_GPU_CHECK_PYTEST_ARGS replaces the selection (e.g. "-m cuda -k decode", or "" for all tests).
-  # shellcheck disable=SC2086
-  if run_step tests 280 tests.log "$PY" -m pytest python_tests -q -rfE --durations=10 -p no:cacheprovider \
-       --ignore=python_tests/test_bench_smoke.py --ignore=python_tests/test_kernel_emulation.py \
-       --ignore=python_tests/test_wheel.py \
-       ${GMOD_GPU_CHECK_PYTEST_ARGS--m cuda}; then
-    line=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected)|(passed|failed|skipped|error|no tests ran).* in [0-9.]+s" "$OUT/tests.log" | tail -n 1 | tr -d '=' | sed 's/^ *//')
-    [[ -z "$line" ]] && line="no pytest summary (rc=$RC)"
-    tail_of tests.log 12
-    # every test skipped means the CUDA kernels were not found: that is a failure here
-    if (( RC == 0 )) && [[ "$line" == *" passed"* ]]; then record tests ok "$DUR" "$line"
-    elif (( RC == 0 )); then record tests FAIL "$DUR" "no test passed (no GPU or no CUDA kernels?): $line"
-    else record tests FAIL "$DUR" "rc=$RC: $line"; fi
+  # By default the tests of the opt-in sm_90a wgmma kernels, never run on a GPU before, run apart
+  # (step tests_wgmma, after the rest): a kernel that hangs there must not take the other tests' results
+  # with it when the step's time limit kills pytest. faulthandler_timeout dumps the stacks of a test that
+  # runs over 60 s, so a hang names its test in the log.
+  pytest_step() {  # name limit selection...
+    local name=$1 limit=$2; shift 2
+    # shellcheck disable=SC2086
+    if run_step "$name" "$limit" "$name.log" "$PY" -m pytest python_tests -q -rfE --durations=10 -p no:cacheprovider \
+         -o faulthandler_timeout=60 --ignore=python_tests/test_bench_smoke.py \
+         --ignore=python_tests/test_kernel_emulation.py --ignore=python_tests/test_wheel.py "$@"; then
+      line=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|deselected)|(passed|failed|skipped|error|no tests ran).* in [0-9.]+s" "$OUT/$name.log" | tail -n 1 | tr -d '=' | sed 's/^ *//')
+      [[ -z "$line" ]] && line="no pytest summary (rc=$RC)"
+      tail_of "$name.log" 12
+      # every test skipped means the CUDA kernels were not found: that is a failure here
+      if (( RC == 0 )) && [[ "$line" == *" passed"* ]]; then record "$name" ok "$DUR" "$line"
+      elif (( RC == 0 )); then record "$name" FAIL "$DUR" "no test passed (no GPU or no CUDA kernels?): $line"
+      else record "$name" FAIL "$DUR" "rc=$RC: $line"; fi
+    fi
+  }
+  if [[ -n "${GMOD_GPU_CHECK_PYTEST_ARGS+set}" ]]; then
+    # shellcheck disable=SC2086
+    pytest_step tests 280 $GMOD_GPU_CHECK_PYTEST_ARGS
+  else
+    pytest_step tests 220 -m cuda -k "not wgmma"
+    pytest_step tests_wgmma 100 -m cuda -k wgmma
   fi
 fi
 

@@ -240,6 +240,8 @@ _ATTN_PLANS = [
     ({"GMOD_ATTN_BWD_IMPL": "wgmma"}, lambda c: _wgmma_here() and c[5] in (64, 128) and c[8]),
     ({"GMOD_ATTN_BWD_BLOCK_N": "128"}, lambda c: c[8] and c[5] <= 128),
     ({"GMOD_ATTN_DECODE_SPLITS": "64"}, lambda c: c[1] <= 16),
+    # the split-k decode's combine on programmatic dependent launch (sm_90+; elsewhere a plain launch)
+    ({"GMOD_ATTN_DECODE_SPLITS": "64", "GMOD_ATTN_PDL": "1"}, lambda c: c[1] <= 16),
 ]
 
 
