@@ -53,10 +53,7 @@ def main(argv=None) -> int:
           f"{'model/best':>10}")
     for B in a.B:
         for L in a.L:
-            q = torch.randn(B, 1, a.Hq, a.d, dtype=torch.bfloat16, device="cuda")
-            k, v = (torch.randn(B, L, a.Hk, a.d, dtype=torch.bfloat16, device="cuda") for _ in range(2))
-            q_len = torch.ones(B, dtype=torch.int32, device="cuda")
-            k_len = torch.full((B,), L, dtype=torch.int32, device="cuda")
+            q, k, v, q_len, k_len = common.decode_inputs(B, L, a.Hq, a.Hk, a.d, "cuda")
             nbytes = 2 * B * L * a.Hk * a.d * 2 + 2 * B * a.Hq * a.d * 2
             fn = lambda: torch.ops.gmod.attention(q, k, v, q_len, k_len, scale)  # noqa: E731
             os.environ.pop("GMOD_ATTN_DECODE_SPLITS", None)

@@ -96,10 +96,7 @@ def main(argv=None) -> int:
     rows = []
     for B in a.B:
         for L in a.L:
-            q = torch.randn(B, 1, a.Hq, a.d, dtype=torch.bfloat16, device="cuda")
-            k, v = (torch.randn(B, L, a.Hk, a.d, dtype=torch.bfloat16, device="cuda") for _ in range(2))
-            ql = torch.ones(B, dtype=torch.int32, device="cuda")
-            kl = torch.full((B,), L, dtype=torch.int32, device="cuda")
+            q, k, v, ql, kl = common.decode_inputs(B, L, a.Hq, a.Hk, a.d, "cuda")
             scale = 1.0 / math.sqrt(a.d)
             ideal = 2 * B * L * a.Hk * a.d * 2 / (copy_GBps * 1e9) * 1e6
 

@@ -25,8 +25,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from .common import Col, Ctx, Section, check_all, copy_bandwidth, esize, gbps, measure, missing, record_check, \
-    record_error
+from .common import Col, Ctx, Section, check_all, copy_bandwidth, decode_inputs, esize, gbps, measure, missing, \
+    record_check, record_error
 
 _ops = torch.ops.gmod
 
@@ -288,10 +288,7 @@ def bench_decode(ctx: Ctx) -> Section:
                   DECODE_COLS)
     for B in z["decode_B"]:
         for L in z["decode_L"]:
-            q = torch.randn(B, 1, Hq, d, dtype=dt, device=dev)
-            k, v = (torch.randn(B, L, Hk, d, dtype=dt, device=dev) for _ in range(2))
-            q_len = torch.ones(B, dtype=torch.int32, device=dev)
-            k_len = torch.full((B,), L, dtype=torch.int32, device=dev)
+            q, k, v, q_len, k_len = decode_inputs(B, L, Hq, Hk, d, dev, dt)
             nbytes = 2 * B * L * Hk * d * e + 2 * B * Hq * d * e
             base = dict(B=B, L=L, heads=f"{Hq}/{Hk}", MB=nbytes / 1e6, bytes=nbytes)
             ref = None

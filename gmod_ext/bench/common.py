@@ -250,6 +250,16 @@ def copy_bandwidth(ctx: Ctx) -> dict:
     return {"bytes": moved, "GBps": ctx.copy_GBps, "timing": t.as_json(), "check": "ok" if ok else "MISMATCH"}
 
 
+def decode_inputs(B: int, L: int, Hq: int, Hk: int, d: int, device, dtype=torch.bfloat16) -> tuple:
+    """One decode step against full caches: random q [B, 1, Hq, d], k / v [B, L, Hk, d], q_len = 1 and
+    k_len = L (int32). Shared by `bench attention`'s decode section and scripts/decode_*.py."""
+    q = torch.randn(B, 1, Hq, d, dtype=dtype, device=device)
+    k, v = (torch.randn(B, L, Hk, d, dtype=dtype, device=device) for _ in range(2))
+    q_len = torch.ones(B, dtype=torch.int32, device=device)
+    k_len = torch.full((B,), L, dtype=torch.int32, device=device)
+    return q, k, v, q_len, k_len
+
+
 def gbps(nbytes: float, ms: Optional[float]) -> Optional[float]:
     return None if not ms else nbytes / (ms * 1e-3) / GB
 
