@@ -303,3 +303,39 @@ def test_attention_auto_backend(monkeypatch):
         x = torch.randn(B, S, 64, dtype=torch.bfloat16)
         layer(x, position_embeddings=model.model.rotary_emb(x, torch.arange(S).unsqueeze(0)))
         assert calls[want] == 1 and sum(calls.values()) == 1, (setting, calls)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or not torch._C._dispatch_has_kernel_for_dispatch_key("gmod::attention", "CUDA"),
+                    reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_auto_runs_sdpa_on_cuda(dtype, monkeypatch):
+    """On CUDA in bf16 / fp16 the default attention="auto" runs the MoD layer's attention on SDPA, and the
+    layer's output and gradients match the same layer on gmod.attention (same routing: the router logits
+    come from the same kernel) to the rounding of two different attention kernels in that dtype."""
+    from gmod_ext import mod_layer
+
+    calls = []
+    real_sdpa = mod_layer._sdpa_causal
+    monkeypatch.setattr(mod_layer, "_sdpa_causal", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
+    outs = {}
+    for setting in ("auto", "gmod"):
+        model = tiny_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                           num_key_value_heads=2).to("cuda", dtype)  # head dim 64: a CUDA kernel size
+        layer = model.model.layers[1]
+        state = GmodState(GmodConfig(router="per_layer", attention=setting), rotary=model.model.rotary_emb)
+        make_mod_layer(layer, 0.5, layer_idx=1, state=state)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            layer.gmod_router.weight.normal_(0.0, 1.0)
+        x = torch.randn(B, 64, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(3)).to(dtype)
+        x.requires_grad_()
+        pe = model.model.rotary_emb(x, torch.arange(64, device="cuda").unsqueeze(0))
+        y = layer(x, position_embeddings=pe)
+        (gx,) = torch.autograd.grad(y.float().square().sum(), [x])
+        outs[setting] = (y.float(), gx.float())
+    assert len(calls) == 1  # auto ran SDPA, gmod did not
+    for a, b in zip(outs["auto"], outs["gmod"]):
+        err = (a - b).abs().max().item()
+        assert err <= 3e-2 * b.abs().max().item(), err
