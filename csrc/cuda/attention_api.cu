@@ -108,9 +108,9 @@ int num_sms() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
 // GMOD_ATTN_PDL=1: the split-k decode launches its combine kernel with programmatic dependent launch
 // (sm_90+: the combine's CTAs are scheduled while the split kernel's last CTAs finish, and wait on
-// griddepcontrol.wait for their partials), saving one kernel-launch latency per decode call, which at
-// batch 1 over 4k tokens is a large share of a ~20 us call. Opt-in until an H100 benchmark shows the
-// gain (`bench attention --experiments`: decode gmod-exp rows); =0 or unset: a plain launch. Read at
+// griddepcontrol.wait for their partials), meant to take the combine's launch latency out of a ~20 us
+// batch-1 call (not yet measured). Opt-in until an H100 benchmark shows the gain (`bench attention
+// --experiments`: decode gmod-exp rows; scripts/decode_timeline.py); =0 or unset: a plain launch. Read at
 // every call; has no effect below compute capability 9.0 (the instructions compile to nothing there).
 int decode_pdl() {
   const char* v = std::getenv("GMOD_ATTN_PDL");
