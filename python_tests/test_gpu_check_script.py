@@ -213,6 +213,40 @@ def test_decode_timeline_groups_kernels_into_calls():
                      {"split": 1.5, "combine": None, "gap": None, "span": 1.5}]
 
 
+def test_decode_timeline_rotation_count():
+    """The rotate mode's distinct caches: together >= 4x the L2, at least 2, within the memory budget."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from decode_timeline import rotation_count
+    finally:
+        sys.path.pop(0)
+    mib = 2**20
+    l2 = 50 * mib
+    n = rotation_count(16 * mib, l2, 10_000 * mib)  # batch 1 at 4k tokens: 16 MiB per cache
+    assert n == 13 and n * 16 * mib >= 4 * l2 and (n - 1) * 16 * mib < 4 * l2
+    assert rotation_count(512 * mib, l2, 10_000 * mib) == 2  # one cache already 10x the L2: still two
+    assert rotation_count(16 * mib, l2, 100 * mib) == 6  # the memory budget caps it
+    assert rotation_count(512 * mib, l2, 100 * mib) == 2  # never fewer than two
+    assert rotation_count(mib // 8, l2, 10_000 * mib) == 256  # at most 256
+
+
+def test_decode_timeline_dry_run_on_cpu(tmp_path):
+    """The script's whole loop (both modes, both PDL settings, the copy rows, the JSON) on the CPU
+    kernels, so that a slip in it does not cost a GPU call; the profiler finds no CUDA kernels there."""
+    out = tmp_path / "dt.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "decode_timeline.py"), "--device", "cpu",
+                           "--B", "1", "--L", "256", "--Hq", "4", "--Hk", "2", "--d", "64", "--calls", "2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["pdl"]) for r in rows] == [("flush", 0), ("flush", 1), ("rotate", 0), ("rotate", 1)]
+    assert [r["caches"] for r in rows] == [1, 1, 256, 256]  # 128 KiB caches: capped at 256
+    for r in rows:
+        assert r["event_us"] > 0 and r["copy_us"] > 0 and r["ideal_us"] > 0
+        assert r["split_us"] is None and r["calls"] == 0  # no CUDA kernels on the CPU
+    assert "rotate" in proc.stdout and "copy us" in proc.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_decode_timeline_step_without_a_gpu(tmp_path):
     proc = _run(tmp_path, "decode_timeline", timeout=120)

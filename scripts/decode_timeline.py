@@ -16,12 +16,24 @@ flushed before each call, median), then runs the same calls under torch.profiler
   kernels us   first kernel start to last kernel end
   ideal us     the K / V bytes at the copy bandwidth measured in the same run (1 GiB copy)
 
+  copy us      a same-size copy (dst.copy_(src) moving the cache's bytes), timed the same way
+
 event - kernels is time outside the kernels (the start event to the first kernel's start, the last
 kernel's end to the end event); split - ideal is the split kernel's own excess over streaming the cache.
+
+Two ways to keep the cache out of L2 (--modes, default both):
+  flush    the benchmark's way: a 256 MiB read before each call. The call then follows a reduction
+           kernel that uses little shared memory, while the split kernel asks for ~200 KB per SM; if the
+           SMs must change their L1 / shared-memory split (and drain) first, that is billed to the call.
+  rotate   no flush: calls round-robin over enough distinct caches (together >= 4x the L2) that each one
+           comes from DRAM, as in a real decode step where each layer reads its own cache. A copy has no
+           shared memory either way, so if `event us` drops from flush to rotate much more than
+           `copy us` does, part of the fixed cost is the benchmark's, not the kernels'.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -60,6 +72,15 @@ def split_calls(kernels: list) -> list:
     return calls
 
 
+def rotation_count(cache_bytes: int, l2_bytes: int, budget_bytes: int, most: int = 256) -> int:
+    """Distinct caches for the rotate mode: together at least 4x the L2 (so the one a call reads has
+    been evicted by the others since its last turn), at least 2, at most `most`, and within
+    budget_bytes if that allows 2."""
+    want = max(2, math.ceil(4 * l2_bytes / max(cache_bytes, 1)))
+    fit = budget_bytes // max(cache_bytes, 1)
+    return int(max(2, min(want, fit, most)))
+
+
 def _median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -74,10 +95,15 @@ def main(argv=None) -> int:
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--pdl", type=int, nargs="+", default=[0, 1], choices=[0, 1],
                     help="GMOD_ATTN_PDL settings to run (default 0 1)")
+    ap.add_argument("--modes", nargs="+", default=["flush", "rotate"], choices=["flush", "rotate"],
+                    help="how each call finds the cache out of L2 (default both; see above)")
     ap.add_argument("--calls", type=int, default=20, help="profiled calls per setting (default 20)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a dry run of this script on the CPU kernels, for its tests (no kernel times)")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    cuda = a.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         print("decode_timeline.py needs a CUDA device (the kernel timestamps come from the CUDA profiler)",
               file=sys.stderr)
         return 3
@@ -85,46 +111,65 @@ def main(argv=None) -> int:
     import gmod_ext  # noqa: F401
     from gmod_ext.bench import common
 
-    ctx = common.Ctx(device=torch.device("cuda"), dtype=torch.bfloat16, quick=False, budget_ms=60.0)
+    dev = torch.device(a.device)
+    ctx = common.Ctx(device=dev, dtype=torch.bfloat16, quick=not cuda, budget_ms=60.0 if cuda else 5.0,
+                     min_reps=10 if cuda else 2)
+    no_flush = dataclasses.replace(ctx, flush=False)
     copy_GBps = common.copy_bandwidth(ctx)["GBps"]
-    print(f"{torch.cuda.get_device_name(0)}, copy bandwidth {copy_GBps:.0f} GB/s, bf16, Hq/Hk {a.Hq}/{a.Hk}, "
-          f"d {a.d}\n")
-    head = f"{'B':>3} {'L':>6} {'PDL':>3} {'event us':>9} {'split us':>9} {'gap us':>7} {'combine us':>10} " \
-           f"{'kernels us':>10} {'ideal us':>9}"
+    props = torch.cuda.get_device_properties(0) if cuda else None
+    l2 = int(getattr(props, "L2_cache_size", 50 * 2**20))
+    print(f"{props.name if cuda else 'CPU (dry run)'}, copy bandwidth {copy_GBps:.0f} GB/s, L2 {l2 / 2**20:.0f} MiB, bf16, "
+          f"Hq/Hk {a.Hq}/{a.Hk}, d {a.d}\n")
+    head = f"{'B':>3} {'L':>6} {'mode':>6} {'PDL':>3} {'event us':>9} {'copy us':>8} {'split us':>9} " \
+           f"{'gap us':>7} {'combine us':>10} {'kernels us':>10} {'ideal us':>9}"
     print(head)
     print("-" * len(head))
+
+    def f(x, w):
+        return f"{x:>{w}.1f}" if isinstance(x, float) else f"{'-':>{w}}"
+
     rows = []
     for B in a.B:
         for L in a.L:
-            q, k, v, ql, kl = common.decode_inputs(B, L, a.Hq, a.Hk, a.d, "cuda")
+            cache_bytes = 2 * B * L * a.Hk * a.d * 2
+            ideal = cache_bytes / (copy_GBps * 1e9) * 1e6
             scale = 1.0 / math.sqrt(a.d)
-            ideal = 2 * B * L * a.Hk * a.d * 2 / (copy_GBps * 1e9) * 1e6
-
-            def call():
-                return torch.ops.gmod.attention(q, k, v, ql, kl, scale)
-
-            for pdl in a.pdl:
-                os.environ["GMOD_ATTN_PDL"] = str(pdl)
-                event_us = common.measure(call, ctx).ms * 1e3
-                call()
-                torch.cuda.synchronize()
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    for _ in range(a.calls):
-                        ctx.flush_l2()
-                        call()
-                    torch.cuda.synchronize()
-                calls = split_calls(_kernels(prof))
-                r = {"B": B, "L": L, "pdl": pdl, "event_us": event_us, "ideal_us": ideal, "calls": len(calls)}
-                for key in ("split", "gap", "combine", "span"):
-                    r[f"{key}_us"] = _median([c[key] for c in calls])
-                rows.append(r)
-
-                def f(x, w):
-                    return f"{x:>{w}.1f}" if isinstance(x, float) else f"{'-':>{w}}"
-
-                print(f"{B:>3} {L:>6} {pdl:>3} {f(event_us, 9)} {f(r['split_us'], 9)} {f(r['gap_us'], 7)} "
-                      f"{f(r['combine_us'], 10)} {f(r['span_us'], 10)} {f(ideal, 9)}")
-            del q, k, v
+            for mode in a.modes:
+                free = torch.cuda.mem_get_info()[0] if cuda else 2**30
+                n = 1 if mode == "flush" else rotation_count(cache_bytes, l2, int(free * 0.5))
+                inputs = [common.decode_inputs(B, L, a.Hq, a.Hk, a.d, dev) for _ in range(n)]
+                calls = [lambda t=t: torch.ops.gmod.attention(*t, scale) for t in inputs]
+                srcs = [torch.empty(cache_bytes // 2, dtype=torch.uint8, device=dev) for _ in range(n)]
+                dsts = [torch.empty_like(x) for x in srcs]
+                copies = [lambda s=s_, d=d_: d.copy_(s) for s_, d_ in zip(srcs, dsts)]
+                tctx = ctx if mode == "flush" else no_flush
+                copy_us = common.measure(copies, tctx).ms * 1e3
+                del srcs, dsts, copies
+                for pdl in a.pdl:
+                    os.environ["GMOD_ATTN_PDL"] = str(pdl)
+                    event_us = common.measure(calls, tctx).ms * 1e3
+                    for c in calls:
+                        c()
+                    ctx.sync()
+                    act = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+                    with torch.profiler.profile(activities=[act]) as prof:
+                        for i in range(a.calls):
+                            if mode == "flush":
+                                ctx.flush_l2()
+                            calls[i % n]()
+                        ctx.sync()
+                    found = split_calls(_kernels(prof))
+                    r = {"B": B, "L": L, "mode": mode, "caches": n, "pdl": pdl, "event_us": event_us,
+                         "copy_us": copy_us, "ideal_us": ideal, "calls": len(found)}
+                    for key in ("split", "gap", "combine", "span"):
+                        r[f"{key}_us"] = _median([c[key] for c in found])
+                    rows.append(r)
+                    print(f"{B:>3} {L:>6} {mode:>6} {pdl:>3} {f(event_us, 9)} {f(copy_us, 8)} {f(r['split_us'], 9)} "
+                          f"{f(r['gap_us'], 7)} {f(r['combine_us'], 10)} {f(r['span_us'], 10)} {f(ideal, 9)}",
+                          flush=True)
+                del inputs, calls
+                if cuda:
+                    torch.cuda.empty_cache()
     os.environ.pop("GMOD_ATTN_PDL", None)
     if a.json:
         with open(a.json, "w") as fh:

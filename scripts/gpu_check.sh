@@ -9,8 +9,9 @@
 #   (wgmma_selftest: scripts/wgmma_selftest.cu, nvcc only, ~20 s: each wgmma operand form of the sm_90a
 #   kernels on its own against a float64 product; if the wgmma tests fail, it says which form)
 #   (tests: pytest -m cuda, the opt-in wgmma kernels' tests apart as tests_wgmma after the rest)
-#   (decode_timeline: scripts/decode_timeline.py, ~30 s: the decode's split / combine kernels and the gap
-#   between them from profiler timestamps, with and without GMOD_ATTN_PDL, against the CUDA-event time)
+#   (decode_timeline: scripts/decode_timeline.py, ~60 s: the decode's split / combine kernels and the gap
+#   between them from profiler timestamps, with and without GMOD_ATTN_PDL, against the CUDA-event time,
+#   with the benchmark's L2 flush and with rotating caches instead)
 #   (the benchmarks first: they check every result against a baseline before timing it, and
 #   they are the numbers the issues ask for; when the budget runs out, what is left is skipped
 #   and a second call on the warm machine names it)
@@ -380,10 +381,11 @@ fi
 
 # ------------------------------------------------------------------ decode_timeline
 # Where a batch-1 decode call's time goes (split kernel, gap, combine kernel, outside the kernels), with
-# and without the PDL-launched combine: the fixed ~15 us per call that keeps batch 1 from the target.
+# and without the PDL-launched combine, after the benchmark's L2 flush and with rotating caches instead:
+# the fixed ~15 us per call that keeps batch 1 from the target.
 if want decode_timeline; then
-  if run_step decode_timeline 90 decode_timeline.log "$PY" scripts/decode_timeline.py --json "$OUT/decode_timeline.json"; then
-    tail_of decode_timeline.log 12
+  if run_step decode_timeline 150 decode_timeline.log "$PY" scripts/decode_timeline.py --json "$OUT/decode_timeline.json"; then
+    tail_of decode_timeline.log 20
     if (( RC == 0 )); then record decode_timeline ok "$DUR" "per-kernel times in decode_timeline.log"
     else record decode_timeline FAIL "$DUR" "rc=$RC: $(tail -n 1 "$OUT/decode_timeline.log" | cut -c1-120)"; fi
   fi
