@@ -229,7 +229,7 @@ def _tiny_run_args(out):
 def test_demo_kv_estimate_path(tmp_path, monkeypatch, capsys):
     """Without gmod_ext.cache's memory_report the demo generates without a cache and reports the
     analytic KV estimate, marked "(estimated)"; it matches the measured compact cache of a normal run."""
-    from gmod_ext import demo
+    from gmod_ext.demo import cli as demo  # run_demo looks cache_module up in its own module
 
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))

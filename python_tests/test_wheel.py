@@ -86,7 +86,8 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
 
     names = zipfile.ZipFile(whl).namelist()
     assert any(n.startswith("gmod_ext/libgmod_ext") and n.endswith(".so") for n in names), names
-    for f in ("gmod_ext/__init__.py", "gmod_ext/ops.py", "gmod_ext/convert.py", "gmod_ext/demo.py"):
+    for f in ("gmod_ext/__init__.py", "gmod_ext/ops.py", "gmod_ext/convert.py", "gmod_ext/costs.py",
+              "gmod_ext/demo/__init__.py", "gmod_ext/demo/cli.py", "gmod_ext/bench/model.py"):
         assert f in names, f
 
     # ---- 2. a fresh venv that sees this interpreter's torch but not its gmod_ext

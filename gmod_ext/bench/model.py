@@ -299,7 +299,7 @@ def run(ctx: Ctx):
     import transformers
 
     import gmod_ext
-    from ..demo import forward_flops
+    from ..costs import forward_flops
 
     transformers.logging.set_verbosity_error()
     z = dict(SIZES[ctx.size_mode])
