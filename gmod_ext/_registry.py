@@ -6,6 +6,8 @@ the whole graph stays inside torch.ops.gmod and compiles with fullgraph=True.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _ops = torch.ops.gmod
@@ -30,9 +32,22 @@ def _same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
             )
 
 
+def _check_eps(op: str, eps: float) -> None:
+    """As the C++ check_eps: a plain float argument, so a traced call can check it as well."""
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise ValueError(f"gmod.{op}: eps must be a finite number >= 0, got {eps}")
+
+
+def _check_scale(op: str, scale: float) -> None:
+    """As the C++ check in check_attention_inputs."""
+    if not math.isfinite(scale):
+        raise ValueError(f"gmod.{op}: scale must be finite, got {scale}")
+
+
 # ---------------------------------------------------------------- fake kernels
 @torch.library.register_fake("gmod::router_logits")
 def _(x, weight, norm_weight, eps):
+    _check_eps("router_logits", eps)
     _same_device("router_logits", "x", x, weight=weight, norm_weight=norm_weight)
     torch._check(x.dim() == 3, lambda: "gmod.router_logits: x must be 3-D [B, S, D]")
     return x.new_empty(x.shape[:2], dtype=_acc_dtype(x))
@@ -40,6 +55,7 @@ def _(x, weight, norm_weight, eps):
 
 @torch.library.register_fake("gmod::router_logits_backward")
 def _(grad, x, weight, norm_weight, eps):
+    _check_eps("router_logits_backward", eps)
     _same_device("router_logits_backward", "x", x, grad=grad, weight=weight, norm_weight=norm_weight)
     dnorm = torch.empty_like(norm_weight) if norm_weight is not None else x.new_empty((0,), dtype=_acc_dtype(x))
     return torch.empty_like(x), torch.empty_like(weight), dnorm
@@ -89,6 +105,7 @@ def _(grad, x, base, delta, gate, idx, count, skip_scale):
 
 @torch.library.register_fake("gmod::attention")
 def _(q, k, v, q_len, k_len, scale):
+    _check_scale("attention", scale)
     _same_device("attention", "q", q, k=k, v=v, q_len=q_len, k_len=k_len)
     torch._check(q.dim() == 4, lambda: "gmod.attention: q must be 4-D [B, Cq, Hq, d]")
     B, Cq, Hq, _ = q.shape
@@ -97,6 +114,7 @@ def _(q, k, v, q_len, k_len, scale):
 
 @torch.library.register_fake("gmod::attention_backward")
 def _(grad_o, q, k, v, o, lse, q_len, k_len, scale):
+    _check_scale("attention_backward", scale)
     _same_device("attention_backward", "q", q, grad_o=grad_o, k=k, v=v, o=o, lse=lse, q_len=q_len, k_len=k_len)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 

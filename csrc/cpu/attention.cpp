@@ -19,8 +19,8 @@ namespace {
 
 // The shared shape checks, then the length values (read on the host).
 AttnDims check_attention_inputs_cpu(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& q_len, const at::Tensor& k_len) {
-  const auto a = check_attention_inputs(op, q, k, v, q_len, k_len);
+                                    const at::Tensor& q_len, const at::Tensor& k_len, double scale) {
+  const auto a = check_attention_inputs(op, q, k, v, q_len, k_len, scale);
   check_lengths_cpu(q_len, a.Cq, op, "q_len", "q.shape[1]");
   check_lengths_cpu(k_len, a.Ck, op, "k_len", "k.shape[1]");
   return a;
@@ -33,7 +33,7 @@ inline int64_t visible_keys(int64_t i, int64_t ql, int64_t kl) {
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const at::Tensor& q_len, const at::Tensor& k_len, double scale) {
-  const auto a = check_attention_inputs_cpu("attention", q, k, v, q_len, k_len);
+  const auto a = check_attention_inputs_cpu("attention", q, k, v, q_len, k_len, scale);
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto o_acc = at::zeros({a.B, a.Cq, a.Hq, a.d}, q.options().dtype(acc_type));
   auto lse = at::full({a.B, a.Hq, a.Cq}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc_type));
@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
     const at::Tensor& lse, const at::Tensor& q_len, const at::Tensor& k_len, double scale) {
   constexpr const char* op_name = "attention_backward";
-  const auto a = check_attention_inputs_cpu(op_name, q, k, v, q_len, k_len);
+  const auto a = check_attention_inputs_cpu(op_name, q, k, v, q_len, k_len, scale);
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   check_attention_backward_inputs(op_name, grad_o, o, lse, q, a, acc_type);
   auto dq = at::zeros({a.B, a.Cq, a.Hq, a.d}, q.options().dtype(acc_type));

@@ -35,7 +35,7 @@ at::Tensor combined_weight(const at::Tensor& weight, const std::optional<at::Ten
 
 at::Tensor router_logits_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& norm_weight, double eps) {
-  check_router_inputs("router_logits", x, weight, norm_weight);
+  check_router_inputs("router_logits", x, weight, norm_weight, eps);
   const int64_t B = x.size(0), S = x.size(1), D = x.size(2), N = B * S;
   const auto acc_type = router_out_dtype(x);
   auto out = at::empty({B, S}, x.options().dtype(acc_type));
@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_logits_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& norm_weight, double eps) {
   constexpr const char* op = "router_logits_backward";
-  check_router_inputs(op, x, weight, norm_weight);
+  check_router_inputs(op, x, weight, norm_weight, eps);
   check_router_grad(op, grad, x);
   const int64_t B = x.size(0), S = x.size(1), D = x.size(2), N = B * S;
   const auto acc_type = router_out_dtype(x);

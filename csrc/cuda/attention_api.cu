@@ -211,12 +211,12 @@ void validate_lengths(const at::Tensor& q_len, const at::Tensor& k_len, int64_t 
 // The shared shape checks (after the CUDA-only device / dtype checks of q), then the limits of
 // the CUDA kernels. Length values are validated on the device (validate_lengths).
 AttnDims check_attention_inputs_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const at::Tensor& q_len, const at::Tensor& k_len) {
+                                     const at::Tensor& q_len, const at::Tensor& k_len, double scale) {
   check_activation(q, op, "q", 4, "[B, Cq, Hq, d]");
   GMOD_CHECK(q.is_cuda(), "gmod.", op, ": q is on ", q.device(), ", expected a CUDA tensor");
   // float64 is a CPU-only activation dtype (gradcheck); the CUDA kernels take fp32 / bf16 / fp16.
   check_dtype(q, op, "q", {at::kFloat, at::kBFloat16, at::kHalf});
-  const auto a = check_attention_inputs(op, q, k, v, q_len, k_len);
+  const auto a = check_attention_inputs(op, q, k, v, q_len, k_len, scale);
   const int64_t B = a.B, Cq = a.Cq, Ck = a.Ck, Hq = a.Hq, d = a.d;
   GMOD_CHECK_VALUE(attn::is_supported_head_dim(d), "gmod.", op, ": head dim d = ", d,
                     " is not supported by the CUDA kernels; supported: " GMOD_ATTN_HEADDIMS_STR);
@@ -267,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
                                                   const at::Tensor& v_in, const at::Tensor& q_len,
                                                   const at::Tensor& k_len, double scale) {
   constexpr const char* op = "attention";
-  const auto a = check_attention_inputs_cuda(op, q_in, k_in, v_in, q_len, k_len);
+  const auto a = check_attention_inputs_cuda(op, q_in, k_in, v_in, q_len, k_len, scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   validate_lengths(q_len, k_len, a.Cq, a.Ck, op, stream);
@@ -313,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_o_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& o_in, const at::Tensor& lse, const at::Tensor& q_len, const at::Tensor& k_len, double scale) {
   constexpr const char* op = "attention_backward";
-  const auto a = check_attention_inputs_cuda(op, q_in, k_in, v_in, q_len, k_len);
+  const auto a = check_attention_inputs_cuda(op, q_in, k_in, v_in, q_len, k_len, scale);
   check_attention_backward_inputs(op, grad_o_in, o_in, lse, q_in, a, at::kFloat);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

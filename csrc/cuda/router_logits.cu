@@ -252,7 +252,7 @@ router::RowBlockParams<acc_t> row_block_params(const at::Tensor& x, const at::Te
 
 at::Tensor router_logits_cuda(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& norm_weight, double eps) {
-  check_router_inputs(kOp, x, weight, norm_weight);
+  check_router_inputs(kOp, x, weight, norm_weight, eps);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t B = x.size(0), S = x.size(1), D = x.size(2), N = B * S;
@@ -285,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_logits_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& norm_weight, double eps) {
   constexpr const char* op = "router_logits_backward";
-  check_router_inputs(op, x, weight, norm_weight);
+  check_router_inputs(op, x, weight, norm_weight, eps);
   check_router_grad(op, grad, x);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();

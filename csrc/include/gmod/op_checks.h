@@ -13,8 +13,14 @@
 namespace gmod {
 
 // ---------------------------------------------------------------- router_logits
+// RMSNorm's eps: NaN or a negative value would turn rows into NaN silently (rsqrt of mean(x^2) + eps).
+inline void check_eps(const char* op, double eps) {
+  GMOD_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "gmod.", op, ": eps must be a finite number >= 0, got ", eps);
+}
+
 inline void check_router_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& norm_weight) {
+                                const std::optional<at::Tensor>& norm_weight, double eps) {
+  check_eps(op, eps);
   check_activation(x, op, "x", 3, "[B, S, D]");
   const int64_t D = x.size(2);
   check_device(weight, x, op, "weight", "x");
@@ -142,7 +148,9 @@ struct AttnDims {
 };
 
 inline AttnDims check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& q_len, const at::Tensor& k_len) {
+                                       const at::Tensor& q_len, const at::Tensor& k_len, double scale) {
+  // Any finite scale is a valid softmax temperature (0: uniform, < 0: reversed); NaN / inf is not.
+  GMOD_CHECK_VALUE(std::isfinite(scale), "gmod.", op, ": scale must be finite, got ", scale);
   check_activation(q, op, "q", 4, "[B, Cq, Hq, d]");
   check_tensor(k, q, op, "k", "q", 4, "[B, Ck, Hk, d]", {q.scalar_type()});
   check_tensor(v, q, op, "v", "q", 4, "[B, Ck, Hk, d]", {q.scalar_type()});
