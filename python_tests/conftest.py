@@ -72,16 +72,28 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 
 def poison_heap(device: str, nbytes: int, copies: int = 4) -> None:
-    """Best effort: leave NaN-filled freed blocks of about ``nbytes`` in the allocator, so that a
-    kernel's fresh ``empty`` output that is not fully written is likely to contain NaN."""
+    """Best effort: leave poisoned freed blocks of about ``nbytes`` in the allocator, so that a
+    kernel's fresh ``empty`` output that is not fully written is likely to hold garbage.
+
+    The 32-bit word 0x7FC0FFFF reads as NaN in float32 and in both 16-bit halves (0xFFFF and 0x7FC0
+    are NaN in bfloat16 and float16; a float32 NaN would leave every other 16-bit element 0.0), and
+    as 2143354879 in int32, outside any index or count."""
     n = max(1, nbytes // 4)
-    blocks = [torch.full((n,), math.nan, dtype=torch.float32, device=device) for _ in range(copies)]
+    blocks = [torch.full((n,), 0x7FC0FFFF, dtype=torch.int32, device=device) for _ in range(copies)]
     del blocks
 
 
 # ------------------------------------------------------------------ inputs
-def random_route(B: int, S: int, C: int, counts=None, device="cpu"):
-    """A valid (idx, count): count[b] sorted unique positions in [0, S), then -1 up to C."""
+def random_route(B: int, S: int, C: int, counts=None, device="cpu", garbage_past_count: bool = False):
+    """A valid (idx, count): count[b] sorted unique positions in [0, S), then the slots past count.
+
+    Slots past count[b] are meaningless to the consumers (gather_rows / scatter_merge read only
+    ``c < count[b]``). By default they hold -1, what gmod.route writes. With
+    ``garbage_past_count=True`` they hold in-range junk instead, alternating positions the row does
+    not keep with duplicates of positions it keeps (random order), so a kernel that decided
+    validity with ``idx >= 0`` instead of ``c < count[b]`` gets a different answer. (With S == 0
+    there is no in-range position and the slots keep -1.)
+    """
     idx = torch.full((B, C), -1, dtype=torch.int32)
     if counts is None:
         counts = [int(torch.randint(0, min(S, C) + 1, ()).item()) for _ in range(B)]
@@ -89,7 +101,24 @@ def random_route(B: int, S: int, C: int, counts=None, device="cpu"):
         assert 0 <= n <= min(S, C)
         sel = torch.randperm(S)[:n].sort().values
         idx[b, :n] = sel.to(torch.int32)
+        if garbage_past_count and S > 0 and n < C:
+            idx[b, n:] = _junk_positions(sel, S, C - n)
     return idx.to(device), torch.tensor(counts, dtype=torch.int32, device=device)
+
+
+def _junk_positions(kept: torch.Tensor, S: int, m: int) -> torch.Tensor:
+    """m positions in [0, S): even slots not in ``kept`` (when S allows), odd slots duplicates of
+    ``kept`` (when it is not empty); uniform in [0, S) where the preferred kind does not exist."""
+    is_kept = torch.zeros(S, dtype=torch.bool)
+    is_kept[kept.long()] = True
+    others = (~is_kept).nonzero().flatten()
+    out = torch.randint(0, S, (m,))
+    for j in range(m):
+        pool = others if j % 2 == 0 else kept
+        if pool.numel() == 0:
+            pool = kept if j % 2 == 0 else others
+        out[j] = pool[torch.randint(0, pool.numel(), ())]
+    return out.to(torch.int32)
 
 
 def snapshot(*tensors):

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from gmod_hf_utils import make_batch, num_threads, tiny_model, transformers
+from gmod_hf_utils import make_batch, num_threads, plain_router_logits, tiny_model, transformers
 
 import gmod_ext
 from gmod_ext import mod_layer
@@ -140,7 +140,10 @@ def test_decode_threshold_setting_and_per_row_decisions():
         h = layer.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0].clone()))
         model(_ids(4, 1, seed=5), past_key_values=cache, use_cache=True)
         h.remove()
-        p = torch.sigmoid(layer.gmod_logits(captured["x"]))[:, 0]
+        # p from a plain-PyTorch router (RMSNorm + Linear(D, 2)), not the layer's own gmod_logits
+        p = torch.sigmoid(plain_router_logits(captured["x"], layer.input_layernorm, model.gmod_router))[:, 0]
+    assert all(abs(v - 0.5) > 1e-4 for v in p.tolist()), p  # no near-tie at the threshold
+    assert 0 < int((p >= 0.5).sum()) < 4, p  # per-row decisions: some rows keep, some skip
     lens = cache.layers[1].host_lens()
     assert lens == [4 + int(v >= 0.5) for v in p.tolist()]
     assert cache.layers[1].cache_len.tolist() == lens
@@ -168,17 +171,53 @@ def test_gmod_cache_api_and_manual_loop_equals_generate():
 
 
 def test_cache_reorder_select_repeat_reset():
+    """Rows of distinct lengths (left padding 0 / 2 / 5: top-k keeps 5 / 4 / 3 of the real tokens) and
+    contents: after each batch operation every MoD slot's keys, values, cache_len and host lengths are
+    the originals indexed by the expected row map (and the dense slots' keys / values likewise)."""
     model = _model()
+    ids = _ids(3, 10)
+    am = torch.ones_like(ids)
+    am[1, :2] = 0
+    am[2, :5] = 0
+    ids[am == 0] = 0
     with torch.no_grad():
-        cache = model(_ids(3, 10), use_cache=True).past_key_values
-    slot = cache.layers[1]
-    k0 = slot.keys.clone()
-    cache.reorder_cache(torch.tensor([2, 0, 1]))
-    assert torch.equal(slot.keys, k0[[2, 0, 1]])
+        cache = model(ids, attention_mask=am, use_cache=True).past_key_values
+    slots = _mod_slots(cache)
+    assert sorted(slots) == [1, 2, 3]
+    orig = {
+        i: (l.keys.clone(), l.values.clone()) + ((l.cache_len.clone(), list(l.host_lens())) if i in slots else (None, None))
+        for i, l in enumerate(cache.layers)
+    }
+    for i in slots:
+        assert orig[i][3] == [5, 4, 3] and orig[i][2].tolist() == [5, 4, 3]
+        k = orig[i][0]
+        assert not torch.equal(k[0, :3], k[1, :3]) and not torch.equal(k[1, :3], k[2, :3])  # distinct contents
+
+    def check(rows):  # dense slots (Hugging Face's DynamicLayer, [B, Hk, T, d]) and MoD slots alike
+        for i, layer in enumerate(cache.layers):
+            k, v, cl, lens = orig[i]
+            same = torch.equal(layer.keys, k[rows]) and torch.equal(layer.values, v[rows])
+            assert same, f"layer {i}: keys / values are not the original rows {rows}"
+            if i in slots:
+                assert layer.cache_len.tolist() == cl[rows].tolist() == [lens[r] for r in rows], (i, rows)
+                assert layer.host_lens() == [lens[r] for r in rows], (i, rows)
+                assert layer.batch_size == len(rows)
+
+    rows = [2, 0, 1]
+    cache.reorder_cache(torch.tensor(rows))
+    check(rows)
+    rows = torch.tensor(rows).repeat_interleave(2).tolist()  # [2, 2, 0, 0, 1, 1]
     cache.batch_repeat_interleave(2)
-    assert slot.keys.shape[0] == 6 and slot.host_lens() == [5] * 6
-    cache.batch_select_indices(torch.tensor([0, 3]))
-    assert slot.keys.shape[0] == 2 and slot.cache_len.shape == (2,)
+    check(rows)
+    sel = [5, 0, 3]  # an order of its own: [1, 2, 0]
+    cache.batch_select_indices(torch.tensor(sel))
+    rows = [rows[j] for j in sel]
+    check(rows)
+    cache.batch_select_indices(torch.tensor([True, False, True]))  # a boolean mask: rows 0 and 2
+    rows = [rows[0], rows[2]]
+    check(rows)
+    assert rows == [1, 0]
+    slot = cache.layers[1]
     cache.crop(0)
     with pytest.raises(NotImplementedError, match="crop"):
         cache.crop(-1)

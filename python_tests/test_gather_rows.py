@@ -27,14 +27,11 @@ def counts_for(kind, B, S, C):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("count_kind", ["random", "zero", "full", "mixed"])
-def test_forward_backward_values(device, shape, dtype, count_kind):
-    skip_unsupported(device, dtype)
-    B, S, D, C = shape
+def check_forward_backward(device, B, S, D, C, counts, dtype, garbage_past_count=False):
+    """Forward and backward against the reference, bit for bit; returns the inputs and both results
+    (out, dx) and their references for further checks."""
     x = (torch.randn(B, S, D) + 0.5).to(dtype).to(device).requires_grad_()
-    idx, count = random_route(B, S, C, counts_for(count_kind, B, S, C), device=device)
+    idx, count = random_route(B, S, C, counts, device=device, garbage_past_count=garbage_past_count)
     before = snapshot(x, idx, count)
     poison_heap(device, B * C * D * x.element_size())
     out = ops.gather_rows(x, idx, count)
@@ -46,10 +43,49 @@ def test_forward_backward_values(device, shape, dtype, count_kind):
     g = (torch.randn(B, C, D) + 0.5).to(dtype).to(device)
     poison_heap(device, B * S * D * x.element_size())
     (dx,) = torch.autograd.grad(out, x, g)
+    assert_unchanged(before[1:], (idx, count), ["idx", "count"])
     x64 = x.detach().cpu().double().requires_grad_()
     (ref_dx,) = torch.autograd.grad(gather_rows_ref(x64, idx.cpu(), count.cpu()), x64, g.cpu().double())
     assert dx.dtype == dtype
     assert torch.equal(dx.cpu().double(), ref_dx), "gather_rows backward differs from the reference"
+    return x, idx, count, g, ref, ref_dx
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count_kind", ["random", "zero", "full", "mixed"])
+def test_forward_backward_values(device, shape, dtype, count_kind):
+    skip_unsupported(device, dtype)
+    B, S, D, C = shape
+    check_forward_backward(device, B, S, D, C, counts_for(count_kind, B, S, C), dtype)
+
+
+# (B, S, D, C, counts): every case has rows with count < C, so slots past count exist
+GARBAGE_SHAPES = [
+    (2, 7, 33, 4, [2, 0]),
+    (1, 1, 127, 3, [1]),  # S = 1: every junk slot repeats the one kept position
+    (3, 16, 64, 20, [16, 5, 0]),  # capacity > S, a full row followed by junk
+    (4, 12, 8, 12, [0, 4, 8, 11]),
+    (2, 10, 16, 6, [6, 3]),  # count == capacity in row 0, junk only in row 1
+]
+
+
+@pytest.mark.parametrize("shape", GARBAGE_SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ignores_slots_past_count(device, shape, dtype):
+    """idx slots past count[b] hold in-range junk (kept positions repeated, positions not kept):
+    only ``c < count[b]`` decides validity, in both directions."""
+    skip_unsupported(device, dtype)
+    B, S, D, C, counts = shape
+    x, idx, count, g, ref, ref_dx = check_forward_backward(device, B, S, D, C, counts, dtype, garbage_past_count=True)
+    # The inputs do separate the two semantics: treating every idx >= 0 as valid (here: every slot,
+    # as the junk is in range) gives other results, forward and backward.
+    assert bool((idx >= 0).all()) and any(n < C for n in counts)
+    full = torch.full((B,), C, dtype=torch.int32)
+    assert not torch.equal(gather_rows_ref(x.detach().cpu(), idx.cpu(), full), ref)
+    x64 = x.detach().cpu().double().requires_grad_()
+    (wrong_dx,) = torch.autograd.grad(gather_rows_ref(x64, idx.cpu(), full), x64, g.cpu().double())
+    assert not torch.equal(wrong_dx, ref_dx)
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 3, 4), (3, 5, 2, 7)])
@@ -61,11 +97,12 @@ def test_gradcheck(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-def test_opcheck(device, dtype):
+@pytest.mark.parametrize("garbage", [False, True], ids=["minus1-past-count", "junk-past-count"])
+def test_opcheck(device, dtype, garbage):
     skip_unsupported(device, dtype)
     B, S, D, C = 3, 10, 6, 5
     x = torch.randn(B, S, D, dtype=dtype, device=device, requires_grad=True)
-    idx, count = random_route(B, S, C, [5, 0, 3], device=device)
+    idx, count = random_route(B, S, C, [5, 0, 3], device=device, garbage_past_count=garbage)
     opcheck(torch.ops.gmod.gather_rows.default, (x, idx, count))
     g = torch.randn(B, C, D, dtype=dtype, device=device)
     opcheck(torch.ops.gmod.gather_rows_backward.default, (g, idx, count, S))

@@ -90,9 +90,15 @@ def test_keep_all_greedy_equals_hf_batch4_left_padding(arch):
         ids, am = _prompt(4, 14, pad=(0, 3, 0, 6))
         kw = dict(input_ids=ids, attention_mask=am)
         S = 14
-    out_ref = ref.generate(**kw, max_new_tokens=8, **GEN)
-    out = model.generate(**kw, max_new_tokens=8, return_dict_in_generate=True, **GEN)
-    assert torch.equal(out.sequences, out_ref), (out.sequences[:, S:], out_ref[:, S:])
+    # the per-step scores too, not only the tokens: a position (rotary) error in the left-padded rows
+    # moves logits by ~1e-3, which flips few argmaxes but is far outside float32 rounding (~1e-6 here)
+    gen = dict(max_new_tokens=8, return_dict_in_generate=True, output_scores=True, **GEN)
+    out_ref = ref.generate(**kw, **gen)
+    out = model.generate(**kw, **gen)
+    assert torch.equal(out.sequences, out_ref.sequences), (out.sequences[:, S:], out_ref.sequences[:, S:])
+    assert len(out.scores) == len(out_ref.scores) == 8
+    for step, (a, b) in enumerate(zip(out.scores, out_ref.scores)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
     # padding is never processed, never cached
     real = kw["attention_mask"].sum(1)
     for i in (1, 2):

@@ -50,19 +50,26 @@ def test_cache_kwarg_of_reads_the_signature():
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])
 def test_mod_layers_use_the_compact_cache_under_either_name(name):
-    """Prefill + two decode steps with the GmodCache passed as `name` (`cache` needs transformers
-    >= 5.24, where `past_key_values` is the deprecated alias): the MoD layers fill their compact
-    slots, and the logits equal those of the same steps under the installed release's name."""
+    """Prefill (10 tokens) + two decode steps with the GmodCache passed as `name` (`cache` needs
+    transformers >= 5.24, where `past_key_values` is the deprecated alias), checked against
+    references that involve no cache keyword at all:
+
+    * keep-all conversion (ratio 0, gate="none", decode_threshold 0) of the same weights: the cached
+      logits equal the unconverted Hugging Face model's no-cache forward, and every token is stored;
+    * skipping (ratio 0.5, separated router scores): the cached logits equal a full no-cache forward
+      with the same routing decisions (``gmod_prefill_len=10``), and the compact slots hold fewer
+      tokens than positions seen (a cache that was dropped under `name` would give a decode step
+      that only sees its own token);
+    * the deprecated alias equals the installed release's name bit for bit (only where they differ:
+      a run is never compared with itself)."""
     with num_threads(1):
-        torch.manual_seed(0)
-        model = tiny_model("llama").eval()
-        gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
-        ids = torch.randint(1, 100, (2, 12))
-        native = cache_kwarg_of(type(model).forward)
+        ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+        ref = tiny_model("llama").eval()
+        native = cache_kwarg_of(type(ref).forward)
         if name == "cache" and native != "cache":
             pytest.skip("transformers < 5.24 models take the KV cache as past_key_values only")
 
-        def run(kwarg):
+        def run(model, kwarg):
             cache = GmodCache_cls()(model)
             logits = []
             with warnings.catch_warnings():
@@ -73,12 +80,40 @@ def test_mod_layers_use_the_compact_cache_under_either_name(name):
                     for t in (10, 11):
                         out = model(ids[:, t:t + 1], use_cache=True, **{kwarg: cache})
                         logits.append(out.logits)
-            return cache, logits
+            assert output_cache(out) is cache
+            return cache, torch.cat(logits, 1)
 
-        cache, logits = run(name)
-        slots = [i for i, l in enumerate(cache.layers) if isinstance(l, GmodLayer_cls())]
-        assert slots == [1, 2]
-        assert all(cache.layers[i].seen == 12 for i in slots)
-        _, ref = run(native)
-        for a, b in zip(logits, ref):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        def mod_slots(cache):
+            slots = [i for i, l in enumerate(cache.layers) if isinstance(l, GmodLayer_cls())]
+            assert slots == [1, 2]
+            assert all(cache.layers[i].seen == 12 for i in slots)
+            return [cache.layers[i].host_lens() for i in slots]
+
+        # keep-all == Hugging Face (same weights: tiny_model seeds its init)
+        keep = tiny_model("llama").eval()
+        gmod_ext.convert(keep, ratio=0.0, layers=[1, 2], gate="none", decode_threshold=0.0, progress=False)
+        cache, logits = run(keep, name)
+        assert mod_slots(cache) == [[12, 12], [12, 12]]
+        with torch.no_grad():
+            want = ref(ids, use_cache=False).logits
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+        # skipping: cached == no-cache recompute with the same decisions
+        model = tiny_model("llama").eval()
+        gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape, generator=g) * 0.5)
+            model.gmod_router.bias.zero_()
+        cache, logits = run(model, name)
+        lens = mod_slots(cache)
+        assert all(5 <= n <= 7 for row in lens for n in row), lens  # top-k: 5 of the 10 prompt tokens
+        assert any(n < 7 for row in lens for n in row), lens  # and a decode token skipped somewhere
+        with torch.no_grad():
+            full = model(ids, use_cache=False, gmod_prefill_len=10).logits
+        torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(logits, want, atol=1e-3)  # skipping changed the computation
+
+        if name != native:
+            _, native_logits = run(model, native)
+            torch.testing.assert_close(logits, native_logits, rtol=0, atol=0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, poison_heap, snapshot
 from gmod_ext import ops
 from references import MASK_FORCED, MASK_NEVER, MASK_ROUTABLE, route_ref
 
@@ -49,9 +49,20 @@ def make_mask(kind, B, S):
     raise ValueError(kind)
 
 
+def poison_outputs(device, B, capacity):
+    """NaN-filled freed blocks the size of idx [B, C] and count [B] (int32), so an entry the kernel
+    forgets to write reads 2143289344 (NaN's bits) instead of a lucky 0 or -1. The CUDA caching
+    allocator reuses them at any size; on CPU (glibc, 64-byte aligned allocations) blocks of a few
+    dozen bytes are practically never reused, blocks of 1 KiB and more mostly are: hence the
+    many-row test below."""
+    poison_heap(device, B * capacity * 4)
+    poison_heap(device, B * 4)
+
+
 def check_route(scores, mask, num_routed, capacity, threshold, device):
     s, m, n = scores.to(device), mask.to(device), num_routed.to(device)
     before = snapshot(s, m, n)
+    poison_outputs(device, scores.shape[0], capacity)
     idx, count = torch.ops.gmod.route(s, m, n, capacity, threshold)
     assert_unchanged(before, (s, m, n), ["scores", "mask", "num_routed"])
     assert idx.dtype == torch.int32 and count.dtype == torch.int32
@@ -163,21 +174,39 @@ def test_rows_are_independent_and_deterministic(device):
     idx2, count2 = check_route(scores, mask, num_routed, C, None, device)
     assert torch.equal(idx, idx2) and torch.equal(count, count2)
     for b in range(B):
+        poison_outputs(device, 1, C)
         ib, cb = torch.ops.gmod.route(
             scores[b : b + 1].to(device), mask[b : b + 1].to(device), num_routed[b : b + 1].to(device), C, None
         )
         assert torch.equal(ib[0], idx[b]) and cb[0] == count[b]
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "random", "all_forced", "all_padding", "trailing_padding"])
+@pytest.mark.parametrize("cap", ["zero", "half", "more"])
+def test_many_rows_poisoned(device, mask_kind, cap):
+    """Enough rows that count [B] and idx [B, C] are large enough for the poisoned heap blocks to be
+    reused on CPU as well: a row whose count (often 0 here) or idx slot is not written shows up."""
+    B, S = 1024, 12
+    capacity = {"zero": 0, "half": S // 2, "more": S + 3}[cap]
+    scores = make_scores("ties_nan_inf", B, S)
+    mask = make_mask(mask_kind, B, S)
+    num_routed = torch.randint(0, S + 2, (B,), dtype=torch.int32)
+    num_routed[::3] = 0  # many rows with nothing routed
+    check_route(scores, mask, num_routed, capacity, None, device)
+    check_route(scores, mask, num_routed, capacity, 0.0, device)
+
+
 def test_wrapper_defaults(device):
     scores = torch.randn(3, 10, device=device)
+    poison_outputs(device, 3, 4)
     idx, count = ops.route(scores, capacity=4, num_routed=3)
     ref_idx, ref_count = route_ref(scores, torch.zeros(3, 10, dtype=torch.int8), 3, 4)
     assert torch.equal(idx.cpu(), ref_idx) and torch.equal(count.cpu(), ref_count)
 
 
 def test_empty(device):
-    for B, S, C in [(0, 5, 3), (2, 0, 3), (2, 5, 0)]:
+    for B, S, C in [(0, 5, 3), (2, 0, 3), (2, 5, 0), (1024, 0, 3), (1024, 5, 0)]:
+        poison_outputs(device, B, C)
         idx, count = torch.ops.gmod.route(
             torch.randn(B, S, device=device),
             torch.zeros(B, S, dtype=torch.int8, device=device),

@@ -3,23 +3,34 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from conftest import DTYPES, assert_unchanged, skip_unsupported, snapshot
+from conftest import DTYPES, assert_unchanged, poison_heap, skip_unsupported, snapshot
 from gmod_ext import ops
 from references import acc_dtype, assert_within, rounding_error, router_logits_ref, unit_roundoff
 
 GMOD_OPS = ("router_logits", "router_logits_backward")
 
-SHAPES = [(2, 7, 33), (1, 1, 127), (3, 16, 64), (2, 3, 1)]
+# the last shape has B*S = 1200 rows: its [B, S] logits are large enough (>= 4.8 KB) for the
+# poisoned heap blocks to be reused on CPU too, not only by the CUDA caching allocator
+SHAPES = [(2, 7, 33), (1, 1, 127), (3, 16, 64), (2, 3, 1), (4, 300, 24)]
+
+# (norm, weight dtype, norm_weight dtype): "f32" float32, "x" the activation dtype. weight and
+# norm_weight may each be either, independently (the CUDA kernel has a float32 flag for each).
+WEIGHTS = [(True, "f32", "f32"), (True, "x", "x"), (True, "f32", "x"), (True, "x", "f32"),
+           (False, "f32", None), (False, "x", None)]
+WEIGHT_IDS = [f"w_{w}-nw_{nw}" if norm else f"w_{w}-no_norm" for norm, w, nw in WEIGHTS]
 
 
-def make_inputs(shape, dtype, device, norm: bool, wdtype_is_x: bool, requires_grad=False):
+def make_inputs(shape, dtype, device, norm: bool, wdtype_is_x: bool, requires_grad=False, nwdtype_is_x=None):
+    """weight in x's dtype if ``wdtype_is_x`` else float32; norm_weight likewise by ``nwdtype_is_x``
+    (default: the same as weight)."""
     B, S, D = shape
     x = (torch.randn(B, S, D) * 2 + 0.3).to(dtype).to(device)
+    if nwdtype_is_x is None:
+        nwdtype_is_x = wdtype_is_x
     wdt = dtype if wdtype_is_x else torch.float32
-    if dtype == torch.float64:
-        wdt = torch.float64 if wdtype_is_x else torch.float32
+    nwdt = dtype if nwdtype_is_x else torch.float32
     w = torch.randn(D).to(wdt).to(device)
-    nw = (torch.rand(D) + 0.5).to(wdt).to(device) if norm else None
+    nw = (torch.rand(D) + 0.5).to(nwdt).to(device) if norm else None
     for t in (x, w, nw):
         if t is not None:
             t.requires_grad_(requires_grad)
@@ -34,15 +45,24 @@ def _magnitudes(x, w, nw, eps):
     return x64, a, r, (x64.abs() * a.abs()).sum(-1) * r
 
 
+def weights_case(dtype, weights):
+    """(norm, wdtype_is_x, nwdtype_is_x); skips mixed dtypes for float32 x (the same as unmixed)."""
+    norm, w, nw = weights
+    if norm and w != nw and dtype == torch.float32:
+        pytest.skip("float32 x: mixed weight dtypes are the unmixed float32 case")
+    return norm, w == "x", nw == "x"
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("wdtype_is_x", [False, True])
+@pytest.mark.parametrize("weights", WEIGHTS, ids=WEIGHT_IDS)
 @pytest.mark.parametrize("eps", [1e-6, 0.5])
-def test_forward_values(device, shape, dtype, norm, wdtype_is_x, eps):
+def test_forward_values(device, shape, dtype, weights, eps):
     skip_unsupported(device, dtype)
-    x, w, nw = make_inputs(shape, dtype, device, norm, wdtype_is_x)
+    norm, w_is_x, nw_is_x = weights_case(dtype, weights)
+    x, w, nw = make_inputs(shape, dtype, device, norm, w_is_x, nwdtype_is_x=nw_is_x)
     before = snapshot(x, w, nw)
+    poison_heap(device, shape[0] * shape[1] * torch.empty((), dtype=acc_dtype(dtype)).element_size())
     out = ops.router_logits(x, w, nw, eps=eps)
     assert_unchanged(before, (x, w, nw), ["x", "weight", "norm_weight"])
     assert out.dtype == acc_dtype(dtype) and out.shape == shape[:2] and out.device.type == device
@@ -56,15 +76,19 @@ def test_forward_values(device, shape, dtype, norm, wdtype_is_x, eps):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("wdtype_is_x", [False, True])
-def test_backward_values(device, shape, dtype, norm, wdtype_is_x):
+@pytest.mark.parametrize("weights", WEIGHTS, ids=WEIGHT_IDS)
+def test_backward_values(device, shape, dtype, weights):
     skip_unsupported(device, dtype)
+    norm, w_is_x, nw_is_x = weights_case(dtype, weights)
     eps = 0.25
-    x, w, nw = make_inputs(shape, dtype, device, norm, wdtype_is_x, requires_grad=True)
+    x, w, nw = make_inputs(shape, dtype, device, norm, w_is_x, requires_grad=True, nwdtype_is_x=nw_is_x)
+    poison_heap(device, shape[0] * shape[1] * torch.empty((), dtype=acc_dtype(dtype)).element_size())
     out = ops.router_logits(x, w, nw, eps=eps)
     g = torch.randn(out.shape, dtype=out.dtype, device=device)
+    before = snapshot(x, w, nw, g)
+    poison_heap(device, x.numel() * x.element_size())
     grads = torch.autograd.grad(out, [t for t in (x, w, nw) if t is not None], g)
+    assert_unchanged(before, (x, w, nw, g), ["x", "weight", "norm_weight", "grad"])
 
     # float64 reference gradients on the same (rounded) inputs
     x64, w64 = x.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
@@ -119,6 +143,18 @@ def test_opcheck(device, dtype, norm):
     nwd = nw.detach() if nw is not None else None
     g = torch.randn(2, 5, dtype=acc_dtype(dtype), device=device)
     opcheck(torch.ops.gmod.router_logits_backward.default, (g, xd, wd, nwd, 1e-5))
+
+
+@pytest.mark.parametrize("wdtypes", [("f32", "x"), ("x", "f32")], ids=["w_f32-nw_x", "w_x-nw_f32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_opcheck_mixed_weight_dtypes(device, dtype, wdtypes):
+    skip_unsupported(device, dtype)
+    x, w, nw = make_inputs((2, 5, 9), dtype, device, True, wdtypes[0] == "x", requires_grad=True,
+                           nwdtype_is_x=wdtypes[1] == "x")
+    assert w.dtype != nw.dtype
+    opcheck(torch.ops.gmod.router_logits.default, (x, w, nw, 1e-5))
+    g = torch.randn(2, 5, dtype=acc_dtype(dtype), device=device)
+    opcheck(torch.ops.gmod.router_logits_backward.default, (g, x.detach(), w.detach(), nw.detach(), 1e-5))
 
 
 def test_empty_batch_and_sequence(device):
