@@ -158,6 +158,18 @@ def _sharpen_layer(layer):
                 p.normal_(0.0, sharp * p.shape[1] ** -0.5)
 
 
+def _flash_rule(out, pt, truth, dtype, what):
+    """flash-attention's rule for a ``dtype`` computation: max |out - truth| <= 2 x max |pt - truth| + 4
+    roundings of the truth's peak, where pt is the same math done in ``dtype`` and truth the float64
+    result. (out / pt may arrive upcast to float64, so the message's "same math in" dtype can read
+    float64; the real dtype is in ``what``.)"""
+    from references import assert_close_lowp, unit_roundoff
+
+    peak = truth.detach().double().abs().max().item()
+    assert peak > 0.0, f"{what}: zero reference, nothing tested"
+    assert_close_lowp(out, truth, pt, what=f"{what} [{dtype}]", factor=2.0, atol=4 * unit_roundoff(dtype) * peak)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_layer_low_precision(dtype):
     """bf16 / fp16 layer against the float64 reference, by the flash-attention rule.
@@ -170,8 +182,6 @@ def test_layer_low_precision(dtype):
     (The float64 reference keeps the few fp32 steps of the plain-PyTorch helpers: router logits, the
     gate product, attention scores; their ~1e-7 relative error is far below bf16 / fp16 rounding.)
     """
-    from references import assert_close_lowp, unit_roundoff
-
     model, layer, _ = build("gamma", ratio=0.5, dtype=dtype)
     assert layer.gmod_router.weight.dtype == torch.float32  # router stays fp32
     _sharpen_layer(layer)
@@ -197,13 +207,8 @@ def test_layer_low_precision(dtype):
     assert torch.equal(y[~kept], x[~kept])
     torch.testing.assert_close(y[kept].float(), ref[kept].float(), atol=3e-2, rtol=3e-2)
 
-    u = unit_roundoff(dtype)
-
     def flash_rule(out, pt, truth, what):
-        peak = truth.detach().double().abs().max().item()
-        assert peak > 0.0, f"{what}: zero reference, nothing tested"
-        # (out / pt arrive upcast to float64, so the message's "same math in" dtype reads float64)
-        assert_close_lowp(out, truth, pt, what=f"{what} [{dtype}]", factor=2.0, atol=4 * u * peak)
+        _flash_rule(out, pt, truth, dtype, what)
 
     def delta(t, x_):
         return (t.detach().double() - x_.detach().double())[kept]
@@ -254,6 +259,10 @@ def test_layer_without_routing_info_and_position_ids():
     pe = model.model.rotary_emb(x, torch.arange(16).unsqueeze(0))
     y = layer(x, attention_mask=None, position_ids=torch.arange(16).unsqueeze(0), position_embeddings=pe)
     assert (y != x).any(-1).sum(1).tolist() == [12, 12]
+    # the right 12 tokens, with the right values: the plain-PyTorch layer with no mask (all routable)
+    ref, sel = expected_output(layer, x, pe, None, 0.25, "gamma", "default", "original", model.model.rotary_emb)
+    assert [torch.nonzero((y[b] != x[b]).any(-1)).flatten().tolist() for b in range(2)] == sel
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     # without position_embeddings the layer computes them with the model's rotary module
     y2 = layer(x, position_ids=torch.arange(16).unsqueeze(0))
     torch.testing.assert_close(y2, y)
@@ -374,37 +383,70 @@ def test_attention_auto_backend(monkeypatch):
         assert calls[want] == 1 and sum(calls.values()) == 1, (setting, calls)
 
 
+def _backend_by_the_flash_rule(device, dtype, setting):
+    """A bf16 / fp16 MoD layer (head dim 64, GQA 4/2, sharpened weights, no routing mask) with
+    ``attention=setting``, against the plain-PyTorch layer in float64 by the flash rule: its output's
+    y - x on the kept tokens and the layer's part of dL/dx (the residual's identity taken out), each
+    allowed 2x the error of the same plain math run in ``dtype``."""
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       num_key_value_heads=2).to(device, dtype)  # head dim 64: a CUDA kernel size
+    layer = model.model.layers[1]
+    rotary = model.model.rotary_emb
+    state = GmodState(GmodConfig(router="per_layer", attention=setting), rotary=rotary)
+    make_mod_layer(layer, 0.5, layer_idx=1, state=state)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.gmod_router.weight.copy_(torch.randn(layer.gmod_router.weight.shape, generator=gen))
+    torch.manual_seed(7)
+    _sharpen_layer(layer)
+    layer64 = copy.deepcopy(layer).double()
+    Sx = 64
+    x = torch.randn(B, Sx, 256, generator=gen).to(device, dtype).requires_grad_()
+    pe = rotary(x, torch.arange(Sx, device=device).unsqueeze(0))
+    y = layer(x, position_embeddings=pe)
+    ref, sel = expected_output(layer, x, pe, None, 0.5, "gamma", "default", "original", rotary)
+    x64 = x.detach().double().requires_grad_()
+    ref64, sel64 = expected_output(layer64, x64, tuple(t.double() for t in pe), None, 0.5, "gamma", "default",
+                                   "original", rotary)
+    assert sel64 == sel  # the same tokens in both precisions
+    kept = torch.zeros(B, Sx, dtype=torch.bool, device=device)
+    for b, k in enumerate(sel):
+        kept[b, k] = True
+    assert torch.equal(y[~kept], x[~kept])
+
+    def delta(t, x_):
+        return (t.detach().double() - x_.detach().double())[kept]
+
+    _flash_rule(delta(y, x), delta(ref, x), delta(ref64, x64), dtype, f"y - x, attention={setting}")
+    gy = torch.randn(B, Sx, 256, generator=gen).to(dtype).double().to(device)
+    (g_impl,) = torch.autograd.grad((y.double() * gy).sum(), [x])
+    (g_pt,) = torch.autograd.grad((ref.double() * gy).sum(), [x])
+    (g_64,) = torch.autograd.grad((ref64 * gy).sum(), [x64])
+    _flash_rule(g_impl.double() - gy, g_pt.double() - gy, g_64 - gy, dtype, f"dL/dx, attention={setting}")
+
+
+@pytest.mark.parametrize("setting", ["gmod", "sdpa"])
+def test_attention_backends_low_precision_cpu(setting):
+    """Both attention backends of a bf16 MoD layer on the CPU by the flash rule (the same check the
+    CUDA test below makes of "auto", i.e. SDPA, and of gmod.attention)."""
+    _backend_by_the_flash_rule("cpu", torch.bfloat16, setting)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available()
                     or not torch._C._dispatch_has_kernel_for_dispatch_key("gmod::attention", "CUDA"),
                     reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_attention_auto_runs_sdpa_on_cuda(dtype, monkeypatch):
-    """On CUDA in bf16 / fp16 the default attention="auto" runs the MoD layer's attention on SDPA, and the
-    layer's output and gradients match the same layer on gmod.attention (same routing: the router logits
-    come from the same kernel) to the rounding of two different attention kernels in that dtype."""
+    """On CUDA in bf16 / fp16 the default attention="auto" runs the MoD layer's attention on SDPA (and
+    "gmod" does not); both layers pass the flash rule against the float64 plain-PyTorch layer, forward
+    and backward."""
     from gmod_ext import mod_layer
 
     calls = []
     real_sdpa = mod_layer._sdpa_causal
     monkeypatch.setattr(mod_layer, "_sdpa_causal", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
-    outs = {}
-    for setting in ("auto", "gmod"):
-        model = tiny_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                           num_key_value_heads=2).to("cuda", dtype)  # head dim 64: a CUDA kernel size
-        layer = model.model.layers[1]
-        state = GmodState(GmodConfig(router="per_layer", attention=setting), rotary=model.model.rotary_emb)
-        make_mod_layer(layer, 0.5, layer_idx=1, state=state)
-        torch.manual_seed(7)
-        with torch.no_grad():
-            layer.gmod_router.weight.normal_(0.0, 1.0)
-        x = torch.randn(B, 64, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(3)).to(dtype)
-        x.requires_grad_()
-        pe = model.model.rotary_emb(x, torch.arange(64, device="cuda").unsqueeze(0))
-        y = layer(x, position_embeddings=pe)
-        (gx,) = torch.autograd.grad(y.float().square().sum(), [x])
-        outs[setting] = (y.float(), gx.float())
-    assert len(calls) == 1  # auto ran SDPA, gmod did not
-    for a, b in zip(outs["auto"], outs["gmod"]):
-        err = (a - b).abs().max().item()
-        assert err <= 3e-2 * b.abs().max().item(), err
+    _backend_by_the_flash_rule("cuda", dtype, "auto")
+    assert len(calls) == 1  # auto ran SDPA
+    _backend_by_the_flash_rule("cuda", dtype, "gmod")
+    assert len(calls) == 1  # gmod did not
