@@ -40,33 +40,61 @@ def test_attention_rank_definition():
     assert attention_rank(uni.unsqueeze(0).bfloat16()).dtype == torch.float32
 
 
-def test_arank_matches_manual_computation():
-    model = tiny_model("llama")
-    batch = make_batch("llama", S=16)
-    ranks = gmod_ext.arank(model, [batch], progress=False)
-    assert len(ranks) == 4
-    assert model.config._attn_implementation == "sdpa"  # restored after the eager calibration
-    # manual: eager attentions of the same batch
-    ref = tiny_model("llama")
+def _sharp(model, factor: float = 16.0):
+    """q / k projections x factor: the tiny models' near-uniform attention has full rank in every layer
+    (so any per-layer mix-up would still match); sharpened, the ranks differ from layer to layer."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(factor)
+    return model
+
+
+def _manual_arank(arch: str, inputs: dict) -> list[float]:
+    """ARank by hand: the eager attention maps of a fresh copy of the same (sharpened) tiny model on
+    ``inputs``, per sample the valid rows / columns, tril(-1), matrix_rank in float32, averaged over
+    heads and samples."""
+    ref = _sharp(tiny_model(arch))
     ref.set_attn_implementation("eager")
-    out = ref(**{k: v for k, v in batch.items() if k != "labels"}, output_attentions=True)
-    am = batch["attention_mask"].bool()
-    for li, att in enumerate(out.attentions):
+    out = ref(**inputs, output_attentions=True)
+    am = inputs.get("attention_mask")
+    ranks = []
+    for att in out.attentions:
         per_sample = []
         for b in range(att.shape[0]):
-            v = am[b]
+            v = am[b].bool() if am is not None else torch.ones(att.shape[-1], dtype=torch.bool)
             a = att[b][:, v][:, :, v].float().tril(-1)
             per_sample.append(torch.linalg.matrix_rank(a).float().mean())
-        assert abs(ranks[li] - float(torch.stack(per_sample).mean())) < 1e-5
+        ranks.append(float(torch.stack(per_sample).mean()))
+    return ranks
+
+
+def test_arank_matches_manual_computation():
+    model = _sharp(tiny_model("llama"))
+    batch = make_batch("llama", S=16)
+    ranks = gmod_ext.arank(model, [batch], progress=False)
+    assert len(ranks) == 4 and len(set(ranks)) > 1, ranks  # layers differ: a mix-up would show
+    assert model.config._attn_implementation == "sdpa"  # restored after the eager calibration
+    manual = _manual_arank("llama", {k: v for k, v in batch.items() if k != "labels"})
+    for li in range(4):
+        assert abs(ranks[li] - manual[li]) < 1e-5
 
 
 def test_arank_llava_and_tensor_batches():
-    model = tiny_model("llava")
-    ranks = gmod_ext.arank(model, [make_batch("llava")], progress=False)
-    assert len(ranks) == 4 and all(0 <= r <= 23 for r in ranks)
-    lm = tiny_model("llama")
-    ranks2 = gmod_ext.arank(lm, torch.randint(0, 100, (2, 10)), progress=False)
+    """LLaVA (the language model's maps over image + text tokens) and a plain id tensor as the batch,
+    each against the hand computation."""
+    model = _sharp(tiny_model("llava"))
+    batch = make_batch("llava")
+    ranks = gmod_ext.arank(model, [batch], progress=False)
+    manual = _manual_arank("llava", {k: v for k, v in batch.items() if k != "labels"})
+    assert len(ranks) == 4 and all(0 <= r <= 23 for r in ranks) and len(set(ranks)) > 1, ranks
+    assert max(abs(a - b) for a, b in zip(ranks, manual)) < 1e-5, (ranks, manual)
+    lm = _sharp(tiny_model("llama"))
+    ids = torch.randint(0, 100, (2, 10))
+    ranks2 = gmod_ext.arank(lm, ids, progress=False)
     assert all(0 <= r <= 9 for r in ranks2)
+    manual2 = _manual_arank("llama", {"input_ids": ids})
+    assert max(abs(a - b) for a, b in zip(ranks2, manual2)) < 1e-5, (ranks2, manual2)
 
 
 def test_choose_mod_layers():

@@ -434,7 +434,9 @@ def test_threshold_routing_in_eval_and_explicit_codes():
     model(batch["input_ids"], gmod_routing_mask=codes)
     h.remove()
     idx, count = model.gmod_state.current.selection[2]
-    p = torch.sigmoid(layer.gmod_logits(seen["x"])).detach()
+    # p from a plain-PyTorch router (RMSNorm + Linear(D, 2)), not the layer's own gmod_logits
+    p = torch.sigmoid(plain_router_logits(seen["x"], layer.input_layernorm, model.gmod_router)).detach()
+    assert bool(((p - 0.5).abs() > 1e-4).all())  # no near-tie at the threshold
     S = codes.shape[1]
     R = S - 2
     for b in range(codes.shape[0]):
