@@ -253,3 +253,77 @@ def test_decode_timeline_step_without_a_gpu(tmp_path):
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert _steps(tmp_path) == {"decode_timeline": "FAIL"}
     assert "needs a CUDA device" in (tmp_path / "out" / "decode_timeline.log").read_text()
+
+
+def _verdicts_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_verdicts
+    finally:
+        sys.path.pop(0)
+    return gpu_verdicts
+
+
+def _prefill_rows(p, gmod_vs_flash, exp_vs_default, exp_vs_flash, checks=None):
+    shapes = [("8x1024", 128), ("4x2048", 128), ("2x4096", 64)]
+    rows = []
+    for i, (shape, d) in enumerate(shapes):
+        rows.append({"shape": shape, "d": d, "pass": p, "impl": "gmod", "check": "ok (rel 1e-3)",
+                     "vs_flash": gmod_vs_flash[i]})
+        rows.append({"shape": shape, "d": d, "pass": p, "impl": "gmod-exp",
+                     "check": (checks or ["ok"] * 3)[i], "vs_default": exp_vs_default[i],
+                     "vs_flash": exp_vs_flash[i]})
+        rows.append({"shape": shape, "d": d, "pass": p, "impl": "sdpa-flash", "vs_flash": 1.0})
+    return rows
+
+
+def test_gpu_verdicts_attention_rules():
+    """scripts/gpu_verdicts.py: flip a wgmma default only when every check is ok and it is faster at every
+    shape; the target line names the shapes under it; decode PDL needs no loss below 0.99x and a gain."""
+    v = _verdicts_module()
+    att = {"sections": {"prefill": {"rows":
+        _prefill_rows("fwd", [0.92, 0.91, 0.94], [1.2, 1.15, 1.1], [1.1, 1.05, 1.03])
+        + _prefill_rows("bwd", [0.77, 0.75, 0.73], [1.2, 0.97, 1.1], [0.92, 0.73, 0.8],
+                        checks=["ok", "ok", "MISMATCH dq"])},
+        "decode": {"rows": [
+            {"B": 1, "L": 4096, "impl": "gmod", "check": "ok", "pct_copy": 28.0},
+            {"B": 1, "L": 4096, "impl": "gmod-exp", "check": "ok", "pct_copy": 33.0, "vs_default": 1.18},
+            {"B": 32, "L": 4096, "impl": "gmod", "check": "ok", "pct_copy": 87.0},
+            {"B": 32, "L": 4096, "impl": "gmod-exp", "check": "ok", "pct_copy": 86.8, "vs_default": 0.995}]}}}
+    text = "\n".join(v.attention_lines(att) + v.decode_lines(att))
+    assert "attention fwd: gmod vs SDPA flash 0.91-0.94 (target >= 1.0: not met at 3/3" in text
+    assert "GMOD_ATTN_FWD_IMPL=wgmma: checks ok; vs the default 1.10-1.20, faster at 3/3 -> make it the default: YES" in text
+    assert "best of the two vs flash 1.03-1.10: target met" in text
+    bwd = [l for l in text.splitlines() if "GMOD_ATTN_BWD_IMPL" in l][0]
+    assert "NOT all ok: MISMATCH dq" in bwd and "faster at 2/3" in bwd and bwd.endswith(
+        "make it the default: NO (rule: every check ok and faster at every shape)")
+    assert "decode: gmod 28-87% of copy bandwidth (target >= 70 at every shape: not met at 1/2: B1 L4096 28%)" in text
+    assert "GMOD_ATTN_PDL=1: checks ok; vs the default 0.99-1.18 -> make it the default: YES" in text
+    att["sections"]["decode"]["rows"][3]["vs_default"] = 0.97  # a loss beyond noise at batch 32
+    assert "-> make it the default: NO" in "\n".join(v.decode_lines(att))
+
+
+def test_gpu_verdicts_model_and_timeline(tmp_path):
+    v = _verdicts_module()
+    mod = {"sections": {"model": {"rows": [
+        {"impl": "dense", "pass": "prefill", "x_dense": 1.0}, {"impl": "dense", "pass": "train step", "x_dense": 1.0},
+        {"impl": "gamma-MoD", "pass": "prefill", "x_dense": 1 / 1.74},
+        {"impl": "gamma-MoD", "pass": "train step", "x_dense": 1 / 1.46},
+        {"impl": "gamma-MoD gmod", "pass": "train step", "x_dense": 1 / 1.49}]}}}
+    tl = {"rows": [
+        {"B": 1, "L": 4096, "mode": "flush", "pdl": 0, "event_us": 19.8, "copy_us": 8.7, "span_us": 9.0,
+         "split_us": 6.0, "combine_us": 2.0, "ideal_us": 5.5},
+        {"B": 1, "L": 4096, "mode": "rotate", "pdl": 0, "event_us": 11.0, "copy_us": 8.0, "span_us": 9.0,
+         "split_us": 6.0, "combine_us": 2.0, "ideal_us": 5.5}]}
+    (tmp_path / "bench_model.json").write_text(json.dumps(mod))
+    (tmp_path / "decode_timeline.json").write_text(json.dumps(tl))
+    text = "\n".join(v.verdicts(str(tmp_path)))
+    assert "model: gamma-MoD vs dense: prefill 1.74x (target 1.7: met); train step 1.46x (target 1.5: NOT met)" in text
+    assert "gamma-MoD gmod 1.49x -> keep the default: NO (switch auto to gmod)" in text
+    assert "event 19.8 us, kernels 9.0 (split 6.0, combine 2.0), outside them 10.8, ideal 5.5" in text
+    assert "rotating caches take 8.8 us off the call, 0.7 us off a same-size copy" in text
+    assert "much more than a copy" in text
+    # the command line: no JSON at all is said, not an error
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_verdicts.py"), str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "no benchmark JSON found" in proc.stdout

@@ -28,7 +28,8 @@
 #   200 fine-tuning steps: does gamma-MoD's first-answer-token accuracy recover with a longer fine-tune?)
 # Without build, the library already built in gmod_ext/ (a warm machine keeps it) is used.
 # Everything lands in $OUT (logs, bench_*.json, ncu.csv, summary.txt); the console shows short
-# tails, then the benchmark tables, then the summary table LAST (only the last 12,000 characters
+# tails, then the benchmark tables, then the summary table LAST, ending with the verdicts of
+# scripts/gpu_verdicts.py (targets met or not, defaults to flip) (only the last 12,000 characters
 # of output come back). A failing step never stops the script; its failure is in the summary.
 # Exit status: 0 if every step that ran passed, 1 otherwise.
 # Knobs: GMOD_GPU_CHECK_BUDGET_S (default 530 s for the whole script), GMOD_GPU_CHECK_PYTEST_ARGS (default -m cuda),
@@ -523,6 +524,8 @@ for name, doc in (("ops", ops), ("attention", att), ("layer", lay), ("model", mo
         print(f"!!! MISMATCH in bench {name}: " + "; ".join(m["bench"] for m in doc["mismatches"]))
 EOF
 src=$?
+# the decisions these numbers settle (flip a default, revert one), one line each
+"$PY" scripts/gpu_verdicts.py "$OUT" >> "$OUT/summary.txt" 2>&1
 echo
 if (( src == 0 )); then cat "$OUT/summary.txt"; else cat "$STATUS_FILE"; tail -n 5 "$OUT/summary.txt"; fi
 echo "overall: $([[ $ANY_FAIL == 0 ]] && echo ok || echo FAILURES) ($SECONDS s)"
