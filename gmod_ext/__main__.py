@@ -55,16 +55,49 @@ def tiny_model(arch: str = "llama", num_layers: int = 8, seed: int = 0, sharpen:
     return model
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def _finite_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
 def add_arank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="'tiny' (built-in random tiny model) or a local model folder")
     p.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"], help="architecture of --model tiny")
-    p.add_argument("--tiny-layers", type=int, default=8, help="layers of the tiny model")
-    p.add_argument("--batches", type=int, default=4, help="calibration batches")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=48)
+    p.add_argument("--tiny-layers", type=_positive_int, default=8, help="layers of the tiny model")
+    p.add_argument("--batches", type=_positive_int, default=4, help="calibration batches")
+    p.add_argument("--batch-size", type=_positive_int, default=2)
+    p.add_argument("--seq-len", type=_positive_int, default=48)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--keep-dense", type=int, default=None, help="keep the N highest-ARank layers dense (default ceil(L/8))")
-    g.add_argument("--threshold", type=float, default=None, help="layers with ARank < T become MoD layers")
+    g.add_argument("--keep-dense", type=_non_negative_int, default=None,
+                   help="keep the N highest-ARank layers dense (default ceil(L/8))")
+    g.add_argument("--threshold", type=_finite_float, default=None, help="layers with ARank < T become MoD layers")
     p.add_argument("--plot", default="arank.png", help="PNG path of the bar chart")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--json", default=None, help="also write the ranks and the choice to this JSON file")
@@ -72,19 +105,56 @@ def add_arank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _arank_error(msg: str) -> int:
+    print(f"python -m gmod_ext arank: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _check_output_path(opt: str, path: str) -> Optional[str]:
+    """Why ``path`` cannot be written (checked before the ARank run, so that no result is lost), or None."""
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{opt} {path} is a folder; expected a file path"
+    if not os.path.isdir(parent):
+        return f"{opt} {path}: the folder {parent} does not exist"
+    if not os.access(parent, os.W_OK):
+        return f"{opt} {path}: the folder {parent} is not writable"
+    return None
+
+
 def run_arank(args: argparse.Namespace) -> int:
+    import os
+
     import torch
 
     from .arank import arank, choose_mod_layers, format_table, plot_arank
 
+    for opt, path in (("--plot", None if args.no_plot else args.plot), ("--json", args.json)):
+        why = _check_output_path(opt, path) if path else None
+        if why:
+            return _arank_error(why)
     if args.model == "tiny":
         model = tiny_model(args.arch, args.tiny_layers, args.seed)
         name = f"tiny-{args.arch}"
     else:
         import transformers
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager").eval()
+        if not os.path.isdir(args.model):
+            return _arank_error(f"--model {args.model!r} is not a folder ('tiny' or a local model folder)")
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager").eval()
+        except (OSError, ValueError) as err:
+            return _arank_error(f"--model {args.model}: cannot load a causal LM from it: {str(err).splitlines()[0]}")
         name = args.model
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and args.seq_len > max_pos:
+        return _arank_error(f"--seq-len {args.seq_len} is longer than the model's {max_pos} positions "
+                            "(max_position_embeddings)")
+    L = len(getattr(getattr(model, "model", None), "layers", []) or [])
+    if args.keep_dense is not None and L and args.keep_dense > L:
+        return _arank_error(f"--keep-dense {args.keep_dense} is more than the model's {L} layers")
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(args.seed)
     batches = [

@@ -13,9 +13,10 @@ maps are alive at a time. Run it on the unconverted model (MoD layers have no de
 from __future__ import annotations
 
 import math
+import numbers
 import sys as _sys
 import types
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -39,9 +40,58 @@ def attention_rank(attn: torch.Tensor, valid: Optional[torch.Tensor] = None) -> 
 
 
 def _as_batches(batches) -> list:
-    if isinstance(batches, (torch.Tensor, dict)):
+    if isinstance(batches, (torch.Tensor, Mapping)):
         return [batches]
-    return list(batches)
+    if batches is None or isinstance(batches, (str, bytes)):
+        raise TypeError(f"gmod.arank: batches must be an iterable of model inputs (dicts of forward keywords or "
+                        f"input_ids tensors [B, S]), got {type(batches).__name__}")
+    try:
+        return list(batches)
+    except TypeError:
+        raise TypeError(f"gmod.arank: batches must be an iterable of model inputs (dicts of forward keywords or "
+                        f"input_ids tensors [B, S]), got {type(batches).__name__}") from None
+
+
+def _check_batch(i: int, batch, vocab: Optional[int], image_token_id: Optional[int], model_device) -> None:
+    """Raise ValueError / TypeError naming batch ``i`` and what is wrong with it, before the model runs."""
+    where = f"gmod.arank: batch {i}"
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"{where} is a {type(batch).__name__}; expected a dict of forward keywords or an input_ids "
+                        "tensor [B, S]")
+    ids, embeds = batch.get("input_ids"), batch.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if not isinstance(ref, torch.Tensor):
+        raise ValueError(f"{where} has no input_ids / inputs_embeds tensor (keys: {sorted(map(str, batch))})")
+    for name, t in batch.items():
+        if isinstance(t, torch.Tensor) and t.device.type == "meta" and model_device is not None \
+                and model_device.type != "meta":
+            raise ValueError(f"{where}: {name} is on the meta device (no data); the model is on {model_device}")
+    if ids is not None:
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{where}: input_ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.dim() != 2:
+            raise ValueError(f"{where}: input_ids has shape {tuple(ids.shape)}, expected [B, S]")
+    elif embeds.dim() != 3:
+        raise ValueError(f"{where}: inputs_embeds has shape {tuple(embeds.shape)}, expected [B, S, D]")
+    B, S = ref.shape[0], ref.shape[1]
+    if B == 0 or S == 0:
+        raise ValueError(f"{where} is empty (shape {tuple(ref.shape)}); every batch needs B >= 1 and S >= 1")
+    if ids is not None and vocab is not None and ids.device.type != "meta":
+        text = ids if image_token_id is None else ids[ids != image_token_id]
+        if text.numel() and (int(text.min()) < 0 or int(text.max()) >= vocab):
+            raise ValueError(f"{where}: input_ids must be in [0, {vocab}) (the vocabulary), got values in "
+                             f"[{int(text.min())}, {int(text.max())}]")
+    am = batch.get("attention_mask")
+    if isinstance(am, torch.Tensor) and am.dim() == 2:
+        if tuple(am.shape) != (B, S):
+            raise ValueError(f"{where}: attention_mask has shape {tuple(am.shape)}, expected [{B}, {S}] like the "
+                             "inputs")
+        if am.device.type != "meta":
+            empty = (am == 0).all(1).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"{where}: rows {empty} are all padding (attention_mask all 0): no tokens to rank")
 
 
 def _set_attn(model, impl) -> None:
@@ -67,6 +117,11 @@ def arank(
     """
     from tqdm.auto import tqdm
 
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"gmod.arank: model must be a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral)
+                                    or max_batches < 1):
+        raise ValueError(f"gmod.arank: max_batches={max_batches!r} must be None or an int >= 1")
     parts = find_decoder(model)
     L = len(parts.layers)
     totals = [0.0] * L
@@ -90,6 +145,15 @@ def arank(
     batches = _as_batches(batches)
     if max_batches is not None:
         batches = batches[:max_batches]
+    if not batches:
+        raise ValueError("gmod.arank: no calibration batches (an empty list); pass at least one model input "
+                         "(a dict of forward keywords or an input_ids tensor [B, S])")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    weight = getattr(emb, "weight", None)
+    model_device = weight.device if isinstance(weight, torch.Tensor) else None
+    for i, batch in enumerate(batches):
+        _check_batch(i, batch, vocab, parts.image_token_id, model_device)
     handles = [layer.self_attn.register_forward_hook(make_hook(i)) for i, layer in enumerate(parts.layers)]
     prev_impl = getattr(model.config, "_attn_implementation", None)
     was_training = model.training
@@ -130,8 +194,14 @@ def choose_mod_layers(
     paper's 4 of 32); ties go to the lower layer index.
     """
     L = len(ranks)
+    if L == 0:
+        raise ValueError("gmod: choose_mod_layers needs one ARank per layer, got an empty list")
     if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+            raise ValueError(f"gmod: arank threshold={threshold!r} must be a finite number")
         return [i for i, r in enumerate(ranks) if not (r >= threshold)]
+    if keep_dense is not None and (isinstance(keep_dense, bool) or not isinstance(keep_dense, numbers.Integral)):
+        raise TypeError(f"gmod: keep_dense must be an int, got {keep_dense!r}")
     n = max(1, math.ceil(L / 8)) if keep_dense is None else int(keep_dense)
     if not (0 <= n <= L):
         raise ValueError(f"gmod: keep_dense={n} must be in [0, {L}]")

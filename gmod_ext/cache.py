@@ -388,6 +388,12 @@ def memory_report(cache) -> dict[str, Any]:
     dense_equivalent_bytes`` (``used_ratio`` likewise with ``used_bytes``).
     """
     cu = _cache_utils()
+    if not isinstance(cache, cu.Cache) and not isinstance(getattr(cache, "layers", None), (list, tuple)):
+        hint = ""
+        if cache is not None and any(hasattr(cache, n) for n in ("sequences", "cache", "past_key_values")):
+            hint = " (a generate output: pass its cache, out.get('cache') or out.get('past_key_values'))"
+        raise TypeError(f"gmod.kv_memory_report: expected a KV cache (GmodCache / DynamicCache), got "
+                        f"{type(cache).__name__}{hint}")
     layer_cls = GmodLayer_cls()
     rows = []
     total = used = dense_total = 0
@@ -441,6 +447,9 @@ def _fmt_bytes(n: int) -> str:
 def format_memory_report(report_or_cache) -> str:
     """A printable table of :func:`memory_report` (pass the report or the cache)."""
     rep = report_or_cache if isinstance(report_or_cache, dict) else memory_report(report_or_cache)
+    if not isinstance(rep.get("layers"), list):
+        raise ValueError("gmod.format_memory_report: expected a report from gmod_ext.kv_memory_report (a dict with "
+                         f"'layers') or a KV cache, got a dict with keys {sorted(map(str, rep))}")
     lines = [
         f"KV cache: batch {rep.get('batch', '?')}, {rep.get('seq_len', '?')} positions",
         f"{'layer':>5}  {'kind':<5}  {'bytes':>12}  {'used':>12}  {'dense':>12}  {'x dense':>7}  tokens/row",

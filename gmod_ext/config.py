@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+import numbers
+import operator
+from typing import Any, Mapping, Optional
 
 VARIANTS = ("gamma", "mod", "pmod")
 GATES = ("default", "none")
@@ -50,6 +52,24 @@ ON_CACHE = ("error", "dense", "compact")
 ATTENTIONS = ("auto", "gmod", "sdpa")
 
 _FLOOR_TOL = 1e-9
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a float; TypeError naming ``name`` for a non-number (a str, None, a bool, a tensor, ...)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"gmod: {name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _index(name: str, value) -> int:
+    """``value`` as an int (Python / numpy ints, 0-d integer tensors); TypeError naming ``name`` otherwise
+    (floats such as 1.5, strings, bools)."""
+    if isinstance(value, bool):
+        raise TypeError(f"gmod: {name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"gmod: {name} must be an integer, got {value!r} ({type(value).__name__})") from None
 
 
 def num_skipped(n: int, ratio: float) -> int:
@@ -170,15 +190,40 @@ class GmodConfig:
                 raise ValueError(f"gmod: {name}={value!r} is not one of {allowed}")
         if self.router_init not in ("normal", "zeros"):
             raise ValueError(f"gmod: router_init={self.router_init!r} is not one of ('normal', 'zeros')")
+        if not isinstance(self.layers, (list, tuple)) or not isinstance(self.ratios, (list, tuple)):
+            raise TypeError(
+                f"gmod: layers and ratios must be lists (got {type(self.layers).__name__} and "
+                f"{type(self.ratios).__name__})")
         if len(self.layers) != len(self.ratios):
             raise ValueError("gmod: layers and ratios must have the same length")
+        num_layers = _index("num_layers", self.num_layers)
+        if num_layers < 0:
+            raise ValueError(f"gmod: num_layers={num_layers} must be >= 0")
+        layers = [_index("layers", i) for i in self.layers]
+        bad = [i for i in layers if i < 0 or (num_layers and i >= num_layers)]
+        if bad:
+            where = f"[0, {num_layers})" if num_layers else "non-negative"
+            raise ValueError(f"gmod: layer indices {bad} out of range (expected {where})")
+        if len(set(layers)) != len(layers):
+            dup = sorted({i for i in layers if layers.count(i) > 1})
+            raise ValueError(f"gmod: layer indices {dup} are given more than once (each layer at most once)")
         for r in self.ratios:
-            if not (0.0 <= float(r) < 1.0):
+            if not (0.0 <= _real("skip ratio", r) < 1.0):
                 raise ValueError(f"gmod: skip ratio {r} must be in [0, 1)")
-        if not (0.0 <= float(self.decode_threshold) <= 1.0):
+        if not (0.0 <= _real("decode_threshold", self.decode_threshold) <= 1.0):
             raise ValueError(f"gmod: decode_threshold={self.decode_threshold} must be a probability in [0, 1]")
-        if self.threshold is not None and not (0.0 < self.threshold < 1.0):
+        if self.threshold is not None and not (0.0 < _real("threshold", self.threshold) < 1.0):
             raise ValueError(f"gmod: threshold={self.threshold} must be a probability in (0, 1)")
+        aux = _real("aux_coef", self.aux_coef)
+        if not (math.isfinite(aux) and aux >= 0.0):
+            raise ValueError(f"gmod: aux_coef={self.aux_coef} must be a finite number >= 0")
+        for name in ("pmod_a", "pmod_b"):
+            if not math.isfinite(_real(name, getattr(self, name))):
+                raise ValueError(f"gmod: {name}={getattr(self, name)} must be a finite number")
+        if self.image_token_id is not None:
+            _index("image_token_id", self.image_token_id)
+        if self.arank is not None and not isinstance(self.arank, (list, tuple)):
+            raise TypeError(f"gmod: arank must be None or a list of floats (one per layer), got {type(self.arank).__name__}")
 
     def ratio_of(self, layer_idx: int) -> float:
         return float(self.ratios[self.layers.index(layer_idx)])
@@ -188,5 +233,7 @@ class GmodConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GmodConfig":
+        if not isinstance(d, Mapping):
+            raise TypeError(f"gmod: GmodConfig.from_dict needs a dict of settings, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})

@@ -54,6 +54,9 @@ Notes and limits:
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
+import os
 import types
 from typing import Any, Optional, Sequence, Union
 
@@ -62,8 +65,8 @@ from torch import nn
 
 from . import generation
 from ._hf import find_decoder
-from .config import ATTENTIONS, GmodConfig, prd_skip_ratios
-from .masks import check_routing_mask, routing_codes_and_rows, row_forced_routable
+from .config import ATTENTIONS, GATES, ON_CACHE, POSITIONS, ROUTERS, VARIANTS, FORCED, GmodConfig, prd_skip_ratios
+from .masks import check_routing_mask, routing_codes_and_rows
 from .mod_layer import make_mod_layer, unmake_mod_layer
 from .router import GmodRouter, GmodState, RoutingInfo
 from .verify import check_decoder_layers
@@ -85,7 +88,105 @@ _DEFAULT_FORCED_TEXT_ONLY = {"gamma": "ignored_labels", "mod": "none", "pmod": "
 
 
 def is_converted(model: nn.Module) -> bool:
-    return isinstance(model.__dict__.get("gmod_state"), GmodState)
+    return isinstance(getattr(model, "__dict__", {}).get("gmod_state"), GmodState)
+
+
+def _check_model(fn: str, model) -> None:
+    if isinstance(model, nn.Module):
+        return
+    hint = ""
+    if isinstance(model, (str, os.PathLike)):
+        hint = " (a path or hub id: load the model first, e.g. AutoModelForCausalLM.from_pretrained(path))"
+    elif isinstance(model, type):
+        hint = " (a class: pass an instance)"
+    raise TypeError(f"gmod.{fn}: model must be a torch.nn.Module (a Hugging Face model), got {model!r:.80}"
+                    f" ({type(model).__name__}){hint}")
+
+
+def _check_choice(name: str, value, allowed, none_ok: bool = False) -> None:
+    if none_ok and value is None:
+        return
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"gmod.convert: {name}={value!r} is not one of {tuple(allowed)}")
+
+
+def _check_real(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False, none_ok=False) -> None:
+    if none_ok and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"gmod.convert: {name} must be a number, got {value!r:.80} ({type(value).__name__})")
+    v = float(value)
+    ok = math.isfinite(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        lb = "(-inf" if lo is None else f"{'(' if lo_open else '['}{lo}"
+        ub = "inf)" if hi is None else f"{hi}{')' if hi_open else ']'}"
+        raise ValueError(f"gmod.convert: {name}={value!r} must be a finite number in {lb}, {ub}")
+
+
+def _check_ratio(ratio):
+    """``ratio``: a number in [0, 1), a sequence of them (one per MoD layer) or {layer: ratio}. Returns it
+    normalized: a Python float, a list of floats or the dict."""
+    what = "a skip ratio in [0, 1), a list of them (one per MoD layer) or a dict {layer index: ratio}"
+    if isinstance(ratio, dict):
+        values = list(ratio.values())
+        for k in ratio:
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+                raise TypeError(f"gmod.convert: ratio dict keys must be layer indices (ints), got {k!r}")
+    elif isinstance(ratio, bool) or isinstance(ratio, (str, bytes)) or ratio is None or (
+            isinstance(ratio, torch.Tensor) and ratio.dim() != 1):
+        raise TypeError(f"gmod.convert: ratio must be {what}, got {ratio!r:.80} ({type(ratio).__name__})")
+    elif isinstance(ratio, numbers.Real):
+        values = [ratio]
+    elif isinstance(ratio, torch.Tensor):
+        values = ratio.tolist()
+    else:
+        try:
+            values = list(ratio)
+        except TypeError:
+            raise TypeError(f"gmod.convert: ratio must be {what}, got {ratio!r:.80} ({type(ratio).__name__})") from None
+    for r in values:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real):
+            raise TypeError(f"gmod.convert: ratio must be {what}, got an element {r!r:.80} ({type(r).__name__})")
+        if not (0.0 <= float(r) < 1.0):  # NaN fails too
+            raise ValueError(f"gmod.convert: skip ratio {r!r} must be in [0, 1)")
+    if isinstance(ratio, dict):
+        return ratio
+    if isinstance(ratio, numbers.Real):
+        return float(ratio)
+    return [float(r) for r in values]
+
+
+def _check_layers(layers, L: int) -> None:
+    if isinstance(layers, str):
+        if layers not in ("arank", "all"):
+            raise ValueError(f"gmod.convert: layers={layers!r}: use 'arank', 'all' or a list of indices")
+        return
+    if isinstance(layers, torch.Tensor):
+        if layers.dtype.is_floating_point or layers.dtype.is_complex or layers.dtype == torch.bool or layers.dim() != 1:
+            raise TypeError(f"gmod.convert: layers as a tensor must be 1-D integer indices, got {layers.dtype} "
+                            f"{tuple(layers.shape)}")
+        items = [int(i) for i in layers.tolist()]
+    else:
+        try:
+            items = list(layers)
+        except TypeError:
+            raise TypeError(f"gmod.convert: layers must be 'arank', 'all' or a list of layer indices (ints), got "
+                            f"{layers!r:.80} ({type(layers).__name__})") from None
+        for i in items:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise TypeError(f"gmod.convert: layers must be a list of layer indices (ints), got an element "
+                                f"{i!r:.80} ({type(i).__name__})")
+        items = [int(i) for i in items]
+    bad = [i for i in items if not (0 <= i < L)]
+    if bad:
+        raise ValueError(f"gmod.convert: layer indices {bad} out of range [0, {L})")
+    dup = sorted({i for i in items if items.count(i) > 1})
+    if dup:
+        raise ValueError(f"gmod.convert: layer indices {dup} are given more than once (each layer at most once)")
 
 
 def _resolve_layers(model, parts, layers, calibration_batches, keep_dense, arank_threshold, progress):
@@ -107,7 +208,7 @@ def _resolve_layers(model, parts, layers, calibration_batches, keep_dense, arank
         else:
             raise ValueError(f"gmod.convert: layers={layers!r}: use 'arank', 'all' or a list of indices")
     else:
-        chosen = sorted({int(i) for i in layers})
+        chosen = sorted({int(i) for i in (layers.tolist() if isinstance(layers, torch.Tensor) else layers)})
         bad = [i for i in chosen if not (0 <= i < L)]
         if bad:
             raise ValueError(f"gmod.convert: layer indices {bad} out of range [0, {L})")
@@ -175,10 +276,41 @@ def convert(
         :mod:`gmod_ext.verify`) and raise TypeError if not, e.g. for GLM (interleaved partial rotary)
         or Granite with residual multipliers. ``verify=False`` skips it.
     """
+    _check_model("convert", model)
     if is_converted(model):
         raise ValueError("gmod.convert: the model is already converted")
+    # Every argument is checked before anything runs (ARank, verify) or changes: a bad one raises here.
+    for name, value, allowed in (("variant", variant, VARIANTS), ("router", router, ROUTERS),
+                                 ("positions", positions, POSITIONS), ("gate", gate, GATES),
+                                 ("on_cache", on_cache, ON_CACHE), ("attention", attention, ATTENTIONS)):
+        _check_choice(name, value, allowed)
+    _check_choice("forced", forced, FORCED, none_ok=True)
+    _check_choice("router_init", router_init, ("normal", "zeros"), none_ok=True)
+    _check_choice("schedule", schedule, ("constant", "prd"), none_ok=True)
+    ratio = _check_ratio(ratio)
+    _check_real("aux_coef", aux_coef, lo=0.0)
+    _check_real("threshold", threshold, lo=0.0, hi=1.0, lo_open=True, hi_open=True, none_ok=True)
+    _check_real("decode_threshold", decode_threshold, lo=0.0, hi=1.0)
+    _check_real("arank_threshold", arank_threshold, none_ok=True)
+    _check_real("prd_rbar", prd_rbar, none_ok=True)
+    _check_real("prd_min", prd_min, lo=0.0, hi=1.0)
+    _check_real("prd_max", prd_max, lo=0.0, hi=1.0)
+    if float(prd_min) > float(prd_max):
+        raise ValueError(f"gmod.convert: prd_min={prd_min} > prd_max={prd_max} would leave every layer dense")
+    if keep_dense is not None and (isinstance(keep_dense, bool) or not isinstance(keep_dense, numbers.Integral)
+                                   or keep_dense < 0):
+        raise ValueError(f"gmod.convert: keep_dense={keep_dense!r} must be None or an int >= 0")
+    if image_token_id is not None and (isinstance(image_token_id, bool)
+                                       or not isinstance(image_token_id, numbers.Integral)):
+        raise TypeError(f"gmod.convert: image_token_id must be an int token id or None, got {image_token_id!r:.80}")
     parts = find_decoder(model)
     L = len(parts.layers)
+    _check_layers(layers, L)
+    if isinstance(layers, str) and layers == "arank" and calibration_batches is None:
+        raise ValueError(
+            "gmod.convert: layers='arank' needs calibration_batches (model inputs: dicts or input_ids "
+            "tensors); or pass layers='all' / a list of layer indices"
+        )
     if verify:  # before ARank: an unsupported block should fail here, with the reason
         check_decoder_layers(model, parts)
     if image_token_id is None:
@@ -245,6 +377,33 @@ def apply_gmod_config(model: nn.Module, cfg: GmodConfig) -> nn.Module:
     parts = find_decoder(model)
     if cfg.num_layers and cfg.num_layers != len(parts.layers):
         raise ValueError(f"gmod: settings are for {cfg.num_layers} layers, the model has {len(parts.layers)}")
+    bad = [i for i in cfg.layers if not (0 <= int(i) < len(parts.layers))]
+    if bad:
+        raise ValueError(f"gmod: layer indices {bad} out of range [0, {len(parts.layers)})")
+    had_gmod = hasattr(model.config, "gmod")
+    try:
+        return _apply(model, cfg, parts)
+    except BaseException:
+        _rollback(model, parts, had_gmod)  # leave no half-converted model behind
+        raise
+
+
+def _rollback(model: nn.Module, parts, had_gmod: bool) -> None:
+    state = model.__dict__.get("gmod_state")
+    for h in getattr(state, "handles", None) or []:
+        h.remove()
+    for layer in parts.layers:
+        unmake_mod_layer(layer)
+    model._modules.pop("gmod_router", None)
+    model.__dict__.pop("gmod_state", None)
+    parts.text_model.__dict__.pop("gmod_state", None)
+    model.__dict__.pop("gmod_stats", None)
+    generation.uninstall(model)
+    if not had_gmod and hasattr(model.config, "gmod"):
+        del model.config.gmod
+
+
+def _apply(model: nn.Module, cfg: GmodConfig, parts) -> nn.Module:
     cfg.num_layers = len(parts.layers)
     device = parts.layers[0].input_layernorm.weight.device
     shared = None
@@ -285,6 +444,7 @@ def apply_gmod_config(model: nn.Module, cfg: GmodConfig) -> nn.Module:
 
 def unconvert(model: nn.Module) -> nn.Module:
     """Undo :func:`convert` (routers are dropped; the wrapped layers are unchanged)."""
+    _check_model("unconvert", model)
     state = model.__dict__.get("gmod_state")
     if state is None:
         return model
@@ -305,6 +465,7 @@ def unconvert(model: nn.Module) -> nn.Module:
 def set_attention(model: nn.Module, attention: str) -> nn.Module:
     """Switch the attention kernel of a converted model's MoD layers ("auto", "gmod" or "sdpa", see
     :class:`~gmod_ext.config.GmodConfig`) in place; the weights and the routing are unchanged."""
+    _check_model("set_attention", model)
     state = model.__dict__.get("gmod_state")
     if state is None:
         raise ValueError("gmod.set_attention: the model is not converted (call gmod_ext.convert first)")
@@ -346,7 +507,15 @@ def _pre_hook(module, args, kwargs):
     ref = ids if isinstance(ids, torch.Tensor) else embeds
     if not isinstance(ref, torch.Tensor):
         return args, kwargs
+    if ref.dim() < 2 or ref.shape[0] == 0 or ref.shape[1] == 0:
+        which = "input_ids" if ref is ids else "inputs_embeds"
+        raise ValueError(f"gmod: {which} has shape {tuple(ref.shape)}; a converted model needs a non-empty "
+                         "batch [B, S, ...] with B >= 1 and S >= 1")
     shape = tuple(ref.shape[:2])
+    if prefill_len is not None:
+        _check_prefill_len(prefill_len)
+    if forced_mask is not None:
+        _check_mask_arg("gmod_forced_mask", forced_mask, ref, allow_bool=True)
     attention_mask = named.get("attention_mask")
     if (
         isinstance(attention_mask, torch.Tensor)
@@ -358,8 +527,19 @@ def _pre_hook(module, args, kwargs):
     # The code mask and each row's (forced, routable) counts, read in one host sync: the counts give
     # the tight capacity (RoutingInfo.rows) and F_max.
     if routing_mask is not None:
-        codes = check_routing_mask(routing_mask.to(ref.device), shape)
-        rows = row_forced_routable(codes)
+        _check_mask_arg("gmod_routing_mask", routing_mask, ref, allow_bool=False)
+        raw = routing_mask.to(ref.device)
+        if raw.dim() != 2 or tuple(raw.shape) != shape:
+            check_routing_mask(raw, shape)  # raises with the shapes
+        # each row's (forced, routable) counts and its invalid codes, in the forward's one host sync;
+        # checked before the int8 cast, which would wrap e.g. 256 to 0
+        counts = torch.stack([(raw == 1).sum(1), (raw == 0).sum(1), ((raw < 0) | (raw > 2)).sum(1)], dim=1).tolist()
+        if any(c[2] for c in counts):
+            b, t = (int(v) for v in ((raw < 0) | (raw > 2)).nonzero()[0].tolist())
+            raise ValueError(f"gmod: gmod_routing_mask[{b}, {t}] = {int(raw[b, t])} is not a routing code "
+                             "(0 routable, 1 forced keep, 2 padding / never processed)")
+        codes = check_routing_mask(raw, shape)
+        rows = [(f, r) for f, r, _ in counts]
         max_forced = max(f for f, _ in rows)
     else:
         codes, max_forced, rows = routing_codes_and_rows(
@@ -379,6 +559,30 @@ def _pre_hook(module, args, kwargs):
     state.scratch = None
     kwargs["gmod_routing"] = info
     return args, kwargs
+
+
+def _check_prefill_len(p) -> None:
+    if isinstance(p, torch.Tensor):
+        if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool or p.numel() != 1:
+            raise TypeError(f"gmod: gmod_prefill_len must be an int (the prompt length), got a {p.dtype} tensor "
+                            f"of shape {tuple(p.shape)}")
+        return
+    if isinstance(p, bool) or not isinstance(p, numbers.Integral):
+        raise TypeError(f"gmod: gmod_prefill_len must be an int (the prompt length) or None, got {p!r:.80} "
+                        f"({type(p).__name__})")
+    if p < 0:
+        raise ValueError(f"gmod: gmod_prefill_len={p} must be >= 0 (the prompt length)")
+
+
+def _check_mask_arg(name: str, mask, ref: torch.Tensor, allow_bool: bool) -> None:
+    what = "a bool tensor [B, S]" if allow_bool else "an integer tensor [B, S] of codes 0 / 1 / 2 (int8)"
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"gmod: {name} must be {what}, got {type(mask).__name__}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex or (mask.dtype == torch.bool and not allow_bool):
+        hint = " (for a bool mask of tokens to keep, use gmod_forced_mask)" if mask.dtype == torch.bool else ""
+        raise TypeError(f"gmod: {name} must be {what}, got dtype {mask.dtype}{hint}")
+    if mask.device.type == "meta" and ref.device.type != "meta":
+        raise ValueError(f"gmod: {name} is on the meta device (no data); the inputs are on {ref.device}")
 
 
 def _post_hook(module, args, kwargs, output):
@@ -482,6 +686,23 @@ def from_pretrained(path, cls=None, **kwargs) -> nn.Module:
     ``kwargs`` go to ``cls.from_pretrained`` (``dtype=``, ...). Routers stay float32.
     """
     import transformers
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"gmod.from_pretrained: path must be a folder written by save_pretrained (str or "
+                        f"os.PathLike), got {path!r:.80} ({type(path).__name__})")
+    local = os.path.expanduser(os.fspath(path))
+    if os.path.isfile(local):
+        raise ValueError(f"gmod.from_pretrained: {path} is a file; expected the folder save_pretrained wrote "
+                         "(with config.json)")
+    # a hub id is "name" or "org/name"; anything else that is not a folder is a missing local path
+    looks_local = os.path.isabs(local) or local.startswith((".", "~")) or local.count("/") > 1
+    if not os.path.isdir(local) and looks_local:
+        raise FileNotFoundError(f"gmod.from_pretrained: no such folder: {path}")
+    if os.path.isdir(local) and "config" not in kwargs and not os.path.isfile(os.path.join(local, "config.json")):
+        raise FileNotFoundError(f"gmod.from_pretrained: {path} has no config.json (not a save_pretrained folder)")
+    if cls is not None and not (isinstance(cls, type) and issubclass(cls, nn.Module)
+                                and hasattr(cls, "from_pretrained")):
+        raise TypeError(f"gmod.from_pretrained: cls must be a transformers model class, got {cls!r:.80}")
 
     config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(path)
     gm = getattr(config, "gmod", None)

@@ -50,6 +50,42 @@ def _layers(text: str):
     return n
 
 
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _json_path_error(path: str):
+    """Why ``--json PATH`` cannot be written, checked before the run so that no measurement is lost."""
+    if os.path.isdir(path):
+        return f"--json {path} is a folder; expected a file path"
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):  # write_json creates missing folders
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--json {path}: {parent} is not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"--json {path}: the folder {parent} is not writable"
+    return None
+
+
 def _parser() -> argparse.ArgumentParser:
     cols = "\n".join(
         f"--- {name} tables ---\n" + common.columns_help(mod.TABLES) for name, mod in BENCHES.items())
@@ -77,8 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="CUDA: evict L2 by reading a 256 MiB buffer (default) or by writing it (leaves up to 50 MB "
                         "of dirty lines whose write-back is billed to the timed call; the benchmarks before "
                         "2026-11-24 did this)")
-    p.add_argument("--budget-ms", type=float, help="time spent on the repeats of one measurement")
-    p.add_argument("--threads", type=int, help="CPU: torch threads (default 1, for stable medians)")
+    p.add_argument("--budget-ms", type=_positive_float, help="time spent on the repeats of one measurement")
+    p.add_argument("--threads", type=_positive_int, help="CPU: torch threads (default 1, for stable medians)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiments", action="store_true",
                    help="attention: also time the other kernel plans as gmod-exp rows, in the same process: the "
@@ -98,7 +134,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.json and _json_path_error(args.json):
+        parser.error(_json_path_error(args.json))
     if not args.check_indices:
         # Read once per process by the extension, at the first CUDA op call: set before any.
         os.environ["GMOD_TRUST_INDICES"] = "1"

@@ -14,7 +14,7 @@ import time
 import torch
 
 from ..costs import arch_of, forward_flops, kv_estimate
-from .data import FORCED_CHOICES
+from .data import BUILTIN_TEXT, FORCED_CHOICES
 from .loop import (Run, accuracy_of, cache_module, dense_cache_bytes, evaluate, generate, kept_counts,
                    kept_for_generation, to_device, train)
 from .models import build_builtin_model, load_user_model, task_for
@@ -80,13 +80,49 @@ def add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's choice)")
 
 
+BUILTIN_MAX_SEQ_LEN = BUILTIN_TEXT["max_position_embeddings"]
+
+
+def _arg_error(msg: str):
+    """A bad command-line value: one line on stderr, exit status 2 (argparse's), no traceback."""
+    print(f"python -m gmod_ext demo: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        _arg_error(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gmod demo: --device cuda but torch sees no GPU")
+        _arg_error(f"--device {name} but torch sees no GPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        _arg_error(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s)")
+    if dev.type not in ("cpu", "cuda"):
+        _arg_error(f"--device {name!r}: the demo runs on cpu or cuda")
     return dev
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check every numeric / path option before anything runs (exit 2 with a one-line message)."""
+    import math
+
+    if not (0.0 <= args.ratio < 1.0):
+        _arg_error(f"--ratio {args.ratio} must be in [0, 1)")
+    for opt, value, lo in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                           ("--gen-batch-size", args.gen_batch_size, 1), ("--seq-len", args.seq_len, 1),
+                           ("--baseline-steps", args.baseline_steps, 0), ("--pretrain-steps", args.pretrain_steps, 0),
+                           ("--keep-dense", args.keep_dense, 0), ("--threads", args.threads, 1)):
+        if value is not None and value < lo:
+            _arg_error(f"{opt} {value} must be >= {lo}")
+    if args.model is None and args.seq_len > BUILTIN_MAX_SEQ_LEN:
+        _arg_error(f"--seq-len {args.seq_len} is longer than the built-in model's {BUILTIN_MAX_SEQ_LEN} positions")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        _arg_error(f"--lr {args.lr} must be a finite number > 0")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        _arg_error(f"--out {args.out} exists and is not a folder (report.json and the PNG go into a folder)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -96,14 +132,16 @@ def run_demo(args: argparse.Namespace) -> int:
     import gmod_ext
 
     transformers.logging.set_verbosity_error()
+    validate_args(args)
     device = _resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (0.0 <= args.ratio < 1.0):
-        raise SystemExit(f"gmod demo: --ratio {args.ratio} must be in [0, 1)")
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:
+        _arg_error(f"--out {args.out}: cannot create the folder ({err.strerror or err})")
     progress = not args.no_progress
     builtin = args.model is None
     pretrain_steps = args.pretrain_steps if args.pretrain_steps is not None else (150 if builtin else 0)
@@ -122,10 +160,17 @@ def run_demo(args: argparse.Namespace) -> int:
         model = load_user_model(args.model)
         grid = None
         name = args.model
-    task = task_for(model, args.seq_len, args.seed, grid, forced=args.forced)
+    try:
+        task = task_for(model, args.seq_len, args.seed, grid, forced=args.forced)
+    except ValueError as err:  # --seq-len too short for the task's layout: the message says by how much
+        if not str(err).startswith("gmod demo:"):
+            raise
+        _arg_error(str(err)[len("gmod demo:"):].strip())
     explicit_mask = not task.vision  # LLaVA: the converter builds the mask from labels + image token id
     model.to(device=device, dtype=dtype)
     a = arch_of(model)
+    if args.keep_dense is not None and args.keep_dense > a["L"]:
+        _arg_error(f"--keep-dense {args.keep_dense} is more than the model's {a['L']} decoder layers")
     n_params = sum(p.numel() for p in model.parameters())
     where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     log(f"gmod demo: {name}, {n_params / 1e6:.1f}M parameters, {device} {str(dtype)[6:]}, {where}")
@@ -154,6 +199,10 @@ def run_demo(args: argparse.Namespace) -> int:
         if not str(err).startswith("gmod"):
             raise
         raise SystemExit(f"gmod demo: {err}") from None
+    except ValueError as err:  # an option value convert refuses (e.g. --keep-dense above the layer count)
+        if not str(err).startswith("gmod"):
+            raise
+        _arg_error(str(err))
     t_convert = time.perf_counter() - t0
     gcfg = model.config.gmod
     ranks = [float(r) for r in gcfg["arank"]]
