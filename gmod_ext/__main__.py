@@ -17,6 +17,8 @@ import json
 import sys
 from typing import Callable, Optional
 
+from ._cli_types import finite_float, int_at_least
+
 
 # ----------------------------------------------------------------------------- arank
 def tiny_model(arch: str = "llama", num_layers: int = 8, seed: int = 0, sharpen: bool = True):
@@ -55,36 +57,9 @@ def tiny_model(arch: str = "llama", num_layers: int = 8, seed: int = 0, sharpen:
     return model
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
-
-
-def _finite_float(text: str) -> float:
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return v
+_positive_int = int_at_least(1)
+_non_negative_int = int_at_least(0)
+_finite_float = finite_float()
 
 
 def add_arank(p: argparse.ArgumentParser) -> None:

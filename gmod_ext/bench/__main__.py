@@ -14,6 +14,7 @@ import traceback
 
 import torch
 
+from .._cli_types import finite_float, int_at_least
 from . import attention as attention_bench
 from . import common
 from . import layer as layer_bench
@@ -50,26 +51,8 @@ def _layers(text: str):
     return n
 
 
-def _positive_float(text: str) -> float:
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+_positive_float = finite_float(positive=True)
+_positive_int = int_at_least(1)
 
 
 def _json_path_error(path: str):
