@@ -66,7 +66,7 @@ from torch import nn
 from . import generation
 from ._hf import find_decoder
 from .config import ATTENTIONS, GATES, ON_CACHE, POSITIONS, ROUTERS, VARIANTS, FORCED, GmodConfig, prd_skip_ratios
-from .masks import check_routing_mask, routing_codes_and_rows
+from .masks import explicit_codes_and_rows, routing_codes_and_rows
 from .mod_layer import make_mod_layer, unmake_mod_layer
 from .router import GmodRouter, GmodState, RoutingInfo
 from .verify import check_decoder_layers
@@ -528,18 +528,7 @@ def _pre_hook(module, args, kwargs):
     # the tight capacity (RoutingInfo.rows) and F_max.
     if routing_mask is not None:
         _check_mask_arg("gmod_routing_mask", routing_mask, ref, allow_bool=False)
-        raw = routing_mask.to(ref.device)
-        if raw.dim() != 2 or tuple(raw.shape) != shape:
-            check_routing_mask(raw, shape)  # raises with the shapes
-        # each row's (forced, routable) counts and its invalid codes, in the forward's one host sync;
-        # checked before the int8 cast, which would wrap e.g. 256 to 0
-        counts = torch.stack([(raw == 1).sum(1), (raw == 0).sum(1), ((raw < 0) | (raw > 2)).sum(1)], dim=1).tolist()
-        if any(c[2] for c in counts):
-            b, t = (int(v) for v in ((raw < 0) | (raw > 2)).nonzero()[0].tolist())
-            raise ValueError(f"gmod: gmod_routing_mask[{b}, {t}] = {int(raw[b, t])} is not a routing code "
-                             "(0 routable, 1 forced keep, 2 padding / never processed)")
-        codes = check_routing_mask(raw, shape)
-        rows = [(f, r) for f, r, _ in counts]
+        codes, rows = explicit_codes_and_rows(routing_mask.to(ref.device), shape)
         max_forced = max(f for f, _ in rows)
     else:
         codes, max_forced, rows = routing_codes_and_rows(

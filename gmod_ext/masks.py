@@ -117,8 +117,29 @@ def check_routing_mask(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tens
     return mask.to(torch.int8)
 
 
+def _row_counts(codes: torch.Tensor, invalid: bool = False) -> list:
+    """Per row of a [B, S] code mask: [forced, routable (, codes outside 0..2)], in one host sync."""
+    cols = [(codes == MASK_FORCED).sum(1), (codes == MASK_ROUTABLE).sum(1)]
+    if invalid:
+        cols.append(((codes < MASK_ROUTABLE) | (codes > MASK_NEVER)).sum(1))
+    return torch.stack(cols, dim=1).tolist()
+
+
 def row_forced_routable(codes: torch.Tensor) -> list:
     """``[(F_b, R_b), ...]``: forced (code 1) and routable (code 0) tokens of each row of a [B, S] code
     mask, as Python ints (one host sync), for the tight capacity (:func:`gmod_ext.config.capacity_of_rows`)."""
-    counts = torch.stack([(codes == MASK_FORCED).sum(1), (codes == MASK_ROUTABLE).sum(1)], dim=1)
-    return [tuple(r) for r in counts.tolist()]
+    return [tuple(r) for r in _row_counts(codes)]
+
+
+def explicit_codes_and_rows(mask: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, list]:
+    """A caller's ``gmod_routing_mask``: shape and codes checked, returned as int8 with each row's
+    ``(F_b, R_b)``, in the one host sync :func:`row_forced_routable` costs. The codes are checked before
+    the int8 cast, which would wrap e.g. 256 to 0."""
+    if mask.dim() != 2 or tuple(mask.shape) != tuple(shape):
+        check_routing_mask(mask, shape)  # raises, naming both shapes
+    counts = _row_counts(mask, invalid=True)
+    if any(c[2] for c in counts):
+        b, t = (int(v) for v in ((mask < MASK_ROUTABLE) | (mask > MASK_NEVER)).nonzero()[0].tolist())
+        raise ValueError(f"gmod: gmod_routing_mask[{b}, {t}] = {int(mask[b, t])} is not a routing code "
+                         "(0 routable, 1 forced keep, 2 padding / never processed)")
+    return mask.to(torch.int8), [(f, r) for f, r, _ in counts]
