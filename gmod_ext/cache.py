@@ -47,12 +47,24 @@ smaller than the first call's length applies the decode rule to positions ``>= P
 a prefill split over several calls (chunked prefill) routes later chunks by the decode rule, so it
 equals a no-cache recompute with ``P`` = the first chunk's length, not the prompt length.
 
+Rollback (``crop``: assisted / speculative decoding, prompt-lookup decoding)
+----------------------------------------------------------------------------
+A MoD slot also records the position (in ``seen``'s count) of every token it stores,
+``positions [B, capacity] int32``, ascending per row. ``crop`` removes the last positions: row b
+keeps its stored tokens at positions ``< seen - removed`` (a prefix of its buffer, since tokens are
+stored in position order), ``cache_len`` shrinks to match and ``seen`` goes back; what is left is
+what the cache would hold had the removed positions never been fed (the decisions of the kept
+positions did not depend on later tokens, see above). Hugging Face's assisted generation verifies a
+draft in one multi-token decode step and crops the rejected tokens, so it gives the tokens of
+plain greedy generation. Cropping into the prompt keeps the prompt tokens' top-k decisions, which
+were made over the whole prompt.
+
 Memory accounting: :func:`memory_report` / :func:`format_memory_report` (also
-``gmod_ext.kv_memory_report``). Beam search works (``reorder_cache``); ``crop`` (assisted
-decoding, rollback) is not supported for MoD slots.
+``gmod_ext.kv_memory_report``). Beam search works (``reorder_cache``).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional, Sequence
 
 import torch
@@ -78,8 +90,36 @@ def _tensor_bytes(t: Optional[torch.Tensor]) -> int:
     return int(t.numel()) * int(t.element_size())
 
 
+def crop_removes_tokens(cu=None) -> bool:
+    """Whether this transformers' layer ``crop(n)`` takes the number of tokens to remove (``n <= 0``,
+    transformers >= 5.24: ``crop(-3)`` drops three, ``crop(0)`` nothing) rather than the length to keep
+    (earlier releases: ``crop(n >= 0)`` keeps n, ``crop(-3)`` drops three)."""
+    cu = _cache_utils() if cu is None else cu
+    crop = getattr(getattr(cu, "DynamicLayer", None), "crop", None)
+    if crop is None:
+        return True
+    names = [n for n in inspect.signature(crop).parameters if n != "self"]
+    return bool(names) and names[0] == "tokens_to_remove"
+
+
+def crop_target(seen: int, arg: int, removes_tokens: bool) -> int:
+    """The number of positions a cache of ``seen`` positions keeps after ``crop(arg)`` (see
+    :func:`crop_removes_tokens` for the two meanings of ``arg``)."""
+    if isinstance(arg, bool) or not isinstance(arg, int):
+        try:
+            arg = int(arg)
+        except (TypeError, ValueError):
+            raise TypeError(f"gmod: crop() takes an int, got {type(arg).__name__}") from None
+    if removes_tokens:
+        if arg > 0:
+            raise ValueError(f"gmod: crop({arg}): pass a negative number of tokens to remove (crop(-{arg}))")
+        return max(seen + arg, 0)
+    return max(seen + arg, 0) if arg < 0 else min(arg, seen)
+
+
 def _make_layer_class():
     cu = _cache_utils()
+    removes_tokens = crop_removes_tokens(cu)
 
     class GmodLayer(cu.CacheLayerMixin):
         """The compact KV cache of one MoD layer.
@@ -87,14 +127,17 @@ def _make_layer_class():
         ``keys`` / ``values``: ``[B, capacity, Hk, d]`` (None before the first write), ``cache_len``:
         ``[B] int32`` on the cache's device, ``lens``: the same lengths as a Python list (kept in
         step with ``cache_len`` from the per-step counts the decode step reads anyway, so growing
-        the buffer needs no extra device sync; None after a prefill until first needed), ``seen``: positions seen (prompt + generated, padding
-        included), ``prefill_len``: the length of the first call (its tokens were routed by top-k).
+        the buffer needs no extra device sync; None after a prefill or a crop until first needed),
+        ``seen``: positions seen (prompt + generated, padding included), ``prefill_len``: the length
+        of the first call (its tokens were routed by top-k), ``positions``: ``[B, capacity] int32``,
+        the position of each stored token (valid below ``cache_len``; what ``crop`` reads).
         """
 
         is_sliding = False
         is_compileable = False
-        is_croppable = False
+        is_croppable = True
         supports_early_init = False
+        pos_tail_flush = 4096  # host-recorded positions held before they are written to the device
 
         def __init__(self, **kwargs):
             super().__init__()
@@ -102,6 +145,13 @@ def _make_layer_class():
             self.lens: list[int] = []
             self.seen = 0
             self.prefill_len: Optional[int] = None
+            # [B, capacity + 1] int32: the positions of the stored tokens, plus one column that the
+            # slots past a step's count are written to (so the scatter needs no host-side count).
+            self._pos: Optional[torch.Tensor] = None
+            # (row, column, position) of the tokens stored by one-token decode steps since the last
+            # flush into _pos: those steps know their counts on the host, so recording costs them
+            # no device work (crop, positions and row selection flush first).
+            self._pos_tail: list[tuple[int, int, int]] = []
 
         def __repr__(self):
             cap = 0 if self.keys is None else self.keys.shape[1]
@@ -112,6 +162,15 @@ def _make_layer_class():
         def capacity(self) -> int:
             return 0 if self.keys is None else int(self.keys.shape[1])
 
+        @property
+        def positions(self) -> Optional[torch.Tensor]:
+            """``[B, capacity] int32``: the position of each stored token (row b: the first
+            ``cache_len[b]`` entries, ascending); None before the first write."""
+            if self._pos is None:
+                return None
+            self._flush_positions()
+            return self._pos[:, : self.capacity]
+
         def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
             """``key_states`` [B, T, Hk, d] (gmod layout): sets B, Hk, d, dtype and device."""
             B, _, Hk, d = key_states.shape
@@ -119,6 +178,7 @@ def _make_layer_class():
             self.keys = torch.zeros(B, 0, Hk, d, dtype=self.dtype, device=self.device)
             self.values = torch.zeros(B, 0, Hk, d, dtype=value_states.dtype, device=self.device)
             self.cache_len = torch.zeros(B, dtype=torch.int32, device=self.device)
+            self._pos = torch.zeros(B, 1, dtype=torch.int32, device=self.device)
             self.lens = [0] * B
             self.is_initialized = True
 
@@ -131,11 +191,13 @@ def _make_layer_class():
             B, _, Hk, d = self.keys.shape
             k = torch.zeros(B, new_cap, Hk, d, dtype=self.keys.dtype, device=self.keys.device)
             v = torch.zeros(B, new_cap, Hk, d, dtype=self.values.dtype, device=self.values.device)
+            pos = torch.zeros(B, new_cap + 1, dtype=torch.int32, device=self._pos.device)
             if cap:
                 used = max(self.lens) if self.lens else cap  # unknown lengths: copy everything
                 k[:, :used] = self.keys[:, :used]
                 v[:, :used] = self.values[:, :used]
-            self.keys, self.values = k, v
+                pos[:, :used] = self._pos[:, :used]
+            self.keys, self.values, self._pos = k, v, pos
 
         def host_lens(self) -> list[int]:
             """``cache_len`` as a Python list (a device sync if it is not known on the host yet)."""
@@ -144,13 +206,21 @@ def _make_layer_class():
             return self.lens
 
         def append(
-            self, k_new: torch.Tensor, v_new: torch.Tensor, count: torch.Tensor, counts: Optional[Sequence[int]] = None
+            self,
+            k_new: torch.Tensor,
+            v_new: torch.Tensor,
+            count: torch.Tensor,
+            counts: Optional[Sequence[int]] = None,
+            idx: Optional[torch.Tensor] = None,
         ) -> None:
             """Append the first ``count[b]`` rows of ``k_new`` / ``v_new`` ``[B, T, Hk, d]`` to row b.
 
             ``counts``: ``count`` as a Python list if the caller has it (decode). Without it
             (prefill) no device sync happens: the buffer is sized for the worst case
-            (``T`` more rows) and the host lengths are read at the next use.
+            (``T`` more rows) and the host lengths are read at the next use. ``idx`` ``[B, >= T]``:
+            the step's positions of those rows (ascending, relative to the step's first position
+            ``seen``; the routing's ``idx``), recorded for ``crop``; None: ``0, 1, ..., count[b] - 1``
+            (a one-token step passes None: with ``counts`` its positions are recorded on the host).
             """
             from . import ops
 
@@ -168,15 +238,47 @@ def _make_layer_class():
             else:
                 new_lens = [a + int(c) for a, c in zip(self.host_lens(), counts)]
                 self.reserve(max(new_lens) if new_lens else 0)
+            count = count.to(device=self.keys.device, dtype=torch.int32)
+            if counts is not None and idx is None and int(k_new.shape[1]) == 1:
+                # a one-token decode step (its token at position seen): recorded on the host
+                old = self.host_lens()
+                self._pos_tail.extend((b, old[b], self.seen) for b, c in enumerate(counts) if c)
+                if len(self._pos_tail) >= self.pos_tail_flush:
+                    self._flush_positions()
+            else:
+                self._record_positions(count, idx, int(k_new.shape[1]))
             ops.kv_cache_append(
                 self.keys,
                 self.values,
                 self.cache_len,
                 k_new.detach().to(self.keys.dtype).contiguous(),
                 v_new.detach().to(self.values.dtype).contiguous(),
-                count.to(device=self.keys.device, dtype=torch.int32).contiguous(),
+                count.contiguous(),
             )
             self.lens = new_lens
+
+        def _flush_positions(self) -> None:
+            if self._pos_tail:
+                rows, cols, vals = zip(*self._pos_tail)
+                dev = self._pos.device
+                self._pos[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(
+                    vals, dtype=torch.int32, device=dev)
+                self._pos_tail.clear()
+
+        def _record_positions(self, count: torch.Tensor, idx: Optional[torch.Tensor], T: int) -> None:
+            """Write ``seen + idx[b, c]`` at column ``cache_len[b] + c`` of row b for ``c < count[b]``
+            (before ``kv_cache_append`` moves ``cache_len``); the other slots go to the spare column."""
+            self._flush_positions()
+            dev = self._pos.device
+            c = torch.arange(T, device=dev, dtype=torch.int32)
+            if idx is None:
+                step_pos = c.unsqueeze(0).expand(count.shape[0], T)
+            else:
+                step_pos = idx[:, :T].to(device=dev, dtype=torch.int32)
+            cols = self.cache_len.to(dev).unsqueeze(1) + c
+            spare = self._pos.shape[1] - 1
+            cols = torch.where(c.unsqueeze(0) < count.to(dev).unsqueeze(1), cols, spare)
+            self._pos.scatter_(1, cols.long(), step_pos + self.seen)
 
         def update(self, key_states, value_states, *args, **kwargs):
             raise NotImplementedError(
@@ -188,35 +290,55 @@ def _make_layer_class():
         def get_seq_length(self) -> int:
             return self.seen
 
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        def get_mask_sizes(self, query_length) -> tuple[int, int]:
+            # transformers >= 5 passes the query length, 4.56 - 4.57 the cache_position tensor
+            if isinstance(query_length, torch.Tensor):
+                query_length = int(query_length.shape[0])
             return self.seen + query_length, 0
 
         def get_max_length(self) -> int:
             return -1
 
+        def get_max_cache_shape(self) -> int:  # abstract in transformers 4.56 - 4.57: no maximum
+            return -1
+
         def reset(self) -> None:
             self.keys = self.values = None
             self.cache_len = None
+            self._pos = None
+            self._pos_tail = []
             self.lens = []
             self.seen = 0
             self.prefill_len = None
             self.is_initialized = False
 
         def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove == 0 or not self.is_initialized:
+            """Forget the last positions (``crop(-n)`` removes n; before transformers 5.24
+            ``crop(m >= 0)`` keeps m): each row keeps its stored tokens at positions below the new
+            ``seen``. One device sync (the new lengths) when something is removed."""
+            new_seen = crop_target(self.seen, tokens_to_remove, removes_tokens)
+            if new_seen >= self.seen:
                 return
-            raise NotImplementedError(
-                "gmod: cropping a MoD layer's compact KV cache is not supported (which stored tokens belong to the "
-                "removed positions is not tracked); assisted / speculative decoding is not supported"
-            )
+            if self.is_initialized and self.capacity:
+                self._flush_positions()
+                cap = self.capacity
+                live = torch.arange(cap, device=self._pos.device) < self.cache_len.to(self._pos.device).unsqueeze(1)
+                new_len = (live & (self._pos[:, :cap] < new_seen)).sum(1, dtype=torch.int32)
+                self.cache_len.copy_(new_len.to(self.cache_len.device))
+                self.lens = [int(v) for v in new_len.tolist()]
+            self.seen = new_seen
+            if self.prefill_len is not None:
+                self.prefill_len = min(self.prefill_len, new_seen)
 
         def _select_rows(self, index: torch.Tensor) -> None:
             if not self.is_initialized:
                 return
             index = index.to(self.keys.device)
+            self._flush_positions()
             self.keys = self.keys.index_select(0, index)
             self.values = self.values.index_select(0, index)
             self.cache_len = self.cache_len.index_select(0, index)
+            self._pos = self._pos.index_select(0, index.to(self._pos.device))
             if self.lens is not None:
                 self.lens = [self.lens[i] for i in index.tolist()]
 
@@ -239,11 +361,13 @@ def _make_layer_class():
             super().offload()
             if self.is_initialized:
                 self.cache_len = self.cache_len.to("cpu", non_blocking=True)
+                self._pos = self._pos.to("cpu", non_blocking=True)
 
         def prefetch(self):
             super().prefetch()
             if self.is_initialized and self.cache_len.device != self.device:
                 self.cache_len = self.cache_len.to(self.device, non_blocking=True)
+                self._pos = self._pos.to(self.device, non_blocking=True)
 
         @property
         def batch_size(self) -> int:
@@ -382,8 +506,9 @@ def memory_report(cache) -> dict[str, Any]:
     Returns ``{"layers": [{"layer", "kind" ("dense" | "mod"), "bytes", "used_bytes", "tokens" (per
     row), "dense_bytes"}], "total_bytes", "used_bytes", "dense_equivalent_bytes", "ratio",
     "used_ratio", "seq_len", "batch"}``. ``bytes``: the KV tensors the layer holds (a MoD layer's
-    compact buffer including its growth slack); ``used_bytes``: the stored tokens only;
-    ``dense_bytes``: what a dense layer would hold for the same positions (prompt + generated,
+    compact buffer including its growth slack; not its int32 position per stored token, which
+    ``crop`` reads: 4 bytes against ``2 x Hk x d x`` the element size per token); ``used_bytes``:
+    the stored tokens only; ``dense_bytes``: what a dense layer would hold for the same positions (prompt + generated,
     padding included). ``dense_equivalent_bytes`` is their sum; ``ratio = total_bytes /
     dense_equivalent_bytes`` (``used_ratio`` likewise with ``used_bytes``).
     """

@@ -24,8 +24,8 @@ The model is changed **in place** and returned:
 * ``model.config.gmod`` holds the settings (:class:`~gmod_ext.config.GmodConfig` as a dict);
 * KV cache (``on_cache="compact"``, default): MoD layers keep a compact cache of the tokens they
   processed (:mod:`gmod_ext.cache`); ``config.use_cache`` is left as it is (True for Hugging Face
-  models), ``model.generate`` creates a :class:`~gmod_ext.cache.GmodCache` and passes
-  ``gmod_prefill_len`` (:mod:`gmod_ext.generation`), ``model.gmod_new_cache()`` makes a cache by
+  models), ``model.generate`` creates a :class:`~gmod_ext.cache.GmodCache` and routes with
+  ``gmod_prefill_len`` = the prompt length (:mod:`gmod_ext.generation`), ``model.gmod_new_cache()`` makes a cache by
   hand. With ``on_cache="error"`` ``config.use_cache`` / ``generation_config.use_cache`` are set to
   False (a cache raises NotImplementedError in MoD layers); ``"dense"`` runs MoD layers densely;
 * the extra model keyword ``gmod_prefill_len=P`` (int): positions ``>= P`` of a full forward are
@@ -495,7 +495,10 @@ def _pre_hook(module, args, kwargs):
     kwargs = dict(kwargs)
     forced_mask = kwargs.pop("gmod_forced_mask", None)
     routing_mask = kwargs.pop("gmod_routing_mask", None)
-    prefill_len = kwargs.pop("gmod_prefill_len", None)
+    if "gmod_prefill_len" in kwargs:
+        prefill_len = kwargs.pop("gmod_prefill_len")
+    else:  # inside model.generate: the prompt length it recorded (gmod_ext.generation)
+        prefill_len = getattr(state, "generate_prefill_len", None)
     if isinstance(kwargs.get("gmod_routing"), RoutingInfo):
         state.current = kwargs["gmod_routing"]
         if prefill_len is not None:

@@ -9,12 +9,16 @@ holding the model, like ``model.gmod_stats``: they survive deepcopy and pickling
 * ``model._prepare_cache_for_generation``: ``generate`` creates a ``GmodCache`` where it would
   create a ``DynamicCache`` (default / "dynamic" / "offloaded" cache implementation); a cache the
   user passes is used as is (a plain ``DynamicCache`` gets compact MoD slots on first use);
-* ``model.generate``: the model's own ``generate`` with ``gmod_prefill_len`` (the prompt length)
-  added to the model keywords unless given, so that MoD layers route prompt tokens by top-k among
-  the prompt and every later token by ``p >= decode_threshold``, with or without a cache
+* ``model.generate``: the model's own ``generate``, routing every forward it makes with
+  ``gmod_prefill_len`` = the prompt length unless given (recorded on the model's ``gmod_state``
+  for the duration of the call and read by the forward hook, not added to generate's model
+  keywords: assisted generation copies those to the assistant model), so that MoD layers route
+  prompt tokens by top-k among the prompt and every later token by ``p >= decode_threshold``,
+  with or without a cache
   (``use_cache=False`` recomputes the whole sequence each step with the same decisions: see
-  :mod:`gmod_ext.cache`). Streaming (``streamer=``), sampling, batches with padding and beam search
-  go through unchanged.
+  :mod:`gmod_ext.cache`). Streaming (``streamer=``), sampling, batches with padding, beam search
+  and assisted / prompt-lookup decoding (the compact cache crops, :mod:`gmod_ext.cache`) go through
+  unchanged.
 """
 from __future__ import annotations
 
@@ -58,12 +62,6 @@ class GmodPrepareCache(_Bound):
         model = self.model
         state = model.__dict__.get("gmod_state")
         out = type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
-        # generate() validated the user's keywords already (it refuses unknown ones): the prompt
-        # length that GmodGenerate recorded joins the model keywords here, and generate forwards it
-        # to every forward call.
-        p = getattr(state, "generate_prefill_len", None)
-        if p is not None and model_kwargs.get("gmod_prefill_len") is None:
-            model_kwargs["gmod_prefill_len"] = p
         # The cache generate() just made: model_kwargs["cache"] on transformers >= 5.24, else
         # model_kwargs["past_key_values"].
         key = next((n for n in CACHE_KWARGS if model_kwargs.get(n) is not None), None)
@@ -88,9 +86,9 @@ def prompt_length(args: tuple, kwargs: dict):
 
 
 class GmodGenerate(_Bound):
-    """``model.generate(...)`` of a converted model: the class's ``generate`` with
-    ``gmod_prefill_len=<prompt length>`` added (pass ``gmod_prefill_len=None`` to route every
-    full forward by top-k over the whole sequence instead, the training rule)."""
+    """``model.generate(...)`` of a converted model: the class's ``generate``, its forwards routed
+    with ``gmod_prefill_len=<prompt length>`` (pass ``gmod_prefill_len=None`` to route every full
+    forward by top-k over the whole sequence instead, the training rule)."""
 
     def __call__(self, *args, **kwargs) -> Any:
         model = self.model

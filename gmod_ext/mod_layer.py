@@ -461,7 +461,7 @@ class MoDDecoderLayer:
         with nvtx_range("attention"):
             q, k, v, scale = self._gmod_qkv(xs, cos, sin)
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
-                kv_cache.append(k, v, count)
+                kv_cache.append(k, v, count, idx=idx)
             if attention_backend(cfg.attention, q.device, q.dtype) == "sdpa":
                 o = _sdpa_causal(q, k, v, scale)
             else:
@@ -531,7 +531,7 @@ class MoDDecoderLayer:
             cos, sin = self._gmod_positions(x, xs, idx, count, n, position_embeddings, position_ids, start=start)
         with nvtx_range("attention"):
             q, k, v, scale = self._gmod_qkv(xs, cos, sin)
-            cache.append(k, v, count, counts)
+            cache.append(k, v, count, counts, idx=idx if S > 1 else None)  # S = 1: position `seen`
             o, _ = ops.attention(q, cache.keys, cache.values, count, cache.cache_len, scale)
             a = self._gmod_attn_out(o.reshape(B, n, -1))
             h = xs + a

@@ -130,6 +130,10 @@ class GmodState:
         self.current: Optional[RoutingInfo] = None  # the last hooked forward
         self.scratch: Optional[RoutingInfo] = None  # layers called without a hooked forward
         self.forward_params: Optional[dict] = None  # forward() parameter names per hooked class
+        # The prompt length while model.generate runs (gmod_ext.generation): the forward hook's default
+        # for the gmod_prefill_len keyword, so that generate's model keywords (which assisted
+        # generation copies to the assistant model) carry nothing of ours.
+        self.generate_prefill_len: Optional[int] = None
 
     def __getstate__(self):
         # The last forward's record (tensors with autograd history) is transient: deepcopy /
@@ -137,6 +141,7 @@ class GmodState:
         d = dict(self.__dict__)
         d["current"] = None
         d["scratch"] = None
+        d["generate_prefill_len"] = None
         return d
 
 

@@ -11,7 +11,7 @@ from gmod_hf_utils import make_batch, num_threads, plain_router_logits, tiny_mod
 
 import gmod_ext
 from gmod_ext import mod_layer
-from gmod_ext.cache import GmodCache_cls, GmodLayer_cls, format_memory_report, memory_report
+from gmod_ext.cache import GmodCache_cls, GmodLayer_cls, crop_removes_tokens, format_memory_report, memory_report
 
 
 @pytest.fixture(autouse=True)
@@ -188,8 +188,13 @@ def test_cache_reorder_select_repeat_reset():
         i: (l.keys.clone(), l.values.clone()) + ((l.cache_len.clone(), list(l.host_lens())) if i in slots else (None, None))
         for i, l in enumerate(cache.layers)
     }
+    orig_pos = {i: slots[i].positions.clone() for i in slots}
     for i in slots:
         assert orig[i][3] == [5, 4, 3] and orig[i][2].tolist() == [5, 4, 3]
+        pos = orig_pos[i]
+        for b, n in enumerate([5, 4, 3]):  # the kept tokens' positions: ascending, real tokens only
+            p = pos[b, :n].tolist()
+            assert p == sorted(set(p)) and min(p) >= [0, 2, 5][b] and max(p) < 10, (i, b, p)
         k = orig[i][0]
         assert not torch.equal(k[0, :3], k[1, :3]) and not torch.equal(k[1, :3], k[2, :3])  # distinct contents
 
@@ -202,6 +207,7 @@ def test_cache_reorder_select_repeat_reset():
                 assert layer.cache_len.tolist() == cl[rows].tolist() == [lens[r] for r in rows], (i, rows)
                 assert layer.host_lens() == [lens[r] for r in rows], (i, rows)
                 assert layer.batch_size == len(rows)
+                assert torch.equal(layer.positions, orig_pos[i][rows]), (i, rows)
 
     rows = [2, 0, 1]
     cache.reorder_cache(torch.tensor(rows))
@@ -218,9 +224,8 @@ def test_cache_reorder_select_repeat_reset():
     check(rows)
     assert rows == [1, 0]
     slot = cache.layers[1]
-    cache.crop(0)
-    with pytest.raises(NotImplementedError, match="crop"):
-        cache.crop(-1)
+    cache.crop(0 if crop_removes_tokens() else cache.get_seq_length())  # removes nothing
+    check(rows)
     cache.reset()
     assert slot.get_seq_length() == 0 and not slot.is_initialized
     with pytest.raises(NotImplementedError, match="MoD layer"):
@@ -230,12 +235,17 @@ def test_cache_reorder_select_repeat_reset():
 def test_gmod_layer_growth():
     slot = GmodLayer_cls()()
     k = torch.randn(2, 4, 2, 16)
-    slot.append(k, -k, torch.tensor([4, 2], dtype=torch.int32))  # prefill: no host lengths
+    slot.append(k, -k, torch.tensor([4, 2], dtype=torch.int32), idx=torch.tensor([[0, 1, 2, 3], [1, 3, -1, -1]]))
     assert slot.capacity == 4 and slot.lens is None
     assert slot.host_lens() == [4, 2]
+    slot.seen = 4  # what the MoD layer's cached call does after each step
     for step in range(40):
         kn = torch.full((2, 1, 2, 16), float(step))
         slot.append(kn, kn, torch.tensor([1, step % 2], dtype=torch.int32), [1, step % 2])
+        slot.seen += 1
+    # the positions are copied along when the buffer grows: prefill idx, then one per kept step
+    assert slot.positions[0, :44].tolist() == list(range(44))
+    assert slot.positions[1, :22].tolist() == [1, 3] + [4 + s for s in range(1, 40, 2)]
     assert slot.host_lens() == [44, 22] and slot.cache_len.tolist() == [44, 22]
     assert 44 <= slot.capacity <= 44 + 44 // 32 + 1
     torch.testing.assert_close(slot.keys[0, :4], k[0])
