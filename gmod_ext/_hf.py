@@ -7,6 +7,8 @@ decoder stack has ``layers`` + ``rotary_emb`` is found by a search.
 from __future__ import annotations
 
 import dataclasses
+import re
+import sys
 from typing import Optional
 
 import torch
@@ -21,6 +23,35 @@ class DecoderParts:
     text_config: object  # the config of the decoder stack
     hidden_size: int
     image_token_id: Optional[int]
+
+
+# The oldest transformers release the whole test suite passes on (checked on 4.51 - 5.24, 2026-11-25):
+# before 4.56 decoder layers return tuples and caches have no per-layer classes (the compact cache's
+# base); 4.57 broke from_pretrained, gradient checkpointing and several architectures; 5.0 - 5.2
+# generated with a plain DynamicCache (tokens differing from the model's own); 5.3 - 5.4 Granite's
+# model indexed the layers' outputs; 5.5 - 5.12 the demo's training reached different accuracies
+# (not traced). Before ~5.17 Qwen2-VL's rotary returned per-section cos / sin, which the converter's
+# check refuses with its reason, so that one stays a clear error, not a wrong answer.
+MIN_TRANSFORMERS = (5, 13)
+
+
+def _transformers_version() -> str:
+    """The imported transformers' version ("" when transformers is not imported)."""
+    tf = sys.modules.get("transformers")
+    return str(getattr(tf, "__version__", "")) if tf is not None else ""
+
+
+def check_transformers_version(fn: str) -> None:
+    """Raise a clear error if the transformers in this process is older than :data:`MIN_TRANSFORMERS`
+    (nothing to check when transformers is not imported: a model that is not a transformers model)."""
+    version = _transformers_version()
+    nums = re.findall(r"\d+", version)[:2]
+    if len(nums) == 2 and tuple(int(n) for n in nums) < MIN_TRANSFORMERS:
+        need = ".".join(map(str, MIN_TRANSFORMERS))
+        raise RuntimeError(
+            f"gmod.{fn}: transformers {version} is older than {need}, the oldest release gmod_ext is tested "
+            f"with (older ones differ in what MoD layers and the compact KV cache build on: decoder layer outputs, "
+            f"the cache API, generation's cache set-up); upgrade: pip install 'transformers>={need}'")
 
 
 def _is_decoder_layer(m: nn.Module) -> bool:

@@ -91,9 +91,9 @@ def _tensor_bytes(t: Optional[torch.Tensor]) -> int:
 
 
 def crop_removes_tokens(cu=None) -> bool:
-    """Whether this transformers' layer ``crop(n)`` takes the number of tokens to remove (``n <= 0``,
-    transformers >= 5.24: ``crop(-3)`` drops three, ``crop(0)`` nothing) rather than the length to keep
-    (earlier releases: ``crop(n >= 0)`` keeps n, ``crop(-3)`` drops three)."""
+    """Whether this transformers' layer ``crop(n)`` takes the number of tokens to remove (``n <= 0``:
+    ``crop(-3)`` drops three, ``crop(0)`` nothing; 5.17 has it) rather than the length to keep
+    (``crop(n >= 0)`` keeps n, ``crop(-3)`` drops three; 5.13 has that)."""
     cu = _cache_utils() if cu is None else cu
     crop = getattr(getattr(cu, "DynamicLayer", None), "crop", None)
     if crop is None:
@@ -290,16 +290,10 @@ def _make_layer_class():
         def get_seq_length(self) -> int:
             return self.seen
 
-        def get_mask_sizes(self, query_length) -> tuple[int, int]:
-            # transformers >= 5 passes the query length, 4.56 - 4.57 the cache_position tensor
-            if isinstance(query_length, torch.Tensor):
-                query_length = int(query_length.shape[0])
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
             return self.seen + query_length, 0
 
         def get_max_length(self) -> int:
-            return -1
-
-        def get_max_cache_shape(self) -> int:  # abstract in transformers 4.56 - 4.57: no maximum
             return -1
 
         def reset(self) -> None:
@@ -313,8 +307,8 @@ def _make_layer_class():
             self.is_initialized = False
 
         def crop(self, tokens_to_remove: int) -> None:
-            """Forget the last positions (``crop(-n)`` removes n; before transformers 5.24
-            ``crop(m >= 0)`` keeps m): each row keeps its stored tokens at positions below the new
+            """Forget the last positions (``crop(-n)`` removes n; in transformers releases whose
+            ``crop`` takes ``max_length``, ``crop(m >= 0)`` keeps m): each row keeps its stored tokens at positions below the new
             ``seen``. One device sync (the new lengths) when something is removed."""
             new_seen = crop_target(self.seen, tokens_to_remove, removes_tokens)
             if new_seen >= self.seen:

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from . import generation
-from ._hf import find_decoder
+from ._hf import check_transformers_version, find_decoder
 from .config import ATTENTIONS, GATES, ON_CACHE, POSITIONS, ROUTERS, VARIANTS, FORCED, GmodConfig, prd_skip_ratios
 from .masks import explicit_codes_and_rows, routing_codes_and_rows
 from .mod_layer import make_mod_layer, unmake_mod_layer
@@ -277,6 +277,7 @@ def convert(
         or Granite with residual multipliers. ``verify=False`` skips it.
     """
     _check_model("convert", model)
+    check_transformers_version("convert")
     if is_converted(model):
         raise ValueError("gmod.convert: the model is already converted")
     # Every argument is checked before anything runs (ARank, verify) or changes: a bad one raises here.

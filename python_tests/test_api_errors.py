@@ -47,6 +47,25 @@ def _snapshot(model):
 # ----------------------------------------------------------------------------- convert
 CALIB = [torch.randint(0, 100, (2, 8))]
 
+
+@pytest.mark.parametrize("version,ok", [("4.51.3", False), ("4.57.6", False), ("5.12.1", False), ("5.13.0", True),
+                                        ("5.13.0rc1", True), ("5.24.0", True), ("6.0.0", True)])
+def test_convert_needs_transformers_5_13(version, ok, monkeypatch):
+    """Older transformers releases (where parts of the suite fail: tuple outputs, another cache API)
+    fail with a message naming the version, before anything changes."""
+    import gmod_ext._hf
+
+    model = _model()
+    before = _snapshot(model)
+    monkeypatch.setattr(gmod_ext._hf, "_transformers_version", lambda: version)
+    if ok:
+        gmod_ext.convert(model, ratio=0.5, layers=[1], progress=False)
+        assert is_converted(model)
+    else:
+        with pytest.raises(RuntimeError, match=rf"transformers {re.escape(version)} is older than 5\.13"):
+            gmod_ext.convert(model, ratio=0.5, layers=[1], progress=False)
+        assert _snapshot(model) == before
+
 CONVERT_CASES = [
     # (id, kwargs, exception, message regex)
     ("ratio-str", dict(ratio="0.5", layers="all"), TypeError, r"ratio must be a skip ratio in \[0, 1\).*'0\.5'"),

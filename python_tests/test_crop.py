@@ -7,7 +7,8 @@
 * assisted generation (a draft model's tokens verified in one multi-token step, the rejected ones
   cropped) and prompt-lookup decoding give plain greedy generation's tokens and scores;
 * ``crop``'s argument in both of transformers' meanings (``crop(-n)`` removes n; ``crop(m >= 0)``
-  keeps m before 5.24, is refused from 5.24 on, where ``crop(0)`` removes nothing).
+  keeps m where ``crop`` takes ``max_length`` (5.13), is refused where it takes ``tokens_to_remove``
+  (5.17, 5.24), and there ``crop(0)`` removes nothing).
 """
 from __future__ import annotations
 
@@ -88,7 +89,10 @@ def _assert_same_cache(a, b):
 @pytest.mark.parametrize("B,chunks,remove", [(3, (1,) * 6, 1), (3, (1,) * 6, 4), (3, (1,) * 6, 6), (3, (2, 4), 3),
                                               (3, (6,), 5), (1, (2, 2, 2, 2), 5), (1, (3, 1, 3), 4)])
 def test_crop_equals_never_fed(positions, B, chunks, remove):
-    """(Batch 1 with chunks of 2 - 3 tokens: steps where one token is kept, and not the first.)"""
+    """Prefill, then ``chunks`` of new tokens, then ``crop(-remove)``: the cache equals one fed the
+    prompt and the first ``n - remove`` tokens one at a time, and so does the next step. Batch 3 has
+    rows of different padding; batch 1 with chunks of 2 - 3 tokens has steps that keep one token
+    that is not the chunk's first."""
     torch.manual_seed(0)
     model = _skipping_model(positions)
     S, n = 10, sum(chunks)
@@ -174,20 +178,20 @@ def test_crop_zero_and_unfed_cache_change_nothing():
     assert fresh.get_seq_length() == 0 and not fresh.is_initialized
     if new_api:
         with pytest.raises(ValueError, match="negative"):
-            cache.crop(2)  # transformers >= 5.24: a positive argument is refused, as DynamicLayer does
+            cache.crop(2)  # crop(tokens_to_remove): a positive argument is refused, as DynamicLayer does
     else:
-        cache.crop(9)  # before 5.24: keep 9 positions
+        cache.crop(9)  # crop(max_length): keep 9 positions
         assert cache.get_seq_length() == 9 and all(s.seen == 9 for s in _mod_slots(cache).values())
 
 
 def test_crop_target_meanings():
-    # transformers >= 5.24: crop(-n) removes n tokens, crop(0) nothing; positive values refused
+    # crop(tokens_to_remove) (5.17, 5.24): crop(-n) removes n tokens, crop(0) nothing; positive values refused
     assert crop_target(10, -3, True) == 7
     assert crop_target(10, 0, True) == 10
     assert crop_target(10, -15, True) == 0
     with pytest.raises(ValueError, match="negative"):
         crop_target(10, 3, True)
-    # earlier releases: crop(m >= 0) keeps m positions, crop(-n) removes n
+    # crop(max_length) (5.13): crop(m >= 0) keeps m positions, crop(-n) removes n
     assert crop_target(10, 3, False) == 3
     assert crop_target(10, 0, False) == 0
     assert crop_target(10, 12, False) == 10
@@ -270,7 +274,7 @@ def test_speculative_sampling_keeps_the_cache_consistent(monkeypatch):
     ids = torch.randint(1, 100, (1, 12), generator=torch.Generator().manual_seed(4))
     hits = _count_crops(monkeypatch)
     torch.manual_seed(5)
-    model.generation_config.eos_token_id = None  # no early stop (min_new_tokens is refused with a draft before 5.x)
+    model.generation_config.eos_token_id = None  # no early stop (some releases refuse min_new_tokens with a draft)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=True,
                          pad_token_id=0, assistant_model=tiny_model("llama", seed=1).eval(), return_dict_in_generate=True)
     assert out.sequences.shape[1] == 12 + 24 and hits

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtual environment in .venv with CPU torch, the build tools and the
 # test/model dependencies, then build and install gmod_ext (editable) into it. Safe to re-run.
-#   VENV=.venv  TORCH_SPEC="torch==2.13.0"  TRANSFORMERS_SPEC="transformers>=4.45,<5.25"  EDITABLE=1  bash scripts/setup.sh
+#   VENV=.venv  TORCH_SPEC="torch==2.13.0"  TRANSFORMERS_SPEC="transformers>=5.13,<5.25"  EDITABLE=1  bash scripts/setup.sh
 # EDITABLE=0 installs a regular (non-editable) copy into the environment instead.
 # transformers has an upper bound: the newest release the tests have passed on (5.24, which renamed
 # the KV cache argument past_key_values -> cache). A new release can change the Cache API under the MoD
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
 torch_spec=${TORCH_SPEC:-torch==2.13.0}
-transformers_spec=${TRANSFORMERS_SPEC:-transformers>=4.45,<5.25}
+transformers_spec=${TRANSFORMERS_SPEC:-transformers>=5.13,<5.25}
 py=${PYTHON:-python3}
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating $venv"
