@@ -25,8 +25,8 @@ The model is changed **in place** and returned:
 * KV cache (``on_cache="compact"``, default): MoD layers keep a compact cache of the tokens they
   processed (:mod:`gmod_ext.cache`); ``config.use_cache`` is left as it is (True for Hugging Face
   models), ``model.generate`` creates a :class:`~gmod_ext.cache.GmodCache` and routes with
-  ``gmod_prefill_len`` = the prompt length (:mod:`gmod_ext.generation`), ``model.gmod_new_cache()`` makes a cache by
-  hand. With ``on_cache="error"`` ``config.use_cache`` / ``generation_config.use_cache`` are set to
+  ``gmod_prefill_len`` = the prompt length (:mod:`gmod_ext.generation`), ``model.gmod_new_cache()``
+  makes a cache by hand. With ``on_cache="error"`` ``config.use_cache`` / ``generation_config.use_cache`` are set to
   False (a cache raises NotImplementedError in MoD layers); ``"dense"`` runs MoD layers densely;
 * the extra model keyword ``gmod_prefill_len=P`` (int): positions ``>= P`` of a full forward are
   routed by the decode rule ``p >= decode_threshold`` (as with a cache), positions ``< P`` by top-k
