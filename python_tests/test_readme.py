@@ -31,6 +31,7 @@ def run_block(index: int, tmp_path, monkeypatch) -> dict:
 
 
 def test_quick_start_runs_and_round_trips(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)  # the block draws its model and tokens: one fixed draw
     ns = run_block(0, tmp_path, monkeypatch)
     model, again, ids = ns["model"], ns["again"], ns["ids"]
     printed = capsys.readouterr().out
@@ -46,6 +47,12 @@ def test_quick_start_runs_and_round_trips(tmp_path, monkeypatch, capsys):
     assert not missing, missing[:5]
     # the generated continuation has the 16 new tokens
     assert ns["gen"].sequences.shape == (4, 32 + 16)
+    # prompt-lookup decoding gives plain greedy's tokens
+    one = ns["one"]
+    with torch.no_grad():
+        greedy = model.generate(one, attention_mask=torch.ones_like(one), pad_token_id=0, max_new_tokens=16,
+                                do_sample=False)
+    assert ns["fast"].shape == (1, 32 + 16) and torch.equal(ns["fast"], greedy)
 
     # "routers + settings kept": the reloaded model is the same function
     assert list(again.config.gmod["layers"]) == layers
