@@ -154,3 +154,40 @@ def plain_block(layer, xs, cos, sin):
     h = xs + a
     m = layer.mlp(layer.post_attention_layernorm(h))
     return h, a, m
+
+
+def padded_prompt(B: int, S: int, pad=(), side: str = "left", seed: int = 0):
+    """input_ids [B, S] (tokens 1..99) and attention_mask; row i gets pad[i] padding tokens (id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (B, S), generator=g)
+    am = torch.ones(B, S, dtype=torch.long)
+    for b, n in enumerate(pad):
+        if n:
+            if side == "left":
+                am[b, :n] = 0
+            else:
+                am[b, S - n :] = 0
+    ids[am == 0] = 0
+    return ids, am
+
+
+def skipping_llama(ratio=0.5, layers=(1, 2, 3), router_std=0.5, seed=0, **kw):
+    """A tiny Llama converted at ``ratio`` on ``layers`` (shared router), router weights redrawn at
+    ``router_std`` so that p lies well away from 0.5 on both sides: decode steps keep some tokens
+    and skip others."""
+    import gmod_ext
+
+    model = tiny_model("llama").eval()
+    gmod_ext.convert(model, ratio=ratio, layers=list(layers), progress=False, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape, generator=g) * router_std)
+        model.gmod_router.bias.zero_()
+    return model
+
+
+def mod_slots(cache) -> dict:
+    """The compact MoD slots of a KV cache, by layer index."""
+    from gmod_ext.cache import GmodLayer_cls
+
+    return {i: layer for i, layer in enumerate(cache.layers) if isinstance(layer, GmodLayer_cls())}

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from gmod_hf_utils import make_batch, num_threads, plain_router_logits, tiny_model, transformers
+from gmod_hf_utils import make_batch, mod_slots, num_threads, plain_router_logits, skipping_llama, tiny_model, transformers
 
 import gmod_ext
 from gmod_ext import mod_layer
@@ -23,20 +23,6 @@ def _one_thread():
 def _ids(B, S, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, 100, (B, S), generator=g)
-
-
-def _model(ratio=0.5, layers=(1, 2, 3), router_std=0.5, seed=0, **kw):
-    model = tiny_model("llama").eval()
-    gmod_ext.convert(model, ratio=ratio, layers=list(layers), progress=False, **kw)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape, generator=g) * router_std)
-        model.gmod_router.bias.zero_()
-    return model
-
-
-def _mod_slots(cache):
-    return {i: l for i, l in enumerate(cache.layers) if isinstance(l, GmodLayer_cls())}
 
 
 # ----------------------------------------------------------------------------- memory
@@ -91,13 +77,13 @@ def test_memory_report_plain_dense_cache():
 
 # ----------------------------------------------------------------------------- decode skipping
 def test_decode_skip_appends_nothing():
-    model = _model()
+    model = skipping_llama()
     ids = _ids(2, 10)
     with torch.no_grad():
         out = model(ids, use_cache=True)
     cache = out.past_key_values
     assert isinstance(cache, transformers.DynamicCache)
-    slots = _mod_slots(cache)  # a plain DynamicCache got compact slots on first use
+    slots = mod_slots(cache)  # a plain DynamicCache got compact slots on first use
     assert sorted(slots) == [1, 2, 3]
     before = {i: s.cache_len.clone() for i, s in slots.items()}
     assert all(s.host_lens() == [5, 5] for s in slots.values())  # top-k: half of 10
@@ -130,7 +116,7 @@ def test_decode_skip_appends_nothing():
 
 
 def test_decode_threshold_setting_and_per_row_decisions():
-    model = _model(decode_threshold=0.5)
+    model = skipping_llama(decode_threshold=0.5)
     assert model.gmod_state.config.decode_threshold == 0.5
     ids = _ids(4, 8)
     with torch.no_grad():
@@ -151,11 +137,11 @@ def test_decode_threshold_setting_and_per_row_decisions():
 
 # ----------------------------------------------------------------------------- Cache API
 def test_gmod_cache_api_and_manual_loop_equals_generate():
-    model = _model()
+    model = skipping_llama()
     ids = _ids(1, 12)
     cache = model.gmod_new_cache()
     assert isinstance(cache, GmodCache_cls()) and isinstance(cache, transformers.DynamicCache)
-    assert cache.get_seq_length() == 0 and sorted(_mod_slots(cache)) == [1, 2, 3]
+    assert cache.get_seq_length() == 0 and sorted(mod_slots(cache)) == [1, 2, 3]
     seq = ids
     with torch.no_grad():
         out = model(ids, past_key_values=cache, use_cache=True)
@@ -174,7 +160,7 @@ def test_cache_reorder_select_repeat_reset():
     """Rows of distinct lengths (left padding 0 / 2 / 5: top-k keeps 5 / 4 / 3 of the real tokens) and
     contents: after each batch operation every MoD slot's keys, values, cache_len and host lengths are
     the originals indexed by the expected row map (and the dense slots' keys / values likewise)."""
-    model = _model()
+    model = skipping_llama()
     ids = _ids(3, 10)
     am = torch.ones_like(ids)
     am[1, :2] = 0
@@ -182,7 +168,7 @@ def test_cache_reorder_select_repeat_reset():
     ids[am == 0] = 0
     with torch.no_grad():
         cache = model(ids, attention_mask=am, use_cache=True).past_key_values
-    slots = _mod_slots(cache)
+    slots = mod_slots(cache)
     assert sorted(slots) == [1, 2, 3]
     orig = {
         i: (l.keys.clone(), l.values.clone()) + ((l.cache_len.clone(), list(l.host_lens())) if i in slots else (None, None))
@@ -255,7 +241,7 @@ def test_gmod_layer_growth():
 
 
 def test_unsupported_cache_and_on_cache_modes():
-    model = _model()
+    model = skipping_llama()
     static = transformers.StaticCache(config=model.config, max_cache_len=32)
     with pytest.raises(TypeError, match="StaticLayer"):
         model(_ids(1, 6), past_key_values=static, use_cache=True)
@@ -282,7 +268,7 @@ def test_unsupported_cache_and_on_cache_modes():
 
 # ----------------------------------------------------------------------------- multi-token steps
 def test_chunked_prefill_equals_no_cache_with_prefill_len():
-    model = _model()
+    model = skipping_llama()
     ids = _ids(2, 16)
     with torch.no_grad():
         full = model(ids, use_cache=False, gmod_prefill_len=8).logits
@@ -300,7 +286,7 @@ def test_chunked_prefill_equals_no_cache_with_prefill_len():
 
 
 def test_multi_token_step_with_left_padding_in_batch():
-    model = _model()
+    model = skipping_llama()
     ids = _ids(2, 12)
     am = torch.ones_like(ids)
     am[1, :4] = 0
@@ -317,7 +303,7 @@ def test_multi_token_step_with_left_padding_in_batch():
 
 # ----------------------------------------------------------------------------- training is unchanged
 def test_default_use_cache_forward_is_the_training_computation():
-    model = _model(router_std=0.02)
+    model = skipping_llama(router_std=0.02)
     model.train()
     batch = make_batch("llama", B=2, S=16)
     clone = copy.deepcopy(model)
@@ -345,7 +331,7 @@ def test_nvtx_stages(monkeypatch):
         stages.append(stage)
         yield
 
-    model = _model(router_std=0.0)  # p = 0.5 exactly: kept at decode
+    model = skipping_llama(router_std=0.0)  # p = 0.5 exactly: kept at decode
     monkeypatch.setattr(mod_layer, "nvtx_range", rec)  # after convert, whose layer check runs a MoD layer
     with torch.no_grad():
         model(_ids(1, 6), use_cache=False)

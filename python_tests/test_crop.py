@@ -17,9 +17,8 @@ import copy
 import pytest
 import torch
 
-from gmod_hf_utils import num_threads, tiny_model
+from gmod_hf_utils import mod_slots, num_threads, padded_prompt, skipping_llama, tiny_model
 
-import gmod_ext
 from gmod_ext.cache import GmodLayer_cls, crop_removes_tokens, crop_target
 
 
@@ -27,28 +26,6 @@ from gmod_ext.cache import GmodLayer_cls, crop_removes_tokens, crop_target
 def _one_thread():
     with num_threads(1):
         yield
-
-
-def _skipping_model(positions="original", seed=0, router_std=0.5):
-    """ratio 0.5 on layers 1-3, with router weights that put p well away from 0.5 on both sides, so
-    that decode steps keep some tokens and skip others."""
-    model = tiny_model("llama").eval()
-    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], positions=positions, progress=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape, generator=g) * router_std)
-        model.gmod_router.bias.zero_()
-    return model
-
-
-def _prompt(B, S, pad, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 100, (B, S), generator=g)
-    am = torch.ones(B, S, dtype=torch.long)
-    for b, n in enumerate(pad):
-        am[b, :n] = 0
-    ids[am == 0] = 0
-    return ids, am
 
 
 def _feed(model, ids, am, new, chunks):
@@ -64,13 +41,9 @@ def _feed(model, ids, am, new, chunks):
     return cache, out.logits[:, -1], am
 
 
-def _mod_slots(cache):
-    return {i: layer for i, layer in enumerate(cache.layers) if isinstance(layer, GmodLayer_cls())}
-
-
 def _assert_same_cache(a, b):
     assert a.get_seq_length() == b.get_seq_length()
-    sa, sb = _mod_slots(a), _mod_slots(b)
+    sa, sb = mod_slots(a), mod_slots(b)
     assert sorted(sa) == sorted(sb) == [1, 2, 3]
     for i, (la, lb) in enumerate(zip(a.layers, b.layers)):
         if i not in sa:  # dense slots: Hugging Face's DynamicLayer
@@ -94,9 +67,9 @@ def test_crop_equals_never_fed(positions, B, chunks, remove):
     rows of different padding; batch 1 with chunks of 2 - 3 tokens has steps that keep one token
     that is not the chunk's first."""
     torch.manual_seed(0)
-    model = _skipping_model(positions)
+    model = skipping_llama(positions=positions)
     S, n = 10, sum(chunks)
-    ids, am = _prompt(B, S, pad=(0, 2, 5)[:B])
+    ids, am = padded_prompt(B, S, pad=(0, 2, 5)[:B])
     new = torch.randint(1, 100, (B, n), generator=torch.Generator().manual_seed(1))
     cache, _, am_full = _feed(model, ids, am, new, chunks)
 
@@ -104,7 +77,7 @@ def test_crop_equals_never_fed(positions, B, chunks, remove):
     # routed with the same rule (top-k over the prompt, the decode rule after it).
     with torch.no_grad():
         model(torch.cat([ids, new], 1), attention_mask=am_full, use_cache=False, gmod_prefill_len=S)
-    for i, slot in _mod_slots(cache).items():
+    for i, slot in mod_slots(cache).items():
         idx, count = model.gmod_state.current.selection[i]
         for r, m in enumerate(slot.host_lens()):
             assert m == int(count[r]) and slot.positions[r, :m].tolist() == idx[r, :m].tolist(), (i, r)
@@ -112,17 +85,17 @@ def test_crop_equals_never_fed(positions, B, chunks, remove):
     # The removed positions include tokens some MoD layer skipped in some row and tokens it stored:
     # a crop that took every removed position as stored (or none) would fail below.
     removed_stored = removed_skipped = 0
-    for slot in _mod_slots(cache).values():
+    for slot in mod_slots(cache).values():
         for r, m in enumerate(slot.host_lens()):
             stored = sum(int(p) >= S + n - remove for p in slot.positions[r, :m].tolist())
             removed_stored += stored
             removed_skipped += remove - stored
     assert removed_stored > 0 and removed_skipped > 0, (removed_stored, removed_skipped)
 
-    lens_before = {i: s.host_lens() for i, s in _mod_slots(cache).items()}
+    lens_before = {i: s.host_lens() for i, s in mod_slots(cache).items()}
     cache.crop(-remove)
     assert cache.get_seq_length() == S + n - remove
-    assert any(s.host_lens() != lens_before[i] for i, s in _mod_slots(cache).items())
+    assert any(s.host_lens() != lens_before[i] for i, s in mod_slots(cache).items())
 
     kept = n - remove
     ref, _, _ = _feed(model, ids, am, new[:, :kept], (1,) * kept)  # one token per step
@@ -144,9 +117,9 @@ def test_positions_of_one_token_steps(flush_every, monkeypatch):
     ``pos_tail_flush`` entries (and before a crop): the positions read back are the no-cache routing's,
     also across a crop in between."""
     monkeypatch.setattr(GmodLayer_cls(), "pos_tail_flush", flush_every)
-    model = _skipping_model()
+    model = skipping_llama()
     B, S = 3, 9
-    ids, am = _prompt(B, S, pad=(0, 1, 4))
+    ids, am = padded_prompt(B, S, pad=(0, 1, 4))
     new = torch.randint(1, 100, (B, 10), generator=torch.Generator().manual_seed(6))
     cache, _, am_full = _feed(model, ids, am, new[:, :7], (1,) * 7)
     cache.crop(-2)
@@ -156,21 +129,21 @@ def test_positions_of_one_token_steps(flush_every, monkeypatch):
             model(new[:, t : t + 1], attention_mask=am_t, past_key_values=cache, use_cache=True)
         model(torch.cat([ids, new], 1), attention_mask=torch.cat([am, torch.ones(B, 10, dtype=am.dtype)], 1),
               use_cache=False, gmod_prefill_len=S)
-    for i, slot in _mod_slots(cache).items():
+    for i, slot in mod_slots(cache).items():
         idx, count = model.gmod_state.current.selection[i]
         for r, m in enumerate(slot.host_lens()):
             assert m == int(count[r]) and slot.positions[r, :m].tolist() == idx[r, :m].tolist(), (i, r)
 
 
 def test_crop_zero_and_unfed_cache_change_nothing():
-    model = _skipping_model()
-    ids, am = _prompt(2, 8, pad=(0, 3))
+    model = skipping_llama()
+    ids, am = padded_prompt(2, 8, pad=(0, 3))
     new = torch.randint(1, 100, (2, 3), generator=torch.Generator().manual_seed(1))
     cache, _, _ = _feed(model, ids, am, new, (1, 1, 1))
-    before = {i: (s.seen, s.host_lens(), s.positions.clone(), s.keys.clone()) for i, s in _mod_slots(cache).items()}
+    before = {i: (s.seen, s.host_lens(), s.positions.clone(), s.keys.clone()) for i, s in mod_slots(cache).items()}
     new_api = crop_removes_tokens()
     cache.crop(0 if new_api else cache.get_seq_length())
-    for i, s in _mod_slots(cache).items():
+    for i, s in mod_slots(cache).items():
         seen, lens, pos, keys = before[i]
         assert s.seen == seen and s.host_lens() == lens and torch.equal(s.positions, pos) and torch.equal(s.keys, keys)
     fresh = GmodLayer_cls()()
@@ -181,7 +154,7 @@ def test_crop_zero_and_unfed_cache_change_nothing():
             cache.crop(2)  # crop(tokens_to_remove): a positive argument is refused, as DynamicLayer does
     else:
         cache.crop(9)  # crop(max_length): keep 9 positions
-        assert cache.get_seq_length() == 9 and all(s.seen == 9 for s in _mod_slots(cache).values())
+        assert cache.get_seq_length() == 9 and all(s.seen == 9 for s in mod_slots(cache).values())
 
 
 def test_crop_target_meanings():
@@ -230,7 +203,7 @@ def _assert_cache_is_the_recompute(model, out, prompt_len):
     assert prompt_len < seen < out.sequences.shape[1]
     with torch.no_grad():
         model(out.sequences[:, :seen], use_cache=False, gmod_prefill_len=prompt_len)
-    for i, slot in _mod_slots(cache).items():
+    for i, slot in mod_slots(cache).items():
         assert slot.seen == seen
         idx, count = model.gmod_state.current.selection[i]
         n = slot.host_lens()[0]
@@ -242,7 +215,7 @@ def test_assisted_generation_equals_greedy(mode, monkeypatch):
     """Hugging Face's assisted generation verifies a draft in one multi-token step on the compact cache
     and crops what it rejects: the tokens and scores are plain greedy generation's."""
     torch.manual_seed(0)
-    model = _skipping_model()
+    model = skipping_llama()
     g = torch.Generator().manual_seed(3)
     if mode == "prompt_lookup":  # a prompt with repeats, so that n-gram lookup finds drafts
         base = torch.randint(1, 100, (1, 6), generator=g)
@@ -270,7 +243,7 @@ def test_assisted_generation_equals_greedy(mode, monkeypatch):
 def test_speculative_sampling_keeps_the_cache_consistent(monkeypatch):
     """Sampling with a draft model (speculative sampling): the tokens are random, but the cache after
     its crops must still be what a recompute over the generated sequence keeps."""
-    model = _skipping_model()
+    model = skipping_llama()
     ids = torch.randint(1, 100, (1, 12), generator=torch.Generator().manual_seed(4))
     hits = _count_crops(monkeypatch)
     torch.manual_seed(5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmod_hf_utils import make_batch, num_threads, tiny_model, transformers
+from gmod_hf_utils import make_batch, num_threads, padded_prompt, tiny_model, transformers
 
 import gmod_ext
 from gmod_ext.cache import GmodCache_cls, GmodLayer_cls
@@ -21,21 +21,6 @@ from gmod_ext.cache import GmodCache_cls, GmodLayer_cls
 def _one_thread():
     with num_threads(1):
         yield
-
-
-def _prompt(B, S, pad=(), side="left", seed=0):
-    """input_ids [B, S] (tokens 1..99) and attention_mask; row i gets pad[i] padding tokens (id 0)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 100, (B, S), generator=g)
-    am = torch.ones(B, S, dtype=torch.long)
-    for b, n in enumerate(pad):
-        if n:
-            if side == "left":
-                am[b, :n] = 0
-            else:
-                am[b, S - n :] = 0
-    ids[am == 0] = 0
-    return ids, am
 
 
 def _keep_all(arch="llama", **over):
@@ -63,7 +48,7 @@ GEN = dict(do_sample=False, pad_token_id=0)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_keep_all_greedy_equals_hf_batch1(arch):
     ref, model = _keep_all(arch)
-    ids, _ = _prompt(1, 12)
+    ids, _ = padded_prompt(1, 12)
     out_ref = ref.generate(ids, max_new_tokens=10, **GEN)
     out = model.generate(ids, max_new_tokens=10, return_dict_in_generate=True, **GEN)
     assert torch.equal(out.sequences, out_ref)
@@ -87,7 +72,7 @@ def test_keep_all_greedy_equals_hf_batch4_left_padding(arch):
         kw = batch
         S = 24
     else:
-        ids, am = _prompt(4, 14, pad=(0, 3, 0, 6))
+        ids, am = padded_prompt(4, 14, pad=(0, 3, 0, 6))
         kw = dict(input_ids=ids, attention_mask=am)
         S = 14
     # the per-step scores too, not only the tokens: a position (rotary) error in the left-padded rows
@@ -107,7 +92,7 @@ def test_keep_all_greedy_equals_hf_batch4_left_padding(arch):
 
 def test_keep_all_right_padded_prefill_logits():
     ref, model = _keep_all("llama")
-    ids, am = _prompt(3, 12, pad=(0, 4, 2), side="right")
+    ids, am = padded_prompt(3, 12, pad=(0, 4, 2), side="right")
     with torch.no_grad():
         lr = ref(ids, attention_mask=am).logits
         out = model(ids, attention_mask=am, use_cache=True)
@@ -123,7 +108,7 @@ def test_keep_all_right_padded_prefill_logits():
 
 def test_keep_all_use_cache_false_equals_hf():
     ref, model = _keep_all("llama")
-    ids, am = _prompt(2, 10, pad=(0, 3))
+    ids, am = padded_prompt(2, 10, pad=(0, 3))
     a = ref.generate(ids, attention_mask=am, max_new_tokens=6, use_cache=False, **GEN)
     b = model.generate(ids, attention_mask=am, max_new_tokens=6, use_cache=False, **GEN)
     assert torch.equal(a, b)
@@ -144,7 +129,7 @@ def test_keep_all_use_cache_false_equals_hf():
 def test_skipping_cache_equals_no_cache(B, variant, positions, extra):
     model = _skipping(variant=variant, positions=positions, **extra)
     pad = (0, 4, 7)[:B]
-    ids, am = _prompt(B, 16, pad=pad, seed=B)
+    ids, am = padded_prompt(B, 16, pad=pad, seed=B)
     kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=12, return_dict_in_generate=True, output_logits=True)
     cached = model.generate(**kw, **GEN)
     full = model.generate(**kw, use_cache=False, **GEN)
@@ -166,7 +151,7 @@ def test_skipping_cache_equals_no_cache(B, variant, positions, extra):
 def test_decode_skips_and_keeps_at_decode():
     """Stored tokens: top-k of the prompt plus the decode tokens with p >= 0.5, both present."""
     model = _skipping()
-    ids, am = _prompt(1, 16)
+    ids, am = padded_prompt(1, 16)
     out = model.generate(ids, attention_mask=am, max_new_tokens=16, return_dict_in_generate=True, **GEN)
     lens = [out.past_key_values.layers[i].host_lens()[0] for i in (1, 2, 3)]
     assert all(8 <= n <= 8 + 15 for n in lens)
@@ -175,7 +160,7 @@ def test_decode_skips_and_keeps_at_decode():
 
 def test_sampling():
     model = _skipping()
-    ids, am = _prompt(3, 10, pad=(0, 2, 5))
+    ids, am = padded_prompt(3, 10, pad=(0, 2, 5))
     kw = dict(attention_mask=am, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.9, pad_token_id=0)
     torch.manual_seed(123)
     a = model.generate(ids, **kw)
@@ -207,7 +192,7 @@ def test_streaming():
             self.ended = True
 
     model = _skipping()
-    ids, _ = _prompt(1, 10)
+    ids, _ = padded_prompt(1, 10)
     s = Collect()
     out = model.generate(ids, max_new_tokens=7, streamer=s, **GEN)
     assert s.ended
@@ -221,7 +206,7 @@ def test_text_streamer(capsys):
             return "".join(f"<{int(i)}>" for i in ids)
 
     model = _skipping()
-    ids, _ = _prompt(1, 6)
+    ids, _ = padded_prompt(1, 6)
     out = model.generate(ids, max_new_tokens=5, streamer=transformers.TextStreamer(Tok(), skip_prompt=True), **GEN)
     printed = capsys.readouterr().out
     assert printed.strip() == "".join(f"<{int(i)}>" for i in out[0, 6:])
@@ -229,7 +214,7 @@ def test_text_streamer(capsys):
 
 def test_beam_search_cache_equals_no_cache():
     model = _skipping()
-    ids, am = _prompt(2, 12, pad=(0, 3))
+    ids, am = padded_prompt(2, 12, pad=(0, 3))
     kw = dict(attention_mask=am, max_new_tokens=6, num_beams=3, **GEN)
     assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
 
@@ -238,7 +223,7 @@ def test_generate_hooks_survive_deepcopy_and_unconvert():
     import copy
 
     model = _skipping()
-    ids, _ = _prompt(1, 8)
+    ids, _ = padded_prompt(1, 8)
     out = model.generate(ids, max_new_tokens=4, **GEN)
     clone = copy.deepcopy(model)
     assert clone.generate.model is clone and clone.gmod_new_cache.model is clone
