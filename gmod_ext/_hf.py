@@ -26,10 +26,11 @@ class DecoderParts:
 
 
 # The oldest transformers release the model tests pass on (checked 2026-11-25: the whole suite on 4.57.6,
-# 5.0, 5.17 and 5.24; the generation, crop, verify and cache tests and the demo's on 4.51 and 5.3 - 5.13):
-# before 4.56 decoder layers return tuples and caches have no per-layer classes (the compact cache's
-# base); 4.57 broke from_pretrained, gradient checkpointing and several architectures; 5.0 - 5.2
-# generated with a plain DynamicCache (tokens differing from the model's own); 5.3 - 5.4 Granite's
+# 5.0, 5.17 and 5.24; the generation, crop, verify and cache tests and the demo's on 5.3, 5.4, 5.5, 5.7,
+# 5.9 - 5.12 and 5.13.1; a conversion by hand on 4.51): 4.51 decoder layers return tuples and caches have
+# no per-layer classes (the compact cache's base); 4.57 broke from_pretrained, gradient checkpointing and
+# several architectures; 5.0 generated with a plain DynamicCache (tokens differing from the model's
+# own); 5.3 - 5.4 Granite's
 # model indexed the layers' outputs; 5.5 - 5.12 the demo's training reached different accuracies
 # (not traced). Before ~5.17 Qwen2-VL's rotary returned per-section cos / sin, which the converter's
 # check refuses with its reason, so that one stays a clear error, not a wrong answer (the only
