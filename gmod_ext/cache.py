@@ -59,6 +59,15 @@ draft in one multi-token decode step and crops the rejected tokens, so it gives 
 plain greedy generation. Cropping into the prompt keeps the prompt tokens' top-k decisions, which
 were made over the whole prompt.
 
+Sliding windows
+---------------
+A MoD layer with a sliding window W sets its slot's ``window``; after each step the slot drops the
+stored tokens at positions ``<= seen - W`` (no later query sees them), amortised over W // 2
+positions (:meth:`GmodLayer.trim_window`: one device sync and one copy of the remaining rows).
+``dropped`` counts them per row, so ``positions="compact"`` keeps numbering after them. While the
+past is recorded (``activate_past_recording()``, which transformers calls for assisted generation)
+the drop waits for ``crop``; a crop back past tokens already dropped raises.
+
 Memory accounting: :func:`memory_report` / :func:`format_memory_report` (also
 ``gmod_ext.kv_memory_report``). Beam search works (``reorder_cache``).
 """
@@ -141,6 +150,13 @@ def _make_layer_class():
 
         def __init__(self, **kwargs):
             super().__init__()
+            # the layer's sliding window (set by the MoD layer): stored tokens no later query can see
+            # are dropped (trim_window); record_past (transformers' assisted generation sets it) defers
+            # that to crop, so that a rejected draft can be rolled back
+            self.window: Optional[int] = None
+            self.record_past = False
+            self._trim_floor = -1  # stored tokens at positions <= this were dropped
+            self.dropped: Optional[torch.Tensor] = None  # [B] int32: tokens dropped per row (None: none yet)
             self.cache_len: Optional[torch.Tensor] = None
             self.lens: list[int] = []
             self.seen = 0
@@ -198,6 +214,13 @@ def _make_layer_class():
                 v[:, :used] = self.values[:, :used]
                 pos[:, :used] = self._pos[:, :used]
             self.keys, self.values, self._pos = k, v, pos
+
+        def stored_count(self) -> torch.Tensor:
+            """``[B] int32``: the tokens each row has stored so far, those a sliding window dropped
+            included (the next compact position, ``positions="compact"``)."""
+            if self.dropped is None:
+                return self.cache_len
+            return self.cache_len + self.dropped.to(self.cache_len.device)
 
         def host_lens(self) -> list[int]:
             """``cache_len`` as a Python list (a device sync if it is not known on the host yet)."""
@@ -280,6 +303,45 @@ def _make_layer_class():
             cols = torch.where(c.unsqueeze(0) < count.to(dev).unsqueeze(1), cols, spare)
             self._pos.scatter_(1, cols.long(), step_pos + self.seen)
 
+        def activate_past_recording(self) -> None:
+            """Keep every stored token until the next ``crop`` (transformers calls this for assisted
+            generation): a rejected draft token may be rolled back past the window's edge."""
+            self.record_past = True
+
+        def trim_window(self, force: bool = False) -> None:
+            """With a sliding window W: drop the stored tokens at positions ``<= seen - W``, which no later
+            query (at a position ``>= seen``) can see. Amortised: only once W // 2 more positions have left
+            the window since the last trim (or ``force``), so a row holds at most the tokens of its last
+            ~1.5 W positions; the buffer is reallocated to fit, one device sync. Not while recording the
+            past (assisted generation): ``crop`` trims then."""
+            W = self.window
+            if W is None or not self.is_initialized or not self.capacity or self.record_past:
+                return
+            floor = self.seen - W
+            if floor <= self._trim_floor or (not force and floor - self._trim_floor < max(1, W // 2)):
+                return
+            self._flush_positions()
+            cap = self.capacity
+            dev = self._pos.device
+            live = torch.arange(cap, device=dev) < self.cache_len.to(dev).unsqueeze(1)
+            dead = (live & (self._pos[:, :cap] <= floor)).sum(1)  # a prefix of each row: positions ascend
+            new_len = self.cache_len.to(dev, torch.int64) - dead
+            lens = [int(v) for v in new_len.tolist()]
+            need = max(lens) if lens else 0
+            new_cap = need + max(1, need // 32)
+            src = (torch.arange(new_cap, device=dev).unsqueeze(0) + dead.unsqueeze(1)).clamp(max=cap - 1)
+            B, _, Hk, d = self.keys.shape
+            kv_src = src.to(self.keys.device)[:, :, None, None].expand(B, new_cap, Hk, d)
+            self.keys = self.keys.gather(1, kv_src)
+            self.values = self.values.gather(1, kv_src)
+            pos = torch.zeros(B, new_cap + 1, dtype=torch.int32, device=dev)
+            pos[:, :new_cap] = self._pos.gather(1, src)
+            self._pos = pos
+            self.dropped = (dead if self.dropped is None else self.dropped.to(dev) + dead).to(torch.int32)
+            self.cache_len.copy_(new_len.to(self.cache_len.device, torch.int32))
+            self.lens = lens
+            self._trim_floor = floor
+
         def update(self, key_states, value_states, *args, **kwargs):
             raise NotImplementedError(
                 "gmod: this cache slot belongs to a MoD layer (compact per-row KV cache written by the MoD layer "
@@ -304,6 +366,8 @@ def _make_layer_class():
             self.lens = []
             self.seen = 0
             self.prefill_len = None
+            self._trim_floor = -1
+            self.dropped = None
             self.is_initialized = False
 
         def crop(self, tokens_to_remove: int) -> None:
@@ -312,7 +376,15 @@ def _make_layer_class():
             ``seen``. One device sync (the new lengths) when something is removed."""
             new_seen = crop_target(self.seen, tokens_to_remove, removes_tokens)
             if new_seen >= self.seen:
+                self.trim_window()
                 return
+            if self.window is not None and self._trim_floor > new_seen - self.window:
+                raise RuntimeError(
+                    f"gmod: cannot crop this MoD layer's KV cache back to {new_seen} positions: it has a sliding window "
+                    f"of {self.window} and already dropped the tokens at positions <= {self._trim_floor}, which the "
+                    "next query would see. Call cache.activate_past_recording() before the steps you may roll back "
+                    "(transformers' assisted generation does)."
+                )
             if self.is_initialized and self.capacity:
                 self._flush_positions()
                 cap = self.capacity
@@ -323,6 +395,11 @@ def _make_layer_class():
             self.seen = new_seen
             if self.prefill_len is not None:
                 self.prefill_len = min(self.prefill_len, new_seen)
+            record, self.record_past = self.record_past, False
+            try:  # a crop ends a step that may be rolled back: trim what the window has left behind
+                self.trim_window()
+            finally:
+                self.record_past = record
 
         def _select_rows(self, index: torch.Tensor) -> None:
             if not self.is_initialized:
@@ -333,6 +410,8 @@ def _make_layer_class():
             self.values = self.values.index_select(0, index)
             self.cache_len = self.cache_len.index_select(0, index)
             self._pos = self._pos.index_select(0, index.to(self._pos.device))
+            if self.dropped is not None:
+                self.dropped = self.dropped.index_select(0, index.to(self.dropped.device))
             if self.lens is not None:
                 self.lens = [self.lens[i] for i in index.tolist()]
 
@@ -379,7 +458,8 @@ def _make_layer_class():
                 "used_bytes": sum(lens) * per_token,
                 "tokens": list(lens),
                 "capacity": cap,
-                "dense_bytes": B * self.seen * per_token,
+                # a dense layer with a sliding window W holds the last W - 1 positions (transformers')
+                "dense_bytes": B * (self.seen if self.window is None else min(self.seen, self.window - 1)) * per_token,
             }
 
     GmodLayer.__module__ = __name__

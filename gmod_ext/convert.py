@@ -3,10 +3,10 @@
     model = gmod_ext.convert(model, ratio=0.5, layers="arank", calibration_batches=batches)
 
 Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (and other
-Llama-family ``*ForCausalLM``: Qwen3, Gemma, Gemma-3, Mixtral, ...) and ``LlavaForConditionalGeneration``
+Llama-family ``*ForCausalLM``: Qwen3, Gemma, Gemma-2, Gemma-3, Mixtral, ...) and ``LlavaForConditionalGeneration``
 (its language model). Before converting, :mod:`gmod_ext.verify` checks that a MoD layer reproduces
 the model's decoder layer and refuses the blocks it does not (GLM, Granite with residual
-multipliers, parallel-residual blocks, attention sinks, logit soft-capping, ...) with TypeError.
+multipliers, parallel-residual blocks, attention sinks, ...) with TypeError.
 The model is changed **in place** and returned:
 
 * the chosen decoder layers become MoD layers (:mod:`gmod_ext.mod_layer`), keeping their modules
@@ -43,12 +43,15 @@ Notes and limits:
   (the MoD layer compiles with ``fullgraph=True``), DDP and FSDP2 (``fully_shard``, tested on CPU/gloo);
   with ``use_reentrant=True`` the aux term carries no gradient (the gate still trains the router);
 * MoD layers ignore the 4-D attention mask Hugging Face builds (they use the routing mask: causal over
-  kept tokens, padding excluded), so packed sequences with block masks are not supported, and a sliding
-  window (Mistral / Qwen2) raises NotImplementedError when the sequence is longer than the window;
+  kept tokens, padding excluded), so packed sequences with block masks are not supported. A sliding
+  window (Mistral, Qwen2, Gemma-2 / 3's local layers) and logit soft-capping (Gemma-2) are reproduced
+  from the kept tokens' positions (:mod:`gmod_ext.masked_attention`; the window counts original
+  positions, also with ``positions="compact"``), in plain torch rather than the fused kernels;
 * ``output_attentions=True`` returns no attention maps for MoD layers (they do not run ``self_attn``);
-* with a KV cache, MoD layers need a ``DynamicCache`` / ``GmodCache`` (static, quantized and
-  sliding-window caches are refused), ``crop`` (assisted / speculative decoding) is not supported,
-  and a prefill split over several calls routes the later chunks by the decode rule;
+* with a KV cache, MoD layers need a ``DynamicCache`` / ``GmodCache`` (static and quantized caches are
+  refused); ``crop`` (assisted / speculative decoding) works; a MoD layer with a sliding window drops
+  the cached tokens that have left it; a prefill split over several calls routes the later chunks by
+  the decode rule;
 * the converted model stays an instance of its class; deepcopy and ``torch.save(model)`` work.
 """
 from __future__ import annotations

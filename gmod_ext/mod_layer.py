@@ -21,7 +21,9 @@ Forward on the selected tokens (all through ``gmod_ext.ops``)::
     idx, count = route(l, C, num_routed, mask)                                # top-k + forced
     xs = gather_rows(x); cos, sin = gather_rows(cos/sin) (or compact arange(count))
     q, k, v = proj(LN1(xs)); (q/k norm); RoPE; o = attention(q, k, v, count, count)  # causal, GQA
-                                            # (or SDPA over the compact rows: GmodConfig.attention)
+                                            # (or SDPA over the compact rows: GmodConfig.attention;
+                                            #  a sliding window shorter than the sequence or a logit
+                                            #  soft-cap: gmod_ext.masked_attention, by original position)
     h = xs + o_proj(o); m = mlp(LN2(h))     (Gemma-2/3: h = xs + LN2(o_proj(o)); m = postFF(mlp(preFF(h))))
     y = scatter_merge(x, base, idx, count, delta, gate[, skip_scale])          # variant gating
 
@@ -58,6 +60,7 @@ from torch import nn
 from . import ops
 from ._hf import cache_kwarg_of, pop_cache
 from .config import GmodConfig, capacity, capacity_of_rows
+from .masked_attention import attention_softcap, position_masked_attention
 from .masks import check_routing_mask
 from .profiling import nvtx_range
 from .router import GmodRouter, GmodState, RoutingInfo, logit, router_aux_loss, selection_mask
@@ -153,6 +156,13 @@ def _sliding_window(attn: nn.Module) -> Optional[int]:
     return int(w) if isinstance(w, int) and not isinstance(w, bool) and w > 0 else None
 
 
+def _binding_window(attn: nn.Module, length: int) -> Optional[int]:
+    """The sliding window if it changes what a query sees among ``length`` positions, else None (the
+    fused causal kernels then compute the same thing)."""
+    window = _sliding_window(attn)
+    return window if window is not None and length > window else None
+
+
 class MoDDecoderLayer:
     """Mixin of the MoD layer classes (``isinstance(layer, MoDDecoderLayer)`` tells a MoD layer).
 
@@ -217,6 +227,7 @@ class MoDDecoderLayer:
         from .cache import gmod_layer_cache
 
         slot = gmod_layer_cache(past_key_values, self.gmod_layer_idx)
+        slot.window = _sliding_window(self.self_attn)
         x = hidden_states
         S = x.shape[1]
         pe = kwargs.get("position_embeddings")
@@ -227,6 +238,7 @@ class MoDDecoderLayer:
         else:
             y = self.gmod_forward_decode(x, slot, pe, position_ids=pos, routing=routing)
         slot.seen += S
+        slot.trim_window()  # a sliding window: drop what no later query sees
         return y
 
     # ------------------------------------------------------------------ parts
@@ -408,12 +420,8 @@ class MoDDecoderLayer:
         B, S, _ = x.shape
         x = x.contiguous()
         attn = self.self_attn
-        window = _sliding_window(attn)
-        if window is not None and S > window:
-            raise NotImplementedError(
-                f"gmod: sequence length {S} exceeds the sliding window {window}; MoD layers attend over all "
-                "kept tokens (no sliding window). Use shorter sequences or keep this layer dense."
-            )
+        window = _binding_window(attn, S)
+        softcap = attention_softcap(attn)
         if self.training and getattr(attn, "attention_dropout", 0.0):
             warnings.warn("gmod: attention dropout is not applied inside MoD layers", stacklevel=2)
 
@@ -462,7 +470,9 @@ class MoDDecoderLayer:
             q, k, v, scale = self._gmod_qkv(xs, cos, sin)
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
                 kv_cache.append(k, v, count, idx=idx)
-            if attention_backend(cfg.attention, q.device, q.dtype) == "sdpa":
+            if window is not None or softcap is not None:  # positions decide what a query sees
+                o = position_masked_attention(q, k, v, idx, idx, count, scale, window=window, softcap=softcap)
+            elif attention_backend(cfg.attention, q.device, q.dtype) == "sdpa":
                 o = _sdpa_causal(q, k, v, scale)
             else:
                 o, _ = ops.attention(q, k, v, count, count, scale)
@@ -519,20 +529,21 @@ class MoDDecoderLayer:
             return self._gmod_skip_all(x, logits, mask)
         if n < S:
             idx = idx[:, :n].contiguous()
-        window = _sliding_window(attn)
-        if window is not None and cache.seen + S > window:
-            raise NotImplementedError(
-                f"gmod: sequence length {cache.seen + S} exceeds the sliding window {window}; MoD layers attend over "
-                "all kept tokens (no sliding window). Use shorter sequences or keep this layer dense."
-            )
+        window = _binding_window(attn, cache.seen + S)
+        softcap = attention_softcap(attn)
         with nvtx_range("gather"):
             xs = ops.gather_rows(x, idx, count)  # [B, n, D]
-            start = cache.cache_len if cache.is_initialized else torch.zeros(B, dtype=torch.int32, device=x.device)
+            start = cache.stored_count() if cache.is_initialized else torch.zeros(B, dtype=torch.int32, device=x.device)
             cos, sin = self._gmod_positions(x, xs, idx, count, n, position_embeddings, position_ids, start=start)
         with nvtx_range("attention"):
             q, k, v, scale = self._gmod_qkv(xs, cos, sin)
             cache.append(k, v, count, counts, idx=idx if S > 1 else None)  # S = 1: position `seen`
-            o, _ = ops.attention(q, cache.keys, cache.values, count, cache.cache_len, scale)
+            if window is not None or softcap is not None:  # the stored tokens' recorded positions decide
+                q_pos = idx.to(torch.int64) + cache.seen
+                o = position_masked_attention(q, cache.keys, cache.values, q_pos, cache.positions, cache.cache_len,
+                                              scale, window=window, softcap=softcap)
+            else:
+                o, _ = ops.attention(q, cache.keys, cache.values, count, cache.cache_len, scale)
             a = self._gmod_attn_out(o.reshape(B, n, -1))
             h = xs + a
         with nvtx_range("mlp"):
@@ -583,12 +594,8 @@ def _check_layer(layer: nn.Module) -> None:
         missing.append("input_layernorm.weight (an RMSNorm with a weight)")
     if missing:
         raise TypeError(f"gmod: {type(layer).__name__} is not a Llama-family decoder layer (missing {missing})")
-    softcap = getattr(attn, "attn_logit_softcapping", None)
-    if softcap is None:
-        softcap = getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
-    if softcap not in (None, 0, 0.0):
-        raise TypeError(f"gmod: {type(layer).__name__} soft-caps its attention logits (attn_logit_softcapping = "
-                        f"{softcap}); gmod.attention does not, so a MoD layer would compute a different function")
+    if attn is not None:
+        attention_softcap(attn)  # a negative cap raises here, not at the first forward
 
 
 def _norm_is_offset(norm: nn.Module) -> bool:

@@ -8,8 +8,8 @@ A MoD layer re-implements the decoder block on the kept tokens with the layer's 
 around the MLP). A block that deviates from these (GLM's interleaved partial rotary, Granite's
 residual multipliers, a parallel attention + MLP residual, attention sinks, ...) would convert
 without complaint and give wrong outputs. :func:`check_decoder_layers` rules that out before
-converting. (Attention logit soft-capping is refused by the MoD layer itself: with random weights
-the logits are too small for a check to see it.)
+converting. (Attention logit soft-capping is read from the attention module and reproduced by the MoD
+layer: with random weights the logits are too small for this check to see whether it is.)
 
 How: the model runs once on a short random prompt while forward pre-hooks record what it passes to
 one decoder layer of each kind (layer class, sliding window, ``config.layer_types`` entry). A float32
@@ -106,9 +106,6 @@ def _hints(layer: nn.Module, cfg: Any, kwargs: Optional[dict] = None) -> list[st
     v = val("residual_multiplier")
     if isinstance(v, (int, float)) and float(v) != 1.0:
         hints.append(f"config.residual_multiplier = {v} (residual updates are not scaled in MoD layers)")
-    if val("attn_logit_softcapping") not in (None, 0, 0.0):
-        hints.append(f"config.attn_logit_softcapping = {val('attn_logit_softcapping')} (no logit soft-capping in "
-                     "gmod.attention)")
     v = val("partial_rotary_factor")
     if isinstance(v, (int, float)) and float(v) != 1.0:
         hints.append(f"config.partial_rotary_factor = {v} (check the rotary layout: MoD layers rotate the first "

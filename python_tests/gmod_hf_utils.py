@@ -171,13 +171,13 @@ def padded_prompt(B: int, S: int, pad=(), side: str = "left", seed: int = 0):
     return ids, am
 
 
-def skipping_llama(ratio=0.5, layers=(1, 2, 3), router_std=0.5, seed=0, **kw):
-    """A tiny Llama converted at ``ratio`` on ``layers`` (shared router), router weights redrawn at
-    ``router_std`` so that p lies well away from 0.5 on both sides: decode steps keep some tokens
-    and skip others."""
+def skipping_llama(ratio=0.5, layers=(1, 2, 3), router_std=0.5, seed=0, arch="llama", model_kw=None, **kw):
+    """A tiny Llama (or ``arch`` with config overrides ``model_kw``) converted at ``ratio`` on ``layers``
+    (shared router), router weights redrawn at ``router_std`` so that p lies well away from 0.5 on
+    both sides: decode steps keep some tokens and skip others."""
     import gmod_ext
 
-    model = tiny_model("llama").eval()
+    model = tiny_model(arch, **(model_kw or {})).eval()
     gmod_ext.convert(model, ratio=ratio, layers=list(layers), progress=False, **kw)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

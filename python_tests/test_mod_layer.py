@@ -283,17 +283,6 @@ def test_kv_cache_hook():
     assert cache.get_seq_length(1) == 8
 
 
-def test_sliding_window_guard():
-    torch.manual_seed(0)
-    m = tiny_model("mistral", sliding_window=8)
-    layer = make_mod_layer(m.model.layers[0], 0.5, layer_idx=0)
-    x = torch.randn(1, 12, 64)
-    pe = m.model.rotary_emb(x, torch.arange(12).unsqueeze(0))
-    with pytest.raises(NotImplementedError, match="sliding window"):
-        layer(x, position_embeddings=pe)
-    layer(x[:, :8], position_embeddings=(pe[0][:, :8], pe[1][:, :8]))
-
-
 def test_compile_aot_eager():
     model, layer, _ = build("gamma", ratio=0.5)
     x = torch.randn(2, 12, 64)

@@ -34,8 +34,6 @@ def _hf(cls_name: str, cfg_name: str, **over):
 
 REFUSED = {
     # name: (builder, words the error must contain, whether verify=False is offered)
-    "gemma2_softcap": (lambda: _hf("Gemma2ForCausalLM", "Gemma2Config", head_dim=16),  # default softcap 50
-                       "soft-caps its attention logits", False),
     "granite_residual": (lambda: _hf("GraniteForCausalLM", "GraniteConfig", residual_multiplier=0.5),
                          "residual_multiplier = 0.5", True),
     "glm": (lambda: _hf("GlmForCausalLM", "GlmConfig", head_dim=16), "not a block a MoD layer reproduces", True),
@@ -55,6 +53,12 @@ ACCEPTED = {
     "granite": lambda: _hf("GraniteForCausalLM", "GraniteConfig"),  # multipliers 1: a Llama block
     # Gemma-2 / 3: the sandwich block (norms after attention and around the MLP), Gemma's 1 + w norms
     "gemma2_nocap": lambda: _hf("Gemma2ForCausalLM", "Gemma2Config", head_dim=16, attn_logit_softcapping=None),
+    # soft-capped logits (Gemma-2's default cap is 50) and sliding windows shorter than the check prompt:
+    # the MoD layer's position-masked attention (test_sliding_window.py makes the cap bind)
+    "gemma2_softcap_window": lambda: _hf("Gemma2ForCausalLM", "Gemma2Config", head_dim=16, sliding_window=5),
+    "mistral_window": lambda: tiny_model("mistral", sliding_window=5),
+    "gemma3_window": lambda: _hf("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=16, sliding_window=5,
+                                 layer_types=["sliding_attention", "full_attention"] * 2),
     "gemma3": lambda: _hf("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=16),
 }
 

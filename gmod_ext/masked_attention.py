@@ -1,0 +1,105 @@
+"""Attention of a MoD layer whose block has a sliding window or soft-capped logits, in plain torch.
+
+``gmod.attention`` (and torch's fused causal SDPA) computes causal attention over a row's kept
+tokens: a kept query sees every earlier kept key. Two attention features of the Llama family need
+more than that, and both depend on the tokens' *original* positions, which the compact rows do not
+carry in their order alone:
+
+* a **sliding window** of W (Mistral, Qwen2 with ``use_sliding_window``, Gemma-2 / Gemma-3's local
+  layers): the query at position p sees keys at positions ``p - W < pos <= p``, as Hugging Face's
+  mask does (positions are sequence columns, padding included; MoD layers never keep padding);
+* **logit soft-capping** (Gemma-2): scores ``c * tanh(s / c)`` before the mask and the softmax.
+
+:func:`position_masked_attention` takes the positions of the queries and keys and builds that mask
+explicitly: torch's SDPA with a boolean mask, or (soft-capping) the eager math Hugging Face's own
+Gemma-2 attention runs: scores in the input dtype, cap, mask and softmax in float32, then ``@ v``.
+It is differentiable (training) and serves the cached decode (the keys of a layer's compact cache,
+with the positions it records). It costs a ``[B, 1, Cq, Ck]`` mask and, with soft-capping,
+``[B, Hq, Cq, Ck]`` float32 scores: the memory of Hugging Face's eager attention on the kept tokens.
+MoD layers call it only where the feature changes the result (a window shorter than the sequence,
+or a cap); everywhere else they keep the fused kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["position_masked_attention", "attention_softcap"]
+
+
+def attention_softcap(attn) -> Optional[float]:
+    """The attention's logit soft-cap (``attn_logit_softcapping`` of the module or its config), or None."""
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    if cap is None:
+        cap = getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap == 0:
+        return None
+    if cap < 0:
+        raise ValueError(f"gmod: attn_logit_softcapping must be positive, got {cap}")
+    return float(cap)
+
+
+def _check(q, k, v, q_pos, k_pos, k_len):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"gmod: q, k, v must be [B, C, H, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Cq, Hq, d = q.shape
+    _, Ck, Hk, _ = k.shape
+    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != d:
+        raise ValueError(f"gmod: k / v {tuple(k.shape)} / {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"gmod: {Hq} query heads are not a multiple of {Hk} key heads")
+    if tuple(q_pos.shape) != (B, Cq) or tuple(k_pos.shape) != (B, Ck):
+        raise ValueError(f"gmod: q_pos / k_pos must be [B, Cq] / [B, Ck] = {(B, Cq)} / {(B, Ck)}, got "
+                         f"{tuple(q_pos.shape)} / {tuple(k_pos.shape)}")
+    if tuple(k_len.shape) != (B,):
+        raise ValueError(f"gmod: k_len must be [B] = [{B}], got {tuple(k_len.shape)}")
+
+
+def position_masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_len: torch.Tensor,
+    scale: float,
+    *,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of ``q`` [B, Cq, Hq, d] over ``k`` / ``v`` [B, Ck, Hk, d] (GQA: Hq a multiple of Hk),
+    returning [B, Cq, Hq, d] in q's dtype.
+
+    Query i of row b (at position ``q_pos[b, i]``) sees key j iff ``j < k_len[b]``,
+    ``k_pos[b, j] <= q_pos[b, i]`` and, with ``window``, ``q_pos[b, i] - k_pos[b, j] < window``;
+    scores are ``scale * q.k``, soft-capped to ``softcap * tanh(s / softcap)`` when given. A query that
+    sees no key (the slots past a row's count, whose outputs nobody reads) attends to all of its row's
+    keys instead, so that every output and gradient stays finite.
+    """
+    _check(q, k, v, q_pos, k_pos, k_len)
+    B, Cq, Hq, d = q.shape
+    Ck, Hk = k.shape[1], k.shape[2]
+    dev = q.device
+    qp = q_pos.to(device=dev, dtype=torch.int64).unsqueeze(2)  # [B, Cq, 1]
+    kp = k_pos.to(device=dev, dtype=torch.int64).unsqueeze(1)  # [B, 1, Ck]
+    live = torch.arange(Ck, device=dev).unsqueeze(0) < k_len.to(device=dev).unsqueeze(1)  # [B, Ck]
+    allowed = live.unsqueeze(1) & (kp <= qp)
+    if window is not None:
+        allowed &= (qp - kp) < int(window)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows that see nothing: finite, never read
+    mask = allowed.unsqueeze(1)  # [B, 1, Cq, Ck], broadcast over heads
+
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, C, d]
+    if Hq != Hk:  # repeat the kv heads (SDPA's enable_gqa needs torch >= 2.5 and no custom mask on some backends)
+        kt = kt.repeat_interleave(Hq // Hk, dim=1)
+        vt = vt.repeat_interleave(Hq // Hk, dim=1)
+    if softcap is None:
+        o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=float(scale))
+        return o.transpose(1, 2)
+    s = torch.matmul(qt, kt.transpose(-1, -2)) * float(scale)
+    s = s.float()
+    s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).to(q.dtype)
+    return torch.matmul(p, vt).transpose(1, 2)
