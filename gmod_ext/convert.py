@@ -43,7 +43,10 @@ Notes and limits:
   (the MoD layer compiles with ``fullgraph=True``), DDP and FSDP2 (``fully_shard``, tested on CPU/gloo);
   with ``use_reentrant=True`` the aux term carries no gradient (the gate still trains the router);
 * MoD layers ignore the 4-D attention mask Hugging Face builds (they use the routing mask: causal over
-  kept tokens, padding excluded), so packed sequences with block masks are not supported. A sliding
+  kept tokens, padding excluded). Packed sequences (``position_ids`` that restart and no
+  ``attention_mask``, as ``DataCollatorWithFlattening`` makes them) are found as transformers finds
+  them, and kept tokens attend within their own sequence (without a KV cache, as the model's mask);
+  routing stays per row (top-k over the row's tokens, whichever sequence they belong to). A sliding
   window (Mistral, Qwen2, Gemma-2 / 3's local layers) and logit soft-capping (Gemma-2) are reproduced
   from the kept tokens' positions (:mod:`gmod_ext.masked_attention`; the window counts original
   positions, also with ``positions="compact"``), in plain torch rather than the fused kernels;
@@ -71,7 +74,7 @@ from ._hf import check_transformers_version, find_decoder
 from .config import ATTENTIONS, GATES, ON_CACHE, POSITIONS, ROUTERS, VARIANTS, FORCED, GmodConfig, prd_skip_ratios
 from .masks import explicit_codes_and_rows, routing_codes_and_rows
 from .mod_layer import make_mod_layer, unmake_mod_layer
-from .router import GmodRouter, GmodState, RoutingInfo
+from .router import GmodRouter, GmodState, RoutingInfo, packed_segments
 from .verify import check_decoder_layers
 
 __all__ = ["convert", "unconvert", "from_pretrained", "gmod_stats", "is_converted", "GmodStatsCallback"]
@@ -549,6 +552,13 @@ def _pre_hook(module, args, kwargs):
             image_token_id=cfg.image_token_id,
         )
     info = RoutingInfo(codes, max_forced, rows=rows)
+    position_ids = named.get("position_ids")
+    if (attention_mask is None and isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2
+            and position_ids.shape[1] == shape[1] and position_ids.shape[0] in (1, shape[0])
+            and not position_ids.is_floating_point()):
+        # position_ids that restart and no attention mask: packed sequences (transformers' padding-free
+        # collators); MoD layers attend within each sequence when no KV cache is used, as the model's mask does
+        info.segments = packed_segments(position_ids.expand(shape[0], -1))
     if prefill_len is not None:
         info.prefill_len = prefill_len  # read by MoDDecoderLayer.gmod_forward (see gmod_ext.cache)
     state.current = info

@@ -8,7 +8,9 @@ carry in their order alone:
 * a **sliding window** of W (Mistral, Qwen2 with ``use_sliding_window``, Gemma-2 / Gemma-3's local
   layers): the query at position p sees keys at positions ``p - W < pos <= p``, as Hugging Face's
   mask does (positions are sequence columns, padding included; MoD layers never keep padding);
-* **logit soft-capping** (Gemma-2): scores ``c * tanh(s / c)`` before the mask and the softmax.
+* **logit soft-capping** (Gemma-2): scores ``c * tanh(s / c)`` before the mask and the softmax;
+* **packed sequences** (several sequences in one row, told apart by ``position_ids`` that restart,
+  as transformers' padding-free collators make them): a query sees only keys of its own sequence.
 
 :func:`position_masked_attention` takes the positions of the queries and keys and builds that mask
 explicitly: torch's SDPA with a boolean mask, or (soft-capping) the eager math Hugging Face's own
@@ -67,12 +69,15 @@ def position_masked_attention(
     *,
     window: Optional[int] = None,
     softcap: Optional[float] = None,
+    q_seg: Optional[torch.Tensor] = None,
+    k_seg: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of ``q`` [B, Cq, Hq, d] over ``k`` / ``v`` [B, Ck, Hk, d] (GQA: Hq a multiple of Hk),
     returning [B, Cq, Hq, d] in q's dtype.
 
     Query i of row b (at position ``q_pos[b, i]``) sees key j iff ``j < k_len[b]``,
-    ``k_pos[b, j] <= q_pos[b, i]`` and, with ``window``, ``q_pos[b, i] - k_pos[b, j] < window``;
+    ``k_pos[b, j] <= q_pos[b, i]``, with ``window`` ``q_pos[b, i] - k_pos[b, j] < window``, and with
+    ``q_seg`` / ``k_seg`` ([B, Cq] / [B, Ck] sequence ids of packed rows) ``q_seg[b, i] == k_seg[b, j]``;
     scores are ``scale * q.k``, soft-capped to ``softcap * tanh(s / softcap)`` when given. A query that
     sees no key (the slots past a row's count, whose outputs nobody reads) attends to all of its row's
     keys instead, so that every output and gradient stays finite.
@@ -87,6 +92,13 @@ def position_masked_attention(
     allowed = live.unsqueeze(1) & (kp <= qp)
     if window is not None:
         allowed &= (qp - kp) < int(window)
+    if (q_seg is None) != (k_seg is None):
+        raise ValueError("gmod: pass both q_seg and k_seg, or neither")
+    if q_seg is not None:
+        if tuple(q_seg.shape) != tuple(q_pos.shape) or tuple(k_seg.shape) != tuple(k_pos.shape):
+            raise ValueError(f"gmod: q_seg / k_seg must have q_pos / k_pos's shapes {tuple(q_pos.shape)} / "
+                             f"{tuple(k_pos.shape)}, got {tuple(q_seg.shape)} / {tuple(k_seg.shape)}")
+        allowed &= q_seg.to(dev).unsqueeze(2) == k_seg.to(dev).unsqueeze(1)
     allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows that see nothing: finite, never read
     mask = allowed.unsqueeze(1)  # [B, 1, Cq, Ck], broadcast over heads
 

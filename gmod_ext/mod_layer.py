@@ -32,7 +32,8 @@ Gating: gamma ``y = h + p*m``; mod ``y = xs + p*(h + m - xs)``; pmod ``y = xs + 
 Skipped tokens (and padding) leave the layer bit-identical (except pmod's STRing).
 
 The layer ignores the 4-D ``attention_mask`` it is given: kept tokens attend causally to kept
-tokens of the same row; padding (mask code 2) is never kept. The routing mask comes from the
+tokens of the same row (and, in packed rows, ``RoutingInfo.segments``, of the same sequence);
+padding (mask code 2) is never kept. The routing mask comes from the
 ``gmod_routing`` keyword (a :class:`~gmod_ext.router.RoutingInfo`) that a converted model's
 forward hook injects; without it every token is routable.
 
@@ -278,13 +279,18 @@ class MoDDecoderLayer:
             keep = (keep | (mask == ops.MASK_FORCED)) & (mask != ops.MASK_NEVER)
         return keep
 
-    def _gmod_positions(self, x, xs, idx, count, C, position_embeddings, position_ids, start=None):
+    def _gmod_positions(self, x, xs, idx, count, C, position_embeddings, position_ids, start=None, seg=None):
         """cos / sin [B, C, r] of the kept tokens: gathered at their original positions, or the
-        compact positions ``start + arange(C)`` (``start``: tokens already in this layer's cache)."""
+        compact positions ``start + arange(C)`` (``start``: tokens already in this layer's cache;
+        ``seg`` [B, C]: the kept tokens' packed-sequence ids, each sequence counting from 0)."""
         B, S = x.shape[0], x.shape[1]
         cfg: GmodConfig = self._gmod_state.config
         if cfg.positions == "compact":
             pos = torch.arange(C, device=x.device).unsqueeze(0)
+            if seg is not None:  # minus the slot where the token's sequence starts
+                first = torch.ones(B, C, dtype=torch.bool, device=x.device)
+                first[:, 1:] = seg[:, 1:] != seg[:, :-1]
+                pos = pos - torch.where(first, pos, torch.zeros_like(pos)).cummax(1).values
             if start is not None:
                 pos = pos + start.to(device=x.device, dtype=pos.dtype).unsqueeze(1)
             cos, sin = self._gmod_rotary(xs, pos)
@@ -422,6 +428,8 @@ class MoDDecoderLayer:
         attn = self.self_attn
         window = _binding_window(attn, S)
         softcap = attention_softcap(attn)
+        # packed sequences (transformers applies their mask only without a KV cache; so do we)
+        segments = None if routing is None or kv_cache is not None else getattr(routing, "segments", None)
         if self.training and getattr(attn, "attention_dropout", 0.0):
             warnings.warn("gmod: attention dropout is not applied inside MoD layers", stacklevel=2)
 
@@ -465,13 +473,17 @@ class MoDDecoderLayer:
         # ---- the block on the selected tokens
         with nvtx_range("gather"):
             xs = ops.gather_rows(x, idx, count)  # [B, C, D]
-            cos, sin = self._gmod_positions(x, xs, idx, count, C, position_embeddings, position_ids)
+            seg = None
+            if segments is not None:  # the kept tokens' sequence ids (slots past count: never read)
+                seg = torch.gather(segments.to(x.device), 1, idx.clamp(min=0).long())
+            cos, sin = self._gmod_positions(x, xs, idx, count, C, position_embeddings, position_ids, seg=seg)
         with nvtx_range("attention"):
             q, k, v, scale = self._gmod_qkv(xs, cos, sin)
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
                 kv_cache.append(k, v, count, idx=idx)
-            if window is not None or softcap is not None:  # positions decide what a query sees
-                o = position_masked_attention(q, k, v, idx, idx, count, scale, window=window, softcap=softcap)
+            if window is not None or softcap is not None or seg is not None:  # positions decide what a query sees
+                o = position_masked_attention(q, k, v, idx, idx, count, scale, window=window, softcap=softcap,
+                                              q_seg=seg, k_seg=seg)
             elif attention_backend(cfg.attention, q.device, q.dtype) == "sdpa":
                 o = _sdpa_causal(q, k, v, scale)
             else:

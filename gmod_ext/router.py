@@ -93,7 +93,8 @@ class RoutingInfo:
     ``mask`` [B, S] int8 codes (0 routable, 1 forced, 2 padding) or None (all routable);
     ``max_forced`` the largest forced count of a row (Python int, used for the static capacity);
     ``rows`` each row's (forced, routable) counts (Python ints) when known: MoD layers then use the tight
-    capacity ``max_b (F_b + keep(R_b, r))`` (:func:`gmod_ext.config.capacity_of_rows`).
+    capacity ``max_b (F_b + keep(R_b, r))`` (:func:`gmod_ext.config.capacity_of_rows`);
+    ``segments`` [B, S] the packed-sequence id of each token (:func:`packed_segments`) or None.
     MoD layers write ``aux[layer]`` (differentiable aux loss term), ``stats[layer]`` (detached
     tensors) and ``selection[layer] = (idx, count)`` (what ``ops.route`` chose). A gradient-checkpointing replay overwrites them with equal values.
     """
@@ -102,6 +103,9 @@ class RoutingInfo:
         self.mask = mask
         self.max_forced = int(max_forced)
         self.rows = rows  # [(F_b, R_b)] Python ints, or None: the tight capacity when given
+        # [B, S] sequence id of each token of packed rows (position_ids that restart, no attention_mask),
+        # or None: MoD layers then attend only within a sequence, as transformers' packed mask does
+        self.segments: Optional[torch.Tensor] = None
         self.aux: dict[int, torch.Tensor] = {}
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
         self.selection: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (idx, count)
@@ -118,6 +122,18 @@ class RoutingInfo:
     def __repr__(self) -> str:
         shape = None if self.mask is None else tuple(self.mask.shape)
         return f"RoutingInfo(mask={shape}, max_forced={self.max_forced}, layers={sorted(self.stats)})"
+
+
+def packed_segments(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """[B, S] int64 sequence ids of packed rows from ``position_ids`` [B, S] (or [1, S]): a new sequence
+    starts wherever the position does not go up by exactly one (transformers' rule for a batch given
+    ``position_ids`` and no attention mask), or None when no row holds more than one sequence (one
+    host sync, skipped while compiling: then the ids are always returned)."""
+    first = position_ids[:, :1] - 1
+    seg = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    if not torch.compiler.is_compiling() and not bool((seg[:, -1] != 0).any()):
+        return None
+    return seg
 
 
 class GmodState:

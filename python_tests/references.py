@@ -142,6 +142,37 @@ def attention_ref(q, k, v, q_len, k_len, scale=None, compute_dtype=torch.float64
 
 
 # ------------------------------------------------------------------ kv cache
+def position_attention_ref(q, k, v, q_pos, k_pos, k_len, scale, window=None, softcap=None, q_seg=None, k_seg=None,
+                           dtype=torch.float64):
+    """gmod_ext.masked_attention.position_masked_attention, one (row, query, head) at a time: the visible
+    keys listed by the documented rule, softmax, weighted sum, computed in ``dtype``. Returns (out,
+    visible [B, Cq] bool); rows with no visible key are left at 0 (the op's value there is unspecified)."""
+    B, Cq, Hq, d = q.shape
+    rep = Hq // k.shape[2]
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    rows, visible = [], torch.zeros(B, Cq, dtype=torch.bool)
+    for b in range(B):
+        outs = []
+        for i in range(Cq):
+            p = int(q_pos[b, i])
+            js = [j for j in range(int(k_len[b]))
+                  if int(k_pos[b, j]) <= p and (window is None or p - int(k_pos[b, j]) < window)
+                  and (q_seg is None or int(q_seg[b, i]) == int(k_seg[b, j]))]
+            heads = []
+            for h in range(Hq):
+                if not js:
+                    heads.append(torch.zeros(d, dtype=dtype))
+                    continue
+                s = (k[b, js, h // rep] @ q[b, i, h]) * scale
+                if softcap is not None:
+                    s = torch.tanh(s / softcap) * softcap
+                heads.append(torch.softmax(s, 0) @ v[b, js, h // rep])
+            visible[b, i] = bool(js)
+            outs.append(torch.stack(heads))
+        rows.append(torch.stack(outs))
+    return torch.stack(rows), visible
+
+
 def kv_cache_append_ref(k_cache, v_cache, cache_len, k_new, v_new, new_len):
     """Functional: returns new (k_cache, v_cache, cache_len)."""
     kc, vc, cl = k_cache.clone(), v_cache.clone(), cache_len.clone()

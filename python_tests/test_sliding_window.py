@@ -18,6 +18,7 @@ import torch
 
 from gmod_hf_utils import mod_slots, num_threads, padded_prompt, skipping_llama, text_config_kwargs, tiny_model, \
     transformers
+from references import position_attention_ref
 
 import gmod_ext
 from gmod_ext.cache import GmodLayer_cls
@@ -31,34 +32,6 @@ def _one_thread():
 
 
 # ----------------------------------------------------------------------------- the op
-def _loop_reference(q, k, v, q_pos, k_pos, k_len, scale, window, softcap, dtype=torch.float64):
-    """Per (row, query, head): the visible keys by the documented rule, softmax, weighted sum, computed
-    in ``dtype``. Returns (out, visible [B, Cq] bool); rows with no visible key are left at 0."""
-    B, Cq, Hq, d = q.shape
-    rep = Hq // k.shape[2]
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    rows, visible = [], torch.zeros(B, Cq, dtype=torch.bool)
-    for b in range(B):
-        outs = []
-        for i in range(Cq):
-            p = int(q_pos[b, i])
-            js = [j for j in range(int(k_len[b]))
-                  if int(k_pos[b, j]) <= p and (window is None or p - int(k_pos[b, j]) < window)]
-            heads = []
-            for h in range(Hq):
-                if not js:
-                    heads.append(torch.zeros(d, dtype=dtype))
-                    continue
-                s = (k[b, js, h // rep] @ q[b, i, h]) * scale
-                if softcap is not None:
-                    s = torch.tanh(s / softcap) * softcap
-                heads.append(torch.softmax(s, 0) @ v[b, js, h // rep])
-            visible[b, i] = bool(js)
-            outs.append(torch.stack(heads))
-        rows.append(torch.stack(outs))
-    return torch.stack(rows), visible
-
-
 def _ascending(g, B, n, span):
     """[B, n] int32: per row n distinct ascending positions below ``span``."""
     return torch.stack([torch.randperm(span, generator=g)[:n].sort().values for _ in range(B)]).to(torch.int32)
@@ -94,7 +67,7 @@ def test_op_matches_float64_loop(window, softcap, Hk, decode):
     out = position_masked_attention(q, k, v, q_pos, k_pos, k_len, scale, window=window, softcap=softcap)
     assert out.shape == q.shape and out.dtype == q.dtype and bool(torch.isfinite(out).all())
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, visible = _loop_reference(q64, k64, v64, q_pos, k_pos, k_len, scale, window, softcap)
+    ref, visible = position_attention_ref(q64, k64, v64, q_pos, k_pos, k_len, scale, window, softcap)
     assert visible.any() and (~visible).any() or decode  # both kinds of rows occur (the decode case: row 2)
     torch.testing.assert_close(out.double()[visible], ref[visible], rtol=1e-5, atol=1e-6)
     # gradients through the rows that see something (the others are never read by a MoD layer)
@@ -113,8 +86,8 @@ def test_op_bfloat16_within_twice_the_bfloat16_error(window, softcap):
     q, k, v, q_pos, k_pos, k_len = _case(5, 2, False, torch.bfloat16)
     out = position_masked_attention(q, k, v, q_pos, k_pos, k_len, 0.5, window=window, softcap=softcap)
     assert out.dtype == torch.bfloat16
-    ref, visible = _loop_reference(q, k, v, q_pos, k_pos, k_len, 0.5, window, softcap)
-    low, _ = _loop_reference(q, k, v, q_pos, k_pos, k_len, 0.5, window, softcap, dtype=torch.bfloat16)
+    ref, visible = position_attention_ref(q, k, v, q_pos, k_pos, k_len, 0.5, window, softcap)
+    low, _ = position_attention_ref(q, k, v, q_pos, k_pos, k_len, 0.5, window, softcap, dtype=torch.bfloat16)
     err = (out.double() - ref)[visible].abs().max()
     err_low = (low.double() - ref)[visible].abs().max()
     assert err <= 2 * err_low + 1e-3, (float(err), float(err_low))
