@@ -10,7 +10,10 @@ carry in their order alone:
   mask does (positions are sequence columns, padding included; MoD layers never keep padding);
 * **logit soft-capping** (Gemma-2): scores ``c * tanh(s / c)`` before the mask and the softmax;
 * **packed sequences** (several sequences in one row, told apart by ``position_ids`` that restart,
-  as transformers' padding-free collators make them): a query sees only keys of its own sequence.
+  as transformers' padding-free collators make them): a query sees only keys of its own sequence;
+* **bidirectional image blocks** (Gemma-3's multimodal model: the tokens of one image, marked by
+  ``token_type_ids``, see each other in both directions): a query in a block also sees the later
+  keys of its block (still inside the window: transformers' AND(window, OR(causal, block))).
 
 :func:`position_masked_attention` takes the positions of the queries and keys and builds that mask
 explicitly: torch's SDPA with a boolean mask, or (soft-capping) the eager math Hugging Face's own
@@ -71,13 +74,17 @@ def position_masked_attention(
     softcap: Optional[float] = None,
     q_seg: Optional[torch.Tensor] = None,
     k_seg: Optional[torch.Tensor] = None,
+    q_block: Optional[torch.Tensor] = None,
+    k_block: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of ``q`` [B, Cq, Hq, d] over ``k`` / ``v`` [B, Ck, Hk, d] (GQA: Hq a multiple of Hk),
     returning [B, Cq, Hq, d] in q's dtype.
 
     Query i of row b (at position ``q_pos[b, i]``) sees key j iff ``j < k_len[b]``,
-    ``k_pos[b, j] <= q_pos[b, i]``, with ``window`` ``q_pos[b, i] - k_pos[b, j] < window``, and with
-    ``q_seg`` / ``k_seg`` ([B, Cq] / [B, Ck] sequence ids of packed rows) ``q_seg[b, i] == k_seg[b, j]``;
+    ``k_pos[b, j] <= q_pos[b, i]`` (or, with ``q_block`` / ``k_block``, [B, Cq] / [B, Ck] block ids with
+    -1 outside blocks, ``q_block[b, i] == k_block[b, j] >= 0``), with ``window``
+    ``q_pos[b, i] - k_pos[b, j] < window``, and with ``q_seg`` / ``k_seg`` ([B, Cq] / [B, Ck] sequence
+    ids of packed rows) ``q_seg[b, i] == k_seg[b, j]``;
     scores are ``scale * q.k``, soft-capped to ``softcap * tanh(s / softcap)`` when given. A query that
     sees no key (the slots past a row's count, whose outputs nobody reads) attends to all of its row's
     keys instead, so that every output and gradient stays finite.
@@ -89,7 +96,16 @@ def position_masked_attention(
     qp = q_pos.to(device=dev, dtype=torch.int64).unsqueeze(2)  # [B, Cq, 1]
     kp = k_pos.to(device=dev, dtype=torch.int64).unsqueeze(1)  # [B, 1, Ck]
     live = torch.arange(Ck, device=dev).unsqueeze(0) < k_len.to(device=dev).unsqueeze(1)  # [B, Ck]
-    allowed = live.unsqueeze(1) & (kp <= qp)
+    causal = kp <= qp
+    if (q_block is None) != (k_block is None):
+        raise ValueError("gmod: pass both q_block and k_block, or neither")
+    if q_block is not None:
+        if tuple(q_block.shape) != tuple(q_pos.shape) or tuple(k_block.shape) != tuple(k_pos.shape):
+            raise ValueError(f"gmod: q_block / k_block must have q_pos / k_pos's shapes {tuple(q_pos.shape)} / "
+                             f"{tuple(k_pos.shape)}, got {tuple(q_block.shape)} / {tuple(k_block.shape)}")
+        qb, kb = q_block.to(dev).unsqueeze(2), k_block.to(dev).unsqueeze(1)
+        causal = causal | ((qb == kb) & (qb >= 0))
+    allowed = live.unsqueeze(1) & causal
     if window is not None:
         allowed &= (qp - kp) < int(window)
     if (q_seg is None) != (k_seg is None):

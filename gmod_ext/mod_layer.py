@@ -430,6 +430,7 @@ class MoDDecoderLayer:
         softcap = attention_softcap(attn)
         # packed sequences (transformers applies their mask only without a KV cache; so do we)
         segments = None if routing is None or kv_cache is not None else getattr(routing, "segments", None)
+        blocks = getattr(routing, "blocks", None)  # image blocks (prefill with a cache too, as transformers)
         if self.training and getattr(attn, "attention_dropout", 0.0):
             warnings.warn("gmod: attention dropout is not applied inside MoD layers", stacklevel=2)
 
@@ -473,17 +474,20 @@ class MoDDecoderLayer:
         # ---- the block on the selected tokens
         with nvtx_range("gather"):
             xs = ops.gather_rows(x, idx, count)  # [B, C, D]
-            seg = None
+            seg = blk = None
             if segments is not None:  # the kept tokens' sequence ids (slots past count: never read)
                 seg = torch.gather(segments.to(x.device), 1, idx.clamp(min=0).long())
+            if blocks is not None:  # the kept tokens' image blocks
+                blk = torch.gather(blocks.to(x.device), 1, idx.clamp(min=0).long())
             cos, sin = self._gmod_positions(x, xs, idx, count, C, position_embeddings, position_ids, seg=seg)
         with nvtx_range("attention"):
             q, k, v, scale = self._gmod_qkv(xs, cos, sin)
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
                 kv_cache.append(k, v, count, idx=idx)
-            if window is not None or softcap is not None or seg is not None:  # positions decide what a query sees
+            if window is not None or softcap is not None or seg is not None or blk is not None:
+                # positions (and sequence / image block ids) decide what a query sees
                 o = position_masked_attention(q, k, v, idx, idx, count, scale, window=window, softcap=softcap,
-                                              q_seg=seg, k_seg=seg)
+                                              q_seg=seg, k_seg=seg, q_block=blk, k_block=blk)
             elif attention_backend(cfg.attention, q.device, q.dtype) == "sdpa":
                 o = _sdpa_causal(q, k, v, scale)
             else:
@@ -527,6 +531,11 @@ class MoDDecoderLayer:
         mask = None if routing is None else routing.mask
         if mask is not None:
             mask = check_routing_mask(mask, (B, S))
+        if getattr(routing, "blocks", None) is not None:
+            raise NotImplementedError(
+                "gmod: image tokens (token_type_ids) in a step after the first one on a KV cache: MoD layers apply "
+                "the bidirectional image attention in the prefill only. Put the images in the first call (as "
+                "generate does), or run without a cache.")
         with nvtx_range("router"):
             logits = self.gmod_logits(x)
         with nvtx_range("route"):

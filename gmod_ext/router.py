@@ -94,7 +94,8 @@ class RoutingInfo:
     ``max_forced`` the largest forced count of a row (Python int, used for the static capacity);
     ``rows`` each row's (forced, routable) counts (Python ints) when known: MoD layers then use the tight
     capacity ``max_b (F_b + keep(R_b, r))`` (:func:`gmod_ext.config.capacity_of_rows`);
-    ``segments`` [B, S] the packed-sequence id of each token (:func:`packed_segments`) or None.
+    ``segments`` [B, S] the packed-sequence id of each token (:func:`packed_segments`) or None;
+    ``blocks`` [B, S] the bidirectional image block of each token (:func:`image_blocks`) or None.
     MoD layers write ``aux[layer]`` (differentiable aux loss term), ``stats[layer]`` (detached
     tensors) and ``selection[layer] = (idx, count)`` (what ``ops.route`` chose). A gradient-checkpointing replay overwrites them with equal values.
     """
@@ -106,6 +107,9 @@ class RoutingInfo:
         # [B, S] sequence id of each token of packed rows (position_ids that restart, no attention_mask),
         # or None: MoD layers then attend only within a sequence, as transformers' packed mask does
         self.segments: Optional[torch.Tensor] = None
+        # [B, S] image block id of each token (-1: not in a block) when the model marks image tokens with
+        # token_type_ids (Gemma-3): kept tokens of one image then see each other both ways, as its mask says
+        self.blocks: Optional[torch.Tensor] = None
         self.aux: dict[int, torch.Tensor] = {}
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
         self.selection: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (idx, count)
@@ -134,6 +138,19 @@ def packed_segments(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
     if not torch.compiler.is_compiling() and not bool((seg[:, -1] != 0).any()):
         return None
     return seg
+
+
+def image_blocks(token_type_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """[B, S] int64 image block ids from ``token_type_ids`` [B, S] (1 marks an image token): each run of
+    consecutive image tokens is one block, numbered from 0 per row; -1 elsewhere (Gemma-3's rule for the
+    tokens that attend to each other in both directions). None when no token is an image token (one
+    host sync, skipped while compiling)."""
+    is_image = token_type_ids == 1
+    if not torch.compiler.is_compiling() and not bool(is_image.any()):
+        return None
+    starts = is_image.clone()
+    starts[:, 1:] &= ~is_image[:, :-1]
+    return torch.where(is_image, starts.long().cumsum(-1) - 1, torch.full_like(token_type_ids, -1, dtype=torch.long))
 
 
 class GmodState:

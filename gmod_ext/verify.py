@@ -18,9 +18,9 @@ keeps every token without gating, which then must compute the same function. The
 (output - input) must agree to float32 rounding; a mismatch, or an error inside the MoD path, raises
 ``TypeError`` naming the layer and, where it can tell, the feature that is not reproduced. A model
 whose ``forward`` takes ``token_type_ids`` (Gemma-3's and PaliGemma's multimodal models) runs once more
-with a span of the prompt marked as image tokens, and is refused if its decoder layers are then
-told to let tokens see later ones (image tokens attending to each other both ways). The model's
-weights, modes and random number generators are left as they were.
+with a span of the prompt marked as image tokens, and each kind of layer is checked again on that
+(MoD layers reproduce Gemma-3's bidirectional attention within an image; PaliGemma's prefix-LM mask
+is refused). The model's weights, modes and random number generators are left as they were.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from torch import nn
 from ._hf import accepts
 from .config import GmodConfig
 from .mod_layer import _sliding_window, make_mod_layer
-from .router import GmodState
+from .router import GmodState, RoutingInfo, image_blocks
 
 __all__ = ["check_decoder_layers", "VERIFY_TOLERANCE"]
 
@@ -93,7 +93,8 @@ def _hints(layer: nn.Module, cfg: Any, kwargs: Optional[dict] = None) -> list[st
                                                              "use_bidirectional_attention", False) is True \
             or (kwargs is not None and _sees_later_tokens(kwargs)):
         hints.append("the attention lets tokens see later tokens (is_causal=False, a bidirectional or prefix-LM "
-                     "mask, e.g. PaliGemma); MoD layers attend causally")
+                     "mask, e.g. PaliGemma); MoD layers attend causally (except within the image blocks that "
+                     "token_type_ids marks, Gemma-3's rule)")
     known = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp",
              "pre_feedforward_layernorm", "post_feedforward_layernorm")  # the last two: Gemma-2/3 sandwich
     extra = sorted(n for n, _ in layer.named_children() if n not in known and "norm" in n)
@@ -130,7 +131,7 @@ def _reference_attention(layer: nn.Module) -> None:
 
 
 def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwargs: dict, rotary,
-               cfg: Any, tolerance: float) -> None:
+               cfg: Any, tolerance: float, routing: Optional[RoutingInfo] = None) -> None:
     where = f"gmod.convert: {model_name} decoder layer {index} ({type(layer).__name__})"
     advice = ("Keep this model dense, or pass verify=False to gmod.convert to convert it anyway (its outputs "
               "will not be the model's).")
@@ -148,7 +149,8 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
         state = GmodState(GmodConfig(gate="none", router="per_layer", router_init="zeros"), rotary=rotary)
         make_mod_layer(work, 0.0, layer_idx=index, state=state)
         try:
-            out = _first_tensor(work(*args, **kwargs)) - x
+            mod_kwargs = kwargs if routing is None else dict(kwargs, gmod_routing=routing)
+            out = _first_tensor(work(*args, **mod_kwargs)) - x
         except Exception as err:  # noqa: BLE001
             hints = _hints(layer, cfg, kwargs)
             raise TypeError(f"{where}: a MoD layer cannot run this block ({type(err).__name__}: {err})"
@@ -166,11 +168,13 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
             f"its four norms). {advice}")
 
 
-def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, layer_index: int) -> None:
-    """Multimodal models that mark image tokens with ``token_type_ids`` (Gemma-3's and PaliGemma's) let the
-    tokens of one image attend to each other in both directions. The language-model check prompt has no
-    image, so it cannot see that: run the whole model once more with a span of the prompt marked as image
-    tokens (no pixels: their embeddings stay text embeddings) and look at the mask the decoder layer gets.
+def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, indices: list, tolerance: float) -> None:
+    """Multimodal models that mark image tokens with ``token_type_ids`` (Gemma-3's, PaliGemma's) let some
+    tokens attend to later ones: the tokens of one image see each other in both directions. The
+    language-model check prompt has no image, so it cannot see that: run the whole model once more with a
+    span of the prompt marked as image tokens (no pixels: their embeddings stay text embeddings), and check
+    each kind of decoder layer again on what it then gets, the MoD layer told the image blocks
+    (:func:`gmod_ext.router.image_blocks`) as a converted model's forward tells it.
     """
     if parts.image_token_id is None or not accepts(model.forward, "token_type_ids"):
         return
@@ -178,27 +182,39 @@ def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, layer_ind
     types[:, 3:7] = 1
     seen: dict = {}
 
-    def hook(_module, _args, kwargs):
-        seen.setdefault("kwargs", dict(kwargs))
+    def recorder(i):
+        def hook(_module, args, kwargs):
+            seen.setdefault(i, (args, dict(kwargs)))
+        return hook
 
-    handle = parts.layers[layer_index].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [parts.layers[i].register_forward_pre_hook(recorder(i), with_kwargs=True) for i in indices]
     try:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=types, use_cache=False)
     except Exception as err:  # noqa: BLE001  (a model that needs pixels with token types: say it was not checked)
         warnings.warn(f"gmod.convert: {type(model).__name__} takes token_type_ids, but a check prompt with image "
-                      f"token types did not run ({type(err).__name__}: {err}), so whether its image tokens attend "
-                      "to later tokens was not checked", stacklevel=4)
+                      f"token types did not run ({type(err).__name__}: {err}), so its attention over image tokens "
+                      "was not checked", stacklevel=4)
         return
     finally:
-        handle.remove()
-    if _sees_later_tokens(seen.get("kwargs", {})):
-        raise TypeError(
-            f"gmod.convert: {type(model).__name__} lets the tokens of an image attend to each other in both "
-            "directions (token_type_ids marks them; e.g. Gemma-3's and PaliGemma's multimodal models), and MoD "
-            "layers attend causally, so on prompts with images a converted model would compute something else. "
-            "Keep this model dense, convert its text-only language model, or pass verify=False to gmod.convert "
-            "to convert it anyway (its outputs on images will not be the model's).")
+        for h in handles:
+            h.remove()
+    routing = RoutingInfo()
+    routing.blocks = image_blocks(types)
+    for i in indices:
+        if i not in seen:
+            continue
+        args, kwargs = seen[i]
+        try:
+            _check_one(type(model).__name__, i, parts.layers[i], args, kwargs, parts.rotary, parts.text_config,
+                       tolerance, routing=routing)
+        except TypeError as err:
+            raise TypeError(
+                f"gmod.convert: {type(model).__name__} on a prompt with image tokens (token_type_ids): {err}. Its "
+                "mask lets some tokens attend to later ones (e.g. an image's tokens to each other in both "
+                "directions, which MoD layers reproduce for Gemma-3's rule: consecutive image tokens form a block), "
+                "and here the MoD layer did not reproduce it. Keep this model dense, convert its text-only "
+                "language model, or pass verify=False to gmod.convert to convert it anyway.") from err
 
 
 def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLERANCE) -> int:
@@ -247,7 +263,7 @@ def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLE
                 args, kwargs = captured[i]
                 _check_one(type(model).__name__, i, parts.layers[i], args, kwargs, parts.rotary,
                            parts.text_config, tolerance)
-            _check_image_attention(model, parts, ids.to(device), indices[0])
+            _check_image_attention(model, parts, ids.to(device), indices, tolerance)
     finally:
         for h in handles:
             h.remove()

@@ -306,15 +306,21 @@ def test_qwen_vl_image_prompt_with_3d_positions_converts_exactly(name):
     assert err < 1e-5, (name, err)
 
 
-def test_bidirectional_image_attention_is_refused():
+def test_bidirectional_image_attention_is_checked_on_an_image_prompt(monkeypatch):
     """Gemma-3's multimodal model lets the tokens of one image attend to each other both ways
     (token_type_ids). The language-model check prompt has no image; the extra probe with image token
-    types must refuse it. With verify=False the difference is real on an image prompt (and absent on a
-    text-only one, so it is the image attention and nothing else)."""
+    types checks the layers again on one. MoD layers reproduce it (test_image_blocks.py), so the model
+    converts; a MoD layer that were not told the image blocks is refused by that probe, and converted
+    anyway (verify=False) it does differ on an image prompt (and not on a text-only one)."""
+    import gmod_ext.verify as verify
+
+    monkeypatch.setattr(verify, "image_blocks", lambda types: None)  # the probe's MoD layer sees no blocks
     model = _vlm("gemma3_vlm").eval()
-    with pytest.raises(TypeError, match="attend to each other in both directions"):
+    with pytest.raises(TypeError, match="on a prompt with image tokens"):
         gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
     assert not is_converted(model)
+    monkeypatch.undo()
+    gmod_ext.convert(copy.deepcopy(model), ratio=0.0, layers="all", gate="none", progress=False)  # the real one
 
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 250, (2, 16), generator=g)
@@ -325,7 +331,9 @@ def test_bidirectional_image_attention_is_refused():
         ref_img = model(input_ids=ids, **image).logits
         ref_txt = model(input_ids=text_ids).logits
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False, verify=False)
-    assert is_converted(model)
+    import gmod_ext.convert as convert_mod
+
+    monkeypatch.setattr(convert_mod, "image_blocks", lambda types: None)  # the converted model ignores images
     with torch.no_grad():
         err_img = float((model(input_ids=ids, **image).logits - ref_img).abs().max() / ref_img.abs().max())
         err_txt = float((model(input_ids=text_ids).logits - ref_txt).abs().max() / ref_txt.abs().max())
