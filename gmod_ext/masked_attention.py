@@ -34,7 +34,14 @@ __all__ = ["position_masked_attention", "attention_softcap"]
 
 
 def attention_softcap(attn) -> Optional[float]:
-    """The attention's logit soft-cap (``attn_logit_softcapping`` of the module or its config), or None."""
+    """The attention's logit soft-cap (``attn_logit_softcapping`` of the module or its config), or None,
+    as the layer's attention implementation applies it: transformers' eager, flash and flex attention
+    cap the scores; its SDPA attention does not (before 5.24 it ignored the cap without a word, and
+    Gemma-2 ran on it by default; since then it refuses a cap), so there the layer computes no cap and
+    neither does its MoD layer."""
+    impl = getattr(getattr(attn, "config", None), "_attn_implementation", None)
+    if isinstance(impl, str) and "sdpa" in impl:
+        return None
     cap = getattr(attn, "attn_logit_softcapping", None)
     if cap is None:
         cap = getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
