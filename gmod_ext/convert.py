@@ -529,6 +529,7 @@ def _pre_hook(module, args, kwargs):
     if forced_mask is not None:
         _check_mask_arg("gmod_forced_mask", forced_mask, ref, allow_bool=True)
     attention_mask = named.get("attention_mask")
+    _check_attention_mask(attention_mask)
     if (
         isinstance(attention_mask, torch.Tensor)
         and attention_mask.dim() == 2
@@ -571,6 +572,22 @@ def _pre_hook(module, args, kwargs):
     state.scratch = None
     kwargs["gmod_routing"] = info
     return args, kwargs
+
+
+def _check_attention_mask(mask) -> None:
+    """A converted model takes the 2-D padding mask (or none). A prepared 4-D mask (or a dict of them)
+    decides token by token what each position sees; the MoD layers attend over their kept tokens by the
+    rules they know (padding, packed sequences from position_ids, image blocks from token_type_ids), so
+    such a mask would be ignored there: refused instead."""
+    if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        return
+    what = "given as a dict" if isinstance(mask, dict) else (
+        f"of shape {tuple(mask.shape)}" if hasattr(mask, "shape") else f"given as {type(mask).__name__}")
+    raise NotImplementedError(
+        f"gmod: an attention_mask {what}; a converted model takes the 2-D padding mask [B, S] (1 = token, "
+        "0 = padding). Its MoD layers attend over the tokens they keep by rules of their own (causal, padding, "
+        "sliding windows, packed sequences from position_ids, image blocks from token_type_ids), so a custom "
+        "4-D mask cannot be applied there. Pass the 2-D mask, or position_ids for packed sequences.")
 
 
 def _check_prefill_len(p) -> None:

@@ -298,6 +298,12 @@ FORWARD_CASES = [
     ("prefill-str", dict(gmod_prefill_len="3"), TypeError, r"gmod_prefill_len must be an int .*'3'"),
     ("prefill-bool", dict(gmod_prefill_len=True), TypeError, r"gmod_prefill_len must be an int .*True"),
     ("prefill-float-tensor", dict(gmod_prefill_len=torch.tensor(3.0)), TypeError, r"gmod_prefill_len must be an int"),
+    # a custom 4-D mask (or one mask per layer type) cannot reach the kept tokens: refused, not ignored
+    ("mask-4d", dict(attention_mask=torch.ones(2, 1, S, S, dtype=torch.bool).tril()), NotImplementedError,
+     r"attention_mask of shape \(2, 1, 12, 12\).*2-D"),
+    ("mask-dict", dict(attention_mask={"full_attention": torch.ones(2, 1, S, S)}), NotImplementedError,
+     r"attention_mask given as a dict"),
+    ("mask-1d", dict(attention_mask=torch.ones(S)), NotImplementedError, r"attention_mask of shape \(12,\)"),
 ]
 
 
