@@ -334,3 +334,16 @@ def test_windowed_soft_capped_layer_compiles_fullgraph():
     gc = torch.autograd.grad((yc * w).sum(), [xc, layer.self_attn.q_proj.weight])
     for a, b in zip(ge, gc):
         torch.testing.assert_close(a, b)
+
+
+def test_beam_search_on_a_windowed_model_cache_equals_no_cache():
+    """Beam search reorders the rows of every cache slot after the trims began (``dropped`` goes with its
+    row, or the compact positions of later tokens would be another row's)."""
+    model = _windowed("compact", window=4)
+    ids, am = padded_prompt(2, 12, pad=(0, 3), seed=4)
+    kw = dict(attention_mask=am, max_new_tokens=16, num_beams=3, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, output_scores=True)
+    cached, full = model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw)
+    _same_generation(cached, full)
+    dropped = [s.dropped.tolist() for s in mod_slots(cached.past_key_values).values()]
+    assert any(len(set(d)) > 1 for d in dropped), dropped  # the beams dropped different numbers of tokens
