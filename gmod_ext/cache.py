@@ -376,7 +376,7 @@ def _make_layer_class():
             ``seen``. One device sync (the new lengths) when something is removed."""
             new_seen = crop_target(self.seen, tokens_to_remove, removes_tokens)
             if new_seen >= self.seen:
-                self.trim_window()
+                self._trim_after_crop()
                 return
             if self.window is not None and self._trim_floor > new_seen - self.window:
                 raise RuntimeError(
@@ -395,8 +395,13 @@ def _make_layer_class():
             self.seen = new_seen
             if self.prefill_len is not None:
                 self.prefill_len = min(self.prefill_len, new_seen)
+            self._trim_after_crop()
+
+        def _trim_after_crop(self) -> None:
+            """A crop ends a step that could be rolled back (a later crop goes back no further than this
+            one's length), so the window's drop happens here even while the past is recorded."""
             record, self.record_past = self.record_past, False
-            try:  # a crop ends a step that may be rolled back: trim what the window has left behind
+            try:
                 self.trim_window()
             finally:
                 self.record_past = record

@@ -22,8 +22,9 @@ Forward on the selected tokens (all through ``gmod_ext.ops``)::
     xs = gather_rows(x); cos, sin = gather_rows(cos/sin) (or compact arange(count))
     q, k, v = proj(LN1(xs)); (q/k norm); RoPE; o = attention(q, k, v, count, count)  # causal, GQA
                                             # (or SDPA over the compact rows: GmodConfig.attention;
-                                            #  a sliding window shorter than the sequence or a logit
-                                            #  soft-cap: gmod_ext.masked_attention, by original position)
+                                            #  a sliding window shorter than the sequence, a logit
+                                            #  soft-cap, packed sequences or image blocks:
+                                            #  gmod_ext.masked_attention, by original position)
     h = xs + o_proj(o); m = mlp(LN2(h))     (Gemma-2/3: h = xs + LN2(o_proj(o)); m = postFF(mlp(preFF(h))))
     y = scatter_merge(x, base, idx, count, delta, gate[, skip_scale])          # variant gating
 

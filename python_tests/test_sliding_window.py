@@ -303,10 +303,13 @@ def test_crop_past_a_trim_needs_the_recorded_past():
     rec = prefilled()
     for s in mod_slots(rec).values():
         s.activate_past_recording()
+    floors = {i: s._trim_floor for i, s in mod_slots(rec).items()}  # the prefill's trims
     _step(model, rec, new[:, :5])
+    assert {i: s._trim_floor for i, s in mod_slots(rec).items()} == floors  # nothing dropped while recording
     for layer in rec.layers:
-        layer.crop(-3)  # back to 12 positions
+        layer.crop(-3)  # back to 12 positions: and the window's drop happens now
     assert rec.get_seq_length() == 12
+    assert all(s._trim_floor == 12 - 4 > floors[i] for i, s in mod_slots(rec).items())
     fresh = prefilled()
     _step(model, fresh, new[:, :2])
     torch.testing.assert_close(_step(model, rec, new[:, 2:6]), _step(model, fresh, new[:, 2:6]), rtol=1e-5, atol=1e-5)

@@ -14,6 +14,11 @@ forward+backward against:
                       the layer's own projections, RoPE, SDPA (causal), MLP, gate p on the MLP
                       branch (gamma-MoD), scatter_add back into the sequence.
 
+The row "gmod MoD, window S/8" is the same MoD layer given a sliding window of S/8 positions (as
+Mistral's or Gemma-3's local layers have): its attention runs on ``gmod_ext.masked_attention`` (SDPA
+with a mask built from the kept tokens' positions) instead of the fused causal kernel, so the row
+shows what that path costs; it is checked against (c) with the same window mask.
+
 fwd+bwd rows time ``autograd.grad`` of the output (random upstream gradient) with respect to the
 input and every weight (the router included), so nothing accumulates between repeats.
 The gmod layer's forward is checked once against (c) run with the same selection.
@@ -39,12 +44,15 @@ RATIO = 0.5
 GMOD_FWD = ["router_logits", "route", "gather_rows", "attention", "scatter_merge"]
 GMOD_BWD = GMOD_FWD + ["router_logits_backward", "gather_rows_backward", "attention_backward",
                        "scatter_merge_backward"]
+GMOD_WINDOW_FWD = ["router_logits", "route", "gather_rows", "scatter_merge"]  # its attention: plain torch
+GMOD_WINDOW_BWD = GMOD_WINDOW_FWD + ["router_logits_backward", "gather_rows_backward", "scatter_merge_backward"]
 
 LAYER_COLS = [
     Col("impl", "impl", help="gmod MoD = the Hugging Face layer converted with gmod_ext (router_logits, route, "
         "gather_rows, attention, scatter_merge ops); (a) dense, all S = the HF layer on every token; (b) dense, "
         "kept C = the HF layer on the C kept tokens only; (c) torch MoD = plain-PyTorch MoD (topk, sort, gather, "
-        "SDPA, scatter_add) as public MoD code does it"),
+        "SDPA, scatter_add) as public MoD code does it; gmod MoD, window S/8 = the gmod layer with a sliding "
+        "window of S/8 positions (its attention on gmod_ext.masked_attention; TFLOP/s still counts causal pairs)"),
     Col("pass", "pass", help="fwd = forward; fwd+bwd = forward + autograd.grad w.r.t. the input and all weights"),
     Col("tokens", "tokens", help="tokens per row the layer's attention and MLP run on (S, or C = S/2 kept)"),
     Col("ms", "ms", "ms", "median time; 'n/a (no CUDA kernel)' when a gmod op has no kernel for the device"),
@@ -88,8 +96,9 @@ def _rope(q, k, cos, sin):
     return q * cos + rot(q) * sin, k * cos + rot(k) * sin
 
 
-def torch_mod_layer(layer, router_w, router_b, x, cos, sin, C: int, idx=None):
-    """Plain-PyTorch gamma-MoD layer (public-code style). ``idx`` [B, C] int64 forces a selection."""
+def torch_mod_layer(layer, router_w, router_b, x, cos, sin, C: int, idx=None, window=None):
+    """Plain-PyTorch gamma-MoD layer (public-code style). ``idx`` [B, C] int64 forces a selection;
+    ``window``: kept token i sees kept token j iff 0 <= idx_i - idx_j < window (a sliding window)."""
     B, S, D = x.shape
     attn = layer.self_attn
     d = attn.head_dim
@@ -107,8 +116,15 @@ def torch_mod_layer(layer, router_w, router_b, x, cos, sin, C: int, idx=None):
     k = attn.k_proj(h_in).view(B, C, -1, d).transpose(1, 2)
     v = attn.v_proj(h_in).view(B, C, -1, d).transpose(1, 2)
     q, k = _rope(q, k, cs.to(q.dtype), sn.to(q.dtype))
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
-                                       enable_gqa=q.shape[1] != k.shape[1])
+    if window is None:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+    else:
+        gap = idx.unsqueeze(2) - idx.unsqueeze(1)  # [B, C, C] position distance of query and key
+        mask = ((gap >= 0) & (gap < window)).unsqueeze(1)
+        rep = q.shape[1] // k.shape[1]
+        o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                           attn_mask=mask, scale=attn.scaling)
     h = xs + attn.o_proj(o.transpose(1, 2).reshape(B, C, -1))
     m = layer.mlp(layer.post_attention_layernorm(h))
     ps = p.gather(1, idx).unsqueeze(-1).to(x.dtype)
@@ -139,6 +155,9 @@ def run(ctx: Ctx):
             n_.weight.add_(0.1 * torch.randn_like(n_.weight))
     rotary = LlamaRotaryEmbedding(cfg).to(dev)
     mod = make_mod_layer(copy.deepcopy(dense), RATIO, layer_idx=0)
+    window = max(S // 8, 1)
+    mod_w = copy.deepcopy(mod)  # the same weights and router, with a sliding window
+    mod_w.self_attn.sliding_window = window
     router = mod.gmod_router
     rw, rb = router.weight, router.bias
     x = torch.randn(B, S, D, device=dev, dtype=dt)
@@ -177,6 +196,9 @@ def run(ctx: Ctx):
     def fwd_gmod():
         return mod(x, position_embeddings=(cos, sin), position_ids=pos)
 
+    def fwd_gmod_window():
+        return mod_w(x, position_embeddings=(cos, sin), position_ids=pos)
+
     def bwd_of(fwd, inp, params, g):
         def f():
             inp.requires_grad_(True)
@@ -195,6 +217,8 @@ def run(ctx: Ctx):
         ("(c) torch MoD", C, flops_kept, fwd_torch_mod,
          bwd_of(fwd_torch_mod, x, dense_params + [rw, rb], g_full), None),
         ("gmod MoD", C, flops_kept, fwd_gmod, bwd_of(fwd_gmod, x, mod_params, g_full), (GMOD_FWD, GMOD_BWD)),
+        ("gmod MoD, window S/8", C, flops_kept, fwd_gmod_window,
+         bwd_of(fwd_gmod_window, x, list(mod_w.parameters()), g_full), (GMOD_WINDOW_FWD, GMOD_WINDOW_BWD)),
     ]
     rows = {}
     for name, ntok, flops, f_fwd, f_bwd, gops in impls:
@@ -207,18 +231,19 @@ def run(ctx: Ctx):
                 row["ms"] = na
                 continue
             try:
-                if name == "gmod MoD" and pss == "fwd":
+                if name.startswith("gmod MoD") and pss == "fwd":
+                    layer_, w_ = (mod, None) if name == "gmod MoD" else (mod_w, window)
                     with torch.no_grad():
-                        y = fwd_gmod()
-                        info = mod._gmod_state.scratch
+                        y = f_fwd()
+                        info = layer_._gmod_state.scratch
                         sel_idx, sel_count = info.selection[0]
                         ok_count = bool((sel_count == C).all())
-                        ref = torch_mod_layer(dense, rw, rb, x, cos, sin, C, idx=sel_idx.long())
+                        ref = torch_mod_layer(dense, rw, rb, x, cos, sin, C, idx=sel_idx.long(), window=w_)
                     ctx.sync()
                     res = check_all([("y", y, ref)], dt)
                     if not ok_count:
                         res = {"ok": False, "rel": None, "max_abs": None, "what": f"count {sel_count.tolist()} != {C}"}
-                    row["check"] = record_check(ctx, f"layer gmod fwd B{B} S{S}", res)
+                    row["check"] = record_check(ctx, f"layer {name} fwd B{B} S{S}", res)
                     del y, ref
                 if pss == "fwd":
                     with torch.no_grad():
@@ -240,7 +265,7 @@ def run(ctx: Ctx):
                 row["vs_kept"] = row["ms"] / kept
             if isinstance(full, float):
                 row["vs_dense"] = row["ms"] / full
-            if name == "gmod MoD" and row.get("vs_kept") is not None:
+            if name == "gmod MoD" and row.get("vs_kept") is not None:  # (the window row: no target, a cost)
                 if not ctx.cuda:
                     row["target"] = "n/a (CPU)"
                 else:
