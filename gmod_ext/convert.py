@@ -52,7 +52,8 @@ Notes and limits:
   window (Mistral, Qwen2, Gemma-2 / 3's local layers) and logit soft-capping (Gemma-2) are reproduced
   from the kept tokens' positions (:mod:`gmod_ext.masked_attention`; the window counts original
   positions, also with ``positions="compact"``), in plain torch rather than the fused kernels;
-* ``output_attentions=True`` returns no attention maps for MoD layers (they do not run ``self_attn``);
+* ``output_attentions=True`` is refused (MoD layers do not run ``self_attn``, so Hugging Face would return
+  the dense layers' maps only, misnumbered);
 * with a KV cache, MoD layers need a ``DynamicCache`` / ``GmodCache`` (static and quantized caches are
   refused); ``crop`` (assisted / speculative decoding) works; a MoD layer with a sliding window drops
   the cached tokens that have left it; a prefill split over several calls routes the later chunks by
@@ -530,6 +531,7 @@ def _pre_hook(module, args, kwargs):
         _check_mask_arg("gmod_forced_mask", forced_mask, ref, allow_bool=True)
     attention_mask = named.get("attention_mask")
     _check_attention_mask(attention_mask)
+    _check_no_attention_maps(module, named)
     if (
         isinstance(attention_mask, torch.Tensor)
         and attention_mask.dim() == 2
@@ -588,6 +590,21 @@ def _check_attention_mask(mask) -> None:
         "0 = padding). Its MoD layers attend over the tokens they keep by rules of their own (causal, padding, "
         "sliding windows, packed sequences from position_ids, image blocks from token_type_ids), so a custom "
         "4-D mask cannot be applied there. Pass the 2-D mask, or position_ids for packed sequences.")
+
+
+def _check_no_attention_maps(module, named: dict) -> None:
+    """``output_attentions=True`` (the keyword or the config's): Hugging Face collects the maps from the
+    attention modules that run, and a MoD layer does not run its ``self_attn``, so the tuple it returned
+    would hold the dense layers' maps only, numbered as if they were all the layers. Refused instead."""
+    want = named.get("output_attentions")
+    if want is None:
+        want = getattr(getattr(module, "config", None), "output_attentions", False)
+    if want is True:
+        layers = list(module.__dict__["gmod_state"].config.layers or [])
+        raise NotImplementedError(
+            f"gmod: output_attentions=True on a converted model: its MoD layers ({layers}) compute no dense "
+            "attention maps, so the maps returned would be the dense layers' only, misnumbered. For attention "
+            "maps run the model before converting (gmod_ext.arank does), or gmod_ext.unconvert(model) first.")
 
 
 def _check_prefill_len(p) -> None:

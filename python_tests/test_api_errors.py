@@ -304,6 +304,9 @@ FORWARD_CASES = [
     ("mask-dict", dict(attention_mask={"full_attention": torch.ones(2, 1, S, S)}), NotImplementedError,
      r"attention_mask given as a dict"),
     ("mask-1d", dict(attention_mask=torch.ones(S)), NotImplementedError, r"attention_mask of shape \(12,\)"),
+    # Hugging Face would return the dense layers' maps only, numbered as if they were every layer's
+    ("output-attentions", dict(output_attentions=True), NotImplementedError,
+     r"output_attentions=True on a converted model: its MoD layers \(\[0, 1, 2, 3\]\)"),
 ]
 
 
@@ -415,3 +418,13 @@ def test_cli_subprocess_one_line_error(tmp_path, argv, match):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert re.search(match, lines[-1]), proc.stderr[-2000:]
 
+
+
+def test_converted_model_refuses_attention_maps_from_its_config(converted, monkeypatch):
+    ids = make_batch("llama", S=S, pad=False)["input_ids"]
+    monkeypatch.setattr(converted.config, "_attn_implementation", "eager")  # (the config refuses maps with SDPA)
+    monkeypatch.setattr(converted.config, "output_attentions", True)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="output_attentions=True"):
+        converted(ids)
+    with torch.no_grad():  # the keyword wins over the config
+        converted(ids, output_attentions=False)
