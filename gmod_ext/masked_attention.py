@@ -68,6 +68,19 @@ def _check(q, k, v, q_pos, k_pos, k_len):
         raise ValueError(f"gmod: k_len must be [B] = [{B}], got {tuple(k_len.shape)}")
 
 
+def _same_id(name: str, q_ids, k_ids, q_pos, k_pos, dev) -> Optional[torch.Tensor]:
+    """[B, Cq, Ck] bool ``q_ids[b, i] == k_ids[b, j]`` (ids of queries / keys shaped like their positions), or
+    None when neither is given."""
+    if q_ids is None and k_ids is None:
+        return None
+    if q_ids is None or k_ids is None:
+        raise ValueError(f"gmod: pass both q_{name} and k_{name}, or neither")
+    if tuple(q_ids.shape) != tuple(q_pos.shape) or tuple(k_ids.shape) != tuple(k_pos.shape):
+        raise ValueError(f"gmod: q_{name} / k_{name} must have q_pos / k_pos's shapes {tuple(q_pos.shape)} / "
+                         f"{tuple(k_pos.shape)}, got {tuple(q_ids.shape)} / {tuple(k_ids.shape)}")
+    return q_ids.to(dev).unsqueeze(2) == k_ids.to(dev).unsqueeze(1)
+
+
 def position_masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,24 +117,15 @@ def position_masked_attention(
     kp = k_pos.to(device=dev, dtype=torch.int64).unsqueeze(1)  # [B, 1, Ck]
     live = torch.arange(Ck, device=dev).unsqueeze(0) < k_len.to(device=dev).unsqueeze(1)  # [B, Ck]
     causal = kp <= qp
-    if (q_block is None) != (k_block is None):
-        raise ValueError("gmod: pass both q_block and k_block, or neither")
-    if q_block is not None:
-        if tuple(q_block.shape) != tuple(q_pos.shape) or tuple(k_block.shape) != tuple(k_pos.shape):
-            raise ValueError(f"gmod: q_block / k_block must have q_pos / k_pos's shapes {tuple(q_pos.shape)} / "
-                             f"{tuple(k_pos.shape)}, got {tuple(q_block.shape)} / {tuple(k_block.shape)}")
-        qb, kb = q_block.to(dev).unsqueeze(2), k_block.to(dev).unsqueeze(1)
-        causal = causal | ((qb == kb) & (qb >= 0))
+    same_block = _same_id("block", q_block, k_block, q_pos, k_pos, dev)
+    if same_block is not None:  # a block's tokens see each other both ways (ids >= 0; -1: no block)
+        causal = causal | (same_block & (q_block.to(dev) >= 0).unsqueeze(2))
     allowed = live.unsqueeze(1) & causal
     if window is not None:
         allowed &= (qp - kp) < int(window)
-    if (q_seg is None) != (k_seg is None):
-        raise ValueError("gmod: pass both q_seg and k_seg, or neither")
-    if q_seg is not None:
-        if tuple(q_seg.shape) != tuple(q_pos.shape) or tuple(k_seg.shape) != tuple(k_pos.shape):
-            raise ValueError(f"gmod: q_seg / k_seg must have q_pos / k_pos's shapes {tuple(q_pos.shape)} / "
-                             f"{tuple(k_pos.shape)}, got {tuple(q_seg.shape)} / {tuple(k_seg.shape)}")
-        allowed &= q_seg.to(dev).unsqueeze(2) == k_seg.to(dev).unsqueeze(1)
+    same_seq = _same_id("seg", q_seg, k_seg, q_pos, k_pos, dev)
+    if same_seq is not None:
+        allowed &= same_seq
     allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows that see nothing: finite, never read
     mask = allowed.unsqueeze(1)  # [B, 1, Cq, Ck], broadcast over heads
 
