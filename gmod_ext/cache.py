@@ -62,7 +62,7 @@ were made over the whole prompt.
 Sliding windows
 ---------------
 A MoD layer with a sliding window W sets its slot's ``window``; after each step the slot drops the
-stored tokens at positions ``<= seen - W`` (no later query sees them), amortised over W // 2
+stored tokens at positions ``<= seen - W`` (no later query sees them), amortised over W // 8
 positions (:meth:`GmodLayer.trim_window`: one device sync and one copy of the remaining rows).
 ``dropped`` counts them per row, so ``positions="compact"`` keeps numbering after them. While the
 past is recorded (``activate_past_recording()``, which transformers calls for assisted generation)
@@ -310,15 +310,17 @@ def _make_layer_class():
 
         def trim_window(self, force: bool = False) -> None:
             """With a sliding window W: drop the stored tokens at positions ``<= seen - W``, which no later
-            query (at a position ``>= seen``) can see. Amortised: only once W // 2 more positions have left
+            query (at a position ``>= seen``) can see. Amortised: only once W // 8 more positions have left
             the window since the last trim (or ``force``), so a row holds at most the tokens of its last
-            ~1.5 W positions; the buffer is reallocated to fit, one device sync. Not while recording the
-            past (assisted generation): ``crop`` trims then."""
+            ~1.125 W positions (a dense sliding-window layer holds W - 1); the buffer is reallocated to fit
+            them plus the W // 8 positions until the next trim (no regrowth in between), one device sync.
+            Not while recording the past (assisted generation): ``crop`` trims then."""
             W = self.window
             if W is None or not self.is_initialized or not self.capacity or self.record_past:
                 return
             floor = self.seen - W
-            if floor <= self._trim_floor or (not force and floor - self._trim_floor < max(1, W // 2)):
+            every = max(1, W // 8)
+            if floor <= self._trim_floor or (not force and floor - self._trim_floor < every):
                 return
             self._flush_positions()
             cap = self.capacity
@@ -328,7 +330,7 @@ def _make_layer_class():
             new_len = self.cache_len.to(dev, torch.int64) - dead
             lens = [int(v) for v in new_len.tolist()]
             need = max(lens) if lens else 0
-            new_cap = need + max(1, need // 32)
+            new_cap = need + max(need // 32, every + 1)
             src = (torch.arange(new_cap, device=dev).unsqueeze(0) + dead.unsqueeze(1)).clamp(max=cap - 1)
             B, _, Hk, d = self.keys.shape
             kv_src = src.to(self.keys.device)[:, :, None, None].expand(B, new_cap, Hk, d)

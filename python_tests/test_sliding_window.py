@@ -153,6 +153,11 @@ BUILDERS = {
 }
 
 
+def _every(window: int) -> int:
+    """Positions between two trims of a windowed MoD cache (GmodLayer.trim_window)."""
+    return max(1, window // 8)
+
+
 def _keep_all(name):
     ref, model = BUILDERS[name](), BUILDERS[name]()
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", decode_threshold=0.0, aux_coef=0.0, progress=False)
@@ -216,11 +221,11 @@ def test_keep_all_greedy_equals_hf_and_the_cache_drops_what_left_the_window(name
     for i in windowed:
         slot = cache.layers[i]
         seen = slot.seen
-        assert seen == 14 + 15 and slot._trim_floor >= seen - W - W // 2, i
+        assert seen == 14 + 15 and slot._trim_floor >= seen - W - _every(W), i
         for r, n in enumerate(slot.host_lens()):  # keep-all: exactly the positions since the last trim
             kept = slot.positions[r, :n].tolist()
             assert kept == list(range(slot._trim_floor + 1, seen)), (i, r, kept)
-        assert slot.capacity <= W + W // 2 + 1
+        assert slot.capacity <= W + 2 * _every(W) + 1
     # the dense equivalent of a windowed MoD slot is what Hugging Face's sliding-window layer holds
     mem, mem_ref = gmod_ext.kv_memory_report(cache), gmod_ext.kv_memory_report(out_ref.past_key_values)
     for i in windowed:
@@ -243,11 +248,11 @@ def _same_generation(a, b, tol=1e-4):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol, msg=lambda m: f"step {step}: {m}")
 
 
-@pytest.mark.parametrize("positions", ["original", "compact"])
-def test_skipping_cache_equals_no_cache_and_untrimmed(positions, monkeypatch):
+@pytest.mark.parametrize("positions,window", [("original", 6), ("compact", 6), ("original", 17), ("compact", 17)])
+def test_skipping_cache_equals_no_cache_and_untrimmed(positions, window, monkeypatch):
     """The compact positions count the dropped tokens too (a trim that reset them moves later keys'
-    rotary positions: caught here by the scores)."""
-    model = _windowed(positions)
+    rotary positions: caught here by the scores). Window 6 trims at every position, 17 every second."""
+    model = _windowed(positions, window=window)
     ids, am = padded_prompt(3, 14, pad=(0, 3, 5), seed=2)
     cached = _gen(model, ids, am)
     slots = mod_slots(cached.past_key_values)
@@ -263,9 +268,9 @@ def test_skipping_cache_equals_no_cache_and_untrimmed(positions, monkeypatch):
     mem_trimmed = gmod_ext.kv_memory_report(cached.past_key_values)
     mem_full = gmod_ext.kv_memory_report(untrimmed.past_key_values)
     assert mem_trimmed["total_bytes"] < mem_full["total_bytes"]
-    for s in slots.values():  # a row holds at most the positions of its last W + W // 2 (+ the last step)
+    for s in slots.values():  # a row holds at most the positions of its last W + W // 8 (+ the last step)
         for r, n in enumerate(s.host_lens()):
-            assert all(p > s.seen - s.window - s.window // 2 - 1 for p in s.positions[r, :n].tolist())
+            assert all(p > s.seen - s.window - _every(s.window) - 1 for p in s.positions[r, :n].tolist())
 
 
 def test_prompt_lookup_decoding_on_a_windowed_model_equals_greedy():
