@@ -143,10 +143,15 @@ def attention_ref(q, k, v, q_len, k_len, scale=None, compute_dtype=torch.float64
 
 # ------------------------------------------------------------------ kv cache
 def position_attention_ref(q, k, v, q_pos, k_pos, k_len, scale, window=None, softcap=None, q_seg=None, k_seg=None,
-                           dtype=torch.float64):
+                           dtype=torch.float64, q_block=None, k_block=None):
     """gmod_ext.masked_attention.position_masked_attention, one (row, query, head) at a time: the visible
-    keys listed by the documented rule, softmax, weighted sum, computed in ``dtype``. Returns (out,
-    visible [B, Cq] bool); rows with no visible key are left at 0 (the op's value there is unspecified)."""
+    keys listed by the documented rule (earlier, or in the query's image block; inside the window; in
+    its packed sequence), softmax, weighted sum, computed in ``dtype``. Returns (out, visible [B, Cq]
+    bool); rows with no visible key are left at 0 (the op's value there is unspecified)."""
+
+    def same_block(b, i, j):
+        return q_block is not None and int(q_block[b, i]) >= 0 and int(q_block[b, i]) == int(k_block[b, j])
+
     B, Cq, Hq, d = q.shape
     rep = Hq // k.shape[2]
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -156,7 +161,7 @@ def position_attention_ref(q, k, v, q_pos, k_pos, k_len, scale, window=None, sof
         for i in range(Cq):
             p = int(q_pos[b, i])
             js = [j for j in range(int(k_len[b]))
-                  if int(k_pos[b, j]) <= p and (window is None or p - int(k_pos[b, j]) < window)
+                  if (int(k_pos[b, j]) <= p or same_block(b, i, j)) and (window is None or p - int(k_pos[b, j]) < window)
                   and (q_seg is None or int(q_seg[b, i]) == int(k_seg[b, j]))]
             heads = []
             for h in range(Hq):

@@ -84,7 +84,7 @@ def test_op_with_block_ids_matches_float64_loop(window):
     q, k, v = (torch.randn(B, C, h, d, generator=g).requires_grad_() for h in (Hq, Hk, Hk))
     out = position_masked_attention(q, k, v, pos, pos, k_len, 0.3, window=window, q_block=blk, k_block=blk)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, visible = _block_ref(q64, k64, v64, pos, k_len, 0.3, window, blk)
+    ref, visible = position_attention_ref(q64, k64, v64, pos, pos, k_len, 0.3, window, q_block=blk, k_block=blk)
     torch.testing.assert_close(out.double()[visible], ref[visible], rtol=1e-5, atol=1e-6)
     w = torch.randn(ref.shape, dtype=torch.float64, generator=g) * visible[..., None, None]
     for a, b in zip(torch.autograd.grad((out.double() * w).sum(), (q, k, v)),
@@ -92,41 +92,6 @@ def test_op_with_block_ids_matches_float64_loop(window):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="both"):
         position_masked_attention(q, k, v, pos, pos, k_len, 0.3, q_block=blk)
-
-
-def _block_ref(q, k, v, pos, k_len, scale, window, blk):
-    """The loop reference with blocks: key j is visible to query i if it is causal or in i's block, within
-    the window, below k_len (run one query at a time through position_attention_ref's causal rule by
-    listing the visible keys explicitly)."""
-    B, C, Hq, d = q.shape
-    rep = Hq // k.shape[2]
-    out = torch.zeros(B, C, Hq, d, dtype=torch.float64)
-    visible = torch.zeros(B, C, dtype=torch.bool)
-    for b in range(B):
-        for i in range(C):
-            p = int(pos[b, i])
-            js = [j for j in range(int(k_len[b]))
-                  if (int(pos[b, j]) <= p or (int(blk[b, i]) >= 0 and int(blk[b, i]) == int(blk[b, j])))
-                  and (window is None or p - int(pos[b, j]) < window)]
-            if not js:
-                continue
-            visible[b, i] = True
-            for h in range(Hq):
-                s = (k[b, js, h // rep] @ q[b, i, h]) * scale
-                out[b, i, h] = torch.softmax(s, 0) @ v[b, js, h // rep]
-    return out, visible
-
-
-def test_block_ref_agrees_with_the_shared_reference_without_blocks():
-    """The block reference is the shared one when no token is in a block (so its causal part is checked)."""
-    g = torch.Generator().manual_seed(6)
-    pos = torch.arange(8, dtype=torch.int32).expand(2, -1).contiguous()
-    k_len = torch.tensor([8, 5], dtype=torch.int32)
-    q, k, v = (torch.randn(2, 8, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
-    a, va = _block_ref(q, k, v, pos, k_len, 0.3, 3, torch.full((2, 8), -1))
-    b, vb = position_attention_ref(q, k, v, pos, pos, k_len, 0.3, 3)
-    assert torch.equal(va, vb)
-    torch.testing.assert_close(a[va], b[vb])
 
 
 # ----------------------------------------------------------------------------- keep-all == Hugging Face
