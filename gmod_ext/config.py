@@ -34,6 +34,10 @@ the largest row's exact count, instead. The loose rule pays for ``F_max`` forced
 ``keep(S, r)`` routable ones that no row has at once: with a question span of S/8 forced tokens at
 r = 0.5 it gives C = 5S/8 where every row keeps 9S/16, so 11 % of the rows every GEMM, norm and
 attention of the layer processed were padding.
+
+Packed rows (several sequences per row, ``RoutingInfo.segments``) apply the rule to each sequence:
+a row keeps ``sum_s (F_s + keep(R_s, r))``, which exceeds ``F + keep(R, r)`` by less than one token
+per sequence, so MoD layers add ``max_segments - 1`` to either capacity above.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ Notes and limits:
   kept tokens, padding excluded). Packed sequences (``position_ids`` that restart and no
   ``attention_mask``, as ``DataCollatorWithFlattening`` makes them) are found as transformers finds
   them, and kept tokens attend within their own sequence (without a KV cache, as the model's mask);
-  routing stays per row (top-k over the row's tokens, whichever sequence they belong to). Image tokens
+  each sequence is routed on its own (its own top-k, as if it were alone). Image tokens
   marked by ``token_type_ids`` (Gemma-3's multimodal model) attend to the kept tokens of their own
   image in both directions, in the first call on a KV cache or without one, as the model's mask. A sliding
   window (Mistral, Qwen2, Gemma-2 / 3's local layers) and logit soft-capping (Gemma-2) are reproduced
@@ -77,7 +77,7 @@ from ._hf import check_transformers_version, find_decoder
 from .config import ATTENTIONS, GATES, ON_CACHE, POSITIONS, ROUTERS, VARIANTS, FORCED, GmodConfig, prd_skip_ratios
 from .masks import explicit_codes_and_rows, routing_codes_and_rows
 from .mod_layer import make_mod_layer, unmake_mod_layer
-from .router import GmodRouter, GmodState, RoutingInfo, image_blocks, packed_segments
+from .router import GmodRouter, GmodState, RoutingInfo, image_blocks, max_segments, packed_segments
 from .verify import check_decoder_layers
 
 __all__ = ["convert", "unconvert", "from_pretrained", "gmod_stats", "is_converted", "GmodStatsCallback"]
@@ -564,6 +564,8 @@ def _pre_hook(module, args, kwargs):
         # position_ids that restart and no attention mask: packed sequences (transformers' padding-free
         # collators); MoD layers attend within each sequence when no KV cache is used, as the model's mask does
         info.segments = packed_segments(position_ids.expand(shape[0], -1))
+        if info.segments is not None and not torch.compiler.is_compiling():
+            info.max_segments = max_segments(info.segments)  # sizes the per-sequence routing's capacity
     token_type_ids = named.get("token_type_ids")
     if isinstance(token_type_ids, torch.Tensor) and tuple(token_type_ids.shape) == shape:
         # image tokens marked 1 (Gemma-3): kept tokens of one image see each other both ways, as in its mask

@@ -19,6 +19,7 @@ Forward on the selected tokens (all through ``gmod_ext.ops``)::
 
     l = router_logits(x, W[1]-W[0], input_layernorm.weight, eps) + (b1-b0)     # [B, S] fp32
     idx, count = route(l, C, num_routed, mask)                                # top-k + forced
+                                            # (packed rows: per sequence, router.per_sequence_codes)
     xs = gather_rows(x); cos, sin = gather_rows(cos/sin) (or compact arange(count))
     q, k, v = proj(LN1(xs)); (q/k norm); RoPE; o = attention(q, k, v, count, count)  # causal, GQA
                                             # (or SDPA over the compact rows: GmodConfig.attention;
@@ -65,7 +66,8 @@ from .config import GmodConfig, capacity, capacity_of_rows
 from .masked_attention import attention_softcap, position_masked_attention
 from .masks import check_routing_mask
 from .profiling import nvtx_range
-from .router import GmodRouter, GmodState, RoutingInfo, logit, router_aux_loss, selection_mask
+from .router import (GmodRouter, GmodState, RoutingInfo, logit, max_segments, per_sequence_codes, router_aux_loss,
+                     selection_mask)
 
 __all__ = ["MoDDecoderLayer", "make_mod_layer", "unmake_mod_layer", "is_mod_layer", "mod_class_for"]
 
@@ -470,6 +472,12 @@ class MoDDecoderLayer:
             threshold = None
             if cfg.threshold is not None and not self.training:
                 threshold = logit(cfg.threshold)
+            if segments is not None:
+                # packed rows: each sequence keeps what it would keep alone (its own top-k), decided here
+                # as forced / never codes; a row then holds at most (sequences - 1) more than one top-k
+                codes = per_sequence_codes(logits, codes, segments, ratio, threshold)
+                C = min(S, C + _max_segments(routing, segments, S) - 1)
+                num_routed, threshold = torch.zeros_like(num_routed), None
             idx, count = ops.route(logits.detach(), C, num_routed, codes, threshold=threshold)
 
         # ---- the block on the selected tokens
@@ -574,6 +582,15 @@ class MoDDecoderLayer:
             y = self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask)
         self._gmod_record(sink, logits, idx, count, mask, n)
         return y
+
+
+def _max_segments(routing, segments: torch.Tensor, seq_len: int) -> int:
+    """The most packed sequences in one row: the hook's count, else one host sync (the sequence length
+    while compiling, where a sync would break the graph)."""
+    n = getattr(routing, "max_segments", None)
+    if n is not None:
+        return int(n)
+    return seq_len if torch.compiler.is_compiling() else max_segments(segments)
 
 
 def _prefill_len(routing) -> Optional[int]:

@@ -94,7 +94,9 @@ class RoutingInfo:
     ``max_forced`` the largest forced count of a row (Python int, used for the static capacity);
     ``rows`` each row's (forced, routable) counts (Python ints) when known: MoD layers then use the tight
     capacity ``max_b (F_b + keep(R_b, r))`` (:func:`gmod_ext.config.capacity_of_rows`);
-    ``segments`` [B, S] the packed-sequence id of each token (:func:`packed_segments`) or None;
+    ``segments`` [B, S] the packed-sequence id of each token (:func:`packed_segments`) or None, and
+    ``max_segments`` the most sequences one row holds (MoD layers route each sequence on its own:
+    :func:`per_sequence_codes`);
     ``blocks`` [B, S] the bidirectional image block of each token (:func:`image_blocks`) or None.
     MoD layers write ``aux[layer]`` (differentiable aux loss term), ``stats[layer]`` (detached
     tensors) and ``selection[layer] = (idx, count)`` (what ``ops.route`` chose). A gradient-checkpointing replay overwrites them with equal values.
@@ -107,6 +109,7 @@ class RoutingInfo:
         # [B, S] sequence id of each token of packed rows (position_ids that restart, no attention_mask),
         # or None: MoD layers then attend only within a sequence, as transformers' packed mask does
         self.segments: Optional[torch.Tensor] = None
+        self.max_segments: Optional[int] = None  # the most sequences in one row (a Python int), when known
         # [B, S] image block id of each token (-1: not in a block) when the model marks image tokens with
         # token_type_ids (Gemma-3): kept tokens of one image then see each other both ways, as its mask says
         self.blocks: Optional[torch.Tensor] = None
@@ -138,6 +141,57 @@ def packed_segments(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
     if not torch.compiler.is_compiling() and not bool((seg[:, -1] != 0).any()):
         return None
     return seg
+
+
+def max_segments(segments: torch.Tensor) -> int:
+    """The most packed sequences one row holds (ids from :func:`packed_segments`): one host sync."""
+    return int(segments[:, -1].max()) + 1 if segments.numel() else 1
+
+
+def per_sequence_codes(
+    scores: torch.Tensor,
+    codes: Optional[torch.Tensor],
+    segments: torch.Tensor,
+    ratio: float,
+    threshold: Optional[float] = None,
+) -> torch.Tensor:
+    """Routing codes that make ``ops.route`` choose for each packed sequence as if it were alone.
+
+    ``ops.route`` ranks a row's tokens against each other; in a packed row (``segments`` [B, S], ids
+    from :func:`packed_segments`) that would let one sequence's tokens take another's places. Here
+    each sequence keeps its forced tokens plus its own ``keep(R_s, ratio)`` best routable tokens (R_s:
+    its routable count; with ``threshold``, only those scoring above it), with ``ops.route``'s rules
+    (ties to the lower index, NaN last). Returns [B, S] int8 codes: forced for every token to keep,
+    never for the rest; route them with ``num_routed = 0`` and a capacity of at least
+    ``max_b (F_b + sum_s keep(R_s))``, which is at most the per-row count plus (sequences - 1).
+    No host sync.
+    """
+    B, S = scores.shape
+    dev = scores.device
+    seg = segments.to(dev).long()
+    if codes is None:
+        routable = torch.ones(B, S, dtype=torch.bool, device=dev)
+        forced = torch.zeros(B, S, dtype=torch.bool, device=dev)
+    else:
+        routable, forced = codes == ops.MASK_ROUTABLE, codes == ops.MASK_FORCED
+    s = scores.detach()
+    nan = torch.isnan(s)
+    # best first (stable: ties keep the lower index first), then grouped by sequence with its routable
+    # numbers first and NaN after them (a second stable sort keeps the score order inside each group)
+    order = torch.sort(s.masked_fill(nan, float("-inf")), dim=1, descending=True, stable=True).indices
+    group = seg * 4 + (~routable).long() * 2 + nan.long()
+    order = order.gather(1, torch.sort(group.gather(1, order), dim=1, stable=True).indices)
+    seg_sorted = seg.gather(1, order)
+    size = torch.zeros(B, S, dtype=torch.long, device=dev).scatter_add_(1, seg, torch.ones_like(seg))
+    start = size.cumsum(1) - size  # where each sequence's group begins in the sorted order
+    rank = torch.arange(S, device=dev).unsqueeze(0) - start.gather(1, seg_sorted)
+    n_routable = torch.zeros(B, S, dtype=torch.long, device=dev).scatter_add_(1, seg, routable.long())
+    keep_n = n_routable - torch.floor(n_routable.to(torch.float64) * ratio + 1e-9).long()  # keep(R_s, r)
+    keep_sorted = routable.gather(1, order) & (rank < keep_n.gather(1, seg_sorted))
+    if threshold is not None:
+        keep_sorted &= s.gather(1, order) > threshold
+    keep = torch.zeros(B, S, dtype=torch.bool, device=dev).scatter_(1, order, keep_sorted)
+    return torch.where(forced | keep, ops.MASK_FORCED, ops.MASK_NEVER).to(torch.int8)
 
 
 def image_blocks(token_type_ids: torch.Tensor) -> Optional[torch.Tensor]:

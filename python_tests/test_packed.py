@@ -7,13 +7,18 @@ must too, or a converted model would silently mix sequences. Checked here:
 * the op: ``position_masked_attention`` with sequence ids against the float64 loop reference;
 * keeping every token: a converted Llama / windowed Mistral on packed rows gives Hugging Face's packed
   logits and gradients, which equal those of each sequence run alone (both RoPE position modes);
-* skipping (a fixed selection per token, so that it cannot depend on the neighbours): every token of a
-  packed row leaves the model as it does when its sequence runs alone;
+* routing: each packed sequence keeps what it would keep alone (``per_sequence_codes`` against a plain
+  Python top-k per sequence, ties / NaN / forced / padding / threshold included);
+* skipping, with a fixed selection per token and with the router's own top-k: every token of a packed
+  row leaves the model as it does when its sequence runs alone, and the MoD layers select the same
+  tokens; a padding-free training batch has the loss, aux loss and gradients of its sequences alone;
 * where transformers does not pack (an attention mask is given, position_ids that never restart, or a
   KV cache), neither do MoD layers;
 * a batch from ``DataCollatorWithFlattening``: the converted model's loss equals Hugging Face's.
 """
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -23,7 +28,7 @@ from references import position_attention_ref
 
 import gmod_ext
 from gmod_ext.masked_attention import position_masked_attention
-from gmod_ext.router import packed_segments
+from gmod_ext.router import max_segments, packed_segments, per_sequence_codes
 
 
 @pytest.fixture(autouse=True)
@@ -149,6 +154,129 @@ def test_skipping_packed_token_equals_its_sequence_alone(variant, positions):
     assert float((mixed - packed).abs().max()) > 1e-3
 
 
+# ----------------------------------------------------------------------------- routing per sequence
+def _keep_alone_ref(scores, codes, ratio, threshold):
+    """Plain Python: which tokens one sequence keeps alone (forced + its best keep(R, r) routable ones,
+    ties to the lower index, NaN last; with a threshold only scores above it)."""
+    routable = [i for i, c in enumerate(codes) if c == 0]
+    n_keep = len(routable) - int(math.floor(len(routable) * ratio + 1e-9))
+    ranked = sorted(routable, key=lambda i: (math.isnan(scores[i]), -scores[i] if not math.isnan(scores[i]) else 0, i))
+    chosen = [i for i in ranked[:n_keep] if threshold is None or scores[i] > threshold]
+    return {i for i, c in enumerate(codes) if c == 1} | set(chosen)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.0])
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.75, 0.99])
+def test_per_sequence_codes_choose_what_each_sequence_keeps_alone(ratio, threshold):
+    g = torch.Generator().manual_seed(int(ratio * 100) + (threshold is not None))
+    lengths = [[1, 6, 2, 9, 1, 5], [24], [3, 3, 3, 3, 3, 3, 3, 3], [12, 1, 11]]
+    B, S = len(lengths), 24
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    seg = packed_segments(pos)
+    scores = (torch.randn(B, S, generator=g) * 2).round() / 2  # many ties
+    scores[0, 3], scores[2, 7], scores[3, 0] = float("nan"), float("-inf"), float("inf")
+    codes = torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), B * S, replacement=True, generator=g)
+    codes = codes.view(B, S).to(torch.int8)
+    scores[0, 7:9] = torch.tensor([float("nan"), float("-inf")])  # a sequence of two: NaN ranks below -inf
+    codes[0, 7:9] = 0
+    out = per_sequence_codes(scores, codes, seg, ratio, threshold)
+    assert out.dtype == torch.int8 and set(out.unique().tolist()) <= {1, 2}
+    for b, row in enumerate(lengths):
+        at = 0
+        for n in row:
+            want = _keep_alone_ref(scores[b, at:at + n].tolist(), codes[b, at:at + n].tolist(), ratio, threshold)
+            got = {i - at for i in range(at, at + n) if out[b, i] == 1}
+            assert got == want, (b, at, n)
+            at += n
+    # routed with num_routed 0, the capacity bound (per-row count + sequences - 1) holds for every row
+    n_routable = (codes == 0).sum(1)
+    per_row = (codes == 1).sum(1) + n_routable - torch.floor(n_routable.double() * ratio + 1e-9).long()
+    C = min(S, int(per_row.max()) + max_segments(seg) - 1)
+    idx, count = gmod_ext.ops.route(scores, C, 0, out)
+    assert torch.equal(count.long(), (out == 1).sum(1)) and int(count.max()) <= C
+    for b in range(B):
+        assert idx[b, : count[b]].tolist() == (out[b] == 1).nonzero().flatten().tolist()
+    # no codes given: everything routable
+    plain = per_sequence_codes(scores, None, seg, ratio)
+    torch.testing.assert_close(plain, per_sequence_codes(scores, torch.zeros_like(codes), seg, ratio))
+
+
+def test_per_sequence_keep_counts_follow_the_config_rule():
+    """keep(n, r) = n - floor(r n) with the config's float tolerance (0.58 * 50 is 28.999... in floats)."""
+    lengths = [50, 50, 100, 7]
+    seg = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).unsqueeze(0)
+    scores = torch.randn(1, seg.shape[1], generator=torch.Generator().manual_seed(7))
+    out = per_sequence_codes(scores, None, seg, 0.58)
+    kept = [int((out[0, seg[0] == i] == 1).sum()) for i in range(len(lengths))]
+    assert kept == [gmod_ext.config.keep_count(n, 0.58) for n in lengths] == [21, 21, 42, 3]
+
+
+ROUTED = [("gamma", "original", 0.5), ("gamma", "compact", 0.5), ("pmod", "original", 0.5),
+          ("pmod", "compact", 0.5), ("gamma", "original", 0.95)]  # 0.95: the capacity bound is tight
+
+
+@pytest.mark.parametrize("variant,positions,ratio", ROUTED)
+def test_routed_packed_sequence_equals_its_sequence_alone(variant, positions, ratio):
+    """The router's own top-k (no fixed codes): each packed sequence keeps what it keeps alone, so it
+    leaves the model as it does alone (per-row top-k would let the sequences take each other's places)."""
+    model = tiny_model("mistral", sliding_window=6).eval()
+    extra = {"schedule": "constant"} if variant == "pmod" else {}
+    gmod_ext.convert(model, ratio=ratio, layers=[1, 2, 3], variant=variant, positions=positions,
+                     router_init="normal", progress=False, **extra)
+    ids, pos = _packed(seed=4)
+    with torch.no_grad():
+        packed = model(ids, position_ids=pos, use_cache=False).logits
+        sel = dict(model.gmod_state.current.selection)
+        assert model.gmod_state.current.max_segments == 3 and len(sel) == 3
+        for r, at, n in _spans():
+            alone = model(ids[r : r + 1, at : at + n], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[r, at : at + n], alone, rtol=1e-5, atol=1e-5)
+            for layer, (idx, count) in model.gmod_state.current.selection.items():
+                mine = [i - at for i in sel[layer][0][r, : sel[layer][1][r]].tolist() if at <= i < at + n]
+                assert mine == idx[0, : count[0]].tolist(), (layer, r, at)
+
+
+def test_padding_free_training_batch_has_the_loss_and_gradients_of_its_sequences_alone():
+    """A DataCollatorWithFlattening batch through a MoD model that skips half the routable tokens (and
+    forces the label -100 ones, gamma-MoD's rule): loss, router aux loss and every parameter's gradient
+    are the token-weighted mean of those of the sequences run one by one."""
+    collator_cls = getattr(transformers, "DataCollatorWithFlattening", None)
+    if collator_cls is None:
+        pytest.skip("this transformers has no DataCollatorWithFlattening")
+    model = tiny_model("llama")
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], router_init="normal", aux_coef=0.0, progress=False)
+    g = torch.Generator().manual_seed(6)
+    features = [{"input_ids": torch.randint(1, 100, (n,), generator=g).tolist()} for n in (6, 11, 4, 9)]
+    batch = collator_cls(return_position_ids=True)(features)
+    batch["labels"][0, 8:10] = -100  # a forced prompt span inside the second sequence
+    model.train()
+    out = model(**batch, use_cache=False)
+    aux = model.gmod_state.current.aux_total()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.loss + aux, params, allow_unused=True)
+    n_targets = int((batch["labels"] != -100).sum())  # the collator marks each sequence's first token -100
+    n_tokens = sum(len(f["input_ids"]) for f in features)
+    want_loss = want_aux = 0.0
+    want_grads = [torch.zeros_like(p) for p in params]
+    at = 0
+    for f in features:
+        n = len(f["input_ids"])
+        x = torch.tensor([f["input_ids"]])
+        labels = batch["labels"][:, at : at + n].clone()
+        o = model(x, labels=labels, use_cache=False)
+        a = model.gmod_state.current.aux_total()
+        w_loss, w_aux = int((labels[0, 1:] != -100).sum()) / n_targets, n / n_tokens  # CE: targets; aux: tokens
+        for acc, gr in zip(want_grads, torch.autograd.grad(o.loss * w_loss + a * w_aux, params, allow_unused=True)):
+            if gr is not None:
+                acc += gr
+        want_loss += float(o.loss.detach()) * w_loss
+        want_aux += float(a.detach()) * w_aux
+        at += n
+    assert abs(float(out.loss.detach()) - want_loss) < 1e-5 and abs(float(aux.detach()) - want_aux) < 1e-5
+    for p, got, want in zip(params, grads, want_grads):
+        torch.testing.assert_close(torch.zeros_like(p) if got is None else got, want, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- where nothing is packed
 def test_no_packing_where_transformers_does_not_pack():
     ref, model = tiny_model("llama").eval(), tiny_model("llama").eval()
@@ -191,3 +319,34 @@ def test_data_collator_with_flattening_loss_equals_hf():
             total += float(ref(x, labels=x, use_cache=False).loss) * (x.shape[1] - 1)
             count += x.shape[1] - 1
     assert abs(float(lm.loss.detach()) - total / count) < 1e-5
+
+
+@pytest.mark.parametrize("known_count", [True, False])
+def test_packed_routing_layer_compiles_fullgraph(known_count):
+    """The per-sequence routing has no host sync: a MoD layer given packed sequence ids compiles with
+    fullgraph=True and matches eager (without the hook's sequence count, the capacity is the sequence
+    length while compiling: the same result, more rows)."""
+    from gmod_ext.mod_layer import make_mod_layer
+    from gmod_ext.router import RoutingInfo
+
+    model = tiny_model("llama")
+    layer = make_mod_layer(model.model.layers[1], 0.5, layer_idx=1, router_init="normal")
+    _, pos = _packed()
+    x = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(8))
+    pe = model.model.rotary_emb(x, pos)
+
+    def routing():
+        info = RoutingInfo()
+        info.segments = packed_segments(pos)
+        info.max_segments = 3 if known_count else None
+        return info
+
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye = layer(xe, position_embeddings=pe, gmod_routing=routing())
+    yc = torch.compile(layer, backend="aot_eager", fullgraph=True)(xc, position_embeddings=pe, gmod_routing=routing())
+    torch.testing.assert_close(yc, ye)
+    w = torch.randn(ye.shape, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(torch.autograd.grad((yc * w).sum(), xc)[0], torch.autograd.grad((ye * w).sum(), xe)[0])
+    for r, at, n in _spans():  # and each sequence as it is alone
+        alone = layer(x[r : r + 1, at : at + n], position_embeddings=tuple(t[r : r + 1, at : at + n] for t in pe))
+        torch.testing.assert_close(ye[r, at : at + n].detach(), alone[0].detach(), rtol=1e-5, atol=1e-5)
