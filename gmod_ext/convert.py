@@ -529,6 +529,7 @@ def _pre_hook(module, args, kwargs):
         _check_prefill_len(prefill_len)
     if forced_mask is not None:
         _check_mask_arg("gmod_forced_mask", forced_mask, ref, allow_bool=True)
+    _check_not_paged(named)
     attention_mask = named.get("attention_mask")
     _check_attention_mask(attention_mask)
     _check_no_attention_maps(module, named)
@@ -576,6 +577,16 @@ def _pre_hook(module, args, kwargs):
     state.scratch = None
     kwargs["gmod_routing"] = info
     return args, kwargs
+
+
+def _check_not_paged(named: dict) -> None:
+    """Continuous batching (``model.generate_batch``, transformers' ContinuousBatchingManager) runs the
+    model on one flattened row of many requests with a paged KV cache and a 4-D mask it builds: MoD
+    layers keep a compact cache per request row and route per row, which that layout does not have."""
+    for key in ("cache", "past_key_values"):
+        cache = named.get(key)
+        if cache is not None and "Paged" in type(cache).__name__:
+            raise NotImplementedError(f"gmod: a {type(cache).__name__}: {generation.CONTINUOUS_BATCHING_REFUSAL}")
 
 
 def _check_attention_mask(mask) -> None:

@@ -31,6 +31,14 @@ from ._hf import CACHE_KWARGS
 __all__ = ["GmodGenerate", "GmodPrepareCache", "GmodNewCache", "install", "uninstall", "prompt_length"]
 
 _INSTALLED = ("generate", "_prepare_cache_for_generation", "gmod_new_cache")
+# transformers' continuous batching entry points (paged KV cache, requests flattened into one row)
+_CONTINUOUS_BATCHING = ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager")
+
+CONTINUOUS_BATCHING_REFUSAL = (
+    "continuous batching (model.generate_batch / init_continuous_batching) runs the requests flattened "
+    "into one row over a paged KV cache; a converted model's MoD layers keep a compact KV cache per row of "
+    "a batch, which paged caches do not have. Batch the prompts and call model.generate (left padding), "
+    "or serve the model unconverted.")
 
 
 class _Bound:
@@ -107,14 +115,29 @@ class GmodGenerate(_Bound):
             state.generate_prefill_len = old
 
 
+class GmodNoContinuousBatching(_Bound):
+    """Transformers' continuous-batching entry points on a converted model: refused at the call (its
+    manager would log the error from a worker thread and return empty results)."""
+
+    def __init__(self, model, name: str):
+        super().__init__(model)
+        self.name = name
+
+    def __call__(self, *args, **kwargs) -> Any:
+        raise NotImplementedError(f"gmod: model.{self.name}: {CONTINUOUS_BATCHING_REFUSAL}")
+
+
 def install(model) -> None:
     """Install ``gmod_new_cache`` (always) and the ``generate`` hooks (models with ``generate``)."""
     model.__dict__["gmod_new_cache"] = GmodNewCache(model)
     if callable(getattr(type(model), "generate", None)) and hasattr(type(model), "_prepare_cache_for_generation"):
         model.__dict__["generate"] = GmodGenerate(model)
         model.__dict__["_prepare_cache_for_generation"] = GmodPrepareCache(model)
+    for name in _CONTINUOUS_BATCHING:
+        if callable(getattr(type(model), name, None)):
+            model.__dict__[name] = GmodNoContinuousBatching(model, name)
 
 
 def uninstall(model) -> None:
-    for name in _INSTALLED:
+    for name in _INSTALLED + _CONTINUOUS_BATCHING:
         model.__dict__.pop(name, None)

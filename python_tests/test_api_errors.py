@@ -6,6 +6,7 @@ One parametrized case per input that used to crash deep inside torch / transform
 accepted silently. Tiny models only; the CLI cases run in-process except two subprocess checks."""
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import re
@@ -20,7 +21,7 @@ from gmod_ext.arank import choose_mod_layers
 from gmod_ext.config import GmodConfig
 from gmod_ext.convert import is_converted
 
-from gmod_hf_utils import make_batch, tiny_model
+from gmod_hf_utils import make_batch, tiny_model, transformers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -428,3 +429,20 @@ def test_converted_model_refuses_attention_maps_from_its_config(converted, monke
         converted(ids)
     with torch.no_grad():  # the keyword wins over the config
         converted(ids, output_attentions=False)
+
+
+def test_converted_model_refuses_continuous_batching(converted, caplog, monkeypatch):
+    """transformers' continuous batching flattens the requests into one row over a paged KV cache, which
+    MoD layers (a compact cache per row) cannot serve: refused at the call, and in the forward should the
+    manager be reached another way (it then logs the error from its worker and returns empty results)."""
+    if not callable(getattr(type(converted), "generate_batch", None)):
+        pytest.skip("this transformers has no continuous batching")
+    gc = transformers.GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with pytest.raises(NotImplementedError, match=r"model\.generate_batch: continuous batching .*model\.generate"):
+        converted.generate_batch([[1, 2, 3], [4, 5]], generation_config=gc)
+    for name in ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager"):
+        monkeypatch.delitem(converted.__dict__, name, raising=False)  # the manager itself, as if reached directly
+    with caplog.at_level(logging.ERROR):
+        out = converted.generate_batch([[1, 2, 3], [4, 5]], generation_config=gc)
+    assert re.search(r"gmod: a PagedAttentionCache: continuous batching", caplog.text), caplog.text[-2000:]
+    assert all(not getattr(r, "generated_tokens", None) for r in out.values())
