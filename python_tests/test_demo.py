@@ -293,17 +293,20 @@ def test_bench_layer_quick(tmp_path):
     proc, doc = _bench("layer", tmp_path)
     assert "x kept" in proc.stdout and "(b) dense, kept C" in proc.stdout
     rows = doc["sections"]["layer"]["rows"]
-    impls = {"(a) dense, all S", "(b) dense, kept C", "(c) torch MoD", "gmod MoD", "gmod MoD, window S/8"}
+    impls = {"(a) dense, all S", "(b) dense, kept C", "(c) torch MoD", "gmod MoD", "gmod MoD, window S/8",
+             "gmod MoD, packed S/8"}
     assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in impls for p in ("fwd", "fwd+bwd")}
     for r in rows:
         assert isinstance(r["ms"], float) and r["ms"] > 0 and r["TFLOPs"] > 0, r
         assert r["vs_kept"] > 0 and r["vs_dense"] > 0
-    for impl in ("gmod MoD", "gmod MoD, window S/8"):
+    for impl in ("gmod MoD", "gmod MoD, window S/8", "gmod MoD, packed S/8"):
         g = [r for r in rows if r["impl"] == impl and r["pass"] == "fwd"][0]
         assert g["check"].startswith("ok"), g
     b = [r for r in rows if r["impl"] == "(b) dense, kept C"]
     assert all(abs(r["vs_kept"] - 1.0) < 1e-12 for r in b)
-    assert all(r["tokens"] * 2 == 256 for r in rows if r["impl"] != "(a) dense, all S")
+    # kept rows: C = 128 of 256; the packed row's capacity has one slot more per extra sequence (7)
+    assert all(r["tokens"] == (135 if r["impl"].endswith("packed S/8") else 128)
+               for r in rows if r["impl"] != "(a) dense, all S")
 
 
 def test_bench_layer_missing_kernel_rows(tmp_path):
@@ -311,7 +314,7 @@ def test_bench_layer_missing_kernel_rows(tmp_path):
     assert "n/a (no CPU kernel" in proc.stdout
     rows = doc["sections"]["layer"]["rows"]
     assert all(str(r["ms"]).startswith("n/a (no CPU kernel") for r in rows if r["impl"] == "gmod MoD")
-    # the windowed layer's attention is plain torch: it runs without the attention kernels
+    # the windowed and packed layers' attention is plain torch: they run without the attention kernels
     assert all(isinstance(r["ms"], float) for r in rows if r["impl"] != "gmod MoD")
 
 

@@ -17,7 +17,11 @@ forward+backward against:
 The row "gmod MoD, window S/8" is the same MoD layer given a sliding window of S/8 positions (as
 Mistral's or Gemma-3's local layers have): its attention runs on ``gmod_ext.masked_attention`` (SDPA
 with a mask built from the kept tokens' positions) instead of the fused causal kernel, so the row
-shows what that path costs; it is checked against (c) with the same window mask.
+shows what that path costs; it is checked against (c) with the same window mask. The row
+"gmod MoD, packed S/8" gives the layer rows that each hold 8 packed sequences of S/8 tokens (what a
+padding-free collator makes): each sequence is routed on its own (``router.per_sequence_codes``) and
+the kept tokens attend within their sequence, again on the masked path; checked against (c) with the
+same selection and a same-sequence causal mask.
 
 fwd+bwd rows time ``autograd.grad`` of the output (random upstream gradient) with respect to the
 input and every weight (the router included), so nothing accumulates between repeats.
@@ -52,9 +56,12 @@ LAYER_COLS = [
         "gather_rows, attention, scatter_merge ops); (a) dense, all S = the HF layer on every token; (b) dense, "
         "kept C = the HF layer on the C kept tokens only; (c) torch MoD = plain-PyTorch MoD (topk, sort, gather, "
         "SDPA, scatter_add) as public MoD code does it; gmod MoD, window S/8 = the gmod layer with a sliding "
-        "window of S/8 positions (its attention on gmod_ext.masked_attention; TFLOP/s still counts causal pairs)"),
+        "window of S/8 positions (its attention on gmod_ext.masked_attention; TFLOP/s still counts causal pairs); "
+        "gmod MoD, packed S/8 = the gmod layer on rows of 8 packed sequences (per-sequence routing, attention "
+        "within each sequence on gmod_ext.masked_attention; TFLOP/s counts the whole row's causal pairs)"),
     Col("pass", "pass", help="fwd = forward; fwd+bwd = forward + autograd.grad w.r.t. the input and all weights"),
-    Col("tokens", "tokens", help="tokens per row the layer's attention and MLP run on (S, or C = S/2 kept)"),
+    Col("tokens", "tokens", help="tokens per row the layer's attention and MLP run on (S, or C = S/2 kept; "
+        "packed: the capacity C + 7, one slot more per extra sequence, of which C are kept)"),
     Col("ms", "ms", "ms", "median time; 'n/a (no CUDA kernel)' when a gmod op has no kernel for the device"),
     Col("TFLOPs", "TFLOP/s", ".4g", "useful matmul FLOPs of the row (projections, causal attention, MLP on its "
         "tokens) / time, 10^12 per second"),
@@ -96,9 +103,10 @@ def _rope(q, k, cos, sin):
     return q * cos + rot(q) * sin, k * cos + rot(k) * sin
 
 
-def torch_mod_layer(layer, router_w, router_b, x, cos, sin, C: int, idx=None, window=None):
+def torch_mod_layer(layer, router_w, router_b, x, cos, sin, C: int, idx=None, window=None, segment=None):
     """Plain-PyTorch gamma-MoD layer (public-code style). ``idx`` [B, C] int64 forces a selection;
-    ``window``: kept token i sees kept token j iff 0 <= idx_i - idx_j < window (a sliding window)."""
+    ``window``: kept token i sees kept token j iff 0 <= idx_i - idx_j < window (a sliding window);
+    ``segment`` [B, S] packed-sequence ids: kept tokens see only their own sequence's."""
     B, S, D = x.shape
     attn = layer.self_attn
     d = attn.head_dim
@@ -116,12 +124,18 @@ def torch_mod_layer(layer, router_w, router_b, x, cos, sin, C: int, idx=None, wi
     k = attn.k_proj(h_in).view(B, C, -1, d).transpose(1, 2)
     v = attn.v_proj(h_in).view(B, C, -1, d).transpose(1, 2)
     q, k = _rope(q, k, cs.to(q.dtype), sn.to(q.dtype))
-    if window is None:
+    if window is None and segment is None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
                                            enable_gqa=q.shape[1] != k.shape[1])
     else:
         gap = idx.unsqueeze(2) - idx.unsqueeze(1)  # [B, C, C] position distance of query and key
-        mask = ((gap >= 0) & (gap < window)).unsqueeze(1)
+        mask = gap >= 0
+        if window is not None:
+            mask = mask & (gap < window)
+        if segment is not None:
+            sk = segment.gather(1, idx)
+            mask = mask & (sk.unsqueeze(2) == sk.unsqueeze(1))
+        mask = mask.unsqueeze(1)
         rep = q.shape[1] // k.shape[1]
         o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                                            attn_mask=mask, scale=attn.scaling)
@@ -138,6 +152,7 @@ def run(ctx: Ctx):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from ..mod_layer import attention_backend, make_mod_layer
+    from ..router import RoutingInfo, max_segments, packed_segments
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(ctx.seed)
@@ -162,6 +177,8 @@ def run(ctx: Ctx):
     rw, rb = router.weight, router.bias
     x = torch.randn(B, S, D, device=dev, dtype=dt)
     pos = torch.arange(S, device=dev).unsqueeze(0)
+    n_packed = 8  # sequences per row in the packed row
+    packed_pos = (torch.arange(S, device=dev) % max(S // n_packed, 1)).unsqueeze(0).expand(B, S)
     cos, sin = rotary(x, pos)
     g_full = torch.randn(B, S, D, device=dev, dtype=dt)
 
@@ -199,6 +216,17 @@ def run(ctx: Ctx):
     def fwd_gmod_window():
         return mod_w(x, position_embeddings=(cos, sin), position_ids=pos)
 
+    def packed_routing():
+        info = RoutingInfo()
+        info.segments = packed_segments(packed_pos)
+        info.max_segments = max_segments(info.segments)
+        return info
+
+    packed_info = packed_routing()
+
+    def fwd_gmod_packed():  # (RoPE positions left unpacked: they do not change the cost)
+        return mod(x, position_embeddings=(cos, sin), position_ids=pos, gmod_routing=packed_info)
+
     def bwd_of(fwd, inp, params, g):
         def f():
             inp.requires_grad_(True)
@@ -219,6 +247,8 @@ def run(ctx: Ctx):
         ("gmod MoD", C, flops_kept, fwd_gmod, bwd_of(fwd_gmod, x, mod_params, g_full), (GMOD_FWD, GMOD_BWD)),
         ("gmod MoD, window S/8", C, flops_kept, fwd_gmod_window,
          bwd_of(fwd_gmod_window, x, list(mod_w.parameters()), g_full), (GMOD_WINDOW_FWD, GMOD_WINDOW_BWD)),
+        ("gmod MoD, packed S/8", min(S, C + packed_info.max_segments - 1), flops_kept, fwd_gmod_packed,
+         bwd_of(fwd_gmod_packed, x, mod_params, g_full), (GMOD_WINDOW_FWD, GMOD_WINDOW_BWD)),
     ]
     rows = {}
     for name, ntok, flops, f_fwd, f_bwd, gops in impls:
@@ -232,13 +262,15 @@ def run(ctx: Ctx):
                 continue
             try:
                 if name.startswith("gmod MoD") and pss == "fwd":
-                    layer_, w_ = (mod, None) if name == "gmod MoD" else (mod_w, window)
+                    layer_, w_ = (mod_w, window) if name.endswith("window S/8") else (mod, None)
+                    seg_ = packed_info.segments if name.endswith("packed S/8") else None
                     with torch.no_grad():
                         y = f_fwd()
-                        info = layer_._gmod_state.scratch
+                        info = layer_._gmod_state.scratch if seg_ is None else packed_info
                         sel_idx, sel_count = info.selection[0]
-                        ok_count = bool((sel_count == C).all())
-                        ref = torch_mod_layer(dense, rw, rb, x, cos, sin, C, idx=sel_idx.long(), window=w_)
+                        ok_count = bool((sel_count == C).all())  # (packed: S/16 per sequence, C in all)
+                        ref = torch_mod_layer(dense, rw, rb, x, cos, sin, C, idx=sel_idx[:, :C].long(), window=w_,
+                                              segment=seg_)
                     ctx.sync()
                     res = check_all([("y", y, ref)], dt)
                     if not ok_count:
