@@ -53,7 +53,9 @@ a no-op unless enabled, skipped under torch.compile.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 import warnings
 from typing import Optional
 
@@ -98,6 +100,29 @@ def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     q = torch.cat((q_rot * cos + _rotate_half(q_rot) * sin, q_pass), dim=-1)
     k = torch.cat((k_rot * cos + _rotate_half(k_rot) * sin, k_pass), dim=-1)
     return q, k
+
+
+def _model_rope(attn: nn.Module):
+    """The attention module's own ``apply_rotary_pos_emb`` when its forward uses one that rotates
+    differently from :func:`_apply_rope` (GLM / GLM-4: interleaved pairs, on half the head), else None
+    (ours). Decided once per layer at conversion by applying both to random inputs (float64)."""
+    fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+    forward = getattr(type(attn), "forward", None)
+    code = getattr(inspect.unwrap(forward), "__code__", None) if callable(forward) else None  # past decorators
+    if not callable(fn) or code is None or "apply_rotary_pos_emb" not in code.co_names:
+        return None
+    d = int(attn.head_dim)
+    g = torch.Generator().manual_seed(0)
+    # on the CPU explicitly: from_pretrained builds layers under a meta-device context
+    q, k = (torch.randn(1, 3, 2, d, dtype=torch.float64, generator=g, device="cpu") for _ in range(2))
+    cos, sin = (torch.randn(1, 3, d, dtype=torch.float64, generator=g, device="cpu") for _ in range(2))
+    try:
+        theirs = fn(q, k, cos, sin, unsqueeze_dim=2)  # [B, C, H, d] layout: cos / sin unsqueezed at 2
+    except Exception:  # noqa: BLE001 - another signature: ours (the conversion check compares the layers)
+        return None
+    ours = _apply_rope(q, k, cos, sin)
+    same = all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(theirs, ours))
+    return None if same else fn
 
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -312,10 +337,20 @@ class MoDDecoderLayer:
         B, C = xs.shape[0], xs.shape[1]
         head_dim = attn.head_dim
         h_in = self.input_layernorm(xs)
-        q = _qk_norm(attn, "q_norm", attn.q_proj(h_in), B, C, head_dim)
-        k = _qk_norm(attn, "k_norm", attn.k_proj(h_in), B, C, head_dim)
-        v = attn.v_proj(h_in).view(B, C, -1, head_dim)
-        q, k = _apply_rope(q, k, cos, sin)
+        if isinstance(getattr(attn, "q_proj", None), nn.Module):
+            q_, k_, v_ = attn.q_proj(h_in), attn.k_proj(h_in), attn.v_proj(h_in)
+        else:  # one fused projection (Phi-3): queries, then keys, then values
+            qkv = attn.qkv_proj(h_in)
+            nq = qkv.shape[-1] - 2 * _kv_heads(attn) * head_dim
+            q_, k_, v_ = qkv.split([nq, (qkv.shape[-1] - nq) // 2, (qkv.shape[-1] - nq) // 2], dim=-1)
+        q = _qk_norm(attn, "q_norm", q_, B, C, head_dim)
+        k = _qk_norm(attn, "k_norm", k_, B, C, head_dim)
+        v = v_.reshape(B, C, -1, head_dim)
+        rope = self.__dict__.get("_gmod_rope")
+        if rope is not None:  # the model's own rotation (GLM's interleaved pairs)
+            q, k = rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=2)
+        else:
+            q, k = _apply_rope(q, k, cos, sin)
         scale = getattr(attn, "scaling", None)
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim)
@@ -328,16 +363,28 @@ class MoDDecoderLayer:
             isinstance(self._modules.get("post_feedforward_layernorm"), nn.Module)
 
     def _gmod_attn_out(self, o: torch.Tensor) -> torch.Tensor:
-        """What the attention adds to the residual stream: o_proj(o) (post-normed in a sandwich block)."""
+        """What the attention adds to the residual stream: o_proj(o) (post-normed in a sandwich block:
+        Gemma-2 / 3's post_attention_layernorm, GLM-4's post_self_attn_layernorm; Phi-3's residual
+        dropout in training)."""
         a = self.self_attn.o_proj(o)
-        return self.post_attention_layernorm(a) if self._gmod_sandwich() else a
+        if self._gmod_sandwich():
+            a = self.post_attention_layernorm(a)
+        elif isinstance(self._modules.get("post_self_attn_layernorm"), nn.Module):
+            a = self.post_self_attn_layernorm(a)
+        drop = self._modules.get("resid_attn_dropout")
+        return drop(a) if isinstance(drop, nn.Module) else a
 
     def _gmod_mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """What the MLP adds: mlp(post_attention_layernorm(h)), or the sandwich block's
+        """What the MLP adds: mlp(post_attention_layernorm(h)) (GLM-4: then post_mlp_layernorm; Phi-3:
+        then its residual dropout), or the sandwich block's
         post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))."""
         if self._gmod_sandwich():
             return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        return self.mlp(self.post_attention_layernorm(h))
+        m = self.mlp(self.post_attention_layernorm(h))
+        if isinstance(self._modules.get("post_mlp_layernorm"), nn.Module):
+            m = self.post_mlp_layernorm(m)
+        drop = self._modules.get("resid_mlp_dropout")
+        return drop(m) if isinstance(drop, nn.Module) else m
 
     def _gmod_merge(self, x, xs, h, a, m, logits, idx, count, mask):
         cfg: GmodConfig = self._gmod_state.config
@@ -625,7 +672,10 @@ def _check_layer(layer: nn.Module) -> None:
     ]
     attn = getattr(layer, "self_attn", None)
     if attn is not None:
-        missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, n)]
+        # separate q / k / v projections, or one fused qkv_proj (Phi-3) with a known key / value head count
+        fused = isinstance(getattr(attn, "qkv_proj", None), nn.Module) and _kv_heads(attn) is not None
+        names = ("o_proj",) if fused and not hasattr(attn, "q_proj") else ("q_proj", "k_proj", "v_proj", "o_proj")
+        missing += [f"self_attn.{n}" for n in names if not hasattr(attn, n)]
         if not hasattr(attn, "head_dim"):
             missing.append("self_attn.head_dim")
     ln = getattr(layer, "input_layernorm", None)
@@ -635,6 +685,14 @@ def _check_layer(layer: nn.Module) -> None:
         raise TypeError(f"gmod: {type(layer).__name__} is not a Llama-family decoder layer (missing {missing})")
     if attn is not None:
         attention_softcap(attn)  # a negative cap raises here, not at the first forward
+
+
+def _kv_heads(attn: nn.Module) -> Optional[int]:
+    """Key / value heads of a fused-projection attention (Phi-3 keeps them as ``num_key_value_heads``)."""
+    n = getattr(attn, "num_key_value_heads", None)
+    if n is None:
+        n = getattr(getattr(attn, "config", None), "num_key_value_heads", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def _norm_is_offset(norm: nn.Module) -> bool:
@@ -682,6 +740,7 @@ def make_mod_layer(
         router = GmodRouter(D, init=state.config.router_init, device=device)
     layer.__class__ = mod_class_for(type(layer))
     layer._gmod_norm_offset = _norm_is_offset(layer.input_layernorm)
+    layer._gmod_rope = _model_rope(layer.self_attn)
     layer.gmod_layer_idx = int(layer_idx)
     layer.gmod_ratio = float(ratio)
     layer._gmod_state = state
@@ -695,7 +754,7 @@ def unmake_mod_layer(layer: nn.Module) -> nn.Module:
     if not isinstance(layer, MoDDecoderLayer):
         return layer
     layer.__class__ = layer._gmod_base_class
-    for name in ("gmod_layer_idx", "gmod_ratio", "_gmod_state", "_gmod_norm_offset"):
+    for name in ("gmod_layer_idx", "gmod_ratio", "_gmod_state", "_gmod_norm_offset", "_gmod_rope"):
         layer.__dict__.pop(name, None)
     layer._modules.pop("gmod_router", None)
     return layer

@@ -3,10 +3,12 @@
 A MoD layer re-implements the decoder block on the kept tokens with the layer's own modules:
 ``h = x + o_proj(attention(rope(q), rope(k), v))`` with ``q, k, v`` projected from
 ``input_layernorm(x)``, then ``h + mlp(post_attention_layernorm(h))``. That is the Llama family
-(Llama, Mistral, Qwen2 / Qwen3, Gemma, Mixtral, ...), and Gemma-2 / 3's block with its extra norms
-(``post_attention_layernorm`` on the attention output, ``pre_`` / ``post_feedforward_layernorm``
-around the MLP). A block that deviates from these (GLM's interleaved partial rotary, Granite's
-residual multipliers, a parallel attention + MLP residual, attention sinks, ...) would convert
+(Llama, Mistral, Qwen2 / Qwen3, Gemma, Mixtral, ...; Phi-3's fused ``qkv_proj`` too; GLM's
+interleaved partial rotary through the model's own ``apply_rotary_pos_emb``), Gemma-2 / 3's block
+with its extra norms (``post_attention_layernorm`` on the attention output, ``pre_`` /
+``post_feedforward_layernorm`` around the MLP) and GLM-4's (``post_self_attn_layernorm`` /
+``post_mlp_layernorm`` on the two updates). A block that deviates from these (Granite's residual
+multipliers, a parallel attention + MLP residual, attention sinks, norms after the rotation, ...) would convert
 without complaint and give wrong outputs. :func:`check_decoder_layers` rules that out before
 converting. (Attention logit soft-capping is read from the attention module and reproduced by the MoD
 layer: with random weights the logits are too small for this check to see whether it is.)
@@ -40,7 +42,8 @@ __all__ = ["check_decoder_layers", "VERIFY_TOLERANCE"]
 
 # max |MoD update - dense update| / max |dense update|, both in float32. The two paths differ only in
 # the attention kernel (gmod.attention against the model's SDPA / eager attention): 2e-7 to 5e-7 on the
-# CPU for Llama, Qwen3, Gemma, Mixtral; GLM's interleaved partial rotary, the subtlest refusal, gives 4e-3.
+# CPU for Llama, Qwen3, Gemma, Mixtral; GLM's interleaved partial rotary rotated as Llama's (before the
+# MoD layer used the model's own rotation) gave 4e-3, HunYuan's q / k norms after the rotation 0.5.
 VERIFY_TOLERANCE = 1e-4
 _PROMPT_LEN = 12
 
@@ -96,10 +99,11 @@ def _hints(layer: nn.Module, cfg: Any, kwargs: Optional[dict] = None) -> list[st
                      "mask, e.g. PaliGemma); MoD layers attend causally (except within the image blocks that "
                      "token_type_ids marks, Gemma-3's rule)")
     known = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp",
-             "pre_feedforward_layernorm", "post_feedforward_layernorm")  # the last two: Gemma-2/3 sandwich
+             "pre_feedforward_layernorm", "post_feedforward_layernorm",  # Gemma-2/3 sandwich
+             "post_self_attn_layernorm", "post_mlp_layernorm")  # GLM-4's
     extra = sorted(n for n, _ in layer.named_children() if n not in known and "norm" in n)
     if extra:
-        hints.append(f"extra norms {extra} (MoD layers know the Llama block's two norms and Gemma-2/3's four)")
+        hints.append(f"extra norms {extra} (MoD layers know the Llama block's two norms, Gemma-2/3's and GLM-4's four)")
 
     def val(name):
         return getattr(cfg, name, None) if cfg is not None else None
@@ -110,7 +114,7 @@ def _hints(layer: nn.Module, cfg: Any, kwargs: Optional[dict] = None) -> list[st
     v = val("partial_rotary_factor")
     if isinstance(v, (int, float)) and float(v) != 1.0:
         hints.append(f"config.partial_rotary_factor = {v} (check the rotary layout: MoD layers rotate the first "
-                     "dims in halves, not interleaved pairs)")
+                     "dims in halves, or with the model's own apply_rotary_pos_emb where its attention calls one)")
     for name in ("use_parallel_residual", "parallel_attn", "parallel_block"):
         if val(name) is True:
             hints.append(f"config.{name} = True (MoD layers run attention, then the MLP)")

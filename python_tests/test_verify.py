@@ -36,7 +36,9 @@ REFUSED = {
     # name: (builder, words the error must contain, whether verify=False is offered)
     "granite_residual": (lambda: _hf("GraniteForCausalLM", "GraniteConfig", residual_multiplier=0.5),
                          "residual_multiplier = 0.5", True),
-    "glm": (lambda: _hf("GlmForCausalLM", "GlmConfig", head_dim=16), "not a block a MoD layer reproduces", True),
+    # q / k norms after the rotation (HunYuan): found by the comparison only
+    "hunyuan": (lambda: _hf("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", head_dim=16),
+                "not a block a MoD layer reproduces", True),
     "gpt_oss": (lambda: _hf("GptOssForCausalLM", "GptOssConfig", head_dim=16, num_local_experts=4,
                             num_experts_per_tok=2), "sinks", True),
 }
@@ -60,6 +62,15 @@ ACCEPTED = {
     "gemma3_window": lambda: _hf("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=16, sliding_window=5,
                                  layer_types=["sliding_attention", "full_attention"] * 2),
     "gemma3": lambda: _hf("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=16),
+    # Phi-3: one fused qkv_proj, residual dropout; Phi-4-mini's partial rotary
+    "phi3": lambda: _hf("Phi3ForCausalLM", "Phi3Config"),
+    "phi4_mini_partial_rotary": lambda: _hf("Phi3ForCausalLM", "Phi3Config", partial_rotary_factor=0.75),
+    # the model's own rotation: GLM / GLM-4 interleave pairs on half the head, Ernie-4.5 / Helium pairs too;
+    # GLM-4 adds norms after attention and after the MLP
+    "glm": lambda: _hf("GlmForCausalLM", "GlmConfig", head_dim=16),
+    "glm4": lambda: _hf("Glm4ForCausalLM", "Glm4Config", head_dim=16),
+    "ernie4_5": lambda: _hf("Ernie4_5ForCausalLM", "Ernie4_5Config", head_dim=16),
+    "helium": lambda: _hf("HeliumForCausalLM", "HeliumConfig", head_dim=16),
 }
 
 

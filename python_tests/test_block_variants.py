@@ -1,0 +1,186 @@
+"""Decoder blocks that differ from Llama's in one part, converted exactly:
+
+* Phi-3 / Phi-4-mini: one fused ``qkv_proj`` (queries, keys, values in that order), residual dropout
+  on both updates, Phi-4-mini's partial rotary (0.75 of the head);
+* GLM / GLM-4 / Ernie-4.5 / Helium: RoPE on interleaved pairs (GLM: on half the head): MoD layers call
+  the model's own ``apply_rotary_pos_emb`` where it rotates differently from Llama's;
+* GLM-4: norms after attention (``post_self_attn_layernorm``) and after the MLP (``post_mlp_layernorm``);
+* GLM-4V: all of GLM-4 plus 3-D rotary positions on image tokens (an image prompt, keep-all and generation).
+
+References are Hugging Face's own layers: keeping every token, the converted model gives the dense
+model's logits and parameter gradients; skipping half the tokens, generation with the compact cache
+gives the tokens and scores of the same model recomputed without a cache; and Phi-3's residual
+dropout draws the same masks as Hugging Face's layer.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gmod_hf_utils import mod_slots, num_threads, padded_prompt, text_config_kwargs, transformers
+
+import gmod_ext
+from gmod_ext.mod_layer import _model_rope
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with num_threads(1):
+        yield
+
+
+def _hf(cls_name: str, cfg_name: str, **over):
+    cls, cfg_cls = getattr(transformers, cls_name, None), getattr(transformers, cfg_name, None)
+    if cls is None or cfg_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
+    torch.manual_seed(0)
+    cfg = cfg_cls(**text_config_kwargs(**over))
+    cfg.pad_token_id = None
+    return cls(cfg).float()
+
+
+BUILDERS = {
+    "phi3": lambda **kw: _hf("Phi3ForCausalLM", "Phi3Config", **kw),
+    "phi4_mini": lambda **kw: _hf("Phi3ForCausalLM", "Phi3Config", partial_rotary_factor=0.75, **kw),
+    "glm": lambda **kw: _hf("GlmForCausalLM", "GlmConfig", head_dim=16, **kw),
+    "glm4": lambda **kw: _hf("Glm4ForCausalLM", "Glm4Config", head_dim=16, **kw),
+    "ernie4_5": lambda **kw: _hf("Ernie4_5ForCausalLM", "Ernie4_5Config", head_dim=16, **kw),
+}
+OWN_ROPE = {"glm", "glm4", "ernie4_5"}  # whose rotation is not Llama's
+
+
+def _perturb_norms(model):
+    """HF initialises norm weights to 1 (or 0 for offset norms): perturb them, so that a norm applied in
+    the wrong place (or not at all) changes the result."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_model_rotation_is_used_exactly_where_it_differs(arch):
+    model = BUILDERS[arch]()
+    fn = _model_rope(model.model.layers[0].self_attn)
+    assert (fn is not None) == (arch in OWN_ROPE)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**text_config_kwargs()))
+    assert _model_rope(llama.model.layers[0].self_attn) is None  # its own function equals ours
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_keep_all_logits_and_gradients_equal_hf(arch):
+    ref = BUILDERS[arch]()
+    _perturb_norms(ref)
+    model = BUILDERS[arch]()
+    model.load_state_dict(ref.state_dict())
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", aux_coef=0.0, progress=False)
+    ids, am = padded_prompt(2, 14, pad=(0, 3), seed=1)
+    labels = ids.masked_fill(am == 0, -100)
+    labels[:, 1:][am[:, :-1] == 0] = -100  # no loss on what a padding position predicts (MoD layers skip padding)
+    ref.train(), model.train()
+    lr = ref(ids, attention_mask=am, labels=labels)
+    lm = model(ids, attention_mask=am, labels=labels)
+    keep = am.bool()
+    torch.testing.assert_close(lm.logits[keep], lr.logits[keep], rtol=1e-5, atol=1e-5)
+    lr.loss.backward()
+    lm.loss.backward()
+    grads = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        if "gmod_router" not in n:
+            torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_skipping_generation_cache_equals_no_cache(arch, positions):
+    model = BUILDERS[arch]().eval()
+    _perturb_norms(model)
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], positions=positions, progress=False)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # p well away from 0.5 on both sides: decode steps keep some tokens, skip others
+        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape, generator=g) * 0.5)
+    ids, am = padded_prompt(3, 12, pad=(0, 2, 4), seed=3)
+    kw = dict(attention_mask=am, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None,
+              return_dict_in_generate=True, output_scores=True)
+    cached, full = model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, full.sequences)
+    for x, y in zip(cached.scores, full.scores):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    slots = mod_slots(getattr(cached, "past_key_values", None) or cached.cache)
+    seen = 12 + 10 - 1
+    stored = [int(s.cache_len.max()) for s in slots.values()]
+    assert len(slots) == 3 and all(0 < n < seen for n in stored), stored
+
+
+def test_phi3_residual_dropout_draws_hf_masks():
+    """Phi-3 drops out the attention and MLP updates (resid_pdrop): in training, a MoD layer keeping every
+    token applies them in the same order on same-shaped tensors, so it draws the same masks."""
+    ref = BUILDERS["phi3"](resid_pdrop=0.3)
+    model = BUILDERS["phi3"](resid_pdrop=0.3)
+    model.load_state_dict(ref.state_dict())
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", aux_coef=0.0, progress=False)
+    ids = torch.randint(1, 100, (2, 10), generator=torch.Generator().manual_seed(4))
+    ref.train(), model.train()
+    torch.manual_seed(5)
+    lr = ref(ids).logits
+    torch.manual_seed(5)
+    lm = model(ids).logits
+    torch.testing.assert_close(lm, lr, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(6)  # and the dropout is on: another seed, another result
+    assert float((model(ids).logits - lm).abs().max().detach()) > 1e-3
+
+
+def _glm4v(seed=0):
+    T = transformers
+    if getattr(T, "Glm4vForConditionalGeneration", None) is None:
+        pytest.skip(f"transformers {T.__version__} has no GLM-4V")
+    tc = dict(text_config_kwargs(vocab_size=300, max_position_embeddings=512), num_hidden_layers=3)
+    # half the head rotated (on interleaved pairs), its 4 frequencies split over time / height / width
+    text = dict(tc, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                     "partial_rotary_factor": 0.5})
+    vis = dict(depth=1, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+               in_channels=3, out_hidden_size=tc["hidden_size"], intermediate_size=64, image_size=16)
+    try:
+        cfg = T.Glm4vConfig(text_config=text, vision_config=vis, image_token_id=299, video_token_id=298,
+                            image_start_token_id=297, image_end_token_id=296)
+        torch.manual_seed(seed)
+        model = T.Glm4vForConditionalGeneration(cfg).float().eval()
+    except (AttributeError, TypeError, ValueError) as err:
+        pytest.skip(f"cannot build a tiny GLM-4V here: {err}")
+    B, S = 2, 16
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 250, (B, S), generator=g)
+    ids[:, 2], ids[:, 3:7], ids[:, 7] = 297, 299, 296  # image start, 4 image tokens (4x4 patches merged 2x2), end
+    kw = dict(pixel_values=torch.randn(B * 16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]] * B),
+              mm_token_type_ids=(ids == 299).long())
+    return model, ids, kw
+
+
+def test_glm4v_image_prompt_converts_exactly_and_generates_from_the_cache():
+    """GLM-4V (GLM-4.1V / 4.5V's architecture): GLM-4's block with 3-D rotary positions on image tokens,
+    rotated on interleaved pairs by the model's own function. Keeping every token, an image prompt gives
+    the dense logits (which its 3-D positions change); skipping, generation from the compact cache gives
+    the tokens and scores of the no-cache recomputation."""
+    model, ids, kw = _glm4v()
+    with torch.no_grad():
+        ref = model(input_ids=ids, **kw).logits
+        flat = model(input_ids=ids, **kw, position_ids=torch.arange(ids.shape[1]).expand(ids.shape[0], -1)).logits
+    assert float((flat - ref).abs().max() / ref.abs().max()) > 1e-4  # the 3-D positions matter here
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    assert model.model.language_model.layers[0]._gmod_rope is not None
+    with torch.no_grad():
+        out = model(input_ids=ids, **kw).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+    model, ids, kw = _glm4v()
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
+    with torch.no_grad():
+        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
+                                                   generator=torch.Generator().manual_seed(8)) * 0.5)
+    gk = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True,
+              output_scores=True)
+    cached, full = model.generate(input_ids=ids, **kw, **gk), model.generate(input_ids=ids, **kw, use_cache=False, **gk)
+    assert torch.equal(cached.sequences, full.sequences)
+    for x, y in zip(cached.scores, full.scores):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
