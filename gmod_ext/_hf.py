@@ -11,8 +11,9 @@ import re
 import sys
 from typing import Optional
 
-import torch
 from torch import nn
+
+from .block_layout import block_hidden_size, block_layout
 
 
 @dataclasses.dataclass
@@ -58,7 +59,7 @@ def check_transformers_version(fn: str) -> None:
 
 
 def _is_decoder_layer(m: nn.Module) -> bool:
-    return all(hasattr(m, n) for n in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"))
+    return block_layout(m) is not None
 
 
 def find_decoder(model: nn.Module) -> DecoderParts:
@@ -97,12 +98,12 @@ def find_decoder(model: nn.Module) -> DecoderParts:
                 break
         if image_token_id is not None:
             break
-    weight = getattr(layers[0].input_layernorm, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(
-            f"gmod: {type(layers[0]).__name__}.input_layernorm ({type(layers[0].input_layernorm).__name__}) has no "
-            "weight; MoD layers need a norm with a weight (RMSNorm / LayerNorm), which the router reads")
-    hidden = weight.shape[-1]
+    hidden = block_hidden_size(layers[0])
+    if hidden is None:
+        hidden = getattr(cfg, "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise TypeError(f"gmod: cannot tell the hidden size of {type(layers[0]).__name__} (no norm weight, no "
+                        "self_attn.o_proj weight, no config.hidden_size)")
     return DecoderParts(text_model, layers, getattr(text_model, "rotary_emb", None), cfg, hidden, image_token_id)
 
 

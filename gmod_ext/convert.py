@@ -3,7 +3,7 @@
     model = gmod_ext.convert(model, ratio=0.5, layers="arank", calibration_batches=batches)
 
 Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (and other
-Llama-family ``*ForCausalLM``: Qwen3, Gemma, Gemma-2, Gemma-3, Mixtral, ...) and ``LlavaForConditionalGeneration``
+Llama-family ``*ForCausalLM``: Qwen3, Gemma, Gemma-2, Gemma-3, Mixtral, Phi-3, GLM-4, OLMo-2, ...) and ``LlavaForConditionalGeneration``
 (its language model). Before converting, :mod:`gmod_ext.verify` checks that a MoD layer reproduces
 the model's decoder layer and refuses the blocks it does not (Granite with residual
 multipliers, parallel-residual blocks, attention sinks, HunYuan's norms after the rotation, ...) with TypeError.
@@ -415,7 +415,7 @@ def _rollback(model: nn.Module, parts, had_gmod: bool) -> None:
 
 def _apply(model: nn.Module, cfg: GmodConfig, parts) -> nn.Module:
     cfg.num_layers = len(parts.layers)
-    device = parts.layers[0].input_layernorm.weight.device
+    device = next(parts.layers[0].parameters()).device
     shared = None
     if cfg.router == "shared" and cfg.layers:
         shared = GmodRouter(parts.hidden_size, init=cfg.router_init, device=device)

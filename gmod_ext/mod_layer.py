@@ -2,9 +2,9 @@
 
 :func:`make_mod_layer` turns a ``LlamaDecoderLayer`` / ``MistralDecoderLayer`` /
 ``Qwen2DecoderLayer`` (or any layer with the same parts: ``input_layernorm`` (RMSNorm),
-``self_attn.{q,k,v,o}_proj`` (+ optional ``q_norm`` / ``k_norm``), ``post_attention_layernorm``,
-``mlp``; or Gemma-2 / 3's block, which adds ``pre_`` / ``post_feedforward_layernorm`` and norms the
-attention output with ``post_attention_layernorm``) into a MoD layer **in place**: the object's class becomes a subclass
+``self_attn.{q,k,v,o}_proj`` (or one fused ``qkv_proj``, Phi-3; + optional ``q_norm`` / ``k_norm``),
+``post_attention_layernorm``, ``mlp``; or the other norm layouts of :mod:`gmod_ext.block_layout`:
+Gemma-2 / 3, GLM-4, Apertus, OLMo-2) into a MoD layer **in place**: the object's class becomes a subclass
 ``MoD<Layer>(MoDDecoderLayer, <Layer>)``, so it keeps its own modules and weights (the state_dict
 keys of the original weights do not change; a per-layer router adds ``gmod_router.*``), is still an
 instance of the original class (Hugging Face's output capturing, gradient checkpointing and FSDP
@@ -26,7 +26,8 @@ Forward on the selected tokens (all through ``gmod_ext.ops``)::
                                             #  a sliding window shorter than the sequence, a logit
                                             #  soft-cap, packed sequences or image blocks:
                                             #  gmod_ext.masked_attention, by original position)
-    h = xs + o_proj(o); m = mlp(LN2(h))     (Gemma-2/3: h = xs + LN2(o_proj(o)); m = postFF(mlp(preFF(h))))
+    h = xs + o_proj(o); m = mlp(LN2(h))     (other layouts: norms on o_proj(o) / around the MLP, see block_layout;
+                                             RoPE: the model's own apply_rotary_pos_emb where it differs, GLM)
     y = scatter_merge(x, base, idx, count, delta, gate[, skip_scale])          # variant gating
 
 Gating: gamma ``y = h + p*m``; mod ``y = xs + p*(h + m - xs)``; pmod ``y = xs + w*(h + m - xs)``,
@@ -64,6 +65,7 @@ from torch import nn
 
 from . import ops
 from ._hf import cache_kwarg_of, pop_cache
+from .block_layout import block_hidden_size, block_layout
 from .config import GmodConfig, capacity, capacity_of_rows
 from .masked_attention import attention_softcap, position_masked_attention
 from .masks import check_routing_mask
@@ -123,6 +125,13 @@ def _model_rope(attn: nn.Module):
     ours = _apply_rope(q, k, cos, sin)
     same = all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(theirs, ours))
     return None if same else fn
+
+
+def _uses_rope(attn: nn.Module) -> bool:
+    """False where the attention says it skips the rotation (``use_rope`` 0 / False: SmolLM3's and
+    Llama-4's NoPE layers)."""
+    use_rope = getattr(attn, "use_rope", True)
+    return use_rope is None or bool(use_rope)
 
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -281,9 +290,13 @@ class MoDDecoderLayer:
 
     def gmod_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Router logit difference l1 - l0 [B, S] fp32 on this layer's input norm (RMSNorm with the
-        norm's own scale: ``weight``, or ``1 + weight`` for Gemma's offset norms)."""
-        ln1 = self.input_layernorm
-        w = ln1.weight + 1.0 if getattr(self, "_gmod_norm_offset", False) else ln1.weight
+        norm's own scale: ``weight``, or ``1 + weight`` for Gemma's offset norms; a plain RMSNorm where the
+        block has no input norm (OLMo-2) or one without a weight (OLMo))."""
+        ln1 = self._gmod_norm("attn_in")
+        w = getattr(ln1, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            return self.gmod_router_module()(hidden_states, None, 1e-6 if ln1 is None else _norm_eps(ln1))
+        w = w + 1.0 if getattr(self, "_gmod_norm_offset", False) else w
         return self.gmod_router_module()(hidden_states, w, _norm_eps(ln1))
 
     def _gmod_rotary(self, x: torch.Tensor, position_ids: torch.Tensor):
@@ -336,7 +349,7 @@ class MoDDecoderLayer:
         attn = self.self_attn
         B, C = xs.shape[0], xs.shape[1]
         head_dim = attn.head_dim
-        h_in = self.input_layernorm(xs)
+        h_in = self._gmod_attn_in(xs)
         if isinstance(getattr(attn, "q_proj", None), nn.Module):
             q_, k_, v_ = attn.q_proj(h_in), attn.k_proj(h_in), attn.v_proj(h_in)
         else:  # one fused projection (Phi-3): queries, then keys, then values
@@ -347,7 +360,9 @@ class MoDDecoderLayer:
         k = _qk_norm(attn, "k_norm", k_, B, C, head_dim)
         v = v_.reshape(B, C, -1, head_dim)
         rope = self.__dict__.get("_gmod_rope")
-        if rope is not None:  # the model's own rotation (GLM's interleaved pairs)
+        if not _uses_rope(attn):
+            pass
+        elif rope is not None:  # the model's own rotation (GLM's interleaved pairs)
             q, k = rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=2)
         else:
             q, k = _apply_rope(q, k, cos, sin)
@@ -356,33 +371,32 @@ class MoDDecoderLayer:
             scale = 1.0 / math.sqrt(head_dim)
         return q.contiguous(), k.contiguous(), v.contiguous(), float(scale)
 
-    def _gmod_sandwich(self) -> bool:
-        """Gemma-2 / Gemma-3 blocks: norms after attention and around the MLP (``post_attention_layernorm``
-        on the attention output, ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm``)."""
-        return isinstance(self._modules.get("pre_feedforward_layernorm"), nn.Module) and \
-            isinstance(self._modules.get("post_feedforward_layernorm"), nn.Module)
+    def _gmod_norm(self, role: str) -> Optional[nn.Module]:
+        """The block's norm in ``role`` ("attn_in", "attn_out", "mlp_in", "mlp_out"), or None
+        (:mod:`gmod_ext.block_layout`)."""
+        name = getattr(self.__dict__.get("_gmod_layout"), role, None)
+        return None if name is None else self._modules[name]
+
+    def _gmod_attn_in(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self._gmod_norm("attn_in")
+        return x if norm is None else norm(x)
 
     def _gmod_attn_out(self, o: torch.Tensor) -> torch.Tensor:
-        """What the attention adds to the residual stream: o_proj(o) (post-normed in a sandwich block:
-        Gemma-2 / 3's post_attention_layernorm, GLM-4's post_self_attn_layernorm; Phi-3's residual
-        dropout in training)."""
+        """What the attention adds to the residual stream: o_proj(o), normed where the block norms the
+        attention output (Gemma-2 / 3, GLM-4, OLMo-2), dropped out where it does (Phi-3, in training)."""
         a = self.self_attn.o_proj(o)
-        if self._gmod_sandwich():
-            a = self.post_attention_layernorm(a)
-        elif isinstance(self._modules.get("post_self_attn_layernorm"), nn.Module):
-            a = self.post_self_attn_layernorm(a)
+        norm = self._gmod_norm("attn_out")
+        if norm is not None:
+            a = norm(a)
         drop = self._modules.get("resid_attn_dropout")
         return drop(a) if isinstance(drop, nn.Module) else a
 
     def _gmod_mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """What the MLP adds: mlp(post_attention_layernorm(h)) (GLM-4: then post_mlp_layernorm; Phi-3:
-        then its residual dropout), or the sandwich block's
-        post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))."""
-        if self._gmod_sandwich():
-            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        m = self.mlp(self.post_attention_layernorm(h))
-        if isinstance(self._modules.get("post_mlp_layernorm"), nn.Module):
-            m = self.post_mlp_layernorm(m)
+        """What the MLP adds: mlp(N_mi(h)), then N_mo (each where the block has it), then Phi-3's dropout."""
+        norm_in, norm_out = self._gmod_norm("mlp_in"), self._gmod_norm("mlp_out")
+        m = self.mlp(h if norm_in is None else norm_in(h))
+        if norm_out is not None:
+            m = norm_out(m)
         drop = self._modules.get("resid_mlp_dropout")
         return drop(m) if isinstance(drop, nn.Module) else m
 
@@ -665,11 +679,10 @@ def mod_class_for(base: type) -> type:
 
 
 def _check_layer(layer: nn.Module) -> None:
-    missing = [
-        n
-        for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-        if not isinstance(getattr(layer, n, None), nn.Module)
-    ]
+    missing = []
+    if block_layout(layer) is None:  # name what Llama's layout would need
+        missing = [n for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+                   if not isinstance(getattr(layer, n, None), nn.Module)] or ["a known norm layout (gmod_ext.block_layout)"]
     attn = getattr(layer, "self_attn", None)
     if attn is not None:
         # separate q / k / v projections, or one fused qkv_proj (Phi-3) with a known key / value head count
@@ -678,9 +691,6 @@ def _check_layer(layer: nn.Module) -> None:
         missing += [f"self_attn.{n}" for n in names if not hasattr(attn, n)]
         if not hasattr(attn, "head_dim"):
             missing.append("self_attn.head_dim")
-    ln = getattr(layer, "input_layernorm", None)
-    if ln is not None and not isinstance(getattr(ln, "weight", None), torch.Tensor):
-        missing.append("input_layernorm.weight (an RMSNorm with a weight)")
     if missing:
         raise TypeError(f"gmod: {type(layer).__name__} is not a Llama-family decoder layer (missing {missing})")
     if attn is not None:
@@ -734,12 +744,15 @@ def make_mod_layer(
     if state is None:
         cfg = config if config is not None else GmodConfig(**config_kwargs)
         state = GmodState(cfg)
-    D = layer.input_layernorm.weight.shape[-1]
-    device = layer.input_layernorm.weight.device
+    layout = block_layout(layer)
+    D = block_hidden_size(layer)
+    device = next(layer.parameters()).device
     if router is None and state.router is None:
         router = GmodRouter(D, init=state.config.router_init, device=device)
     layer.__class__ = mod_class_for(type(layer))
-    layer._gmod_norm_offset = _norm_is_offset(layer.input_layernorm)
+    layer._gmod_layout = layout
+    norm_in = getattr(layer, layout.attn_in) if layout.attn_in is not None else None
+    layer._gmod_norm_offset = isinstance(getattr(norm_in, "weight", None), torch.Tensor) and _norm_is_offset(norm_in)
     layer._gmod_rope = _model_rope(layer.self_attn)
     layer.gmod_layer_idx = int(layer_idx)
     layer.gmod_ratio = float(ratio)
@@ -754,7 +767,7 @@ def unmake_mod_layer(layer: nn.Module) -> nn.Module:
     if not isinstance(layer, MoDDecoderLayer):
         return layer
     layer.__class__ = layer._gmod_base_class
-    for name in ("gmod_layer_idx", "gmod_ratio", "_gmod_state", "_gmod_norm_offset", "_gmod_rope"):
+    for name in ("gmod_layer_idx", "gmod_ratio", "_gmod_state", "_gmod_norm_offset", "_gmod_rope", "_gmod_layout"):
         layer.__dict__.pop(name, None)
     layer._modules.pop("gmod_router", None)
     return layer

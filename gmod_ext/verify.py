@@ -14,7 +14,8 @@ converting. (Attention logit soft-capping is read from the attention module and 
 layer: with random weights the logits are too small for this check to see whether it is.)
 
 How: the model runs once on a short random prompt while forward pre-hooks record what it passes to
-one decoder layer of each kind (layer class, sliding window, ``config.layer_types`` entry). A float32
+one decoder layer of each kind (layer class, sliding window, ``config.layer_types`` entry, and the
+scalar settings of the block and its attention, such as SmolLM3's per-layer ``use_rope``). A float32
 copy of that layer then runs on those inputs twice: as it is (the reference), and as a MoD layer that
 keeps every token without gating, which then must compute the same function. Their residual updates
 (output - input) must agree to float32 rounding; a mismatch, or an error inside the MoD path, raises
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from ._hf import accepts
+from .block_layout import KNOWN_NORMS
 from .config import GmodConfig
 from .mod_layer import _sliding_window, make_mod_layer
 from .router import GmodState, RoutingInfo, image_blocks
@@ -48,11 +50,21 @@ VERIFY_TOLERANCE = 1e-4
 _PROMPT_LEN = 12
 
 
+def _settings(module: nn.Module) -> tuple:
+    """A module's own scalar settings (bool / int / float / str / None attributes, its index excluded):
+    per-layer switches such as SmolLM3's ``use_rope`` (no rotary on every fourth layer) live there."""
+    return tuple(sorted((k, v) for k, v in vars(module).items()
+                        if not k.startswith("_") and k not in ("layer_idx", "training")
+                        and (v is None or isinstance(v, (bool, int, float, str)))))
+
+
 def _kind(parts, i: int) -> tuple:
+    """Layers of one kind compute the same function of their weights: same class, window, layer type and
+    per-layer settings of the block and of its attention (so a NoPE layer is checked on its own)."""
     layer = parts.layers[i]
     types = getattr(parts.text_config, "layer_types", None)
     layer_type = types[i] if isinstance(types, (list, tuple)) and i < len(types) else None
-    return (type(layer), _sliding_window(layer.self_attn), layer_type)
+    return (type(layer), _sliding_window(layer.self_attn), layer_type, _settings(layer), _settings(layer.self_attn))
 
 
 def _to_float32(obj: Any) -> Any:
@@ -98,12 +110,10 @@ def _hints(layer: nn.Module, cfg: Any, kwargs: Optional[dict] = None) -> list[st
         hints.append("the attention lets tokens see later tokens (is_causal=False, a bidirectional or prefix-LM "
                      "mask, e.g. PaliGemma); MoD layers attend causally (except within the image blocks that "
                      "token_type_ids marks, Gemma-3's rule)")
-    known = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp",
-             "pre_feedforward_layernorm", "post_feedforward_layernorm",  # Gemma-2/3 sandwich
-             "post_self_attn_layernorm", "post_mlp_layernorm")  # GLM-4's
+    known = ("self_attn", "mlp") + KNOWN_NORMS  # (gmod_ext.block_layout)
     extra = sorted(n for n, _ in layer.named_children() if n not in known and "norm" in n)
     if extra:
-        hints.append(f"extra norms {extra} (MoD layers know the Llama block's two norms, Gemma-2/3's and GLM-4's four)")
+        hints.append(f"extra norms {extra} (MoD layers know the norm layouts of gmod_ext.block_layout)")
 
     def val(name):
         return getattr(cfg, name, None) if cfg is not None else None
@@ -118,6 +128,10 @@ def _hints(layer: nn.Module, cfg: Any, kwargs: Optional[dict] = None) -> list[st
     for name in ("use_parallel_residual", "parallel_attn", "parallel_block"):
         if val(name) is True:
             hints.append(f"config.{name} = True (MoD layers run attention, then the MLP)")
+    if getattr(attn, "is_sliding", None) is False and not hasattr(attn, "use_rope"):
+        hints.append("a global layer of a sliding / global hybrid (is_sliding=False), which may attend without "
+                     "rotary positions (EXAONE-4's NoPE layers; MoD layers skip the rotation only where the "
+                     "attention says use_rope=False)")
     if any(n == "sinks" or n.endswith(".sinks") for n, _ in layer.self_attn.named_parameters()):
         hints.append("attention sinks (self_attn.sinks)")
     return hints
@@ -167,9 +181,9 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
             f"{where} is not a block a MoD layer reproduces: keeping every token, the MoD layer's update differs "
             f"from the layer's own by {err:.1e} (relative, float32; rounding is ~1e-6)"
             + (f"; likely cause: {'; '.join(hints)}" if hints else "")
-            + ". MoD layers compute x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(.)), with "
-            f"rotary q/k (the Llama family: Llama, Mistral, Qwen2/3, Gemma, Mixtral, ...; or Gemma-2/3's block with "
-            f"its four norms). {advice}")
+            + ". MoD layers compute x + attn(norm(x)), then + mlp(norm(.)), with rotary q/k and the norms where "
+            f"the Llama family (Llama, Mistral, Qwen2/3, Gemma, Mixtral, Phi-3, ...), Gemma-2/3, GLM-4, Apertus or "
+            f"OLMo-2 put them (gmod_ext.block_layout). {advice}")
 
 
 def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, indices: list, tolerance: float) -> None:

@@ -5,6 +5,10 @@
 * GLM / GLM-4 / Ernie-4.5 / Helium: RoPE on interleaved pairs (GLM: on half the head): MoD layers call
   the model's own ``apply_rotary_pos_emb`` where it rotates differently from Llama's;
 * GLM-4: norms after attention (``post_self_attn_layernorm``) and after the MLP (``post_mlp_layernorm``);
+* the other norm layouts of ``gmod_ext.block_layout``: OLMo-2 (norms on the two updates only, none
+  before attention: the router normalises ``x`` without a scale), OLMo (a LayerNorm without weights),
+  Apertus (pre-norms named ``attention_layernorm`` / ``feedforward_layernorm``);
+* SmolLM3: every fourth layer attends without rotary positions (``use_rope = 0``);
 * GLM-4V: all of GLM-4 plus 3-D rotary positions on image tokens (an image prompt, keep-all and generation).
 
 References are Hugging Face's own layers: keeping every token, the converted model gives the dense
@@ -45,6 +49,10 @@ BUILDERS = {
     "glm": lambda **kw: _hf("GlmForCausalLM", "GlmConfig", head_dim=16, **kw),
     "glm4": lambda **kw: _hf("Glm4ForCausalLM", "Glm4Config", head_dim=16, **kw),
     "ernie4_5": lambda **kw: _hf("Ernie4_5ForCausalLM", "Ernie4_5Config", head_dim=16, **kw),
+    "olmo": lambda **kw: _hf("OlmoForCausalLM", "OlmoConfig", **kw),
+    "olmo2": lambda **kw: _hf("Olmo2ForCausalLM", "Olmo2Config", **kw),
+    "apertus": lambda **kw: _hf("ApertusForCausalLM", "ApertusConfig", **kw),
+    "smollm3_nope": lambda **kw: _hf("SmolLM3ForCausalLM", "SmolLM3Config", head_dim=16, **kw),
 }
 OWN_ROPE = {"glm", "glm4", "ernie4_5"}  # whose rotation is not Llama's
 
@@ -57,6 +65,20 @@ def _perturb_norms(model):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4", "ernie4_5": "llama",
+           "olmo": "llama", "olmo2": "olmo2", "apertus": "apertus", "smollm3_nope": "llama"}
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_block_layout_names_each_norm_role(arch):
+    from gmod_ext.block_layout import block_layout
+
+    layer = BUILDERS[arch]().model.layers[0]
+    layout = block_layout(layer)
+    assert layout is not None and layout.family == LAYOUTS[arch]
+    assert set(layout.names()) == {n for n, _ in layer.named_children() if "norm" in n}  # every norm has a role
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))

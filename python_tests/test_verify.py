@@ -39,6 +39,9 @@ REFUSED = {
     # q / k norms after the rotation (HunYuan): found by the comparison only
     "hunyuan": (lambda: _hf("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", head_dim=16),
                 "not a block a MoD layer reproduces", True),
+    # global layers without rotary positions (EXAONE-4's NoPE layers), found on the fourth layer
+    "exaone4_nope": (lambda: _hf("Exaone4ForCausalLM", "Exaone4Config", head_dim=16),
+                     "decoder layer 3 (Exaone4DecoderLayer) is not a block a MoD layer reproduces", True),
     "gpt_oss": (lambda: _hf("GptOssForCausalLM", "GptOssConfig", head_dim=16, num_local_experts=4,
                             num_experts_per_tok=2), "sinks", True),
 }
@@ -71,6 +74,13 @@ ACCEPTED = {
     "glm4": lambda: _hf("Glm4ForCausalLM", "Glm4Config", head_dim=16),
     "ernie4_5": lambda: _hf("Ernie4_5ForCausalLM", "Ernie4_5Config", head_dim=16),
     "helium": lambda: _hf("HeliumForCausalLM", "HeliumConfig", head_dim=16),
+    # other norm layouts (gmod_ext.block_layout): OLMo's weightless LayerNorm (the router then normalises
+    # without a scale), OLMo-2's norms on the two updates only, Apertus' renamed pre-norms
+    "olmo": lambda: _hf("OlmoForCausalLM", "OlmoConfig"),
+    "olmo2": lambda: _hf("Olmo2ForCausalLM", "Olmo2Config"),
+    "apertus": lambda: _hf("ApertusForCausalLM", "ApertusConfig"),
+    # SmolLM3: no rotary on every fourth layer (use_rope = 0: NoPE), the MoD layer does not rotate there
+    "smollm3_nope": lambda: _hf("SmolLM3ForCausalLM", "SmolLM3Config", head_dim=16),
 }
 
 
@@ -177,14 +187,6 @@ def test_sliding_window_zero_or_disabled_means_none():
     a = Attn(sliding_window=4096)
     a.sliding_window = None  # the module's own setting decides
     assert _sliding_window(a) is None
-
-
-def test_a_norm_without_weight_is_a_clear_error():
-    if getattr(transformers, "OlmoForCausalLM", None) is None:
-        pytest.skip("no OLMo in this transformers")
-    model = _hf("OlmoForCausalLM", "OlmoConfig")
-    with pytest.raises(TypeError, match="has no weight"):
-        gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
 
 
 def test_meta_device_model_converts_with_a_warning():
@@ -375,3 +377,25 @@ def test_mask_hint_reads_bool_and_additive_masks():
     # a chunk of 2 queries after 3 cached keys: bottom-right aligned causal
     chunk = torch.ones(2, 5, dtype=torch.bool).tril(3)
     assert not _sees_later_tokens({"attention_mask": chunk[None, None]})
+
+
+def test_layers_with_their_own_settings_are_checked_on_their_own(monkeypatch):
+    """SmolLM3's fourth layer is its class's and its layer type's like the others, but skips the rotation
+    (``self_attn.use_rope = 0``): its per-layer settings make it a kind of its own, so the check runs it.
+    A MoD layer that rotated anyway is refused, naming that layer; were the kinds merged, the same
+    conversion would pass the check and silently change the model."""
+    import gmod_ext.mod_layer as mod_layer
+    import gmod_ext.verify as verify
+
+    model = ACCEPTED["smollm3_nope"]()
+    parts = find_decoder(model)
+    assert [parts.layers[i].self_attn.use_rope for i in range(4)] == [1, 1, 1, 0]
+    assert verify._kind(parts, 3) != verify._kind(parts, 0) and verify._kind(parts, 2) == verify._kind(parts, 0)
+    monkeypatch.setattr(mod_layer, "_uses_rope", lambda attn: True)  # a MoD layer that always rotates
+    with pytest.raises(TypeError, match=r"decoder layer 3 \(SmolLM3DecoderLayer\) is not a block"):
+        gmod_ext.convert(copy.deepcopy(model), ratio=0.0, layers="all", gate="none", progress=False)
+    monkeypatch.setattr(verify, "_settings", lambda module: ())  # kinds merged: layer 3 goes unchecked
+    ids = _ids()
+    ref = _logits(model, ids)
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    assert float((_logits(model, ids) - ref).abs().max() / ref.abs().max()) > 1e-4
