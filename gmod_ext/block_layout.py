@@ -16,10 +16,13 @@ Gemma-2 / 3            input_layernorm         post_attention_layernorm  pre_fee
 GLM-4                  input_layernorm         post_self_attn_layernorm  post_attention_layernorm   post_mlp_layernorm
 Apertus                attention_layernorm     -                         feedforward_layernorm      -
 OLMo-2 / 3, EXAONE-4   -                       post_attention_layernorm  -                          post_feedforward_layernorm
+Cohere (parallel)      input_layernorm         -                         input_layernorm, on x      -
 =====================  ======================  ========================  =========================  =======================
 
-A block that fits none of these (parallel attention + MLP, a single norm, ...) has no layout and is
-refused. Fitting a layout is necessary, not sufficient: ``gmod_ext.verify`` compares the MoD layer with
+A parallel block runs attention and MLP side by side on the same normed input (``y = x + attn(N(x)) +
+mlp(N(x))``); its MoD layer gives the MLP the kept tokens' input ``x`` rather than ``h``.
+
+A block that fits none of these has no layout and is refused. Fitting a layout is necessary, not sufficient: ``gmod_ext.verify`` compares the MoD layer with
 the block itself before converting.
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ class BlockLayout:
     mlp_in: Optional[str]
     mlp_out: Optional[str]
     family: str
+    parallel: bool = False  # the MLP reads the block's input (through attn_in), not h: y = x + attn + mlp
 
     def names(self) -> tuple:
         return tuple(n for n in (self.attn_in, self.attn_out, self.mlp_in, self.mlp_out) if n is not None)
@@ -68,7 +72,8 @@ def block_layout(layer: nn.Module) -> Optional[BlockLayout]:
                                "post_mlp_layernorm" if has("post_mlp_layernorm") else None, "glm4")
         if has("post_attention_layernorm"):
             return BlockLayout("input_layernorm", None, "post_attention_layernorm", None, "llama")
-        return None  # one norm for both branches: a parallel block (Phi-1/2, Cohere)
+        # one norm for both branches: a parallel block, y = x + attn(N(x)) + mlp(N(x)) (Cohere, Phi-1/2)
+        return BlockLayout("input_layernorm", None, "input_layernorm", None, "parallel", parallel=True)
     if has("attention_layernorm") and has("feedforward_layernorm"):
         return BlockLayout("attention_layernorm", None, "feedforward_layernorm", None, "apertus")
     if has("post_attention_layernorm") and has("post_feedforward_layernorm"):

@@ -54,9 +54,11 @@ a no-op unless enabled, skipped under torch.compile.
 """
 from __future__ import annotations
 
+import ast
 import inspect
 import math
 import sys
+import textwrap
 import warnings
 from typing import Optional
 
@@ -127,11 +129,38 @@ def _model_rope(attn: nn.Module):
     return None if same else fn
 
 
+_ROPE_TEST_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.Compare, ast.Is,
+                    ast.IsNot, ast.Eq, ast.NotEq, ast.Attribute, ast.Name, ast.Load, ast.Constant)
+
+
 def _uses_rope(attn: nn.Module) -> bool:
-    """False where the attention says it skips the rotation (``use_rope`` 0 / False: SmolLM3's and
-    Llama-4's NoPE layers)."""
-    use_rope = getattr(attn, "use_rope", True)
-    return use_rope is None or bool(use_rope)
+    """Whether this attention rotates q and k. Models with layers that attend without rotary positions
+    (NoPE) put the rotation under a condition on the module's own settings: ``if self.use_rope:``
+    (SmolLM3, Llama-4), ``if self.sliding_window is not None:`` (Cohere2's global layers), ``if
+    self.sliding_window is None or self.is_sliding:`` (EXAONE-4). The forward's source is read for an
+    ``if`` around a rotary call whose test only reads ``self``'s attributes, and the test is evaluated on
+    this module; anything else counts as rotating (the conversion check compares the layers anyway)."""
+    forward = getattr(type(attn), "forward", None)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(forward))))
+    except (OSError, TypeError, SyntaxError):
+        return True
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.If):
+            continue
+        rotates = any(isinstance(n, ast.Call) and "rotary" in ast.unparse(n.func)
+                      for stmt in node.body for n in ast.walk(stmt))
+        if not rotates:
+            continue
+        test = ast.Expression(node.test)
+        if not all(isinstance(n, _ROPE_TEST_NODES) for n in ast.walk(test)) or any(
+                isinstance(n, ast.Name) and n.id != "self" for n in ast.walk(test)):
+            return True
+        try:
+            return bool(eval(compile(test, "<rope condition>", "eval"), {"__builtins__": {}}, {"self": attn}))
+        except Exception:  # noqa: BLE001 - an attribute the module lacks: assume it rotates
+            return True
+    return True
 
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -170,16 +199,18 @@ def _qk_norm(attn: nn.Module, name: str, t: torch.Tensor, B: int, C: int, head_d
     if norm is None:
         return t.view(B, C, -1, head_dim)
     w = getattr(norm, "weight", None)
-    if isinstance(w, torch.Tensor) and w.numel() != head_dim:
+    if isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() != head_dim:
         return norm(t).view(B, C, -1, head_dim)
-    return norm(t.view(B, C, -1, head_dim))
+    return norm(t.view(B, C, -1, head_dim))  # per head (Cohere's weights are [heads, head_dim])
 
 
 def _sliding_window(attn: nn.Module) -> Optional[int]:
-    """The attention's sliding window in tokens, or None. The module's own ``sliding_window`` decides
-    where it has one (transformers sets it per layer from ``config.layer_types``); else the config's,
+    """The attention's sliding window in tokens, or None. ``is_sliding = False`` means none; else the
+    module's own ``sliding_window`` decides where it has one (transformers sets it per layer from ``config.layer_types``); else the config's,
     unless ``use_sliding_window`` is False or ``layer_types`` says this layer attends fully. 0 means
     none (Qwen2-MoE's config default)."""
+    if getattr(attn, "is_sliding", None) is False:
+        return None  # a global layer of a hybrid whose modules all keep the config's window (EXAONE-4)
     if hasattr(attn, "sliding_window"):
         w = attn.sliding_window
     else:
@@ -360,8 +391,8 @@ class MoDDecoderLayer:
         k = _qk_norm(attn, "k_norm", k_, B, C, head_dim)
         v = v_.reshape(B, C, -1, head_dim)
         rope = self.__dict__.get("_gmod_rope")
-        if not _uses_rope(attn):
-            pass
+        if not self.__dict__.get("_gmod_uses_rope", True):
+            pass  # a NoPE layer: no rotation
         elif rope is not None:  # the model's own rotation (GLM's interleaved pairs)
             q, k = rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=2)
         else:
@@ -391,8 +422,11 @@ class MoDDecoderLayer:
         drop = self._modules.get("resid_attn_dropout")
         return drop(a) if isinstance(drop, nn.Module) else a
 
-    def _gmod_mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """What the MLP adds: mlp(N_mi(h)), then N_mo (each where the block has it), then Phi-3's dropout."""
+    def _gmod_mlp(self, h: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """What the MLP adds: mlp(N_mi(h)), then N_mo (each where the block has it), then Phi-3's dropout;
+        a parallel block (Cohere) runs its MLP on the block's input instead: mlp(N_in(xs))."""
+        if getattr(self.__dict__.get("_gmod_layout"), "parallel", False):
+            h = xs
         norm_in, norm_out = self._gmod_norm("mlp_in"), self._gmod_norm("mlp_out")
         m = self.mlp(h if norm_in is None else norm_in(h))
         if norm_out is not None:
@@ -565,7 +599,7 @@ class MoDDecoderLayer:
             a = self._gmod_attn_out(o.reshape(B, C, -1))
             h = xs + a
         with nvtx_range("mlp"):
-            m = self._gmod_mlp(h)
+            m = self._gmod_mlp(h, xs)
 
         # ---- gating + merge
         with nvtx_range("merge"):
@@ -638,7 +672,7 @@ class MoDDecoderLayer:
             a = self._gmod_attn_out(o.reshape(B, n, -1))
             h = xs + a
         with nvtx_range("mlp"):
-            m = self._gmod_mlp(h)
+            m = self._gmod_mlp(h, xs)
         with nvtx_range("merge"):
             y = self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask)
         self._gmod_record(sink, logits, idx, count, mask, n)
@@ -754,6 +788,7 @@ def make_mod_layer(
     norm_in = getattr(layer, layout.attn_in) if layout.attn_in is not None else None
     layer._gmod_norm_offset = isinstance(getattr(norm_in, "weight", None), torch.Tensor) and _norm_is_offset(norm_in)
     layer._gmod_rope = _model_rope(layer.self_attn)
+    layer._gmod_uses_rope = _uses_rope(layer.self_attn)
     layer.gmod_layer_idx = int(layer_idx)
     layer.gmod_ratio = float(ratio)
     layer._gmod_state = state
@@ -767,7 +802,7 @@ def unmake_mod_layer(layer: nn.Module) -> nn.Module:
     if not isinstance(layer, MoDDecoderLayer):
         return layer
     layer.__class__ = layer._gmod_base_class
-    for name in ("gmod_layer_idx", "gmod_ratio", "_gmod_state", "_gmod_norm_offset", "_gmod_rope", "_gmod_layout"):
+    for name in ("gmod_layer_idx", "gmod_ratio", "_gmod_state", "_gmod_norm_offset", "_gmod_rope", "_gmod_layout", "_gmod_uses_rope"):
         layer.__dict__.pop(name, None)
     layer._modules.pop("gmod_router", None)
     return layer

@@ -128,10 +128,10 @@ def _hints(layer: nn.Module, cfg: Any, kwargs: Optional[dict] = None) -> list[st
     for name in ("use_parallel_residual", "parallel_attn", "parallel_block"):
         if val(name) is True:
             hints.append(f"config.{name} = True (MoD layers run attention, then the MLP)")
-    if getattr(attn, "is_sliding", None) is False and not hasattr(attn, "use_rope"):
-        hints.append("a global layer of a sliding / global hybrid (is_sliding=False), which may attend without "
-                     "rotary positions (EXAONE-4's NoPE layers; MoD layers skip the rotation only where the "
-                     "attention says use_rope=False)")
+    if getattr(attn, "is_sliding", None) is False:
+        hints.append("a global layer of a sliding / global hybrid (is_sliding=False): MoD layers give it no window, "
+                     "and rotate q / k unless its forward rotates under a condition on the module's settings "
+                     "(EXAONE-4's and Cohere2's NoPE layers)")
     if any(n == "sinks" or n.endswith(".sinks") for n, _ in layer.self_attn.named_parameters()):
         hints.append("attention sinks (self_attn.sinks)")
     return hints

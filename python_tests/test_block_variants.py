@@ -8,8 +8,13 @@
 * the other norm layouts of ``gmod_ext.block_layout``: OLMo-2 (norms on the two updates only, none
   before attention: the router normalises ``x`` without a scale), OLMo (a LayerNorm without weights),
   Apertus (pre-norms named ``attention_layernorm`` / ``feedforward_layernorm``);
-* SmolLM3: every fourth layer attends without rotary positions (``use_rope = 0``);
-* GLM-4V: all of GLM-4 plus 3-D rotary positions on image tokens (an image prompt, keep-all and generation).
+* layers without rotary positions (NoPE), read off the condition the attention's forward rotates under:
+  SmolLM3 (``if self.use_rope``), and the global layers of two sliding / global hybrids, EXAONE-4
+  (``if self.sliding_window is None or self.is_sliding``, with no window there either) and Cohere2
+  (``if self.sliding_window is not None``);
+* parallel blocks (Cohere, Cohere2: ``y = x + attn(N(x)) + mlp(N(x))``), Cohere's per-head q / k norms;
+* GLM-4V: all of GLM-4 plus 3-D rotary positions on image tokens; Aya Vision: Cohere2 behind SigLIP
+  (each on an image prompt, keep-all and generation).
 
 References are Hugging Face's own layers: keeping every token, the converted model gives the dense
 model's logits and parameter gradients; skipping half the tokens, generation with the compact cache
@@ -53,8 +58,12 @@ BUILDERS = {
     "olmo2": lambda **kw: _hf("Olmo2ForCausalLM", "Olmo2Config", **kw),
     "apertus": lambda **kw: _hf("ApertusForCausalLM", "ApertusConfig", **kw),
     "smollm3_nope": lambda **kw: _hf("SmolLM3ForCausalLM", "SmolLM3Config", head_dim=16, **kw),
+    "exaone4_nope": lambda **kw: _hf("Exaone4ForCausalLM", "Exaone4Config", head_dim=16, sliding_window=5, **kw),
+    "cohere2_nope": lambda **kw: _hf("Cohere2ForCausalLM", "Cohere2Config", head_dim=16, sliding_window=5, **kw),
+    "cohere_parallel": lambda **kw: _hf("CohereForCausalLM", "CohereConfig", head_dim=16, use_qk_norm=True, **kw),
 }
-OWN_ROPE = {"glm", "glm4", "ernie4_5"}  # whose rotation is not Llama's
+NOPE = {"smollm3_nope": [3], "exaone4_nope": [3], "cohere2_nope": [3]}  # layers that attend without RoPE
+OWN_ROPE = {"glm", "glm4", "ernie4_5", "cohere_parallel", "cohere2_nope"}  # whose rotation is not Llama's (interleaved)
 
 
 def _perturb_norms(model):
@@ -68,7 +77,8 @@ def _perturb_norms(model):
 
 
 LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4", "ernie4_5": "llama",
-           "olmo": "llama", "olmo2": "olmo2", "apertus": "apertus", "smollm3_nope": "llama"}
+           "olmo": "llama", "olmo2": "olmo2", "apertus": "apertus", "smollm3_nope": "llama",
+           "exaone4_nope": "olmo2", "cohere2_nope": "parallel", "cohere_parallel": "parallel"}
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
@@ -79,6 +89,14 @@ def test_block_layout_names_each_norm_role(arch):
     layout = block_layout(layer)
     assert layout is not None and layout.family == LAYOUTS[arch]
     assert set(layout.names()) == {n for n, _ in layer.named_children() if "norm" in n}  # every norm has a role
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_nope_layers_are_read_off_the_attention(arch):
+    from gmod_ext.mod_layer import _uses_rope
+
+    layers = BUILDERS[arch]().model.layers
+    assert [i for i, layer in enumerate(layers) if not _uses_rope(layer.self_attn)] == NOPE.get(arch, [])
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
@@ -200,6 +218,47 @@ def test_glm4v_image_prompt_converts_exactly_and_generates_from_the_cache():
     with torch.no_grad():
         model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
                                                    generator=torch.Generator().manual_seed(8)) * 0.5)
+    gk = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True,
+              output_scores=True)
+    cached, full = model.generate(input_ids=ids, **kw, **gk), model.generate(input_ids=ids, **kw, use_cache=False, **gk)
+    assert torch.equal(cached.sequences, full.sequences)
+    for x, y in zip(cached.scores, full.scores):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def _aya_vision(seed=0):
+    T = transformers
+    if getattr(T, "AyaVisionForConditionalGeneration", None) is None:
+        pytest.skip(f"transformers {T.__version__} has no Aya Vision")
+    tc = T.Cohere2Config(**text_config_kwargs(head_dim=16, sliding_window=5, vocab_size=300))
+    vc = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    cfg = T.AyaVisionConfig(vision_config=vc, text_config=tc, image_token_index=299, downsample_factor=2)
+    torch.manual_seed(seed)
+    model = T.AyaVisionForConditionalGeneration(cfg).float().eval()
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(1, 250, (2, 20), generator=g)
+    ids[:, 2:6] = 299  # (32 / 8 / 2)^2 = 4 image tokens per image
+    return model, ids, dict(pixel_values=torch.randn(2, 3, 32, 32, generator=g))
+
+
+def test_aya_vision_image_prompt_converts_exactly_and_generates_from_the_cache():
+    """Aya Vision: a SigLIP image encoder in front of Cohere2 (parallel blocks, window 5 on three layers
+    of four, the fourth without rotary positions). Keeping every token, an image prompt gives the dense
+    logits; skipping, generation from the compact cache gives the no-cache tokens and scores."""
+    model, ids, kw = _aya_vision()
+    with torch.no_grad():
+        ref = model(input_ids=ids, **kw).logits
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    with torch.no_grad():
+        out = model(input_ids=ids, **kw).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+    model, ids, kw = _aya_vision()
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], progress=False)
+    with torch.no_grad():
+        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
+                                                   generator=torch.Generator().manual_seed(10)) * 0.5)
     gk = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True,
               output_scores=True)
     cached, full = model.generate(input_ids=ids, **kw, **gk), model.generate(input_ids=ids, **kw, use_cache=False, **gk)

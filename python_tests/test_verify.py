@@ -39,9 +39,7 @@ REFUSED = {
     # q / k norms after the rotation (HunYuan): found by the comparison only
     "hunyuan": (lambda: _hf("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", head_dim=16),
                 "not a block a MoD layer reproduces", True),
-    # global layers without rotary positions (EXAONE-4's NoPE layers), found on the fourth layer
-    "exaone4_nope": (lambda: _hf("Exaone4ForCausalLM", "Exaone4Config", head_dim=16),
-                     "decoder layer 3 (Exaone4DecoderLayer) is not a block a MoD layer reproduces", True),
+
     "gpt_oss": (lambda: _hf("GptOssForCausalLM", "GptOssConfig", head_dim=16, num_local_experts=4,
                             num_experts_per_tok=2), "sinks", True),
 }
@@ -81,6 +79,12 @@ ACCEPTED = {
     "apertus": lambda: _hf("ApertusForCausalLM", "ApertusConfig"),
     # SmolLM3: no rotary on every fourth layer (use_rope = 0: NoPE), the MoD layer does not rotate there
     "smollm3_nope": lambda: _hf("SmolLM3ForCausalLM", "SmolLM3Config", head_dim=16),
+    # sliding / global hybrids whose global layers attend without rotary positions and without a window
+    # (window 5 < the 20-token prompt): EXAONE-4 (OLMo-2's norm layout), Cohere2 (a parallel block)
+    "exaone4_nope": lambda: _hf("Exaone4ForCausalLM", "Exaone4Config", head_dim=16, sliding_window=5),
+    "cohere2_nope": lambda: _hf("Cohere2ForCausalLM", "Cohere2Config", head_dim=16, sliding_window=5),
+    # Cohere: attention and MLP side by side on one norm, per-head q / k LayerNorms
+    "cohere_parallel": lambda: _hf("CohereForCausalLM", "CohereConfig", head_dim=16, use_qk_norm=True),
 }
 
 
