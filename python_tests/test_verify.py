@@ -54,6 +54,13 @@ ACCEPTED = {
     "qwen2_moe": lambda: _hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", moe_intermediate_size=32,
                              shared_expert_intermediate_size=32),  # sliding_window 0 = none
     "granite": lambda: _hf("GraniteForCausalLM", "GraniteConfig"),  # multipliers 1: a Llama block
+    # LayerNorm with biases and a plain GELU MLP (StarCoder2), partial rotary + LayerNorm (StableLM),
+    # MoE MLPs (OLMoE, Qwen3-MoE)
+    "starcoder2": lambda: _hf("Starcoder2ForCausalLM", "Starcoder2Config"),
+    "stablelm": lambda: _hf("StableLmForCausalLM", "StableLmConfig"),
+    "olmoe": lambda: _hf("OlmoeForCausalLM", "OlmoeConfig", num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": lambda: _hf("Qwen3MoeForCausalLM", "Qwen3MoeConfig", head_dim=16, num_experts=4,
+                             num_experts_per_tok=2, moe_intermediate_size=32),
     # Gemma-2 / 3: the sandwich block (norms after attention and around the MLP), Gemma's 1 + w norms
     "gemma2_nocap": lambda: _hf("Gemma2ForCausalLM", "Gemma2Config", head_dim=16, attn_logit_softcapping=None),
     # soft-capped logits (Gemma-2's default cap is 50) and sliding windows shorter than the check prompt:
