@@ -191,3 +191,43 @@ def mod_slots(cache) -> dict:
     from gmod_ext.cache import GmodLayer_cls
 
     return {i: layer for i, layer in enumerate(cache.layers) if isinstance(layer, GmodLayer_cls())}
+
+
+def hf_model(cls_name: str, cfg_name: str, **over):
+    """A tiny Hugging Face ``cls_name`` from ``cfg_name`` (text_config_kwargs + ``over``), float32, seed 0;
+    the test is skipped where this transformers lacks the class."""
+    cls, cfg_cls = getattr(transformers, cls_name, None), getattr(transformers, cfg_name, None)
+    if cls is None or cfg_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
+    torch.manual_seed(0)
+    cfg = cfg_cls(**text_config_kwargs(**over))
+    cfg.pad_token_id = None
+    return cls(cfg).float()
+
+
+def lm_labels(ids, am):
+    """Labels for a left-padded batch: no loss on padding, nor on what a padding position predicts
+    (MoD layers never process padding, so those logits are not the dense model's)."""
+    labels = ids.masked_fill(am == 0, -100)
+    labels[:, 1:][am[:, :-1] == 0] = -100
+    return labels
+
+
+def assert_grads_equal(model, ref, rtol=1e-4, atol=1e-6):
+    """Every parameter gradient of a converted ``model`` equals the dense ``ref``'s (routers excluded)."""
+    grads = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        if "gmod_router" not in n:
+            torch.testing.assert_close(p.grad, grads[n].grad, rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+def assert_cache_equals_no_cache(model, inputs: dict, max_new_tokens: int = 8, tol: float = 1e-4, **gen_kw):
+    """Greedy generation with the compact cache gives the tokens and scores of the no-cache recomputation;
+    returns the cached output."""
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
+              return_dict_in_generate=True, output_scores=True, **gen_kw)
+    cached, full = model.generate(**inputs, **kw), model.generate(**inputs, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, full.sequences), (cached.sequences, full.sequences)
+    for step, (x, y) in enumerate(zip(cached.scores, full.scores)):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol, msg=lambda m: f"step {step}: {m}")
+    return cached

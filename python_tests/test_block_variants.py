@@ -26,7 +26,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmod_hf_utils import mod_slots, num_threads, padded_prompt, text_config_kwargs, transformers
+from gmod_hf_utils import (assert_cache_equals_no_cache, assert_grads_equal, hf_model, lm_labels, mod_slots,
+                           num_threads, padded_prompt, text_config_kwargs, transformers)
 
 import gmod_ext
 from gmod_ext.mod_layer import _model_rope
@@ -38,14 +39,7 @@ def _one_thread():
         yield
 
 
-def _hf(cls_name: str, cfg_name: str, **over):
-    cls, cfg_cls = getattr(transformers, cls_name, None), getattr(transformers, cfg_name, None)
-    if cls is None or cfg_cls is None:
-        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
-    torch.manual_seed(0)
-    cfg = cfg_cls(**text_config_kwargs(**over))
-    cfg.pad_token_id = None
-    return cls(cfg).float()
+_hf = hf_model
 
 
 BUILDERS = {
@@ -116,8 +110,7 @@ def test_keep_all_logits_and_gradients_equal_hf(arch):
     model.load_state_dict(ref.state_dict())
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", aux_coef=0.0, progress=False)
     ids, am = padded_prompt(2, 14, pad=(0, 3), seed=1)
-    labels = ids.masked_fill(am == 0, -100)
-    labels[:, 1:][am[:, :-1] == 0] = -100  # no loss on what a padding position predicts (MoD layers skip padding)
+    labels = lm_labels(ids, am)
     ref.train(), model.train()
     lr = ref(ids, attention_mask=am, labels=labels)
     lm = model(ids, attention_mask=am, labels=labels)
@@ -125,10 +118,7 @@ def test_keep_all_logits_and_gradients_equal_hf(arch):
     torch.testing.assert_close(lm.logits[keep], lr.logits[keep], rtol=1e-5, atol=1e-5)
     lr.loss.backward()
     lm.loss.backward()
-    grads = dict(ref.named_parameters())
-    for n, p in model.named_parameters():
-        if "gmod_router" not in n:
-            torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    assert_grads_equal(model, ref)
 
 
 @pytest.mark.parametrize("positions", ["original", "compact"])
@@ -141,12 +131,7 @@ def test_skipping_generation_cache_equals_no_cache(arch, positions):
     with torch.no_grad():  # p well away from 0.5 on both sides: decode steps keep some tokens, skip others
         model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape, generator=g) * 0.5)
     ids, am = padded_prompt(3, 12, pad=(0, 2, 4), seed=3)
-    kw = dict(attention_mask=am, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None,
-              return_dict_in_generate=True, output_scores=True)
-    cached, full = model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw)
-    assert torch.equal(cached.sequences, full.sequences)
-    for x, y in zip(cached.scores, full.scores):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    cached = assert_cache_equals_no_cache(model, dict(input_ids=ids, attention_mask=am), max_new_tokens=10)
     slots = mod_slots(getattr(cached, "past_key_values", None) or cached.cache)
     seen = 12 + 10 - 1
     stored = [int(s.cache_len.max()) for s in slots.values()]
@@ -218,12 +203,7 @@ def test_glm4v_image_prompt_converts_exactly_and_generates_from_the_cache():
     with torch.no_grad():
         model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
                                                    generator=torch.Generator().manual_seed(8)) * 0.5)
-    gk = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True,
-              output_scores=True)
-    cached, full = model.generate(input_ids=ids, **kw, **gk), model.generate(input_ids=ids, **kw, use_cache=False, **gk)
-    assert torch.equal(cached.sequences, full.sequences)
-    for x, y in zip(cached.scores, full.scores):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    assert_cache_equals_no_cache(model, dict(input_ids=ids, **kw))
 
 
 def _aya_vision(seed=0):
@@ -259,9 +239,4 @@ def test_aya_vision_image_prompt_converts_exactly_and_generates_from_the_cache()
     with torch.no_grad():
         model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
                                                    generator=torch.Generator().manual_seed(10)) * 0.5)
-    gk = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True,
-              output_scores=True)
-    cached, full = model.generate(input_ids=ids, **kw, **gk), model.generate(input_ids=ids, **kw, use_cache=False, **gk)
-    assert torch.equal(cached.sequences, full.sequences)
-    for x, y in zip(cached.scores, full.scores):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    assert_cache_equals_no_cache(model, dict(input_ids=ids, **kw))

@@ -23,7 +23,7 @@ import math
 import pytest
 import torch
 
-from gmod_hf_utils import num_threads, tiny_model, transformers
+from gmod_hf_utils import assert_grads_equal, num_threads, tiny_model, transformers
 from references import position_attention_ref
 
 import gmod_ext
@@ -125,10 +125,7 @@ def test_keep_all_packed_equals_hf_and_each_sequence_alone(arch, positions):
             torch.testing.assert_close(lm.logits[r, at : at + n], alone, rtol=1e-5, atol=1e-5)
     lr.loss.backward()
     lm.loss.backward()
-    grads = dict(ref.named_parameters())
-    for n, p in model.named_parameters():
-        if "gmod_router" not in n:
-            torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    assert_grads_equal(model, ref)
 
 
 # ----------------------------------------------------------------------------- skipping

@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmod_hf_utils import mod_slots, num_threads, padded_prompt, skipping_llama, text_config_kwargs, tiny_model, \
-    transformers
+from gmod_hf_utils import assert_grads_equal, lm_labels, mod_slots, num_threads, padded_prompt, skipping_llama, \
+    text_config_kwargs, tiny_model, transformers
 from references import position_attention_ref
 
 import gmod_ext
@@ -189,8 +189,7 @@ def test_the_cap_follows_the_attention_implementation():
 def test_keep_all_logits_and_gradients_equal_hf(name):
     ref, model = _keep_all(name)
     ids, am = padded_prompt(3, 16, pad=(0, 3, 6))
-    labels = ids.masked_fill(am == 0, -100)
-    labels[:, 1:][am[:, :-1] == 0] = -100  # no loss on what a padding position predicts (MoD layers skip padding)
+    labels = lm_labels(ids, am)
     ref.train(), model.train()
     lr = ref(ids, attention_mask=am, labels=labels)
     lm = model(ids, attention_mask=am, labels=labels)
@@ -198,11 +197,7 @@ def test_keep_all_logits_and_gradients_equal_hf(name):
     torch.testing.assert_close(lm.logits[valid], lr.logits[valid], rtol=1e-5, atol=1e-5)
     lr.loss.backward()
     lm.loss.backward()  # aux_coef 0: the plain LM loss
-    grads = dict(ref.named_parameters())
-    for n, p in model.named_parameters():
-        if "gmod_router" in n:
-            continue
-        torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    assert_grads_equal(model, ref)
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))

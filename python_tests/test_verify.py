@@ -14,7 +14,7 @@ import inspect
 import pytest
 import torch
 
-from gmod_hf_utils import VOCAB, text_config_kwargs, tiny_model, transformers
+from gmod_hf_utils import VOCAB, hf_model, text_config_kwargs, tiny_model, transformers
 
 import gmod_ext
 from gmod_ext._hf import find_decoder
@@ -22,14 +22,7 @@ from gmod_ext.convert import is_converted
 from gmod_ext.verify import VERIFY_TOLERANCE, check_decoder_layers
 
 
-def _hf(cls_name: str, cfg_name: str, **over):
-    cls, cfg_cls = getattr(transformers, cls_name, None), getattr(transformers, cfg_name, None)
-    if cls is None or cfg_cls is None:
-        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
-    torch.manual_seed(0)
-    cfg = cfg_cls(**text_config_kwargs(**over))
-    cfg.pad_token_id = None
-    return cls(cfg).float()
+_hf = hf_model
 
 
 REFUSED = {
