@@ -22,8 +22,8 @@ Cohere (parallel)      input_layernorm         -                         input_l
 A parallel block runs attention and MLP side by side on the same normed input (``y = x + attn(N(x)) +
 mlp(N(x))``); its MoD layer gives the MLP the kept tokens' input ``x`` rather than ``h``.
 
-A block that fits none of these has no layout and is refused. Fitting a layout is necessary, not sufficient: ``gmod_ext.verify`` compares the MoD layer with
-the block itself before converting.
+A block that fits none of these has no layout and is refused. Fitting a layout is necessary, not
+sufficient: ``gmod_ext.verify`` compares the MoD layer with the block itself before converting.
 """
 from __future__ import annotations
 

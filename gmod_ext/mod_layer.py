@@ -206,9 +206,9 @@ def _qk_norm(attn: nn.Module, name: str, t: torch.Tensor, B: int, C: int, head_d
 
 def _sliding_window(attn: nn.Module) -> Optional[int]:
     """The attention's sliding window in tokens, or None. ``is_sliding = False`` means none; else the
-    module's own ``sliding_window`` decides where it has one (transformers sets it per layer from ``config.layer_types``); else the config's,
-    unless ``use_sliding_window`` is False or ``layer_types`` says this layer attends fully. 0 means
-    none (Qwen2-MoE's config default)."""
+    module's own ``sliding_window`` decides where it has one (transformers sets it per layer from
+    ``config.layer_types``); else the config's, unless ``use_sliding_window`` is False or
+    ``layer_types`` says this layer attends fully. 0 means none (Qwen2-MoE's config default)."""
     if getattr(attn, "is_sliding", None) is False:
         return None  # a global layer of a hybrid whose modules all keep the config's window (EXAONE-4)
     if hasattr(attn, "sliding_window"):
@@ -405,8 +405,15 @@ class MoDDecoderLayer:
     def _gmod_norm(self, role: str) -> Optional[nn.Module]:
         """The block's norm in ``role`` ("attn_in", "attn_out", "mlp_in", "mlp_out"), or None
         (:mod:`gmod_ext.block_layout`)."""
-        name = getattr(self.__dict__.get("_gmod_layout"), role, None)
+        layout = self.__dict__.get("_gmod_layout")
+        if layout is None:  # a MoD layer pickled before layouts were recorded: read it off the block now
+            layout = self.__dict__["_gmod_layout"] = block_layout(self)
+        name = getattr(layout, role)
         return None if name is None else self._modules[name]
+
+    def _gmod_parallel(self) -> bool:
+        self._gmod_norm("attn_in")  # records the layout if it is missing
+        return self.__dict__["_gmod_layout"].parallel
 
     def _gmod_attn_in(self, x: torch.Tensor) -> torch.Tensor:
         norm = self._gmod_norm("attn_in")
@@ -425,7 +432,7 @@ class MoDDecoderLayer:
     def _gmod_mlp(self, h: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         """What the MLP adds: mlp(N_mi(h)), then N_mo (each where the block has it), then Phi-3's dropout;
         a parallel block (Cohere) runs its MLP on the block's input instead: mlp(N_in(xs))."""
-        if getattr(self.__dict__.get("_gmod_layout"), "parallel", False):
+        if self._gmod_parallel():
             h = xs
         norm_in, norm_out = self._gmod_norm("mlp_in"), self._gmod_norm("mlp_out")
         m = self.mlp(h if norm_in is None else norm_in(h))
