@@ -13,8 +13,8 @@
   (``if self.sliding_window is None or self.is_sliding``, with no window there either) and Cohere2
   (``if self.sliding_window is not None``);
 * parallel blocks (Cohere, Cohere2: ``y = x + attn(N(x)) + mlp(N(x))``), Cohere's per-head q / k norms;
-* GLM-4V: all of GLM-4 plus 3-D rotary positions on image tokens; Aya Vision: Cohere2 behind SigLIP
-  (each on an image prompt, keep-all and generation).
+* GLM-4V: all of GLM-4 plus 3-D rotary positions on image tokens; Aya Vision: Cohere2 behind SigLIP;
+  Qwen3-VL: interleaved 3-D M-RoPE and DeepStack (each on an image prompt, keep-all and generation).
 
 References are Hugging Face's own layers: keeping every token, the converted model gives the dense
 model's logits and parameter gradients; skipping half the tokens, generation with the compact cache
@@ -22,6 +22,8 @@ gives the tokens and scores of the same model recomputed without a cache; and Ph
 dropout draws the same masks as Hugging Face's layer.
 """
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -239,4 +241,54 @@ def test_aya_vision_image_prompt_converts_exactly_and_generates_from_the_cache()
     with torch.no_grad():
         model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
                                                    generator=torch.Generator().manual_seed(10)) * 0.5)
+    assert_cache_equals_no_cache(model, dict(input_ids=ids, **kw))
+
+
+def _qwen3_vl(seed=0):
+    T = transformers
+    if getattr(T, "Qwen3VLForConditionalGeneration", None) is None:
+        pytest.skip(f"transformers {T.__version__} has no Qwen3-VL")
+    tc = dict(text_config_kwargs(vocab_size=300, max_position_embeddings=512, head_dim=16), num_hidden_layers=3)
+    text = dict(tc, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                     "mrope_interleaved": True})
+    vis = dict(depth=2, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+               in_channels=3, out_hidden_size=tc["hidden_size"], intermediate_size=64,
+               deepstack_visual_indexes=[0, 1], num_position_embeddings=16)
+    try:
+        cfg = T.Qwen3VLConfig(text_config=text, vision_config=vis, image_token_id=299, video_token_id=298,
+                              vision_start_token_id=297, vision_end_token_id=296)
+        torch.manual_seed(seed)
+        model = T.Qwen3VLForConditionalGeneration(cfg).float().eval()
+    except (AttributeError, TypeError, ValueError) as err:
+        pytest.skip(f"cannot build a tiny Qwen3-VL here: {err}")
+    B, S = 2, 16
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 250, (B, S), generator=g)
+    ids[:, 2], ids[:, 3:7], ids[:, 7] = 297, 299, 296  # vision start, 4 image tokens (4x4 patches merged 2x2), end
+    kw = dict(pixel_values=torch.randn(B * 16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]] * B))
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        kw["mm_token_type_ids"] = (ids == 299).long()
+    return model, ids, kw
+
+
+def test_qwen3_vl_image_prompt_converts_exactly_and_generates_from_the_cache():
+    """Qwen3-VL: Qwen3's block (per-head q / k norms) with interleaved 3-D M-RoPE on image tokens and
+    DeepStack (vision features added to the hidden states between the first decoder layers). Keeping
+    every token, an image prompt gives the dense logits (which its 3-D positions change); skipping,
+    generation from the compact cache gives the no-cache tokens and scores."""
+    model, ids, kw = _qwen3_vl()
+    with torch.no_grad():
+        ref = model(input_ids=ids, **kw).logits
+        flat = model(input_ids=ids, **kw, position_ids=torch.arange(ids.shape[1]).expand(ids.shape[0], -1)).logits
+    assert float((flat - ref).abs().max() / ref.abs().max()) > 1e-4  # the 3-D positions matter here
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    with torch.no_grad():
+        out = model(input_ids=ids, **kw).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+    model, ids, kw = _qwen3_vl()
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
+    with torch.no_grad():
+        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
+                                                   generator=torch.Generator().manual_seed(8)) * 0.5)
     assert_cache_equals_no_cache(model, dict(input_ids=ids, **kw))
