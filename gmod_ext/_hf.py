@@ -24,6 +24,9 @@ class DecoderParts:
     text_config: object  # the config of the decoder stack
     hidden_size: int
     image_token_id: Optional[int]
+    # the layers a MoD layer can replace: those with self-attention and a known norm layout (all of them
+    # but the linear-attention / recurrent layers of hybrid models such as Qwen3.5)
+    convertible: tuple = ()
 
 
 # The oldest transformers release the model tests pass on (checked 2026-11-25: the whole suite on 4.57.6,
@@ -78,14 +81,15 @@ def find_decoder(model: nn.Module) -> DecoderParts:
     if not candidates:
         for _, m in model.named_modules():
             layers = getattr(m, "layers", None)
-            if isinstance(layers, nn.ModuleList) and len(layers) and _is_decoder_layer(layers[0]):
+            if isinstance(layers, nn.ModuleList) and any(_is_decoder_layer(layer) for layer in layers):
                 candidates.append(m)
                 break
     if not candidates:
         raise TypeError(f"gmod: could not find a decoder layer stack in {type(model).__name__}")
     text_model = candidates[0]
     layers = text_model.layers
-    if not len(layers) or not _is_decoder_layer(layers[0]):
+    convertible = tuple(i for i, layer in enumerate(layers) if _is_decoder_layer(layer))
+    if not convertible:
         raise TypeError(f"gmod: {type(text_model).__name__}.layers are not Llama-family decoder layers")
     cfg = getattr(text_model, "config", None) or getattr(model, "config", None)
     top_cfg = getattr(model, "config", None)
@@ -98,13 +102,14 @@ def find_decoder(model: nn.Module) -> DecoderParts:
                 break
         if image_token_id is not None:
             break
-    hidden = block_hidden_size(layers[0])
+    hidden = block_hidden_size(layers[convertible[0]])
     if hidden is None:
         hidden = getattr(cfg, "hidden_size", None)
     if not isinstance(hidden, int):
-        raise TypeError(f"gmod: cannot tell the hidden size of {type(layers[0]).__name__} (no norm weight, no "
+        raise TypeError(f"gmod: cannot tell the hidden size of {type(layers[convertible[0]]).__name__} (no norm weight, no "
                         "self_attn.o_proj weight, no config.hidden_size)")
-    return DecoderParts(text_model, layers, getattr(text_model, "rotary_emb", None), cfg, hidden, image_token_id)
+    return DecoderParts(text_model, layers, getattr(text_model, "rotary_emb", None), cfg, hidden, image_token_id,
+                        convertible)
 
 
 # ------------------------------------------------------------------ the KV cache's keyword

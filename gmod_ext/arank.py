@@ -154,7 +154,8 @@ def arank(
     model_device = weight.device if isinstance(weight, torch.Tensor) else None
     for i, batch in enumerate(batches):
         _check_batch(i, batch, vocab, parts.image_token_id, model_device)
-    handles = [layer.self_attn.register_forward_hook(make_hook(i)) for i, layer in enumerate(parts.layers)]
+    # layers without self-attention (a hybrid model's linear-attention layers) get no ARank (NaN)
+    handles = [parts.layers[i].self_attn.register_forward_hook(make_hook(i)) for i in parts.convertible]
     prev_impl = getattr(model.config, "_attn_implementation", None)
     was_training = model.training
     try:
@@ -191,23 +192,27 @@ def choose_mod_layers(
 
     ``threshold``: every layer with ARank < threshold (the paper cut is 110 on LLaVA-HR).
     Otherwise keep the ``keep_dense`` highest-ranked layers dense (default ``ceil(L / 8)``, the
-    paper's 4 of 32); ties go to the lower layer index.
+    paper's 4 of 32); ties go to the lower layer index. Layers without an ARank (NaN: no attention
+    maps, the linear-attention layers of a hybrid model) stay dense and do not count in L.
     """
-    L = len(ranks)
-    if L == 0:
+    if len(ranks) == 0:
         raise ValueError("gmod: choose_mod_layers needs one ARank per layer, got an empty list")
+    ranked = [i for i, r in enumerate(ranks) if r == r]
+    L = len(ranked)
+    if L == 0:
+        raise ValueError("gmod: choose_mod_layers: no layer has an ARank (every value is NaN)")
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
             raise ValueError(f"gmod: arank threshold={threshold!r} must be a finite number")
-        return [i for i, r in enumerate(ranks) if not (r >= threshold)]
+        return [i for i in ranked if ranks[i] < threshold]
     if keep_dense is not None and (isinstance(keep_dense, bool) or not isinstance(keep_dense, numbers.Integral)):
         raise TypeError(f"gmod: keep_dense must be an int, got {keep_dense!r}")
     n = max(1, math.ceil(L / 8)) if keep_dense is None else int(keep_dense)
     if not (0 <= n <= L):
         raise ValueError(f"gmod: keep_dense={n} must be in [0, {L}]")
-    order = sorted(range(L), key=lambda i: (-float(ranks[i]) if ranks[i] == ranks[i] else math.inf, i))
+    order = sorted(ranked, key=lambda i: (-float(ranks[i]), i))
     dense = set(order[:n])
-    return [i for i in range(L) if i not in dense]
+    return [i for i in ranked if i not in dense]
 
 
 def format_table(ranks: Sequence[float], mod_layers: Optional[Sequence[int]] = None) -> str:

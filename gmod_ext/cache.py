@@ -584,7 +584,8 @@ def gmod_layer_cache(cache, layer_idx: int):
 def memory_report(cache) -> dict[str, Any]:
     """KV-cache memory of ``cache`` (a :class:`GmodCache`, or any DynamicCache-like cache).
 
-    Returns ``{"layers": [{"layer", "kind" ("dense" | "mod"), "bytes", "used_bytes", "tokens" (per
+    Returns ``{"layers": [{"layer", "kind" ("dense" | "mod" | "state": the fixed-size states of a hybrid
+    model's linear-attention layers), "bytes", "used_bytes", "tokens" (per
     row), "dense_bytes"}], "total_bytes", "used_bytes", "dense_equivalent_bytes", "ratio",
     "used_ratio", "seq_len", "batch"}``. ``bytes``: the KV tensors the layer holds (a MoD layer's
     compact buffer including its growth slack; not its int32 position per stored token, which
@@ -624,8 +625,14 @@ def memory_report(cache) -> dict[str, Any]:
                 seq_len = max(seq_len, int(layer.get_seq_length())) if isinstance(layer, cu.CacheLayerMixin) else seq_len
             except Exception:  # noqa: BLE001 - an odd layer type: no length
                 pass
+            kind = "dense"
+            states = [getattr(layer, n, None) for n in ("conv_states", "recurrent_states")]
+            if any(s is not None for s in states):  # a linear-attention / recurrent layer (hybrid models)
+                kind = "state"  # fixed-size states, as large in the dense model
+                for s in states:
+                    nbytes += sum(_tensor_bytes(t) for t in (s.values() if isinstance(s, dict) else [s]))
             rows.append(
-                {"layer": i, "kind": "dense", "bytes": nbytes, "used_bytes": nbytes, "tokens": tokens, "dense_bytes": nbytes}
+                {"layer": i, "kind": kind, "bytes": nbytes, "used_bytes": nbytes, "tokens": tokens, "dense_bytes": nbytes}
             )
         total += rows[-1]["bytes"]
         used += rows[-1]["used_bytes"]
@@ -673,5 +680,7 @@ def format_memory_report(report_or_cache) -> str:
         f"total {_fmt_bytes(rep['total_bytes'])} (used {_fmt_bytes(rep['used_bytes'])}) vs dense "
         f"{_fmt_bytes(rep['dense_equivalent_bytes'])}: ratio {rep['ratio']:.3f} (used {rep['used_ratio']:.3f}); "
         f"{n_mod} MoD / {len(rep['layers']) - n_mod} dense layers"
+        + (f" ({n_state} of them linear-attention states)" if (n_state := sum(r["kind"] == "state" for r in rep["layers"]))
+           else "")
     )
     return "\n".join(lines)

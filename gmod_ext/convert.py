@@ -203,7 +203,7 @@ def _resolve_layers(model, parts, layers, calibration_batches, keep_dense, arank
     ranks = None
     if isinstance(layers, str):
         if layers == "all":
-            chosen = list(range(L))
+            chosen = list(parts.convertible)
         elif layers == "arank":
             if calibration_batches is None:
                 raise ValueError(
@@ -221,6 +221,12 @@ def _resolve_layers(model, parts, layers, calibration_batches, keep_dense, arank
         bad = [i for i in chosen if not (0 <= i < L)]
         if bad:
             raise ValueError(f"gmod.convert: layer indices {bad} out of range [0, {L})")
+    other = [i for i in chosen if i not in parts.convertible]
+    if other:
+        raise ValueError(
+            f"gmod.convert: layers {other} ({type(parts.layers[other[0]]).__name__} without self-attention, e.g. the "
+            f"linear-attention layers of a hybrid model) cannot become MoD layers; these can: "
+            f"{list(parts.convertible)}")
     return chosen, ranks
 
 
@@ -258,6 +264,8 @@ def convert(
     layers: "arank" (ARank on ``calibration_batches``; keep the ``keep_dense`` highest-ranked
         layers dense, default ceil(L/8), or those with ARank >= ``arank_threshold``), "all", or a
         list of layer indices.
+        Hybrid models (Qwen3.5, Qwen3-Next): only the full-attention layers can be chosen; ``"all"`` means
+        those, and ARank ranks those.
     variant: "gamma" (default), "mod" or "pmod"; ``gate="none"`` disables gating (exact-equality tests).
     router: "shared" (one router, gamma-MoD) or "per_layer".
     positions: "original" (RoPE at the tokens' original positions) or "compact" (arange(count)).

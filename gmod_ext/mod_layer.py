@@ -163,6 +163,15 @@ def _uses_rope(attn: nn.Module) -> bool:
     return True
 
 
+def _output_gated(attn: nn.Module) -> bool:
+    """Attention whose ``q_proj`` also makes a per-head output gate (Qwen3-Next / Qwen3.5's gated attention:
+    twice ``o_proj``'s input width; the output is ``o_proj(attention * sigmoid(gate))``)."""
+    wq = getattr(getattr(attn, "q_proj", None), "weight", None)
+    wo = getattr(getattr(attn, "o_proj", None), "weight", None)
+    return isinstance(wq, torch.Tensor) and isinstance(wo, torch.Tensor) and wq.dim() == 2 and wo.dim() == 2 \
+        and wq.shape[0] == 2 * wo.shape[1]
+
+
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of [B, C, H, d] compact rows with torch's SDPA (``attention="sdpa"``), as
     [B, C, Hq, d]. Every row has q_len = k_len = its count, so plain causal attention over the C slots
@@ -381,8 +390,12 @@ class MoDDecoderLayer:
         B, C = xs.shape[0], xs.shape[1]
         head_dim = attn.head_dim
         h_in = self._gmod_attn_in(xs)
+        gate = None
         if isinstance(getattr(attn, "q_proj", None), nn.Module):
             q_, k_, v_ = attn.q_proj(h_in), attn.k_proj(h_in), attn.v_proj(h_in)
+            if _output_gated(attn):  # Qwen3-Next / 3.5: per head, the query's d dims then its gate's d
+                q_, gate = q_.view(B, C, -1, 2 * head_dim).chunk(2, dim=-1)
+                q_, gate = q_.reshape(B, C, -1), gate.reshape(B, C, -1)
         else:  # one fused projection (Phi-3): queries, then keys, then values
             qkv = attn.qkv_proj(h_in)
             nq = qkv.shape[-1] - 2 * _kv_heads(attn) * head_dim
@@ -400,7 +413,7 @@ class MoDDecoderLayer:
         scale = getattr(attn, "scaling", None)
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim)
-        return q.contiguous(), k.contiguous(), v.contiguous(), float(scale)
+        return q.contiguous(), k.contiguous(), v.contiguous(), float(scale), gate
 
     def _gmod_norm(self, role: str) -> Optional[nn.Module]:
         """The block's norm in ``role`` ("attn_in", "attn_out", "mlp_in", "mlp_out"), or None
@@ -419,9 +432,12 @@ class MoDDecoderLayer:
         norm = self._gmod_norm("attn_in")
         return x if norm is None else norm(x)
 
-    def _gmod_attn_out(self, o: torch.Tensor) -> torch.Tensor:
-        """What the attention adds to the residual stream: o_proj(o), normed where the block norms the
-        attention output (Gemma-2 / 3, GLM-4, OLMo-2), dropped out where it does (Phi-3, in training)."""
+    def _gmod_attn_out(self, o: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What the attention adds to the residual stream: o_proj(o) (o_proj(o * sigmoid(gate)) with an
+        output-gated attention), normed where the block norms the attention output (Gemma-2 / 3, GLM-4,
+        OLMo-2), dropped out where it does (Phi-3, in training)."""
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
         a = self.self_attn.o_proj(o)
         norm = self._gmod_norm("attn_out")
         if norm is not None:
@@ -592,7 +608,7 @@ class MoDDecoderLayer:
                 blk = torch.gather(blocks.to(x.device), 1, idx.clamp(min=0).long())
             cos, sin = self._gmod_positions(x, xs, idx, count, C, position_embeddings, position_ids, seg=seg)
         with nvtx_range("attention"):
-            q, k, v, scale = self._gmod_qkv(xs, cos, sin)
+            q, k, v, scale, gate = self._gmod_qkv(xs, cos, sin)
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
                 kv_cache.append(k, v, count, idx=idx)
             if window is not None or softcap is not None or seg is not None or blk is not None:
@@ -603,7 +619,7 @@ class MoDDecoderLayer:
                 o = _sdpa_causal(q, k, v, scale)
             else:
                 o, _ = ops.attention(q, k, v, count, count, scale)
-            a = self._gmod_attn_out(o.reshape(B, C, -1))
+            a = self._gmod_attn_out(o.reshape(B, C, -1), gate)
             h = xs + a
         with nvtx_range("mlp"):
             m = self._gmod_mlp(h, xs)
@@ -668,7 +684,7 @@ class MoDDecoderLayer:
             start = cache.stored_count() if cache.is_initialized else torch.zeros(B, dtype=torch.int32, device=x.device)
             cos, sin = self._gmod_positions(x, xs, idx, count, n, position_embeddings, position_ids, start=start)
         with nvtx_range("attention"):
-            q, k, v, scale = self._gmod_qkv(xs, cos, sin)
+            q, k, v, scale, gate = self._gmod_qkv(xs, cos, sin)
             cache.append(k, v, count, counts, idx=idx if S > 1 else None)  # S = 1: position `seen`
             if window is not None or softcap is not None:  # the stored tokens' recorded positions decide
                 q_pos = idx.to(torch.int64) + cache.seen
@@ -676,7 +692,7 @@ class MoDDecoderLayer:
                                               scale, window=window, softcap=softcap)
             else:
                 o, _ = ops.attention(q, cache.keys, cache.values, count, cache.cache_len, scale)
-            a = self._gmod_attn_out(o.reshape(B, n, -1))
+            a = self._gmod_attn_out(o.reshape(B, n, -1), gate)
             h = xs + a
         with nvtx_range("mlp"):
             m = self._gmod_mlp(h, xs)

@@ -240,7 +240,7 @@ def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLE
     module docstring). ``parts``: :func:`gmod_ext._hf.find_decoder`'s result. Returns the number of
     layer kinds checked."""
     kinds: dict = {}
-    for i in range(len(parts.layers)):
+    for i in parts.convertible:  # (a hybrid's linear-attention layers stay as they are)
         kinds.setdefault(_kind(parts, i), i)
     indices = sorted(kinds.values())
     emb = parts.text_model.get_input_embeddings() if hasattr(parts.text_model, "get_input_embeddings") else None

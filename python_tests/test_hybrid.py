@@ -1,0 +1,131 @@
+"""Hybrid models (Qwen3.5, Qwen3-Next): most decoder layers are linear-attention (Gated DeltaNet)
+layers, every fourth one full attention with an output gate (``q_proj`` also makes a per-head gate;
+the output is ``o_proj(attention * sigmoid(gate))``).
+
+Only the attention layers can become MoD layers (a recurrent layer has no per-token work to skip that
+would leave its state right); the others stay as they are, with their own cache layers. Checked
+against Hugging Face's own modules: with every token kept, logits and gradients; skipping, cached
+generation (compact slots for the MoD layers beside transformers' linear-attention states) equals the
+no-cache recomputation; ARank ranks the attention layers only; and the gate is what the converter's
+check needs to see.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gmod_hf_utils import (assert_cache_equals_no_cache, assert_grads_equal, hf_model, lm_labels, num_threads,
+                           padded_prompt, transformers)
+
+import gmod_ext
+from gmod_ext._hf import find_decoder
+from gmod_ext.arank import choose_mod_layers
+from gmod_ext.convert import is_converted
+
+ATTENTION_LAYERS = [3, 7]  # of 8: transformers' default layer_types put full attention on every fourth
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with num_threads(1):
+        yield
+
+
+def _qwen35(**kw):
+    model = hf_model("Qwen3_5ForCausalLM", "Qwen3_5TextConfig", head_dim=16, num_hidden_layers=8, **kw)
+    types = getattr(model.config, "layer_types", None)
+    if [i for i, t in enumerate(types or []) if t == "full_attention"] != ATTENTION_LAYERS:
+        pytest.skip(f"this transformers' Qwen3.5 puts full attention on {types}")
+    return model
+
+
+def test_only_attention_layers_convert():
+    model = _qwen35()
+    assert find_decoder(model).convertible == tuple(ATTENTION_LAYERS)
+    with pytest.raises(ValueError, match=r"layers \[0\] \(Qwen3_5DecoderLayer without self-attention.*these can: \[3, 7\]"):
+        gmod_ext.convert(model, ratio=0.5, layers=[0, 3], progress=False)
+    assert not is_converted(model)
+    gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
+    assert model.config.gmod["layers"] == ATTENTION_LAYERS
+
+
+def test_keep_all_logits_and_gradients_equal_hf():
+    ref, model = _qwen35(), _qwen35()
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", aux_coef=0.0, progress=False)
+    ids, am = padded_prompt(2, 14, pad=(0, 3), seed=1)
+    labels = lm_labels(ids, am)
+    ref.train(), model.train()
+    lr = ref(ids, attention_mask=am, labels=labels)
+    lm = model(ids, attention_mask=am, labels=labels)
+    keep = am.bool()
+    torch.testing.assert_close(lm.logits[keep], lr.logits[keep], rtol=1e-5, atol=1e-5)
+    lr.loss.backward()
+    lm.loss.backward()
+    assert_grads_equal(model, ref)
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_skipping_generation_cache_equals_no_cache(positions):
+    model = _qwen35().eval()
+    gmod_ext.convert(model, ratio=0.5, layers="all", positions=positions, progress=False)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # p well away from 0.5 on both sides: decode steps keep some tokens, skip others
+        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape, generator=g) * 0.5)
+    ids, am = padded_prompt(3, 12, pad=(0, 2, 4), seed=3)
+    out = assert_cache_equals_no_cache(model, dict(input_ids=ids, attention_mask=am), max_new_tokens=8)
+    cache = out.get("cache") or out.get("past_key_values")
+    kinds = [type(layer).__name__ for layer in cache.layers]
+    assert [i for i, k in enumerate(kinds) if k == "GmodLayer"] == ATTENTION_LAYERS
+    assert all("Linear" in k for i, k in enumerate(kinds) if i not in ATTENTION_LAYERS), kinds
+    report = gmod_ext.kv_memory_report(cache)
+    rows = {r["layer"]: r for r in report["layers"]}
+    assert all(rows[i]["kind"] == "state" and rows[i]["bytes"] > 0 for i in range(8) if i not in ATTENTION_LAYERS)
+    assert all(rows[i]["kind"] == "mod" and rows[i]["bytes"] < rows[i]["dense_bytes"] for i in ATTENTION_LAYERS)
+    assert "linear-attention states" in gmod_ext.format_memory_report(report)
+
+
+def test_arank_ranks_the_attention_layers_only():
+    model = _qwen35()
+    calib = [torch.randint(1, 100, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    ranks = gmod_ext.arank(model, calib, progress=False)
+    assert [i for i, r in enumerate(ranks) if not math.isnan(r)] == ATTENTION_LAYERS
+    dense = min(ATTENTION_LAYERS, key=lambda i: (-ranks[i], i))  # ceil(2 / 8) = 1 ranked layer stays dense
+    assert choose_mod_layers(ranks) == [i for i in ATTENTION_LAYERS if i != dense]
+    assert set(choose_mod_layers(ranks, keep_dense=0)) == set(ATTENTION_LAYERS)
+    assert set(choose_mod_layers(ranks, threshold=1e9)) == set(ATTENTION_LAYERS)  # NaN layers are never chosen
+    gmod_ext.convert(model, ratio=0.5, layers="arank", calibration_batches=calib, progress=False)
+    assert len(model.config.gmod["layers"]) == 1 and model.config.gmod["layers"][0] in ATTENTION_LAYERS
+
+
+def test_choose_mod_layers_leaves_unranked_layers_dense():
+    ranks = [float("nan"), 5.0, float("nan"), 3.0, 4.0, float("nan"), 1.0, 2.0]
+    assert choose_mod_layers(ranks, keep_dense=2) == [3, 6, 7]  # 5.0 and 4.0 kept dense; NaN layers too
+    assert choose_mod_layers(ranks) == [3, 4, 6, 7]  # ceil(5 / 8) = 1 of the 5 ranked layers dense
+    assert choose_mod_layers(ranks, threshold=3.5) == [3, 6, 7]
+    with pytest.raises(ValueError, match="no layer has an ARank"):
+        choose_mod_layers([float("nan")] * 3)
+
+
+def test_the_output_gate_is_what_the_check_sees(monkeypatch):
+    """A MoD layer that ignored the gate (reading q_proj's first half as the query) is refused."""
+    import gmod_ext.mod_layer as mod_layer
+
+    monkeypatch.setattr(mod_layer, "_output_gated", lambda attn: False)
+    with pytest.raises(TypeError, match=r"decoder layer 3 \(Qwen3_5DecoderLayer\)"):
+        gmod_ext.convert(_qwen35(), ratio=0.5, layers="all", progress=False)
+
+
+def test_qwen3_next_moe_hybrid_keeps_every_token_exactly():
+    if getattr(transformers, "Qwen3NextForCausalLM", None) is None:
+        pytest.skip("this transformers has no Qwen3-Next")
+    model = hf_model("Qwen3NextForCausalLM", "Qwen3NextConfig", head_dim=16, num_hidden_layers=4, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32).eval()
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(ids).logits
+        gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+        out = model(ids).logits
+    assert model.config.gmod["layers"] == list(find_decoder(model).convertible) and model.config.gmod["layers"]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
