@@ -7,17 +7,18 @@ would leave its state right); the others stay as they are, with their own cache 
 against Hugging Face's own modules: with every token kept, logits and gradients; skipping, cached
 generation (compact slots for the MoD layers beside transformers' linear-attention states) equals the
 no-cache recomputation; ARank ranks the attention layers only; and the gate is what the converter's
-check needs to see.
+check needs to see. Qwen3.5's multimodal model too, on an image prompt.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 
 from gmod_hf_utils import (assert_cache_equals_no_cache, assert_grads_equal, hf_model, lm_labels, num_threads,
-                           padded_prompt, transformers)
+                           padded_prompt, text_config_kwargs, transformers)
 
 import gmod_ext
 from gmod_ext._hf import find_decoder
@@ -129,3 +130,52 @@ def test_qwen3_next_moe_hybrid_keeps_every_token_exactly():
         out = model(ids).logits
     assert model.config.gmod["layers"] == list(find_decoder(model).convertible) and model.config.gmod["layers"]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _qwen35_vlm(seed=0):
+    T = transformers
+    if getattr(T, "Qwen3_5ForConditionalGeneration", None) is None:
+        pytest.skip(f"transformers {T.__version__} has no Qwen3.5 VLM")
+    tc = dict(text_config_kwargs(vocab_size=300, max_position_embeddings=512, head_dim=16), num_hidden_layers=8)
+    text = dict(tc, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                     "mrope_interleaved": True, "partial_rotary_factor": 1.0})
+    vis = dict(depth=2, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+               in_channels=3, out_hidden_size=tc["hidden_size"], intermediate_size=64, num_position_embeddings=16)
+    try:
+        cfg = T.Qwen3_5Config(text_config=text, vision_config=vis, image_token_id=299, video_token_id=298,
+                              vision_start_token_id=297, vision_end_token_id=296)
+        torch.manual_seed(seed)
+        model = T.Qwen3_5ForConditionalGeneration(cfg).float().eval()
+    except (AttributeError, TypeError, ValueError) as err:
+        pytest.skip(f"cannot build a tiny Qwen3.5 VLM here: {err}")
+    B, S = 2, 16
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 250, (B, S), generator=g)
+    ids[:, 2], ids[:, 3:7], ids[:, 7] = 297, 299, 296  # vision start, 4 image tokens (4x4 patches merged 2x2), end
+    kw = dict(pixel_values=torch.randn(B * 16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]] * B))
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        kw["mm_token_type_ids"] = (ids == 299).long()
+    return model, ids, kw
+
+
+def test_qwen35_vlm_image_prompt_converts_exactly_and_generates_from_the_cache():
+    """Qwen3.5's multimodal model: the hybrid language model behind its vision encoder, 3-D M-RoPE on the
+    image tokens. Keeping every token, an image prompt gives the dense logits (which its 3-D positions
+    change); skipping, generation from the compact cache gives the no-cache tokens and scores."""
+    model, ids, kw = _qwen35_vlm()
+    with torch.no_grad():
+        ref = model(input_ids=ids, **kw).logits
+        flat = model(input_ids=ids, **kw, position_ids=torch.arange(ids.shape[1]).expand(ids.shape[0], -1)).logits
+    assert float((flat - ref).abs().max() / ref.abs().max()) > 1e-4  # the 3-D positions matter here
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    assert model.config.gmod["layers"] == ATTENTION_LAYERS
+    with torch.no_grad():
+        out = model(input_ids=ids, **kw).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+    model, ids, kw = _qwen35_vlm()
+    gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
+    with torch.no_grad():
+        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
+                                                   generator=torch.Generator().manual_seed(8)) * 0.5)
+    assert_cache_equals_no_cache(model, dict(input_ids=ids, **kw))
