@@ -346,6 +346,10 @@ class MoDDecoderLayer:
                 "gmod: this MoD layer needs the model's rotary embedding module (positions='compact', or "
                 "no position_embeddings given); convert the whole model with gmod_ext.convert"
             )
+        if getattr(rotary, "mrope_section", None) is not None and position_ids.dim() == 2:
+            # an M-RoPE rotary (time, height, width positions): the same 1-D positions on all three axes
+            # (some releases' rotaries index a leading axis of 3 and do not broadcast 2-D ids)
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         return rotary(x, position_ids)
 
     def gmod_decode_keep(self, logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
