@@ -231,3 +231,41 @@ def assert_cache_equals_no_cache(model, inputs: dict, max_new_tokens: int = 8, t
     for step, (x, y) in enumerate(zip(cached.scores, full.scores)):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol, msg=lambda m: f"step {step}: {m}")
     return cached
+
+
+def vision_prompt(B: int = 2, S: int = 16, start: int = 297, image: int = 299, end: int = 296, seed: int = 7):
+    """``input_ids`` [B, S] with one image of 4 tokens at positions 3..6 (a 4x4 patch grid merged 2x2, the
+    Qwen-VL / GLM-4V layout) between its start and end tokens, and the pixel inputs of such a grid."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 250, (B, S), generator=g)
+    ids[:, 2], ids[:, 3:7], ids[:, 7] = start, image, end
+    kw = dict(pixel_values=torch.randn(B * 16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]] * B),
+              mm_token_type_ids=(ids == image).long())
+    return ids, kw
+
+
+def assert_vlm_converts_exactly(build, skip_layers, positions_3d: bool = True):
+    """``build() -> (model, input_ids, image kwargs)``: keeping every token, the converted model gives the
+    dense logits on that image prompt (with ``positions_3d``, after checking that its 3-D positions change
+    them); converted at ratio 0.5 on ``skip_layers``, generation from the compact cache gives the no-cache
+    tokens and scores."""
+    import gmod_ext
+
+    model, ids, kw = build()
+    with torch.no_grad():
+        ref = model(input_ids=ids, **kw).logits
+        if positions_3d:
+            flat = model(input_ids=ids, **kw, position_ids=torch.arange(ids.shape[1]).expand(ids.shape[0], -1)).logits
+            assert float((flat - ref).abs().max() / ref.abs().max()) > 1e-4  # the 3-D positions matter here
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    with torch.no_grad():
+        out = model(input_ids=ids, **kw).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+    model, ids, kw = build()
+    gmod_ext.convert(model, ratio=0.5, layers=list(skip_layers), progress=False)
+    with torch.no_grad():  # p well away from 0.5 on both sides
+        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
+                                                   generator=torch.Generator().manual_seed(8)) * 0.5)
+    assert_cache_equals_no_cache(model, dict(input_ids=ids, **kw))
+    return model

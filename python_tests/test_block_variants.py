@@ -23,13 +23,12 @@ dropout draws the same masks as Hugging Face's layer.
 """
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
-from gmod_hf_utils import (assert_cache_equals_no_cache, assert_grads_equal, hf_model, lm_labels, mod_slots,
-                           num_threads, padded_prompt, text_config_kwargs, transformers)
+from gmod_hf_utils import (assert_cache_equals_no_cache, assert_grads_equal, assert_vlm_converts_exactly, hf_model,
+                           lm_labels, mod_slots, num_threads, padded_prompt, text_config_kwargs, transformers,
+                           vision_prompt)
 
 import gmod_ext
 from gmod_ext.mod_layer import _model_rope
@@ -175,37 +174,14 @@ def _glm4v(seed=0):
         model = T.Glm4vForConditionalGeneration(cfg).float().eval()
     except (AttributeError, TypeError, ValueError) as err:
         pytest.skip(f"cannot build a tiny GLM-4V here: {err}")
-    B, S = 2, 16
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 250, (B, S), generator=g)
-    ids[:, 2], ids[:, 3:7], ids[:, 7] = 297, 299, 296  # image start, 4 image tokens (4x4 patches merged 2x2), end
-    kw = dict(pixel_values=torch.randn(B * 16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]] * B),
-              mm_token_type_ids=(ids == 299).long())
-    return model, ids, kw
+    return (model, *vision_prompt())
 
 
 def test_glm4v_image_prompt_converts_exactly_and_generates_from_the_cache():
     """GLM-4V (GLM-4.1V / 4.5V's architecture): GLM-4's block with 3-D rotary positions on image tokens,
-    rotated on interleaved pairs by the model's own function. Keeping every token, an image prompt gives
-    the dense logits (which its 3-D positions change); skipping, generation from the compact cache gives
-    the tokens and scores of the no-cache recomputation."""
-    model, ids, kw = _glm4v()
-    with torch.no_grad():
-        ref = model(input_ids=ids, **kw).logits
-        flat = model(input_ids=ids, **kw, position_ids=torch.arange(ids.shape[1]).expand(ids.shape[0], -1)).logits
-    assert float((flat - ref).abs().max() / ref.abs().max()) > 1e-4  # the 3-D positions matter here
-    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
-    assert model.model.language_model.layers[0]._gmod_rope is not None
-    with torch.no_grad():
-        out = model(input_ids=ids, **kw).logits
-    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
-
-    model, ids, kw = _glm4v()
-    gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
-    with torch.no_grad():
-        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
-                                                   generator=torch.Generator().manual_seed(8)) * 0.5)
-    assert_cache_equals_no_cache(model, dict(input_ids=ids, **kw))
+    rotated on interleaved pairs by the model's own function."""
+    model = assert_vlm_converts_exactly(_glm4v, skip_layers=[1, 2])
+    assert model.model.language_model.layers[1]._gmod_rope is not None
 
 
 def _aya_vision(seed=0):
@@ -226,22 +202,8 @@ def _aya_vision(seed=0):
 
 def test_aya_vision_image_prompt_converts_exactly_and_generates_from_the_cache():
     """Aya Vision: a SigLIP image encoder in front of Cohere2 (parallel blocks, window 5 on three layers
-    of four, the fourth without rotary positions). Keeping every token, an image prompt gives the dense
-    logits; skipping, generation from the compact cache gives the no-cache tokens and scores."""
-    model, ids, kw = _aya_vision()
-    with torch.no_grad():
-        ref = model(input_ids=ids, **kw).logits
-    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
-    with torch.no_grad():
-        out = model(input_ids=ids, **kw).logits
-    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
-
-    model, ids, kw = _aya_vision()
-    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], progress=False)
-    with torch.no_grad():
-        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
-                                                   generator=torch.Generator().manual_seed(10)) * 0.5)
-    assert_cache_equals_no_cache(model, dict(input_ids=ids, **kw))
+    of four, the fourth without rotary positions)."""
+    assert_vlm_converts_exactly(_aya_vision, skip_layers=[1, 2, 3], positions_3d=False)
 
 
 def _qwen3_vl(seed=0):
@@ -261,34 +223,10 @@ def _qwen3_vl(seed=0):
         model = T.Qwen3VLForConditionalGeneration(cfg).float().eval()
     except (AttributeError, TypeError, ValueError) as err:
         pytest.skip(f"cannot build a tiny Qwen3-VL here: {err}")
-    B, S = 2, 16
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 250, (B, S), generator=g)
-    ids[:, 2], ids[:, 3:7], ids[:, 7] = 297, 299, 296  # vision start, 4 image tokens (4x4 patches merged 2x2), end
-    kw = dict(pixel_values=torch.randn(B * 16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]] * B))
-    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-        kw["mm_token_type_ids"] = (ids == 299).long()
-    return model, ids, kw
+    return (model, *vision_prompt())
 
 
 def test_qwen3_vl_image_prompt_converts_exactly_and_generates_from_the_cache():
     """Qwen3-VL: Qwen3's block (per-head q / k norms) with interleaved 3-D M-RoPE on image tokens and
-    DeepStack (vision features added to the hidden states between the first decoder layers). Keeping
-    every token, an image prompt gives the dense logits (which its 3-D positions change); skipping,
-    generation from the compact cache gives the no-cache tokens and scores."""
-    model, ids, kw = _qwen3_vl()
-    with torch.no_grad():
-        ref = model(input_ids=ids, **kw).logits
-        flat = model(input_ids=ids, **kw, position_ids=torch.arange(ids.shape[1]).expand(ids.shape[0], -1)).logits
-    assert float((flat - ref).abs().max() / ref.abs().max()) > 1e-4  # the 3-D positions matter here
-    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
-    with torch.no_grad():
-        out = model(input_ids=ids, **kw).logits
-    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
-
-    model, ids, kw = _qwen3_vl()
-    gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
-    with torch.no_grad():
-        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
-                                                   generator=torch.Generator().manual_seed(8)) * 0.5)
-    assert_cache_equals_no_cache(model, dict(input_ids=ids, **kw))
+    DeepStack (vision features added to the hidden states between the first decoder layers)."""
+    assert_vlm_converts_exactly(_qwen3_vl, skip_layers=[1, 2])

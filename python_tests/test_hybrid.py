@@ -11,14 +11,13 @@ check needs to see. Qwen3.5's multimodal model too, on an image prompt.
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
 import torch
 
-from gmod_hf_utils import (assert_cache_equals_no_cache, assert_grads_equal, hf_model, lm_labels, num_threads,
-                           padded_prompt, text_config_kwargs, transformers)
+from gmod_hf_utils import (assert_cache_equals_no_cache, assert_grads_equal, assert_vlm_converts_exactly, hf_model,
+                           lm_labels, num_threads, padded_prompt, text_config_kwargs, transformers, vision_prompt)
 
 import gmod_ext
 from gmod_ext._hf import find_decoder
@@ -148,34 +147,11 @@ def _qwen35_vlm(seed=0):
         model = T.Qwen3_5ForConditionalGeneration(cfg).float().eval()
     except (AttributeError, TypeError, ValueError) as err:
         pytest.skip(f"cannot build a tiny Qwen3.5 VLM here: {err}")
-    B, S = 2, 16
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 250, (B, S), generator=g)
-    ids[:, 2], ids[:, 3:7], ids[:, 7] = 297, 299, 296  # vision start, 4 image tokens (4x4 patches merged 2x2), end
-    kw = dict(pixel_values=torch.randn(B * 16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]] * B))
-    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-        kw["mm_token_type_ids"] = (ids == 299).long()
-    return model, ids, kw
+    return (model, *vision_prompt())
 
 
 def test_qwen35_vlm_image_prompt_converts_exactly_and_generates_from_the_cache():
     """Qwen3.5's multimodal model: the hybrid language model behind its vision encoder, 3-D M-RoPE on the
-    image tokens. Keeping every token, an image prompt gives the dense logits (which its 3-D positions
-    change); skipping, generation from the compact cache gives the no-cache tokens and scores."""
-    model, ids, kw = _qwen35_vlm()
-    with torch.no_grad():
-        ref = model(input_ids=ids, **kw).logits
-        flat = model(input_ids=ids, **kw, position_ids=torch.arange(ids.shape[1]).expand(ids.shape[0], -1)).logits
-    assert float((flat - ref).abs().max() / ref.abs().max()) > 1e-4  # the 3-D positions matter here
-    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    image tokens."""
+    model = assert_vlm_converts_exactly(_qwen35_vlm, skip_layers=ATTENTION_LAYERS)
     assert model.config.gmod["layers"] == ATTENTION_LAYERS
-    with torch.no_grad():
-        out = model(input_ids=ids, **kw).logits
-    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
-
-    model, ids, kw = _qwen35_vlm()
-    gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
-    with torch.no_grad():
-        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
-                                                   generator=torch.Generator().manual_seed(8)) * 0.5)
-    assert_cache_equals_no_cache(model, dict(input_ids=ids, **kw))
