@@ -269,3 +269,18 @@ def assert_vlm_converts_exactly(build, skip_layers, positions_3d: bool = True):
                                                    generator=torch.Generator().manual_seed(8)) * 0.5)
     assert_cache_equals_no_cache(model, dict(input_ids=ids, **kw))
     return model
+
+
+def assert_keep_all_equals_hf(ref, model, B: int = 2, S: int = 14, pad=(0, 3), seed: int = 1):
+    """``model``, a copy of the dense ``ref`` converted keeping every token without gating (aux_coef 0):
+    training-mode logits on a left-padded batch and every parameter's gradient equal ``ref``'s."""
+    ids, am = padded_prompt(B, S, pad=pad, seed=seed)
+    labels = lm_labels(ids, am)
+    ref.train(), model.train()
+    lr = ref(ids, attention_mask=am, labels=labels)
+    lm = model(ids, attention_mask=am, labels=labels)
+    keep = am.bool()
+    torch.testing.assert_close(lm.logits[keep], lr.logits[keep], rtol=1e-5, atol=1e-5)
+    lr.loss.backward()
+    lm.loss.backward()
+    assert_grads_equal(model, ref)

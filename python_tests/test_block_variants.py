@@ -26,8 +26,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmod_hf_utils import (assert_cache_equals_no_cache, assert_grads_equal, assert_vlm_converts_exactly, hf_model,
-                           lm_labels, mod_slots, num_threads, padded_prompt, text_config_kwargs, transformers,
+from gmod_hf_utils import (assert_cache_equals_no_cache, assert_keep_all_equals_hf, assert_vlm_converts_exactly,
+                           hf_model, mod_slots, num_threads, padded_prompt, text_config_kwargs, transformers,
                            vision_prompt)
 
 import gmod_ext
@@ -110,16 +110,7 @@ def test_keep_all_logits_and_gradients_equal_hf(arch):
     model = BUILDERS[arch]()
     model.load_state_dict(ref.state_dict())
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", aux_coef=0.0, progress=False)
-    ids, am = padded_prompt(2, 14, pad=(0, 3), seed=1)
-    labels = lm_labels(ids, am)
-    ref.train(), model.train()
-    lr = ref(ids, attention_mask=am, labels=labels)
-    lm = model(ids, attention_mask=am, labels=labels)
-    keep = am.bool()
-    torch.testing.assert_close(lm.logits[keep], lr.logits[keep], rtol=1e-5, atol=1e-5)
-    lr.loss.backward()
-    lm.loss.backward()
-    assert_grads_equal(model, ref)
+    assert_keep_all_equals_hf(ref, model)
 
 
 @pytest.mark.parametrize("positions", ["original", "compact"])

@@ -16,8 +16,8 @@ import math
 import pytest
 import torch
 
-from gmod_hf_utils import (assert_cache_equals_no_cache, assert_grads_equal, assert_vlm_converts_exactly, hf_model,
-                           lm_labels, num_threads, padded_prompt, text_config_kwargs, transformers, vision_prompt)
+from gmod_hf_utils import (assert_cache_equals_no_cache, assert_keep_all_equals_hf, assert_vlm_converts_exactly,
+                           hf_model, num_threads, padded_prompt, text_config_kwargs, transformers, vision_prompt)
 
 import gmod_ext
 from gmod_ext._hf import find_decoder
@@ -54,16 +54,7 @@ def test_only_attention_layers_convert():
 def test_keep_all_logits_and_gradients_equal_hf():
     ref, model = _qwen35(), _qwen35()
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", aux_coef=0.0, progress=False)
-    ids, am = padded_prompt(2, 14, pad=(0, 3), seed=1)
-    labels = lm_labels(ids, am)
-    ref.train(), model.train()
-    lr = ref(ids, attention_mask=am, labels=labels)
-    lm = model(ids, attention_mask=am, labels=labels)
-    keep = am.bool()
-    torch.testing.assert_close(lm.logits[keep], lr.logits[keep], rtol=1e-5, atol=1e-5)
-    lr.loss.backward()
-    lm.loss.backward()
-    assert_grads_equal(model, ref)
+    assert_keep_all_equals_hf(ref, model)
 
 
 @pytest.mark.parametrize("positions", ["original", "compact"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmod_hf_utils import assert_grads_equal, lm_labels, mod_slots, num_threads, padded_prompt, skipping_llama, \
+from gmod_hf_utils import assert_keep_all_equals_hf, mod_slots, num_threads, padded_prompt, skipping_llama, \
     text_config_kwargs, tiny_model, transformers
 from references import position_attention_ref
 
@@ -188,16 +188,7 @@ def test_the_cap_follows_the_attention_implementation():
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_keep_all_logits_and_gradients_equal_hf(name):
     ref, model = _keep_all(name)
-    ids, am = padded_prompt(3, 16, pad=(0, 3, 6))
-    labels = lm_labels(ids, am)
-    ref.train(), model.train()
-    lr = ref(ids, attention_mask=am, labels=labels)
-    lm = model(ids, attention_mask=am, labels=labels)
-    valid = am.bool()
-    torch.testing.assert_close(lm.logits[valid], lr.logits[valid], rtol=1e-5, atol=1e-5)
-    lr.loss.backward()
-    lm.loss.backward()  # aux_coef 0: the plain LM loss
-    assert_grads_equal(model, ref)
+    assert_keep_all_equals_hf(ref, model, B=3, S=16, pad=(0, 3, 6), seed=0)  # aux_coef 0: the plain LM loss
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
