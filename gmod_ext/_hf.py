@@ -116,8 +116,9 @@ def find_decoder(model: nn.Module) -> DecoderParts:
 # transformers 5.24 renamed the KV cache argument of models and decoder layers from ``past_key_values``
 # to ``cache`` (the old name is accepted with a deprecation warning until 5.40; outputs keep a
 # ``past_key_values`` property); earlier releases only know ``past_key_values``. These helpers let the
-# MoD layers and generation hooks work with both.
+# MoD layers and generation hooks work with both. GPT-NeoX's decoder layers call it ``layer_past``.
 CACHE_KWARGS = ("cache", "past_key_values")
+LAYER_CACHE_KWARGS = CACHE_KWARGS + ("layer_past",)
 
 
 def accepts(fn, name: str) -> bool:
@@ -132,18 +133,20 @@ def accepts(fn, name: str) -> bool:
 
 def cache_kwarg_of(fn) -> str:
     """The name of the KV cache parameter of ``fn`` (a model's or decoder layer's ``forward``):
-    ``"cache"`` when it has one (transformers >= 5.24), else ``"past_key_values"``."""
-    return "cache" if accepts(fn, "cache") else "past_key_values"
+    ``"cache"`` when it has one (transformers >= 5.24), ``"layer_past"`` (GPT-NeoX's layers), else
+    ``"past_key_values"``."""
+    return next((n for n in ("cache", "layer_past") if accepts(fn, n)), "past_key_values")
 
 
 def pop_cache(kwargs: dict):
-    """Removes the KV cache from a call's keywords under either name and returns it (or None).
-    Both names at once is the caller's error, as in transformers."""
-    given = [n for n in CACHE_KWARGS if kwargs.get(n) is not None]
+    """Removes the KV cache from a decoder layer call's keywords under any of its names (``cache``,
+    ``past_key_values``, ``layer_past``) and returns it (or None). Two at once is the caller's error,
+    as in transformers."""
+    given = [n for n in LAYER_CACHE_KWARGS if kwargs.get(n) is not None]
     if len(given) > 1:
-        raise ValueError("gmod: both `cache` and `past_key_values` were given; pass the KV cache once")
+        raise ValueError(f"gmod: the KV cache was given as {' and '.join(given)}; pass it once")
     found = None
-    for n in CACHE_KWARGS:
+    for n in LAYER_CACHE_KWARGS:
         v = kwargs.pop(n, None)
         if v is not None:
             found = v

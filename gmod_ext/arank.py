@@ -6,7 +6,7 @@ restricted to the sample's non-padding tokens, the lower triangle kept and the d
 mean over heads and samples. Low-ARank layers are redundant and become MoD layers; gamma-MoD keeps
 the highest-ranked few dense (:func:`choose_mod_layers`).
 
-The attention maps come from forward hooks on each ``self_attn`` module with the model switched to
+The attention maps come from forward hooks on each attention module (``self_attn``) with the model switched to
 ``attn_implementation="eager"`` for the calibration (restored afterwards), so only one layer's
 maps are alive at a time. Run it on the unconverted model (MoD layers have no dense maps).
 """
@@ -21,6 +21,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from ._hf import find_decoder
+from .block_layout import attention_module
 
 __all__ = ["arank", "choose_mod_layers", "format_table", "plot_arank", "attention_rank"]
 
@@ -155,7 +156,7 @@ def arank(
     for i, batch in enumerate(batches):
         _check_batch(i, batch, vocab, parts.image_token_id, model_device)
     # layers without self-attention (a hybrid model's linear-attention layers) get no ARank (NaN)
-    handles = [parts.layers[i].self_attn.register_forward_hook(make_hook(i)) for i in parts.convertible]
+    handles = [attention_module(parts.layers[i]).register_forward_hook(make_hook(i)) for i in parts.convertible]
     prev_impl = getattr(model.config, "_attn_implementation", None)
     was_training = model.training
     try:

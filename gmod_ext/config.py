@@ -81,6 +81,14 @@ def num_skipped(n: int, ratio: float) -> int:
     return int(math.floor(ratio * n + _FLOOR_TOL))
 
 
+def num_skipped_tensor(n, ratio: float):
+    """``num_skipped`` for an int64 tensor of counts (no host sync): ``floor(ratio * n)`` per element, in
+    float64 with the same tolerance, so the device and the Python rule agree on every count."""
+    import torch
+
+    return torch.floor(n.to(torch.float64) * ratio + _FLOOR_TOL).to(torch.int64)
+
+
 def keep_count(n: int, ratio: float) -> int:
     """Routable tokens kept out of ``n``: ``n - floor(ratio * n)``."""
     return n - num_skipped(n, ratio)

@@ -9,6 +9,8 @@ carry in their order alone:
   layers): the query at position p sees keys at positions ``p - W < pos <= p``, as Hugging Face's
   mask does (positions are sequence columns, padding included; MoD layers never keep padding);
 * **logit soft-capping** (Gemma-2): scores ``c * tanh(s / c)`` before the mask and the softmax;
+* **attention sinks** (GPT-OSS): one learned logit per head joins every query's softmax as an extra
+  column that has no value (the probabilities of the real keys sum to less than 1);
 * **packed sequences** (several sequences in one row, told apart by ``position_ids`` that restart,
   as transformers' padding-free collators make them): a query sees only keys of its own sequence;
 * **bidirectional image blocks** (Gemma-3's multimodal model: the tokens of one image, marked by
@@ -30,7 +32,13 @@ from typing import Optional
 
 import torch
 
-__all__ = ["position_masked_attention", "attention_softcap"]
+__all__ = ["position_masked_attention", "attention_softcap", "attention_sinks"]
+
+
+def attention_sinks(attn) -> Optional[torch.Tensor]:
+    """The attention's per-head sink logits (GPT-OSS's ``sinks`` parameter, [heads]), or None."""
+    sinks = getattr(attn, "sinks", None)
+    return sinks if isinstance(sinks, torch.Tensor) and sinks.dim() == 1 else None
 
 
 def attention_softcap(attn) -> Optional[float]:
@@ -96,6 +104,7 @@ def position_masked_attention(
     k_seg: Optional[torch.Tensor] = None,
     q_block: Optional[torch.Tensor] = None,
     k_block: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of ``q`` [B, Cq, Hq, d] over ``k`` / ``v`` [B, Ck, Hk, d] (GQA: Hq a multiple of Hk),
     returning [B, Cq, Hq, d] in q's dtype.
@@ -105,7 +114,8 @@ def position_masked_attention(
     -1 outside blocks, ``q_block[b, i] == k_block[b, j] >= 0``), with ``window``
     ``q_pos[b, i] - k_pos[b, j] < window``, and with ``q_seg`` / ``k_seg`` ([B, Cq] / [B, Ck] sequence
     ids of packed rows) ``q_seg[b, i] == k_seg[b, j]``;
-    scores are ``scale * q.k``, soft-capped to ``softcap * tanh(s / softcap)`` when given. A query that
+    scores are ``scale * q.k``, soft-capped to ``softcap * tanh(s / softcap)`` when given; ``sinks`` [Hq]
+    adds one logit per head to each query's softmax, with no value (GPT-OSS). A query that
     sees no key (the slots past a row's count, whose outputs nobody reads) attends to all of its row's
     keys instead, so that every output and gradient stays finite.
     """
@@ -133,12 +143,19 @@ def position_masked_attention(
     if Hq != Hk:  # repeat the kv heads (SDPA's enable_gqa needs torch >= 2.5 and no custom mask on some backends)
         kt = kt.repeat_interleave(Hq // Hk, dim=1)
         vt = vt.repeat_interleave(Hq // Hk, dim=1)
-    if softcap is None:
+    if softcap is None and sinks is None:
         o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=float(scale))
         return o.transpose(1, 2)
     s = torch.matmul(qt, kt.transpose(-1, -2)) * float(scale)
     s = s.float()
-    s = torch.tanh(s / softcap) * softcap
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1).to(q.dtype)
+    if sinks is not None:
+        if tuple(sinks.shape) != (Hq,):
+            raise ValueError(f"gmod: sinks must be [Hq] = [{Hq}], got {tuple(sinks.shape)}")
+        sink = sinks.to(device=dev, dtype=s.dtype).view(1, Hq, 1, 1).expand(B, Hq, Cq, 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1].to(q.dtype)  # the sink has no value
+    else:
+        p = torch.softmax(s, dim=-1).to(q.dtype)
     return torch.matmul(p, vt).transpose(1, 2)

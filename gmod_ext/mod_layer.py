@@ -2,9 +2,11 @@
 
 :func:`make_mod_layer` turns a ``LlamaDecoderLayer`` / ``MistralDecoderLayer`` /
 ``Qwen2DecoderLayer`` (or any layer with the same parts: ``input_layernorm`` (RMSNorm),
-``self_attn.{q,k,v,o}_proj`` (or one fused ``qkv_proj``, Phi-3; + optional ``q_norm`` / ``k_norm``),
-``post_attention_layernorm``, ``mlp``; or the other norm layouts of :mod:`gmod_ext.block_layout`:
-Gemma-2 / 3, GLM-4, Apertus, OLMo-2) into a MoD layer **in place**: the object's class becomes a subclass
+``self_attn.{q,k,v,o}_proj`` (or one fused ``qkv_proj``, Phi-3, or ``query_key_value``, GPT-NeoX's
+``attention``; ``dense`` for ``o_proj``, Phi-1 / 2; + optional ``q_norm`` / ``k_norm``, or HunYuan's
+after the rotation), ``post_attention_layernorm``, ``mlp`` (or Granite's ``block_sparse_moe`` +
+``shared_mlp``); or the other norm layouts of :mod:`gmod_ext.block_layout`: Gemma-2 / 3, GLM-4,
+Apertus, OLMo-2, parallel blocks) into a MoD layer **in place**: the object's class becomes a subclass
 ``MoD<Layer>(MoDDecoderLayer, <Layer>)``, so it keeps its own modules and weights (the state_dict
 keys of the original weights do not change; a per-layer router adds ``gmod_router.*``), is still an
 instance of the original class (Hugging Face's output capturing, gradient checkpointing and FSDP
@@ -13,7 +15,8 @@ class plans keep working) and accepts the same call as the wrapped layer::
     layer(hidden_states, attention_mask=..., position_ids=..., cache=..., use_cache=...,
           position_embeddings=(cos, sin), **kwargs) -> hidden_states [B, S, D]
 
-(the KV cache as ``cache=``, the name transformers >= 5.24 uses, or ``past_key_values=``, the earlier one)
+(the KV cache as ``cache=``, the name transformers >= 5.24 uses, or ``past_key_values=``, the earlier one,
+or ``layer_past=``, GPT-NeoX's)
 
 Forward on the selected tokens (all through ``gmod_ext.ops``)::
 
@@ -24,10 +27,11 @@ Forward on the selected tokens (all through ``gmod_ext.ops``)::
     q, k, v = proj(LN1(xs)); (q/k norm); RoPE; o = attention(q, k, v, count, count)  # causal, GQA
                                             # (or SDPA over the compact rows: GmodConfig.attention;
                                             #  a sliding window shorter than the sequence, a logit
-                                            #  soft-cap, packed sequences or image blocks:
+                                            #  soft-cap, attention sinks, packed sequences or image blocks:
                                             #  gmod_ext.masked_attention, by original position)
     h = xs + o_proj(o); m = mlp(LN2(h))     (other layouts: norms on o_proj(o) / around the MLP, see block_layout;
-                                             RoPE: the model's own apply_rotary_pos_emb where it differs, GLM)
+                                             RoPE: the model's own apply_rotary_pos_emb where it differs, GLM;
+                                             Granite: both updates times residual_multiplier)
     y = scatter_merge(x, base, idx, count, delta, gate[, skip_scale])          # variant gating
 
 Gating: gamma ``y = h + p*m``; mod ``y = xs + p*(h + m - xs)``; pmod ``y = xs + w*(h + m - xs)``,
@@ -55,6 +59,7 @@ a no-op unless enabled, skipped under torch.compile.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import math
 import sys
@@ -67,9 +72,9 @@ from torch import nn
 
 from . import ops
 from ._hf import cache_kwarg_of, pop_cache
-from .block_layout import block_hidden_size, block_layout
-from .config import GmodConfig, capacity, capacity_of_rows
-from .masked_attention import attention_softcap, position_masked_attention
+from .block_layout import attention_module, block_hidden_size, block_layout
+from .config import GmodConfig, capacity, capacity_of_rows, num_skipped_tensor
+from .masked_attention import attention_sinks, attention_softcap, position_masked_attention
 from .masks import check_routing_mask
 from .profiling import nvtx_range
 from .router import (GmodRouter, GmodState, RoutingInfo, logit, max_segments, per_sequence_codes, router_aux_loss,
@@ -109,42 +114,44 @@ def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
 def _model_rope(attn: nn.Module):
     """The attention module's own ``apply_rotary_pos_emb`` when its forward uses one that rotates
     differently from :func:`_apply_rope` (GLM / GLM-4: interleaved pairs, on half the head), else None
-    (ours). Decided once per layer at conversion by applying both to random inputs (float64)."""
+    (ours). Decided once per layer at conversion by applying both to random inputs (float64), with cos /
+    sin as wide as the head, or half as wide where the model's function takes only that (GPT-OSS rotates
+    the two halves of the head by d / 2 angles: ``[x1 cos - x2 sin, x2 cos + x1 sin]``)."""
     fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
     forward = getattr(type(attn), "forward", None)
     code = getattr(inspect.unwrap(forward), "__code__", None) if callable(forward) else None  # past decorators
     if not callable(fn) or code is None or "apply_rotary_pos_emb" not in code.co_names:
         return None
-    d = int(attn.head_dim)
+    d = _head_dim(attn)
     g = torch.Generator().manual_seed(0)
     # on the CPU explicitly: from_pretrained builds layers under a meta-device context
     q, k = (torch.randn(1, 3, 2, d, dtype=torch.float64, generator=g, device="cpu") for _ in range(2))
-    cos, sin = (torch.randn(1, 3, d, dtype=torch.float64, generator=g, device="cpu") for _ in range(2))
-    try:
-        theirs = fn(q, k, cos, sin, unsqueeze_dim=2)  # [B, C, H, d] layout: cos / sin unsqueezed at 2
-    except Exception:  # noqa: BLE001 - another signature: ours (the conversion check compares the layers)
-        return None
-    ours = _apply_rope(q, k, cos, sin)
-    same = all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(theirs, ours))
-    return None if same else fn
+    for width in (d, d // 2):
+        cos, sin = (torch.randn(1, 3, width, dtype=torch.float64, generator=g, device="cpu") for _ in range(2))
+        try:
+            theirs = fn(q, k, cos, sin, unsqueeze_dim=2)  # [B, C, H, d] layout: cos / sin unsqueezed at 2
+        except Exception:  # noqa: BLE001 - not this width (or another signature: ours; the check compares)
+            continue
+        ours = _apply_rope(q, k, cos, sin)
+        same = all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(theirs, ours))
+        return None if same else fn
+    return None
 
 
 _ROPE_TEST_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.Compare, ast.Is,
                     ast.IsNot, ast.Eq, ast.NotEq, ast.Attribute, ast.Name, ast.Load, ast.Constant)
 
 
-def _uses_rope(attn: nn.Module) -> bool:
-    """Whether this attention rotates q and k. Models with layers that attend without rotary positions
-    (NoPE) put the rotation under a condition on the module's own settings: ``if self.use_rope:``
-    (SmolLM3, Llama-4), ``if self.sliding_window is not None:`` (Cohere2's global layers), ``if
-    self.sliding_window is None or self.is_sliding:`` (EXAONE-4). The forward's source is read for an
-    ``if`` around a rotary call whose test only reads ``self``'s attributes, and the test is evaluated on
-    this module; anything else counts as rotating (the conversion check compares the layers anyway)."""
-    forward = getattr(type(attn), "forward", None)
+@functools.lru_cache(maxsize=None)
+def _rope_condition(forward):
+    """The compiled test of the first ``if`` around a rotary call in ``forward``'s source, when that test
+    only reads ``self``'s attributes and the ``position_embeddings`` argument; None when the forward
+    rotates unconditionally, or when the test is something else (then the layer counts as rotating).
+    Parsed once per attention class, not per layer."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(forward))))
     except (OSError, TypeError, SyntaxError):
-        return True
+        return None
     for node in ast.walk(tree):
         if not isinstance(node, ast.If):
             continue
@@ -154,13 +161,38 @@ def _uses_rope(attn: nn.Module) -> bool:
             continue
         test = ast.Expression(node.test)
         if not all(isinstance(n, _ROPE_TEST_NODES) for n in ast.walk(test)) or any(
-                isinstance(n, ast.Name) and n.id != "self" for n in ast.walk(test)):
-            return True
-        try:
-            return bool(eval(compile(test, "<rope condition>", "eval"), {"__builtins__": {}}, {"self": attn}))
-        except Exception:  # noqa: BLE001 - an attribute the module lacks: assume it rotates
-            return True
-    return True
+                isinstance(n, ast.Name) and n.id not in ("self", "position_embeddings") for n in ast.walk(test)):
+            return None
+        return compile(test, "<rope condition>", "eval")
+    return None
+
+
+def _uses_rope(attn: nn.Module, model_has_rotary: bool = True) -> bool:
+    """Whether this attention rotates q and k. Models with layers that attend without rotary positions
+    (NoPE) put the rotation under a condition: on the module's own settings, ``if self.use_rope:``
+    (SmolLM3, Llama-4), ``if self.sliding_window is not None:`` (Cohere2's global layers), ``if
+    self.sliding_window is None or self.is_sliding:`` (EXAONE-4); or on what the model passes, ``if
+    position_embeddings is not None:`` (Granite-4's hybrid, whose NoPE models build no rotary module).
+    The forward's source is read for an ``if`` around a rotary call whose test only reads those, and the
+    test is evaluated on this module, with ``position_embeddings`` present iff ``model_has_rotary``;
+    anything else counts as rotating (the conversion check compares the layers anyway)."""
+    forward = getattr(type(attn), "forward", None)
+    try:
+        condition = _rope_condition(forward)
+    except TypeError:  # an unhashable forward: nothing to read
+        return True
+    if condition is None:
+        return True
+    try:
+        return bool(eval(condition, {"__builtins__": {}},
+                         {"self": attn, "position_embeddings": _PRESENT if model_has_rotary else None}))
+    except Exception:  # noqa: BLE001 - an attribute the module lacks: assume it rotates
+        return True
+
+
+_ATTN_DROPOUTS = ("resid_attn_dropout", "post_attention_dropout", "resid_dropout")  # Phi-3, GPT-NeoX, Phi-1 / 2
+_MLP_DROPOUTS = ("resid_mlp_dropout", "post_mlp_dropout", "resid_dropout")
+_PRESENT = ("cos", "sin")  # stands for the (cos, sin) pair a model with a rotary module passes
 
 
 def _output_gated(attn: nn.Module) -> bool:
@@ -201,16 +233,36 @@ def attention_backend(setting: str, device: torch.device, dtype: torch.dtype) ->
     return "sdpa" if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else "gmod"
 
 
+def _head_dim(attn: nn.Module) -> int:
+    """The attention's head dim: ``head_dim``, or GPT-NeoX's ``head_size``."""
+    d = getattr(attn, "head_dim", None)
+    return int(d if d is not None else attn.head_size)
+
+
+def _out_proj(attn: nn.Module) -> nn.Module:
+    """The attention's output projection: ``o_proj``, or ``dense`` (Phi-1 / 2, GPT-NeoX)."""
+    proj = getattr(attn, "o_proj", None)
+    return proj if isinstance(proj, nn.Module) else attn.dense
+
+
 def _qk_norm(attn: nn.Module, name: str, t: torch.Tensor, B: int, C: int, head_dim: int) -> torch.Tensor:
     """Projection [B, C, H*d] -> [B, C, H, d] with the optional q/k norm: per head (Qwen3 style,
     norm over head_dim) or over the whole projection (OLMo-2 style, applied before the split)."""
     norm = getattr(attn, name, None)
+    if norm is None:  # Phi-1 / 2 name them q_layernorm / k_layernorm (present when config.qk_layernorm)
+        norm = getattr(attn, name.replace("_norm", "_layernorm"), None)
     if norm is None:
         return t.view(B, C, -1, head_dim)
     w = getattr(norm, "weight", None)
     if isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() != head_dim:
         return norm(t).view(B, C, -1, head_dim)
     return norm(t.view(B, C, -1, head_dim))  # per head (Cohere's weights are [heads, head_dim])
+
+
+def _post_rope_norm(attn: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    """HunYuan norms q / k per head *after* the rotation (``query_layernorm`` / ``key_layernorm``)."""
+    norm = getattr(attn, name, None)
+    return norm(t) if isinstance(norm, nn.Module) else t
 
 
 def _sliding_window(attn: nn.Module) -> Optional[int]:
@@ -305,7 +357,7 @@ class MoDDecoderLayer:
         from .cache import gmod_layer_cache
 
         slot = gmod_layer_cache(past_key_values, self.gmod_layer_idx)
-        slot.window = _sliding_window(self.self_attn)
+        slot.window = _sliding_window(self._gmod_attn())
         x = hidden_states
         S = x.shape[1]
         pe = kwargs.get("position_embeddings")
@@ -370,6 +422,8 @@ class MoDDecoderLayer:
         ``seg`` [B, C]: the kept tokens' packed-sequence ids, each sequence counting from 0)."""
         B, S = x.shape[0], x.shape[1]
         cfg: GmodConfig = self._gmod_state.config
+        if not self.__dict__.get("_gmod_uses_rope", True):
+            return None, None  # a NoPE layer: no positions to gather (the model may have no rotary at all)
         if cfg.positions == "compact":
             pos = torch.arange(C, device=x.device).unsqueeze(0)
             if seg is not None:  # minus the slot where the token's sequence starts
@@ -390,9 +444,9 @@ class MoDDecoderLayer:
         return cos, sin
 
     def _gmod_qkv(self, xs, cos, sin):
-        attn = self.self_attn
+        attn = self._gmod_attn()
         B, C = xs.shape[0], xs.shape[1]
-        head_dim = attn.head_dim
+        head_dim = _head_dim(attn)
         h_in = self._gmod_attn_in(xs)
         gate = None
         if isinstance(getattr(attn, "q_proj", None), nn.Module):
@@ -400,6 +454,9 @@ class MoDDecoderLayer:
             if _output_gated(attn):  # Qwen3-Next / 3.5: per head, the query's d dims then its gate's d
                 q_, gate = q_.view(B, C, -1, 2 * head_dim).chunk(2, dim=-1)
                 q_, gate = q_.reshape(B, C, -1), gate.reshape(B, C, -1)
+        elif isinstance(getattr(attn, "query_key_value", None), nn.Module):  # GPT-NeoX: per head, its q, k, v
+            qkv = attn.query_key_value(h_in).view(B, C, -1, 3 * head_dim)
+            q_, k_, v_ = (t.reshape(B, C, -1) for t in qkv.chunk(3, dim=-1))
         else:  # one fused projection (Phi-3): queries, then keys, then values
             qkv = attn.qkv_proj(h_in)
             nq = qkv.shape[-1] - 2 * _kv_heads(attn) * head_dim
@@ -414,6 +471,7 @@ class MoDDecoderLayer:
             q, k = rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=2)
         else:
             q, k = _apply_rope(q, k, cos, sin)
+        q, k = _post_rope_norm(attn, "query_layernorm", q), _post_rope_norm(attn, "key_layernorm", k)
         scale = getattr(attn, "scaling", None)
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim)
@@ -442,12 +500,33 @@ class MoDDecoderLayer:
         OLMo-2), dropped out where it does (Phi-3, in training)."""
         if gate is not None:
             o = o * torch.sigmoid(gate)
-        a = self.self_attn.o_proj(o)
+        a = _out_proj(self._gmod_attn())(o)
         norm = self._gmod_norm("attn_out")
         if norm is not None:
             a = norm(a)
-        drop = self._modules.get("resid_attn_dropout")
-        return drop(a) if isinstance(drop, nn.Module) else a
+        return self._gmod_residual_scale(self._gmod_dropout(a, _ATTN_DROPOUTS))
+
+    def _gmod_dropout(self, update: torch.Tensor, names: tuple) -> torch.Tensor:
+        """The block's residual dropout on an update, the first of ``names`` it has: Phi-3's
+        ``resid_attn_dropout`` / ``resid_mlp_dropout``, GPT-NeoX's ``post_attention_dropout`` /
+        ``post_mlp_dropout``, or Phi-1 / 2's one ``resid_dropout`` for both (each call draws its own mask,
+        as the block does)."""
+        for name in names:
+            drop = self._modules.get(name)
+            if isinstance(drop, nn.Module):
+                return drop(update)
+        return update
+
+    def _gmod_attn(self) -> nn.Module:
+        """The block's attention module (``self_attn``; GPT-NeoX's ``attention``)."""
+        attn = self._modules.get("self_attn")
+        return attn if isinstance(attn, nn.Module) else self._modules["attention"]
+
+    def _gmod_residual_scale(self, update: torch.Tensor) -> torch.Tensor:
+        """Granite's blocks add ``update * residual_multiplier`` to the residual stream (a float setting of
+        the block; 1 or absent elsewhere)."""
+        k = self.__dict__.get("residual_multiplier")
+        return update if not isinstance(k, (int, float)) or isinstance(k, bool) or k == 1 else update * k
 
     def _gmod_mlp(self, h: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         """What the MLP adds: mlp(N_mi(h)), then N_mo (each where the block has it), then Phi-3's dropout;
@@ -455,11 +534,17 @@ class MoDDecoderLayer:
         if self._gmod_parallel():
             h = xs
         norm_in, norm_out = self._gmod_norm("mlp_in"), self._gmod_norm("mlp_out")
-        m = self.mlp(h if norm_in is None else norm_in(h))
+        if norm_in is not None:
+            h = norm_in(h)
+        m = None
+        for name in self.__dict__["_gmod_layout"].mlp:  # mlp, or Granite's experts + shared MLP (summed)
+            part = self._modules[name](h)
+            if isinstance(part, tuple):  # (output, router scores): GPT-OSS's MoE, as its block unpacks it
+                part = part[0]
+            m = part if m is None else m + part
         if norm_out is not None:
             m = norm_out(m)
-        drop = self._modules.get("resid_mlp_dropout")
-        return drop(m) if isinstance(drop, nn.Module) else m
+        return self._gmod_residual_scale(self._gmod_dropout(m, _MLP_DROPOUTS))
 
     def _gmod_merge(self, x, xs, h, a, m, logits, idx, count, mask):
         cfg: GmodConfig = self._gmod_state.config
@@ -550,9 +635,9 @@ class MoDDecoderLayer:
             raise ValueError(f"gmod: hidden_states must be [B, S, D], got {tuple(x.shape)}")
         B, S, _ = x.shape
         x = x.contiguous()
-        attn = self.self_attn
+        attn = self._gmod_attn()
         window = _binding_window(attn, S)
-        softcap = attention_softcap(attn)
+        softcap, sinks = attention_softcap(attn), attention_sinks(attn)
         # packed sequences (transformers applies their mask only without a KV cache; so do we)
         segments = None if routing is None or kv_cache is not None else getattr(routing, "segments", None)
         blocks = getattr(routing, "blocks", None)  # image blocks (prefill with a cache too, as transformers)
@@ -589,7 +674,7 @@ class MoDDecoderLayer:
                 n_routable = torch.full((B,), S, dtype=torch.int64, device=x.device)
             else:
                 n_routable = (codes == ops.MASK_ROUTABLE).sum(1)
-            skipped = torch.floor(n_routable.to(torch.float64) * ratio + 1e-9).to(torch.int64)
+            skipped = num_skipped_tensor(n_routable, ratio)
             num_routed = (n_routable - skipped).to(torch.int32)
             threshold = None
             if cfg.threshold is not None and not self.training:
@@ -615,10 +700,10 @@ class MoDDecoderLayer:
             q, k, v, scale, gate = self._gmod_qkv(xs, cos, sin)
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
                 kv_cache.append(k, v, count, idx=idx)
-            if window is not None or softcap is not None or seg is not None or blk is not None:
+            if window is not None or softcap is not None or sinks is not None or seg is not None or blk is not None:
                 # positions (and sequence / image block ids) decide what a query sees
                 o = position_masked_attention(q, k, v, idx, idx, count, scale, window=window, softcap=softcap,
-                                              q_seg=seg, k_seg=seg, q_block=blk, k_block=blk)
+                                              q_seg=seg, k_seg=seg, q_block=blk, k_block=blk, sinks=sinks)
             elif attention_backend(cfg.attention, q.device, q.dtype) == "sdpa":
                 o = _sdpa_causal(q, k, v, scale)
             else:
@@ -657,7 +742,7 @@ class MoDDecoderLayer:
             raise ValueError(f"gmod: hidden_states must be [B, S, D], got {tuple(x.shape)}")
         B, S, _ = x.shape
         x = x.contiguous()
-        attn = self.self_attn
+        attn = self._gmod_attn()
         sink = self._gmod_sink(routing)
         mask = None if routing is None else routing.mask
         if mask is not None:
@@ -682,7 +767,7 @@ class MoDDecoderLayer:
         if n < S:
             idx = idx[:, :n].contiguous()
         window = _binding_window(attn, cache.seen + S)
-        softcap = attention_softcap(attn)
+        softcap, sinks = attention_softcap(attn), attention_sinks(attn)
         with nvtx_range("gather"):
             xs = ops.gather_rows(x, idx, count)  # [B, n, D]
             start = cache.stored_count() if cache.is_initialized else torch.zeros(B, dtype=torch.int32, device=x.device)
@@ -690,10 +775,10 @@ class MoDDecoderLayer:
         with nvtx_range("attention"):
             q, k, v, scale, gate = self._gmod_qkv(xs, cos, sin)
             cache.append(k, v, count, counts, idx=idx if S > 1 else None)  # S = 1: position `seen`
-            if window is not None or softcap is not None:  # the stored tokens' recorded positions decide
+            if window is not None or softcap is not None or sinks is not None:  # recorded positions decide
                 q_pos = idx.to(torch.int64) + cache.seen
                 o = position_masked_attention(q, cache.keys, cache.values, q_pos, cache.positions, cache.cache_len,
-                                              scale, window=window, softcap=softcap)
+                                              scale, window=window, softcap=softcap, sinks=sinks)
             else:
                 o, _ = ops.attention(q, cache.keys, cache.values, count, cache.cache_len, scale)
             a = self._gmod_attn_out(o.reshape(B, n, -1), gate)
@@ -744,13 +829,16 @@ def _check_layer(layer: nn.Module) -> None:
     if block_layout(layer) is None:  # name what Llama's layout would need
         missing = [n for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
                    if not isinstance(getattr(layer, n, None), nn.Module)] or ["a known norm layout (gmod_ext.block_layout)"]
-    attn = getattr(layer, "self_attn", None)
+    attn = attention_module(layer)
     if attn is not None:
-        # separate q / k / v projections, or one fused qkv_proj (Phi-3) with a known key / value head count
-        fused = isinstance(getattr(attn, "qkv_proj", None), nn.Module) and _kv_heads(attn) is not None
+        # separate q / k / v projections, or one fused qkv_proj (Phi-3) with a known key / value head count,
+        # or GPT-NeoX's query_key_value (q, k, v per head); the output projection o_proj, or dense
+        fused = (isinstance(getattr(attn, "qkv_proj", None), nn.Module) and _kv_heads(attn) is not None) \
+            or isinstance(getattr(attn, "query_key_value", None), nn.Module)
         names = ("o_proj",) if fused and not hasattr(attn, "q_proj") else ("q_proj", "k_proj", "v_proj", "o_proj")
-        missing += [f"self_attn.{n}" for n in names if not hasattr(attn, n)]
-        if not hasattr(attn, "head_dim"):
+        missing += [f"self_attn.{n}" for n in names if not hasattr(attn, n)
+                    and not (n == "o_proj" and isinstance(getattr(attn, "dense", None), nn.Module))]
+        if not hasattr(attn, "head_dim") and not hasattr(attn, "head_size"):
             missing.append("self_attn.head_dim")
     if missing:
         raise TypeError(f"gmod: {type(layer).__name__} is not a Llama-family decoder layer (missing {missing})")
@@ -801,7 +889,8 @@ def make_mod_layer(
     if not (0.0 <= float(ratio) < 1.0):
         raise ValueError(f"gmod: skip ratio {ratio} must be in [0, 1)")
     if layer_idx is None:
-        layer_idx = getattr(getattr(layer, "self_attn", None), "layer_idx", 0) or 0
+        layer_idx = getattr(attention_module(layer), "layer_idx", 0) or 0
+    state_given = state is not None
     if state is None:
         cfg = config if config is not None else GmodConfig(**config_kwargs)
         state = GmodState(cfg)
@@ -814,8 +903,10 @@ def make_mod_layer(
     layer._gmod_layout = layout
     norm_in = getattr(layer, layout.attn_in) if layout.attn_in is not None else None
     layer._gmod_norm_offset = isinstance(getattr(norm_in, "weight", None), torch.Tensor) and _norm_is_offset(norm_in)
-    layer._gmod_rope = _model_rope(layer.self_attn)
-    layer._gmod_uses_rope = _uses_rope(layer.self_attn)
+    layer._gmod_rope = _model_rope(attention_module(layer))
+    # a model converted whole tells whether it has a rotary module; a standalone layer is assumed to get
+    # position embeddings from its caller
+    layer._gmod_uses_rope = _uses_rope(attention_module(layer), model_has_rotary=state.rotary is not None or not state_given)
     layer.gmod_layer_idx = int(layer_idx)
     layer.gmod_ratio = float(ratio)
     layer._gmod_state = state

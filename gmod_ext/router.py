@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .config import num_skipped_tensor
 
 
 class GmodRouter(nn.Module):
@@ -186,7 +187,7 @@ def per_sequence_codes(
     start = size.cumsum(1) - size  # where each sequence's group begins in the sorted order
     rank = torch.arange(S, device=dev).unsqueeze(0) - start.gather(1, seg_sorted)
     n_routable = torch.zeros(B, S, dtype=torch.long, device=dev).scatter_add_(1, seg, routable.long())
-    keep_n = n_routable - torch.floor(n_routable.to(torch.float64) * ratio + 1e-9).long()  # keep(R_s, r)
+    keep_n = n_routable - num_skipped_tensor(n_routable, ratio)  # keep(R_s, r)
     keep_sorted = routable.gather(1, order) & (rank < keep_n.gather(1, seg_sorted))
     if threshold is not None:
         keep_sorted &= s.gather(1, order) > threshold

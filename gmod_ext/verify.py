@@ -7,9 +7,10 @@ A MoD layer re-implements the decoder block on the kept tokens with the layer's 
 interleaved partial rotary through the model's own ``apply_rotary_pos_emb``), Gemma-2 / 3's block
 with its extra norms (``post_attention_layernorm`` on the attention output, ``pre_`` /
 ``post_feedforward_layernorm`` around the MLP) and GLM-4's (``post_self_attn_layernorm`` /
-``post_mlp_layernorm`` on the two updates). A block that deviates from these (Granite's residual
-multipliers, a parallel attention + MLP residual, attention sinks, norms after the rotation, ...) would convert
-without complaint and give wrong outputs. :func:`check_decoder_layers` rules that out before
+``post_mlp_layernorm`` on the two updates), and the other layouts of :mod:`gmod_ext.block_layout`
+(parallel blocks, post-norms only, Granite's residual multiplier, GPT-OSS's attention sinks). A block
+that deviates from these (norms after the rotation, differential attention, ...) would convert without
+complaint and give wrong outputs. :func:`check_decoder_layers` rules that out before
 converting. (Attention logit soft-capping is read from the attention module and reproduced by the MoD
 layer: with random weights the logits are too small for this check to see whether it is.)
 
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from ._hf import accepts
-from .block_layout import KNOWN_NORMS
+from .block_layout import ATTENTION_NAMES, KNOWN_NORMS, MLP_BRANCHES, attention_module
 from .config import GmodConfig
 from .mod_layer import _sliding_window, make_mod_layer
 from .router import GmodState, RoutingInfo, image_blocks
@@ -45,7 +46,8 @@ __all__ = ["check_decoder_layers", "VERIFY_TOLERANCE"]
 # max |MoD update - dense update| / max |dense update|, both in float32. The two paths differ only in
 # the attention kernel (gmod.attention against the model's SDPA / eager attention): 2e-7 to 5e-7 on the
 # CPU for Llama, Qwen3, Gemma, Mixtral; GLM's interleaved partial rotary rotated as Llama's (before the
-# MoD layer used the model's own rotation) gave 4e-3, HunYuan's q / k norms after the rotation 0.5.
+# MoD layer used the model's own rotation) gave 4e-3, HunYuan's q / k norms after the rotation (before MoD layers
+# applied them there) 0.5.
 VERIFY_TOLERANCE = 1e-4
 _PROMPT_LEN = 12
 
@@ -64,7 +66,8 @@ def _kind(parts, i: int) -> tuple:
     layer = parts.layers[i]
     types = getattr(parts.text_config, "layer_types", None)
     layer_type = types[i] if isinstance(types, (list, tuple)) and i < len(types) else None
-    return (type(layer), _sliding_window(layer.self_attn), layer_type, _settings(layer), _settings(layer.self_attn))
+    attn = attention_module(layer)
+    return (type(layer), _sliding_window(attn), layer_type, _settings(layer), _settings(attn))
 
 
 def _to_float32(obj: Any) -> Any:
@@ -103,14 +106,14 @@ def _hints(layer: nn.Module, cfg: Any, kwargs: Optional[dict] = None) -> list[st
     """Features of this block that a MoD layer does not reproduce, where they can be told by name (or,
     for the attention mask, from what the model passed)."""
     hints = []
-    attn = layer.self_attn
+    attn = attention_module(layer)
     if getattr(attn, "is_causal", True) is False or getattr(getattr(attn, "config", None),
                                                              "use_bidirectional_attention", False) is True \
             or (kwargs is not None and _sees_later_tokens(kwargs)):
         hints.append("the attention lets tokens see later tokens (is_causal=False, a bidirectional or prefix-LM "
                      "mask, e.g. PaliGemma); MoD layers attend causally (except within the image blocks that "
                      "token_type_ids marks, Gemma-3's rule)")
-    known = ("self_attn", "mlp") + KNOWN_NORMS  # (gmod_ext.block_layout)
+    known = ATTENTION_NAMES + MLP_BRANCHES + KNOWN_NORMS  # (gmod_ext.block_layout)
     extra = sorted(n for n, _ in layer.named_children() if n not in known and "norm" in n)
     if extra:
         hints.append(f"extra norms {extra} (MoD layers know the norm layouts of gmod_ext.block_layout)")
@@ -118,28 +121,23 @@ def _hints(layer: nn.Module, cfg: Any, kwargs: Optional[dict] = None) -> list[st
     def val(name):
         return getattr(cfg, name, None) if cfg is not None else None
 
-    v = val("residual_multiplier")
-    if isinstance(v, (int, float)) and float(v) != 1.0:
-        hints.append(f"config.residual_multiplier = {v} (residual updates are not scaled in MoD layers)")
     v = val("partial_rotary_factor")
     if isinstance(v, (int, float)) and float(v) != 1.0:
         hints.append(f"config.partial_rotary_factor = {v} (check the rotary layout: MoD layers rotate the first "
                      "dims in halves, or with the model's own apply_rotary_pos_emb where its attention calls one)")
-    for name in ("use_parallel_residual", "parallel_attn", "parallel_block"):
+    for name in ("parallel_attn", "parallel_block"):
         if val(name) is True:
-            hints.append(f"config.{name} = True (MoD layers run attention, then the MLP)")
+            hints.append(f"config.{name} = True (MoD layers know the parallel blocks of Cohere, Phi-1/2, GPT-NeoX)")
     if getattr(attn, "is_sliding", None) is False:
         hints.append("a global layer of a sliding / global hybrid (is_sliding=False): MoD layers give it no window, "
                      "and rotate q / k unless its forward rotates under a condition on the module's settings "
                      "(EXAONE-4's and Cohere2's NoPE layers)")
-    if any(n == "sinks" or n.endswith(".sinks") for n, _ in layer.self_attn.named_parameters()):
-        hints.append("attention sinks (self_attn.sinks)")
     return hints
 
 
 def _reference_attention(layer: nn.Module) -> None:
     """The float32 copy's attention must run in float32: flash-attention kernels take 16-bit inputs only."""
-    cfg = getattr(layer.self_attn, "config", None)
+    cfg = getattr(attention_module(layer), "config", None)
     impl = getattr(cfg, "_attn_implementation", None)
     if isinstance(impl, str) and "flash" in impl:
         try:
@@ -159,10 +157,15 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
         work = copy.deepcopy(layer).float().eval()  # deep: its attention config is its own, changed below
         _reference_attention(work)
         with torch.no_grad():
-            ref = _first_tensor(work(*args, **kwargs)) - x
+            raw = work(*args, **kwargs)
+            ref = _first_tensor(raw) - x
     except Exception as err:  # noqa: BLE001  (e.g. quantized weights that cannot run in float32)
         raise TypeError(f"{where}: could not run a float32 copy of the layer to check it ({type(err).__name__}: "
                         f"{err}). Pass verify=False to gmod.convert to convert without the check.") from err
+    if not isinstance(raw, torch.Tensor):  # its model reads out[0]: it would take a MoD layer's first row
+        raise TypeError(f"{where} returns a {type(raw).__name__} (hidden states, attention weights, ...), whose "
+                        "first element its model reads; a MoD layer returns the hidden states tensor, as the decoder "
+                        f"layers of transformers 5 do. {advice}")
     with torch.no_grad():
         state = GmodState(GmodConfig(gate="none", router="per_layer", router_init="zeros"), rotary=rotary)
         make_mod_layer(work, 0.0, layer_idx=index, state=state)

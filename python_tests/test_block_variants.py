@@ -2,6 +2,8 @@
 
 * Phi-3 / Phi-4-mini: one fused ``qkv_proj`` (queries, keys, values in that order), residual dropout
   on both updates, Phi-4-mini's partial rotary (0.75 of the head);
+* Phi-1 / 2: a parallel block, the output projection named ``dense``, half the head rotated, one
+  ``resid_dropout`` for both updates, optional per-head ``q_layernorm`` / ``k_layernorm``;
 * GLM / GLM-4 / Ernie-4.5 / Helium: RoPE on interleaved pairs (GLM: on half the head): MoD layers call
   the model's own ``apply_rotary_pos_emb`` where it rotates differently from Llama's;
 * GLM-4: norms after attention (``post_self_attn_layernorm``) and after the MLP (``post_mlp_layernorm``);
@@ -13,7 +15,16 @@
   (``if self.sliding_window is None or self.is_sliding``, with no window there either) and Cohere2
   (``if self.sliding_window is not None``);
 * parallel blocks (Cohere, Cohere2: ``y = x + attn(N(x)) + mlp(N(x))``), Cohere's per-head q / k norms;
+* GPT-OSS: attention sinks (a learned logit per head in every softmax), its half-width rotation, windows
+  on alternate layers, a MoE that returns its router scores beside its output;
+* HunYuan: per-head q / k norms after the rotation;
+* GPT-NeoX (Pythia): the attention module named ``attention`` with one ``query_key_value`` (each head's
+  q, k, v in turn), partial rotary, the cache keyword ``layer_past``, parallel blocks with a norm per
+  branch (or sequential ones), dropouts on both updates;
+* Granite's multipliers (both updates scaled by ``residual_multiplier``, ``attention_multiplier`` as the
+  attention scale) and GraniteMoeShared's MLP branch (``block_sparse_moe`` + ``shared_mlp``);
 * GLM-4V: all of GLM-4 plus 3-D rotary positions on image tokens; Aya Vision: Cohere2 behind SigLIP;
+  Granite Vision: LLaVA-NeXT in front of Granite;
   Qwen3-VL: interleaved 3-D M-RoPE and DeepStack (each on an image prompt, keep-all and generation).
 
 References are Hugging Face's own layers: keeping every token, the converted model gives the dense
@@ -31,6 +42,8 @@ from gmod_hf_utils import (assert_cache_equals_no_cache, assert_keep_all_equals_
                            vision_prompt)
 
 import gmod_ext
+from gmod_ext._hf import find_decoder
+from gmod_ext.block_layout import attention_module
 from gmod_ext.mod_layer import _model_rope
 
 
@@ -41,6 +54,7 @@ def _one_thread():
 
 
 _hf = hf_model
+GRANITE = dict(residual_multiplier=0.22, attention_multiplier=0.05, embedding_multiplier=12.0, logits_scaling=8.0)
 
 
 BUILDERS = {
@@ -56,9 +70,29 @@ BUILDERS = {
     "exaone4_nope": lambda **kw: _hf("Exaone4ForCausalLM", "Exaone4Config", head_dim=16, sliding_window=5, **kw),
     "cohere2_nope": lambda **kw: _hf("Cohere2ForCausalLM", "Cohere2Config", head_dim=16, sliding_window=5, **kw),
     "cohere_parallel": lambda **kw: _hf("CohereForCausalLM", "CohereConfig", head_dim=16, use_qk_norm=True, **kw),
+    # Phi-1 / 2: a parallel block with one LayerNorm, the output projection named dense, half the head
+    # rotated, one resid_dropout for both updates; with qk_layernorm, per-head q / k LayerNorms
+    "phi2_parallel": lambda **kw: _hf("PhiForCausalLM", "PhiConfig", **kw),
+    "phi_qk_layernorm": lambda **kw: _hf("PhiForCausalLM", "PhiConfig", qk_layernorm=True, **kw),
+    # GPT-OSS: a sink logit per head in every softmax, its own rotation (the head's halves by d / 2
+    # angles), windows of 5 on every other layer, a MoE that also returns its router scores
+    "gpt_oss_sinks": lambda **kw: _hf("GptOssForCausalLM", "GptOssConfig", head_dim=16, num_local_experts=4,
+                                      num_experts_per_tok=2, sliding_window=5, **kw),
+    # HunYuan: per-head q / k norms applied after the rotation (query_layernorm / key_layernorm)
+    "hunyuan_post_rope_norm": lambda **kw: _hf("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", head_dim=16, **kw),
+    # GPT-NeoX (Pythia): the attention module named attention, one query_key_value holding each head's q,
+    # k, v, a quarter of the head rotated, the cache passed as layer_past; parallel (two norms of x) or not
+    "gpt_neox_parallel": lambda **kw: _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", **kw),
+    "gpt_neox_sequential": lambda **kw: _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", use_parallel_residual=False, **kw),
+    # Granite: both updates scaled by residual_multiplier, attention scaled by attention_multiplier (and
+    # embeddings / logits scaled outside the layers); GraniteMoeShared's MLP branch is block_sparse_moe +
+    # shared_mlp
+    "granite_multipliers": lambda **kw: _hf("GraniteForCausalLM", "GraniteConfig", **GRANITE, **kw),
+    "granitemoe_shared": lambda **kw: _hf("GraniteMoeSharedForCausalLM", "GraniteMoeSharedConfig", num_local_experts=4,
+                                          num_experts_per_tok=2, shared_intermediate_size=48, **GRANITE, **kw),
 }
 NOPE = {"smollm3_nope": [3], "exaone4_nope": [3], "cohere2_nope": [3]}  # layers that attend without RoPE
-OWN_ROPE = {"glm", "glm4", "ernie4_5", "cohere_parallel", "cohere2_nope"}  # whose rotation is not Llama's (interleaved)
+OWN_ROPE = {"glm", "glm4", "ernie4_5", "cohere_parallel", "cohere2_nope", "gpt_oss_sinks"}  # whose rotation is not Llama's (interleaved)
 
 
 def _perturb_norms(model):
@@ -73,16 +107,20 @@ def _perturb_norms(model):
 
 LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4", "ernie4_5": "llama",
            "olmo": "llama", "olmo2": "olmo2", "apertus": "apertus", "smollm3_nope": "llama",
-           "exaone4_nope": "olmo2", "cohere2_nope": "parallel", "cohere_parallel": "parallel"}
+           "exaone4_nope": "olmo2", "cohere2_nope": "parallel", "cohere_parallel": "parallel",
+           "granite_multipliers": "llama", "granitemoe_shared": "llama", "phi2_parallel": "parallel",
+           "phi_qk_layernorm": "parallel", "gpt_oss_sinks": "llama", "hunyuan_post_rope_norm": "llama",
+           "gpt_neox_parallel": "neox", "gpt_neox_sequential": "llama"}
+MLP_BRANCH = {"granitemoe_shared": ("block_sparse_moe", "shared_mlp")}  # the others: ("mlp",)
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
 def test_block_layout_names_each_norm_role(arch):
     from gmod_ext.block_layout import block_layout
 
-    layer = BUILDERS[arch]().model.layers[0]
+    layer = find_decoder(BUILDERS[arch]()).layers[0]
     layout = block_layout(layer)
-    assert layout is not None and layout.family == LAYOUTS[arch]
+    assert layout is not None and layout.family == LAYOUTS[arch] and layout.mlp == MLP_BRANCH.get(arch, ("mlp",))
     assert set(layout.names()) == {n for n, _ in layer.named_children() if "norm" in n}  # every norm has a role
 
 
@@ -90,14 +128,14 @@ def test_block_layout_names_each_norm_role(arch):
 def test_nope_layers_are_read_off_the_attention(arch):
     from gmod_ext.mod_layer import _uses_rope
 
-    layers = BUILDERS[arch]().model.layers
-    assert [i for i, layer in enumerate(layers) if not _uses_rope(layer.self_attn)] == NOPE.get(arch, [])
+    layers = find_decoder(BUILDERS[arch]()).layers
+    assert [i for i, layer in enumerate(layers) if not _uses_rope(attention_module(layer))] == NOPE.get(arch, [])
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
 def test_model_rotation_is_used_exactly_where_it_differs(arch):
     model = BUILDERS[arch]()
-    fn = _model_rope(model.model.layers[0].self_attn)
+    fn = _model_rope(attention_module(find_decoder(model).layers[0]))
     assert (fn is not None) == (arch in OWN_ROPE)
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**text_config_kwargs()))
     assert _model_rope(llama.model.layers[0].self_attn) is None  # its own function equals ours
@@ -130,11 +168,14 @@ def test_skipping_generation_cache_equals_no_cache(arch, positions):
     assert len(slots) == 3 and all(0 < n < seen for n in stored), stored
 
 
-def test_phi3_residual_dropout_draws_hf_masks():
-    """Phi-3 drops out the attention and MLP updates (resid_pdrop): in training, a MoD layer keeping every
-    token applies them in the same order on same-shaped tensors, so it draws the same masks."""
-    ref = BUILDERS["phi3"](resid_pdrop=0.3)
-    model = BUILDERS["phi3"](resid_pdrop=0.3)
+@pytest.mark.parametrize("arch,setting", [("phi3", "resid_pdrop"), ("phi2_parallel", "resid_pdrop"),
+                                          ("gpt_neox_parallel", "hidden_dropout")])
+def test_residual_dropout_draws_hf_masks(arch, setting):
+    """Phi-3 drops out the attention and MLP updates (resid_pdrop; Phi-1 / 2 with one module for both,
+    GPT-NeoX with hidden_dropout): in training, a MoD layer keeping every token applies them in the same
+    order on same-shaped tensors, so it draws the same masks."""
+    ref = BUILDERS[arch](**{setting: 0.3})
+    model = BUILDERS[arch](**{setting: 0.3})
     model.load_state_dict(ref.state_dict())
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", aux_coef=0.0, progress=False)
     ids = torch.randint(1, 100, (2, 10), generator=torch.Generator().manual_seed(4))
@@ -146,6 +187,22 @@ def test_phi3_residual_dropout_draws_hf_masks():
     torch.testing.assert_close(lm, lr, rtol=1e-5, atol=1e-5)
     torch.manual_seed(6)  # and the dropout is on: another seed, another result
     assert float((model(ids).logits - lm).abs().max().detach()) > 1e-3
+
+
+def test_gpt_neox_dense_on_cache_passes_the_cache_as_layer_past():
+    """on_cache="dense" hands the cache to the wrapped layer under the keyword it takes (GPT-NeoX's
+    layers: layer_past), so cached generation is the dense model's."""
+    ref = BUILDERS["gpt_neox_parallel"]().eval()
+    model = BUILDERS["gpt_neox_parallel"]().eval()
+    model.load_state_dict(ref.state_dict())
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], on_cache="dense", progress=False)
+    ids, am = padded_prompt(2, 10, pad=(0, 3), seed=4)
+    kw = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+    with torch.no_grad():
+        a, b = ref.generate(input_ids=ids, attention_mask=am, **kw), model.generate(input_ids=ids, attention_mask=am, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.scores, b.scores):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
 
 
 def _glm4v(seed=0):
@@ -195,6 +252,33 @@ def test_aya_vision_image_prompt_converts_exactly_and_generates_from_the_cache()
     """Aya Vision: a SigLIP image encoder in front of Cohere2 (parallel blocks, window 5 on three layers
     of four, the fourth without rotary positions)."""
     assert_vlm_converts_exactly(_aya_vision, skip_layers=[1, 2, 3], positions_3d=False)
+
+
+def _granite_vision(seed=0):
+    """Granite Vision's architecture: LLaVA-NeXT (anyres tiles, image newlines) in front of Granite with
+    its multipliers, a SigLIP encoder."""
+    T = transformers
+    tc = T.GraniteConfig(**text_config_kwargs(vocab_size=300, **GRANITE))
+    vc = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    try:
+        cfg = T.LlavaNextConfig(text_config=tc, vision_config=vc, image_token_index=299, image_grid_pinpoints=[[32, 32]],
+                                vision_feature_select_strategy="full", vision_feature_layer=-1)
+    except (TypeError, ValueError) as err:
+        pytest.skip(f"cannot build a tiny LLaVA-NeXT / Granite here: {err}")
+    torch.manual_seed(seed)
+    model = T.LlavaNextForConditionalGeneration(cfg).float().eval()
+    _perturb_norms(model)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(1, 250, (2, 44), generator=g)
+    ids[:, 2:38] = 299  # a 32 x 32 image: 16 base patches + 16 tile patches + 4 newlines = 36 tokens
+    kw = dict(pixel_values=torch.randn(2, 2, 3, 32, 32, generator=g), image_sizes=torch.tensor([[32, 32]] * 2))
+    return model, ids, kw
+
+
+def test_granite_vision_image_prompt_converts_exactly_and_generates_from_the_cache():
+    model = assert_vlm_converts_exactly(_granite_vision, skip_layers=[1, 2, 3], positions_3d=False)
+    assert model.model.language_model.layers[1].residual_multiplier == GRANITE["residual_multiplier"]
 
 
 def _qwen3_vl(seed=0):

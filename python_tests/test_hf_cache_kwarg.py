@@ -16,15 +16,17 @@ from gmod_ext._hf import cache_kwarg_of, output_cache, pop_cache
 from gmod_ext.cache import GmodCache_cls, GmodLayer_cls
 
 
-def test_pop_cache_takes_either_name_and_refuses_both():
+def test_pop_cache_takes_any_name_and_refuses_two():
     c = object()
-    for name in ("cache", "past_key_values"):
+    for name in ("cache", "past_key_values", "layer_past"):  # layer_past: GPT-NeoX's decoder layers
         kw = {name: c, "other": 1}
         assert pop_cache(kw) is c and kw == {"other": 1}
-    kw = {"past_key_values": None, "cache": None}
+    kw = {"past_key_values": None, "cache": None, "layer_past": None}
     assert pop_cache(kw) is None and kw == {}
-    with pytest.raises(ValueError, match="both"):
+    with pytest.raises(ValueError, match="given as cache and past_key_values; pass it once"):
         pop_cache({"cache": c, "past_key_values": object()})
+    with pytest.raises(ValueError, match="given as past_key_values and layer_past"):
+        pop_cache({"layer_past": c, "past_key_values": object()})
 
 
 def test_output_cache_reads_the_field_of_either_release():
@@ -44,7 +46,10 @@ def test_cache_kwarg_of_reads_the_signature():
 
     def old(hidden_states, past_key_values=None, **kw): ...
 
+    def neox(hidden_states, layer_past=None, **kw): ...
+
     assert cache_kwarg_of(new) == "cache" and cache_kwarg_of(old) == "past_key_values"
+    assert cache_kwarg_of(neox) == "layer_past"
     assert cache_kwarg_of(len) in ("cache", "past_key_values")  # builtins: no crash
 
 

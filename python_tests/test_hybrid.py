@@ -146,3 +146,68 @@ def test_qwen35_vlm_image_prompt_converts_exactly_and_generates_from_the_cache()
     image tokens."""
     model = assert_vlm_converts_exactly(_qwen35_vlm, skip_layers=ATTENTION_LAYERS)
     assert model.config.gmod["layers"] == ATTENTION_LAYERS
+
+
+# ------------------------------------------------------------------ Granite-4 (GraniteMoeHybrid)
+# Mamba-2 layers and attention layers, each with experts + a shared MLP, Granite's residual multiplier;
+# the released Granite-4 hybrids attend without positions (position_embedding_type "nope": the model
+# builds no rotary module and passes position_embeddings=None, which its attention's forward tests).
+GRANITE4_ATTENTION = [1, 3]
+
+
+def _granite4(pe="nope", experts=4, seed=0):
+    if getattr(transformers, "GraniteMoeHybridForCausalLM", None) is None:
+        pytest.skip("this transformers has no GraniteMoeHybrid")
+    try:
+        model = hf_model("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig", position_embedding_type=pe,
+                         layer_types=["linear_attention", "full_attention"] * 2, mamba_n_heads=8, mamba_d_head=16,
+                         mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=8, num_local_experts=experts,
+                         num_experts_per_tok=2, shared_intermediate_size=48, residual_multiplier=0.22,
+                         attention_multiplier=0.05, embedding_multiplier=12.0, logits_scaling=8.0)
+    except (TypeError, ValueError) as err:
+        pytest.skip(f"cannot build a tiny GraniteMoeHybrid here: {err}")
+    g = torch.Generator().manual_seed(seed + 11)
+    with torch.no_grad():  # HF leaves norm weights at 1: perturb so a misplaced norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("pe", ["nope", "rope"])
+def test_granite4_attention_layers_convert_and_nope_is_read_off_the_model(pe):
+    from gmod_ext.mod_layer import _uses_rope
+
+    model = _granite4(pe)
+    parts = find_decoder(model)
+    assert parts.convertible == tuple(GRANITE4_ATTENTION)
+    assert (parts.rotary is None) == (pe == "nope")
+    gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
+    assert [layer._gmod_uses_rope for layer in (parts.layers[i] for i in GRANITE4_ATTENTION)] == [pe == "rope"] * 2
+    # the same attention class in a model that passes position embeddings rotates
+    assert _uses_rope(parts.layers[1].self_attn, model_has_rotary=True)
+
+
+@pytest.mark.parametrize("pe,experts", [("nope", 4), ("rope", 4), ("nope", 0)])
+def test_granite4_keep_all_logits_and_gradients_equal_hf(pe, experts):
+    ref = _granite4(pe, experts)
+    model = _granite4(pe, experts)
+    model.load_state_dict(ref.state_dict())
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", aux_coef=0.0, progress=False)
+    assert_keep_all_equals_hf(ref, model)
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_granite4_skipping_generation_cache_equals_no_cache(positions):
+    model = _granite4("nope").eval()
+    gmod_ext.convert(model, ratio=0.5, layers="all", positions=positions, progress=False)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape, generator=g) * 0.5)
+    ids, am = padded_prompt(3, 12, pad=(0, 2, 4), seed=3)
+    out = assert_cache_equals_no_cache(model, dict(input_ids=ids, attention_mask=am), max_new_tokens=8)
+    cache = out.get("cache") or out.get("past_key_values")
+    report = gmod_ext.kv_memory_report(cache)
+    rows = {r["layer"]: r for r in report["layers"]}
+    assert all(rows[i]["kind"] == "mod" and rows[i]["bytes"] < rows[i]["dense_bytes"] for i in GRANITE4_ATTENTION)
+    assert all(rows[i]["kind"] == "state" for i in range(4) if i not in GRANITE4_ATTENTION)

@@ -89,6 +89,34 @@ def test_op_matches_float64_loop(window, softcap, Hk, decode, device):
         assert torch.equal(a.detach(), b)
 
 
+@pytest.mark.parametrize("window,softcap", [(None, None), (3, None), (3, 0.8)])
+@pytest.mark.parametrize("Hk", [1, 4])
+@pytest.mark.parametrize("decode", [False, True])
+def test_op_with_sinks_matches_float64_loop(window, softcap, Hk, decode, device):
+    """GPT-OSS's sinks: one logit per head joins each softmax and is dropped; gradients reach the sinks."""
+    case = _case(100 + 10 * Hk + decode, Hk, decode, torch.float32)
+    q, k, v, q_pos, k_pos, k_len = (t.to(device) for t in case)
+    sinks = torch.randn(q.shape[2], generator=torch.Generator().manual_seed(3)).to(device)
+    tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=1e-4, atol=1e-4)
+    q, k, v, sinks = (t.clone().requires_grad_() for t in (q, k, v, sinks))
+    saved = sinks.detach().clone()
+    out = position_masked_attention(q, k, v, q_pos, k_pos, k_len, 0.7, window=window, softcap=softcap, sinks=sinks)
+    q64, k64, v64, s64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v, sinks))
+    ref, visible = position_attention_ref(q64, k64, v64, *case[3:], 0.7, window, softcap, sinks=s64)
+    without, _ = position_attention_ref(q64, k64, v64, *case[3:], 0.7, window, softcap)
+    assert float((ref - without).detach()[visible].abs().max()) > 1e-2  # the sinks matter here
+    torch.testing.assert_close(out.cpu().double()[visible], ref[visible], **tol)
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * visible[..., None, None]
+    (out.cpu().double() * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, b, name in ((q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"), (v.grad, v64.grad, "dv"),
+                       (sinks.grad, s64.grad, "dsinks")):
+        torch.testing.assert_close(a.cpu().double(), b, **tol, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(sinks.detach(), saved)
+    with pytest.raises(ValueError, match=r"sinks must be \[Hq\]"):
+        position_masked_attention(q, k, v, q_pos, k_pos, k_len, 0.7, sinks=sinks[:-1])
+
+
 @pytest.mark.parametrize("window,softcap", [(3, None), (None, 0.8), (4, 1.5)])
 def test_op_bfloat16_within_twice_the_bfloat16_error(window, softcap, device):
     q, k, v, q_pos, k_pos, k_len = _case(5, 2, False, torch.bfloat16)

@@ -27,14 +27,11 @@ _hf = hf_model
 
 REFUSED = {
     # name: (builder, words the error must contain, whether verify=False is offered)
-    "granite_residual": (lambda: _hf("GraniteForCausalLM", "GraniteConfig", residual_multiplier=0.5),
-                         "residual_multiplier = 0.5", True),
-    # q / k norms after the rotation (HunYuan): found by the comparison only
-    "hunyuan": (lambda: _hf("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", head_dim=16),
-                "not a block a MoD layer reproduces", True),
-
-    "gpt_oss": (lambda: _hf("GptOssForCausalLM", "GptOssConfig", head_dim=16, num_local_experts=4,
-                            num_experts_per_tok=2), "sinks", True),
+    # differential attention (two softmaxes subtracted): found by the comparison only
+    "diffllama": (lambda: _hf("DiffLlamaForCausalLM", "DiffLlamaConfig"), "not a block a MoD layer reproduces", True),
+    # a layer that returns a tuple, whose model reads out[0] (GPT-NeoX-Japanese): a MoD layer's tensor would
+    # lose all but its first row there
+    "gpt_neox_japanese": (lambda: _hf("GPTNeoXJapaneseForCausalLM", "GPTNeoXJapaneseConfig"), "returns a tuple", True),
 }
 ACCEPTED = {
     "llama": lambda: tiny_model("llama"),
@@ -47,6 +44,19 @@ ACCEPTED = {
     "qwen2_moe": lambda: _hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", moe_intermediate_size=32,
                              shared_expert_intermediate_size=32),  # sliding_window 0 = none
     "granite": lambda: _hf("GraniteForCausalLM", "GraniteConfig"),  # multipliers 1: a Llama block
+    # Granite's residual / attention multipliers, GraniteMoE's experts named block_sparse_moe
+    "granite_multipliers": lambda: _hf("GraniteForCausalLM", "GraniteConfig", residual_multiplier=0.5,
+                                       attention_multiplier=0.05),
+    # GPT-OSS: attention sinks, its own half-width rotation, a MoE returning router scores too
+    "gpt_oss": lambda: _hf("GptOssForCausalLM", "GptOssConfig", head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+    # Phi-2: a parallel block with the output projection named dense
+    # HunYuan: per-head q / k norms after the rotation
+    "hunyuan": lambda: _hf("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", head_dim=16),
+    # GPT-NeoX: attention named attention, per-head fused query_key_value, parallel residual, layer_past
+    "gpt_neox": lambda: _hf("GPTNeoXForCausalLM", "GPTNeoXConfig"),
+    "phi2": lambda: _hf("PhiForCausalLM", "PhiConfig"),
+    "granitemoe": lambda: _hf("GraniteMoeForCausalLM", "GraniteMoeConfig", residual_multiplier=0.5,
+                              num_local_experts=4, num_experts_per_tok=2),
     # LayerNorm with biases and a plain GELU MLP (StarCoder2), partial rotary + LayerNorm (StableLM),
     # MoE MLPs (OLMoE, Qwen3-MoE)
     "starcoder2": lambda: _hf("Starcoder2ForCausalLM", "Starcoder2Config"),
@@ -133,9 +143,9 @@ def test_refused_blocks_raise_before_anything_changes(name):
 
 
 def test_verify_false_converts_a_refused_block_and_the_check_was_right():
-    """With verify=False a Granite model with residual multipliers converts, and keeping every token
+    """With verify=False a DiffLlama model (differential attention) converts, and keeping every token
     does NOT give its logits: what the check refused is a real difference, not a false alarm."""
-    model = REFUSED["granite_residual"][0]().eval()
+    model = REFUSED["diffllama"][0]().eval()
     ids = _ids()
     ref = _logits(model, ids)
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False, verify=False)
@@ -395,7 +405,7 @@ def test_layers_with_their_own_settings_are_checked_on_their_own(monkeypatch):
     parts = find_decoder(model)
     assert [parts.layers[i].self_attn.use_rope for i in range(4)] == [1, 1, 1, 0]
     assert verify._kind(parts, 3) != verify._kind(parts, 0) and verify._kind(parts, 2) == verify._kind(parts, 0)
-    monkeypatch.setattr(mod_layer, "_uses_rope", lambda attn: True)  # a MoD layer that always rotates
+    monkeypatch.setattr(mod_layer, "_uses_rope", lambda attn, **kw: True)  # a MoD layer that always rotates
     with pytest.raises(TypeError, match=r"decoder layer 3 \(SmolLM3DecoderLayer\) is not a block"):
         gmod_ext.convert(copy.deepcopy(model), ratio=0.0, layers="all", gate="none", progress=False)
     monkeypatch.setattr(verify, "_settings", lambda module: ())  # kinds merged: layer 3 goes unchecked

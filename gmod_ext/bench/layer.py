@@ -30,11 +30,11 @@ The gmod layer's forward is checked once against (c) run with the same selection
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
 
+from ..config import keep_count
 from .common import Col, Ctx, Section, check_all, measure, missing, record_check, record_error
 
 SIZES = {
@@ -159,7 +159,7 @@ def run(ctx: Ctx):
     z = SIZES[ctx.size_mode]
     B, S, D, H, Hk, I = z["B"], z["S"], z["D"], z["H"], z["Hk"], z["I"]
     dev, dt = ctx.device, ctx.dtype
-    C = S - int(math.floor(RATIO * S + 1e-9))
+    C = keep_count(S, RATIO)
     d = D // H
     cfg = llama_layer_config(z, dt)
     with torch.device(dev):  # initialise on the device (a 7B-shaped layer is slow to initialise on a CPU)
