@@ -14,6 +14,8 @@ family                 N_in (before attention)  N_ao (attention output)   N_mi (
 Llama, Qwen, Phi-3...  input_layernorm         -                         post_attention_layernorm   -
 Gemma-2 / 3            input_layernorm         post_attention_layernorm  pre_feedforward_layernorm  post_feedforward_layernorm
 GLM-4                  input_layernorm         post_self_attn_layernorm  post_attention_layernorm   post_mlp_layernorm
+HyperCLOVA X           input_layernorm         post_norm1                post_attention_layernorm   post_norm2
+VaultGemma             input_layernorm         -                         pre_feedforward_layernorm  -
 Apertus                attention_layernorm     -                         feedforward_layernorm      -
 OLMo-2 / 3, EXAONE-4   -                       post_attention_layernorm  -                          post_feedforward_layernorm
 Cohere, Phi-1/2 (par.) input_layernorm         -                         input_layernorm, on x      -
@@ -65,7 +67,7 @@ class BlockLayout:
 
 KNOWN_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                "post_feedforward_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm",
-               "attention_layernorm", "feedforward_layernorm")
+               "attention_layernorm", "feedforward_layernorm", "post_norm1", "post_norm2")
 
 
 # Names the attention module goes by: ``self_attn`` (most families), ``attention`` (GPT-NeoX).
@@ -111,8 +113,13 @@ def _norm_layout(layer: nn.Module) -> Optional[BlockLayout]:
         if has("post_self_attn_layernorm") and has("post_attention_layernorm"):
             return BlockLayout("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
                                "post_mlp_layernorm" if has("post_mlp_layernorm") else None, "glm4")
+        if has("post_norm1") and has("post_norm2") and has("post_attention_layernorm"):
+            # HyperCLOVA X's peri-layer norms on both updates (nn.Identity where config.use_post_norm is off)
+            return BlockLayout("input_layernorm", "post_norm1", "post_attention_layernorm", "post_norm2", "hyperclovax")
         if has("post_attention_layernorm"):
             return BlockLayout("input_layernorm", None, "post_attention_layernorm", None, "llama")
+        if has("pre_feedforward_layernorm"):  # VaultGemma: Gemma-2's pre-norms without its post-norms
+            return BlockLayout("input_layernorm", None, "pre_feedforward_layernorm", None, "vaultgemma")
         # one norm for both branches: a parallel block, y = x + attn(N(x)) + mlp(N(x)) (Cohere, Phi-1/2)
         return BlockLayout("input_layernorm", None, "input_layernorm", None, "parallel", parallel=True)
     if has("attention_layernorm") and has("feedforward_layernorm"):

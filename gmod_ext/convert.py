@@ -330,7 +330,7 @@ def convert(
             "tensors); or pass layers='all' / a list of layer indices"
         )
     if verify:  # before ARank: an unsupported block should fail here, with the reason
-        check_decoder_layers(model, parts)
+        check_decoder_layers(model, parts, positions=positions)
     if image_token_id is None:
         image_token_id = parts.image_token_id
     if forced is None:

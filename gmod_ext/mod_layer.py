@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._hf import cache_kwarg_of, pop_cache
+from ._hf import accepts, cache_kwarg_of, pop_cache
 from .block_layout import attention_module, block_hidden_size, block_layout
 from .config import GmodConfig, capacity, capacity_of_rows, num_skipped_tensor
 from .masked_attention import attention_sinks, attention_softcap, position_masked_attention
@@ -231,6 +231,13 @@ def attention_backend(setting: str, device: torch.device, dtype: torch.dtype) ->
     if setting != "auto":
         return setting
     return "sdpa" if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else "gmod"
+
+
+def _layer_type(attn: nn.Module) -> Optional[str]:
+    """The attention's entry of ``config.layer_types`` ("sliding_attention", "full_attention", ...), or None."""
+    types = getattr(getattr(attn, "config", None), "layer_types", None)
+    i = getattr(attn, "layer_idx", None)
+    return types[i] if isinstance(types, (list, tuple)) and isinstance(i, int) and 0 <= i < len(types) else None
 
 
 def _head_dim(attn: nn.Module) -> int:
@@ -402,7 +409,8 @@ class MoDDecoderLayer:
             # an M-RoPE rotary (time, height, width positions): the same 1-D positions on all three axes
             # (some releases' rotaries index a leading axis of 3 and do not broadcast 2-D ids)
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
-        return rotary(x, position_ids)
+        layer_type = self.__dict__.get("_gmod_rotary_type")  # Gemma-3: one module, local / global angles
+        return rotary(x, position_ids) if layer_type is None else rotary(x, position_ids, layer_type)
 
     def gmod_decode_keep(self, logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """The decode rule, bool [B, S]: ``p >= config.decode_threshold`` or forced, never padding.
@@ -904,6 +912,9 @@ def make_mod_layer(
     norm_in = getattr(layer, layout.attn_in) if layout.attn_in is not None else None
     layer._gmod_norm_offset = isinstance(getattr(norm_in, "weight", None), torch.Tensor) and _norm_is_offset(norm_in)
     layer._gmod_rope = _model_rope(attention_module(layer))
+    # a rotary module with angles per layer type (Gemma-3's local / global) is asked for this layer's
+    layer._gmod_rotary_type = _layer_type(attention_module(layer)) \
+        if state.rotary is not None and accepts(state.rotary.forward, "layer_type") else None
     # a model converted whole tells whether it has a rotary module; a standalone layer is assumed to get
     # position embeddings from its caller
     layer._gmod_uses_rope = _uses_rope(attention_module(layer), model_has_rotary=state.rotary is not None or not state_given)
@@ -920,7 +931,8 @@ def unmake_mod_layer(layer: nn.Module) -> nn.Module:
     if not isinstance(layer, MoDDecoderLayer):
         return layer
     layer.__class__ = layer._gmod_base_class
-    for name in ("gmod_layer_idx", "gmod_ratio", "_gmod_state", "_gmod_norm_offset", "_gmod_rope", "_gmod_layout", "_gmod_uses_rope"):
+    for name in ("gmod_layer_idx", "gmod_ratio", "_gmod_state", "_gmod_norm_offset", "_gmod_rope", "_gmod_layout", "_gmod_uses_rope",
+                 "_gmod_rotary_type"):
         layer.__dict__.pop(name, None)
     layer._modules.pop("gmod_router", None)
     return layer

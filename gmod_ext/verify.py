@@ -147,7 +147,7 @@ def _reference_attention(layer: nn.Module) -> None:
 
 
 def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwargs: dict, rotary,
-               cfg: Any, tolerance: float, routing: Optional[RoutingInfo] = None) -> None:
+               cfg: Any, tolerance: float, routing: Optional[RoutingInfo] = None, positions: str = "original") -> None:
     where = f"gmod.convert: {model_name} decoder layer {index} ({type(layer).__name__})"
     advice = ("Keep this model dense, or pass verify=False to gmod.convert to convert it anyway (its outputs "
               "will not be the model's).")
@@ -167,7 +167,10 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
                         "first element its model reads; a MoD layer returns the hidden states tensor, as the decoder "
                         f"layers of transformers 5 do. {advice}")
     with torch.no_grad():
-        state = GmodState(GmodConfig(gate="none", router="per_layer", router_init="zeros"), rotary=rotary)
+        # positions="compact" recomputes cos / sin with the model's rotary module: on the unpadded check
+        # prompt, every token kept, the compact positions are the original ones, so it must agree too
+        state = GmodState(GmodConfig(gate="none", router="per_layer", router_init="zeros", positions=positions),
+                          rotary=rotary)
         make_mod_layer(work, 0.0, layer_idx=index, state=state)
         try:
             mod_kwargs = kwargs if routing is None else dict(kwargs, gmod_routing=routing)
@@ -178,6 +181,17 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
                             + (f"; likely cause: {'; '.join(hints)}" if hints else "") + f". {advice}") from err
     scale = float(ref.abs().max())
     err = float((out - ref).abs().max()) / max(scale, 1e-30)
+    if not err <= tolerance and positions == "compact":  # is it the angles? then say so
+        try:
+            _check_one(model_name, index, layer, args, kwargs, rotary, cfg, tolerance, routing, positions="original")
+        except TypeError:
+            pass
+        else:
+            raise TypeError(
+                f"{where}: with positions='compact' its MoD layer computes rotary angles with the model's rotary "
+                f"module, and they are not the ones this layer is given (its update differs by {err:.1e}; e.g. "
+                "per-layer rotary bases). With positions='original' (the default: the layer's own cos / sin rows "
+                "of the kept tokens) it converts exactly; convert with that.")
     if not err <= tolerance:  # NaN fails too
         hints = _hints(layer, cfg, kwargs)
         raise TypeError(
@@ -189,7 +203,8 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
             f"OLMo-2 put them (gmod_ext.block_layout). {advice}")
 
 
-def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, indices: list, tolerance: float) -> None:
+def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, indices: list, tolerance: float,
+                           positions: str = "original") -> None:
     """Multimodal models that mark image tokens with ``token_type_ids`` (Gemma-3's, PaliGemma's) let some
     tokens attend to later ones: the tokens of one image see each other in both directions. The
     language-model check prompt has no image, so it cannot see that: run the whole model once more with a
@@ -228,7 +243,7 @@ def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, indices: 
         args, kwargs = seen[i]
         try:
             _check_one(type(model).__name__, i, parts.layers[i], args, kwargs, parts.rotary, parts.text_config,
-                       tolerance, routing=routing)
+                       tolerance, routing=routing, positions=positions)
         except TypeError as err:
             raise TypeError(
                 f"gmod.convert: {type(model).__name__} on a prompt with image tokens (token_type_ids): {err}. Its "
@@ -238,10 +253,12 @@ def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, indices: 
                 "language model, or pass verify=False to gmod.convert to convert it anyway.") from err
 
 
-def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLERANCE) -> int:
+def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLERANCE,
+                         positions: str = "original") -> int:
     """Raise TypeError unless a MoD layer reproduces each kind of decoder layer of ``model`` (see the
-    module docstring). ``parts``: :func:`gmod_ext._hf.find_decoder`'s result. Returns the number of
-    layer kinds checked."""
+    module docstring). ``parts``: :func:`gmod_ext._hf.find_decoder`'s result; ``positions``: the MoD
+    layers' :attr:`GmodConfig.positions` (with "compact" the layers' rotary angles come from the model's
+    rotary module, which must then be the one each layer uses). Returns the number of layer kinds checked."""
     kinds: dict = {}
     for i in parts.convertible:  # (a hybrid's linear-attention layers stay as they are)
         kinds.setdefault(_kind(parts, i), i)
@@ -283,8 +300,8 @@ def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLE
             for i in indices:
                 args, kwargs = captured[i]
                 _check_one(type(model).__name__, i, parts.layers[i], args, kwargs, parts.rotary,
-                           parts.text_config, tolerance)
-            _check_image_attention(model, parts, ids.to(device), indices, tolerance)
+                           parts.text_config, tolerance, positions=positions)
+            _check_image_attention(model, parts, ids.to(device), indices, tolerance, positions)
     finally:
         for h in handles:
             h.remove()

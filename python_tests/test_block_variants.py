@@ -21,6 +21,7 @@
 * GPT-NeoX (Pythia): the attention module named ``attention`` with one ``query_key_value`` (each head's
   q, k, v in turn), partial rotary, the cache keyword ``layer_past``, parallel blocks with a norm per
   branch (or sequential ones), dropouts on both updates;
+* VaultGemma (Gemma-2's pre-norms only) and HyperCLOVA X (norms on both updates, a residual multiplier);
 * Granite's multipliers (both updates scaled by ``residual_multiplier``, ``attention_multiplier`` as the
   attention scale) and GraniteMoeShared's MLP branch (``block_sparse_moe`` + ``shared_mlp``);
 * GLM-4V: all of GLM-4 plus 3-D rotary positions on image tokens; Aya Vision: Cohere2 behind SigLIP;
@@ -84,6 +85,11 @@ BUILDERS = {
     # k, v, a quarter of the head rotated, the cache passed as layer_past; parallel (two norms of x) or not
     "gpt_neox_parallel": lambda **kw: _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", **kw),
     "gpt_neox_sequential": lambda **kw: _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", use_parallel_residual=False, **kw),
+    # VaultGemma: Gemma-2's pre-norms (input_layernorm, pre_feedforward_layernorm) without its post-norms;
+    # HyperCLOVA X: peri-layer norms on both updates (post_norm1 / post_norm2) and a residual multiplier
+    "vaultgemma": lambda **kw: _hf("VaultGemmaForCausalLM", "VaultGemmaConfig", head_dim=16, **kw),
+    "hyperclovax_peri_norm": lambda **kw: _hf("HyperCLOVAXForCausalLM", "HyperCLOVAXConfig", use_post_norm=True,
+                                              residual_multiplier=0.5, **kw),
     # Granite: both updates scaled by residual_multiplier, attention scaled by attention_multiplier (and
     # embeddings / logits scaled outside the layers); GraniteMoeShared's MLP branch is block_sparse_moe +
     # shared_mlp
@@ -110,7 +116,8 @@ LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4"
            "exaone4_nope": "olmo2", "cohere2_nope": "parallel", "cohere_parallel": "parallel",
            "granite_multipliers": "llama", "granitemoe_shared": "llama", "phi2_parallel": "parallel",
            "phi_qk_layernorm": "parallel", "gpt_oss_sinks": "llama", "hunyuan_post_rope_norm": "llama",
-           "gpt_neox_parallel": "neox", "gpt_neox_sequential": "llama"}
+           "gpt_neox_parallel": "neox", "gpt_neox_sequential": "llama", "vaultgemma": "vaultgemma",
+           "hyperclovax_peri_norm": "hyperclovax"}
 MLP_BRANCH = {"granitemoe_shared": ("block_sparse_moe", "shared_mlp")}  # the others: ("mlp",)
 
 

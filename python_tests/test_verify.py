@@ -413,3 +413,47 @@ def test_layers_with_their_own_settings_are_checked_on_their_own(monkeypatch):
     ref = _logits(model, ids)
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
     assert float((_logits(model, ids) - ref).abs().max() / ref.abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_window"])
+def test_compact_positions_keep_every_token_exactly(name):
+    """positions="compact" takes cos / sin from the model's rotary module at the compact positions; with
+    every token of an unpadded prompt kept those are the original positions, so the logits are the dense
+    model's. Gemma-3's one rotary module gives its local and global layers different angles (theta 10k and
+    1M), which a MoD layer asks for by its layer type."""
+    model = ACCEPTED[name]().eval()
+    ids = _ids()
+    ref = _logits(model, ids)
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", positions="compact", progress=False)
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compact_positions_are_checked_against_the_angles_each_layer_gets():
+    """Layers that rotate with angles other than the model's rotary module's (as GraniteSWA's per-layer
+    thetas; here a pre-hook hands every layer theta-500 cos / sin) convert with positions="original",
+    which gathers the cos / sin rows each layer is given, and are refused with "compact", which would
+    compute them with the model's module."""
+    def build():
+        model = tiny_model("llama").eval()
+        other = type(model.model.rotary_emb)(config=copy.deepcopy(model.config))
+        other.inv_freq = 1.0 / (500.0 ** (torch.arange(0, 16, 2).float() / 16))  # head_dim 16, theta 500
+
+        def hook(_module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            pos = torch.arange(x.shape[1]).unsqueeze(0)
+            kwargs["position_embeddings"] = other(x, pos)
+            return args, kwargs
+
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(hook, with_kwargs=True)
+        return model
+
+    model = build()
+    ids = _ids(B=1)
+    ref = _logits(model, ids)
+    assert float((ref - _logits(tiny_model("llama").eval(), ids)).abs().max()) > 1e-3  # the angles matter
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match=r"decoder layer 0 \(LlamaDecoderLayer\): with positions='compact' .* "
+                                        r"With positions='original' .* converts exactly"):
+        gmod_ext.convert(build(), ratio=0.0, layers="all", gate="none", positions="compact", progress=False)
