@@ -67,6 +67,7 @@ import math
 import numbers
 import os
 import types
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -331,6 +332,12 @@ def convert(
         )
     if verify:  # before ARank: an unsupported block should fail here, with the reason
         check_decoder_layers(model, parts, positions=positions)
+    if positions == "compact" and getattr(parts.rotary, "mrope_section", None) is not None:
+        warnings.warn(
+            f"gmod.convert: {type(model).__name__} rotates by 3-D (time, height, width) positions on image tokens "
+            "(M-RoPE); positions='compact' gives the kept tokens 1-D positions, so an image's tokens lose their "
+            "2-D layout in MoD layers (text-only prompts are unaffected). positions='original' keeps the model's "
+            "own positions.", stacklevel=2)
     if image_token_id is None:
         image_token_id = parts.image_token_id
     if forced is None:

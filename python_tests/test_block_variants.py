@@ -312,3 +312,17 @@ def test_qwen3_vl_image_prompt_converts_exactly_and_generates_from_the_cache():
     """Qwen3-VL: Qwen3's block (per-head q / k norms) with interleaved 3-D M-RoPE on image tokens and
     DeepStack (vision features added to the hidden states between the first decoder layers)."""
     assert_vlm_converts_exactly(_qwen3_vl, skip_layers=[1, 2])
+
+
+def test_compact_positions_on_an_m_rope_model_warn():
+    """positions="compact" gives kept image tokens 1-D positions: on an M-RoPE model convert says so."""
+    import warnings
+
+    model, _, _ = _qwen3_vl()
+    with pytest.warns(UserWarning, match=r"\(M-RoPE\); positions='compact' gives the kept tokens 1-D positions"):
+        gmod_ext.convert(model, ratio=0.5, layers=[1, 2], positions="compact", progress=False)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**text_config_kwargs()))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        gmod_ext.convert(llama, ratio=0.5, layers="all", positions="compact", progress=False)
+    assert not [w for w in seen if "M-RoPE" in str(w.message)]
