@@ -1,8 +1,10 @@
 """Locate the parts of a Hugging Face decoder model (no transformers import needed).
 
 Supported: ``*ForCausalLM`` of the Llama family (Llama, Mistral, Qwen2, ... : ``model.model.layers``)
-and ``LlavaForConditionalGeneration`` (``model.model.language_model.layers``); any module whose
-decoder stack has ``layers`` + ``rotary_emb`` is found by a search.
+and ``LlavaForConditionalGeneration`` (``model.model.language_model.layers``); any other module whose
+``layers`` hold decoder blocks of a known layout (:mod:`gmod_ext.block_layout`) is found by a search
+(OPT's ``model.decoder.layers``, BLIP-2's ``language_model.model.decoder.layers``, BioGPT's
+``biogpt.layers``); GPT-2 calls its stack ``transformer.h``.
 """
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ from typing import Optional
 
 from torch import nn
 
-from .block_layout import block_hidden_size, block_layout
+from .block_layout import block_hidden_size, block_layout, layout_refusal
 
 
 @dataclasses.dataclass
 class DecoderParts:
-    text_model: nn.Module  # the module that owns `layers` (LlamaModel, ...)
+    text_model: nn.Module  # the module that owns `layers` (LlamaModel, ...; GPT2Model's is called `h`)
     layers: nn.ModuleList
     rotary: Optional[nn.Module]
     text_config: object  # the config of the decoder stack
@@ -65,9 +67,21 @@ def _is_decoder_layer(m: nn.Module) -> bool:
     return block_layout(m) is not None
 
 
+STACK_NAMES = ("layers", "h")  # the decoder stack's attribute: ``layers``, or GPT-2's ``h``
+
+
+def _stack(m: nn.Module) -> Optional[nn.ModuleList]:
+    """``m``'s decoder layer stack (a ModuleList named as in :data:`STACK_NAMES`), or None."""
+    for name in STACK_NAMES:
+        layers = getattr(m, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    return None
+
+
 def find_decoder(model: nn.Module) -> DecoderParts:
     candidates = []
-    for path in ("model.language_model", "language_model.model", "model", "language_model", ""):
+    for path in ("model.language_model", "language_model.model", "model", "language_model", "transformer", ""):
         m = model
         ok = True
         for part in filter(None, path.split(".")):
@@ -75,22 +89,30 @@ def find_decoder(model: nn.Module) -> DecoderParts:
             if m is None:
                 ok = False
                 break
-        if ok and isinstance(getattr(m, "layers", None), nn.ModuleList):
+        if ok and _stack(m) is not None:
             candidates.append(m)
             break
+    refusal = None  # why a stack that looks like decoder layers is not one gmod_ext converts
     if not candidates:
         for _, m in model.named_modules():
-            layers = getattr(m, "layers", None)
-            if isinstance(layers, nn.ModuleList) and any(_is_decoder_layer(layer) for layer in layers):
+            layers = _stack(m)
+            if layers is None:
+                continue
+            if any(_is_decoder_layer(layer) for layer in layers):
                 candidates.append(m)
                 break
+            refusal = refusal or next((r for r in map(layout_refusal, layers) if r is not None), None)
+    if not candidates and refusal:
+        raise TypeError(f"gmod: {type(model).__name__}'s decoder layers are not ones MoD layers reproduce: {refusal}")
     if not candidates:
         raise TypeError(f"gmod: could not find a decoder layer stack in {type(model).__name__}")
     text_model = candidates[0]
-    layers = text_model.layers
+    layers = _stack(text_model)
     convertible = tuple(i for i, layer in enumerate(layers) if _is_decoder_layer(layer))
     if not convertible:
-        raise TypeError(f"gmod: {type(text_model).__name__}.layers are not Llama-family decoder layers")
+        refusal = next((r for r in map(layout_refusal, layers) if r is not None), None)
+        raise TypeError(f"gmod: {type(text_model).__name__}'s layers are not Llama-family decoder layers"
+                        + (f": {refusal}" if refusal else ""))
     cfg = getattr(text_model, "config", None) or getattr(model, "config", None)
     top_cfg = getattr(model, "config", None)
     image_token_id = None

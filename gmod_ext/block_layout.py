@@ -18,6 +18,8 @@ HyperCLOVA X           input_layernorm         post_norm1                post_at
 VaultGemma             input_layernorm         -                         pre_feedforward_layernorm  -
 Apertus                attention_layernorm     -                         feedforward_layernorm      -
 OLMo-2 / 3, EXAONE-4   -                       post_attention_layernorm  -                          post_feedforward_layernorm
+OPT, XGLM, BioGPT      self_attn_layer_norm    -                         final_layer_norm           -
+GPT-2                  ln_1                    -                         ln_2                       -
 Cohere, Phi-1/2 (par.) input_layernorm         -                         input_layernorm, on x      -
 GPT-NeoX (parallel)    input_layernorm         -                         post_attention_layernorm,  -
                                                                          on x
@@ -27,6 +29,17 @@ The MLP branch is ``mlp``, or, in Granite's MoE families, ``block_sparse_moe`` p
 the block has them (their outputs are summed: GraniteMoE, GraniteMoeShared, Granite-4's hybrid). Granite
 also scales both updates by ``residual_multiplier``; a MoD layer does the same (``BlockLayout``
 leaves that to the block's own attribute).
+
+OPT's family (OPT, the language model of BLIP-2 / InstructBLIP; XGLM; BioGPT: fairseq's decoder) has no
+MLP module: the block computes ``fc2(activation_fn(fc1(.)))`` itself (``BlockLayout.mlp = ("fc1", "fc2")``,
+``mlp_act = "activation_fn"``), drops out both updates with the float ``dropout`` (and the activation with
+``activation_dropout``), and gets absolute positions added to its input, not rotary ones. Its post-norm
+variant (``do_layer_norm_before = False``, OPT-350m) normalises after each residual sum: no update a MoD
+layer could gate, so it is refused with that reason (:func:`layout_refusal`), as is a block with
+cross-attention (``encoder_attn``).
+
+GPT-2's block names its attention ``attn`` (one ``c_attn`` for q, k, v, ``c_proj`` out, the residual
+dropout inside the attention module) and its decoder stack ``h``; its positions are added to the input too.
 
 A parallel block runs attention and MLP side by side on the block's input (``y = x + attn(N(x)) +
 mlp(N(x))``, or with a second norm for the MLP, ``mlp(N'(x))``, in GPT-NeoX); its MoD layer gives the
@@ -44,8 +57,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["BlockLayout", "block_layout", "block_hidden_size", "attention_module", "KNOWN_NORMS", "MLP_BRANCHES",
-           "ATTENTION_NAMES"]
+__all__ = ["BlockLayout", "block_layout", "block_hidden_size", "attention_module", "layout_refusal", "KNOWN_NORMS",
+           "MLP_BRANCHES", "ATTENTION_NAMES"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,10 @@ class BlockLayout:
     family: str
     parallel: bool = False  # the MLP reads the block's input (through mlp_in), not h: y = x + attn + mlp
     mlp: tuple = ("mlp",)  # the MLP branch's modules, whose outputs are summed (see MLP_BRANCHES)
-    attn: str = "self_attn"  # the attention module's name (GPT-NeoX: "attention")
+    attn: str = "self_attn"  # the attention module's name (GPT-NeoX: "attention", GPT-2: "attn")
+    # set (OPT's family): ``mlp`` names two linear layers run in sequence with this activation between them,
+    # ``mlp[1](act(mlp[0](h)))``, not branches to sum; the updates' dropout is the block's float ``dropout``
+    mlp_act: Optional[str] = None
 
     def names(self) -> tuple:
         return tuple(n for n in (self.attn_in, self.attn_out, self.mlp_in, self.mlp_out) if n is not None)
@@ -67,11 +83,12 @@ class BlockLayout:
 
 KNOWN_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                "post_feedforward_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm",
-               "attention_layernorm", "feedforward_layernorm", "post_norm1", "post_norm2")
+               "attention_layernorm", "feedforward_layernorm", "post_norm1", "post_norm2", "self_attn_layer_norm",
+               "final_layer_norm", "ln_1", "ln_2")
 
 
-# Names the attention module goes by: ``self_attn`` (most families), ``attention`` (GPT-NeoX).
-ATTENTION_NAMES = ("self_attn", "attention")
+# Names the attention module goes by: ``self_attn`` (most families), ``attention`` (GPT-NeoX), ``attn`` (GPT-2).
+ATTENTION_NAMES = ("self_attn", "attention", "attn")
 
 # Names an MLP branch is made of, in the order their outputs are added (Granite's MoE blocks: the experts,
 # then the shared MLP; a ``None`` child, e.g. Granite-4 without experts, is left out).
@@ -83,13 +100,15 @@ def block_layout(layer: nn.Module) -> Optional[BlockLayout]:
     layout = _norm_layout(layer)
     if layout is None:
         return None
+    if layout.mlp_act is not None:
+        return layout
     mlp = tuple(n for n in MLP_BRANCHES if isinstance(getattr(layer, n, None), nn.Module))
     attn = next(n for n in ATTENTION_NAMES if isinstance(getattr(layer, n, None), nn.Module))
     return layout if (mlp, attn) == (layout.mlp, layout.attn) else dataclasses.replace(layout, mlp=mlp, attn=attn)
 
 
 def attention_module(layer: nn.Module) -> Optional[nn.Module]:
-    """The block's attention module (``self_attn``, or GPT-NeoX's ``attention``), or None."""
+    """The block's attention module (``self_attn``, GPT-NeoX's ``attention``, GPT-2's ``attn``), or None."""
     for name in ATTENTION_NAMES:
         m = getattr(layer, name, None)
         if isinstance(m, nn.Module):
@@ -97,10 +116,38 @@ def attention_module(layer: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+def _has(layer: nn.Module, name: str) -> bool:
+    return isinstance(getattr(layer, name, None), nn.Module)
+
+
+def _opt_like(layer: nn.Module) -> bool:
+    """OPT / XGLM / BioGPT's block: self-attention, two LayerNorms, ``fc1`` / ``fc2`` and their activation."""
+    return all(_has(layer, n) for n in ("self_attn", "self_attn_layer_norm", "final_layer_norm", "fc1", "fc2")) \
+        and callable(getattr(layer, "activation_fn", None))
+
+
+def layout_refusal(layer: nn.Module) -> Optional[str]:
+    """Why a block that looks like a known family still has no layout, or None."""
+    if _has(layer, "encoder_attn") or _has(layer, "crossattention"):
+        return (f"{type(layer).__name__} has cross-attention (encoder_attn / crossattention): a decoder of an encoder-decoder model, "
+                "which MoD layers do not reproduce")
+    if _opt_like(layer) and getattr(layer, "do_layer_norm_before", True) is False:
+        return (f"{type(layer).__name__} is post-norm (do_layer_norm_before=False, e.g. OPT-350m): it normalises "
+                "after each residual sum, so there is no residual update a MoD layer could gate")
+    return None
+
+
 def _norm_layout(layer: nn.Module) -> Optional[BlockLayout]:
     def has(name):
-        return isinstance(getattr(layer, name, None), nn.Module)
+        return _has(layer, name)
 
+    if layout_refusal(layer) is not None:
+        return None
+    if _opt_like(layer):
+        return BlockLayout("self_attn_layer_norm", None, "final_layer_norm", None, "opt", mlp=("fc1", "fc2"),
+                           mlp_act="activation_fn")
+    if has("ln_1") and has("ln_2") and has("attn") and has("mlp"):
+        return BlockLayout("ln_1", None, "ln_2", None, "gpt2", attn="attn")
     if not (any(has(n) for n in ATTENTION_NAMES) and any(has(n) for n in MLP_BRANCHES)):
         return None
     if has("input_layernorm") and has("post_attention_layernorm") and getattr(layer, "use_parallel_residual", None) is True:
@@ -130,11 +177,19 @@ def _norm_layout(layer: nn.Module) -> Optional[BlockLayout]:
 
 
 def block_hidden_size(layer: nn.Module) -> Optional[int]:
-    """The block's hidden size: a norm's weight length, else the attention output projection's."""
+    """The block's hidden size: a norm's weight length, else the attention output projection's (``o_proj``,
+    ``dense``, ``out_proj``, GPT-2's ``c_proj``: OPT's LayerNorms may have no weights)."""
     layout = block_layout(layer)
     for name in layout.names() if layout is not None else ():
         w = getattr(getattr(layer, name), "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() == 1:
             return int(w.shape[0])
-    w = getattr(getattr(attention_module(layer), "o_proj", None), "weight", None)
-    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+    attn = attention_module(layer)
+    for proj in ("o_proj", "dense", "out_proj"):  # the output projection's rows
+        w = getattr(getattr(attn, proj, None), "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            return int(w.shape[0])
+    w = getattr(getattr(attn, "c_proj", None), "weight", None)  # GPT-2's Conv1D: [in, out]
+    if isinstance(w, torch.Tensor) and w.dim() == 2:
+        return int(w.shape[1])
+    return None

@@ -583,8 +583,10 @@ def _pre_hook(module, args, kwargs):
         if info.segments is not None and not torch.compiler.is_compiling():
             info.max_segments = max_segments(info.segments)  # sizes the per-sequence routing's capacity
     token_type_ids = named.get("token_type_ids")
-    if isinstance(token_type_ids, torch.Tensor) and tuple(token_type_ids.shape) == shape:
+    if cfg.image_token_id is not None and isinstance(token_type_ids, torch.Tensor) \
+            and tuple(token_type_ids.shape) == shape:
         # image tokens marked 1 (Gemma-3): kept tokens of one image see each other both ways, as in its mask
+        # (in a model without images, e.g. GPT-2, token types are segment embeddings: nothing to do here)
         info.blocks = image_blocks(token_type_ids.to(ref.device))
     if prefill_len is not None:
         info.prefill_len = prefill_len  # read by MoDDecoderLayer.gmod_forward (see gmod_ext.cache)

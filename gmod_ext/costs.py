@@ -13,10 +13,12 @@ def arch_of(model) -> dict:
     Hq = int(tc.num_attention_heads)
     Hk = int(getattr(tc, "num_key_value_heads", None) or Hq)
     d = int(getattr(tc, "head_dim", None) or D // Hq)
-    I = int(tc.intermediate_size)
+    # the MLP width: Llama's name, GPT-2's (None: 4 D), OPT / XGLM's
+    I = next((int(v) for v in (getattr(tc, n, None) for n in ("intermediate_size", "n_inner", "ffn_dim"))
+              if isinstance(v, int)), 4 * D)
     V = int(model.get_input_embeddings().num_embeddings)
     L = int(tc.num_hidden_layers)
-    a = dict(D=D, Hq=Hq, Hk=Hk, d=d, I=I, V=V, L=L)
+    a = dict(D=D, Hq=Hq, Hk=Hk, d=d, I=I, V=V, L=L, mlp_mats=_mlp_matrices(model))
     vc = getattr(model.config, "vision_config", None)
     if vc is not None:
         a["vision"] = dict(D=int(vc.hidden_size), I=int(vc.intermediate_size), L=int(vc.num_hidden_layers),
@@ -24,13 +26,27 @@ def arch_of(model) -> dict:
     return a
 
 
+def _mlp_matrices(model) -> int:
+    """D x I matrices in the first decoder layer's MLP: 3 for a gated MLP (Llama's ``gate_proj``, Phi-3's
+    ``gate_up_proj``), else 2 (GPT-2, OPT, GPT-NeoX: up and down)."""
+    try:
+        from ._hf import find_decoder
+
+        layer = find_decoder(model).layers[0]
+    except (TypeError, IndexError):
+        return 3
+    names = {n.rsplit(".", 1)[-1] for n, _ in layer.named_modules()}
+    return 3 if names & {"gate_proj", "gate_up_proj", "w1", "w3"} or not names & {"fc1", "c_fc", "up_proj",
+                                                                                   "dense_h_to_4h", "fc_in"} else 2
+
+
 def layer_flops(a: dict, n: int) -> float:
     """Matmul FLOPs of one decoder layer on ``n`` tokens of one row: q/k/v/o projections, causal
-    attention (n(n+1)/2 query-key pairs: QK^T and PV), gated MLP (3 matmuls)."""
+    attention (n(n+1)/2 query-key pairs: QK^T and PV), the MLP (3 matmuls gated, else 2)."""
     D, Hq, Hk, d, I = a["D"], a["Hq"], a["Hk"], a["d"], a["I"]
     proj = 2.0 * n * (D * Hq * d + 2 * D * Hk * d + Hq * d * D)
     attn = 4.0 * Hq * d * n * (n + 1) / 2.0
-    mlp = 2.0 * n * 3 * D * I
+    mlp = 2.0 * n * a.get("mlp_mats", 3) * D * I
     return proj + attn + mlp
 
 

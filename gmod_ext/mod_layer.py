@@ -6,7 +6,8 @@
 ``attention``; ``dense`` for ``o_proj``, Phi-1 / 2; + optional ``q_norm`` / ``k_norm``, or HunYuan's
 after the rotation), ``post_attention_layernorm``, ``mlp`` (or Granite's ``block_sparse_moe`` +
 ``shared_mlp``); or the other norm layouts of :mod:`gmod_ext.block_layout`: Gemma-2 / 3, GLM-4,
-Apertus, OLMo-2, parallel blocks) into a MoD layer **in place**: the object's class becomes a subclass
+Apertus, OLMo-2, parallel blocks, OPT's family (``fc1`` / ``fc2`` in the block, ``out_proj``), GPT-2
+(``attn.c_attn`` / ``c_proj``); those with positions added to the input do not rotate) into a MoD layer **in place**: the object's class becomes a subclass
 ``MoD<Layer>(MoDDecoderLayer, <Layer>)``, so it keeps its own modules and weights (the state_dict
 keys of the original weights do not change; a per-layer router adds ``gmod_router.*``), is still an
 instance of the original class (Hugging Face's output capturing, gradient checkpointing and FSDP
@@ -16,7 +17,8 @@ class plans keep working) and accepts the same call as the wrapped layer::
           position_embeddings=(cos, sin), **kwargs) -> hidden_states [B, S, D]
 
 (the KV cache as ``cache=``, the name transformers >= 5.24 uses, or ``past_key_values=``, the earlier one,
-or ``layer_past=``, GPT-NeoX's)
+or ``layer_past=``, GPT-NeoX's; arguments after ``hidden_states`` given positionally are named by the
+wrapped class's signature, as GPT-2's model passes its cache and mask)
 
 Forward on the selected tokens (all through ``gmod_ext.ops``)::
 
@@ -167,6 +169,23 @@ def _rope_condition(forward):
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _never_rotates(forward) -> bool:
+    """Whether ``forward``'s source calls nothing named like a rotation (``*rotary*`` / ``*rope*``) and never
+    reads ``position_embeddings``: attention over positions added to the model's input (OPT's learned,
+    XGLM's sinusoidal). False where the source cannot be read."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(forward))))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call) and any(w in ast.unparse(n.func).lower() for w in ("rotary", "rope")):
+            return False
+        if isinstance(n, ast.Name) and n.id == "position_embeddings":
+            return False
+    return True
+
+
 def _uses_rope(attn: nn.Module, model_has_rotary: bool = True) -> bool:
     """Whether this attention rotates q and k. Models with layers that attend without rotary positions
     (NoPE) put the rotation under a condition: on the module's own settings, ``if self.use_rope:``
@@ -175,9 +194,12 @@ def _uses_rope(attn: nn.Module, model_has_rotary: bool = True) -> bool:
     position_embeddings is not None:`` (Granite-4's hybrid, whose NoPE models build no rotary module).
     The forward's source is read for an ``if`` around a rotary call whose test only reads those, and the
     test is evaluated on this module, with ``position_embeddings`` present iff ``model_has_rotary``;
-    anything else counts as rotating (the conversion check compares the layers anyway)."""
+    anything else counts as rotating (the conversion check compares the layers anyway). A forward that
+    calls no rotation at all (OPT, XGLM, BioGPT: positions added to the input) does not rotate."""
     forward = getattr(type(attn), "forward", None)
     try:
+        if _never_rotates(forward):
+            return False
         condition = _rope_condition(forward)
     except TypeError:  # an unhashable forward: nothing to read
         return True
@@ -246,10 +268,13 @@ def _head_dim(attn: nn.Module) -> int:
     return int(d if d is not None else attn.head_size)
 
 
+_OUT_PROJS = ("o_proj", "dense", "out_proj", "c_proj")  # Llama's; Phi-1 / 2's and GPT-NeoX's; OPT's; GPT-2's
+
+
 def _out_proj(attn: nn.Module) -> nn.Module:
-    """The attention's output projection: ``o_proj``, or ``dense`` (Phi-1 / 2, GPT-NeoX)."""
-    proj = getattr(attn, "o_proj", None)
-    return proj if isinstance(proj, nn.Module) else attn.dense
+    """The attention's output projection: ``o_proj``, ``dense`` (Phi-1 / 2, GPT-NeoX), ``out_proj`` (OPT) or
+    ``c_proj`` (GPT-2)."""
+    return next(m for m in (getattr(attn, n, None) for n in _OUT_PROJS) if isinstance(m, nn.Module))
 
 
 def _qk_norm(attn: nn.Module, name: str, t: torch.Tensor, B: int, C: int, head_dim: int) -> torch.Tensor:
@@ -300,6 +325,28 @@ def _binding_window(attn: nn.Module, length: int) -> Optional[int]:
     return window if window is not None and length > window else None
 
 
+_POSITIONAL: dict[type, tuple] = {}
+
+
+def _bind_positional(base: type, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` plus the positional arguments after ``hidden_states`` of a call to ``base.forward``, named
+    by its signature (read once per class, through transformers' keyword-renaming decorators)."""
+    names = _POSITIONAL.get(base)
+    if names is None:
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        params = [p.name for p in inspect.signature(base.forward).parameters.values() if p.kind in kinds]
+        names = _POSITIONAL[base] = tuple(params[2:])  # after self and hidden_states
+    if len(args) > len(names):
+        raise TypeError(f"gmod: {base.__name__}.forward takes {len(names) + 1} positional arguments after self, "
+                        f"but {len(args) + 1} were given")
+    out = dict(kwargs)
+    for name, value in zip(names, args):
+        if name in out:
+            raise TypeError(f"gmod: {base.__name__}.forward got multiple values for argument {name!r}")
+        out[name] = value
+    return out
+
+
 class MoDDecoderLayer:
     """Mixin of the MoD layer classes (``isinstance(layer, MoDDecoderLayer)`` tells a MoD layer).
 
@@ -311,19 +358,21 @@ class MoDDecoderLayer:
     _gmod_base_class: type = None
 
     # ------------------------------------------------------------------ call
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask=None,
-        position_ids: Optional[torch.LongTensor] = None,
-        past_key_values=None,
-        use_cache: Optional[bool] = False,
-        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-        **kwargs,
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The wrapped layer's call: ``hidden_states``, then its other arguments by the wrapped class's own
+        signature (GPT-2's model passes the cache and the mask positionally), or as keywords."""
+        if args:
+            kwargs = _bind_positional(self._gmod_base_class, args, kwargs)
+        if kwargs.get("encoder_hidden_states") is not None:
+            raise NotImplementedError(
+                f"gmod: MoD layer {self.gmod_layer_idx} was given encoder_hidden_states: MoD layers reproduce "
+                "decoder self-attention only, not cross-attention to an encoder")
         routing = kwargs.pop("gmod_routing", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        position_ids = kwargs.pop("position_ids", None)
+        use_cache = kwargs.pop("use_cache", False)
+        position_embeddings = kwargs.pop("position_embeddings", None)
         # transformers >= 5.24 passes the KV cache as `cache`, earlier releases as `past_key_values`.
-        kwargs["past_key_values"] = past_key_values
         past_key_values = pop_cache(kwargs)
         if past_key_values is not None:
             return self.gmod_forward_with_cache(
@@ -462,6 +511,13 @@ class MoDDecoderLayer:
             if _output_gated(attn):  # Qwen3-Next / 3.5: per head, the query's d dims then its gate's d
                 q_, gate = q_.view(B, C, -1, 2 * head_dim).chunk(2, dim=-1)
                 q_, gate = q_.reshape(B, C, -1), gate.reshape(B, C, -1)
+        elif isinstance(getattr(attn, "c_attn", None), nn.Module):
+            if getattr(attn, "multi_query", None) is False:  # GPTBigCode's multi-head variant: per head, q, k, v
+                qkv = attn.c_attn(h_in).view(B, C, -1, 3 * head_dim)
+                q_, k_, v_ = (t.reshape(B, C, -1) for t in qkv.chunk(3, dim=-1))
+            else:  # GPT-2: all queries, then keys, then values (GPTBigCode's multi-query: one key / value head)
+                kv = getattr(attn, "kv_dim", attn.split_size)
+                q_, k_, v_ = attn.c_attn(h_in).split((attn.split_size, kv, kv), dim=-1)
         elif isinstance(getattr(attn, "query_key_value", None), nn.Module):  # GPT-NeoX: per head, its q, k, v
             qkv = attn.query_key_value(h_in).view(B, C, -1, 3 * head_dim)
             q_, k_, v_ = (t.reshape(B, C, -1) for t in qkv.chunk(3, dim=-1))
@@ -488,15 +544,18 @@ class MoDDecoderLayer:
     def _gmod_norm(self, role: str) -> Optional[nn.Module]:
         """The block's norm in ``role`` ("attn_in", "attn_out", "mlp_in", "mlp_out"), or None
         (:mod:`gmod_ext.block_layout`)."""
+        name = getattr(self._gmod_block_layout(), role)
+        return None if name is None else self._modules[name]
+
+    def _gmod_block_layout(self):
+        """The block's :class:`~gmod_ext.block_layout.BlockLayout`, recorded at conversion."""
         layout = self.__dict__.get("_gmod_layout")
         if layout is None:  # a MoD layer pickled before layouts were recorded: read it off the block now
             layout = self.__dict__["_gmod_layout"] = block_layout(self)
-        name = getattr(layout, role)
-        return None if name is None else self._modules[name]
+        return layout
 
     def _gmod_parallel(self) -> bool:
-        self._gmod_norm("attn_in")  # records the layout if it is missing
-        return self.__dict__["_gmod_layout"].parallel
+        return self._gmod_block_layout().parallel
 
     def _gmod_attn_in(self, x: torch.Tensor) -> torch.Tensor:
         norm = self._gmod_norm("attn_in")
@@ -508,7 +567,10 @@ class MoDDecoderLayer:
         OLMo-2), dropped out where it does (Phi-3, in training)."""
         if gate is not None:
             o = o * torch.sigmoid(gate)
-        a = _out_proj(self._gmod_attn())(o)
+        attn = self._gmod_attn()
+        a = _out_proj(attn)(o)
+        if self._gmod_block_layout().family == "gpt2":  # GPT-2 drops out the update inside its attention module
+            a = attn.resid_dropout(a)
         norm = self._gmod_norm("attn_out")
         if norm is not None:
             a = norm(a)
@@ -518,17 +580,19 @@ class MoDDecoderLayer:
         """The block's residual dropout on an update, the first of ``names`` it has: Phi-3's
         ``resid_attn_dropout`` / ``resid_mlp_dropout``, GPT-NeoX's ``post_attention_dropout`` /
         ``post_mlp_dropout``, or Phi-1 / 2's one ``resid_dropout`` for both (each call draws its own mask,
-        as the block does)."""
+        as the block does); OPT's family's float ``dropout``."""
         for name in names:
             drop = self._modules.get(name)
             if isinstance(drop, nn.Module):
                 return drop(update)
+        p = self.__dict__.get("dropout")  # OPT's family: a float, applied with the functional dropout
+        if self._gmod_block_layout().mlp_act is not None and isinstance(p, float) and p > 0:
+            return nn.functional.dropout(update, p=p, training=self.training)
         return update
 
     def _gmod_attn(self) -> nn.Module:
-        """The block's attention module (``self_attn``; GPT-NeoX's ``attention``)."""
-        attn = self._modules.get("self_attn")
-        return attn if isinstance(attn, nn.Module) else self._modules["attention"]
+        """The block's attention module (``self_attn``; GPT-NeoX's ``attention``: ``BlockLayout.attn``)."""
+        return self._modules[self._gmod_block_layout().attn]
 
     def _gmod_residual_scale(self, update: torch.Tensor) -> torch.Tensor:
         """Granite's blocks add ``update * residual_multiplier`` to the residual stream (a float setting of
@@ -544,8 +608,16 @@ class MoDDecoderLayer:
         norm_in, norm_out = self._gmod_norm("mlp_in"), self._gmod_norm("mlp_out")
         if norm_in is not None:
             h = norm_in(h)
+        layout = self._gmod_block_layout()
+        if layout.mlp_act is not None:  # OPT's family: fc2(act(fc1(h))), the activation dropped out (XGLM, BioGPT)
+            first, second = (self._modules[n] for n in layout.mlp)
+            mid = getattr(self, layout.mlp_act)(first(h))
+            p = self.__dict__.get("activation_dropout")
+            if isinstance(p, float) and p > 0:
+                mid = nn.functional.dropout(mid, p=p, training=self.training)
+            return self._gmod_residual_scale(self._gmod_dropout(second(mid), _MLP_DROPOUTS))
         m = None
-        for name in self.__dict__["_gmod_layout"].mlp:  # mlp, or Granite's experts + shared MLP (summed)
+        for name in layout.mlp:  # mlp, or Granite's experts + shared MLP (summed)
             part = self._modules[name](h)
             if isinstance(part, tuple):  # (output, router scores): GPT-OSS's MoE, as its block unpacks it
                 part = part[0]
@@ -649,7 +721,8 @@ class MoDDecoderLayer:
         # packed sequences (transformers applies their mask only without a KV cache; so do we)
         segments = None if routing is None or kv_cache is not None else getattr(routing, "segments", None)
         blocks = getattr(routing, "blocks", None)  # image blocks (prefill with a cache too, as transformers)
-        if self.training and getattr(attn, "attention_dropout", 0.0):
+        if self.training and (getattr(attn, "attention_dropout", 0.0) or _float_attr(attn, "dropout")
+                              or _float_attr(attn, "attn_dropout")):
             warnings.warn("gmod: attention dropout is not applied inside MoD layers", stacklevel=2)
 
         sink = self._gmod_sink(routing)
@@ -799,6 +872,13 @@ class MoDDecoderLayer:
         return y
 
 
+def _float_attr(module: nn.Module, name: str) -> float:
+    """A module's float setting ``name`` (OPT's attention keeps its dropout as ``dropout``, GPTBigCode's as
+    ``attn_dropout``), else 0."""
+    v = module.__dict__.get(name)
+    return float(v) if isinstance(v, float) else 0.0
+
+
 def _max_segments(routing, segments: torch.Tensor, seq_len: int) -> int:
     """The most packed sequences in one row: the hook's count, else one host sync (the sequence length
     while compiling, where a sync would break the graph)."""
@@ -840,12 +920,14 @@ def _check_layer(layer: nn.Module) -> None:
     attn = attention_module(layer)
     if attn is not None:
         # separate q / k / v projections, or one fused qkv_proj (Phi-3) with a known key / value head count,
-        # or GPT-NeoX's query_key_value (q, k, v per head); the output projection o_proj, or dense
+        # or GPT-NeoX's query_key_value (q, k, v per head), or GPT-2's c_attn; the output projection o_proj,
+        # dense, out_proj or c_proj
         fused = (isinstance(getattr(attn, "qkv_proj", None), nn.Module) and _kv_heads(attn) is not None) \
-            or isinstance(getattr(attn, "query_key_value", None), nn.Module)
+            or isinstance(getattr(attn, "query_key_value", None), nn.Module) \
+            or (isinstance(getattr(attn, "c_attn", None), nn.Module) and isinstance(getattr(attn, "split_size", None), int))
         names = ("o_proj",) if fused and not hasattr(attn, "q_proj") else ("q_proj", "k_proj", "v_proj", "o_proj")
         missing += [f"self_attn.{n}" for n in names if not hasattr(attn, n)
-                    and not (n == "o_proj" and isinstance(getattr(attn, "dense", None), nn.Module))]
+                    and not (n == "o_proj" and any(isinstance(getattr(attn, o, None), nn.Module) for o in _OUT_PROJS))]
         if not hasattr(attn, "head_dim") and not hasattr(attn, "head_size"):
             missing.append("self_attn.head_dim")
     if missing:

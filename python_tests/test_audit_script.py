@@ -21,7 +21,7 @@ def test_audit_reports_converted_and_refused_architectures(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
     assert doc["llama"].startswith("OK ") and float(doc["llama"].split()[1]) < 1e-5
-    assert doc["bloom"].startswith("refused: gmod: could not find a decoder layer stack")
+    assert doc["bloom"].startswith("refused: gmod: BloomModel's layers are not Llama-family decoder layers")
     assert "summary: OK 1, refused 1" in proc.stdout
 
 

@@ -45,7 +45,7 @@ from gmod_hf_utils import (assert_cache_equals_no_cache, assert_keep_all_equals_
 import gmod_ext
 from gmod_ext._hf import find_decoder
 from gmod_ext.block_layout import attention_module
-from gmod_ext.mod_layer import _model_rope
+from gmod_ext.mod_layer import _model_rope, is_mod_layer
 
 
 @pytest.fixture(autouse=True)
@@ -96,8 +96,35 @@ BUILDERS = {
     "granite_multipliers": lambda **kw: _hf("GraniteForCausalLM", "GraniteConfig", **GRANITE, **kw),
     "granitemoe_shared": lambda **kw: _hf("GraniteMoeSharedForCausalLM", "GraniteMoeSharedConfig", num_local_experts=4,
                                           num_experts_per_tok=2, shared_intermediate_size=48, **GRANITE, **kw),
+    # OPT (BLIP-2's language model), XGLM, BioGPT: fairseq's block (LayerNorms with biases, fc1 / fc2 and the
+    # activation inline, float dropouts), positions added to the input (learned; XGLM's sinusoidal). Their
+    # dropouts are off here (test_residual_dropout_draws_hf_masks turns the residual ones on)
+    "opt": lambda **kw: _hf("OPTForCausalLM", "OPTConfig", **{"ffn_dim": 128, "word_embed_proj_dim": 64, "dropout": 0.0,
+                                                              **kw}),
+    "xglm": lambda **kw: _hf("XGLMForCausalLM", "XGLMConfig", **{"d_model": 64, "ffn_dim": 128, "attention_heads": 4,
+                                                                "num_layers": 4, "dropout": 0.0, "attention_dropout": 0.0,
+                                                                **kw}),
+    "biogpt": lambda **kw: _hf("BioGptForCausalLM", "BioGptConfig", **{"hidden_dropout_prob": 0.0,
+                                                                      "attention_probs_dropout_prob": 0.0, **kw}),
+    # GPT-2: the stack named h, the attention attn with one Conv1D c_attn (all queries, keys, values) and
+    # c_proj, the residual dropout inside the attention, learned positions, the cache passed positionally;
+    # with its per-layer attention scale 1 / (layer + 1) and upcast attention
+    "gpt2": lambda **kw: _hf("GPT2LMHeadModel", "GPT2Config", **{"n_inner": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                                                                 "attn_pdrop": 0.0, **kw}),
+    "gpt2_layer_scaled": lambda **kw: _hf("GPT2LMHeadModel", "GPT2Config", **{
+        "n_inner": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_by_inverse_layer_idx": True,
+        "reorder_and_upcast_attn": True, **kw}),
+    # GPTBigCode (StarCoder-1, SantaCoder): GPT-2's block with one key / value head (multi_query), or its
+    # multi-head variant whose c_attn holds each head's q, k, v in turn
+    "gpt_bigcode_mqa": lambda **kw: _hf("GPTBigCodeForCausalLM", "GPTBigCodeConfig", **{
+        "n_inner": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **kw}),
+    "gpt_bigcode_mha": lambda **kw: _hf("GPTBigCodeForCausalLM", "GPTBigCodeConfig", **{
+        "n_inner": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "multi_query": False, **kw}),
 }
-NOPE = {"smollm3_nope": [3], "exaone4_nope": [3], "cohere2_nope": [3]}  # layers that attend without RoPE
+# layers that attend without RoPE
+NOPE = {"smollm3_nope": [3], "exaone4_nope": [3], "cohere2_nope": [3], "opt": [0, 1, 2, 3], "xglm": [0, 1, 2, 3],
+        "biogpt": [0, 1, 2, 3], "gpt2": [0, 1, 2, 3], "gpt2_layer_scaled": [0, 1, 2, 3],
+        "gpt_bigcode_mqa": [0, 1, 2, 3], "gpt_bigcode_mha": [0, 1, 2, 3]}
 OWN_ROPE = {"glm", "glm4", "ernie4_5", "cohere_parallel", "cohere2_nope", "gpt_oss_sinks"}  # whose rotation is not Llama's (interleaved)
 
 
@@ -117,8 +144,11 @@ LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4"
            "granite_multipliers": "llama", "granitemoe_shared": "llama", "phi2_parallel": "parallel",
            "phi_qk_layernorm": "parallel", "gpt_oss_sinks": "llama", "hunyuan_post_rope_norm": "llama",
            "gpt_neox_parallel": "neox", "gpt_neox_sequential": "llama", "vaultgemma": "vaultgemma",
-           "hyperclovax_peri_norm": "hyperclovax"}
-MLP_BRANCH = {"granitemoe_shared": ("block_sparse_moe", "shared_mlp")}  # the others: ("mlp",)
+           "hyperclovax_peri_norm": "hyperclovax", "opt": "opt", "xglm": "opt", "biogpt": "opt", "gpt2": "gpt2",
+           "gpt2_layer_scaled": "gpt2", "gpt_bigcode_mqa": "gpt2", "gpt_bigcode_mha": "gpt2"}
+# the others: ("mlp",); OPT's family: fc1 then fc2, in sequence
+MLP_BRANCH = {"granitemoe_shared": ("block_sparse_moe", "shared_mlp"), "opt": ("fc1", "fc2"), "xglm": ("fc1", "fc2"),
+              "biogpt": ("fc1", "fc2")}
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
@@ -128,7 +158,8 @@ def test_block_layout_names_each_norm_role(arch):
     layer = find_decoder(BUILDERS[arch]()).layers[0]
     layout = block_layout(layer)
     assert layout is not None and layout.family == LAYOUTS[arch] and layout.mlp == MLP_BRANCH.get(arch, ("mlp",))
-    assert set(layout.names()) == {n for n, _ in layer.named_children() if "norm" in n}  # every norm has a role
+    norms = {n for n, m in layer.named_children() if "norm" in n or "Norm" in type(m).__name__}  # (GPT-2: ln_1, ln_2)
+    assert set(layout.names()) == norms  # every norm has a role
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
@@ -176,10 +207,14 @@ def test_skipping_generation_cache_equals_no_cache(arch, positions):
 
 
 @pytest.mark.parametrize("arch,setting", [("phi3", "resid_pdrop"), ("phi2_parallel", "resid_pdrop"),
-                                          ("gpt_neox_parallel", "hidden_dropout")])
+                                          ("gpt_neox_parallel", "hidden_dropout"), ("opt", "dropout"),
+                                          ("xglm", "dropout"), ("xglm", "activation_dropout"),
+                                          ("biogpt", "hidden_dropout_prob"), ("biogpt", "activation_dropout"),
+                                          ("gpt2", "resid_pdrop"), ("gpt_bigcode_mqa", "resid_pdrop")])
 def test_residual_dropout_draws_hf_masks(arch, setting):
     """Phi-3 drops out the attention and MLP updates (resid_pdrop; Phi-1 / 2 with one module for both,
-    GPT-NeoX with hidden_dropout): in training, a MoD layer keeping every token applies them in the same
+    GPT-NeoX with hidden_dropout; OPT's family with the functional dropout, and XGLM / BioGPT the MLP's
+    activation too; GPT-2 inside its attention and MLP modules): in training, a MoD layer keeping every token applies them in the same
     order on same-shaped tensors, so it draws the same masks."""
     ref = BUILDERS[arch](**{setting: 0.3})
     model = BUILDERS[arch](**{setting: 0.3})
@@ -194,6 +229,22 @@ def test_residual_dropout_draws_hf_masks(arch, setting):
     torch.testing.assert_close(lm, lr, rtol=1e-5, atol=1e-5)
     torch.manual_seed(6)  # and the dropout is on: another seed, another result
     assert float((model(ids).logits - lm).abs().max().detach()) > 1e-3
+
+
+def test_gpt2_token_types_are_segments_not_image_blocks():
+    """GPT-2 takes token_type_ids as segment embeddings: a converted GPT-2 (no image token) must not read
+    them as Gemma-3's image blocks (bidirectional attention within a run of 1s)."""
+    ref = BUILDERS["gpt2"]().eval()
+    model = BUILDERS["gpt2"]().eval()
+    model.load_state_dict(ref.state_dict())
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(4))
+    types = torch.zeros_like(ids)
+    types[:, 3:8] = 1
+    with torch.no_grad():
+        a, b = ref(ids, token_type_ids=types).logits, model(ids, token_type_ids=types).logits
+        assert float((a - ref(ids).logits).abs().max()) > 1e-4  # the types change the result
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 def test_gpt_neox_dense_on_cache_passes_the_cache_as_layer_past():
@@ -312,6 +363,63 @@ def test_qwen3_vl_image_prompt_converts_exactly_and_generates_from_the_cache():
     """Qwen3-VL: Qwen3's block (per-head q / k norms) with interleaved 3-D M-RoPE on image tokens and
     DeepStack (vision features added to the hidden states between the first decoder layers)."""
     assert_vlm_converts_exactly(_qwen3_vl, skip_layers=[1, 2])
+
+
+def _blip2(seed=0, instruct=False):
+    """BLIP-2 / InstructBLIP: a ViT and a Q-Former whose 4 query outputs replace the 4 image tokens in front
+    of OPT (InstructBLIP's Q-Former also reads the instruction)."""
+    T = transformers
+    tc = T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=300,
+                     max_position_embeddings=256, word_embed_proj_dim=64, dropout=0.0)
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+              patch_size=8)
+    qc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, encoder_hidden_size=32,
+              vocab_size=300)
+    names = ("InstructBlipConfig", "InstructBlipForConditionalGeneration") if instruct else \
+        ("Blip2Config", "Blip2ForConditionalGeneration")
+    cfg_cls, cls = (getattr(T, n, None) for n in names)
+    if cls is None:
+        pytest.skip(f"transformers {T.__version__} has no {names[1]}")
+    try:
+        cfg = cfg_cls(vision_config=vc, qformer_config=qc, text_config=tc.to_dict(), num_query_tokens=4,
+                      image_token_index=299)
+        torch.manual_seed(seed)
+        model = cls(cfg).float().eval()
+    except (AttributeError, TypeError, ValueError) as err:
+        pytest.skip(f"cannot build a tiny {names[1]} here: {err}")
+    _perturb_norms(model.language_model)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # the tiny encoders' init (zero query tokens, ...) makes every image alike: perturb them
+        for name, p in model.named_parameters():
+            if not name.startswith("language_model."):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    ids = torch.randint(3, 250, (2, 16), generator=g)
+    ids[:, :4] = 299  # the query tokens' places
+    kw = dict(pixel_values=torch.randn(2, 3, 16, 16, generator=g))
+    if instruct:
+        kw["qformer_input_ids"] = torch.randint(3, 250, (2, 5), generator=g)
+    return model, ids, kw
+
+
+@pytest.mark.parametrize("instruct", [False, True], ids=["blip2", "instructblip"])
+def test_blip2_image_prompt_converts_exactly_and_generates_from_the_cache(instruct):
+    """BLIP-2 / InstructBLIP (OPT behind a Q-Former): the image changes the logits; keeping every token the
+    converted model gives them exactly; skipping, generation from the compact cache equals the no-cache
+    recomputation, and the MoD layers' slots hold fewer tokens than were seen."""
+    model, ids, kw = _blip2(instruct=instruct)
+    with torch.no_grad():
+        other = dict(kw, pixel_values=torch.randn(kw["pixel_values"].shape, generator=torch.Generator().manual_seed(3)))
+        a, b = model(input_ids=ids, **kw).logits, model(input_ids=ids, **other).logits
+    assert float((a - b).abs().max() / a.abs().max()) > 1e-3  # the image reaches the language model
+    model = assert_vlm_converts_exactly(lambda seed=0: _blip2(seed, instruct), skip_layers=[1, 2, 3],
+                                        positions_3d=False)
+    layers = model.language_model.model.decoder.layers
+    assert [is_mod_layer(layer) for layer in layers] == [False, True, True, True]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, **kw, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                             pad_token_id=0, eos_token_id=None)
+    slots = mod_slots(out.past_key_values)
+    assert len(slots) == 3 and all(0 < int(s.cache_len.max()) < 16 + 4 - 1 for s in slots.values())
 
 
 def test_compact_positions_on_an_m_rope_model_warn():

@@ -145,12 +145,12 @@ def test_demo_model_path_errors(tmp_path):
     # a model folder of an architecture the MoD layer does not wrap: a one-line reason, no traceback
     import transformers
 
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300)) \
-        .save_pretrained(tmp_path / "gpt2")
-    proc = subprocess.run([sys.executable, "-m", "gmod_ext", "demo", "--model", str(tmp_path / "gpt2")], cwd=ROOT,
+    transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=2, vocab_size=300)) \
+        .save_pretrained(tmp_path / "bloom")  # ALiBi
+    proc = subprocess.run([sys.executable, "-m", "gmod_ext", "demo", "--model", str(tmp_path / "bloom")], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "could not find a decoder layer stack in GPT2LMHeadModel" in proc.stderr, proc.stderr[-2000:]
+    assert "gmod" in proc.stderr and "Bloom" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_evaluate_accuracies_against_a_direct_count():

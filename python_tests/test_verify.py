@@ -95,6 +95,21 @@ ACCEPTED = {
     "cohere2_nope": lambda: _hf("Cohere2ForCausalLM", "Cohere2Config", head_dim=16, sliding_window=5),
     # Cohere: attention and MLP side by side on one norm, per-head q / k LayerNorms
     "cohere_parallel": lambda: _hf("CohereForCausalLM", "CohereConfig", head_dim=16, use_qk_norm=True),
+    # OPT's family: fairseq's block (fc1 / fc2 inline, out_proj), positions added to the input, no rotary;
+    # OPT with embeddings projected in / out of a narrower width, and with LayerNorms without weights (the
+    # hidden size then read off out_proj, the router normalising without a scale); XGLM; BioGPT
+    "opt": lambda: _hf("OPTForCausalLM", "OPTConfig", ffn_dim=128, word_embed_proj_dim=64),
+    "opt_projected": lambda: _hf("OPTForCausalLM", "OPTConfig", ffn_dim=128, word_embed_proj_dim=32),
+    "opt_no_affine": lambda: _hf("OPTForCausalLM", "OPTConfig", ffn_dim=128, word_embed_proj_dim=64,
+                                 layer_norm_elementwise_affine=False),
+    "xglm": lambda: _hf("XGLMForCausalLM", "XGLMConfig", d_model=64, ffn_dim=128, attention_heads=4, num_layers=4),
+    "biogpt": lambda: _hf("BioGptForCausalLM", "BioGptConfig"),
+    # GPT-2: stack h, attention attn (Conv1D c_attn / c_proj), learned positions; its per-layer attention scale
+    "gpt2": lambda: _hf("GPT2LMHeadModel", "GPT2Config", n_inner=128),
+    "gpt2_layer_scaled": lambda: _hf("GPT2LMHeadModel", "GPT2Config", n_inner=128, scale_attn_by_inverse_layer_idx=True),
+    # GPTBigCode: GPT-2's block with one key / value head, or each head's q, k, v in turn in c_attn
+    "gpt_bigcode_mqa": lambda: _hf("GPTBigCodeForCausalLM", "GPTBigCodeConfig", n_inner=128),
+    "gpt_bigcode_mha": lambda: _hf("GPTBigCodeForCausalLM", "GPTBigCodeConfig", n_inner=128, multi_query=False),
 }
 
 
@@ -140,6 +155,29 @@ def test_refused_blocks_raise_before_anything_changes(name):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert [m.training for m in model.modules()] == modes
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize("name,build,words", [
+    # OPT-350m's post-norm block: normalised after each residual sum, nothing a MoD layer could gate
+    ("opt_post_norm", lambda: _hf("OPTForCausalLM", "OPTConfig", ffn_dim=128, word_embed_proj_dim=64,
+                                  do_layer_norm_before=False), "is post-norm (do_layer_norm_before=False"),
+    # a decoder with cross-attention (the decoder of an encoder-decoder model)
+    ("xglm_cross_attention", lambda: _hf("XGLMForCausalLM", "XGLMConfig", d_model=64, ffn_dim=128, attention_heads=4,
+                                         num_layers=4, add_cross_attention=True), "has cross-attention (encoder_attn"),
+    ("gpt2_cross_attention", lambda: _hf("GPT2LMHeadModel", "GPT2Config", n_inner=128, add_cross_attention=True),
+     "has cross-attention (encoder_attn / crossattention)"),
+])
+def test_known_blocks_without_a_layout_are_refused_with_the_reason(name, build, words):
+    """Blocks of a known family that MoD layers do not reproduce get no layout, and convert says why
+    (not only that the layers are not Llama-family); the model is left as it was."""
+    model = build()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"^gmod") as info:
+        gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
+    assert words in str(info.value), str(info.value)
+    assert not is_converted(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_verify_false_converts_a_refused_block_and_the_check_was_right():
