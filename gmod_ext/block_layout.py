@@ -23,6 +23,8 @@ GPT-2                  ln_1                    -                         ln_2   
 Cohere, Phi-1/2 (par.) input_layernorm         -                         input_layernorm, on x      -
 GPT-NeoX (parallel)    input_layernorm         -                         post_attention_layernorm,  -
                                                                          on x
+Falcon-40B / 180B / 2  ln_attn                 -                         ln_mlp, on x               -
+Falcon-7B (parallel)   input_layernorm         -                         input_layernorm, on x      -
 =====================  ======================  ========================  =========================  =======================
 
 The MLP branch is ``mlp``, or, in Granite's MoE families, ``block_sparse_moe`` plus ``shared_mlp`` where
@@ -58,7 +60,7 @@ import torch
 from torch import nn
 
 __all__ = ["BlockLayout", "block_layout", "block_hidden_size", "attention_module", "layout_refusal", "KNOWN_NORMS",
-           "MLP_BRANCHES", "ATTENTION_NAMES"]
+           "MLP_BRANCHES", "ATTENTION_NAMES", "OUT_PROJS"]
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,15 @@ class BlockLayout:
 KNOWN_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                "post_feedforward_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm",
                "attention_layernorm", "feedforward_layernorm", "post_norm1", "post_norm2", "self_attn_layer_norm",
-               "final_layer_norm", "ln_1", "ln_2")
+               "final_layer_norm", "ln_1", "ln_2", "ln_attn", "ln_mlp")
 
 
-# Names the attention module goes by: ``self_attn`` (most families), ``attention`` (GPT-NeoX), ``attn`` (GPT-2).
-ATTENTION_NAMES = ("self_attn", "attention", "attn")
+# Names the attention module goes by: ``self_attn`` (most families), ``attention`` (GPT-NeoX), ``attn`` (GPT-2),
+# ``self_attention`` (Falcon).
+ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
+
+# Names the attention's output projection goes by: Llama's; Phi-1 / 2's and GPT-NeoX's; OPT's; GPT-2's (a Conv1D).
+OUT_PROJS = ("o_proj", "dense", "out_proj", "c_proj")
 
 # Names an MLP branch is made of, in the order their outputs are added (Granite's MoE blocks: the experts,
 # then the shared MLP; a ``None`` child, e.g. Granite-4 without experts, is left out).
@@ -150,6 +156,8 @@ def _norm_layout(layer: nn.Module) -> Optional[BlockLayout]:
         return BlockLayout("ln_1", None, "ln_2", None, "gpt2", attn="attn")
     if not (any(has(n) for n in ATTENTION_NAMES) and any(has(n) for n in MLP_BRANCHES)):
         return None
+    if has("ln_attn") and has("ln_mlp"):  # Falcon-40B / 180B, Falcon-2: parallel, a norm of x for each branch
+        return BlockLayout("ln_attn", None, "ln_mlp", None, "neox", parallel=True)
     if has("input_layernorm") and has("post_attention_layernorm") and getattr(layer, "use_parallel_residual", None) is True:
         # GPT-NeoX (Pythia): attention and MLP side by side, each with its own norm of the block's input
         return BlockLayout("input_layernorm", None, "post_attention_layernorm", None, "neox", parallel=True)
@@ -184,12 +192,9 @@ def block_hidden_size(layer: nn.Module) -> Optional[int]:
         w = getattr(getattr(layer, name), "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() == 1:
             return int(w.shape[0])
-    attn = attention_module(layer)
-    for proj in ("o_proj", "dense", "out_proj"):  # the output projection's rows
-        w = getattr(getattr(attn, proj, None), "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() == 2:
-            return int(w.shape[0])
-    w = getattr(getattr(attn, "c_proj", None), "weight", None)  # GPT-2's Conv1D: [in, out]
-    if isinstance(w, torch.Tensor) and w.dim() == 2:
-        return int(w.shape[1])
-    return None
+    proj = next((m for m in (getattr(attention_module(layer), n, None) for n in OUT_PROJS) if isinstance(m, nn.Module)),
+                None)
+    w = getattr(proj, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    return int(w.shape[1] if hasattr(proj, "nf") else w.shape[0])  # GPT-2's Conv1D stores [in, out]

@@ -448,10 +448,12 @@ def _apply(model: nn.Module, cfg: GmodConfig, parts) -> nn.Module:
     state.handles = [
         model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
         model.register_forward_hook(_post_hook, with_kwargs=True),
+        model.register_forward_hook(_end_hook, always_call=True),
     ]
     if parts.text_model is not model:
         parts.text_model.gmod_state = state
         state.handles.append(parts.text_model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
+        state.handles.append(parts.text_model.register_forward_hook(_end_hook, always_call=True))
     model.gmod_state = state
     model.gmod_stats = _StatsMethod(model)
     generation.install(model)
@@ -525,7 +527,7 @@ def _pre_hook(module, args, kwargs):
     else:  # inside model.generate: the prompt length it recorded (gmod_ext.generation)
         prefill_len = getattr(state, "generate_prefill_len", None)
     if isinstance(kwargs.get("gmod_routing"), RoutingInfo):
-        state.current = kwargs["gmod_routing"]
+        state.current = state.active = kwargs["gmod_routing"]
         if prefill_len is not None:
             state.current.prefill_len = prefill_len
         return args, kwargs
@@ -590,10 +592,15 @@ def _pre_hook(module, args, kwargs):
         info.blocks = image_blocks(token_type_ids.to(ref.device))
     if prefill_len is not None:
         info.prefill_len = prefill_len  # read by MoDDecoderLayer.gmod_forward (see gmod_ext.cache)
-    state.current = info
+    state.current = state.active = info
     state.scratch = None
     kwargs["gmod_routing"] = info
     return args, kwargs
+
+
+def _end_hook(module, args, output):
+    """After a hooked forward (also when it raised): no routing is in flight any more (``GmodState.active``)."""
+    module.__dict__["gmod_state"].active = None
 
 
 def _check_not_paged(named: dict) -> None:

@@ -74,7 +74,7 @@ from torch import nn
 
 from . import ops
 from ._hf import accepts, cache_kwarg_of, pop_cache
-from .block_layout import attention_module, block_hidden_size, block_layout
+from .block_layout import OUT_PROJS, attention_module, block_hidden_size, block_layout
 from .config import GmodConfig, capacity, capacity_of_rows, num_skipped_tensor
 from .masked_attention import attention_sinks, attention_softcap, position_masked_attention
 from .masks import check_routing_mask
@@ -268,13 +268,10 @@ def _head_dim(attn: nn.Module) -> int:
     return int(d if d is not None else attn.head_size)
 
 
-_OUT_PROJS = ("o_proj", "dense", "out_proj", "c_proj")  # Llama's; Phi-1 / 2's and GPT-NeoX's; OPT's; GPT-2's
-
-
 def _out_proj(attn: nn.Module) -> nn.Module:
     """The attention's output projection: ``o_proj``, ``dense`` (Phi-1 / 2, GPT-NeoX), ``out_proj`` (OPT) or
     ``c_proj`` (GPT-2)."""
-    return next(m for m in (getattr(attn, n, None) for n in _OUT_PROJS) if isinstance(m, nn.Module))
+    return next(m for m in (getattr(attn, n, None) for n in OUT_PROJS) if isinstance(m, nn.Module))
 
 
 def _qk_norm(attn: nn.Module, name: str, t: torch.Tensor, B: int, C: int, head_dim: int) -> torch.Tensor:
@@ -325,6 +322,32 @@ def _binding_window(attn: nn.Module, length: int) -> Optional[int]:
     return window if window is not None and length > window else None
 
 
+@functools.lru_cache(maxsize=None)
+def _returned_arity(base: type) -> Optional[int]:
+    """How ``base.forward`` returns: 0 for one tensor (transformers 5's decoder layers), n for a tuple of n
+    whose first element is the hidden states (Falcon's ``return output, attn_weights``), None when its
+    ``return`` statements cannot tell (then the conversion check sees what it returns)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(base.forward))))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    fn = tree.body[0] if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+    if fn is None:
+        return None
+    arities = set()
+    stack = list(fn.body)
+    while stack:  # the forward's own returns (not those of functions defined inside it)
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.Return) and node.value is not None:
+            v = node.value
+            arities.add(len(v.elts) if isinstance(v, ast.Tuple) and not any(isinstance(e, ast.Starred) for e in v.elts)
+                        else (0 if isinstance(v, ast.Name) else None))
+        stack.extend(ast.iter_child_nodes(node))
+    return arities.pop() if len(arities) == 1 else None
+
+
 _POSITIONAL: dict[type, tuple] = {}
 
 
@@ -358,6 +381,16 @@ class MoDDecoderLayer:
     _gmod_base_class: type = None
 
     # ------------------------------------------------------------------ call
+    def __call__(self, *args, **kwargs):
+        # A decoder stack that does not pass keywords on to its layers (Falcon, GPT-NeoX-Japanese) does not pass
+        # the hook's gmod_routing either: take the routing of the forward in flight. Here, outside the wrapped
+        # class's __call__, so that gradient checkpointing's recomputation gets the same keywords.
+        if "gmod_routing" not in kwargs:
+            state = self.__dict__.get("_gmod_state")
+            if state is not None and state.active is not None:
+                kwargs["gmod_routing"] = state.active
+        return super().__call__(*args, **kwargs)
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The wrapped layer's call: ``hidden_states``, then its other arguments by the wrapped class's own
         signature (GPT-2's model passes the cache and the mask positionally), or as keywords."""
@@ -367,6 +400,17 @@ class MoDDecoderLayer:
             raise NotImplementedError(
                 f"gmod: MoD layer {self.gmod_layer_idx} was given encoder_hidden_states: MoD layers reproduce "
                 "decoder self-attention only, not cross-attention to an encoder")
+        if kwargs.get("alibi") is not None:
+            raise NotImplementedError(
+                f"gmod: MoD layer {self.gmod_layer_idx} was given an ALiBi bias (BLOOM, Falcon with alibi=True): MoD "
+                "layers attend with rotary positions or none, not with ALiBi's per-head distance penalty")
+        out = self._gmod_call(hidden_states, kwargs)
+        n = self.__dict__.get("_gmod_arity") or 0
+        if n and isinstance(out, torch.Tensor):  # the wrapped layer's tuple: (hidden states, None, ...)
+            return (out,) + (None,) * (n - 1)
+        return out
+
+    def _gmod_call(self, hidden_states: torch.Tensor, kwargs: dict):
         routing = kwargs.pop("gmod_routing", None)
         attention_mask = kwargs.pop("attention_mask", None)
         position_ids = kwargs.pop("position_ids", None)
@@ -518,9 +562,18 @@ class MoDDecoderLayer:
             else:  # GPT-2: all queries, then keys, then values (GPTBigCode's multi-query: one key / value head)
                 kv = getattr(attn, "kv_dim", attn.split_size)
                 q_, k_, v_ = attn.c_attn(h_in).split((attn.split_size, kv, kv), dim=-1)
-        elif isinstance(getattr(attn, "query_key_value", None), nn.Module):  # GPT-NeoX: per head, its q, k, v
-            qkv = attn.query_key_value(h_in).view(B, C, -1, 3 * head_dim)
-            q_, k_, v_ = (t.reshape(B, C, -1) for t in qkv.chunk(3, dim=-1))
+        elif isinstance(getattr(attn, "query_key_value", None), nn.Module):
+            qkv = attn.query_key_value(h_in)
+            if getattr(attn, "new_decoder_architecture", False) is True:
+                # Falcon-40B / 180B, Falcon-2: per key / value head, its group's queries, then its key and value
+                Hk = (qkv.shape[-1] // head_dim - attn.num_heads) // 2
+                g = qkv.view(B, C, Hk, -1, head_dim)
+                q_, k_, v_ = g[:, :, :, :-2].reshape(B, C, -1), g[:, :, :, -2].reshape(B, C, -1), g[:, :, :, -1].reshape(B, C, -1)
+            elif getattr(attn, "multi_query", False) is True:  # Falcon-7B: every query head, then one key, one value
+                g = qkv.view(B, C, -1, head_dim)
+                q_, k_, v_ = g[:, :, :-2].reshape(B, C, -1), g[:, :, -2], g[:, :, -1]
+            else:  # GPT-NeoX (and Falcon's multi-head variant): per head, its q, k, v
+                q_, k_, v_ = (t.reshape(B, C, -1) for t in qkv.view(B, C, -1, 3 * head_dim).chunk(3, dim=-1))
         else:  # one fused projection (Phi-3): queries, then keys, then values
             qkv = attn.qkv_proj(h_in)
             nq = qkv.shape[-1] - 2 * _kv_heads(attn) * head_dim
@@ -569,6 +622,9 @@ class MoDDecoderLayer:
             o = o * torch.sigmoid(gate)
         attn = self._gmod_attn()
         a = _out_proj(attn)(o)
+        bias = attn._parameters.get("dense_bias")  # GPT-NeoX-Japanese's last layer: a bias kept apart from dense
+        if bias is not None:
+            a = a + bias
         if self._gmod_block_layout().family == "gpt2":  # GPT-2 drops out the update inside its attention module
             a = attn.resid_dropout(a)
         norm = self._gmod_norm("attn_out")
@@ -721,9 +777,11 @@ class MoDDecoderLayer:
         # packed sequences (transformers applies their mask only without a KV cache; so do we)
         segments = None if routing is None or kv_cache is not None else getattr(routing, "segments", None)
         blocks = getattr(routing, "blocks", None)  # image blocks (prefill with a cache too, as transformers)
-        if self.training and (getattr(attn, "attention_dropout", 0.0) or _float_attr(attn, "dropout")
-                              or _float_attr(attn, "attn_dropout")):
+        if self.training and _dropout_p(attn, ("attention_dropout", "dropout", "attn_dropout")) > 0:
             warnings.warn("gmod: attention dropout is not applied inside MoD layers", stacklevel=2)
+        if self.training and _dropout_p(self, ("hidden_dropout",)) > 0:
+            warnings.warn("gmod: the block's residual dropout (hidden_dropout: Falcon, GPT-NeoX-Japanese) is not applied "
+                          "inside MoD layers", stacklevel=2)
 
         sink = self._gmod_sink(routing)
         mask = None if routing is None else routing.mask
@@ -872,11 +930,18 @@ class MoDDecoderLayer:
         return y
 
 
-def _float_attr(module: nn.Module, name: str) -> float:
-    """A module's float setting ``name`` (OPT's attention keeps its dropout as ``dropout``, GPTBigCode's as
-    ``attn_dropout``), else 0."""
-    v = module.__dict__.get(name)
-    return float(v) if isinstance(v, float) else 0.0
+def _dropout_p(module: nn.Module, names: tuple) -> float:
+    """The largest dropout probability among a module's settings ``names``: floats (OPT's attention keeps its
+    dropout as ``dropout``, GPTBigCode's as ``attn_dropout``, Falcon's block ``hidden_dropout``) or dropout
+    modules (Falcon's attention's ``attention_dropout``, Llama's float of the same name)."""
+    p = 0.0
+    for name in names:
+        v = module.__dict__.get(name, module._modules.get(name))
+        if isinstance(v, nn.Dropout):
+            v = v.p
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            p = max(p, float(v))
+    return p
 
 
 def _max_segments(routing, segments: torch.Tensor, seq_len: int) -> int:
@@ -927,7 +992,7 @@ def _check_layer(layer: nn.Module) -> None:
             or (isinstance(getattr(attn, "c_attn", None), nn.Module) and isinstance(getattr(attn, "split_size", None), int))
         names = ("o_proj",) if fused and not hasattr(attn, "q_proj") else ("q_proj", "k_proj", "v_proj", "o_proj")
         missing += [f"self_attn.{n}" for n in names if not hasattr(attn, n)
-                    and not (n == "o_proj" and any(isinstance(getattr(attn, o, None), nn.Module) for o in _OUT_PROJS))]
+                    and not (n == "o_proj" and any(isinstance(getattr(attn, o, None), nn.Module) for o in OUT_PROJS))]
         if not hasattr(attn, "head_dim") and not hasattr(attn, "head_size"):
             missing.append("self_attn.head_dim")
     if missing:
@@ -1000,6 +1065,7 @@ def make_mod_layer(
     # a model converted whole tells whether it has a rotary module; a standalone layer is assumed to get
     # position embeddings from its caller
     layer._gmod_uses_rope = _uses_rope(attention_module(layer), model_has_rotary=state.rotary is not None or not state_given)
+    layer._gmod_arity = _returned_arity(layer._gmod_base_class)  # a tuple-returning layer (Falcon) returns one too
     layer.gmod_layer_idx = int(layer_idx)
     layer.gmod_ratio = float(ratio)
     layer._gmod_state = state
@@ -1014,7 +1080,7 @@ def unmake_mod_layer(layer: nn.Module) -> nn.Module:
         return layer
     layer.__class__ = layer._gmod_base_class
     for name in ("gmod_layer_idx", "gmod_ratio", "_gmod_state", "_gmod_norm_offset", "_gmod_rope", "_gmod_layout", "_gmod_uses_rope",
-                 "_gmod_rotary_type"):
+                 "_gmod_rotary_type", "_gmod_arity"):
         layer.__dict__.pop(name, None)
     layer._modules.pop("gmod_router", None)
     return layer

@@ -216,6 +216,9 @@ class GmodState:
         self.router = router  # the shared router (also registered on the model), or None
         self.rotary = rotary  # the model's rotary embedding module (for positions="compact")
         self.current: Optional[RoutingInfo] = None  # the last hooked forward
+        # the routing of the hooked forward now running (None between forwards): MoD layers of models whose
+        # decoder stack does not pass keywords through to its layers (Falcon, GPT-NeoX-Japanese) read it
+        self.active: Optional[RoutingInfo] = None
         self.scratch: Optional[RoutingInfo] = None  # layers called without a hooked forward
         self.forward_params: Optional[dict] = None  # forward() parameter names per hooked class
         # The prompt length while model.generate runs (gmod_ext.generation): the forward hook's default
@@ -228,6 +231,7 @@ class GmodState:
         # pickling of the model (torch.save, EMA copies) drops it.
         d = dict(self.__dict__)
         d["current"] = None
+        d["active"] = None
         d["scratch"] = None
         d["generate_prefill_len"] = None
         return d

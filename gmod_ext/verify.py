@@ -38,7 +38,7 @@ from torch import nn
 from ._hf import accepts
 from .block_layout import ATTENTION_NAMES, KNOWN_NORMS, MLP_BRANCHES, attention_module
 from .config import GmodConfig
-from .mod_layer import _sliding_window, make_mod_layer
+from .mod_layer import _returned_arity, _sliding_window, make_mod_layer
 from .router import GmodState, RoutingInfo, image_blocks
 
 __all__ = ["check_decoder_layers", "VERIFY_TOLERANCE"]
@@ -162,10 +162,13 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
     except Exception as err:  # noqa: BLE001  (e.g. quantized weights that cannot run in float32)
         raise TypeError(f"{where}: could not run a float32 copy of the layer to check it ({type(err).__name__}: "
                         f"{err}). Pass verify=False to gmod.convert to convert without the check.") from err
-    if not isinstance(raw, torch.Tensor):  # its model reads out[0]: it would take a MoD layer's first row
+    arity = _returned_arity(type(layer))
+    if not isinstance(raw, torch.Tensor) and not (type(raw) is tuple and arity == len(raw)):
+        # its model reads out[0]: it would take a MoD layer's first row
         raise TypeError(f"{where} returns a {type(raw).__name__} (hidden states, attention weights, ...), whose "
                         "first element its model reads; a MoD layer returns the hidden states tensor, as the decoder "
-                        f"layers of transformers 5 do. {advice}")
+                        "layers of transformers 5 do, or a tuple shaped like the one its forward's return statements "
+                        f"write (Falcon's), and this one's does not say. {advice}")
     with torch.no_grad():
         # positions="compact" recomputes cos / sin with the model's rotary module: on the unpadded check
         # prompt, every token kept, the compact positions are the original ones, so it must agree too

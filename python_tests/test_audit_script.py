@@ -21,7 +21,7 @@ def test_audit_reports_converted_and_refused_architectures(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
     assert doc["llama"].startswith("OK ") and float(doc["llama"].split()[1]) < 1e-5
-    assert doc["bloom"].startswith("refused: gmod: BloomModel's layers are not Llama-family decoder layers")
+    assert doc["bloom"].startswith("refused: gmod.convert: BloomForCausalLM") and "given an ALiBi bias" in doc["bloom"]
     assert "summary: OK 1, refused 1" in proc.stdout
 
 

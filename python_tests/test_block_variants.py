@@ -120,7 +120,31 @@ BUILDERS = {
         "n_inner": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **kw}),
     "gpt_bigcode_mha": lambda **kw: _hf("GPTBigCodeForCausalLM", "GPTBigCodeConfig", **{
         "n_inner": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "multi_query": False, **kw}),
+    # Falcon: layers that return (hidden states, attention weights), the attention named self_attention with
+    # one query_key_value in three layouts: Falcon-7B's (every query head, then one key / value head; a parallel
+    # block on one norm), Falcon-40B / 180B / 2's (per key / value group: its queries, key, value; a norm per
+    # branch, or one), and the multi-head one (per head q, k, v) in a sequential block
+    "falcon_7b": lambda **kw: _hf("FalconForCausalLM", "FalconConfig", **{"parallel_attn": True, "multi_query": True,
+                                                                          "new_decoder_architecture": False, **kw}),
+    "falcon_40b": lambda **kw: _hf("FalconForCausalLM", "FalconConfig", **{"new_decoder_architecture": True,
+                                                                           "num_kv_heads": 2, **kw}),
+    "falcon_40b_one_norm": lambda **kw: _hf("FalconForCausalLM", "FalconConfig", **{
+        "new_decoder_architecture": True, "num_kv_heads": 2, "num_ln_in_parallel_attn": 1, **kw}),
+    "falcon_sequential": lambda **kw: _hf("FalconForCausalLM", "FalconConfig", **{
+        "parallel_attn": False, "multi_query": False, "new_decoder_architecture": False, **kw}),
+    # GPT-NeoX-Japanese: layers that return tuples, and a bias added after the last layer's dense (perturbed:
+    # HF initialises it to zeros)
+    "gpt_neox_japanese": lambda **kw: _with_dense_bias(_hf("GPTNeoXJapaneseForCausalLM", "GPTNeoXJapaneseConfig", **{
+        "attention_dropout": 0.0, "hidden_dropout": 0.0, **kw})),
 }
+def _with_dense_bias(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("dense_bias"):
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(12))
+    return model
+
+
 # layers that attend without RoPE
 NOPE = {"smollm3_nope": [3], "exaone4_nope": [3], "cohere2_nope": [3], "opt": [0, 1, 2, 3], "xglm": [0, 1, 2, 3],
         "biogpt": [0, 1, 2, 3], "gpt2": [0, 1, 2, 3], "gpt2_layer_scaled": [0, 1, 2, 3],
@@ -145,7 +169,9 @@ LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4"
            "phi_qk_layernorm": "parallel", "gpt_oss_sinks": "llama", "hunyuan_post_rope_norm": "llama",
            "gpt_neox_parallel": "neox", "gpt_neox_sequential": "llama", "vaultgemma": "vaultgemma",
            "hyperclovax_peri_norm": "hyperclovax", "opt": "opt", "xglm": "opt", "biogpt": "opt", "gpt2": "gpt2",
-           "gpt2_layer_scaled": "gpt2", "gpt_bigcode_mqa": "gpt2", "gpt_bigcode_mha": "gpt2"}
+           "gpt2_layer_scaled": "gpt2", "gpt_bigcode_mqa": "gpt2", "gpt_bigcode_mha": "gpt2", "falcon_7b": "parallel",
+           "falcon_40b": "neox", "falcon_40b_one_norm": "parallel", "falcon_sequential": "llama",
+           "gpt_neox_japanese": "llama"}
 # the others: ("mlp",); OPT's family: fc1 then fc2, in sequence
 MLP_BRANCH = {"granitemoe_shared": ("block_sparse_moe", "shared_mlp"), "opt": ("fc1", "fc2"), "xglm": ("fc1", "fc2"),
               "biogpt": ("fc1", "fc2")}
@@ -245,6 +271,30 @@ def test_gpt2_token_types_are_segments_not_image_blocks():
         a, b = ref(ids, token_type_ids=types).logits, model(ids, token_type_ids=types).logits
         assert float((a - ref(ids).logits).abs().max()) > 1e-4  # the types change the result
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_falcon_gradient_checkpointing_keeps_the_routing():
+    """Falcon's model calls its layers without passing keywords on, so its MoD layers take the routing of
+    the forward in flight; under gradient checkpointing the recomputation (in backward, after the forward
+    has returned) must still route the same way: same loss and gradients as without checkpointing, on a
+    left-padded batch (padding never kept) at ratio 0.5."""
+    import copy
+
+    model = BUILDERS["falcon_7b"]()
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], progress=False)
+    ckpt = copy.deepcopy(model)
+    ckpt.gradient_checkpointing_enable()
+    model.train(), ckpt.train()
+    ids, am = padded_prompt(2, 14, pad=(0, 3), seed=5)
+    from gmod_hf_utils import assert_grads_equal, lm_labels
+
+    labels = lm_labels(ids, am)
+    l1 = model(ids, attention_mask=am, labels=labels).loss
+    l2 = ckpt(ids, attention_mask=am, labels=labels).loss
+    torch.testing.assert_close(l2, l1)
+    l1.backward(), l2.backward()
+    assert_grads_equal(ckpt, model)
+    assert float(ckpt.gmod_router.weight.grad.abs().sum()) > 0
 
 
 def test_gpt_neox_dense_on_cache_passes_the_cache_as_layer_past():

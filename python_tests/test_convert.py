@@ -482,6 +482,28 @@ def test_inner_decoder_called_directly_excludes_padding(arch):
     assert model.gmod_state.current.max_forced >= 4
 
 
+def test_routing_is_in_flight_only_during_a_forward():
+    """GmodState.active (the routing MoD layers take when their model does not pass keywords on, e.g.
+    Falcon) is set by the forward hook and cleared when the forward returns or raises: a MoD layer called
+    on its own afterwards routes its own input, not a stale batch's."""
+    model = tiny_model("llama")
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2], progress=False)
+    batch = make_batch("llama")
+    with torch.no_grad():
+        model(**batch)
+    assert model.gmod_state.active is None and model.gmod_state.current is not None
+    bad = dict(batch, input_ids=batch["input_ids"].clone())
+    bad["input_ids"][0, 0] = 10 ** 6  # out of the vocabulary: the embedding raises inside the forward
+    with pytest.raises(IndexError):
+        model(**bad)
+    assert model.gmod_state.active is None
+    layer = model.model.layers[1]
+    x = torch.randn(1, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = layer(x, position_embeddings=model.model.rotary_emb(x, torch.arange(5).unsqueeze(0)))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
 # ----------------------------------------------------------------------------- attention="sdpa"
 def test_sdpa_attention_matches_gmod_attention():
     """convert(attention="sdpa") computes the same model as attention="gmod" (what "auto" runs on CPU): float64, GQA,

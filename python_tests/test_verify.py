@@ -29,9 +29,13 @@ REFUSED = {
     # name: (builder, words the error must contain, whether verify=False is offered)
     # differential attention (two softmaxes subtracted): found by the comparison only
     "diffllama": (lambda: _hf("DiffLlamaForCausalLM", "DiffLlamaConfig"), "not a block a MoD layer reproduces", True),
-    # a layer that returns a tuple, whose model reads out[0] (GPT-NeoX-Japanese): a MoD layer's tensor would
-    # lose all but its first row there
-    "gpt_neox_japanese": (lambda: _hf("GPTNeoXJapaneseForCausalLM", "GPTNeoXJapaneseConfig"), "returns a tuple", True),
+    # a layer that returns a list built at run time, whose model reads out[0] (OpenAI GPT): a MoD layer's
+    # tensor would lose all but its first row there (tuples its return statements spell out, Falcon's, are
+    # returned in kind)
+    "openai_gpt": (lambda: _hf("OpenAIGPTLMHeadModel", "OpenAIGPTConfig"), "returns a list", True),
+    # ALiBi (a per-head penalty on the distance, given to the layers as `alibi`)
+    "bloom_alibi": (lambda: _hf("BloomForCausalLM", "BloomConfig", n_layer=4, n_head=4), "given an ALiBi bias", True),
+    "falcon_alibi": (lambda: _hf("FalconForCausalLM", "FalconConfig", alibi=True), "given an ALiBi bias", True),
 }
 ACCEPTED = {
     "llama": lambda: tiny_model("llama"),
@@ -110,6 +114,14 @@ ACCEPTED = {
     # GPTBigCode: GPT-2's block with one key / value head, or each head's q, k, v in turn in c_attn
     "gpt_bigcode_mqa": lambda: _hf("GPTBigCodeForCausalLM", "GPTBigCodeConfig", n_inner=128),
     "gpt_bigcode_mha": lambda: _hf("GPTBigCodeForCausalLM", "GPTBigCodeConfig", n_inner=128, multi_query=False),
+    # Falcon: layers returning (hidden states, attention weights), self_attention with its three
+    # query_key_value layouts (7B's multi-query, 40B's grouped, multi-head), parallel or sequential blocks
+    "falcon_7b": lambda: _hf("FalconForCausalLM", "FalconConfig", parallel_attn=True, multi_query=True),
+    "falcon_40b": lambda: _hf("FalconForCausalLM", "FalconConfig", new_decoder_architecture=True, num_kv_heads=2),
+    "falcon_sequential": lambda: _hf("FalconForCausalLM", "FalconConfig", parallel_attn=False, multi_query=False),
+    # GPT-NeoX-Japanese: tuples too, a separate bias after the last layer's dense, its model passes no
+    # keywords on to the layers
+    "gpt_neox_japanese": lambda: _hf("GPTNeoXJapaneseForCausalLM", "GPTNeoXJapaneseConfig"),
 }
 
 
@@ -178,6 +190,25 @@ def test_known_blocks_without_a_layout_are_refused_with_the_reason(name, build, 
     assert not is_converted(model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_returned_arity_reads_the_return_statements():
+    """MoD layers return what the wrapped forward's return statements spell: one tensor (transformers 5), a
+    tuple of n (Falcon's and GPT-NeoX-Japanese's (hidden states, attention weights)); a list built at run
+    time cannot be told (verify refuses it, test above)."""
+    from gmod_ext.mod_layer import _returned_arity
+
+    T = transformers
+    assert _returned_arity(T.models.llama.modeling_llama.LlamaDecoderLayer) == 0
+    assert _returned_arity(T.models.falcon.modeling_falcon.FalconDecoderLayer) == 2
+    assert _returned_arity(T.models.gpt_neox_japanese.modeling_gpt_neox_japanese.GPTNeoXJapaneseLayer) == 2
+    model = ACCEPTED["falcon_7b"]().eval()
+    gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
+    x = torch.randn(1, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    pe = model.transformer.rotary_emb(x, torch.arange(6).unsqueeze(0))
+    with torch.no_grad():
+        out = model.transformer.h[0](x, None, None, position_embeddings=pe)  # (hidden_states, alibi, mask, ...)
+    assert type(out) is tuple and len(out) == 2 and out[0].shape == x.shape and out[1] is None
 
 
 def test_verify_false_converts_a_refused_block_and_the_check_was_right():

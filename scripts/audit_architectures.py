@@ -4,7 +4,8 @@ For every architecture in transformers' causal-LM auto mapping (or those named o
 in its own subprocess (memory and time capped, so that one huge default config cannot take the
 machine down): build a tiny random model from its config (hidden 64, 4 layers, head dim 16, window 5
 where it has one), convert every convertible layer keeping every token without gating, and compare
-the whole model's logits on a 20-token prompt with the dense model's. Each line says one of:
+the whole model's logits on two 20-token prompts, one left-padded by 4, with the dense model's (at the
+tokens that are not padding). Each line says one of:
 
   OK <err>            converts; relative logit error (float32 rounding is ~1e-6)
   SILENT-WRONG <err>  converts but computes something else: a bug (the converter's check should refuse)
@@ -57,8 +58,12 @@ def audit_one(arch: str) -> str:
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
         ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0  # the second row left-padded: MoD layers must leave padding out, as the model's mask does
+        ids[1, :4] = 0
+        keep = mask.bool()
         with torch.no_grad():
-            ref = model(ids).logits
+            ref = model(ids, attention_mask=mask).logits[keep]
     except Exception:  # noqa: BLE001 - the generic tiny config does not fit this architecture
         return "build-fail"
     try:
@@ -69,7 +74,7 @@ def audit_one(arch: str) -> str:
         return f"CRASH in convert: {type(err).__name__}: {str(err)[:160]}"
     try:
         with torch.no_grad():
-            out = model(ids).logits
+            out = model(ids, attention_mask=mask).logits[keep]
     except Exception as err:  # noqa: BLE001
         return f"CRASH in the converted forward: {type(err).__name__}: {str(err)[:160]}"
     err = float((out - ref).abs().max() / ref.abs().max())
