@@ -135,8 +135,8 @@ def _opt_like(layer: nn.Module) -> bool:
 def layout_refusal(layer: nn.Module) -> Optional[str]:
     """Why a block that looks like a known family still has no layout, or None."""
     if _has(layer, "encoder_attn") or _has(layer, "crossattention"):
-        return (f"{type(layer).__name__} has cross-attention (encoder_attn / crossattention): a decoder of an encoder-decoder model, "
-                "which MoD layers do not reproduce")
+        return (f"{type(layer).__name__} has cross-attention (encoder_attn / crossattention): a decoder of an "
+                "encoder-decoder model, which MoD layers do not reproduce")
     if _opt_like(layer) and getattr(layer, "do_layer_norm_before", True) is False:
         return (f"{type(layer).__name__} is post-norm (do_layer_norm_before=False, e.g. OPT-350m): it normalises "
                 "after each residual sum, so there is no residual update a MoD layer could gate")

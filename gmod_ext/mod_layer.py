@@ -7,7 +7,8 @@
 after the rotation), ``post_attention_layernorm``, ``mlp`` (or Granite's ``block_sparse_moe`` +
 ``shared_mlp``); or the other norm layouts of :mod:`gmod_ext.block_layout`: Gemma-2 / 3, GLM-4,
 Apertus, OLMo-2, parallel blocks, OPT's family (``fc1`` / ``fc2`` in the block, ``out_proj``), GPT-2
-(``attn.c_attn`` / ``c_proj``); those with positions added to the input do not rotate) into a MoD layer **in place**: the object's class becomes a subclass
+(``attn.c_attn`` / ``c_proj``), Falcon (``self_attention.query_key_value``); those with positions added
+to the input do not rotate) into a MoD layer **in place**: the object's class becomes a subclass
 ``MoD<Layer>(MoDDecoderLayer, <Layer>)``, so it keeps its own modules and weights (the state_dict
 keys of the original weights do not change; a per-layer router adds ``gmod_router.*``), is still an
 instance of the original class (Hugging Face's output capturing, gradient checkpointing and FSDP
@@ -15,6 +16,7 @@ class plans keep working) and accepts the same call as the wrapped layer::
 
     layer(hidden_states, attention_mask=..., position_ids=..., cache=..., use_cache=...,
           position_embeddings=(cos, sin), **kwargs) -> hidden_states [B, S, D]
+          (or the tuple the wrapped forward's return statements spell: Falcon's (hidden_states, None))
 
 (the KV cache as ``cache=``, the name transformers >= 5.24 uses, or ``past_key_values=``, the earlier one,
 or ``layer_past=``, GPT-NeoX's; arguments after ``hidden_states`` given positionally are named by the
@@ -568,7 +570,7 @@ class MoDDecoderLayer:
                 # Falcon-40B / 180B, Falcon-2: per key / value head, its group's queries, then its key and value
                 Hk = (qkv.shape[-1] // head_dim - attn.num_heads) // 2
                 g = qkv.view(B, C, Hk, -1, head_dim)
-                q_, k_, v_ = g[:, :, :, :-2].reshape(B, C, -1), g[:, :, :, -2].reshape(B, C, -1), g[:, :, :, -1].reshape(B, C, -1)
+                q_, k_, v_ = (t.reshape(B, C, -1) for t in (g[:, :, :, :-2], g[:, :, :, -2], g[:, :, :, -1]))
             elif getattr(attn, "multi_query", False) is True:  # Falcon-7B: every query head, then one key, one value
                 g = qkv.view(B, C, -1, head_dim)
                 q_, k_, v_ = g[:, :, :-2].reshape(B, C, -1), g[:, :, -2], g[:, :, -1]
