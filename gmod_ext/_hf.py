@@ -15,7 +15,7 @@ from typing import Optional
 
 from torch import nn
 
-from .block_layout import block_hidden_size, block_layout, layout_refusal
+from .block_layout import block_hidden_size, block_layout, first_child, layout_refusal
 
 
 @dataclasses.dataclass
@@ -72,11 +72,7 @@ STACK_NAMES = ("layers", "h")  # the decoder stack's attribute: ``layers``, or G
 
 def _stack(m: nn.Module) -> Optional[nn.ModuleList]:
     """``m``'s decoder layer stack (a ModuleList named as in :data:`STACK_NAMES`), or None."""
-    for name in STACK_NAMES:
-        layers = getattr(m, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    return None
+    return first_child(m, STACK_NAMES, nn.ModuleList)
 
 
 def find_decoder(model: nn.Module) -> DecoderParts:

@@ -59,8 +59,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["BlockLayout", "block_layout", "block_hidden_size", "attention_module", "layout_refusal", "KNOWN_NORMS",
-           "MLP_BRANCHES", "ATTENTION_NAMES", "OUT_PROJS"]
+__all__ = ["BlockLayout", "block_layout", "block_hidden_size", "attention_module", "out_projection", "first_child",
+           "layout_refusal", "KNOWN_NORMS", "MLP_BRANCHES", "ATTENTION_NAMES", "OUT_PROJS"]
 
 
 @dataclass(frozen=True)
@@ -113,13 +113,20 @@ def block_layout(layer: nn.Module) -> Optional[BlockLayout]:
     return layout if (mlp, attn) == (layout.mlp, layout.attn) else dataclasses.replace(layout, mlp=mlp, attn=attn)
 
 
+def first_child(module: nn.Module, names: tuple, kind: type = nn.Module):
+    """The first of ``module``'s attributes ``names`` that is a ``kind``, or None (families name the same
+    part differently)."""
+    return next((m for m in (getattr(module, n, None) for n in names) if isinstance(m, kind)), None)
+
+
 def attention_module(layer: nn.Module) -> Optional[nn.Module]:
     """The block's attention module (``self_attn``, GPT-NeoX's ``attention``, GPT-2's ``attn``), or None."""
-    for name in ATTENTION_NAMES:
-        m = getattr(layer, name, None)
-        if isinstance(m, nn.Module):
-            return m
-    return None
+    return first_child(layer, ATTENTION_NAMES)
+
+
+def out_projection(attn: nn.Module) -> Optional[nn.Module]:
+    """The attention's output projection (one of :data:`OUT_PROJS`), or None."""
+    return first_child(attn, OUT_PROJS)
 
 
 def _has(layer: nn.Module, name: str) -> bool:
@@ -192,8 +199,7 @@ def block_hidden_size(layer: nn.Module) -> Optional[int]:
         w = getattr(getattr(layer, name), "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() == 1:
             return int(w.shape[0])
-    proj = next((m for m in (getattr(attention_module(layer), n, None) for n in OUT_PROJS) if isinstance(m, nn.Module)),
-                None)
+    proj = out_projection(attention_module(layer))
     w = getattr(proj, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         return None

@@ -76,7 +76,7 @@ from torch import nn
 
 from . import ops
 from ._hf import accepts, cache_kwarg_of, pop_cache
-from .block_layout import OUT_PROJS, attention_module, block_hidden_size, block_layout
+from .block_layout import attention_module, block_hidden_size, block_layout, out_projection
 from .config import GmodConfig, capacity, capacity_of_rows, num_skipped_tensor
 from .masked_attention import attention_sinks, attention_softcap, position_masked_attention
 from .masks import check_routing_mask
@@ -273,7 +273,7 @@ def _head_dim(attn: nn.Module) -> int:
 def _out_proj(attn: nn.Module) -> nn.Module:
     """The attention's output projection: ``o_proj``, ``dense`` (Phi-1 / 2, GPT-NeoX), ``out_proj`` (OPT) or
     ``c_proj`` (GPT-2)."""
-    return next(m for m in (getattr(attn, n, None) for n in OUT_PROJS) if isinstance(m, nn.Module))
+    return out_projection(attn)
 
 
 def _qk_norm(attn: nn.Module, name: str, t: torch.Tensor, B: int, C: int, head_dim: int) -> torch.Tensor:
@@ -994,7 +994,7 @@ def _check_layer(layer: nn.Module) -> None:
             or (isinstance(getattr(attn, "c_attn", None), nn.Module) and isinstance(getattr(attn, "split_size", None), int))
         names = ("o_proj",) if fused and not hasattr(attn, "q_proj") else ("q_proj", "k_proj", "v_proj", "o_proj")
         missing += [f"self_attn.{n}" for n in names if not hasattr(attn, n)
-                    and not (n == "o_proj" and any(isinstance(getattr(attn, o, None), nn.Module) for o in OUT_PROJS))]
+                    and not (n == "o_proj" and out_projection(attn) is not None)]
         if not hasattr(attn, "head_dim") and not hasattr(attn, "head_size"):
             missing.append("self_attn.head_dim")
     if missing:
