@@ -67,7 +67,7 @@ def _is_decoder_layer(m: nn.Module) -> bool:
     return block_layout(m) is not None
 
 
-STACK_NAMES = ("layers", "h")  # the decoder stack's attribute: ``layers``, or GPT-2's ``h``
+STACK_NAMES = ("layers", "h", "blocks")  # the decoder stack's attribute: ``layers``, GPT-2's ``h``, MPT's ``blocks``
 
 
 def _stack(m: nn.Module) -> Optional[nn.ModuleList]:

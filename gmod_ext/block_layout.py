@@ -20,6 +20,7 @@ Apertus                attention_layernorm     -                         feedfor
 OLMo-2 / 3, EXAONE-4   -                       post_attention_layernorm  -                          post_feedforward_layernorm
 OPT, XGLM, BioGPT      self_attn_layer_norm    -                         final_layer_norm           -
 GPT-2                  ln_1                    -                         ln_2                       -
+MPT                    norm_1                  -                         norm_2                     -
 Cohere, Phi-1/2 (par.) input_layernorm         -                         input_layernorm, on x      -
 GPT-NeoX (parallel)    input_layernorm         -                         post_attention_layernorm,  -
                                                                          on x
@@ -42,6 +43,10 @@ cross-attention (``encoder_attn``).
 
 GPT-2's block names its attention ``attn`` (one ``c_attn`` for q, k, v, ``c_proj`` out, the residual
 dropout inside the attention module) and its decoder stack ``h``; its positions are added to the input too.
+MPT names its attention ``attn`` too (one ``Wqkv``, ``out_proj``), its MLP ``ffn`` and its stack ``blocks``.
+BLOOM's and MPT's MLPs (and BLOOM's attention) take the residual and add it themselves; both use ALiBi
+(:mod:`gmod_ext.alibi`). BLOOM's variant that takes the residual after the norm
+(``apply_residual_connection_post_layernorm``) is refused: its update is not added to the block's input.
 
 A parallel block runs attention and MLP side by side on the block's input (``y = x + attn(N(x)) +
 mlp(N(x))``, or with a second norm for the MLP, ``mlp(N'(x))``, in GPT-NeoX); its MoD layer gives the
@@ -53,6 +58,7 @@ sufficient: ``gmod_ext.verify`` compares the MoD layer with the block itself bef
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -78,6 +84,9 @@ class BlockLayout:
     # set (OPT's family): ``mlp`` names two linear layers run in sequence with this activation between them,
     # ``mlp[1](act(mlp[0](h)))``, not branches to sum; the updates' dropout is the block's float ``dropout``
     mlp_act: Optional[str] = None
+    # the attention / MLP children whose forward takes the residual and returns ``residual + update`` (BLOOM's
+    # attention and MLP, MPT's MLP): a MoD layer calls such an MLP with a zero residual
+    adds_residual: tuple = ()
 
     def names(self) -> tuple:
         return tuple(n for n in (self.attn_in, self.attn_out, self.mlp_in, self.mlp_out) if n is not None)
@@ -86,7 +95,7 @@ class BlockLayout:
 KNOWN_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                "post_feedforward_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm",
                "attention_layernorm", "feedforward_layernorm", "post_norm1", "post_norm2", "self_attn_layer_norm",
-               "final_layer_norm", "ln_1", "ln_2", "ln_attn", "ln_mlp")
+               "final_layer_norm", "ln_1", "ln_2", "ln_attn", "ln_mlp", "norm_1", "norm_2")
 
 
 # Names the attention module goes by: ``self_attn`` (most families), ``attention`` (GPT-NeoX), ``attn`` (GPT-2),
@@ -97,8 +106,8 @@ ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 OUT_PROJS = ("o_proj", "dense", "out_proj", "c_proj")
 
 # Names an MLP branch is made of, in the order their outputs are added (Granite's MoE blocks: the experts,
-# then the shared MLP; a ``None`` child, e.g. Granite-4 without experts, is left out).
-MLP_BRANCHES = ("mlp", "block_sparse_moe", "shared_mlp")
+# then the shared MLP; a ``None`` child, e.g. Granite-4 without experts, is left out; MPT's ``ffn``).
+MLP_BRANCHES = ("mlp", "block_sparse_moe", "shared_mlp", "ffn")
 
 
 def block_layout(layer: nn.Module) -> Optional[BlockLayout]:
@@ -106,11 +115,21 @@ def block_layout(layer: nn.Module) -> Optional[BlockLayout]:
     layout = _norm_layout(layer)
     if layout is None:
         return None
-    if layout.mlp_act is not None:
-        return layout
-    mlp = tuple(n for n in MLP_BRANCHES if isinstance(getattr(layer, n, None), nn.Module))
-    attn = next(n for n in ATTENTION_NAMES if isinstance(getattr(layer, n, None), nn.Module))
-    return layout if (mlp, attn) == (layout.mlp, layout.attn) else dataclasses.replace(layout, mlp=mlp, attn=attn)
+    if layout.mlp_act is None:
+        mlp = tuple(n for n in MLP_BRANCHES if isinstance(getattr(layer, n, None), nn.Module))
+        attn = next(n for n in ATTENTION_NAMES if isinstance(getattr(layer, n, None), nn.Module))
+        if (mlp, attn) != (layout.mlp, layout.attn):
+            layout = dataclasses.replace(layout, mlp=mlp, attn=attn)
+    adds = tuple(n for n in (layout.attn, *layout.mlp) if _takes_residual(getattr(layer, n, None)))
+    return dataclasses.replace(layout, adds_residual=adds) if adds else layout
+
+
+def _takes_residual(module) -> bool:
+    """Whether ``module``'s forward takes a ``residual`` argument (and returns ``residual + its update``)."""
+    try:
+        return isinstance(module, nn.Module) and "residual" in inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def first_child(module: nn.Module, names: tuple, kind: type = nn.Module):
@@ -144,6 +163,10 @@ def layout_refusal(layer: nn.Module) -> Optional[str]:
     if _has(layer, "encoder_attn") or _has(layer, "crossattention"):
         return (f"{type(layer).__name__} has cross-attention (encoder_attn / crossattention): a decoder of an "
                 "encoder-decoder model, which MoD layers do not reproduce")
+    if getattr(layer, "apply_residual_connection_post_layernorm", False) is True:
+        return (f"{type(layer).__name__} adds its updates to the normed input "
+                "(apply_residual_connection_post_layernorm=True): a skipped token would not keep its input, so "
+                "MoD layers do not reproduce it")
     if _opt_like(layer) and getattr(layer, "do_layer_norm_before", True) is False:
         return (f"{type(layer).__name__} is post-norm (do_layer_norm_before=False, e.g. OPT-350m): it normalises "
                 "after each residual sum, so there is no residual update a MoD layer could gate")
@@ -161,6 +184,8 @@ def _norm_layout(layer: nn.Module) -> Optional[BlockLayout]:
                            mlp_act="activation_fn")
     if has("ln_1") and has("ln_2") and has("attn") and has("mlp"):
         return BlockLayout("ln_1", None, "ln_2", None, "gpt2", attn="attn")
+    if has("norm_1") and has("norm_2") and has("attn") and has("ffn"):
+        return BlockLayout("norm_1", None, "norm_2", None, "mpt", attn="attn", mlp=("ffn",))
     if not (any(has(n) for n in ATTENTION_NAMES) and any(has(n) for n in MLP_BRANCHES)):
         return None
     if has("ln_attn") and has("ln_mlp"):  # Falcon-40B / 180B, Falcon-2: parallel, a norm of x for each branch

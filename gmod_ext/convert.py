@@ -79,6 +79,7 @@ from .config import ATTENTIONS, GATES, ON_CACHE, POSITIONS, ROUTERS, VARIANTS, F
 from .masks import explicit_codes_and_rows, routing_codes_and_rows
 from .mod_layer import make_mod_layer, unmake_mod_layer
 from .router import GmodRouter, GmodState, RoutingInfo, image_blocks, max_segments, packed_segments
+from .alibi import uses_alibi
 from .verify import check_decoder_layers
 
 __all__ = ["convert", "unconvert", "from_pretrained", "gmod_stats", "is_converted", "GmodStatsCallback"]
@@ -325,6 +326,11 @@ def convert(
     parts = find_decoder(model)
     L = len(parts.layers)
     _check_layers(layers, L)
+    if positions == "compact" and L and uses_alibi(parts.layers[0]):
+        raise ValueError(
+            f"gmod.convert: {type(model).__name__} attends with an ALiBi bias (a penalty on each query-key distance, "
+            "given to its layers by the model at the tokens' original positions); positions='compact' would renumber "
+            "the kept tokens, which ALiBi layers cannot. Convert with positions='original' (the default)")
     if isinstance(layers, str) and layers == "arank" and calibration_batches is None:
         raise ValueError(
             "gmod.convert: layers='arank' needs calibration_batches (model inputs: dicts or input_ids "
@@ -522,10 +528,18 @@ def _pre_hook(module, args, kwargs):
     kwargs = dict(kwargs)
     forced_mask = kwargs.pop("gmod_forced_mask", None)
     routing_mask = kwargs.pop("gmod_routing_mask", None)
-    if "gmod_prefill_len" in kwargs:
+    given_prefill = "gmod_prefill_len" in kwargs
+    if given_prefill:
         prefill_len = kwargs.pop("gmod_prefill_len")
     else:  # inside model.generate: the prompt length it recorded (gmod_ext.generation)
         prefill_len = getattr(state, "generate_prefill_len", None)
+    if not isinstance(kwargs.get("gmod_routing"), RoutingInfo) and state.active is not None \
+            and forced_mask is None and routing_mask is None and not given_prefill:
+        # the text model, called by the hooked outer model's forward while its routing is in flight, without
+        # the keyword (MPT's and Falcon's heads do not pass extra keywords on): that routing, made from the
+        # outer call's own keywords (gmod_prefill_len, gmod_forced_mask, labels), not a new one without them
+        if _same_rows(state.active, _named_inputs(state, module, args, kwargs)):
+            kwargs["gmod_routing"] = state.active
     if isinstance(kwargs.get("gmod_routing"), RoutingInfo):
         state.current = state.active = kwargs["gmod_routing"]
         if prefill_len is not None:
@@ -596,6 +610,13 @@ def _pre_hook(module, args, kwargs):
     state.scratch = None
     kwargs["gmod_routing"] = info
     return args, kwargs
+
+
+def _same_rows(routing: RoutingInfo, named: dict) -> bool:
+    """Whether a call's ``input_ids`` / ``inputs_embeds`` have the [B, S] that ``routing`` was made for (True
+    when the routing has no mask to tell)."""
+    ref = next((t for t in (named.get("input_ids"), named.get("inputs_embeds")) if isinstance(t, torch.Tensor)), None)
+    return routing.mask is None or (ref is not None and tuple(ref.shape[:2]) == tuple(routing.mask.shape))
 
 
 def _end_hook(module, args, output):

@@ -1,4 +1,4 @@
-"""Attention of a MoD layer whose block has a sliding window or soft-capped logits, in plain torch.
+"""Attention of a MoD layer whose block has a sliding window, soft-capped logits or ALiBi, in plain torch.
 
 ``gmod.attention`` (and torch's fused causal SDPA) computes causal attention over a row's kept
 tokens: a kept query sees every earlier kept key. Two attention features of the Llama family need
@@ -15,7 +15,11 @@ carry in their order alone:
   as transformers' padding-free collators make them): a query sees only keys of its own sequence;
 * **bidirectional image blocks** (Gemma-3's multimodal model: the tokens of one image, marked by
   ``token_type_ids``, see each other in both directions): a query in a block also sees the later
-  keys of its block (still inside the window: transformers' AND(window, OR(causal, block))).
+  keys of its block (still inside the window: transformers' AND(window, OR(causal, block)));
+* **ALiBi** (BLOOM, MPT, Falcon with ``alibi=True``): a per-head penalty linear in the query-key
+  distance. The models hand their layers a bias per key *column* (``slope * position``: the per-query
+  part of ``slope * (k - q)`` is constant along a softmax row, so they leave it out); a MoD layer
+  gathers it at its keys' original positions and passes it as ``key_bias``.
 
 :func:`position_masked_attention` takes the positions of the queries and keys and builds that mask
 explicitly: torch's SDPA with a boolean mask, or (soft-capping) the eager math Hugging Face's own
@@ -105,6 +109,7 @@ def position_masked_attention(
     q_block: Optional[torch.Tensor] = None,
     k_block: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
+    key_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of ``q`` [B, Cq, Hq, d] over ``k`` / ``v`` [B, Ck, Hk, d] (GQA: Hq a multiple of Hk),
     returning [B, Cq, Hq, d] in q's dtype.
@@ -115,7 +120,8 @@ def position_masked_attention(
     ``q_pos[b, i] - k_pos[b, j] < window``, and with ``q_seg`` / ``k_seg`` ([B, Cq] / [B, Ck] sequence
     ids of packed rows) ``q_seg[b, i] == k_seg[b, j]``;
     scores are ``scale * q.k``, soft-capped to ``softcap * tanh(s / softcap)`` when given; ``sinks`` [Hq]
-    adds one logit per head to each query's softmax, with no value (GPT-OSS). A query that
+    adds one logit per head to each query's softmax, with no value (GPT-OSS); ``key_bias`` [B, Hq, Ck] is
+    added to the scores of every query for key j (ALiBi's per-key column of slope * position). A query that
     sees no key (the slots past a row's count, whose outputs nobody reads) attends to all of its row's
     keys instead, so that every output and gradient stays finite.
     """
@@ -143,13 +149,17 @@ def position_masked_attention(
     if Hq != Hk:  # repeat the kv heads (SDPA's enable_gqa needs torch >= 2.5 and no custom mask on some backends)
         kt = kt.repeat_interleave(Hq // Hk, dim=1)
         vt = vt.repeat_interleave(Hq // Hk, dim=1)
-    if softcap is None and sinks is None:
+    if softcap is None and sinks is None and key_bias is None:
         o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=float(scale))
         return o.transpose(1, 2)
     s = torch.matmul(qt, kt.transpose(-1, -2)) * float(scale)
     s = s.float()
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
+    if key_bias is not None:
+        if tuple(key_bias.shape) != (B, Hq, Ck):
+            raise ValueError(f"gmod: key_bias must be [B, Hq, Ck] = {[B, Hq, Ck]}, got {tuple(key_bias.shape)}")
+        s = s + key_bias.to(device=dev, dtype=s.dtype).unsqueeze(2)
     s = s.masked_fill(~mask, float("-inf"))
     if sinks is not None:
         if tuple(sinks.shape) != (Hq,):

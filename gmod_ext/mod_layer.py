@@ -7,8 +7,9 @@
 after the rotation), ``post_attention_layernorm``, ``mlp`` (or Granite's ``block_sparse_moe`` +
 ``shared_mlp``); or the other norm layouts of :mod:`gmod_ext.block_layout`: Gemma-2 / 3, GLM-4,
 Apertus, OLMo-2, parallel blocks, OPT's family (``fc1`` / ``fc2`` in the block, ``out_proj``), GPT-2
-(``attn.c_attn`` / ``c_proj``), Falcon (``self_attention.query_key_value``); those with positions added
-to the input do not rotate) into a MoD layer **in place**: the object's class becomes a subclass
+(``attn.c_attn`` / ``c_proj``), Falcon (``self_attention.query_key_value``), BLOOM and MPT (``attn.Wqkv``,
+``ffn``); those with positions added to the input do not rotate, nor do those given an ALiBi bias, see
+:mod:`gmod_ext.alibi`) into a MoD layer **in place**: the object's class becomes a subclass
 ``MoD<Layer>(MoDDecoderLayer, <Layer>)``, so it keeps its own modules and weights (the state_dict
 keys of the original weights do not change; a per-layer router adds ``gmod_router.*``), is still an
 instance of the original class (Hugging Face's output capturing, gradient checkpointing and FSDP
@@ -31,8 +32,8 @@ Forward on the selected tokens (all through ``gmod_ext.ops``)::
     q, k, v = proj(LN1(xs)); (q/k norm); RoPE; o = attention(q, k, v, count, count)  # causal, GQA
                                             # (or SDPA over the compact rows: GmodConfig.attention;
                                             #  a sliding window shorter than the sequence, a logit
-                                            #  soft-cap, attention sinks, packed sequences or image blocks:
-                                            #  gmod_ext.masked_attention, by original position)
+                                            #  soft-cap, attention sinks, ALiBi, packed sequences or image
+                                            #  blocks: gmod_ext.masked_attention, by original position)
     h = xs + o_proj(o); m = mlp(LN2(h))     (other layouts: norms on o_proj(o) / around the MLP, see block_layout;
                                              RoPE: the model's own apply_rotary_pos_emb where it differs, GLM;
                                              Granite: both updates times residual_multiplier)
@@ -76,6 +77,7 @@ from torch import nn
 
 from . import ops
 from ._hf import accepts, cache_kwarg_of, pop_cache
+from .alibi import AlibiBias, key_bias, pop_alibi
 from .block_layout import attention_module, block_hidden_size, block_layout, out_projection
 from .config import GmodConfig, capacity, capacity_of_rows, num_skipped_tensor
 from .masked_attention import attention_sinks, attention_softcap, position_masked_attention
@@ -149,7 +151,7 @@ _ROPE_TEST_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, as
 @functools.lru_cache(maxsize=None)
 def _rope_condition(forward):
     """The compiled test of the first ``if`` around a rotary call in ``forward``'s source, when that test
-    only reads ``self``'s attributes and the ``position_embeddings`` argument; None when the forward
+    only reads ``self``'s attributes and the ``position_embeddings`` / ``alibi`` arguments; None when the forward
     rotates unconditionally, or when the test is something else (then the layer counts as rotating).
     Parsed once per attention class, not per layer."""
     try:
@@ -165,7 +167,7 @@ def _rope_condition(forward):
             continue
         test = ast.Expression(node.test)
         if not all(isinstance(n, _ROPE_TEST_NODES) for n in ast.walk(test)) or any(
-                isinstance(n, ast.Name) and n.id not in ("self", "position_embeddings") for n in ast.walk(test)):
+                isinstance(n, ast.Name) and n.id not in ("self", "position_embeddings", "alibi") for n in ast.walk(test)):
             return None
         return compile(test, "<rope condition>", "eval")
     return None
@@ -193,9 +195,11 @@ def _uses_rope(attn: nn.Module, model_has_rotary: bool = True) -> bool:
     (NoPE) put the rotation under a condition: on the module's own settings, ``if self.use_rope:``
     (SmolLM3, Llama-4), ``if self.sliding_window is not None:`` (Cohere2's global layers), ``if
     self.sliding_window is None or self.is_sliding:`` (EXAONE-4); or on what the model passes, ``if
-    position_embeddings is not None:`` (Granite-4's hybrid, whose NoPE models build no rotary module).
+    position_embeddings is not None:`` (Granite-4's hybrid, whose NoPE models build no rotary module), ``if
+    alibi is None:`` (Falcon, whose model gives an ALiBi bias iff its config says ``alibi``).
     The forward's source is read for an ``if`` around a rotary call whose test only reads those, and the
-    test is evaluated on this module, with ``position_embeddings`` present iff ``model_has_rotary``;
+    test is evaluated on this module, with ``position_embeddings`` present iff ``model_has_rotary``, ``alibi``
+    iff the attention's config has ``alibi=True``;
     anything else counts as rotating (the conversion check compares the layers anyway). A forward that
     calls no rotation at all (OPT, XGLM, BioGPT: positions added to the input) does not rotate."""
     forward = getattr(type(attn), "forward", None)
@@ -208,8 +212,10 @@ def _uses_rope(attn: nn.Module, model_has_rotary: bool = True) -> bool:
     if condition is None:
         return True
     try:
+        alibi = getattr(getattr(attn, "config", None), "alibi", None) is True
         return bool(eval(condition, {"__builtins__": {}},
-                         {"self": attn, "position_embeddings": _PRESENT if model_has_rotary else None}))
+                         {"self": attn, "position_embeddings": _PRESENT if model_has_rotary else None,
+                          "alibi": _PRESENT if alibi else None}))
     except Exception:  # noqa: BLE001 - an attribute the module lacks: assume it rotates
         return True
 
@@ -402,10 +408,6 @@ class MoDDecoderLayer:
             raise NotImplementedError(
                 f"gmod: MoD layer {self.gmod_layer_idx} was given encoder_hidden_states: MoD layers reproduce "
                 "decoder self-attention only, not cross-attention to an encoder")
-        if kwargs.get("alibi") is not None:
-            raise NotImplementedError(
-                f"gmod: MoD layer {self.gmod_layer_idx} was given an ALiBi bias (BLOOM, Falcon with alibi=True): MoD "
-                "layers attend with rotary positions or none, not with ALiBi's per-head distance penalty")
         out = self._gmod_call(hidden_states, kwargs)
         n = self.__dict__.get("_gmod_arity") or 0
         if n and isinstance(out, torch.Tensor):  # the wrapped layer's tuple: (hidden states, None, ...)
@@ -418,6 +420,7 @@ class MoDDecoderLayer:
         position_ids = kwargs.pop("position_ids", None)
         use_cache = kwargs.pop("use_cache", False)
         position_embeddings = kwargs.pop("position_embeddings", None)
+        alibi = pop_alibi(kwargs)  # BLOOM / Falcon's alibi, MPT's position_bias: a bias per key column
         # transformers >= 5.24 passes the KV cache as `cache`, earlier releases as `past_key_values`.
         past_key_values = pop_cache(kwargs)
         if past_key_values is not None:
@@ -429,11 +432,13 @@ class MoDDecoderLayer:
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 routing=routing,
+                alibi=alibi,
                 **kwargs,
             )
-        return self.gmod_forward(hidden_states, position_embeddings, position_ids=position_ids, routing=routing)
+        return self.gmod_forward(hidden_states, position_embeddings, position_ids=position_ids, routing=routing,
+                                 alibi=alibi)
 
-    def gmod_forward_with_cache(self, hidden_states, *, past_key_values, routing=None, **kwargs):
+    def gmod_forward_with_cache(self, hidden_states, *, past_key_values, routing=None, alibi=None, **kwargs):
         """A call with a KV cache (prefill / decode), see :mod:`gmod_ext.cache`.
 
         ``on_cache="compact"`` (what :func:`gmod_ext.convert` sets): this layer keeps a compact
@@ -448,6 +453,8 @@ class MoDDecoderLayer:
         cfg: GmodConfig = self._gmod_state.config
         if cfg.on_cache == "dense":  # the wrapped layer, with the cache under the name it takes
             kwargs[cache_kwarg_of(super().forward)] = past_key_values
+            if alibi is not None:
+                kwargs[alibi.kind] = alibi.tensor
             return super().forward(hidden_states, **kwargs)
         if cfg.on_cache != "compact":
             raise NotImplementedError(
@@ -465,10 +472,10 @@ class MoDDecoderLayer:
         pe = kwargs.get("position_embeddings")
         pos = kwargs.get("position_ids")
         if slot.seen == 0 and not slot.is_initialized:
-            y = self.gmod_forward(x, pe, position_ids=pos, routing=routing, kv_cache=slot)
+            y = self.gmod_forward(x, pe, position_ids=pos, routing=routing, kv_cache=slot, alibi=alibi)
             slot.prefill_len = S
         else:
-            y = self.gmod_forward_decode(x, slot, pe, position_ids=pos, routing=routing)
+            y = self.gmod_forward_decode(x, slot, pe, position_ids=pos, routing=routing, alibi=alibi)
         slot.seen += S
         slot.trim_window()  # a sliding window: drop what no later query sees
         return y
@@ -507,6 +514,13 @@ class MoDDecoderLayer:
         layer_type = self.__dict__.get("_gmod_rotary_type")  # Gemma-3: one module, local / global angles
         return rotary(x, position_ids) if layer_type is None else rotary(x, position_ids, layer_type)
 
+    def _gmod_check_alibi(self, alibi: Optional[AlibiBias]) -> None:
+        if alibi is not None and self._gmod_state.config.positions == "compact":
+            raise NotImplementedError(
+                f"gmod: MoD layer {self.gmod_layer_idx} was given an ALiBi bias (BLOOM, MPT, Falcon with alibi=True) "
+                "with positions='compact': ALiBi's distances come from the model's bias at the tokens' original "
+                "positions; convert with positions='original' (the default)")
+
     def gmod_decode_keep(self, logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """The decode rule, bool [B, S]: ``p >= config.decode_threshold`` or forced, never padding.
 
@@ -519,14 +533,21 @@ class MoDDecoderLayer:
             keep = (keep | (mask == ops.MASK_FORCED)) & (mask != ops.MASK_NEVER)
         return keep
 
-    def _gmod_positions(self, x, xs, idx, count, C, position_embeddings, position_ids, start=None, seg=None):
+    def _gmod_rotates(self, alibi: Optional[AlibiBias]) -> bool:
+        """Whether this layer rotates q and k: not in a NoPE layer, nor where the model gives an ALiBi bias
+        (Falcon rotates only without one)."""
+        return alibi is None and self.__dict__.get("_gmod_uses_rope", True)
+
+    def _gmod_positions(self, x, xs, idx, count, C, position_embeddings, position_ids, start=None, seg=None,
+                        rotate=True):
         """cos / sin [B, C, r] of the kept tokens: gathered at their original positions, or the
         compact positions ``start + arange(C)`` (``start``: tokens already in this layer's cache;
-        ``seg`` [B, C]: the kept tokens' packed-sequence ids, each sequence counting from 0)."""
+        ``seg`` [B, C]: the kept tokens' packed-sequence ids, each sequence counting from 0); None, None
+        where the layer does not rotate (``rotate``: :meth:`_gmod_rotates`)."""
         B, S = x.shape[0], x.shape[1]
         cfg: GmodConfig = self._gmod_state.config
-        if not self.__dict__.get("_gmod_uses_rope", True):
-            return None, None  # a NoPE layer: no positions to gather (the model may have no rotary at all)
+        if not rotate:  # a NoPE layer: no positions to gather (the model may have no rotary at all)
+            return None, None
         if cfg.positions == "compact":
             pos = torch.arange(C, device=x.device).unsqueeze(0)
             if seg is not None:  # minus the slot where the token's sequence starts
@@ -547,6 +568,8 @@ class MoDDecoderLayer:
         return cos, sin
 
     def _gmod_qkv(self, xs, cos, sin):
+        """q, k, v [B, C, H, d] of the kept tokens, rotated by ``cos`` / ``sin`` (None: not rotated), the
+        attention scale, and the output gate (Qwen3-Next) or None."""
         attn = self._gmod_attn()
         B, C = xs.shape[0], xs.shape[1]
         head_dim = _head_dim(attn)
@@ -576,6 +599,12 @@ class MoDDecoderLayer:
                 q_, k_, v_ = g[:, :, :-2].reshape(B, C, -1), g[:, :, -2], g[:, :, -1]
             else:  # GPT-NeoX (and Falcon's multi-head variant): per head, its q, k, v
                 q_, k_, v_ = (t.reshape(B, C, -1) for t in qkv.view(B, C, -1, 3 * head_dim).chunk(3, dim=-1))
+        elif isinstance(getattr(attn, "Wqkv", None), nn.Module):  # MPT: thirds, clipped where it says so
+            qkv = attn.Wqkv(h_in)
+            clip = getattr(attn, "clip_qkv", None)
+            if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip:
+                qkv = qkv.clamp(min=-clip, max=clip)
+            q_, k_, v_ = qkv.chunk(3, dim=-1)
         else:  # one fused projection (Phi-3): queries, then keys, then values
             qkv = attn.qkv_proj(h_in)
             nq = qkv.shape[-1] - 2 * _kv_heads(attn) * head_dim
@@ -584,14 +613,16 @@ class MoDDecoderLayer:
         k = _qk_norm(attn, "k_norm", k_, B, C, head_dim)
         v = v_.reshape(B, C, -1, head_dim)
         rope = self.__dict__.get("_gmod_rope")
-        if not self.__dict__.get("_gmod_uses_rope", True):
-            pass  # a NoPE layer: no rotation
+        if cos is None:
+            pass  # a NoPE (or ALiBi) layer: no rotation
         elif rope is not None:  # the model's own rotation (GLM's interleaved pairs)
             q, k = rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=2)
         else:
             q, k = _apply_rope(q, k, cos, sin)
         q, k = _post_rope_norm(attn, "query_layernorm", q), _post_rope_norm(attn, "key_layernorm", k)
         scale = getattr(attn, "scaling", None)
+        if scale is None:  # MPT's name (a setting, None: the default)
+            scale = getattr(attn, "softmax_scale", None)
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim)
         return q.contiguous(), k.contiguous(), v.contiguous(), float(scale), gate
@@ -629,6 +660,11 @@ class MoDDecoderLayer:
             a = a + bias
         if self._gmod_block_layout().family == "gpt2":  # GPT-2 drops out the update inside its attention module
             a = attn.resid_dropout(a)
+        elif self._gmod_block_layout().attn in self._gmod_block_layout().adds_residual:
+            # so does BLOOM's (with its float hidden_dropout), which adds the residual itself
+            p = attn.__dict__.get("hidden_dropout")
+            if isinstance(p, float) and p > 0:
+                a = nn.functional.dropout(a, p=p, training=self.training)
         norm = self._gmod_norm("attn_out")
         if norm is not None:
             a = norm(a)
@@ -676,7 +712,9 @@ class MoDDecoderLayer:
             return self._gmod_residual_scale(self._gmod_dropout(second(mid), _MLP_DROPOUTS))
         m = None
         for name in layout.mlp:  # mlp, or Granite's experts + shared MLP (summed)
-            part = self._modules[name](h)
+            module = self._modules[name]
+            # BLOOM's and MPT's MLPs add the residual themselves (after their dropout): give them zeros
+            part = module(h, torch.zeros_like(h)) if name in layout.adds_residual else module(h)
             if isinstance(part, tuple):  # (output, router scores): GPT-OSS's MoE, as its block unpacks it
                 part = part[0]
             m = part if m is None else m + part
@@ -756,6 +794,7 @@ class MoDDecoderLayer:
         position_ids: Optional[torch.Tensor] = None,
         routing: Optional[RoutingInfo] = None,
         kv_cache=None,
+        alibi: Optional[AlibiBias] = None,
     ) -> torch.Tensor:
         """The MoD layer on a whole sequence (training, no-cache inference, cached prefill).
 
@@ -766,6 +805,8 @@ class MoDDecoderLayer:
         (:meth:`gmod_decode_keep`), as they would have been routed one by one with a KV cache.
         ``kv_cache``: a :class:`~gmod_ext.cache.GmodLayer` to append the kept tokens' keys and
         values to (the cached prefill; everything else is exactly the cache-less computation).
+        ``alibi``: the ALiBi bias the model gave the layer (:mod:`gmod_ext.alibi`), read at the kept keys'
+        original positions.
         """
         state: GmodState = self._gmod_state
         cfg: GmodConfig = state.config
@@ -776,12 +817,13 @@ class MoDDecoderLayer:
         attn = self._gmod_attn()
         window = _binding_window(attn, S)
         softcap, sinks = attention_softcap(attn), attention_sinks(attn)
+        self._gmod_check_alibi(alibi)
         # packed sequences (transformers applies their mask only without a KV cache; so do we)
         segments = None if routing is None or kv_cache is not None else getattr(routing, "segments", None)
         blocks = getattr(routing, "blocks", None)  # image blocks (prefill with a cache too, as transformers)
-        if self.training and _dropout_p(attn, ("attention_dropout", "dropout", "attn_dropout")) > 0:
+        if self.training and _dropout_p(attn, ("attention_dropout", "dropout", "attn_dropout", "attn_dropout_p")) > 0:
             warnings.warn("gmod: attention dropout is not applied inside MoD layers", stacklevel=2)
-        if self.training and _dropout_p(self, ("hidden_dropout",)) > 0:
+        if self.training and _dropout_p(self, ("hidden_dropout",)) > 0 and not self._gmod_block_layout().adds_residual:
             warnings.warn("gmod: the block's residual dropout (hidden_dropout: Falcon, GPT-NeoX-Japanese) is not applied "
                           "inside MoD layers", stacklevel=2)
 
@@ -836,15 +878,19 @@ class MoDDecoderLayer:
                 seg = torch.gather(segments.to(x.device), 1, idx.clamp(min=0).long())
             if blocks is not None:  # the kept tokens' image blocks
                 blk = torch.gather(blocks.to(x.device), 1, idx.clamp(min=0).long())
-            cos, sin = self._gmod_positions(x, xs, idx, count, C, position_embeddings, position_ids, seg=seg)
+            cos, sin = self._gmod_positions(x, xs, idx, count, C, position_embeddings, position_ids, seg=seg,
+                                            rotate=self._gmod_rotates(alibi))
         with nvtx_range("attention"):
             q, k, v, scale, gate = self._gmod_qkv(xs, cos, sin)
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
                 kv_cache.append(k, v, count, idx=idx)
-            if window is not None or softcap is not None or sinks is not None or seg is not None or blk is not None:
-                # positions (and sequence / image block ids) decide what a query sees
+            kb = None if alibi is None else key_bias(alibi.columns(attn, B, q.shape[2], S), idx)
+            if window is not None or softcap is not None or sinks is not None or seg is not None or blk is not None \
+                    or kb is not None:
+                # positions (and sequence / image block ids, ALiBi's bias) decide what a query sees
                 o = position_masked_attention(q, k, v, idx, idx, count, scale, window=window, softcap=softcap,
-                                              q_seg=seg, k_seg=seg, q_block=blk, k_block=blk, sinks=sinks)
+                                              q_seg=seg, k_seg=seg, q_block=blk, k_block=blk, sinks=sinks,
+                                              key_bias=kb)
             elif attention_backend(cfg.attention, q.device, q.dtype) == "sdpa":
                 o = _sdpa_causal(q, k, v, scale)
             else:
@@ -869,6 +915,7 @@ class MoDDecoderLayer:
         position_embeddings=None,
         position_ids: Optional[torch.Tensor] = None,
         routing: Optional[RoutingInfo] = None,
+        alibi: Optional[AlibiBias] = None,
     ) -> torch.Tensor:
         """A step on a non-empty compact cache (decode, or any later chunk of S >= 1 tokens).
 
@@ -877,13 +924,15 @@ class MoDDecoderLayer:
         :class:`~gmod_ext.cache.GmodLayer`) and they attend to the row's compact cache with
         ``ops.attention(q_len=count, k_len=cache_len)`` (bottom-right aligned: causal among the
         step's tokens). Skipped tokens leave the layer unchanged and append nothing. One device
-        sync (the per-row counts); when no row keeps a token the block is not run at all.
+        sync (the per-row counts); when no row keeps a token the block is not run at all. ``alibi``: the
+        model's ALiBi bias over all positions seen, read at the cached keys' recorded positions.
         """
         if x.dim() != 3:
             raise ValueError(f"gmod: hidden_states must be [B, S, D], got {tuple(x.shape)}")
         B, S, _ = x.shape
         x = x.contiguous()
         attn = self._gmod_attn()
+        self._gmod_check_alibi(alibi)
         sink = self._gmod_sink(routing)
         mask = None if routing is None else routing.mask
         if mask is not None:
@@ -912,14 +961,18 @@ class MoDDecoderLayer:
         with nvtx_range("gather"):
             xs = ops.gather_rows(x, idx, count)  # [B, n, D]
             start = cache.stored_count() if cache.is_initialized else torch.zeros(B, dtype=torch.int32, device=x.device)
-            cos, sin = self._gmod_positions(x, xs, idx, count, n, position_embeddings, position_ids, start=start)
+            cos, sin = self._gmod_positions(x, xs, idx, count, n, position_embeddings, position_ids, start=start,
+                                            rotate=self._gmod_rotates(alibi))
         with nvtx_range("attention"):
             q, k, v, scale, gate = self._gmod_qkv(xs, cos, sin)
             cache.append(k, v, count, counts, idx=idx if S > 1 else None)  # S = 1: position `seen`
-            if window is not None or softcap is not None or sinks is not None:  # recorded positions decide
-                q_pos = idx.to(torch.int64) + cache.seen
+            kb = None
+            if alibi is not None:  # the bias of every position seen, read at the cached keys' positions
+                kb = key_bias(alibi.columns(attn, B, q.shape[2], cache.seen + S), cache.positions)
+            if window is not None or softcap is not None or sinks is not None or kb is not None:
+                q_pos = idx.to(torch.int64) + cache.seen  # recorded positions decide
                 o = position_masked_attention(q, cache.keys, cache.values, q_pos, cache.positions, cache.cache_len,
-                                              scale, window=window, softcap=softcap, sinks=sinks)
+                                              scale, window=window, softcap=softcap, sinks=sinks, key_bias=kb)
             else:
                 o, _ = ops.attention(q, cache.keys, cache.values, count, cache.cache_len, scale)
             a = self._gmod_attn_out(o.reshape(B, n, -1), gate)
@@ -987,10 +1040,11 @@ def _check_layer(layer: nn.Module) -> None:
     attn = attention_module(layer)
     if attn is not None:
         # separate q / k / v projections, or one fused qkv_proj (Phi-3) with a known key / value head count,
-        # or GPT-NeoX's query_key_value (q, k, v per head), or GPT-2's c_attn; the output projection o_proj,
-        # dense, out_proj or c_proj
+        # or GPT-NeoX's query_key_value (q, k, v per head), or GPT-2's c_attn, or MPT's Wqkv (thirds); the
+        # output projection o_proj, dense, out_proj or c_proj
         fused = (isinstance(getattr(attn, "qkv_proj", None), nn.Module) and _kv_heads(attn) is not None) \
             or isinstance(getattr(attn, "query_key_value", None), nn.Module) \
+            or isinstance(getattr(attn, "Wqkv", None), nn.Module) \
             or (isinstance(getattr(attn, "c_attn", None), nn.Module) and isinstance(getattr(attn, "split_size", None), int))
         names = ("o_proj",) if fused and not hasattr(attn, "q_proj") else ("q_proj", "k_proj", "v_proj", "o_proj")
         missing += [f"self_attn.{n}" for n in names if not hasattr(attn, n)

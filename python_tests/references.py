@@ -143,10 +143,11 @@ def attention_ref(q, k, v, q_len, k_len, scale=None, compute_dtype=torch.float64
 
 # ------------------------------------------------------------------ kv cache
 def position_attention_ref(q, k, v, q_pos, k_pos, k_len, scale, window=None, softcap=None, q_seg=None, k_seg=None,
-                           dtype=torch.float64, q_block=None, k_block=None, sinks=None):
+                           dtype=torch.float64, q_block=None, k_block=None, sinks=None, alibi=None):
     """gmod_ext.masked_attention.position_masked_attention, one (row, query, head) at a time: the visible
     keys listed by the documented rule (earlier, or in the query's image block; inside the window; in
-    its packed sequence), softmax (with ``sinks`` [Hq], the head's sink logit as one more entry, then
+    its packed sequence), scores plus ``alibi[h] * (key position - query position)`` with ``alibi`` [Hq]
+    slopes (ALiBi's relative form), softmax (with ``sinks`` [Hq], the head's sink logit as one more entry, then
     dropped), weighted sum, computed in ``dtype``. Returns (out, visible [B, Cq]
     bool); rows with no visible key are left at 0 (the op's value there is unspecified)."""
 
@@ -172,6 +173,8 @@ def position_attention_ref(q, k, v, q_pos, k_pos, k_len, scale, window=None, sof
                 s = (k[b, js, h // rep] @ q[b, i, h]) * scale
                 if softcap is not None:
                     s = torch.tanh(s / softcap) * softcap
+                if alibi is not None:
+                    s = s + float(alibi[h]) * (k_pos[b, js].to(dtype) - p)
                 if sinks is None:
                     heads.append(torch.softmax(s, 0) @ v[b, js, h // rep])
                 else:

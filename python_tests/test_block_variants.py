@@ -27,6 +27,12 @@
 * GLM-4V: all of GLM-4 plus 3-D rotary positions on image tokens; Aya Vision: Cohere2 behind SigLIP;
   Granite Vision: LLaVA-NeXT in front of Granite;
   Qwen3-VL: interleaved 3-D M-RoPE and DeepStack (each on an image prompt, keep-all and generation).
+* ALiBi: BLOOM (attention and MLP that add the residual themselves, 6 heads), MPT (``Wqkv`` clipped, its
+  softmax scale, ``norm_1`` / ``norm_2`` / ``ffn``, the stack ``blocks``; its generate runs without a cache
+  in transformers 5.24, so its cache is checked by decoding by hand) and Falcon with ``alibi=True``;
+  ``positions="compact"`` refused for them (test_alibi.py has the op and the bias they are given);
+* models whose head does not pass extra keywords on to its text model (Falcon, GPT-NeoX-Japanese, BLOOM,
+  MPT): ``gmod_prefill_len`` still reaches their MoD layers.
 
 References are Hugging Face's own layers: keeping every token, the converted model gives the dense
 model's logits and parameter gradients; skipping half the tokens, generation with the compact cache
@@ -134,6 +140,18 @@ BUILDERS = {
         "parallel_attn": False, "multi_query": False, "new_decoder_architecture": False, **kw}),
     # GPT-NeoX-Japanese: layers that return tuples, and a bias added after the last layer's dense (perturbed:
     # HF initialises it to zeros)
+    # ALiBi (a per-head penalty linear in the distance, no rotary): BLOOM (its attention and MLP add the
+    # residual themselves; 6 heads: slopes beyond the largest power of 2), MPT (Wqkv, norm_1 / norm_2, an
+    # MLP named ffn, the stack named blocks, its bias a table for max_seq_len; clipped q / k / v and its own
+    # softmax scale), Falcon with alibi=True (the bias added before the scale, no rotation)
+    "bloom": lambda **kw: _hf("BloomForCausalLM", "BloomConfig", **{"hidden_dropout": 0.0, "attention_dropout": 0.0,
+                                                                    **kw}),
+    "bloom_6_heads": lambda **kw: _hf("BloomForCausalLM", "BloomConfig", **{
+        "hidden_size": 48, "num_attention_heads": 6, "hidden_dropout": 0.0, "attention_dropout": 0.0, **kw}),
+    "mpt": lambda **kw: _hf("MptForCausalLM", "MptConfig", **{"max_seq_len": 64, **kw}),
+    "mpt_clip_scale": lambda **kw: _hf("MptForCausalLM", "MptConfig", **{
+        "max_seq_len": 64, "attn_config": {"clip_qkv": 0.6, "softmax_scale": 0.2}, **kw}),
+    "falcon_alibi": lambda **kw: _hf("FalconForCausalLM", "FalconConfig", **{"alibi": True, **kw}),
     "gpt_neox_japanese": lambda **kw: _with_dense_bias(_hf("GPTNeoXJapaneseForCausalLM", "GPTNeoXJapaneseConfig", **{
         "attention_dropout": 0.0, "hidden_dropout": 0.0, **kw})),
 }
@@ -148,7 +166,9 @@ def _with_dense_bias(model):
 # layers that attend without RoPE
 NOPE = {"smollm3_nope": [3], "exaone4_nope": [3], "cohere2_nope": [3], "opt": [0, 1, 2, 3], "xglm": [0, 1, 2, 3],
         "biogpt": [0, 1, 2, 3], "gpt2": [0, 1, 2, 3], "gpt2_layer_scaled": [0, 1, 2, 3],
-        "gpt_bigcode_mqa": [0, 1, 2, 3], "gpt_bigcode_mha": [0, 1, 2, 3]}
+        "gpt_bigcode_mqa": [0, 1, 2, 3], "gpt_bigcode_mha": [0, 1, 2, 3], "bloom": [0, 1, 2, 3],
+        "bloom_6_heads": [0, 1, 2, 3], "mpt": [0, 1, 2, 3], "mpt_clip_scale": [0, 1, 2, 3], "falcon_alibi": [0, 1, 2, 3]}
+ALIBI = {"bloom", "bloom_6_heads", "mpt", "mpt_clip_scale", "falcon_alibi"}
 OWN_ROPE = {"glm", "glm4", "ernie4_5", "cohere_parallel", "cohere2_nope", "gpt_oss_sinks"}  # whose rotation is not Llama's (interleaved)
 
 
@@ -171,10 +191,16 @@ LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4"
            "hyperclovax_peri_norm": "hyperclovax", "opt": "opt", "xglm": "opt", "biogpt": "opt", "gpt2": "gpt2",
            "gpt2_layer_scaled": "gpt2", "gpt_bigcode_mqa": "gpt2", "gpt_bigcode_mha": "gpt2", "falcon_7b": "parallel",
            "falcon_40b": "neox", "falcon_40b_one_norm": "parallel", "falcon_sequential": "llama",
-           "gpt_neox_japanese": "llama"}
+           "gpt_neox_japanese": "llama", "bloom": "llama", "bloom_6_heads": "llama", "mpt": "mpt",
+           "mpt_clip_scale": "mpt", "falcon_alibi": "parallel"}
 # the others: ("mlp",); OPT's family: fc1 then fc2, in sequence
 MLP_BRANCH = {"granitemoe_shared": ("block_sparse_moe", "shared_mlp"), "opt": ("fc1", "fc2"), "xglm": ("fc1", "fc2"),
-              "biogpt": ("fc1", "fc2")}
+              "biogpt": ("fc1", "fc2"), "mpt": ("ffn",), "mpt_clip_scale": ("ffn",)}
+
+
+# children that take the residual and add it themselves (the others: none)
+ADDS_RESIDUAL = {"bloom": ("self_attention", "mlp"), "bloom_6_heads": ("self_attention", "mlp"), "mpt": ("ffn",),
+                 "mpt_clip_scale": ("ffn",)}
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
@@ -184,6 +210,7 @@ def test_block_layout_names_each_norm_role(arch):
     layer = find_decoder(BUILDERS[arch]()).layers[0]
     layout = block_layout(layer)
     assert layout is not None and layout.family == LAYOUTS[arch] and layout.mlp == MLP_BRANCH.get(arch, ("mlp",))
+    assert layout.adds_residual == ADDS_RESIDUAL.get(arch, ())
     norms = {n for n, m in layer.named_children() if "norm" in n or "Norm" in type(m).__name__}  # (GPT-2: ln_1, ln_2)
     assert set(layout.names()) == norms  # every norm has a role
 
@@ -220,28 +247,78 @@ def test_keep_all_logits_and_gradients_equal_hf(arch):
 def test_skipping_generation_cache_equals_no_cache(arch, positions):
     model = BUILDERS[arch]().eval()
     _perturb_norms(model)
+    if arch in ALIBI and positions == "compact":  # ALiBi's distances are the model's, at original positions
+        with pytest.raises(ValueError, match=r"ALiBi bias .*positions='compact'.*positions='original'"):
+            gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], positions=positions, progress=False)
+        assert not any(is_mod_layer(m) for m in model.modules())  # refused before changing anything
+        return
     gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], positions=positions, progress=False)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # p well away from 0.5 on both sides: decode steps keep some tokens, skip others
         model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape, generator=g) * 0.5)
     ids, am = padded_prompt(3, 12, pad=(0, 2, 4), seed=3)
-    cached = assert_cache_equals_no_cache(model, dict(input_ids=ids, attention_mask=am), max_new_tokens=10)
-    slots = mod_slots(getattr(cached, "past_key_values", None) or cached.cache)
+    if arch in GENERATES_WITHOUT_CACHE:
+        cache = _assert_decode_by_hand_equals_no_cache(model, ids, am, steps=10)
+    else:
+        cached = assert_cache_equals_no_cache(model, dict(input_ids=ids, attention_mask=am), max_new_tokens=10)
+        cache = getattr(cached, "past_key_values", None) or cached.cache
+    slots = mod_slots(cache)
     seen = 12 + 10 - 1
     stored = [int(s.cache_len.max()) for s in slots.values()]
     assert len(slots) == 3 and all(0 < n < seen for n in stored), stored
+
+
+# MPT's generate runs without a KV cache in transformers 5.24 (every step recomputes the sequence), so
+# there the test decodes by hand with the compact cache
+GENERATES_WITHOUT_CACHE = {"mpt", "mpt_clip_scale"}
+
+
+def _assert_decode_by_hand_equals_no_cache(model, ids, am, steps: int):
+    """Greedy decoding step by step on the model's compact cache: each step's logits equal the model's
+    without a cache on the whole sequence so far (both with ``gmod_prefill_len`` = the prompt length, as
+    ``generate`` routes); returns the cache."""
+    from gmod_ext._hf import cache_kwarg_of, output_cache
+
+    P, ckw = ids.shape[1], cache_kwarg_of(model.forward)
+    with torch.no_grad():
+        out = model(ids, attention_mask=am, use_cache=True, gmod_prefill_len=P, **{ckw: model.gmod_new_cache()})
+        cache, seq, mask = output_cache(out), ids, am
+        for step in range(steps):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            seq, mask = torch.cat([seq, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+            out = model(nxt, attention_mask=mask, use_cache=True, gmod_prefill_len=P, **{ckw: cache})
+            full = model(seq, attention_mask=mask, use_cache=False, gmod_prefill_len=P).logits[:, -1]
+            torch.testing.assert_close(out.logits[:, -1], full, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {step}: {m}")
+    return cache
+
+
+@pytest.mark.parametrize("arch", ["falcon_7b", "gpt_neox_japanese", "bloom"])
+def test_model_keywords_reach_layers_whose_model_head_drops_them(arch):
+    """Falcon's, GPT-NeoX-Japanese's and BLOOM's heads call their text model without passing extra keywords
+    on, so the text model's hook must take the routing of the outer call (made with its gmod_prefill_len)
+    rather than make one without it: decoding by hand on the compact cache, each step equals the no-cache
+    forward with the same gmod_prefill_len (MPT runs this in the cache test above)."""
+    model = BUILDERS[arch]().eval()
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], progress=False)
+    with torch.no_grad():
+        model.gmod_router.weight.copy_(torch.randn(model.gmod_router.weight.shape,
+                                                   generator=torch.Generator().manual_seed(2)) * 0.5)
+    ids, am = padded_prompt(3, 12, pad=(0, 0, 3), seed=3)
+    _assert_decode_by_hand_equals_no_cache(model, ids, am, steps=6)
 
 
 @pytest.mark.parametrize("arch,setting", [("phi3", "resid_pdrop"), ("phi2_parallel", "resid_pdrop"),
                                           ("gpt_neox_parallel", "hidden_dropout"), ("opt", "dropout"),
                                           ("xglm", "dropout"), ("xglm", "activation_dropout"),
                                           ("biogpt", "hidden_dropout_prob"), ("biogpt", "activation_dropout"),
-                                          ("gpt2", "resid_pdrop"), ("gpt_bigcode_mqa", "resid_pdrop")])
+                                          ("gpt2", "resid_pdrop"), ("gpt_bigcode_mqa", "resid_pdrop"),
+                                          ("bloom", "hidden_dropout")])
 def test_residual_dropout_draws_hf_masks(arch, setting):
     """Phi-3 drops out the attention and MLP updates (resid_pdrop; Phi-1 / 2 with one module for both,
     GPT-NeoX with hidden_dropout; OPT's family with the functional dropout, and XGLM / BioGPT the MLP's
-    activation too; GPT-2 inside its attention and MLP modules): in training, a MoD layer keeping every token applies them in the same
-    order on same-shaped tensors, so it draws the same masks."""
+    activation too; GPT-2 inside its attention and MLP modules; BLOOM's hidden_dropout inside its attention
+    and MLP, which add the residual themselves): in training, a MoD layer keeping every token applies them in
+    the same order on same-shaped tensors, so it draws the same masks."""
     ref = BUILDERS[arch](**{setting: 0.3})
     model = BUILDERS[arch](**{setting: 0.3})
     model.load_state_dict(ref.state_dict())

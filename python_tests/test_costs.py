@@ -1,5 +1,5 @@
 """gmod_ext.costs (the demo's and ``bench model``'s FLOP column) against torch's own FLOP counter on one
-decoder layer of a real Hugging Face model: gated MLPs count 3 matrices, GPT-2's / OPT's 2."""
+decoder layer of a real Hugging Face model: gated MLPs count 3 matrices, GPT-2's / OPT's / BLOOM's / MPT's 2."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +15,18 @@ MODELS = {
     "gpt2": (lambda: hf_model("GPT2LMHeadModel", "GPT2Config", n_inner=96), 2),
     "opt": (lambda: hf_model("OPTForCausalLM", "OPTConfig", ffn_dim=96, word_embed_proj_dim=64), 2),
     "gpt_neox": (lambda: hf_model("GPTNeoXForCausalLM", "GPTNeoXConfig", num_key_value_heads=4), 2),  # (MHA)
+    # BLOOM's and MPT's MLPs are 4 D wide (Hugging Face's MPT ignores expansion_ratio): configs without a stray
+    # intermediate_size
+    "bloom": (lambda: _plain("BloomForCausalLM", "BloomConfig", hidden_size=64, n_head=4, n_layer=2), 2),
+    "mpt": (lambda: _plain("MptForCausalLM", "MptConfig", d_model=64, n_heads=4, n_layers=2, max_seq_len=32), 2),
 }
+
+
+def _plain(cls_name, cfg_name, **cfg):
+    import transformers
+
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name)(getattr(transformers, cfg_name)(vocab_size=128, **cfg)).float()
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -107,10 +107,11 @@ def test_demo_text_forcing_keeps_the_answers(tmp_path):
     assert mod2["first_token_accuracy"] < mod["first_token_accuracy"] - 0.2, (mod2, mod)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llava"])
+@pytest.mark.parametrize("kind", ["llama", "llava", "bloom"])
 def test_demo_on_a_user_model_folder(tmp_path, kind):
-    """``--model PATH``: a local Hugging Face folder (a Llama ``*ForCausalLM`` or a LLaVA) runs the whole job.
-    The text-only model gets "visual word" tokens as its image and the demo's own routing mask."""
+    """``--model PATH``: a local Hugging Face folder (a Llama ``*ForCausalLM``, a LLaVA, or BLOOM with ALiBi)
+    runs the whole job. A text-only model gets "visual word" tokens as its image and the demo's own routing
+    mask."""
     import transformers
 
     from gmod_ext.demo import build_builtin_model
@@ -118,6 +119,10 @@ def test_demo_on_a_user_model_folder(tmp_path, kind):
     folder = tmp_path / kind
     if kind == "llava":
         model, _ = build_builtin_model(48)
+    elif kind == "bloom":
+        torch.manual_seed(0)
+        model = transformers.BloomForCausalLM(transformers.BloomConfig(
+            hidden_size=64, n_layer=4, n_head=4, vocab_size=400, bos_token_id=1, eos_token_id=2, pad_token_id=0))
     else:
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -145,12 +150,13 @@ def test_demo_model_path_errors(tmp_path):
     # a model folder of an architecture the MoD layer does not wrap: a one-line reason, no traceback
     import transformers
 
-    transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=2, vocab_size=300)) \
-        .save_pretrained(tmp_path / "bloom")  # ALiBi
-    proc = subprocess.run([sys.executable, "-m", "gmod_ext", "demo", "--model", str(tmp_path / "bloom")], cwd=ROOT,
+    transformers.DiffLlamaForCausalLM(transformers.DiffLlamaConfig(  # differential attention
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=300)) \
+        .save_pretrained(tmp_path / "diffllama")
+    proc = subprocess.run([sys.executable, "-m", "gmod_ext", "demo", "--model", str(tmp_path / "diffllama")], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "gmod" in proc.stderr and "Bloom" in proc.stderr, proc.stderr[-2000:]
+    assert "gmod" in proc.stderr and "DiffLlama" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_evaluate_accuracies_against_a_direct_count():

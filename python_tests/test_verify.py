@@ -33,9 +33,6 @@ REFUSED = {
     # tensor would lose all but its first row there (tuples its return statements spell out, Falcon's, are
     # returned in kind)
     "openai_gpt": (lambda: _hf("OpenAIGPTLMHeadModel", "OpenAIGPTConfig"), "returns a list", True),
-    # ALiBi (a per-head penalty on the distance, given to the layers as `alibi`)
-    "bloom_alibi": (lambda: _hf("BloomForCausalLM", "BloomConfig", n_layer=4, n_head=4), "given an ALiBi bias", True),
-    "falcon_alibi": (lambda: _hf("FalconForCausalLM", "FalconConfig", alibi=True), "given an ALiBi bias", True),
 }
 ACCEPTED = {
     "llama": lambda: tiny_model("llama"),
@@ -118,6 +115,11 @@ ACCEPTED = {
     # query_key_value layouts (7B's multi-query, 40B's grouped, multi-head), parallel or sequential blocks
     "falcon_7b": lambda: _hf("FalconForCausalLM", "FalconConfig", parallel_attn=True, multi_query=True),
     "falcon_40b": lambda: _hf("FalconForCausalLM", "FalconConfig", new_decoder_architecture=True, num_kv_heads=2),
+    # ALiBi: the model's per-key bias at the kept keys' original positions, no rotation: BLOOM (6 heads: slopes
+    # past the largest power of 2), MPT (its bias a table for max_seq_len), Falcon with alibi=True
+    "bloom_alibi": lambda: _hf("BloomForCausalLM", "BloomConfig", hidden_size=48, num_attention_heads=6),
+    "mpt_alibi": lambda: _hf("MptForCausalLM", "MptConfig", max_seq_len=64),
+    "falcon_alibi": lambda: _hf("FalconForCausalLM", "FalconConfig", alibi=True),
     "falcon_sequential": lambda: _hf("FalconForCausalLM", "FalconConfig", parallel_attn=False, multi_query=False),
     # GPT-NeoX-Japanese: tuples too, a separate bias after the last layer's dense, its model passes no
     # keywords on to the layers
@@ -178,6 +180,10 @@ def test_refused_blocks_raise_before_anything_changes(name):
                                          num_layers=4, add_cross_attention=True), "has cross-attention (encoder_attn"),
     ("gpt2_cross_attention", lambda: _hf("GPT2LMHeadModel", "GPT2Config", n_inner=128, add_cross_attention=True),
      "has cross-attention (encoder_attn / crossattention)"),
+    # BLOOM's variant that adds its updates to the normed input, not to the block's input
+    ("bloom_post_layernorm_residual", lambda: _hf("BloomForCausalLM", "BloomConfig",
+                                                  apply_residual_connection_post_layernorm=True),
+     "adds its updates to the normed input (apply_residual_connection_post_layernorm=True)"),
 ])
 def test_known_blocks_without_a_layout_are_refused_with_the_reason(name, build, words):
     """Blocks of a known family that MoD layers do not reproduce get no layout, and convert says why
