@@ -26,6 +26,7 @@ GPT-NeoX (parallel)    input_layernorm         -                         post_at
                                                                          on x
 Falcon-40B / 180B / 2  ln_attn                 -                         ln_mlp, on x               -
 Falcon-7B (parallel)   input_layernorm         -                         input_layernorm, on x      -
+GPT-J, CodeGen (par.)  ln_1                    -                         ln_1, on x                 -
 =====================  ======================  ========================  =========================  =======================
 
 The MLP branch is ``mlp``, or, in Granite's MoE families, ``block_sparse_moe`` plus ``shared_mlp`` where
@@ -43,6 +44,8 @@ cross-attention (``encoder_attn``).
 
 GPT-2's block names its attention ``attn`` (one ``c_attn`` for q, k, v, ``c_proj`` out, the residual
 dropout inside the attention module) and its decoder stack ``h``; its positions are added to the input too.
+GPT-J and CodeGen (the stack ``h``) run GPT-2's ``attn`` (separate ``q_proj`` / ``k_proj`` / ``v_proj``, or
+CodeGen's one ``qkv_proj`` in 4 model-parallel groups of q, v, k) and ``mlp`` side by side on ``ln_1``.
 MPT names its attention ``attn`` too (one ``Wqkv``, ``out_proj``), its MLP ``ffn`` and its stack ``blocks``.
 BLOOM's and MPT's MLPs (and BLOOM's attention) take the residual and add it themselves; both use ALiBi
 (:mod:`gmod_ext.alibi`). BLOOM's variant that takes the residual after the norm
@@ -80,7 +83,7 @@ class BlockLayout:
     family: str
     parallel: bool = False  # the MLP reads the block's input (through mlp_in), not h: y = x + attn + mlp
     mlp: tuple = ("mlp",)  # the MLP branch's modules, whose outputs are summed (see MLP_BRANCHES)
-    attn: str = "self_attn"  # the attention module's name (GPT-NeoX: "attention", GPT-2: "attn")
+    attn: str = "self_attn"  # the attention module's name (GPT-NeoX: "attention", GPT-2: "attn", GPT-Neo: "attn.attention")
     # set (OPT's family): ``mlp`` names two linear layers run in sequence with this activation between them,
     # ``mlp[1](act(mlp[0](h)))``, not branches to sum; the updates' dropout is the block's float ``dropout``
     mlp_act: Optional[str] = None
@@ -121,7 +124,19 @@ def block_layout(layer: nn.Module) -> Optional[BlockLayout]:
         if (mlp, attn) != (layout.mlp, layout.attn):
             layout = dataclasses.replace(layout, mlp=mlp, attn=attn)
     adds = tuple(n for n in (layout.attn, *layout.mlp) if _takes_residual(getattr(layer, n, None)))
-    return dataclasses.replace(layout, adds_residual=adds) if adds else layout
+    if adds:
+        layout = dataclasses.replace(layout, adds_residual=adds)
+    if _wrapped_attention(getattr(layer, layout.attn, None)) is not None:
+        layout = dataclasses.replace(layout, attn=f"{layout.attn}.attention")
+    return layout
+
+
+def _wrapped_attention(attn) -> Optional[nn.Module]:
+    """GPT-Neo's attention module wraps the one with the projections as its ``attention``: that one, or None."""
+    inner = getattr(attn, "attention", None)
+    if isinstance(inner, nn.Module) and out_projection(attn) is None and out_projection(inner) is not None:
+        return inner
+    return None
 
 
 def _takes_residual(module) -> bool:
@@ -139,8 +154,10 @@ def first_child(module: nn.Module, names: tuple, kind: type = nn.Module):
 
 
 def attention_module(layer: nn.Module) -> Optional[nn.Module]:
-    """The block's attention module (``self_attn``, GPT-NeoX's ``attention``, GPT-2's ``attn``), or None."""
-    return first_child(layer, ATTENTION_NAMES)
+    """The block's attention module (``self_attn``, GPT-NeoX's ``attention``, GPT-2's ``attn``; GPT-Neo's
+    ``attn.attention``, which holds the projections), or None."""
+    attn = first_child(layer, ATTENTION_NAMES)
+    return _wrapped_attention(attn) or attn
 
 
 def out_projection(attn: nn.Module) -> Optional[nn.Module]:
@@ -184,6 +201,8 @@ def _norm_layout(layer: nn.Module) -> Optional[BlockLayout]:
                            mlp_act="activation_fn")
     if has("ln_1") and has("ln_2") and has("attn") and has("mlp"):
         return BlockLayout("ln_1", None, "ln_2", None, "gpt2", attn="attn")
+    if has("ln_1") and not has("ln_2") and has("attn") and has("mlp"):  # GPT-J, CodeGen: parallel on one norm
+        return BlockLayout("ln_1", None, "ln_1", None, "gptj", parallel=True, attn="attn")
     if has("norm_1") and has("norm_2") and has("attn") and has("ffn"):
         return BlockLayout("norm_1", None, "norm_2", None, "mpt", attn="attn", mlp=("ffn",))
     if not (any(has(n) for n in ATTENTION_NAMES) and any(has(n) for n in MLP_BRANCHES)):

@@ -7,8 +7,8 @@
 after the rotation), ``post_attention_layernorm``, ``mlp`` (or Granite's ``block_sparse_moe`` +
 ``shared_mlp``); or the other norm layouts of :mod:`gmod_ext.block_layout`: Gemma-2 / 3, GLM-4,
 Apertus, OLMo-2, parallel blocks, OPT's family (``fc1`` / ``fc2`` in the block, ``out_proj``), GPT-2
-(``attn.c_attn`` / ``c_proj``), Falcon (``self_attention.query_key_value``), BLOOM and MPT (``attn.Wqkv``,
-``ffn``); those with positions added to the input do not rotate, nor do those given an ALiBi bias, see
+(``attn.c_attn`` / ``c_proj``), Falcon (``self_attention.query_key_value``), GPT-J / CodeGen (parallel on
+``ln_1``), BLOOM and MPT (``attn.Wqkv``, ``ffn``); those with positions added to the input do not rotate, nor do those given an ALiBi bias, see
 :mod:`gmod_ext.alibi`) into a MoD layer **in place**: the object's class becomes a subclass
 ``MoD<Layer>(MoDDecoderLayer, <Layer>)``, so it keeps its own modules and weights (the state_dict
 keys of the original weights do not change; a per-layer router adds ``gmod_router.*``), is still an
@@ -122,12 +122,22 @@ def _model_rope(attn: nn.Module):
     differently from :func:`_apply_rope` (GLM / GLM-4: interleaved pairs, on half the head), else None
     (ours). Decided once per layer at conversion by applying both to random inputs (float64), with cos /
     sin as wide as the head, or half as wide where the model's function takes only that (GPT-OSS rotates
-    the two halves of the head by d / 2 angles: ``[x1 cos - x2 sin, x2 cos + x1 sin]``)."""
+    the two halves of the head by d / 2 angles: ``[x1 cos - x2 sin, x2 cos + x1 sin]``). A function of one
+    tensor, ``apply_rotary_pos_emb(tensor, sin, cos)`` (GPT-J, CodeGen: interleaved pairs on the first
+    ``rotary_dim`` dims of the head), is the rotation itself: it is applied to q and k in turn
+    (:func:`_rotate_each`), with the model's position embeddings in the model's order."""
     fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
     forward = getattr(type(attn), "forward", None)
     code = getattr(inspect.unwrap(forward), "__code__", None) if callable(forward) else None  # past decorators
     if not callable(fn) or code is None or "apply_rotary_pos_emb" not in code.co_names:
         return None
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
+    except (TypeError, ValueError):
+        params = []
+    if len(params) == 3:  # (tensor, sin, cos): one tensor at a time
+        rotary_dim = getattr(attn, "rotary_dim", None)
+        return functools.partial(_rotate_each, fn, rotary_dim if isinstance(rotary_dim, int) else None)
     d = _head_dim(attn)
     g = torch.Generator().manual_seed(0)
     # on the CPU explicitly: from_pretrained builds layers under a meta-device context
@@ -142,6 +152,19 @@ def _model_rope(attn: nn.Module):
         same = all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(theirs, ours))
         return None if same else fn
     return None
+
+
+def _rotate_each(fn, rotary_dim: Optional[int], q: torch.Tensor, k: torch.Tensor, first: torch.Tensor,
+                 second: torch.Tensor, unsqueeze_dim: int = 2):
+    """q and k [B, C, H, d] each rotated by the model's one-tensor ``fn(t, first, second)`` (GPT-J / CodeGen:
+    ``(tensor, sin, cos)``, ``first`` / ``second`` [B, C, r / 2] as the model's rotary module returns them), on
+    their first ``rotary_dim`` dims (None: all); the other dims pass through."""
+    def one(t):
+        if rotary_dim is None or rotary_dim >= t.shape[-1]:
+            return fn(t, first, second)
+        return torch.cat([fn(t[..., :rotary_dim], first, second), t[..., rotary_dim:]], dim=-1)
+
+    return one(q), one(k)
 
 
 _ROPE_TEST_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.Compare, ast.Is,
@@ -161,10 +184,13 @@ def _rope_condition(forward):
     for node in ast.walk(tree):
         if not isinstance(node, ast.If):
             continue
-        rotates = any(isinstance(n, ast.Call) and "rotary" in ast.unparse(n.func)
-                      for stmt in node.body for n in ast.walk(stmt))
-        if not rotates:
+        def rotates(stmts):
+            return any(isinstance(n, ast.Call) and "rotary" in ast.unparse(n.func) for stmt in stmts for n in ast.walk(stmt))
+
+        if not rotates(node.body):
             continue
+        if rotates(node.orelse):  # both branches rotate (GPT-J: part of the head, or all of it)
+            return None
         test = ast.Expression(node.test)
         if not all(isinstance(n, _ROPE_TEST_NODES) for n in ast.walk(test)) or any(
                 isinstance(n, ast.Name) and n.id not in ("self", "position_embeddings", "alibi") for n in ast.walk(test)):
@@ -302,11 +328,22 @@ def _post_rope_norm(attn: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor
     return norm(t) if isinstance(norm, nn.Module) else t
 
 
+_UNSCALED_ATTENTIONS = ("GPTNeoSelfAttention",)  # scores q.k, not divided by sqrt(d) (GPT-Neo, its flash one too)
+
+
+def _unscaled(attn: nn.Module) -> bool:
+    return any(c.__name__ in _UNSCALED_ATTENTIONS for c in type(attn).__mro__)
+
+
 def _sliding_window(attn: nn.Module) -> Optional[int]:
     """The attention's sliding window in tokens, or None. ``is_sliding = False`` means none; else the
     module's own ``sliding_window`` decides where it has one (transformers sets it per layer from
     ``config.layer_types``); else the config's, unless ``use_sliding_window`` is False or
-    ``layer_types`` says this layer attends fully. 0 means none (Qwen2-MoE's config default)."""
+    ``layer_types`` says this layer attends fully. 0 means none (Qwen2-MoE's config default). GPT-Neo's
+    ``attention_type`` "local" layers see the last ``config.window_size`` positions, its "global" ones all."""
+    kind = getattr(attn, "attention_type", None)
+    if kind in ("local", "global") and isinstance(getattr(getattr(attn, "config", None), "window_size", None), int):
+        return int(attn.config.window_size) if kind == "local" else None
     if getattr(attn, "is_sliding", None) is False:
         return None  # a global layer of a hybrid whose modules all keep the config's window (EXAONE-4)
     if hasattr(attn, "sliding_window"):
@@ -599,6 +636,10 @@ class MoDDecoderLayer:
                 q_, k_, v_ = g[:, :, :-2].reshape(B, C, -1), g[:, :, -2], g[:, :, -1]
             else:  # GPT-NeoX (and Falcon's multi-head variant): per head, its q, k, v
                 q_, k_, v_ = (t.reshape(B, C, -1) for t in qkv.view(B, C, -1, 3 * head_dim).chunk(3, dim=-1))
+        elif isinstance(getattr(attn, "qkv_proj", None), nn.Module) and isinstance(getattr(attn, "mp_num", None), int):
+            # CodeGen: mp_num model-parallel groups, each its share of the queries, then values, then keys
+            g = attn.qkv_proj(h_in).view(B, C, attn.mp_num, -1)
+            q_, v_, k_ = (t.reshape(B, C, -1) for t in g.split(g.shape[-1] // 3, dim=-1))
         elif isinstance(getattr(attn, "Wqkv", None), nn.Module):  # MPT: thirds, clipped where it says so
             qkv = attn.Wqkv(h_in)
             clip = getattr(attn, "clip_qkv", None)
@@ -624,7 +665,7 @@ class MoDDecoderLayer:
         if scale is None:  # MPT's name (a setting, None: the default)
             scale = getattr(attn, "softmax_scale", None)
         if scale is None:
-            scale = 1.0 / math.sqrt(head_dim)
+            scale = 1.0 if _unscaled(attn) else 1.0 / math.sqrt(head_dim)
         return q.contiguous(), k.contiguous(), v.contiguous(), float(scale), gate
 
     def _gmod_norm(self, role: str) -> Optional[nn.Module]:
@@ -658,7 +699,7 @@ class MoDDecoderLayer:
         bias = attn._parameters.get("dense_bias")  # GPT-NeoX-Japanese's last layer: a bias kept apart from dense
         if bias is not None:
             a = a + bias
-        if self._gmod_block_layout().family == "gpt2":  # GPT-2 drops out the update inside its attention module
+        if self._gmod_block_layout().family in ("gpt2", "gptj"):  # inside their attention modules: GPT-2, GPT-J
             a = attn.resid_dropout(a)
         elif self._gmod_block_layout().attn in self._gmod_block_layout().adds_residual:
             # so does BLOOM's (with its float hidden_dropout), which adds the residual itself
@@ -685,8 +726,10 @@ class MoDDecoderLayer:
         return update
 
     def _gmod_attn(self) -> nn.Module:
-        """The block's attention module (``self_attn``; GPT-NeoX's ``attention``: ``BlockLayout.attn``)."""
-        return self._modules[self._gmod_block_layout().attn]
+        """The block's attention module (``self_attn``; GPT-NeoX's ``attention``; GPT-Neo's ``attn.attention``:
+        ``BlockLayout.attn``)."""
+        name = self._gmod_block_layout().attn
+        return self._modules[name] if "." not in name else self.get_submodule(name)
 
     def _gmod_residual_scale(self, update: torch.Tensor) -> torch.Tensor:
         """Granite's blocks add ``update * residual_multiplier`` to the residual stream (a float setting of
@@ -1045,6 +1088,7 @@ def _check_layer(layer: nn.Module) -> None:
         fused = (isinstance(getattr(attn, "qkv_proj", None), nn.Module) and _kv_heads(attn) is not None) \
             or isinstance(getattr(attn, "query_key_value", None), nn.Module) \
             or isinstance(getattr(attn, "Wqkv", None), nn.Module) \
+            or (isinstance(getattr(attn, "qkv_proj", None), nn.Module) and isinstance(getattr(attn, "mp_num", None), int)) \
             or (isinstance(getattr(attn, "c_attn", None), nn.Module) and isinstance(getattr(attn, "split_size", None), int))
         names = ("o_proj",) if fused and not hasattr(attn, "q_proj") else ("q_proj", "k_proj", "v_proj", "o_proj")
         missing += [f"self_attn.{n}" for n in names if not hasattr(attn, n)

@@ -31,6 +31,9 @@
   softmax scale, ``norm_1`` / ``norm_2`` / ``ffn``, the stack ``blocks``; its generate runs without a cache
   in transformers 5.24, so its cache is checked by decoding by hand) and Falcon with ``alibi=True``;
   ``positions="compact"`` refused for them (test_alibi.py has the op and the bias they are given);
+* GPT-Neo: its attention wrapped in ``attn.attention``, unscaled scores, local (windowed) and global layers;
+* GPT-J and CodeGen: a parallel block on ``ln_1``, the model's one-tensor rotation (``(tensor, sin, cos)``)
+  on ``rotary_dim`` dims of the head, CodeGen's ``qkv_proj`` in model-parallel groups of q, v, k;
 * models whose head does not pass extra keywords on to its text model (Falcon, GPT-NeoX-Japanese, BLOOM,
   MPT): ``gmod_prefill_len`` still reaches their MoD layers.
 
@@ -152,6 +155,20 @@ BUILDERS = {
     "mpt_clip_scale": lambda **kw: _hf("MptForCausalLM", "MptConfig", **{
         "max_seq_len": 64, "attn_config": {"clip_qkv": 0.6, "softmax_scale": 0.2}, **kw}),
     "falcon_alibi": lambda **kw: _hf("FalconForCausalLM", "FalconConfig", **{"alibi": True, **kw}),
+    # GPT-J and CodeGen: attention and MLP side by side on ln_1, the rotation the model's one-tensor function
+    # (interleaved pairs, position embeddings as (sin, cos)) on rotary_dim dims of the head or all of it;
+    # CodeGen's one qkv_proj in 4 model-parallel groups of q, v, k
+    "gptj": lambda **kw: _hf("GPTJForCausalLM", "GPTJConfig", **{"rotary_dim": 8, "n_inner": 128, "resid_pdrop": 0.0,
+                                                                 "embd_pdrop": 0.0, "attn_pdrop": 0.0, **kw}),
+    "gptj_full_rotary": lambda **kw: _hf("GPTJForCausalLM", "GPTJConfig", **{
+        "rotary_dim": 16, "n_inner": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **kw}),
+    "codegen": lambda **kw: _hf("CodeGenForCausalLM", "CodeGenConfig", **{
+        "rotary_dim": 8, "n_inner": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **kw}),
+    # GPT-Neo: GPT-2's block around an attention wrapped in a module of its own (attn.attention), scores not
+    # scaled by 1 / sqrt(d), local layers (window 5 here, shorter than the prompts) alternating with global ones
+    "gpt_neo": lambda **kw: _hf("GPTNeoForCausalLM", "GPTNeoConfig", **{
+        "attention_types": [[["global", "local"], 2]], "window_size": 5, "resid_dropout": 0.0, "embed_dropout": 0.0,
+        "attention_dropout": 0.0, **kw}),
     "gpt_neox_japanese": lambda **kw: _with_dense_bias(_hf("GPTNeoXJapaneseForCausalLM", "GPTNeoXJapaneseConfig", **{
         "attention_dropout": 0.0, "hidden_dropout": 0.0, **kw})),
 }
@@ -167,9 +184,10 @@ def _with_dense_bias(model):
 NOPE = {"smollm3_nope": [3], "exaone4_nope": [3], "cohere2_nope": [3], "opt": [0, 1, 2, 3], "xglm": [0, 1, 2, 3],
         "biogpt": [0, 1, 2, 3], "gpt2": [0, 1, 2, 3], "gpt2_layer_scaled": [0, 1, 2, 3],
         "gpt_bigcode_mqa": [0, 1, 2, 3], "gpt_bigcode_mha": [0, 1, 2, 3], "bloom": [0, 1, 2, 3],
-        "bloom_6_heads": [0, 1, 2, 3], "mpt": [0, 1, 2, 3], "mpt_clip_scale": [0, 1, 2, 3], "falcon_alibi": [0, 1, 2, 3]}
+        "bloom_6_heads": [0, 1, 2, 3], "gpt_neo": [0, 1, 2, 3], "mpt": [0, 1, 2, 3], "mpt_clip_scale": [0, 1, 2, 3], "falcon_alibi": [0, 1, 2, 3]}
 ALIBI = {"bloom", "bloom_6_heads", "mpt", "mpt_clip_scale", "falcon_alibi"}
-OWN_ROPE = {"glm", "glm4", "ernie4_5", "cohere_parallel", "cohere2_nope", "gpt_oss_sinks"}  # whose rotation is not Llama's (interleaved)
+OWN_ROPE = {"glm", "glm4", "ernie4_5", "cohere_parallel", "cohere2_nope", "gpt_oss_sinks", "gptj", "gptj_full_rotary",
+            "codegen"}  # whose rotation is not Llama's (interleaved)
 
 
 def _perturb_norms(model):
@@ -192,7 +210,8 @@ LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4"
            "gpt2_layer_scaled": "gpt2", "gpt_bigcode_mqa": "gpt2", "gpt_bigcode_mha": "gpt2", "falcon_7b": "parallel",
            "falcon_40b": "neox", "falcon_40b_one_norm": "parallel", "falcon_sequential": "llama",
            "gpt_neox_japanese": "llama", "bloom": "llama", "bloom_6_heads": "llama", "mpt": "mpt",
-           "mpt_clip_scale": "mpt", "falcon_alibi": "parallel"}
+           "mpt_clip_scale": "mpt", "falcon_alibi": "parallel", "gptj": "gptj", "gptj_full_rotary": "gptj",
+           "codegen": "gptj", "gpt_neo": "gpt2"}
 # the others: ("mlp",); OPT's family: fc1 then fc2, in sequence
 MLP_BRANCH = {"granitemoe_shared": ("block_sparse_moe", "shared_mlp"), "opt": ("fc1", "fc2"), "xglm": ("fc1", "fc2"),
               "biogpt": ("fc1", "fc2"), "mpt": ("ffn",), "mpt_clip_scale": ("ffn",)}
@@ -221,6 +240,17 @@ def test_nope_layers_are_read_off_the_attention(arch):
 
     layers = find_decoder(BUILDERS[arch]()).layers
     assert [i for i, layer in enumerate(layers) if not _uses_rope(attention_module(layer))] == NOPE.get(arch, [])
+
+
+def test_rotation_under_if_and_else_is_unconditional():
+    """GPT-J rotates part of the head under ``if self.rotary_dim is not None`` and all of it in the ``else``:
+    that is no NoPE condition, the layer rotates either way (with rotary_dim None, as older configs allow)."""
+    from gmod_ext.mod_layer import _uses_rope
+
+    attn = attention_module(find_decoder(BUILDERS["gptj"]()).layers[0])
+    assert _uses_rope(attn)
+    attn.rotary_dim = None
+    assert _uses_rope(attn)
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
@@ -307,12 +337,30 @@ def test_model_keywords_reach_layers_whose_model_head_drops_them(arch):
     _assert_decode_by_hand_equals_no_cache(model, ids, am, steps=6)
 
 
+@pytest.mark.parametrize("arch", ["falcon_7b", "bloom", "mpt"])
+def test_forced_mask_reaches_layers_whose_model_head_drops_it(arch):
+    """gmod_forced_mask given to such a model's head reaches its MoD layers: every token forced, no gate,
+    the converted model (ratio 0.5) computes the dense model's logits; without the mask it does not."""
+    ref = BUILDERS[arch]().eval()
+    model = BUILDERS[arch]().eval()
+    model.load_state_dict(ref.state_dict())
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], gate="none", progress=False)
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = ref(ids).logits
+        forced = model(ids, gmod_forced_mask=torch.ones_like(ids, dtype=torch.bool)).logits
+        routed = model(ids).logits
+    torch.testing.assert_close(forced, dense, rtol=1e-5, atol=1e-5)
+    assert float((routed - dense).abs().max()) > 1e-3
+
+
 @pytest.mark.parametrize("arch,setting", [("phi3", "resid_pdrop"), ("phi2_parallel", "resid_pdrop"),
                                           ("gpt_neox_parallel", "hidden_dropout"), ("opt", "dropout"),
                                           ("xglm", "dropout"), ("xglm", "activation_dropout"),
                                           ("biogpt", "hidden_dropout_prob"), ("biogpt", "activation_dropout"),
                                           ("gpt2", "resid_pdrop"), ("gpt_bigcode_mqa", "resid_pdrop"),
-                                          ("bloom", "hidden_dropout")])
+                                          ("bloom", "hidden_dropout"), ("gptj", "resid_pdrop"),
+                                          ("gpt_neo", "resid_dropout")])
 def test_residual_dropout_draws_hf_masks(arch, setting):
     """Phi-3 drops out the attention and MLP updates (resid_pdrop; Phi-1 / 2 with one module for both,
     GPT-NeoX with hidden_dropout; OPT's family with the functional dropout, and XGLM / BioGPT the MLP's

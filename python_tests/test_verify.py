@@ -121,6 +121,11 @@ ACCEPTED = {
     "mpt_alibi": lambda: _hf("MptForCausalLM", "MptConfig", max_seq_len=64),
     "falcon_alibi": lambda: _hf("FalconForCausalLM", "FalconConfig", alibi=True),
     "falcon_sequential": lambda: _hf("FalconForCausalLM", "FalconConfig", parallel_attn=False, multi_query=False),
+    # GPT-J / CodeGen: parallel on ln_1, their one-tensor rotation on part of the head; CodeGen's grouped qkv_proj
+    "gptj": lambda: _hf("GPTJForCausalLM", "GPTJConfig", rotary_dim=8, n_inner=128),
+    "codegen": lambda: _hf("CodeGenForCausalLM", "CodeGenConfig", rotary_dim=8, n_inner=128),
+    # GPT-Neo: the attention wrapped in attn.attention, unscaled scores, windows of 5 on alternate layers
+    "gpt_neo": lambda: _hf("GPTNeoForCausalLM", "GPTNeoConfig", attention_types=[[["global", "local"], 2]], window_size=5),
     # GPT-NeoX-Japanese: tuples too, a separate bias after the last layer's dense, its model passes no
     # keywords on to the layers
     "gpt_neox_japanese": lambda: _hf("GPTNeoXJapaneseForCausalLM", "GPTNeoXJapaneseConfig"),
