@@ -15,6 +15,7 @@ Llama, Qwen, Phi-3...  input_layernorm         -                         post_at
 Gemma-2 / 3            input_layernorm         post_attention_layernorm  pre_feedforward_layernorm  post_feedforward_layernorm
 GLM-4                  input_layernorm         post_self_attn_layernorm  post_attention_layernorm   post_mlp_layernorm
 HyperCLOVA X           input_layernorm         post_norm1                post_attention_layernorm   post_norm2
+AFMoE                  input_layernorm         post_attention_layernorm  pre_mlp_layernorm          post_mlp_layernorm
 VaultGemma             input_layernorm         -                         pre_feedforward_layernorm  -
 Apertus                attention_layernorm     -                         feedforward_layernorm      -
 OLMo-2 / 3, EXAONE-4   -                       post_attention_layernorm  -                          post_feedforward_layernorm
@@ -98,7 +99,7 @@ class BlockLayout:
 KNOWN_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                "post_feedforward_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm",
                "attention_layernorm", "feedforward_layernorm", "post_norm1", "post_norm2", "self_attn_layer_norm",
-               "final_layer_norm", "ln_1", "ln_2", "ln_attn", "ln_mlp", "norm_1", "norm_2")
+               "final_layer_norm", "ln_1", "ln_2", "ln_attn", "ln_mlp", "norm_1", "norm_2", "pre_mlp_layernorm")
 
 
 # Names the attention module goes by: ``self_attn`` (most families), ``attention`` (GPT-NeoX), ``attn`` (GPT-2),
@@ -219,6 +220,10 @@ def _norm_layout(layer: nn.Module) -> Optional[BlockLayout]:
         if has("post_self_attn_layernorm") and has("post_attention_layernorm"):
             return BlockLayout("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
                                "post_mlp_layernorm" if has("post_mlp_layernorm") else None, "glm4")
+        if has("pre_mlp_layernorm") and has("post_mlp_layernorm") and has("post_attention_layernorm"):
+            # AFMoE: Gemma-2's four norms under other names
+            return BlockLayout("input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm",
+                               "afmoe")
         if has("post_norm1") and has("post_norm2") and has("post_attention_layernorm"):
             # HyperCLOVA X's peri-layer norms on both updates (nn.Identity where config.use_post_norm is off)
             return BlockLayout("input_layernorm", "post_norm1", "post_attention_layernorm", "post_norm2", "hyperclovax")

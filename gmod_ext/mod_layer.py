@@ -617,6 +617,8 @@ class MoDDecoderLayer:
             if _output_gated(attn):  # Qwen3-Next / 3.5: per head, the query's d dims then its gate's d
                 q_, gate = q_.view(B, C, -1, 2 * head_dim).chunk(2, dim=-1)
                 q_, gate = q_.reshape(B, C, -1), gate.reshape(B, C, -1)
+            elif isinstance(getattr(attn, "gate_proj", None), nn.Module):  # AFMoE: a projection of its own
+                gate = attn.gate_proj(h_in)
         elif isinstance(getattr(attn, "c_attn", None), nn.Module):
             if getattr(attn, "multi_query", None) is False:  # GPTBigCode's multi-head variant: per head, q, k, v
                 qkv = attn.c_attn(h_in).view(B, C, -1, 3 * head_dim)
@@ -690,11 +692,14 @@ class MoDDecoderLayer:
 
     def _gmod_attn_out(self, o: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the attention adds to the residual stream: o_proj(o) (o_proj(o * sigmoid(gate)) with an
-        output-gated attention), normed where the block norms the attention output (Gemma-2 / 3, GLM-4,
+        output-gated attention: Qwen3-Next's gate from q_proj, AFMoE's from gate_proj; o_proj(attn_sub_norm(o)) in BitNet), normed where the block norms the attention output (Gemma-2 / 3, GLM-4,
         OLMo-2), dropped out where it does (Phi-3, in training)."""
         if gate is not None:
             o = o * torch.sigmoid(gate)
         attn = self._gmod_attn()
+        sub_norm = attn._modules.get("attn_sub_norm")  # BitNet normalises the attention output before o_proj
+        if sub_norm is not None:
+            o = sub_norm(o)
         a = _out_proj(attn)(o)
         bias = attn._parameters.get("dense_bias")  # GPT-NeoX-Japanese's last layer: a bias kept apart from dense
         if bias is not None:

@@ -31,6 +31,9 @@
   softmax scale, ``norm_1`` / ``norm_2`` / ``ffn``, the stack ``blocks``; its generate runs without a cache
   in transformers 5.24, so its cache is checked by decoding by hand) and Falcon with ``alibi=True``;
   ``positions="compact"`` refused for them (test_alibi.py has the op and the bias they are given);
+* AFMoE: Gemma-2's four norms under other names, an output gate from its own ``gate_proj``, RoPE on its
+  sliding layers only;
+* BitNet: a norm of the attention output before ``o_proj`` (``attn_sub_norm``);
 * GPT-Neo: its attention wrapped in ``attn.attention``, unscaled scores, local (windowed) and global layers;
 * GPT-J and CodeGen: a parallel block on ``ln_1``, the model's one-tensor rotation (``(tensor, sin, cos)``)
   on ``rotary_dim`` dims of the head, CodeGen's ``qkv_proj`` in model-parallel groups of q, v, k;
@@ -169,6 +172,14 @@ BUILDERS = {
     "gpt_neo": lambda **kw: _hf("GPTNeoForCausalLM", "GPTNeoConfig", **{
         "attention_types": [[["global", "local"], 2]], "window_size": 5, "resid_dropout": 0.0, "embed_dropout": 0.0,
         "attention_dropout": 0.0, **kw}),
+    # BitNet: Llama's block with a norm of the attention output before o_proj (attn_sub_norm) and one inside the
+    # MLP (its own forward)
+    "bitnet": lambda **kw: _hf("BitNetForCausalLM", "BitNetConfig", **kw),
+    # AFMoE: Gemma-2's four norms as input / post_attention / pre_mlp / post_mlp_layernorm, an output gate of its
+    # own (gate_proj), q / k norms, RoPE on its sliding layers only (windows of 5 on alternate layers), a MoE
+    "afmoe": lambda **kw: _hf("AfmoeForCausalLM", "AfmoeConfig", **{
+        "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "num_dense_layers": 1,
+        "sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"] * 2, **kw}),
     "gpt_neox_japanese": lambda **kw: _with_dense_bias(_hf("GPTNeoXJapaneseForCausalLM", "GPTNeoXJapaneseConfig", **{
         "attention_dropout": 0.0, "hidden_dropout": 0.0, **kw})),
 }
@@ -184,7 +195,7 @@ def _with_dense_bias(model):
 NOPE = {"smollm3_nope": [3], "exaone4_nope": [3], "cohere2_nope": [3], "opt": [0, 1, 2, 3], "xglm": [0, 1, 2, 3],
         "biogpt": [0, 1, 2, 3], "gpt2": [0, 1, 2, 3], "gpt2_layer_scaled": [0, 1, 2, 3],
         "gpt_bigcode_mqa": [0, 1, 2, 3], "gpt_bigcode_mha": [0, 1, 2, 3], "bloom": [0, 1, 2, 3],
-        "bloom_6_heads": [0, 1, 2, 3], "gpt_neo": [0, 1, 2, 3], "mpt": [0, 1, 2, 3], "mpt_clip_scale": [0, 1, 2, 3], "falcon_alibi": [0, 1, 2, 3]}
+        "bloom_6_heads": [0, 1, 2, 3], "gpt_neo": [0, 1, 2, 3], "afmoe": [1, 3], "mpt": [0, 1, 2, 3], "mpt_clip_scale": [0, 1, 2, 3], "falcon_alibi": [0, 1, 2, 3]}
 ALIBI = {"bloom", "bloom_6_heads", "mpt", "mpt_clip_scale", "falcon_alibi"}
 OWN_ROPE = {"glm", "glm4", "ernie4_5", "cohere_parallel", "cohere2_nope", "gpt_oss_sinks", "gptj", "gptj_full_rotary",
             "codegen"}  # whose rotation is not Llama's (interleaved)
@@ -211,7 +222,7 @@ LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4"
            "falcon_40b": "neox", "falcon_40b_one_norm": "parallel", "falcon_sequential": "llama",
            "gpt_neox_japanese": "llama", "bloom": "llama", "bloom_6_heads": "llama", "mpt": "mpt",
            "mpt_clip_scale": "mpt", "falcon_alibi": "parallel", "gptj": "gptj", "gptj_full_rotary": "gptj",
-           "codegen": "gptj", "gpt_neo": "gpt2"}
+           "codegen": "gptj", "gpt_neo": "gpt2", "bitnet": "llama", "afmoe": "afmoe"}
 # the others: ("mlp",); OPT's family: fc1 then fc2, in sequence
 MLP_BRANCH = {"granitemoe_shared": ("block_sparse_moe", "shared_mlp"), "opt": ("fc1", "fc2"), "xglm": ("fc1", "fc2"),
               "biogpt": ("fc1", "fc2"), "mpt": ("ffn",), "mpt_clip_scale": ("ffn",)}

@@ -124,6 +124,11 @@ ACCEPTED = {
     # GPT-J / CodeGen: parallel on ln_1, their one-tensor rotation on part of the head; CodeGen's grouped qkv_proj
     "gptj": lambda: _hf("GPTJForCausalLM", "GPTJConfig", rotary_dim=8, n_inner=128),
     "codegen": lambda: _hf("CodeGenForCausalLM", "CodeGenConfig", rotary_dim=8, n_inner=128),
+    # BitNet: a norm of the attention output before o_proj
+    "bitnet": lambda: _hf("BitNetForCausalLM", "BitNetConfig"),
+    # AFMoE: sandwich norms under other names, an output gate from gate_proj, RoPE on sliding layers only
+    "afmoe": lambda: _hf("AfmoeForCausalLM", "AfmoeConfig", head_dim=16, num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=32, num_dense_layers=1),
     # GPT-Neo: the attention wrapped in attn.attention, unscaled scores, windows of 5 on alternate layers
     "gpt_neo": lambda: _hf("GPTNeoForCausalLM", "GPTNeoConfig", attention_types=[[["global", "local"], 2]], window_size=5),
     # GPT-NeoX-Japanese: tuples too, a separate bias after the last layer's dense, its model passes no
