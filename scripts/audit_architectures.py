@@ -3,7 +3,7 @@
 For every architecture in transformers' causal-LM auto mapping (or those named on the command line),
 in its own subprocess (memory and time capped, so that one huge default config cannot take the
 machine down): build a tiny random model from its config (hidden 64, 4 layers, head dim 16, window 5
-where it has one), convert every convertible layer keeping every token without gating, and compare
+where it has one, 8 rotary dims where it says), convert every convertible layer keeping every token without gating, and compare
 the whole model's logits on two 20-token prompts, one left-padded by 4, with the dense model's (at the
 tokens that are not padding). Each line says one of:
 
@@ -31,7 +31,8 @@ import sys
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16,
             sliding_window=5, moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4,
-            num_experts_per_tok=2, shared_expert_intermediate_size=32, n_group=1, topk_group=1)
+            num_experts_per_tok=2, shared_expert_intermediate_size=32, n_group=1, topk_group=1,
+            rotary_dim=8)  # (GPT-J / CodeGen rotate rotary_dim dims of the head: fewer than its 16)
 
 
 def audit_one(arch: str) -> str:
