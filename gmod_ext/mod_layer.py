@@ -8,8 +8,9 @@ after the rotation), ``post_attention_layernorm``, ``mlp`` (or Granite's ``block
 ``shared_mlp``); or the other norm layouts of :mod:`gmod_ext.block_layout`: Gemma-2 / 3, GLM-4,
 Apertus, OLMo-2, parallel blocks, OPT's family (``fc1`` / ``fc2`` in the block, ``out_proj``), GPT-2
 (``attn.c_attn`` / ``c_proj``), Falcon (``self_attention.query_key_value``), GPT-J / CodeGen (parallel on
-``ln_1``), BLOOM and MPT (``attn.Wqkv``, ``ffn``); those with positions added to the input do not rotate, nor do those given an ALiBi bias, see
-:mod:`gmod_ext.alibi`) into a MoD layer **in place**: the object's class becomes a subclass
+``ln_1``), GPT-Neo (``attn.attention``), BLOOM and MPT (``attn.Wqkv``, ``ffn``); those with positions added
+to the input do not rotate, nor do those given an ALiBi bias, see :mod:`gmod_ext.alibi`) into a MoD layer
+**in place**: the object's class becomes a subclass
 ``MoD<Layer>(MoDDecoderLayer, <Layer>)``, so it keeps its own modules and weights (the state_dict
 keys of the original weights do not change; a per-layer router adds ``gmod_router.*``), is still an
 instance of the original class (Hugging Face's output capturing, gradient checkpointing and FSDP
@@ -181,13 +182,11 @@ def _rope_condition(forward):
         tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(forward))))
     except (OSError, TypeError, SyntaxError):
         return None
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.If):
-            continue
-        def rotates(stmts):
-            return any(isinstance(n, ast.Call) and "rotary" in ast.unparse(n.func) for stmt in stmts for n in ast.walk(stmt))
+    def rotates(stmts):
+        return any(isinstance(n, ast.Call) and "rotary" in ast.unparse(n.func) for stmt in stmts for n in ast.walk(stmt))
 
-        if not rotates(node.body):
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.If) or not rotates(node.body):
             continue
         if rotates(node.orelse):  # both branches rotate (GPT-J: part of the head, or all of it)
             return None
@@ -692,8 +691,9 @@ class MoDDecoderLayer:
 
     def _gmod_attn_out(self, o: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the attention adds to the residual stream: o_proj(o) (o_proj(o * sigmoid(gate)) with an
-        output-gated attention: Qwen3-Next's gate from q_proj, AFMoE's from gate_proj; o_proj(attn_sub_norm(o)) in BitNet), normed where the block norms the attention output (Gemma-2 / 3, GLM-4,
-        OLMo-2), dropped out where it does (Phi-3, in training)."""
+        output-gated attention: Qwen3-Next's gate from q_proj, AFMoE's from gate_proj; o_proj(attn_sub_norm(o))
+        in BitNet), normed where the block norms the attention output (Gemma-2 / 3, GLM-4, OLMo-2), dropped out
+        where it does (Phi-3, in training)."""
         if gate is not None:
             o = o * torch.sigmoid(gate)
         attn = self._gmod_attn()
