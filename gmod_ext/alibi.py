@@ -20,10 +20,13 @@ positions) for :func:`gmod_ext.masked_attention.position_masked_attention`. The 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from .block_layout import attention_module
 
 __all__ = ["AlibiBias", "pop_alibi", "key_bias", "uses_alibi"]
 
@@ -62,8 +65,6 @@ class AlibiBias:
 def uses_alibi(layer) -> bool:
     """Whether a decoder layer's model gives it an ALiBi bias: a layer whose forward takes ``position_bias``
     (MPT) or ``alibi`` (BLOOM; Falcon's layers take it too, and get one iff their config says ``alibi``)."""
-    import inspect
-
     try:
         params = inspect.signature(type(layer).forward).parameters
     except (TypeError, ValueError):
@@ -72,8 +73,6 @@ def uses_alibi(layer) -> bool:
         return True
     if "alibi" not in params:
         return False
-    from .block_layout import attention_module
-
     return getattr(getattr(attention_module(layer), "config", None), "alibi", True) is not False
 
 

@@ -75,11 +75,11 @@ from torch import nn
 
 from . import generation
 from ._hf import check_transformers_version, find_decoder
+from .alibi import uses_alibi
 from .config import ATTENTIONS, GATES, ON_CACHE, POSITIONS, ROUTERS, VARIANTS, FORCED, GmodConfig, prd_skip_ratios
 from .masks import explicit_codes_and_rows, routing_codes_and_rows
 from .mod_layer import make_mod_layer, unmake_mod_layer
 from .router import GmodRouter, GmodState, RoutingInfo, image_blocks, max_segments, packed_segments
-from .alibi import uses_alibi
 from .verify import check_decoder_layers
 
 __all__ = ["convert", "unconvert", "from_pretrained", "gmod_stats", "is_converted", "GmodStatsCallback"]
