@@ -704,9 +704,10 @@ class MoDDecoderLayer:
         bias = attn._parameters.get("dense_bias")  # GPT-NeoX-Japanese's last layer: a bias kept apart from dense
         if bias is not None:
             a = a + bias
-        if self._gmod_block_layout().family in ("gpt2", "gptj"):  # inside their attention modules: GPT-2, GPT-J
+        layout = self._gmod_block_layout()
+        if layout.family in ("gpt2", "gptj"):  # inside their attention modules: GPT-2, GPT-J
             a = attn.resid_dropout(a)
-        elif self._gmod_block_layout().attn in self._gmod_block_layout().adds_residual:
+        elif layout.attn in layout.adds_residual:
             # so does BLOOM's (with its float hidden_dropout), which adds the residual itself
             p = attn.__dict__.get("hidden_dropout")
             if isinstance(p, float) and p > 0:
