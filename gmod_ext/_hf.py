@@ -29,6 +29,8 @@ class DecoderParts:
     # the layers a MoD layer can replace: those with self-attention and a known norm layout (all of them
     # but the linear-attention / recurrent layers of hybrid models such as Qwen3.5)
     convertible: tuple = ()
+    # how its token_type_ids mark the tokens that attend both ways (gmod_ext.router.TOKEN_TYPE_RULES)
+    token_type_rule: str = "image"
 
 
 # The oldest transformers release the model tests pass on (checked 2026-11-25: the whole suite on 4.57.6,
@@ -127,7 +129,20 @@ def find_decoder(model: nn.Module) -> DecoderParts:
         raise TypeError(f"gmod: cannot tell the hidden size of {type(layers[convertible[0]]).__name__} (no norm weight, no "
                         "self_attn.o_proj weight, no config.hidden_size)")
     return DecoderParts(text_model, layers, getattr(text_model, "rotary_emb", None), cfg, hidden, image_token_id,
-                        convertible)
+                        convertible, token_type_rule(model))
+
+
+# Multimodal models whose mask is a prefix-LM's: token_type_ids 0 (the image and the prompt) attend to each
+# other both ways, 1 (the suffix: the answer, generated tokens) causally. The other models that take
+# token_type_ids with images mark each image (1) as its own block (Gemma-3). The converter's check
+# (gmod_ext.verify) runs the model on a prompt with token types under the rule named here, so a model
+# whose mask follows neither is refused, not converted wrong.
+PREFIX_LM_MODEL_TYPES = ("paligemma",)
+
+
+def token_type_rule(model: nn.Module) -> str:
+    """The rule of gmod_ext.router.TOKEN_TYPE_RULES that ``model``'s token_type_ids follow."""
+    return "prefix" if getattr(getattr(model, "config", None), "model_type", None) in PREFIX_LM_MODEL_TYPES else "image"
 
 
 # ------------------------------------------------------------------ the KV cache's keyword

@@ -48,7 +48,9 @@ Notes and limits:
   them, and kept tokens attend within their own sequence (without a KV cache, as the model's mask);
   each sequence is routed on its own (its own top-k, as if it were alone). Image tokens
   marked by ``token_type_ids`` (Gemma-3's multimodal model) attend to the kept tokens of their own
-  image in both directions, in the first call on a KV cache or without one, as the model's mask. A sliding
+  image in both directions, and so do the tokens of a prefix-LM's prefix (PaliGemma: type 0, the image and
+  the prompt; a first call of several tokens without token types is refused), in the first call on a KV
+  cache or without one, as the model's mask. A sliding
   window (Mistral, Qwen2, Gemma-2 / 3's local layers) and logit soft-capping (Gemma-2) are reproduced
   from the kept tokens' positions (:mod:`gmod_ext.masked_attention`; the window counts original
   positions, also with ``positions="compact"``), in plain torch rather than the fused kernels;
@@ -79,7 +81,7 @@ from .alibi import uses_alibi
 from .config import ATTENTIONS, GATES, ON_CACHE, POSITIONS, ROUTERS, VARIANTS, FORCED, GmodConfig, prd_skip_ratios
 from .masks import explicit_codes_and_rows, routing_codes_and_rows
 from .mod_layer import make_mod_layer, unmake_mod_layer
-from .router import GmodRouter, GmodState, RoutingInfo, image_blocks, max_segments, packed_segments
+from .router import GmodRouter, GmodState, RoutingInfo, max_segments, packed_segments, token_type_blocks
 from .verify import check_decoder_layers
 
 __all__ = ["convert", "unconvert", "from_pretrained", "gmod_stats", "is_converted", "GmodStatsCallback"]
@@ -442,6 +444,7 @@ def _apply(model: nn.Module, cfg: GmodConfig, parts) -> nn.Module:
         shared = GmodRouter(parts.hidden_size, init=cfg.router_init, device=device)
         model.gmod_router = shared  # registered: state_dict key "gmod_router.weight" / ".bias"
     state = GmodState(cfg, router=shared, rotary=parts.rotary)
+    state.token_type_rule = parts.token_type_rule
     for i, r in zip(cfg.layers, cfg.ratios):
         per_layer = None
         if cfg.router == "per_layer":
@@ -601,15 +604,30 @@ def _pre_hook(module, args, kwargs):
     token_type_ids = named.get("token_type_ids")
     if cfg.image_token_id is not None and isinstance(token_type_ids, torch.Tensor) \
             and tuple(token_type_ids.shape) == shape:
-        # image tokens marked 1 (Gemma-3): kept tokens of one image see each other both ways, as in its mask
+        # tokens that attend both ways, marked by token_type_ids (Gemma-3: each image's tokens, 1; PaliGemma:
+        # the prefix, 0): kept tokens of one block see each other both ways, as in the model's mask
         # (in a model without images, e.g. GPT-2, token types are segment embeddings: nothing to do here)
-        info.blocks = image_blocks(token_type_ids.to(ref.device))
+        info.blocks, info.window_in_blocks = token_type_blocks(token_type_ids.to(ref.device), state.token_type_rule)
+    elif state.token_type_rule == "prefix" and shape[1] > 1 and _cache_is_empty(named):
+        raise ValueError(
+            f"gmod: {type(module).__name__} is a prefix-LM (PaliGemma): token_type_ids say which tokens form the "
+            "prefix (0: the image and the prompt, which attend to each other both ways) and which the suffix (1: "
+            f"attends causally), and this call of {shape[1]} tokens has none of shape {list(shape)}. Without them "
+            "Hugging Face's own model attends both ways or causally depending on the attention implementation and "
+            "the padding. Pass the token_type_ids its processor returns (all 0 for a prompt to generate from).")
     if prefill_len is not None:
         info.prefill_len = prefill_len  # read by MoDDecoderLayer.gmod_forward (see gmod_ext.cache)
     state.current = state.active = info
     state.scratch = None
     kwargs["gmod_routing"] = info
     return args, kwargs
+
+
+def _cache_is_empty(named: dict) -> bool:
+    """Whether a call's KV cache (either keyword) holds no tokens yet, or it has none."""
+    cache = next((named[k] for k in ("cache", "past_key_values") if named.get(k) is not None), None)
+    length = getattr(cache, "get_seq_length", None)
+    return cache is None or not callable(length) or int(length()) == 0
 
 
 def _same_rows(routing: RoutingInfo, named: dict) -> bool:

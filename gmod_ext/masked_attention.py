@@ -13,9 +13,11 @@ carry in their order alone:
   column that has no value (the probabilities of the real keys sum to less than 1);
 * **packed sequences** (several sequences in one row, told apart by ``position_ids`` that restart,
   as transformers' padding-free collators make them): a query sees only keys of its own sequence;
-* **bidirectional image blocks** (Gemma-3's multimodal model: the tokens of one image, marked by
-  ``token_type_ids``, see each other in both directions): a query in a block also sees the later
-  keys of its block (still inside the window: transformers' AND(window, OR(causal, block)));
+* **bidirectional blocks** marked by ``token_type_ids``: the tokens of one image (Gemma-3's multimodal
+  model) or the whole prompt of a prefix-LM (PaliGemma: image and prefix text, before the causal
+  suffix) see each other in both directions: a query in a block also sees the later keys of its
+  block. With a window, Gemma-3's mask keeps them inside it (AND(window, OR(causal, block))) and
+  PaliGemma-2's does not (OR(AND(window, causal), block)): ``window_in_blocks`` says which;
 * **ALiBi** (BLOOM, MPT, Falcon with ``alibi=True``): a per-head penalty linear in the query-key
   distance. The models hand their layers a bias per key *column* (``slope * position``: the per-query
   part of ``slope * (k - q)`` is constant along a softmax row, so they leave it out); a MoD layer
@@ -110,6 +112,7 @@ def position_masked_attention(
     k_block: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
     key_bias: Optional[torch.Tensor] = None,
+    window_in_blocks: bool = True,
 ) -> torch.Tensor:
     """Attention of ``q`` [B, Cq, Hq, d] over ``k`` / ``v`` [B, Ck, Hk, d] (GQA: Hq a multiple of Hk),
     returning [B, Cq, Hq, d] in q's dtype.
@@ -117,7 +120,8 @@ def position_masked_attention(
     Query i of row b (at position ``q_pos[b, i]``) sees key j iff ``j < k_len[b]``,
     ``k_pos[b, j] <= q_pos[b, i]`` (or, with ``q_block`` / ``k_block``, [B, Cq] / [B, Ck] block ids with
     -1 outside blocks, ``q_block[b, i] == k_block[b, j] >= 0``), with ``window``
-    ``q_pos[b, i] - k_pos[b, j] < window``, and with ``q_seg`` / ``k_seg`` ([B, Cq] / [B, Ck] sequence
+    ``q_pos[b, i] - k_pos[b, j] < window`` (for a key of the query's block too unless ``window_in_blocks`` is
+    False), and with ``q_seg`` / ``k_seg`` ([B, Cq] / [B, Ck] sequence
     ids of packed rows) ``q_seg[b, i] == k_seg[b, j]``;
     scores are ``scale * q.k``, soft-capped to ``softcap * tanh(s / softcap)`` when given; ``sinks`` [Hq]
     adds one logit per head to each query's softmax, with no value (GPT-OSS); ``key_bias`` [B, Hq, Ck] is
@@ -132,13 +136,18 @@ def position_masked_attention(
     qp = q_pos.to(device=dev, dtype=torch.int64).unsqueeze(2)  # [B, Cq, 1]
     kp = k_pos.to(device=dev, dtype=torch.int64).unsqueeze(1)  # [B, 1, Ck]
     live = torch.arange(Ck, device=dev).unsqueeze(0) < k_len.to(device=dev).unsqueeze(1)  # [B, Ck]
-    causal = kp <= qp
+    seen = kp <= qp  # causal
+    near = None if window is None else (qp - kp) < int(window)
     same_block = _same_id("block", q_block, k_block, q_pos, k_pos, dev)
     if same_block is not None:  # a block's tokens see each other both ways (ids >= 0; -1: no block)
-        causal = causal | (same_block & (q_block.to(dev) >= 0).unsqueeze(2))
-    allowed = live.unsqueeze(1) & causal
-    if window is not None:
-        allowed &= (qp - kp) < int(window)
+        in_block = same_block & (q_block.to(dev) >= 0).unsqueeze(2)
+        if near is not None and not window_in_blocks:  # PaliGemma-2: OR(AND(window, causal), block)
+            seen, near = (seen & near) | in_block, None
+        else:
+            seen = seen | in_block
+    allowed = live.unsqueeze(1) & seen
+    if near is not None:
+        allowed &= near
     same_seq = _same_id("seg", q_seg, k_seg, q_pos, k_pos, dev)
     if same_seq is not None:
         allowed &= same_seq

@@ -869,7 +869,7 @@ class MoDDecoderLayer:
         self._gmod_check_alibi(alibi)
         # packed sequences (transformers applies their mask only without a KV cache; so do we)
         segments = None if routing is None or kv_cache is not None else getattr(routing, "segments", None)
-        blocks = getattr(routing, "blocks", None)  # image blocks (prefill with a cache too, as transformers)
+        blocks = getattr(routing, "blocks", None)  # token-type blocks (prefill with a cache too, as transformers)
         if self.training and _dropout_p(attn, ("attention_dropout", "dropout", "attn_dropout", "attn_dropout_p")) > 0:
             warnings.warn("gmod: attention dropout is not applied inside MoD layers", stacklevel=2)
         if self.training and _dropout_p(self, ("hidden_dropout",)) > 0 and not self._gmod_block_layout().adds_residual:
@@ -925,7 +925,7 @@ class MoDDecoderLayer:
             seg = blk = None
             if segments is not None:  # the kept tokens' sequence ids (slots past count: never read)
                 seg = torch.gather(segments.to(x.device), 1, idx.clamp(min=0).long())
-            if blocks is not None:  # the kept tokens' image blocks
+            if blocks is not None:  # the kept tokens' blocks (an image's tokens, a prefix-LM's prompt)
                 blk = torch.gather(blocks.to(x.device), 1, idx.clamp(min=0).long())
             cos, sin = self._gmod_positions(x, xs, idx, count, C, position_embeddings, position_ids, seg=seg,
                                             rotate=self._gmod_rotates(alibi))
@@ -936,10 +936,10 @@ class MoDDecoderLayer:
             kb = None if alibi is None else key_bias(alibi.columns(attn, B, q.shape[2], S), idx)
             if window is not None or softcap is not None or sinks is not None or seg is not None or blk is not None \
                     or kb is not None:
-                # positions (and sequence / image block ids, ALiBi's bias) decide what a query sees
+                # positions (and sequence / block ids, ALiBi's bias) decide what a query sees
                 o = position_masked_attention(q, k, v, idx, idx, count, scale, window=window, softcap=softcap,
                                               q_seg=seg, k_seg=seg, q_block=blk, k_block=blk, sinks=sinks,
-                                              key_bias=kb)
+                                              key_bias=kb, window_in_blocks=getattr(routing, "window_in_blocks", True))
             elif attention_backend(cfg.attention, q.device, q.dtype) == "sdpa":
                 o = _sdpa_causal(q, k, v, scale)
             else:
@@ -988,9 +988,10 @@ class MoDDecoderLayer:
             mask = check_routing_mask(mask, (B, S))
         if getattr(routing, "blocks", None) is not None:
             raise NotImplementedError(
-                "gmod: image tokens (token_type_ids) in a step after the first one on a KV cache: MoD layers apply "
-                "the bidirectional image attention in the prefill only. Put the images in the first call (as "
-                "generate does), or run without a cache.")
+                "gmod: tokens that attend both ways (token_type_ids: Gemma-3's image tokens, PaliGemma's prefix) in "
+                "a step after the first one on a KV cache: MoD layers apply that bidirectional attention in the "
+                "prefill only. Put the images and the prompt in the first call (as generate does), or run without "
+                "a cache.")
         with nvtx_range("router"):
             logits = self.gmod_logits(x)
         with nvtx_range("route"):

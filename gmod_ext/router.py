@@ -98,7 +98,9 @@ class RoutingInfo:
     ``segments`` [B, S] the packed-sequence id of each token (:func:`packed_segments`) or None, and
     ``max_segments`` the most sequences one row holds (MoD layers route each sequence on its own:
     :func:`per_sequence_codes`);
-    ``blocks`` [B, S] the bidirectional image block of each token (:func:`image_blocks`) or None.
+    ``blocks`` [B, S] the bidirectional block of each token (:func:`token_type_blocks`: an image's tokens, or
+    a prefix-LM's prompt) or None, and ``window_in_blocks`` whether a sliding window also limits what a
+    block's tokens see of each other (Gemma-3: yes; PaliGemma-2: no).
     MoD layers write ``aux[layer]`` (differentiable aux loss term), ``stats[layer]`` (detached
     tensors) and ``selection[layer] = (idx, count)`` (what ``ops.route`` chose). A gradient-checkpointing replay overwrites them with equal values.
     """
@@ -111,9 +113,11 @@ class RoutingInfo:
         # or None: MoD layers then attend only within a sequence, as transformers' packed mask does
         self.segments: Optional[torch.Tensor] = None
         self.max_segments: Optional[int] = None  # the most sequences in one row (a Python int), when known
-        # [B, S] image block id of each token (-1: not in a block) when the model marks image tokens with
-        # token_type_ids (Gemma-3): kept tokens of one image then see each other both ways, as its mask says
+        # [B, S] block id of each token (-1: not in a block) when the model marks tokens that attend both ways
+        # with token_type_ids (Gemma-3's images, PaliGemma's prefix): kept tokens of one block see each other
+        # both ways, as its mask says
         self.blocks: Optional[torch.Tensor] = None
+        self.window_in_blocks = True
         self.aux: dict[int, torch.Tensor] = {}
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
         self.selection: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (idx, count)
@@ -208,6 +212,33 @@ def image_blocks(token_type_ids: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.where(is_image, starts.long().cumsum(-1) - 1, torch.full_like(token_type_ids, -1, dtype=torch.long))
 
 
+def prefix_blocks(token_type_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """[B, S] int64 block ids from a prefix-LM's ``token_type_ids`` [B, S] (PaliGemma: 0 marks the prefix,
+    i.e. the image and the prompt text, 1 the suffix): the prefix is block 0, the suffix -1, so the prefix
+    tokens see each other both ways and the suffix attends causally (PaliGemma's ``block_sequence_ids``).
+    None when no token is in the prefix (one host sync, skipped while compiling)."""
+    prefix = token_type_ids == 0
+    if not torch.compiler.is_compiling() and not bool(prefix.any()):
+        return None
+    return torch.where(prefix, 0, -1).long()
+
+
+# how a multimodal model's token_type_ids mark the tokens that attend to each other both ways
+# (gmod_ext._hf.token_type_rule tells a model's rule): "image" each run of image tokens (Gemma-3),
+# "prefix" the whole prefix of a prefix-LM (PaliGemma); the second item says whether a sliding window
+# limits a block (Gemma-3's local layers: AND(window, OR(causal, block)); PaliGemma-2's:
+# OR(AND(window, causal), block))
+TOKEN_TYPE_RULES = {"image": (image_blocks, True), "prefix": (prefix_blocks, False)}
+
+
+def token_type_blocks(token_type_ids: torch.Tensor, rule: str) -> tuple[Optional[torch.Tensor], bool]:
+    """(block ids [B, S] or None, window_in_blocks) of ``token_type_ids`` under ``rule`` (TOKEN_TYPE_RULES)."""
+    if rule not in TOKEN_TYPE_RULES:
+        raise ValueError(f"gmod: unknown token type rule {rule!r}; known: {sorted(TOKEN_TYPE_RULES)}")
+    blocks, window_in_blocks = TOKEN_TYPE_RULES[rule]
+    return blocks(token_type_ids), window_in_blocks
+
+
 class GmodState:
     """Model-level plain object (not a module) shared by a converted model's MoD layers."""
 
@@ -225,6 +256,8 @@ class GmodState:
         # for the gmod_prefill_len keyword, so that generate's model keywords (which assisted
         # generation copies to the assistant model) carry nothing of ours.
         self.generate_prefill_len: Optional[int] = None
+        # how the model's token_type_ids mark tokens that attend both ways (TOKEN_TYPE_RULES; set by convert)
+        self.token_type_rule = "image"
 
     def __getstate__(self):
         # The last forward's record (tensors with autograd history) is transient: deepcopy /

@@ -22,9 +22,12 @@ keeps every token without gating, which then must compute the same function. The
 (output - input) must agree to float32 rounding; a mismatch, or an error inside the MoD path, raises
 ``TypeError`` naming the layer and, where it can tell, the feature that is not reproduced. A model
 whose ``forward`` takes ``token_type_ids`` (Gemma-3's and PaliGemma's multimodal models) runs once more
-with a span of the prompt marked as image tokens, and each kind of layer is checked again on that
-(MoD layers reproduce Gemma-3's bidirectional attention within an image; PaliGemma's prefix-LM mask
-is refused). The model's weights, modes and random number generators are left as they were.
+with token types on the prompt (a span marked as an image; for a prefix-LM, a prefix and a suffix), and
+each kind of layer is checked again on that (MoD layers reproduce Gemma-3's bidirectional attention
+within an image and PaliGemma's within its prefix: :data:`gmod_ext.router.TOKEN_TYPE_RULES`). A prefix-LM's
+text model alone attends both ways (PaliGemma's config sets ``use_bidirectional_attention``; its outer
+model's mask makes the suffix causal), so its first check runs through the whole model, every token
+marked as suffix. The model's weights, modes and random number generators are left as they were.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from ._hf import accepts
 from .block_layout import ATTENTION_NAMES, KNOWN_NORMS, MLP_BRANCHES, attention_module
 from .config import GmodConfig
 from .mod_layer import _returned_arity, _sliding_window, make_mod_layer
-from .router import GmodState, RoutingInfo, image_blocks
+from .router import GmodState, RoutingInfo, token_type_blocks
 
 __all__ = ["check_decoder_layers", "VERIFY_TOLERANCE"]
 
@@ -111,8 +114,8 @@ def _hints(layer: nn.Module, cfg: Any, kwargs: Optional[dict] = None) -> list[st
                                                              "use_bidirectional_attention", False) is True \
             or (kwargs is not None and _sees_later_tokens(kwargs)):
         hints.append("the attention lets tokens see later tokens (is_causal=False, a bidirectional or prefix-LM "
-                     "mask, e.g. PaliGemma); MoD layers attend causally (except within the image blocks that "
-                     "token_type_ids marks, Gemma-3's rule)")
+                     "mask); MoD layers attend causally, except within the blocks that token_type_ids marks by "
+                     "Gemma-3's rule (each image) or PaliGemma's (the prefix)")
     known = ATTENTION_NAMES + MLP_BRANCHES + KNOWN_NORMS  # (gmod_ext.block_layout)
     extra = sorted(n for n, _ in layer.named_children() if n not in known and "norm" in n)
     if extra:
@@ -206,19 +209,19 @@ def _check_one(model_name: str, index: int, layer: nn.Module, args: tuple, kwarg
             f"OLMo-2 put them (gmod_ext.block_layout). {advice}")
 
 
-def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, indices: list, tolerance: float,
-                           positions: str = "original") -> None:
-    """Multimodal models that mark image tokens with ``token_type_ids`` (Gemma-3's, PaliGemma's) let some
-    tokens attend to later ones: the tokens of one image see each other in both directions. The
-    language-model check prompt has no image, so it cannot see that: run the whole model once more with a
-    span of the prompt marked as image tokens (no pixels: their embeddings stay text embeddings), and check
-    each kind of decoder layer again on what it then gets, the MoD layer told the image blocks
-    (:func:`gmod_ext.router.image_blocks`) as a converted model's forward tells it.
+def _check_token_types(model: nn.Module, parts, ids: torch.Tensor, indices: list, tolerance: float,
+                       positions: str = "original") -> None:
+    """Multimodal models that mark tokens with ``token_type_ids`` (Gemma-3's, PaliGemma's) let some tokens
+    attend to later ones: the tokens of one image (Gemma-3), or of the prefix (PaliGemma: the image and the
+    prompt), see each other in both directions. The language-model check prompt has no token types, so it
+    cannot see that: run the whole model once more with token types on the prompt (Gemma-3: a span marked as
+    an image; a prefix-LM: a prefix and a suffix; no pixels: the embeddings stay text embeddings), and check
+    each kind of decoder layer again on what it then gets, the MoD layer told the blocks
+    (:func:`gmod_ext.router.token_type_blocks`) as a converted model's forward tells it.
     """
     if parts.image_token_id is None or not accepts(model.forward, "token_type_ids"):
         return
-    types = torch.zeros_like(ids)
-    types[:, 3:7] = 1
+    types = _check_types(ids, parts.token_type_rule)
     seen: dict = {}
 
     def recorder(i):
@@ -239,7 +242,7 @@ def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, indices: 
         for h in handles:
             h.remove()
     routing = RoutingInfo()
-    routing.blocks = image_blocks(types)
+    routing.blocks, routing.window_in_blocks = token_type_blocks(types, parts.token_type_rule)
     for i in indices:
         if i not in seen:
             continue
@@ -249,11 +252,26 @@ def _check_image_attention(model: nn.Module, parts, ids: torch.Tensor, indices: 
                        tolerance, routing=routing, positions=positions)
         except TypeError as err:
             raise TypeError(
-                f"gmod.convert: {type(model).__name__} on a prompt with image tokens (token_type_ids): {err}. Its "
-                "mask lets some tokens attend to later ones (e.g. an image's tokens to each other in both "
-                "directions, which MoD layers reproduce for Gemma-3's rule: consecutive image tokens form a block), "
-                "and here the MoD layer did not reproduce it. Keep this model dense, convert its text-only "
-                "language model, or pass verify=False to gmod.convert to convert it anyway.") from err
+                f"gmod.convert: {type(model).__name__} on a prompt with token types (token_type_ids, "
+                f"{parts.token_type_rule!r} rule): {err}. Its mask lets some tokens attend to later ones (e.g. an "
+                "image's tokens to each other in both directions, which MoD layers reproduce for Gemma-3's rule: "
+                "consecutive image tokens form a block, and for PaliGemma's: the prefix is one block), and here the "
+                "MoD layer did not reproduce it. Keep this model dense, convert its text-only language model, or "
+                "pass verify=False to gmod.convert to convert it anyway.") from err
+
+
+def _check_types(ids: torch.Tensor, rule: str) -> torch.Tensor:
+    """token_type_ids for the check prompt ``ids`` under a TOKEN_TYPE_RULES rule: for "image" (1 marks image
+    tokens) a span of 4 image tokens inside the text; for "prefix" (0 the prefix, 1 the suffix) a prefix of
+    7 tokens then the suffix; for "causal" (a prefix-LM's causal run) every token in the suffix."""
+    if rule == "image":
+        types = torch.zeros_like(ids)
+        types[:, 3:7] = 1
+    else:
+        types = torch.ones_like(ids)
+        if rule == "prefix":
+            types[:, :7] = 0
+    return types
 
 
 def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLERANCE,
@@ -285,7 +303,7 @@ def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLE
             captured.setdefault(i, (args, dict(kwargs)))
         return hook
 
-    modes = {m: m.training for m in parts.text_model.modules()}
+    modes = {m: m.training for m in model.modules()}  # (the whole model: the token-type check runs all of it)
     rng_devices = [device] if device.type == "cuda" else []
     handles = [parts.layers[i].register_forward_pre_hook(recorder(i), with_kwargs=True) for i in indices]
     try:
@@ -294,9 +312,16 @@ def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLE
             ids = torch.randint(0, max(2, min(vocab, 1000)), (1, _PROMPT_LEN), generator=g)
             for t in avoid:  # no image placeholder tokens (there are no image features to put there)
                 ids[ids == t] = (t + 1) % max(2, min(vocab, 1000))
-            parts.text_model.eval()
+            model.eval()
             with torch.no_grad():
-                parts.text_model(input_ids=ids.to(device), use_cache=False)
+                if parts.token_type_rule == "prefix" and accepts(model.forward, "token_type_ids"):
+                    # a prefix-LM's text model alone attends both ways: its causal run is the whole model's,
+                    # every token in the suffix
+                    ids = ids.to(device)
+                    model(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=_check_types(ids, "causal"),
+                          use_cache=False)
+                else:
+                    parts.text_model(input_ids=ids.to(device), use_cache=False)
             missing = [i for i in indices if i not in captured]
             if missing:
                 raise TypeError(f"gmod.convert: decoder layers {missing} did not run on a check prompt")
@@ -304,7 +329,7 @@ def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLE
                 args, kwargs = captured[i]
                 _check_one(type(model).__name__, i, parts.layers[i], args, kwargs, parts.rotary,
                            parts.text_config, tolerance, positions=positions)
-            _check_image_attention(model, parts, ids.to(device), indices, tolerance, positions)
+            _check_token_types(model, parts, ids.to(device), indices, tolerance, positions)
     finally:
         for h in handles:
             h.remove()

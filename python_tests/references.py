@@ -143,11 +143,12 @@ def attention_ref(q, k, v, q_len, k_len, scale=None, compute_dtype=torch.float64
 
 # ------------------------------------------------------------------ kv cache
 def position_attention_ref(q, k, v, q_pos, k_pos, k_len, scale, window=None, softcap=None, q_seg=None, k_seg=None,
-                           dtype=torch.float64, q_block=None, k_block=None, sinks=None, alibi=None):
+                           dtype=torch.float64, q_block=None, k_block=None, sinks=None, alibi=None,
+                           window_in_blocks=True):
     """gmod_ext.masked_attention.position_masked_attention, one (row, query, head) at a time: the visible
-    keys listed by the documented rule (earlier, or in the query's image block; inside the window; in
-    its packed sequence), scores plus ``alibi[h] * (key position - query position)`` with ``alibi`` [Hq]
-    slopes (ALiBi's relative form), softmax (with ``sinks`` [Hq], the head's sink logit as one more entry, then
+    keys listed by the documented rule (earlier, or in the query's block; inside the window, which with
+    ``window_in_blocks=False`` does not limit a block's keys; in its packed sequence), scores plus
+    ``alibi[h] * (key position - query position)`` with ``alibi`` [Hq] slopes (ALiBi's relative form), softmax (with ``sinks`` [Hq], the head's sink logit as one more entry, then
     dropped), weighted sum, computed in ``dtype``. Returns (out, visible [B, Cq]
     bool); rows with no visible key are left at 0 (the op's value there is unspecified)."""
 
@@ -162,9 +163,14 @@ def position_attention_ref(q, k, v, q_pos, k_pos, k_len, scale, window=None, sof
         outs = []
         for i in range(Cq):
             p = int(q_pos[b, i])
+            def sees(j):
+                near = window is None or p - int(k_pos[b, j]) < window
+                if window_in_blocks:
+                    return (int(k_pos[b, j]) <= p or same_block(b, i, j)) and near
+                return (int(k_pos[b, j]) <= p and near) or same_block(b, i, j)
+
             js = [j for j in range(int(k_len[b]))
-                  if (int(k_pos[b, j]) <= p or same_block(b, i, j)) and (window is None or p - int(k_pos[b, j]) < window)
-                  and (q_seg is None or int(q_seg[b, i]) == int(k_seg[b, j]))]
+                  if sees(j) and (q_seg is None or int(q_seg[b, i]) == int(k_seg[b, j]))]
             heads = []
             for h in range(Hq):
                 if not js:

@@ -107,11 +107,11 @@ def test_demo_text_forcing_keeps_the_answers(tmp_path):
     assert mod2["first_token_accuracy"] < mod["first_token_accuracy"] - 0.2, (mod2, mod)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llava", "bloom"])
+@pytest.mark.parametrize("kind", ["llama", "llava", "bloom", "paligemma"])
 def test_demo_on_a_user_model_folder(tmp_path, kind):
-    """``--model PATH``: a local Hugging Face folder (a Llama ``*ForCausalLM``, a LLaVA, or BLOOM with ALiBi)
-    runs the whole job. A text-only model gets "visual word" tokens as its image and the demo's own routing
-    mask."""
+    """``--model PATH``: a local Hugging Face folder (a Llama ``*ForCausalLM``, a LLaVA, BLOOM with ALiBi, or
+    PaliGemma, a prefix-LM whose batches carry token_type_ids) runs the whole job. A text-only model gets
+    "visual word" tokens as its image and the demo's own routing mask."""
     import transformers
 
     from gmod_ext.demo import build_builtin_model
@@ -119,6 +119,15 @@ def test_demo_on_a_user_model_folder(tmp_path, kind):
     folder = tmp_path / kind
     if kind == "llava":
         model, _ = build_builtin_model(48)
+    elif kind == "paligemma":
+        torch.manual_seed(0)
+        model = transformers.PaliGemmaForConditionalGeneration(transformers.PaliGemmaConfig(
+            text_config=dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=400,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=0),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8),
+            image_token_id=399, projection_dim=64, bos_token_id=1, eos_token_id=2, pad_token_id=0))
     elif kind == "bloom":
         torch.manual_seed(0)
         model = transformers.BloomForCausalLM(transformers.BloomConfig(

@@ -426,9 +426,9 @@ def test_bidirectional_image_attention_is_checked_on_an_image_prompt(monkeypatch
     anyway (verify=False) it does differ on an image prompt (and not on a text-only one)."""
     import gmod_ext.verify as verify
 
-    monkeypatch.setattr(verify, "image_blocks", lambda types: None)  # the probe's MoD layer sees no blocks
+    monkeypatch.setattr(verify, "token_type_blocks", lambda types, rule: (None, True))  # the probe's MoD layer sees no blocks
     model = _vlm("gemma3_vlm").eval()
-    with pytest.raises(TypeError, match="on a prompt with image tokens"):
+    with pytest.raises(TypeError, match="on a prompt with token types"):
         gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
     assert not is_converted(model)
     monkeypatch.undo()
@@ -445,20 +445,26 @@ def test_bidirectional_image_attention_is_checked_on_an_image_prompt(monkeypatch
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False, verify=False)
     import gmod_ext.convert as convert_mod
 
-    monkeypatch.setattr(convert_mod, "image_blocks", lambda types: None)  # the converted model ignores images
+    monkeypatch.setattr(convert_mod, "token_type_blocks", lambda types, rule: (None, True))  # it ignores images
     with torch.no_grad():
         err_img = float((model(input_ids=ids, **image).logits - ref_img).abs().max() / ref_img.abs().max())
         err_txt = float((model(input_ids=text_ids).logits - ref_txt).abs().max() / ref_txt.abs().max())
     assert err_txt < 1e-5 and err_img > 1e-3, (err_txt, err_img)
 
 
-def test_prefix_lm_attention_is_refused_with_the_reason():
-    """PaliGemma's language model attends bidirectionally over its prefix (is_causal=False): a MoD layer,
-    causal over the kept tokens, would compute something else, and the error says why."""
-    model = _vlm("paligemma")
-    with pytest.raises(TypeError, match=r"see later tokens .*MoD layers attend causally"):
-        gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
-    assert not is_converted(model)
+def test_prefix_lm_converts_and_keeps_its_prefix_attention():
+    """PaliGemma's language model attends both ways over its prefix (token_type_ids 0) and causally over its
+    suffix: its check runs with that rule (test_prefix_lm.py has the rest), and keeping every token the
+    converted model gives its logits on a prompt with a prefix."""
+    model = _vlm("paligemma").eval()
+    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(7))
+    types = torch.ones_like(ids)
+    types[:, :7] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, token_type_ids=types).logits
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, token_type_ids=types).logits, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_mask_hint_reads_bool_and_additive_masks():

@@ -266,7 +266,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     # prefill routing of the prompts (inference: a LLaVA model converted with forced='text' keeps the text,
     # otherwise nothing is forced; top-k of the routable non-padding tokens)
-    extra = {"pixel_values": prompts["pixel_values"]} if "pixel_values" in prompts else {}
+    extra = {k: prompts[k] for k in ("pixel_values", "token_type_ids") if k in prompts}
     model.eval()
     with torch.no_grad():
         model(**prompts, use_cache=False)

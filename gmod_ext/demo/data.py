@@ -55,11 +55,14 @@ class SyntheticTask:
     def __init__(self, *, vocab_size: int, seq_len: int, n_image: int, vision: bool,
                  image_token_id: Optional[int] = None, image_size: Optional[int] = None,
                  bos: Optional[int] = None, eos: Optional[int] = None, pad: Optional[int] = None,
-                 seed: int = 0, answer_len: int = ANSWER_LEN, forced: str = "text"):
+                 seed: int = 0, answer_len: int = ANSWER_LEN, forced: str = "text", prefix_lm: bool = False):
         if forced not in FORCED_CHOICES:
             raise ValueError(f"gmod demo: forced={forced!r}: use one of {FORCED_CHOICES}")
         self.forced = forced
         self.vision = bool(vision)
+        # a prefix-LM (PaliGemma): batches carry token_type_ids, 0 for the prompt (image and question, which
+        # attend to each other both ways) and 1 for the answer, as its processor makes them
+        self.prefix_lm = bool(prefix_lm)
         self.seq_len = int(seq_len)
         self.n_image = int(n_image)
         self.answer_len = int(answer_len)
@@ -139,6 +142,10 @@ class SyntheticTask:
             am[b, width - len(r):] = 1
             cm[b, width - len(r):] = cd
         out = {"input_ids": ids, "attention_mask": am}
+        if self.prefix_lm:  # the answer and EOS: the last answer_len + 1 positions (left padding)
+            out["token_type_ids"] = torch.zeros_like(ids)
+            if with_answer:
+                out["token_type_ids"][:, width - self.answer_len - 1:] = 1
         if pixels is not None:
             out["pixel_values"] = pixels
         return out, cm, answers

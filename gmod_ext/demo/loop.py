@@ -219,6 +219,9 @@ def kept_for_generation(model, seqs: torch.Tensor, attention_mask: torch.Tensor,
     am = torch.cat([attention_mask, torch.ones(seqs.shape[0], fed.shape[1] - attention_mask.shape[1],
                                                dtype=attention_mask.dtype, device=attention_mask.device)], 1)
     kw = dict(extra or {})
+    types = kw.get("token_type_ids")
+    if isinstance(types, torch.Tensor):  # generated tokens are the suffix of a prefix-LM (type 1)
+        kw["token_type_ids"] = torch.cat([types, types.new_ones(types.shape[0], fed.shape[1] - types.shape[1])], 1)
     try:
         model(input_ids=fed, attention_mask=am, use_cache=False, gmod_prefill_len=int(prompt_len), **kw)
     except TypeError:  # a converter without gmod_prefill_len: top-k over the whole sequence

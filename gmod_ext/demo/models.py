@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .._hf import find_decoder
+from .._hf import find_decoder, token_type_rule
 from .data import BUILTIN_IMAGE_TOKEN, BUILTIN_TEXT, BUILTIN_VISION, PATCH, SyntheticTask, image_grid_for
 
 def build_builtin_model(seq_len: int, seed: int = 0):
@@ -76,7 +76,7 @@ def task_for(model, seq_len: int, seed: int, grid: Optional[int] = None, forced:
         return SyntheticTask(vocab_size=vocab, seq_len=seq_len, n_image=n, vision=True,
                              image_token_id=int(image_token_id), image_size=image_size,
                              bos=tok("bos_token_id"), eos=tok("eos_token_id"), pad=tok("pad_token_id"), seed=seed,
-                             forced=forced)
+                             forced=forced, prefix_lm=token_type_rule(model) == "prefix")
     n = image_grid_for(seq_len) ** 2
     return SyntheticTask(vocab_size=vocab, seq_len=seq_len, n_image=n, vision=False,
                          bos=tok("bos_token_id"), eos=tok("eos_token_id"), pad=tok("pad_token_id"), seed=seed,
