@@ -6,7 +6,7 @@ Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (a
 Llama-family ``*ForCausalLM``: Qwen3, Gemma, Gemma-2, Gemma-3, Mixtral, Phi-3, GLM-4, OLMo-2, ...) and ``LlavaForConditionalGeneration``
 (its language model). Before converting, :mod:`gmod_ext.verify` checks that a MoD layer reproduces
 the model's decoder layer and refuses the blocks it does not (DiffLlama's differential attention,
-DeepSeek's latent attention, ...) with TypeError.
+DeepSeek-V3.2's sparse attention, ...) with TypeError.
 The model is changed **in place** and returned:
 
 * the chosen decoder layers become MoD layers (:mod:`gmod_ext.mod_layer`), keeping their modules

@@ -31,6 +31,7 @@ Forward on the selected tokens (all through ``gmod_ext.ops``)::
                                             # (packed rows: per sequence, router.per_sequence_codes)
     xs = gather_rows(x); cos, sin = gather_rows(cos/sin) (or compact arange(count))
     q, k, v = proj(LN1(xs)); (q/k norm); RoPE; o = attention(q, k, v, count, count)  # causal, GQA
+                                            # (MLA: q and the latent, keys / values by expand_kv: gmod_ext.mla)
                                             # (or SDPA over the compact rows: GmodConfig.attention;
                                             #  a sliding window shorter than the sequence, a logit
                                             #  soft-cap, attention sinks, ALiBi, packed sequences or image
@@ -76,7 +77,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import ops
+from . import mla, ops
 from ._hf import accepts, cache_kwarg_of, pop_cache
 from .alibi import AlibiBias, key_bias, pop_alibi
 from .block_layout import attention_module, block_hidden_size, block_layout, out_projection
@@ -127,6 +128,8 @@ def _model_rope(attn: nn.Module):
     tensor, ``apply_rotary_pos_emb(tensor, sin, cos)`` (GPT-J, CodeGen: interleaved pairs on the first
     ``rotary_dim`` dims of the head), is the rotation itself: it is applied to q and k in turn
     (:func:`_rotate_each`), with the model's position embeddings in the model's order."""
+    if mla.is_mla(attn):  # its rotated parts are rotated by gmod_ext.mla, with the model's function
+        return None
     fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
     forward = getattr(type(attn), "forward", None)
     code = getattr(inspect.unwrap(forward), "__code__", None) if callable(forward) else None  # past decorators
@@ -608,8 +611,11 @@ class MoDDecoderLayer:
         attention scale, and the output gate (Qwen3-Next) or None."""
         attn = self._gmod_attn()
         B, C = xs.shape[0], xs.shape[1]
-        head_dim = _head_dim(attn)
         h_in = self._gmod_attn_in(xs)
+        if mla.is_mla(attn):  # k / v: the latent's two halves, as the compact cache stores them (_gmod_kv)
+            q, k, v = mla.qkv(attn, h_in, cos, sin)
+            return q, k, v, float(attn.scaling), None
+        head_dim = _head_dim(attn)
         gate = None
         if isinstance(getattr(attn, "q_proj", None), nn.Module):
             q_, k_, v_ = attn.q_proj(h_in), attn.k_proj(h_in), attn.v_proj(h_in)
@@ -668,6 +674,19 @@ class MoDDecoderLayer:
         if scale is None:
             scale = 1.0 if _unscaled(attn) else 1.0 / math.sqrt(head_dim)
         return q.contiguous(), k.contiguous(), v.contiguous(), float(scale), gate
+
+    def _gmod_kv(self, k: torch.Tensor, v: torch.Tensor):
+        """The keys and values to attend over, from what :meth:`_gmod_qkv` returned or the compact cache holds:
+        themselves, or an MLA attention's latents expanded (values zero-padded to the key width)."""
+        attn = self._gmod_attn()
+        return mla.expand(attn, k, v) if mla.is_mla(attn) else (k, v)
+
+    def _gmod_heads_out(self, o: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, d] attention output as [B, C, H * dv]: MLA's values are narrower than its keys (cut back)."""
+        dv = mla.value_dim(self._gmod_attn())
+        if dv is not None:
+            o = o[..., :dv]
+        return o.reshape(o.shape[0], o.shape[1], -1)
 
     def _gmod_norm(self, role: str) -> Optional[nn.Module]:
         """The block's norm in ``role`` ("attn_in", "attn_out", "mlp_in", "mlp_out"), or None
@@ -738,9 +757,10 @@ class MoDDecoderLayer:
         return self._modules[name] if "." not in name else self.get_submodule(name)
 
     def _gmod_residual_scale(self, update: torch.Tensor) -> torch.Tensor:
-        """Granite's blocks add ``update * residual_multiplier`` to the residual stream (a float setting of
-        the block; 1 or absent elsewhere)."""
-        k = self.__dict__.get("residual_multiplier")
+        """Granite's blocks add ``update * residual_multiplier`` to the residual stream, MiniCPM3's
+        ``update * residual_scale`` (``scale_depth / sqrt(layers)``): a float setting of the block, 1 or absent
+        elsewhere."""
+        k = self.__dict__.get("residual_multiplier", self.__dict__.get("residual_scale"))
         return update if not isinstance(k, (int, float)) or isinstance(k, bool) or k == 1 else update * k
 
     def _gmod_mlp(self, h: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
@@ -933,6 +953,7 @@ class MoDDecoderLayer:
             q, k, v, scale, gate = self._gmod_qkv(xs, cos, sin)
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
                 kv_cache.append(k, v, count, idx=idx)
+            k, v = self._gmod_kv(k, v)
             kb = None if alibi is None else key_bias(alibi.columns(attn, B, q.shape[2], S), idx)
             if window is not None or softcap is not None or sinks is not None or seg is not None or blk is not None \
                     or kb is not None:
@@ -940,11 +961,11 @@ class MoDDecoderLayer:
                 o = position_masked_attention(q, k, v, idx, idx, count, scale, window=window, softcap=softcap,
                                               q_seg=seg, k_seg=seg, q_block=blk, k_block=blk, sinks=sinks,
                                               key_bias=kb, window_in_blocks=getattr(routing, "window_in_blocks", True))
-            elif attention_backend(cfg.attention, q.device, q.dtype) == "sdpa":
-                o = _sdpa_causal(q, k, v, scale)
+            elif attention_backend(cfg.attention, q.device, q.dtype) == "sdpa" or not ops.attention_supports(q):
+                o = _sdpa_causal(q, k, v, scale)  # (head dims the CUDA kernels lack: MLA's 192)
             else:
                 o, _ = ops.attention(q, k, v, count, count, scale)
-            a = self._gmod_attn_out(o.reshape(B, C, -1), gate)
+            a = self._gmod_attn_out(self._gmod_heads_out(o), gate)
             h = xs + a
         with nvtx_range("mlp"):
             m = self._gmod_mlp(h, xs)
@@ -1019,13 +1040,15 @@ class MoDDecoderLayer:
             kb = None
             if alibi is not None:  # the bias of every position seen, read at the cached keys' positions
                 kb = key_bias(alibi.columns(attn, B, q.shape[2], cache.seen + S), cache.positions)
-            if window is not None or softcap is not None or sinks is not None or kb is not None:
+            keys, values = self._gmod_kv(cache.keys, cache.values)
+            if window is not None or softcap is not None or sinks is not None or kb is not None \
+                    or not ops.attention_supports(q):  # (or a head dim the CUDA kernels lack: MLA's 192)
                 q_pos = idx.to(torch.int64) + cache.seen  # recorded positions decide
-                o = position_masked_attention(q, cache.keys, cache.values, q_pos, cache.positions, cache.cache_len,
+                o = position_masked_attention(q, keys, values, q_pos, cache.positions, cache.cache_len,
                                               scale, window=window, softcap=softcap, sinks=sinks, key_bias=kb)
             else:
-                o, _ = ops.attention(q, cache.keys, cache.values, count, cache.cache_len, scale)
-            a = self._gmod_attn_out(o.reshape(B, n, -1), gate)
+                o, _ = ops.attention(q, keys, values, count, cache.cache_len, scale)
+            a = self._gmod_attn_out(self._gmod_heads_out(o), gate)
             h = xs + a
         with nvtx_range("mlp"):
             m = self._gmod_mlp(h, xs)
@@ -1097,11 +1120,14 @@ def _check_layer(layer: nn.Module) -> None:
             or isinstance(getattr(attn, "Wqkv", None), nn.Module) \
             or (isinstance(getattr(attn, "qkv_proj", None), nn.Module) and isinstance(getattr(attn, "mp_num", None), int)) \
             or (isinstance(getattr(attn, "c_attn", None), nn.Module) and isinstance(getattr(attn, "split_size", None), int))
-        names = ("o_proj",) if fused and not hasattr(attn, "q_proj") else ("q_proj", "k_proj", "v_proj", "o_proj")
+        latent = mla.is_mla(attn)  # DeepSeek-V3's multi-head latent attention (gmod_ext.mla)
+        names = ("o_proj",) if (fused and not hasattr(attn, "q_proj")) or latent else ("q_proj", "k_proj", "v_proj", "o_proj")
         missing += [f"self_attn.{n}" for n in names if not hasattr(attn, n)
                     and not (n == "o_proj" and out_projection(attn) is not None)]
-        if not hasattr(attn, "head_dim") and not hasattr(attn, "head_size"):
+        if not hasattr(attn, "head_dim") and not hasattr(attn, "head_size") and not latent:
             missing.append("self_attn.head_dim")
+        if latent:
+            mla.check(attn)
     if missing:
         raise TypeError(f"gmod: {type(layer).__name__} is not a Llama-family decoder layer (missing {missing})")
     if attn is not None:

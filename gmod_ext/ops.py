@@ -30,6 +30,15 @@ MASK_ROUTABLE = 0
 MASK_FORCED = 1
 MASK_NEVER = 2
 
+# the head dims the CUDA attention kernels are instantiated for (GMOD_ATTN_HEADDIMS_STR in
+# csrc/include/gmod/attention_params.h; test_attention.py checks the two agree); the CPU kernels take any
+CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+
+def attention_supports(q: torch.Tensor) -> bool:
+    """Whether :func:`attention` has a kernel for ``q``'s head dim on ``q``'s device (the CPU: any)."""
+    return q.device.type != "cuda" or int(q.shape[-1]) in CUDA_HEAD_DIMS
+
 
 def router_logits(
     x: torch.Tensor, weight: torch.Tensor, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6

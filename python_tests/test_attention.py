@@ -183,3 +183,17 @@ def test_gpu_test_files_run_on_cpu_kernels():
         # hundreds of cases run; only those of CUDA-only behaviour are skipped
         passed = int(summary.split(" passed")[0].split()[-1])
         assert passed >= least and " failed" not in summary, (name, summary)
+
+
+def test_python_knows_the_cuda_head_dims():
+    """gmod_ext.ops.CUDA_HEAD_DIMS (where MoD layers fall back to SDPA for other head dims, such as MLA's 192)
+    lists the head dims the CUDA kernels are instantiated for."""
+    import pathlib
+    import re
+
+    from gmod_ext import ops
+
+    header = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "include" / "gmod" / "attention_params.h"
+    listed = re.search(r'#define GMOD_ATTN_HEADDIMS_STR "\{([0-9, ]+)\}"', header.read_text()).group(1)
+    assert tuple(int(x) for x in listed.split(",")) == ops.CUDA_HEAD_DIMS
+    assert ops.attention_supports(torch.randn(1, 1, 1, 192))  # the CPU kernels take any head dim

@@ -38,7 +38,10 @@
 * GPT-J and CodeGen: a parallel block on ``ln_1``, the model's one-tensor rotation (``(tensor, sin, cos)``)
   on ``rotary_dim`` dims of the head, CodeGen's ``qkv_proj`` in model-parallel groups of q, v, k;
 * models whose head does not pass extra keywords on to its text model (Falcon, GPT-NeoX-Japanese, BLOOM,
-  MPT): ``gmod_prefill_len`` still reaches their MoD layers.
+  MPT): ``gmod_prefill_len`` still reaches their MoD layers;
+* multi-head latent attention: DeepSeek-V3 (low-rank queries, interleaved rotary; plain queries, Llama's
+  rotary and an odd latent width) and MiniCPM3 (both updates scaled by ``scale_depth / sqrt(layers)``);
+  test_mla.py has its latent cache and its refusals.
 
 References are Hugging Face's own layers: keeping every token, the converted model gives the dense
 model's logits and parameter gradients; skipping half the tokens, generation with the compact cache
@@ -68,6 +71,9 @@ def _one_thread():
 
 _hf = hf_model
 GRANITE = dict(residual_multiplier=0.22, attention_multiplier=0.05, embedding_multiplier=12.0, logits_scaling=8.0)
+MLA = dict(num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+           v_head_dim=12, head_dim=8, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+           n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)
 
 
 BUILDERS = {
@@ -182,6 +188,14 @@ BUILDERS = {
         "sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"] * 2, **kw}),
     "gpt_neox_japanese": lambda **kw: _with_dense_bias(_hf("GPTNeoXJapaneseForCausalLM", "GPTNeoXJapaneseConfig", **{
         "attention_dropout": 0.0, "hidden_dropout": 0.0, **kw})),
+    # multi-head latent attention (gmod_ext.mla): DeepSeek-V3 (low-rank queries, interleaved rotary, values
+    # narrower than keys, MoE after the first layer), the same with plain queries, Llama's rotary and an odd
+    # latent width, and MiniCPM3 (branches scaled by scale_depth / sqrt(layers))
+    "deepseek_v3": lambda **kw: _hf("DeepseekV3ForCausalLM", "DeepseekV3Config", **{**MLA, **kw}),
+    "deepseek_v3_plain_q": lambda **kw: _hf("DeepseekV3ForCausalLM", "DeepseekV3Config", **{
+        **MLA, "q_lora_rank": None, "rope_interleave": False, "kv_lora_rank": 31, **kw}),
+    "minicpm3": lambda **kw: _hf("MiniCPM3ForCausalLM", "MiniCPM3Config", **{
+        **MLA, "scale_depth": 1.4, "scale_emb": 12, "dim_model_base": 32, **kw}),
 }
 def _with_dense_bias(model):
     with torch.no_grad():
@@ -222,7 +236,8 @@ LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4"
            "falcon_40b": "neox", "falcon_40b_one_norm": "parallel", "falcon_sequential": "llama",
            "gpt_neox_japanese": "llama", "bloom": "llama", "bloom_6_heads": "llama", "mpt": "mpt",
            "mpt_clip_scale": "mpt", "falcon_alibi": "parallel", "gptj": "gptj", "gptj_full_rotary": "gptj",
-           "codegen": "gptj", "gpt_neo": "gpt2", "bitnet": "llama", "afmoe": "afmoe"}
+           "codegen": "gptj", "gpt_neo": "gpt2", "bitnet": "llama", "afmoe": "afmoe", "deepseek_v3": "llama",
+           "deepseek_v3_plain_q": "llama", "minicpm3": "llama"}
 # the others: ("mlp",); OPT's family: fc1 then fc2, in sequence
 MLP_BRANCH = {"granitemoe_shared": ("block_sparse_moe", "shared_mlp"), "opt": ("fc1", "fc2"), "xglm": ("fc1", "fc2"),
               "biogpt": ("fc1", "fc2"), "mpt": ("ffn",), "mpt_clip_scale": ("ffn",)}

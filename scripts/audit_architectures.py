@@ -32,7 +32,10 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
             vocab_size=128, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16,
             sliding_window=5, moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4,
             num_experts_per_tok=2, shared_expert_intermediate_size=32, n_group=1, topk_group=1,
-            rotary_dim=8)  # (GPT-J / CodeGen rotate rotary_dim dims of the head: fewer than its 16)
+            rotary_dim=8,  # (GPT-J / CodeGen rotate rotary_dim dims of the head: fewer than its 16)
+            # multi-head latent attention (DeepSeek-V3's family): its latent and head parts, and its rotary
+            # dims as the rotary module's head_dim (set below)
+            kv_lora_rank=32, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 
 
 def audit_one(arch: str) -> str:
@@ -53,6 +56,9 @@ def audit_one(arch: str) -> str:
                     setattr(cfg, k, v)
                 except Exception:  # noqa: BLE001 - a validated field that refuses the tiny value
                     pass
+        if isinstance(getattr(cfg, "qk_rope_head_dim", None), int) and hasattr(cfg, "head_dim"):
+            cfg.head_dim = cfg.qk_rope_head_dim  # MLA: the rotary module's width is the rotated part's,
+            cfg.num_key_value_heads = cfg.num_attention_heads  # and every head has its keys and values
         types = getattr(cfg, "layer_types", None)
         if isinstance(types, list) and types:
             cfg.layer_types = (types * 4)[:4]
