@@ -100,6 +100,14 @@ def _norm_eps(norm: nn.Module) -> float:
     return 1e-6
 
 
+def _cos_sin(position_embeddings):
+    """The (cos, sin) pair a rotary module returns, or a complex ``freqs_cis`` (DeepSeek-V2's rotary:
+    ``polar(1, angle)`` times its scaling) as its real and imaginary parts, the same numbers."""
+    if isinstance(position_embeddings, torch.Tensor) and position_embeddings.is_complex():
+        return position_embeddings.real.contiguous(), position_embeddings.imag.contiguous()
+    return position_embeddings
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -595,13 +603,13 @@ class MoDDecoderLayer:
                 pos = pos - torch.where(first, pos, torch.zeros_like(pos)).cummax(1).values
             if start is not None:
                 pos = pos + start.to(device=x.device, dtype=pos.dtype).unsqueeze(1)
-            cos, sin = self._gmod_rotary(xs, pos)
+            cos, sin = _cos_sin(self._gmod_rotary(xs, pos))
             return cos.expand(B, -1, -1), sin.expand(B, -1, -1)
         if position_embeddings is None:
             if position_ids is None:
                 position_ids = torch.arange(S, device=x.device).unsqueeze(0)
             position_embeddings = self._gmod_rotary(x, position_ids)
-        cos, sin = position_embeddings
+        cos, sin = _cos_sin(position_embeddings)
         cos = ops.gather_rows(cos.expand(B, -1, -1).contiguous(), idx, count)
         sin = ops.gather_rows(sin.expand(B, -1, -1).contiguous(), idx, count)
         return cos, sin

@@ -40,8 +40,8 @@
 * models whose head does not pass extra keywords on to its text model (Falcon, GPT-NeoX-Japanese, BLOOM,
   MPT): ``gmod_prefill_len`` still reaches their MoD layers;
 * multi-head latent attention: DeepSeek-V3 (low-rank queries, interleaved rotary; plain queries, Llama's
-  rotary and an odd latent width) and MiniCPM3 (both updates scaled by ``scale_depth / sqrt(layers)``);
-  test_mla.py has its latent cache and its refusals.
+  rotary and an odd latent width), DeepSeek-V2 (its complex rotary) and MiniCPM3 (both updates scaled by
+  ``scale_depth / sqrt(layers)``); test_mla.py has its latent cache and its refusals.
 
 References are Hugging Face's own layers: keeping every token, the converted model gives the dense
 model's logits and parameter gradients; skipping half the tokens, generation with the compact cache
@@ -194,6 +194,7 @@ BUILDERS = {
     "deepseek_v3": lambda **kw: _hf("DeepseekV3ForCausalLM", "DeepseekV3Config", **{**MLA, **kw}),
     "deepseek_v3_plain_q": lambda **kw: _hf("DeepseekV3ForCausalLM", "DeepseekV3Config", **{
         **MLA, "q_lora_rank": None, "rope_interleave": False, "kv_lora_rank": 31, **kw}),
+    "deepseek_v2": lambda **kw: _hf("DeepseekV2ForCausalLM", "DeepseekV2Config", **{**MLA, **kw}),  # complex rotary
     "minicpm3": lambda **kw: _hf("MiniCPM3ForCausalLM", "MiniCPM3Config", **{
         **MLA, "scale_depth": 1.4, "scale_emb": 12, "dim_model_base": 32, **kw}),
 }
@@ -237,7 +238,7 @@ LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4"
            "gpt_neox_japanese": "llama", "bloom": "llama", "bloom_6_heads": "llama", "mpt": "mpt",
            "mpt_clip_scale": "mpt", "falcon_alibi": "parallel", "gptj": "gptj", "gptj_full_rotary": "gptj",
            "codegen": "gptj", "gpt_neo": "gpt2", "bitnet": "llama", "afmoe": "afmoe", "deepseek_v3": "llama",
-           "deepseek_v3_plain_q": "llama", "minicpm3": "llama"}
+           "deepseek_v3_plain_q": "llama", "deepseek_v2": "llama", "minicpm3": "llama"}
 # the others: ("mlp",); OPT's family: fc1 then fc2, in sequence
 MLP_BRANCH = {"granitemoe_shared": ("block_sparse_moe", "shared_mlp"), "opt": ("fc1", "fc2"), "xglm": ("fc1", "fc2"),
               "biogpt": ("fc1", "fc2"), "mpt": ("ffn",), "mpt_clip_scale": ("ffn",)}

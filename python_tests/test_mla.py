@@ -7,7 +7,7 @@ Here:
 * the compact cache of a MoD layer holds each kept token's latent (``kv_lora_rank + qk_rope_head_dim``
   values, as Hugging Face's own MLA cache does), not the expanded keys and values of every head; keeping
   every token, its greedy generation gives Hugging Face's tokens and scores;
-* MLA attentions that compute something else are refused with the reason: DeepSeek-V2's complex rotary,
+* MLA attentions that compute something else are refused with the reason: a rotation it does not know,
   DeepSeek-V3.2's sparse-attention indexer.
 """
 from __future__ import annotations
@@ -87,12 +87,26 @@ def test_head_dims_without_a_kernel_run_on_sdpa(monkeypatch):
     assert calls and set(calls) == {MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"]}
 
 
-def test_mla_with_complex_rotary_is_refused():
-    """DeepSeek-V2 rotates by complex multiplication with its own angles (``apply_rotary_emb``): refused."""
-    model = hf_model("DeepseekV2ForCausalLM", "DeepseekV2Config", **MLA)
-    with pytest.raises(TypeError, match="complex rotary"):
+def test_mla_with_a_rotation_it_does_not_know_is_refused():
+    """An MLA attention whose forward rotates with none of the functions gmod_ext.mla knows (Llama's,
+    DeepSeek-V3's interleaved one, DeepSeek-V2's complex one) is refused, not rotated some other way."""
+    model = _v3()
+    base = type(model.model.layers[1].self_attn)
+
+    class OwnRotation(base):  # (computes what its base does; only the name of its rotation differs)
+        def forward(self, *args, **kwargs):
+            if kwargs.get("position_embeddings") is None:
+                some_other_rotation()
+            return super().forward(*args, **kwargs)
+
+    model.model.layers[1].self_attn.__class__ = OwnRotation
+    with pytest.raises(TypeError, match="rotates with none of"):
         gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
     assert not any(is_mod_layer(m) for m in model.modules())
+
+
+def some_other_rotation():  # (never called)
+    raise AssertionError("not reached")
 
 
 def test_mla_with_a_sparse_attention_indexer_is_refused():
