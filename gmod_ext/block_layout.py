@@ -110,8 +110,9 @@ ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 OUT_PROJS = ("o_proj", "dense", "out_proj", "c_proj")
 
 # Names an MLP branch is made of, in the order their outputs are added (Granite's MoE blocks: the experts,
-# then the shared MLP; a ``None`` child, e.g. Granite-4 without experts, is left out; MPT's ``ffn``).
-MLP_BRANCHES = ("mlp", "block_sparse_moe", "shared_mlp", "ffn")
+# then the shared MLP; a ``None`` child, e.g. Granite-4 without experts, is left out; MPT's ``ffn``;
+# Llama-4's ``feed_forward``).
+MLP_BRANCHES = ("mlp", "block_sparse_moe", "shared_mlp", "ffn", "feed_forward")
 
 
 def block_layout(layer: nn.Module) -> Optional[BlockLayout]:

@@ -567,6 +567,9 @@ def _pre_hook(module, args, kwargs):
     attention_mask = named.get("attention_mask")
     _check_attention_mask(attention_mask)
     _check_no_attention_maps(module, named)
+    # each row's left padding, counted on the whole 2-D mask (past tokens too): Llama-4's chunks start after it
+    left_pad = (attention_mask.cumsum(-1) == 0).sum(-1) if isinstance(attention_mask, torch.Tensor) \
+        and attention_mask.dim() == 2 else None
     if (
         isinstance(attention_mask, torch.Tensor)
         and attention_mask.dim() == 2
@@ -592,6 +595,7 @@ def _pre_hook(module, args, kwargs):
             image_token_id=cfg.image_token_id,
         )
     info = RoutingInfo(codes, max_forced, rows=rows)
+    info.left_pad = left_pad
     position_ids = named.get("position_ids")
     if (attention_mask is None and isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2
             and position_ids.shape[1] == shape[1] and position_ids.shape[0] in (1, shape[0])

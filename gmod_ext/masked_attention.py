@@ -13,6 +13,7 @@ carry in their order alone:
   column that has no value (the probabilities of the real keys sum to less than 1);
 * **packed sequences** (several sequences in one row, told apart by ``position_ids`` that restart,
   as transformers' padding-free collators make them): a query sees only keys of its own sequence;
+  Llama-4's **chunked attention** is the same rule with chunk ids (``(position - left padding) // chunk``);
 * **bidirectional blocks** marked by ``token_type_ids``: the tokens of one image (Gemma-3's multimodal
   model) or the whole prompt of a prefix-LM (PaliGemma: image and prefix text, before the causal
   suffix) see each other in both directions: a query in a block also sees the later keys of its

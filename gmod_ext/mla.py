@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rotary import complex_rotation
+
 __all__ = ["is_mla", "check", "qkv", "expand", "value_dim"]
 
 
@@ -65,29 +67,16 @@ def value_dim(attn: nn.Module) -> Optional[int]:
     return int(attn.v_head_dim) if attn.v_head_dim < attn.qk_nope_head_dim + attn.qk_rope_head_dim else None
 
 
-def _complex_rotation(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 2):
-    """DeepSeek-V2's ``apply_rotary_emb``: consecutive pairs of q / k [B, C, H, r] as complex numbers times
-    ``freqs_cis`` = cos + i sin [B, C, r / 2] (the real and imaginary parts of what its rotary module
-    returned, float32), computed as it computes it (float32 complex, then back to the input dtype)."""
-    freqs = torch.complex(cos.float(), sin.float()).unsqueeze(unsqueeze_dim)
-
-    def one(t):
-        z = torch.view_as_complex(t.float().reshape(*t.shape[:-1], -1, 2))
-        return torch.view_as_real(z * freqs).flatten(-2).type_as(t)
-
-    return one(q), one(k)
-
-
 def _rotation(attn: nn.Module):
     """The model's rotation of the rotated parts: ``apply_rotary_pos_emb_interleave`` where its forward
     calls that one and its config asks for it (``rope_interleave``, DeepSeek-V3's default), DeepSeek-V2's
-    complex ``apply_rotary_emb`` (:func:`_complex_rotation`), else its ``apply_rotary_pos_emb`` (MiniCPM3,
+    complex ``apply_rotary_emb`` (:func:`gmod_ext.rotary.complex_rotation`), else its ``apply_rotary_pos_emb`` (MiniCPM3,
     ``rope_interleave=False``)."""
     module = sys.modules.get(type(attn).__module__)
     code = getattr(getattr(type(attn).forward, "__wrapped__", type(attn).forward), "__code__", None)
     names = code.co_names if code is not None else ()
     if callable(getattr(module, "apply_rotary_emb", None)) and "apply_rotary_emb" in names:
-        return _complex_rotation
+        return complex_rotation
     interleave = getattr(module, "apply_rotary_pos_emb_interleave", None)
     if callable(interleave) and "apply_rotary_pos_emb_interleave" in names \
             and getattr(getattr(attn, "config", None), "rope_interleave", False) is True:
@@ -116,7 +105,7 @@ def qkv(attn: nn.Module, h: torch.Tensor, cos: Optional[torch.Tensor], sin: Opti
     k_rot = k_rot.view(B, C, 1, attn.qk_rope_head_dim)
     if cos is not None:  # [B, C, H, r] layout: cos / sin unsqueezed at dim 2
         rotate = _rotation(attn)
-        if rotate is not _complex_rotation:  # (the models' rotary modules return cos / sin in x's dtype)
+        if rotate is not complex_rotation:  # (the models' rotary modules return cos / sin in x's dtype)
             cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q_rot, k_rot = rotate(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
     q = torch.cat([q_pass, q_rot], dim=-1)

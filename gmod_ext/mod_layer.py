@@ -34,8 +34,9 @@ Forward on the selected tokens (all through ``gmod_ext.ops``)::
                                             # (MLA: q and the latent, keys / values by expand_kv: gmod_ext.mla)
                                             # (or SDPA over the compact rows: GmodConfig.attention;
                                             #  a sliding window shorter than the sequence, a logit
-                                            #  soft-cap, attention sinks, ALiBi, packed sequences or image
-                                            #  blocks: gmod_ext.masked_attention, by original position)
+                                            #  soft-cap, attention sinks, ALiBi, packed sequences, image
+                                            #  blocks or Llama-4's chunks: gmod_ext.masked_attention, by
+                                            #  original position)
     h = xs + o_proj(o); m = mlp(LN2(h))     (other layouts: norms on o_proj(o) / around the MLP, see block_layout;
                                              RoPE: the model's own apply_rotary_pos_emb where it differs, GLM;
                                              Granite: both updates times residual_multiplier)
@@ -78,6 +79,7 @@ import torch
 from torch import nn
 
 from . import mla, ops
+from .rotary import complex_rotation
 from ._hf import accepts, cache_kwarg_of, pop_cache
 from .alibi import AlibiBias, key_bias, pop_alibi
 from .block_layout import attention_module, block_hidden_size, block_layout, out_projection
@@ -138,9 +140,12 @@ def _model_rope(attn: nn.Module):
     (:func:`_rotate_each`), with the model's position embeddings in the model's order."""
     if mla.is_mla(attn):  # its rotated parts are rotated by gmod_ext.mla, with the model's function
         return None
-    fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+    module = sys.modules.get(type(attn).__module__)
+    fn = getattr(module, "apply_rotary_pos_emb", None)
     forward = getattr(type(attn), "forward", None)
     code = getattr(inspect.unwrap(forward), "__code__", None) if callable(forward) else None  # past decorators
+    if code is not None and "apply_rotary_emb" in code.co_names and callable(getattr(module, "apply_rotary_emb", None)):
+        return complex_rotation  # Llama-4's complex freqs_cis (gmod_ext.rotary)
     if not callable(fn) or code is None or "apply_rotary_pos_emb" not in code.co_names:
         return None
     try:
@@ -333,7 +338,8 @@ def _qk_norm(attn: nn.Module, name: str, t: torch.Tensor, B: int, C: int, head_d
 
 
 def _post_rope_norm(attn: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
-    """HunYuan norms q / k per head *after* the rotation (``query_layernorm`` / ``key_layernorm``)."""
+    """HunYuan norms q / k per head *after* the rotation (``query_layernorm`` / ``key_layernorm``), and
+    Llama-4 both with one parameter-free L2 norm (``qk_norm``, on its RoPE layers only)."""
     norm = getattr(attn, name, None)
     return norm(t) if isinstance(norm, nn.Module) else t
 
@@ -368,6 +374,36 @@ def _sliding_window(attn: nn.Module) -> Optional[int]:
             return None
         w = getattr(cfg, "sliding_window", None)
     return int(w) if isinstance(w, int) and not isinstance(w, bool) and w > 0 else None
+
+
+def _binding_chunk(attn: nn.Module, length: int, always: bool = False) -> Optional[int]:
+    """Llama-4's chunked attention: the chunk size of a ``"chunked_attention"`` layer (a query sees the
+    earlier keys of its own chunk of ``config.attention_chunk_size`` positions, counted from the row's first
+    real token) when ``length`` positions exceed it (or ``always``), else None (every key is in the query's
+    chunk)."""
+    size = getattr(getattr(attn, "config", None), "attention_chunk_size", None)
+    if _layer_type(attn) != "chunked_attention" or not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        return None
+    return size if length > size or always else None
+
+
+def _chunk_ids(pos: torch.Tensor, routing, size: int) -> torch.Tensor:
+    """[B, n] chunk of each position ``pos`` [B, n] (sequence columns): ``(pos - left padding) // size``."""
+    pos = pos.to(torch.int64)
+    left = getattr(routing, "left_pad", None)
+    if left is not None:
+        pos = pos - left.to(device=pos.device, dtype=torch.int64).unsqueeze(1)
+    return torch.div(pos, size, rounding_mode="floor")
+
+
+def _temperature(attn: nn.Module, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Llama-4's attention temperature tuning on its NoPE layers: q [B, n, H, d] of the tokens at sequence
+    positions ``pos`` [B, n] times ``log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1`` (float32, back to
+    q's dtype, as the model computes it); q itself elsewhere."""
+    if getattr(attn, "attn_temperature_tuning", False) is not True or getattr(attn, "use_rope", True):
+        return q
+    scales = torch.log1p(torch.floor((pos.to(device=q.device, dtype=torch.float32) + 1.0) / attn.floor_scale))
+    return (q * (scales * attn.attn_scale + 1.0)[:, :, None, None]).to(q.dtype)
 
 
 def _binding_window(attn: nn.Module, length: int) -> Optional[int]:
@@ -513,7 +549,9 @@ class MoDDecoderLayer:
         from .cache import gmod_layer_cache
 
         slot = gmod_layer_cache(past_key_values, self.gmod_layer_idx)
-        slot.window = _sliding_window(self._gmod_attn())
+        # the tokens no later query can see are dropped: those out of a sliding window, and (Llama-4's chunked
+        # layers) those more than a chunk behind, as a dense chunked layer keeps only its last chunk
+        slot.window = _sliding_window(self._gmod_attn()) or _binding_chunk(self._gmod_attn(), 0, always=True)
         x = hidden_states
         S = x.shape[1]
         pe = kwargs.get("position_embeddings")
@@ -671,11 +709,14 @@ class MoDDecoderLayer:
         rope = self.__dict__.get("_gmod_rope")
         if cos is None:
             pass  # a NoPE (or ALiBi) layer: no rotation
+        elif rope is complex_rotation:  # (float32 complex, as the model's freqs_cis)
+            q, k = rope(q, k, cos, sin, unsqueeze_dim=2)
         elif rope is not None:  # the model's own rotation (GLM's interleaved pairs)
             q, k = rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=2)
         else:
             q, k = _apply_rope(q, k, cos, sin)
         q, k = _post_rope_norm(attn, "query_layernorm", q), _post_rope_norm(attn, "key_layernorm", k)
+        q, k = _post_rope_norm(attn, "qk_norm", q), _post_rope_norm(attn, "qk_norm", k)  # Llama-4's L2 norm
         scale = getattr(attn, "scaling", None)
         if scale is None:  # MPT's name (a setting, None: the default)
             scale = getattr(attn, "softmax_scale", None)
@@ -794,6 +835,8 @@ class MoDDecoderLayer:
             part = module(h, torch.zeros_like(h)) if name in layout.adds_residual else module(h)
             if isinstance(part, tuple):  # (output, router scores): GPT-OSS's MoE, as its block unpacks it
                 part = part[0]
+            if part.shape != h.shape and part.numel() == h.numel():  # Llama-4's MoE: flat [B * C, D]
+                part = part.view(h.shape)
             m = part if m is None else m + part
         if norm_out is not None:
             m = norm_out(m)
@@ -957,8 +1000,13 @@ class MoDDecoderLayer:
                 blk = torch.gather(blocks.to(x.device), 1, idx.clamp(min=0).long())
             cos, sin = self._gmod_positions(x, xs, idx, count, C, position_embeddings, position_ids, seg=seg,
                                             rotate=self._gmod_rotates(alibi))
+            chunk = _binding_chunk(attn, S)
+            if chunk is not None:  # Llama-4's chunks: a query sees its own chunk (as ids, with packed sequences)
+                ch = _chunk_ids(idx.clamp(min=0), routing, chunk)
+                seg = ch if seg is None else seg.to(torch.int64) * (S + 1) + ch
         with nvtx_range("attention"):
             q, k, v, scale, gate = self._gmod_qkv(xs, cos, sin)
+            q = _temperature(attn, q, idx)
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
                 kv_cache.append(k, v, count, idx=idx)
             k, v = self._gmod_kv(k, v)
@@ -1036,6 +1084,7 @@ class MoDDecoderLayer:
         if n < S:
             idx = idx[:, :n].contiguous()
         window = _binding_window(attn, cache.seen + S)
+        chunk = _binding_chunk(attn, cache.seen + S)
         softcap, sinks = attention_softcap(attn), attention_sinks(attn)
         with nvtx_range("gather"):
             xs = ops.gather_rows(x, idx, count)  # [B, n, D]
@@ -1044,16 +1093,21 @@ class MoDDecoderLayer:
                                             rotate=self._gmod_rotates(alibi))
         with nvtx_range("attention"):
             q, k, v, scale, gate = self._gmod_qkv(xs, cos, sin)
+            q = _temperature(attn, q, idx + cache.seen)
             cache.append(k, v, count, counts, idx=idx if S > 1 else None)  # S = 1: position `seen`
             kb = None
             if alibi is not None:  # the bias of every position seen, read at the cached keys' positions
                 kb = key_bias(alibi.columns(attn, B, q.shape[2], cache.seen + S), cache.positions)
             keys, values = self._gmod_kv(cache.keys, cache.values)
-            if window is not None or softcap is not None or sinks is not None or kb is not None \
+            if window is not None or softcap is not None or sinks is not None or kb is not None or chunk is not None \
                     or not ops.attention_supports(q):  # (or a head dim the CUDA kernels lack: MLA's 192)
                 q_pos = idx.to(torch.int64) + cache.seen  # recorded positions decide
+                q_ch = k_ch = None
+                if chunk is not None:  # Llama-4: the query's own chunk only
+                    q_ch, k_ch = _chunk_ids(q_pos, routing, chunk), _chunk_ids(cache.positions, routing, chunk)
                 o = position_masked_attention(q, keys, values, q_pos, cache.positions, cache.cache_len,
-                                              scale, window=window, softcap=softcap, sinks=sinks, key_bias=kb)
+                                              scale, window=window, softcap=softcap, sinks=sinks, key_bias=kb,
+                                              q_seg=q_ch, k_seg=k_ch)
             else:
                 o, _ = ops.attention(q, keys, values, count, cache.cache_len, scale)
             a = self._gmod_attn_out(self._gmod_heads_out(o), gate)

@@ -118,6 +118,9 @@ class RoutingInfo:
         # both ways, as its mask says
         self.blocks: Optional[torch.Tensor] = None
         self.window_in_blocks = True
+        # [B] leading padding tokens of each row over the whole sequence so far, when the call gave a 2-D
+        # attention mask: Llama-4's attention chunks count from the first real token, as its mask does
+        self.left_pad: Optional[torch.Tensor] = None
         self.aux: dict[int, torch.Tensor] = {}
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
         self.selection: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (idx, count)

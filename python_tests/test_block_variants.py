@@ -41,7 +41,9 @@
   MPT): ``gmod_prefill_len`` still reaches their MoD layers;
 * multi-head latent attention: DeepSeek-V3 (low-rank queries, interleaved rotary; plain queries, Llama's
   rotary and an odd latent width), DeepSeek-V2 (its complex rotary) and MiniCPM3 (both updates scaled by
-  ``scale_depth / sqrt(layers)``); test_mla.py has its latent cache and its refusals.
+  ``scale_depth / sqrt(layers)``); test_mla.py has its latent cache and its refusals;
+* Llama-4's text model: complex rotary, the L2 q / k norm after it, chunked attention (chunks counted from
+  each row's first real token) and the NoPE layers' attention temperature, all binding on the test prompts.
 
 References are Hugging Face's own layers: keeping every token, the converted model gives the dense
 model's logits and parameter gradients; skipping half the tokens, generation with the compact cache
@@ -195,6 +197,12 @@ BUILDERS = {
     "deepseek_v3_plain_q": lambda **kw: _hf("DeepseekV3ForCausalLM", "DeepseekV3Config", **{
         **MLA, "q_lora_rank": None, "rope_interleave": False, "kv_lora_rank": 31, **kw}),
     "deepseek_v2": lambda **kw: _hf("DeepseekV2ForCausalLM", "DeepseekV2Config", **{**MLA, **kw}),  # complex rotary
+    # Llama-4's text model: complex rotary (freqs_cis), an L2 q / k norm after it, a NoPE layer (3) with attention
+    # temperature tuning, chunked attention on the RoPE layers, MoE feed_forward on every second layer; chunks of 4
+    # and a temperature floor of 3 positions, so that both bind on the test prompts
+    "llama4": lambda **kw: _hf("Llama4ForCausalLM", "Llama4TextConfig", **{
+        "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 128,
+        "interleave_moe_layer_step": 2, "attention_chunk_size": 4, "floor_scale": 3, "attn_scale": 0.5, **kw}),
     "minicpm3": lambda **kw: _hf("MiniCPM3ForCausalLM", "MiniCPM3Config", **{
         **MLA, "scale_depth": 1.4, "scale_emb": 12, "dim_model_base": 32, **kw}),
 }
@@ -210,10 +218,10 @@ def _with_dense_bias(model):
 NOPE = {"smollm3_nope": [3], "exaone4_nope": [3], "cohere2_nope": [3], "opt": [0, 1, 2, 3], "xglm": [0, 1, 2, 3],
         "biogpt": [0, 1, 2, 3], "gpt2": [0, 1, 2, 3], "gpt2_layer_scaled": [0, 1, 2, 3],
         "gpt_bigcode_mqa": [0, 1, 2, 3], "gpt_bigcode_mha": [0, 1, 2, 3], "bloom": [0, 1, 2, 3],
-        "bloom_6_heads": [0, 1, 2, 3], "gpt_neo": [0, 1, 2, 3], "afmoe": [1, 3], "mpt": [0, 1, 2, 3], "mpt_clip_scale": [0, 1, 2, 3], "falcon_alibi": [0, 1, 2, 3]}
+        "bloom_6_heads": [0, 1, 2, 3], "gpt_neo": [0, 1, 2, 3], "afmoe": [1, 3], "mpt": [0, 1, 2, 3], "mpt_clip_scale": [0, 1, 2, 3], "falcon_alibi": [0, 1, 2, 3], "llama4": [3]}
 ALIBI = {"bloom", "bloom_6_heads", "mpt", "mpt_clip_scale", "falcon_alibi"}
 OWN_ROPE = {"glm", "glm4", "ernie4_5", "cohere_parallel", "cohere2_nope", "gpt_oss_sinks", "gptj", "gptj_full_rotary",
-            "codegen"}  # whose rotation is not Llama's (interleaved)
+            "codegen", "llama4"}  # whose rotation is not Llama's (interleaved; Llama-4's complex freqs_cis)
 
 
 def _perturb_norms(model):
@@ -238,10 +246,10 @@ LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4"
            "gpt_neox_japanese": "llama", "bloom": "llama", "bloom_6_heads": "llama", "mpt": "mpt",
            "mpt_clip_scale": "mpt", "falcon_alibi": "parallel", "gptj": "gptj", "gptj_full_rotary": "gptj",
            "codegen": "gptj", "gpt_neo": "gpt2", "bitnet": "llama", "afmoe": "afmoe", "deepseek_v3": "llama",
-           "deepseek_v3_plain_q": "llama", "deepseek_v2": "llama", "minicpm3": "llama"}
+           "deepseek_v3_plain_q": "llama", "deepseek_v2": "llama", "minicpm3": "llama", "llama4": "llama"}
 # the others: ("mlp",); OPT's family: fc1 then fc2, in sequence
 MLP_BRANCH = {"granitemoe_shared": ("block_sparse_moe", "shared_mlp"), "opt": ("fc1", "fc2"), "xglm": ("fc1", "fc2"),
-              "biogpt": ("fc1", "fc2"), "mpt": ("ffn",), "mpt_clip_scale": ("ffn",)}
+              "biogpt": ("fc1", "fc2"), "mpt": ("ffn",), "mpt_clip_scale": ("ffn",), "llama4": ("feed_forward",)}
 
 
 # children that take the residual and add it themselves (the others: none)
@@ -347,6 +355,29 @@ def _assert_decode_by_hand_equals_no_cache(model, ids, am, steps: int):
             full = model(seq, attention_mask=mask, use_cache=False, gmod_prefill_len=P).logits[:, -1]
             torch.testing.assert_close(out.logits[:, -1], full, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {step}: {m}")
     return cache
+
+
+def test_llama4_chunked_layers_drop_past_chunks_from_the_cache():
+    """A chunked layer's query sees only its own chunk, so its compact cache drops what lies a chunk behind
+    (as a dense chunked layer, which keeps its last chunk); the NoPE layer (full attention) keeps all it
+    stored. Keeping every token, generation still equals Hugging Face's, tokens and scores."""
+    from gmod_ext._hf import output_cache
+
+    ref, model = BUILDERS["llama4"]().eval(), BUILDERS["llama4"]().eval()
+    gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", decode_threshold=0.0, progress=False)
+    ids, am = padded_prompt(2, 12, pad=(0, 3), seed=3)
+    gen = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    out_ref, out = ref.generate(input_ids=ids, attention_mask=am, **gen), model.generate(input_ids=ids, attention_mask=am, **gen)
+    assert torch.equal(out.sequences, out_ref.sequences)
+    for step, (a, b) in enumerate(zip(out.scores, out_ref.scores)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+    slots = mod_slots(output_cache(out))
+    seen = 12 + 10 - 1
+    chunk = model.config.attention_chunk_size
+    assert [i for i in slots if slots[i].window is not None] == [0, 1, 2]  # the chunked (RoPE) layers
+    for i in (0, 1, 2):
+        assert int(slots[i].cache_len.max()) <= chunk + 1 < seen  # (trimmed every max(1, chunk // 8) positions)
+    assert slots[3].cache_len.tolist() == [int(n) + 10 - 1 for n in am.sum(1)]  # full attention: all of them
 
 
 @pytest.mark.parametrize("arch", ["falcon_7b", "gpt_neox_japanese", "bloom"])
