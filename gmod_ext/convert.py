@@ -5,7 +5,7 @@
 Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (and other
 Llama-family ``*ForCausalLM``: Qwen3, Gemma, Gemma-2, Gemma-3, Mixtral, Phi-3, GLM-4, OLMo-2, ...) and ``LlavaForConditionalGeneration``
 (its language model). Before converting, :mod:`gmod_ext.verify` checks that a MoD layer reproduces
-the model's decoder layer and refuses the blocks it does not (DiffLlama's differential attention,
+the model's decoder layer and refuses the blocks it does not (Beam's depth-scaled residual sums,
 DeepSeek-V3.2's sparse attention, ...) with TypeError.
 The model is changed **in place** and returned:
 
@@ -294,8 +294,8 @@ def convert(
         converted model.
     verify: first check that a MoD layer computes what each kind of decoder layer of this model computes
         (a float32 copy of the layer, every token kept, on a short random prompt; see
-        :mod:`gmod_ext.verify`) and raise TypeError if not, e.g. for DiffLlama's differential
-        attention. ``verify=False`` skips it.
+        :mod:`gmod_ext.verify`) and raise TypeError if not, e.g. for Beam's depth-scaled residual
+        sums. ``verify=False`` skips it.
     """
     _check_model("convert", model)
     check_transformers_version("convert")

@@ -78,7 +78,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import mla, ops
+from . import diff_attention, mla, ops
 from .rotary import complex_rotation
 from ._hf import accepts, cache_kwarg_of, pop_cache
 from .alibi import AlibiBias, key_bias, pop_alibi
@@ -728,11 +728,17 @@ class MoDDecoderLayer:
         """The keys and values to attend over, from what :meth:`_gmod_qkv` returned or the compact cache holds:
         themselves, or an MLA attention's latents expanded (values zero-padded to the key width)."""
         attn = self._gmod_attn()
+        if diff_attention.is_differential(attn):  # DiffLlama: one attention over [v1 | v2] (2d wide)
+            return k, diff_attention.values(v)
         return mla.expand(attn, k, v) if mla.is_mla(attn) else (k, v)
 
     def _gmod_heads_out(self, o: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, d] attention output as [B, C, H * dv]: MLA's values are narrower than its keys (cut back)."""
-        dv = mla.value_dim(self._gmod_attn())
+        """[B, C, H, d] attention output as [B, C, H * dv]: MLA's values are narrower than its keys (cut back);
+        DiffLlama's two halves combined (gmod_ext.diff_attention)."""
+        attn = self._gmod_attn()
+        if diff_attention.is_differential(attn):
+            return diff_attention.combine(attn, o)
+        dv = mla.value_dim(attn)
         if dv is not None:
             o = o[..., :dv]
         return o.reshape(o.shape[0], o.shape[1], -1)
@@ -1017,8 +1023,8 @@ class MoDDecoderLayer:
                 o = position_masked_attention(q, k, v, idx, idx, count, scale, window=window, softcap=softcap,
                                               q_seg=seg, k_seg=seg, q_block=blk, k_block=blk, sinks=sinks,
                                               key_bias=kb, window_in_blocks=getattr(routing, "window_in_blocks", True))
-            elif attention_backend(cfg.attention, q.device, q.dtype) == "sdpa" or not ops.attention_supports(q):
-                o = _sdpa_causal(q, k, v, scale)  # (head dims the CUDA kernels lack: MLA's 192)
+            elif attention_backend(cfg.attention, q.device, q.dtype) == "sdpa" or not ops.attention_supports(q, v):
+                o = _sdpa_causal(q, k, v, scale)  # (what the kernels lack: MLA's head dim 192, DiffLlama's 2d values)
             else:
                 o, _ = ops.attention(q, k, v, count, count, scale)
             a = self._gmod_attn_out(self._gmod_heads_out(o), gate)
@@ -1100,7 +1106,7 @@ class MoDDecoderLayer:
                 kb = key_bias(alibi.columns(attn, B, q.shape[2], cache.seen + S), cache.positions)
             keys, values = self._gmod_kv(cache.keys, cache.values)
             if window is not None or softcap is not None or sinks is not None or kb is not None or chunk is not None \
-                    or not ops.attention_supports(q):  # (or a head dim the CUDA kernels lack: MLA's 192)
+                    or not ops.attention_supports(q, values):  # (or what the kernels lack, as above)
                 q_pos = idx.to(torch.int64) + cache.seen  # recorded positions decide
                 q_ch = k_ch = None
                 if chunk is not None:  # Llama-4: the query's own chunk only

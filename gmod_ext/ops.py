@@ -35,8 +35,11 @@ MASK_NEVER = 2
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
 
 
-def attention_supports(q: torch.Tensor) -> bool:
-    """Whether :func:`attention` has a kernel for ``q``'s head dim on ``q``'s device (the CPU: any)."""
+def attention_supports(q: torch.Tensor, v: Optional[torch.Tensor] = None) -> bool:
+    """Whether :func:`attention` has a kernel for ``q``'s head dim on ``q``'s device (the CPU: any), and for
+    values ``v`` as wide as the keys (the kernels take no other width)."""
+    if v is not None and int(v.shape[-1]) != int(q.shape[-1]):
+        return False
     return q.device.type != "cuda" or int(q.shape[-1]) in CUDA_HEAD_DIMS
 
 

@@ -9,7 +9,7 @@ with its extra norms (``post_attention_layernorm`` on the attention output, ``pr
 ``post_feedforward_layernorm`` around the MLP) and GLM-4's (``post_self_attn_layernorm`` /
 ``post_mlp_layernorm`` on the two updates), and the other layouts of :mod:`gmod_ext.block_layout`
 (parallel blocks, post-norms only, Granite's residual multiplier, GPT-OSS's attention sinks). A block
-that deviates from these (norms after the rotation, differential attention, ...) would convert without
+that deviates from these (norms after the rotation, depth-scaled residual sums, ...) would convert without
 complaint and give wrong outputs. :func:`check_decoder_layers` rules that out before
 converting. (Attention logit soft-capping is read from the attention module and reproduced by the MoD
 layer: with random weights the logits are too small for this check to see whether it is.)

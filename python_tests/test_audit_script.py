@@ -16,13 +16,13 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "audit_archit
 
 def test_audit_reports_converted_and_refused_architectures(tmp_path):
     out = tmp_path / "audit.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "llama", "diffllama", "--json", str(out)], capture_output=True,
+    proc = subprocess.run([sys.executable, str(SCRIPT), "llama", "beam", "--json", str(out)], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
     assert doc["llama"].startswith("OK ") and float(doc["llama"].split()[1]) < 1e-5
-    assert doc["diffllama"].startswith("refused: gmod.convert: DiffLlamaForCausalLM") \
-        and "not a block a MoD layer reproduces" in doc["diffllama"]
+    assert doc["beam"].startswith("refused: gmod.convert: BeamForCausalLM") \
+        and "not a block a MoD layer reproduces" in doc["beam"]
     assert "summary: OK 1, refused 1" in proc.stdout
 
 

@@ -42,6 +42,7 @@
 * multi-head latent attention: DeepSeek-V3 (low-rank queries, interleaved rotary; plain queries, Llama's
   rotary and an odd latent width), DeepSeek-V2 (its complex rotary) and MiniCPM3 (both updates scaled by
   ``scale_depth / sqrt(layers)``); test_mla.py has its latent cache and its refusals;
+* DiffLlama: differential attention (one attention over the two halves of the values, then subtracted);
 * Llama-4's text model: complex rotary, the L2 q / k norm after it, chunked attention (chunks counted from
   each row's first real token) and the NoPE layers' attention temperature, all binding on the test prompts.
 
@@ -203,6 +204,8 @@ BUILDERS = {
     "llama4": lambda **kw: _hf("Llama4ForCausalLM", "Llama4TextConfig", **{
         "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 128,
         "interleave_moe_layer_step": 2, "attention_chunk_size": 4, "floor_scale": 3, "attn_scale": 0.5, **kw}),
+    # differential attention: two softmax maps over the two halves of the value heads, subtracted, then a group norm
+    "diffllama": lambda **kw: _hf("DiffLlamaForCausalLM", "DiffLlamaConfig", **kw),
     "minicpm3": lambda **kw: _hf("MiniCPM3ForCausalLM", "MiniCPM3Config", **{
         **MLA, "scale_depth": 1.4, "scale_emb": 12, "dim_model_base": 32, **kw}),
 }
@@ -246,7 +249,7 @@ LAYOUTS = {"phi3": "llama", "phi4_mini": "llama", "glm": "llama", "glm4": "glm4"
            "gpt_neox_japanese": "llama", "bloom": "llama", "bloom_6_heads": "llama", "mpt": "mpt",
            "mpt_clip_scale": "mpt", "falcon_alibi": "parallel", "gptj": "gptj", "gptj_full_rotary": "gptj",
            "codegen": "gptj", "gpt_neo": "gpt2", "bitnet": "llama", "afmoe": "afmoe", "deepseek_v3": "llama",
-           "deepseek_v3_plain_q": "llama", "deepseek_v2": "llama", "minicpm3": "llama", "llama4": "llama"}
+           "deepseek_v3_plain_q": "llama", "deepseek_v2": "llama", "minicpm3": "llama", "llama4": "llama", "diffllama": "llama"}
 # the others: ("mlp",); OPT's family: fc1 then fc2, in sequence
 MLP_BRANCH = {"granitemoe_shared": ("block_sparse_moe", "shared_mlp"), "opt": ("fc1", "fc2"), "xglm": ("fc1", "fc2"),
               "biogpt": ("fc1", "fc2"), "mpt": ("ffn",), "mpt_clip_scale": ("ffn",), "llama4": ("feed_forward",)}

@@ -159,13 +159,13 @@ def test_demo_model_path_errors(tmp_path):
     # a model folder of an architecture the MoD layer does not wrap: a one-line reason, no traceback
     import transformers
 
-    transformers.DiffLlamaForCausalLM(transformers.DiffLlamaConfig(  # differential attention
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=300)) \
-        .save_pretrained(tmp_path / "diffllama")
-    proc = subprocess.run([sys.executable, "-m", "gmod_ext", "demo", "--model", str(tmp_path / "diffllama")], cwd=ROOT,
+    transformers.BeamForCausalLM(transformers.BeamConfig(  # depth-scaled residual sums
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=300)).save_pretrained(tmp_path / "beam")
+    proc = subprocess.run([sys.executable, "-m", "gmod_ext", "demo", "--model", str(tmp_path / "beam")], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "gmod" in proc.stderr and "DiffLlama" in proc.stderr, proc.stderr[-2000:]
+    assert "gmod" in proc.stderr and "Beam" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_evaluate_accuracies_against_a_direct_count():

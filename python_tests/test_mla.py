@@ -75,7 +75,7 @@ def test_head_dims_without_a_kernel_run_on_sdpa(monkeypatch):
     from gmod_ext import ops
 
     calls = []
-    monkeypatch.setattr(ops, "attention_supports", lambda q: calls.append(q.shape[-1]) or False)
+    monkeypatch.setattr(ops, "attention_supports", lambda q, v=None: calls.append(q.shape[-1]) or False)
     monkeypatch.setattr(ops, "attention", lambda *a, **k: pytest.fail("gmod.attention called"))
     model = _v3()
     gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], progress=False)

@@ -27,8 +27,8 @@ _hf = hf_model
 
 REFUSED = {
     # name: (builder, words the error must contain, whether verify=False is offered)
-    # differential attention (two softmaxes subtracted): found by the comparison only
-    "diffllama": (lambda: _hf("DiffLlamaForCausalLM", "DiffLlamaConfig"), "not a block a MoD layer reproduces", True),
+    # depth-scaled residual sums (Beam's depth_scaled_residual_add): found by the comparison only
+    "beam": (lambda: _hf("BeamForCausalLM", "BeamConfig"), "not a block a MoD layer reproduces", True),
     # a layer that returns a list built at run time, whose model reads out[0] (OpenAI GPT): a MoD layer's
     # tensor would lose all but its first row there (tuples its return statements spell out, Falcon's, are
     # returned in kind)
@@ -36,6 +36,8 @@ REFUSED = {
 }
 ACCEPTED = {
     "llama": lambda: tiny_model("llama"),
+    # differential attention (two softmax maps subtracted: gmod_ext.diff_attention)
+    "diffllama": lambda: _hf("DiffLlamaForCausalLM", "DiffLlamaConfig"),
     "mistral": lambda: tiny_model("mistral"),
     "qwen2": lambda: tiny_model("qwen2"),
     "qwen3": lambda: tiny_model("qwen3"),
@@ -227,10 +229,30 @@ def test_returned_arity_reads_the_return_statements():
     assert type(out) is tuple and len(out) == 2 and out[0].shape == x.shape and out[1] is None
 
 
+def _planted_llama(term: float):
+    """A tiny Llama whose layers add ``term * hidden_states`` to their output: a deviation a MoD layer does
+    not compute, planted in an otherwise supported class."""
+    model = tiny_model("llama")
+    base = type(model.model.layers[0])
+
+    class Scaled(base):
+        def forward(self, hidden_states, *args, **kwargs):
+            out = super().forward(hidden_states, *args, **kwargs)
+            if isinstance(out, tuple):
+                return (out[0] + term * hidden_states,) + tuple(out[1:])
+            return out + term * hidden_states
+
+    for layer in model.model.layers:
+        layer.__class__ = Scaled
+    return model
+
+
 def test_verify_false_converts_a_refused_block_and_the_check_was_right():
-    """With verify=False a DiffLlama model (differential attention) converts, and keeping every token
-    does NOT give its logits: what the check refused is a real difference, not a false alarm."""
-    model = REFUSED["diffllama"][0]().eval()
+    """With verify=False a refused block (a planted deviation) converts, and keeping every token does NOT
+    give its logits: what the check refused is a real difference, not a false alarm."""
+    model = _planted_llama(0.5).eval()
+    with pytest.raises(TypeError, match="not a block a MoD layer reproduces"):
+        gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
     ids = _ids()
     ref = _logits(model, ids)
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False, verify=False)
@@ -241,18 +263,7 @@ def test_verify_false_converts_a_refused_block_and_the_check_was_right():
 def test_a_changed_llama_block_is_refused():
     """A Llama layer whose forward adds a term the MoD layer does not compute (a planted deviation in an
     otherwise supported class) is refused: the check compares behaviour, not class names."""
-    model = tiny_model("llama")
-    base = type(model.model.layers[0])
-
-    class Scaled(base):
-        def forward(self, hidden_states, *args, **kwargs):
-            out = super().forward(hidden_states, *args, **kwargs)
-            if isinstance(out, tuple):
-                return (out[0] + 0.01 * hidden_states,) + tuple(out[1:])
-            return out + 0.01 * hidden_states
-
-    for layer in model.model.layers:
-        layer.__class__ = Scaled
+    model = _planted_llama(0.01)
     with pytest.raises(TypeError, match=r"differs from the layer's own by"):
         gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
 
