@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmod_hf_utils import num_threads, text_config_kwargs, transformers
+from gmod_hf_utils import assert_grads_equal, num_threads, text_config_kwargs, transformers
 from references import position_attention_ref
 
 import gmod_ext
@@ -124,10 +124,7 @@ def test_keep_all_prefix_lm_batches_equal_hf(text, window):
     torch.testing.assert_close(lm.loss, lr.loss, rtol=1e-5, atol=1e-6)
     lr.loss.backward()
     lm.loss.backward()
-    grads = dict(ref.named_parameters())
-    for n, p in model.named_parameters():
-        if "gmod_router" not in n and grads[n].grad is not None:
-            torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    assert_grads_equal(model, ref)
 
 
 @pytest.mark.parametrize("text,window", [("gemma", None), ("gemma2", 3)])
