@@ -146,7 +146,7 @@ def plain_block(layer, xs, cos, sin):
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * attn.scaling
-    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    causal = torch.ones(N, N, dtype=torch.bool, device=xs.device).tril()
     scores = scores.masked_fill(~causal, float("-inf"))
     probs = scores.softmax(-1)
     o = torch.einsum("hqk,khd->qhd", probs, v.float()).to(xs.dtype).reshape(N, -1)

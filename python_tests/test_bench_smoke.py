@@ -192,6 +192,16 @@ def test_experiment_probe_failure_becomes_a_row_error():
     ba._probes.pop(exp[:2], None)
 
 
+def test_experiment_probe_code_runs_on_cpu():
+    """The probe's own code (the forward and backward ops' calls and their outputs unpacked) runs and
+    prints OK where the ops run: a probe that always failed would hide every experiment's timing."""
+    from gmod_ext.bench import attention as ba
+
+    res = subprocess.run([sys.executable, "-c", ba._PROBE_CODE.format(d=64, device="cpu")], capture_output=True,
+                         text=True, timeout=120, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert res.returncode == 0 and res.stdout.strip() == "OK", res.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- bench model --layers auto
 def _saved_activation_bytes(model, ids) -> int:
     """Bytes of the distinct storages autograd saves for the backward of a training forward, parameters

@@ -69,7 +69,8 @@ def test_op_matches_float64_loop(window, softcap, Hk, decode, device):
     tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=1e-4, atol=1e-4)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     saved = [t.detach().clone() for t in (q, k, v, q_pos, k_pos, k_len)]
-    out = position_masked_attention(q, k, v, q_pos, k_pos, k_len, scale, window=window, softcap=softcap)
+    inputs = (q, k, v, q_pos, k_pos, k_len)
+    out = position_masked_attention(*inputs, scale, window=window, softcap=softcap)
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
     assert bool(torch.isfinite(out).all())
     out = out.cpu()
@@ -85,7 +86,7 @@ def test_op_matches_float64_loop(window, softcap, Hk, decode, device):
     for a, b, name in ((q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"), (v.grad, v64.grad, "dv")):
         assert bool(torch.isfinite(a).all()), name
         torch.testing.assert_close(a.cpu().double(), b, **tol, msg=lambda m: f"{name}: {m}")
-    for a, b in zip((q, k, v, q_pos, k_pos, k_len), saved):  # inputs untouched
+    for a, b in zip(inputs, saved):  # inputs untouched
         assert torch.equal(a.detach(), b)
 
 

@@ -133,12 +133,13 @@ def _experiment_applies(ctx: Ctx, p: str, d: int) -> bool:
 
 _PROBE_CODE = """
 import torch, gmod_ext
-q = torch.randn(2, 200, 4, {d}, device="cuda", dtype=torch.bfloat16)
+q = torch.randn(2, 200, 4, {d}, device="{device}", dtype=torch.bfloat16)
 k, v = torch.randn_like(q), torch.randn_like(q)
-n = torch.tensor([200, 77], dtype=torch.int32, device="cuda")
+n = torch.tensor([200, 77], dtype=torch.int32, device="{device}")
 o, lse = torch.ops.gmod.attention(q, k, v, n, n, 0.1)
-o2, lse2 = torch.ops.gmod.attention_backward(torch.randn_like(o), q, k, v, o, lse, n, n, 0.1)
-torch.cuda.synchronize()
+dq, dk, dv = torch.ops.gmod.attention_backward(torch.randn_like(o), q, k, v, o, lse, n, n, 0.1)
+if q.is_cuda:
+    torch.cuda.synchronize()
 print("OK")
 """
 _probes: dict = {}
@@ -161,7 +162,7 @@ def _probe_error(ctx: Ctx, experiment) -> str | None:
             env.get("PYTHONPATH", "")
         try:
             # 90 s: a fresh process with two small calls takes ~10 s; a hung kernel must not eat the step
-            res = subprocess.run([sys.executable, "-c", _PROBE_CODE.format(d=max(experiment[2]))], env=env,
+            res = subprocess.run([sys.executable, "-c", _PROBE_CODE.format(d=max(experiment[2]), device="cuda")], env=env,
                                  capture_output=True, text=True, timeout=90)
             ok = res.returncode == 0 and "OK" in res.stdout
             err = (res.stderr.strip().splitlines() or ["exit %d" % res.returncode])[-1][:80]
