@@ -154,12 +154,20 @@ SHAPES = [
 GROUPS = [1, 2, 4, 8]
 
 
+# The kernel plans the reference tests run: the default ("auto": the sm_90a wgmma kernels at d = 64 / 128
+# on an H100 / H200 built with them, mma.sync elsewhere) and, on a GPU, the mma.sync kernels forced, so that
+# an H100 run also checks the kernels every other GPU runs. (On CPU the flags change nothing.)
+IMPLS = ["auto"] if ON_CPU else ["auto", "mma"]
+
+
 # ------------------------------------------------------------------ forward
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_matches_reference(dtype, d, group, shape):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_matches_reference(dtype, d, group, shape, impl, monkeypatch):
+    monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", impl)
     B, Cq, Ck, qs, ks = shape
     Hq = 8
     q, k, v = make_qkv(B, Cq, Ck, Hq, Hq // group, d, dtype)
@@ -282,6 +290,9 @@ def test_decode_pdl_combine(dtype, B, Ck, monkeypatch):
     for i, (o, lse) in enumerate(outs):
         o_plain, lse_plain = ops.attention(q, k * (1 + i), v, q_len, k_len, scale)
         assert torch.equal(o, o_plain) and torch.equal(lse, lse_plain), i
+    monkeypatch.delenv("GMOD_ATTN_PDL")  # the default launches with PDL (the same numbers)
+    o_def, lse_def = ops.attention(q, k, v, q_len, k_len, scale)
+    assert torch.equal(o_def, o1) and torch.equal(lse_def, lse1)
     monkeypatch.setenv("GMOD_ATTN_PDL", "yes")
     with pytest.raises(ValueError, match="GMOD_ATTN_PDL=yes is not 0 or 1"):
         ops.attention(q, k, v, q_len, k_len, scale)
@@ -326,7 +337,10 @@ def test_rows_past_q_len_are_exact_zeros(dtype, Cq, Ck):
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_backward_matches_reference(dtype, d, group, shape, deterministic):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_matches_reference(dtype, d, group, shape, deterministic, impl, monkeypatch):
+    monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", impl)
+    monkeypatch.setenv("GMOD_ATTN_BWD_IMPL", impl)
     B, Cq, Ck, qs, ks = shape
     Hq = 8
     q, k, v = make_qkv(B, Cq, Ck, Hq, Hq // group, d, dtype, requires_grad=True)
@@ -664,12 +678,15 @@ def test_forward_wgmma(dtype, d, impl, monkeypatch):
 def test_forward_impl_flag_errors(monkeypatch):
     """GMOD_ATTN_FWD_IMPL: an unknown value is a ValueError naming the choices; wgmma where it cannot run
     (not an sm_90 GPU, or no sm_90a kernels in the build) is a RuntimeError saying why, never a silent
-    fallback (a benchmark would time the wrong kernel); mma is the default kernel."""
+    fallback (a benchmark would time the wrong kernel); unset and auto are the default: the wgmma kernel
+    where it can run, else mma."""
     q, k, v = make_qkv(1, 40, 40, 2, 2, 64, torch.bfloat16)
     lens = lengths(1, 40, (40,))
+    monkeypatch.delenv("GMOD_ATTN_FWD_IMPL", raising=False)
     want, _ = torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)
-    monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", "mma")
-    assert torch.equal(torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)[0], want)
+    for impl in ("auto", "wgmma" if _wgmma_here() and not ON_CPU else "mma"):
+        monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", impl)
+        assert torch.equal(torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)[0], want), impl
     monkeypatch.setenv("GMOD_ATTN_FWD_IMPL", "tma")
     with pytest.raises(ValueError, match="GMOD_ATTN_FWD_IMPL=tma.*wgmma or wgmma-2stage.*mma"):
         torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)
@@ -726,16 +743,19 @@ def test_backward_wgmma(dtype, d, monkeypatch):
 @cuda_only
 def test_backward_impl_flag_errors(monkeypatch):
     """GMOD_ATTN_BWD_IMPL: an unknown value is a ValueError naming the choices; wgmma where it cannot run
-    is a RuntimeError saying why (never a silent fallback); mma is the default kernel; the deterministic
-    mode keeps its mma.sync kernels (bit-identical with and without the flag)."""
+    is a RuntimeError saying why (never a silent fallback); unset and auto are the default (the wgmma
+    kernel where it can run, else mma); the deterministic mode keeps its mma.sync kernels (bit-identical
+    with and without the flag)."""
     q, k, v = make_qkv(1, 40, 40, 2, 2, 64, torch.bfloat16)
     lens = lengths(1, 40, (40,))
     o, lse = torch.ops.gmod.attention(q, k, v, lens, lens, 0.125)
     g = torch.randn_like(q)
     bwd = lambda: torch.ops.gmod.attention_backward(g, q, k, v, o, lse, lens, lens, 0.125)  # noqa: E731
+    monkeypatch.delenv("GMOD_ATTN_BWD_IMPL", raising=False)
     want = bwd()
-    monkeypatch.setenv("GMOD_ATTN_BWD_IMPL", "mma")
-    assert all(torch.equal(a, b) for a, b in zip(bwd(), want))
+    for impl in ("auto", "wgmma" if _wgmma_here() else "mma"):  # one key tile: the dQ atomics add once
+        monkeypatch.setenv("GMOD_ATTN_BWD_IMPL", impl)
+        assert all(torch.equal(a, b) for a, b in zip(bwd(), want)), impl
     monkeypatch.setenv("GMOD_ATTN_BWD_IMPL", "tma")
     with pytest.raises(ValueError, match="GMOD_ATTN_BWD_IMPL=tma.*wgmma.*mma"):
         bwd()

@@ -278,8 +278,9 @@ def _prefill_rows(p, gmod_vs_flash, exp_vs_default, exp_vs_flash, checks=None):
 
 
 def test_gpu_verdicts_attention_rules():
-    """scripts/gpu_verdicts.py: flip a wgmma default only when every check is ok and it is faster at every
-    shape; the target line names the shapes under it; decode PDL needs no loss below 0.99x and a gain."""
+    """scripts/gpu_verdicts.py: switch back to the mma.sync kernels only when every check is ok and they are
+    faster at every shape; the target line names the shapes under it; the plain decode launch needs no loss
+    below 0.99x and a gain."""
     v = _verdicts_module()
     att = {"sections": {"prefill": {"rows":
         _prefill_rows("fwd", [0.92, 0.91, 0.94], [1.2, 1.15, 1.1], [1.1, 1.05, 1.03])
@@ -292,13 +293,13 @@ def test_gpu_verdicts_attention_rules():
             {"B": 32, "L": 4096, "impl": "gmod-exp", "check": "ok", "pct_copy": 86.8, "vs_default": 0.995}]}}}
     text = "\n".join(v.attention_lines(att) + v.decode_lines(att))
     assert "attention fwd: gmod vs SDPA flash 0.91-0.94 (target >= 1.0: not met at 3/3" in text
-    assert "GMOD_ATTN_FWD_IMPL=wgmma: checks ok; vs the default 1.10-1.20, faster at 3/3 -> make it the default: YES" in text
+    assert "GMOD_ATTN_FWD_IMPL=mma: checks ok; vs the default 1.10-1.20, faster at 3/3 -> make it the default: YES" in text
     assert "best of the two vs flash 1.03-1.10: target met" in text
     bwd = [l for l in text.splitlines() if "GMOD_ATTN_BWD_IMPL" in l][0]
     assert "NOT all ok: MISMATCH dq" in bwd and "faster at 2/3" in bwd and bwd.endswith(
         "make it the default: NO (rule: every check ok and faster at every shape)")
     assert "decode: gmod 28-87% of copy bandwidth (target >= 70 at every shape: not met at 1/2: B1 L4096 28%)" in text
-    assert "GMOD_ATTN_PDL=1: checks ok; vs the default 0.99-1.18 -> make it the default: YES" in text
+    assert "GMOD_ATTN_PDL=0: checks ok; vs the default 0.99-1.18 -> make it the default: YES" in text
     att["sections"]["decode"]["rows"][3]["vs_default"] = 0.97  # a loss beyond noise at batch 32
     assert "-> make it the default: NO" in "\n".join(v.decode_lines(att))
 

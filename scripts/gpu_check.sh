@@ -8,7 +8,7 @@
 #   decode_timeline
 #   (wgmma_selftest: scripts/wgmma_selftest.cu, nvcc only, ~20 s: each wgmma operand form of the sm_90a
 #   kernels on its own against a float64 product; if the wgmma tests fail, it says which form)
-#   (tests: pytest -m cuda, the opt-in wgmma kernels' tests apart as tests_wgmma after the rest)
+#   (tests: pytest -m cuda, the wgmma kernels' own tests apart as tests_wgmma after the rest)
 #   (decode_timeline: scripts/decode_timeline.py, ~60 s: the decode's split / combine kernels and the gap
 #   between them from profiler timestamps, with and without GMOD_ATTN_PDL, against the CUDA-event time,
 #   with the benchmark's L2 flush and with rotating caches instead)
@@ -19,8 +19,8 @@
 #   extra, only when named: bench_layer bench_model (python -m gmod_ext.bench layer|model, the model with
 #   --profile; a second call:
 #   GMOD_GPU_CHECK_STEPS=bench_layer,bench_model on the warm machine reuses the build)
-#   bench_attention runs with --experiments: gmod-exp rows time the opt-in kernel plans (the sm_90a
-#   wgmma forward and backward at d = 64 / 128) next to the defaults, in the same process.
+#   bench_attention runs with --experiments: gmod-exp rows time the other kernel plans (the mma.sync
+#   forward and backward at d = 64 / 128, the plain decode launch) next to the defaults, in the same process.
 #   extra, only when named: bench_attention_det (GMOD_DETERMINISTIC=1), decode_sweep (the decode's split
 #   count swept against the wave model, scripts/decode_split_sweep.py), synccheck initcheck
 #   (compute-sanitizer tools), ncu_nvtx (the README's NVTX
@@ -226,7 +226,7 @@ bench_named() {  # name benchmark limit
   fi
 }
 want bench_ops && bench bench_ops 150
-# --experiments: gmod-exp rows, the opt-in kernels timed in the same process (the sm_90a wgmma forward
+# --experiments: gmod-exp rows, the other kernel plans timed in the same process (the mma.sync forward
 # and backward at d = 64 / 128); they decide the defaults.
 want bench_attention && GMOD_BENCH_ARGS="--experiments ${GMOD_BENCH_ARGS:-}" bench bench_attention 240
 want bench_layer && bench bench_layer 200
@@ -271,7 +271,7 @@ if want tests; then
   # The tests marked cuda (the GPU side of every op test, test_attention_cuda.py, test_cuda_build.py):
   # the CPU tests, the kernel emulation and the wheel build run in CI; here the time goes to the GPU.
   # GMOD_GPU_CHECK_PYTEST_ARGS replaces the selection (e.g. "-m cuda -k decode", or "" for all tests).
-  # By default the tests of the opt-in sm_90a wgmma kernels, never run on a GPU before, run apart
+  # The wgmma kernels' own tests (the forced wgmma flags) run apart
   # (step tests_wgmma, after the rest): a kernel that hangs there must not take the other tests' results
   # with it when the step's time limit kills pytest. faulthandler_timeout dumps the stacks of a test that
   # runs over 60 s, so a hang names its test in the log.

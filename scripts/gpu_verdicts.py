@@ -6,11 +6,12 @@ gpu_check.sh appends this to its summary. Each line states the rule it applies, 
 step (flip a default, revert one, or keep looking) follows from the line alone:
 
   attention fwd / bwd   issue 4's targets (gmod >= 1.0x SDPA flash forward, >= 0.8x backward, at every
-                        benchmark shape), and whether the opt-in wgmma kernel (the gmod-exp rows) should
-                        become the default: every check ok and faster than the default at every shape.
-  decode                the shapes under issue 4's 70 % of copy bandwidth, and whether the PDL combine
-                        (gmod-exp) should become the default: no shape slower than 0.99x and one at
-                        least 1.02x faster (a gain above noise, no loss beyond it).
+                        benchmark shape), and whether the other kernel (the gmod-exp rows: the mma.sync
+                        kernels, the default before the sm_90a wgmma ones) should become the default
+                        again: every check ok and faster than the default at every shape.
+  decode                the shapes under issue 4's 70 % of copy bandwidth, and whether the plain
+                        combine launch (gmod-exp, GMOD_ATTN_PDL=0) should become the default again: no
+                        shape slower than 0.99x and one at least 1.02x faster.
   model                 issue 7's targets (prefill >= 1.7x dense, train step >= 1.5x) and whether
                         attention="auto" should keep SDPA for the MoD layers: its train step no slower
                         than the same model on gmod.attention.
@@ -49,7 +50,9 @@ def _yes(b: bool) -> str:
     return "YES" if b else "NO"
 
 
-PREFILL_TARGETS = {"fwd": (1.0, "GMOD_ATTN_FWD_IMPL=wgmma"), "bwd": (0.8, "GMOD_ATTN_BWD_IMPL=wgmma")}
+# the gmod-exp rows' flags (gmod_ext/bench/attention.py EXPERIMENTS / DECODE_EXPERIMENT)
+PREFILL_TARGETS = {"fwd": (1.0, "GMOD_ATTN_FWD_IMPL=mma"), "bwd": (0.8, "GMOD_ATTN_BWD_IMPL=mma")}
+DECODE_FLAG = "GMOD_ATTN_PDL=0"
 
 
 def attention_lines(att: dict) -> list:
@@ -104,7 +107,7 @@ def decode_lines(att: dict) -> list:
         vd = [_num(r.get("vs_default")) for r in exp]
         ok = all(_ok(r) for r in exp) and all(v is not None for v in vd)
         flip = ok and min(vd) >= 0.99 and max(vd) >= 1.02
-        lines.append(f"  GMOD_ATTN_PDL=1: checks {'ok' if all(_ok(r) for r in exp) else 'NOT all ok'}; vs the default "
+        lines.append(f"  {DECODE_FLAG}: checks {'ok' if all(_ok(r) for r in exp) else 'NOT all ok'}; vs the default "
                      f"{_span([v for v in vd if v is not None])} -> make it the default: {_yes(flip)} "
                      f"(rule: none below 0.99x, one at 1.02x or more)")
         best = [max(_num(g.get("pct_copy")) or 0.0, _num(e.get("pct_copy")) or 0.0)

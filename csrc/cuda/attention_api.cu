@@ -12,9 +12,9 @@
 // older than sm_80); by default bf16 / fp16 forward runs on tensor cores (attention_fwd_tc_kernel.cuh).
 // Read at every call (benchmark comparisons in one process): GMOD_ATTN_FWD_BLOCK_N=32 (the d = 128
 // prefill forward on 32-key tiles), GMOD_ATTN_BWD_BLOCK_N=128 (the tensor-core dk/dv kernel on 128 keys x
-// 8 warps per CTA), GMOD_ATTN_DECODE_SPLITS=N (the decode's key-split count), GMOD_ATTN_FWD_IMPL=wgmma / wgmma-2stage
-// (the d = 64 / 128 prefill forward on the sm_90a wgmma kernel), GMOD_ATTN_BWD_IMPL=wgmma (the d = 64 / 128
-// non-deterministic backward's dk/dv + dQ on the sm_90a wgmma kernel).
+// 8 warps per CTA), GMOD_ATTN_DECODE_SPLITS=N (the decode's key-split count), GMOD_ATTN_FWD_IMPL and
+// GMOD_ATTN_BWD_IMPL = auto (the default: the d = 64 / 128 prefill forward and non-deterministic backward on
+// the sm_90a wgmma kernels where they can run) / mma / wgmma, GMOD_ATTN_PDL = 1 (the default) / 0.
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -61,11 +61,14 @@ int fwd_block_n() {
   return v != nullptr && std::strcmp(v, "32") == 0 ? 32 : 64;
 }
 
-// GMOD_ATTN_FWD_IMPL=wgmma: the bf16 / fp16 prefill forward at d = 64 / 128 on the sm_90a wgmma kernel
-// (attention_fwd_wgmma_kernel.cuh, 3 K / V stages; =wgmma-2stage: 2 stages, each P V waited in place),
-// other cases unchanged; unset or "mma": the mma.sync kernels. Opt-in until an H100 benchmark shows it
-// faster. Asked for where it cannot run (no sm_90a kernels in this build, or not a compute capability
-// 9.0 GPU) it raises, so that a benchmark never times the wrong kernel. Returns the stages, or 0.
+// GMOD_ATTN_FWD_IMPL: the bf16 / fp16 prefill forward at d = 64 / 128. Unset or "auto" (the default): the
+// sm_90a wgmma kernel (attention_fwd_wgmma_kernel.cuh, 3 K / V stages) where this build has it and the GPU
+// is compute capability 9.0, else the mma.sync kernels. On the H100 (gpu_check, 2026-11-26) it ran
+// 1.06-1.49x the mma.sync kernel (1.02-1.37x SDPA's flash backend) at B x C = 8x1024, 4x2048, 2x4096,
+// H = 32, d = 64 / 128, bf16. "mma": the mma.sync kernels everywhere; "wgmma" / "wgmma-2stage" (2
+// stages, each P V waited in place): the wgmma kernel, and where it cannot run (no sm_90a kernels in this
+// build, or not a compute capability 9.0 GPU) an error, so that a benchmark never times the wrong kernel.
+// Returns the stages, or 0.
 int fwd_wgmma(bool tensor_cores, int64_t head_dim);
 
 // GMOD_ATTN_DECODE_SPLITS=N: the split-k decode uses N key splits (clamped to what the cache allows)
@@ -106,16 +109,18 @@ int device_attribute() {
 
 int num_sms() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
-// GMOD_ATTN_PDL=1: the split-k decode launches its combine kernel with programmatic dependent launch
+// GMOD_ATTN_PDL: the split-k decode launches its combine kernel with programmatic dependent launch
 // (sm_90+: the combine's CTAs are scheduled while the split kernel's last CTAs finish, and wait on
-// griddepcontrol.wait for their partials), meant to take the combine's launch latency out of a ~20 us
-// batch-1 call (not yet measured). Opt-in until an H100 benchmark shows the gain (`bench attention
-// --experiments`: decode gmod-exp rows; scripts/decode_timeline.py); =0 or unset: a plain launch. Read at
-// every call; has no effect below compute capability 9.0 (the instructions compile to nothing there).
+// griddepcontrol.wait for their partials), taking the combine's launch latency out of a ~20 us batch-1
+// call. The default (unset or 1) since the H100 benchmark (gpu_check, 2026-11-26, two runs): 1.00-1.07x
+// the plain launch over B = 1 / 8 / 32 and caches of 4k-32k, none slower (`bench attention --experiments`:
+// decode gmod-exp rows; scripts/decode_timeline.py). =0: a plain launch. Read at every call; has no
+// effect below compute capability 9.0 (the instructions compile to nothing there).
 int decode_pdl() {
   const char* v = std::getenv("GMOD_ATTN_PDL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return 0;
-  GMOD_CHECK_VALUE(std::strcmp(v, "1") == 0, "GMOD_ATTN_PDL=", v, " is not 0 or 1");
+  if (v != nullptr && std::strcmp(v, "0") == 0) return 0;
+  GMOD_CHECK_VALUE(v == nullptr || v[0] == '\0' || std::strcmp(v, "1") == 0, "GMOD_ATTN_PDL=", v,
+                   " is not 0 or 1");
   return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 ? 1 : 0;
 }
 
@@ -132,6 +137,16 @@ int tc_bwd_keys_per_cta(int64_t B, int64_t Hq, int64_t Ck) {
   if (v != nullptr && std::strcmp(v, "64") == 0) return attn::kTcBwdBlockN;
   const int64_t wide_ctas = (Ck + attn::kTcBwdWideBlockN - 1) / attn::kTcBwdWideBlockN * B * Hq;
   return wide_ctas >= 2 * static_cast<int64_t>(num_sms()) ? attn::kTcBwdWideBlockN : attn::kTcBwdBlockN;
+}
+
+// This build has the sm_90a kernels and the GPU is compute capability 9.0 (wgmma has no other encoding).
+bool sm90a_here() {
+#ifdef GMOD_WITH_SM90A
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>() == 9 &&
+         device_attribute<cudaDevAttrComputeCapabilityMinor>() == 0;
+#else
+  return false;
+#endif
 }
 
 // The sm_90a kernels asked for by `flag` can run: this build has them and the GPU is compute capability
@@ -151,26 +166,34 @@ void require_sm90a(const char* flag) {
 }
 
 int fwd_wgmma(bool tensor_cores, int64_t head_dim) {
+  const bool fits = tensor_cores && attn::wgmma_fwd_supports_head_dim(head_dim);
   const char* v = std::getenv("GMOD_ATTN_FWD_IMPL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "mma") == 0) return 0;
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return fits && sm90a_here() ? 3 : 0;
+  if (std::strcmp(v, "mma") == 0) return 0;
   const int stages = std::strcmp(v, "wgmma") == 0 ? 3 : std::strcmp(v, "wgmma-2stage") == 0 ? 2 : 0;
   GMOD_CHECK_VALUE(stages > 0, "GMOD_ATTN_FWD_IMPL=", v,
-                   " is not a forward implementation; use wgmma or wgmma-2stage (sm_90a) or mma (the default)");
+                   " is not a forward implementation; use wgmma or wgmma-2stage (sm_90a), mma (the mma.sync "
+                   "kernels) or auto (the default: wgmma where it can run)");
   require_sm90a("GMOD_ATTN_FWD_IMPL=wgmma");
-  return tensor_cores && attn::wgmma_fwd_supports_head_dim(head_dim) ? stages : 0;
+  return fits ? stages : 0;
 }
 
-// GMOD_ATTN_BWD_IMPL=wgmma: the non-deterministic bf16 / fp16 backward at d = 64 / 128 runs its dk/dv
-// (+ atomic dQ) on the sm_90a wgmma kernel (attention_bwd_wgmma_kernel.cuh); =mma or unset: the mma.sync
-// kernels. As GMOD_ATTN_FWD_IMPL: read at every call, an error (never a silent fallback) where that
-// kernel cannot run. The deterministic mode keeps the mma.sync kernels (its dQ is a separate pass).
+// GMOD_ATTN_BWD_IMPL: the non-deterministic bf16 / fp16 backward at d = 64 / 128. Unset or "auto" (the
+// default): its dk/dv (+ atomic dQ) on the sm_90a wgmma kernel (attention_bwd_wgmma_kernel.cuh) where it
+// can run, else the mma.sync kernels; on the H100 (gpu_check, 2026-11-26) 1.14-1.20x the mma.sync
+// kernels (0.88-0.90x SDPA's flash backend) on the forward's shapes. "mma": the mma.sync kernels;
+// "wgmma": as GMOD_ATTN_FWD_IMPL=wgmma, an error (never a silent fallback) where that kernel cannot run.
+// Read at every call. The deterministic mode keeps the mma.sync kernels (its dQ is a separate pass).
 int bwd_wgmma(bool tensor_cores, int64_t head_dim) {
+  const bool fits = tensor_cores && attn::wgmma_fwd_supports_head_dim(head_dim);
   const char* v = std::getenv("GMOD_ATTN_BWD_IMPL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "mma") == 0) return 0;
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return fits && sm90a_here() ? 1 : 0;
+  if (std::strcmp(v, "mma") == 0) return 0;
   GMOD_CHECK_VALUE(std::strcmp(v, "wgmma") == 0, "GMOD_ATTN_BWD_IMPL=", v,
-                   " is not a backward implementation; use wgmma (sm_90a) or mma (the default)");
+                   " is not a backward implementation; use wgmma (sm_90a), mma (the mma.sync kernels) or auto "
+                   "(the default: wgmma where it can run)");
   require_sm90a("GMOD_ATTN_BWD_IMPL=wgmma");
-  return tensor_cores && attn::wgmma_fwd_supports_head_dim(head_dim) ? 1 : 0;
+  return fits ? 1 : 0;
 }
 
 // Tensor-core kernels: 16-bit inputs on sm_80+ (mma.sync.m16n8k16 with bf16, ldmatrix, cp.async).

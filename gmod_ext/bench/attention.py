@@ -103,20 +103,22 @@ def _short(err: BaseException) -> str:
 # --experiments: per pass, the environment flag of the opt-in tile plan (read by the extension at every
 # call) and the head dims it changes; timed as gmod-exp rows next to the default gmod rows.
 EXPERIMENTS = {
-    # the d = 64 / 128 forward on the sm_90a wgmma kernel (raises on other GPUs: the row shows the error).
+    # the d = 64 / 128 forward on the mma.sync kernel, the default before the sm_90a wgmma kernel (the
+    # default on an H100 since 2026-11-26, 1.06-1.49x faster there); elsewhere both rows run mma.sync.
     # (The 128 x 32 tile of GMOD_ATTN_FWD_BLOCK_N=32 was the experiment before; it ran at 0.94-0.96x.)
-    "fwd": ("GMOD_ATTN_FWD_IMPL", "wgmma", (64, 128)),
-    # the non-deterministic d = 64 / 128 backward's dk/dv + dQ on the sm_90a wgmma kernel (raises elsewhere).
-    # (The 4-warp 64-key dk/dv tile, GMOD_ATTN_BWD_BLOCK_N=64, was the experiment before: 0.90-0.99x the
-    # 8-warp 128-key default.)
-    "bwd": ("GMOD_ATTN_BWD_IMPL", "wgmma", (64, 128)),
+    "fwd": ("GMOD_ATTN_FWD_IMPL", "mma", (64, 128)),
+    # the non-deterministic d = 64 / 128 backward on the mma.sync kernels, the default before the wgmma
+    # dk/dv + dQ kernel (1.14-1.20x faster on the H100). (The 4-warp 64-key dk/dv tile,
+    # GMOD_ATTN_BWD_BLOCK_N=64, was an experiment before: 0.90-0.99x the 8-warp 128-key tile.)
+    "bwd": ("GMOD_ATTN_BWD_IMPL", "mma", (64, 128)),
 }
 
 
-# --experiments in decode: the split-k decode's combine kernel launched with programmatic dependent launch
-# (sm_90+; it may start while the split kernel's last CTAs finish: meant to save a launch latency). On
-# shapes without a split, and below sm_90, the flag changes nothing.
-DECODE_EXPERIMENT = ("GMOD_ATTN_PDL", "1")
+# --experiments in decode: the split-k decode's combine kernel with a plain launch, the default before
+# programmatic dependent launch (sm_90+: the combine may start while the split kernel's last CTAs finish;
+# 1.00-1.07x faster on the H100, 2026-11-26). On shapes without a split, and below sm_90, the flag
+# changes nothing.
+DECODE_EXPERIMENT = ("GMOD_ATTN_PDL", "0")
 
 
 def _env(name: str, value: str):
