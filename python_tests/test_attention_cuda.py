@@ -783,8 +783,9 @@ def test_backward_default_tile_on_a_large_grid(monkeypatch):
     """Without GMOD_ATTN_BWD_BLOCK_N, a grid of two waves or more (ceil(1100/128) x B x 16 CTAs >= 2 x SMs,
     B sized from this GPU's SM count: 2 on the H100) takes the 8-warp, 128-key dk/dv tile (seen in the profiler's kernel name:
     TcBwdTraits<..., kWarps = 8>), and its gradients meet the flash rule; with GMOD_ATTN_BWD_BLOCK_N=64 the
-    same problem runs the 4-warp kernel."""
+    same problem runs the 4-warp kernel. (The mma.sync kernels, forced: on an H100 the default is wgmma.)"""
     monkeypatch.delenv("GMOD_ATTN_BWD_BLOCK_N", raising=False)
+    monkeypatch.setenv("GMOD_ATTN_BWD_IMPL", "mma")
     C, Hq, Hk, d, dtype = 1100, 16, 4, 128, torch.bfloat16
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     B = -(-2 * sms // (-(-C // 128) * Hq))  # the smallest batch whose 128-key grid fills two waves

@@ -473,14 +473,14 @@ if att:
 if att:
     exp_rows = [r for r in att["sections"].get("prefill", {}).get("rows", []) if r["impl"] == "gmod-exp"]
     if exp_rows:
-        print("-- kernel experiments (gmod-exp: fwd = GMOD_ATTN_FWD_IMPL=wgmma, bwd = GMOD_ATTN_BWD_IMPL=wgmma, "
-              "decode = GMOD_ATTN_PDL=1)")
+        print("-- kernel experiments (gmod-exp: fwd = GMOD_ATTN_FWD_IMPL=mma, bwd = GMOD_ATTN_BWD_IMPL=mma, "
+              "decode = GMOD_ATTN_PDL=0; the defaults before 2026-11-26)")
         for r in exp_rows:
             print(f"   {r['pass']} {r['shape']:>7} d{r['d']:<4} {f(r.get('TFLOPs'), '.4g'):>7} TFLOP/s = "
                   f"{f(r.get('vs_default'), '.3f')}x the default  {r.get('check') or r.get('ms')}"[:150])
     for r in att["sections"].get("decode", {}).get("rows", []):
         if r["impl"] == "gmod-exp":  # GMOD_ATTN_PDL=1: the combine kernel on programmatic dependent launch
-            print(f"   decode PDL B{r['B']:<3} L{r['L']:<6} {f(r.get('pct_copy'), '.0f'):>4}% copy "
+            print(f"   decode PDL=0 B{r['B']:<3} L{r['L']:<6} {f(r.get('pct_copy'), '.0f'):>4}% copy "
                   f"{f(r.get('pct_copy_size'), '.0f'):>4}% same-size = {f(r.get('vs_default'), '.3f')}x the default  "
                   f"{r.get('check') or r.get('ms')}"[:150])
 # The layer and model benchmarks (named steps): gamma-MoD against dense, and issue 7's targets.
