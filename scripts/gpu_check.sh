@@ -400,7 +400,7 @@ if [[ "$req" == *" ncu_nvtx "* ]]; then
   elif run_step ncu_nvtx 150 ncu_nvtx.log env GMOD_NVTX=1 ncu --clock-control none --nvtx \
          --nvtx-include "gmod.attention/" --kernel-name regex:gmod_ --section SpeedOfLight --launch-count 4 \
          --csv --page details \
-         "$PY" -m gmod_ext.bench layer --quick --device cuda; then
+         "$PY" -m gmod_ext.bench layer --quick --device cuda --attention gmod; then
     grep -E '^"' "$OUT/ncu_nvtx.log" > "$OUT/ncu_nvtx.csv"
     "$PY" scripts/ncu_summary.py "$OUT/ncu_nvtx.csv" > "$OUT/ncu_nvtx_summary.txt" 2>&1
     cut -c1-120 "$OUT/ncu_nvtx_summary.txt"

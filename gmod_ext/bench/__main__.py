@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="model: decoder layers. auto (the default at full size on CUDA): the most of 32 / 24 / "
                         "16 / 8 whose training step fits in the GPU's memory (estimated, then one trial step; "
                         "16 on an 80 GB H100, 32 on a 141 GB H200). Default 4 with --quick and on CPU")
+    p.add_argument("--attention", choices=["auto", "gmod", "sdpa"], default="auto",
+                   help="layer: the attention kernel of the gmod MoD rows (GmodConfig.attention; auto runs SDPA "
+                        "for bf16 / fp16 on CUDA). gmod: gmod.attention, e.g. to profile it inside the layer")
     p.add_argument("--check-indices", action="store_true",
                    help="keep the CUDA ops' index validation (one host sync per call) in the timed calls")
     return p

@@ -48,6 +48,7 @@ class Ctx:
     seed: int = 0
     experiments: bool = False  # attention: also time the opt-in tile plans (gmod-exp rows)
     profile: bool = False  # model: a kernel-time breakdown of one fwd+bwd per impl (torch.profiler)
+    attention: str = "auto"  # layer: GmodConfig.attention of the gmod MoD rows ("auto", "gmod" or "sdpa")
     layers: Optional[int] = None  # model: decoder layers (None: the size's default, "auto" at full size)
     copy_GBps: Optional[float] = None
     mismatches: list = dataclasses.field(default_factory=list)
@@ -95,7 +96,7 @@ def make_ctx(args) -> Ctx:
               flush_mode=getattr(args, "flush_mode", None) or "read",
               experiments=bool(getattr(args, "experiments", False)),
               profile=bool(getattr(args, "profile", False)),
-              layers=getattr(args, "layers", None))
+              layers=getattr(args, "layers", None), attention=getattr(args, "attention", None) or "auto")
     if device.type == "cuda":
         if quick:
             ctx.budget_ms, ctx.min_reps, ctx.max_reps = 60.0, 5, 100

@@ -169,7 +169,7 @@ def run(ctx: Ctx):
         for n_ in (dense.input_layernorm, dense.post_attention_layernorm):
             n_.weight.add_(0.1 * torch.randn_like(n_.weight))
     rotary = LlamaRotaryEmbedding(cfg).to(dev)
-    mod = make_mod_layer(copy.deepcopy(dense), RATIO, layer_idx=0)
+    mod = make_mod_layer(copy.deepcopy(dense), RATIO, layer_idx=0, attention=ctx.attention)
     window = max(S // 8, 1)
     mod_w = copy.deepcopy(mod)  # the same weights and router, with a sliding window
     mod_w.self_attn.sliding_window = window
