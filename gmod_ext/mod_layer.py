@@ -296,8 +296,9 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 def attention_backend(setting: str, device: torch.device, dtype: torch.dtype) -> str:
     """The kernel a whole-sequence MoD attention runs on: ``GmodConfig.attention``, where "auto" means
-    "sdpa" for bf16 / fp16 on CUDA (torch's fused causal kernels; cuDNN on an H100 ran about 1.8x
-    ``gmod.attention``'s TFLOP/s, forward and backward, in the same benchmark) and "gmod" elsewhere
+    "sdpa" for bf16 / fp16 on CUDA (torch's fused causal kernels; on an H100, 2026-11-26, cuDNN ran
+    1.3-1.5x ``gmod.attention``'s forward TFLOP/s and 1.5-1.8x its backward's, and the 7B-shaped model's
+    train step was 1.47x dense with SDPA against 1.41x with gmod) and "gmod" elsewhere
     (CPU, float32: the gmod kernels, whose results the CPU tests and the demo's numbers are made of)."""
     if setting != "auto":
         return setting
