@@ -11,7 +11,7 @@ tokens that are not padding). Each line says one of:
   SILENT-WRONG <err>  converts but computes something else: a bug (the converter's check should refuse)
   refused: ...        convert raised with its reason (TypeError / NotImplementedError / ValueError)
   CRASH ...           anything else: a bug
-  build-fail          the generic tiny config does not build that architecture (not about gmod_ext)
+  build-fail: ...     the generic tiny config does not build that architecture (not about gmod_ext), and why
   NO-RESULT           killed (memory / time cap) before printing
 
     python scripts/audit_architectures.py                 # all (~20 min on 2 CPU cores)
@@ -71,8 +71,8 @@ def audit_one(arch: str) -> str:
         keep = mask.bool()
         with torch.no_grad():
             ref = model(ids, attention_mask=mask).logits[keep]
-    except Exception:  # noqa: BLE001 - the generic tiny config does not fit this architecture
-        return "build-fail"
+    except Exception as err:  # noqa: BLE001 - the generic tiny config does not fit this architecture
+        return f"build-fail: {type(err).__name__}: {' '.join(str(err).split())[:140]}"
     try:
         gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
     except (TypeError, NotImplementedError, ValueError) as err:
