@@ -6,10 +6,24 @@ threads, barriers, shuffles, ldmatrix / mma.sync.m16n8k16 fragments, cp.async an
 forward and backward) wgmma.mma_async with its shared-memory descriptors, and compares every
 output with a float64 reference on random problems (lengths 0 and 1, GQA, decode packing, splits,
 causal offsets across tiles, NaN-poisoned padding). This test builds it with the host compiler and
-runs its quick set, so the kernels' index math, fragment layouts and synchronisation order are checked
-on every CI run, GPU or not. csrc/cuda/emu/router_logits_emu_test.cpp does the same for the
+runs its CI-sized sets (modes ci, wgmma-ci, wgmmabwd-ci), so the kernels' index math, fragment layouts and
+synchronisation order are checked on every CI run, GPU or not.
+
+csrc/cuda/emu/router_logits_emu_test.cpp does the same for the
 router_logits row-block kernel, forward and backward (CPT 1 / 2 / 4, partial warps, several row
 chunks, every dtype). Skipped when no C++20 compiler or no CUDA headers (cuda_bf16.h) are found.
+
+CI-sized sets: the emulation (one OS thread per CUDA thread) keeps both cores of the CI machine busy, so
+its cost is the number of emulated blocks, and the full sets took 12 of CI's 40 minutes. The CI sets are
+the full sets' cases (same shapes, lengths and offsets) with: the forward only where other cases run
+the same backward kernels (the backward costs 5-10x the forward here); the backward of the opt-in 128-key
+tiles from the reference's o / lse (the 64-key pass runs the same forward kernels on the same problems);
+the mma.sync backward's four extra edge cases per head dim (hpc 1, q_len > k_len, square) on fp16 d = 64
+of the 64-key tiles only (the full set: one dtype per head dim on both tile sizes), one of the 128-key
+tiles' two offset sweeps and none of their short chunks; the wgmma backward's forward on the wgmma kernel. They
+reach every kernel instantiation / launch form the full sets reach (each mode prints how many;
+GMOD_EMU_KERNELS=1 lists them), save the mma.sync backward with cp.async copies landing at once (which
+the full wgmma mode runs incidentally). GMOD_EMU_FULL=1 runs the full sets (quick, wgmma, wgmmabwd).
 """
 from __future__ import annotations
 
@@ -42,10 +56,14 @@ def _build(tmp_path_factory, name: str) -> Path:
         pytest.skip("needs a C++20 compiler and the CUDA headers (set CUDA_HOME)")
     exe = tmp_path_factory.mktemp("emu") / name
     src = EMU / f"{name}.cpp"
-    cmd = [cxx, "-std=c++20", "-O2", "-pthread", f"-I{ROOT / 'csrc' / 'include'}", f"-I{inc}", str(src), "-o", str(exe)]
+    # -O1: a third less build time than -O2 (about 40 s of 60), the same run time (the emulation is syscall-bound)
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", f"-I{ROOT / 'csrc' / 'include'}", f"-I{inc}", str(src), "-o", str(exe)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"building the emulator failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
     return exe
+
+
+FULL = os.environ.get("GMOD_EMU_FULL") == "1"
 
 
 def _run(exe: Path, *args: str) -> str:
@@ -62,7 +80,10 @@ def attention_emu(tmp_path_factory):
 
 
 def test_attention_kernels_match_reference_in_emulation(attention_emu):
-    _run(attention_emu, "quick")
+    out = _run(attention_emu, "quick" if FULL else "ci")
+    # ci: 109 of quick's 140 cases, some forward-only, reaching all 128 of quick's kernel launch forms
+    want = "128 kernel launch forms\n140 cases, 0 failures" if FULL else "128 kernel launch forms\n109 cases, 0 failures"
+    assert want in out, out[-2000:]
 
 
 def test_wgmma_forward_matches_reference_in_emulation(attention_emu):
@@ -70,9 +91,12 @@ def test_wgmma_forward_matches_reference_in_emulation(attention_emu):
     PTX ISA's descriptor format, canonical 128-byte-swizzle layouts and fragment layouts, results
     delivered only at wgmma.wait_group (accumulators read NaN before): d = 64 / 128, bf16 / fp16, GQA,
     causal offsets across its 128 x 128 tiles, empty rows, a negative scale; then the backward. Six
-    cases x (3 K/V stages, 2 stages, 3 stages with cp.async landing at once)."""
-    out = _run(attention_emu, "wgmma")
-    assert "18 cases, 0 failures" in out, out[-2000:]
+    cases x (3 K/V stages, 2 stages, 3 stages with cp.async landing at once). wgmma-ci: the same cases,
+    forward only (12 launch forms: 4 dtype / head dim / scale-sign instantiations x the 3 pipelines);
+    wgmma (GMOD_EMU_FULL=1): each with the mma.sync backward too."""
+    out = _run(attention_emu, "wgmma" if FULL else "wgmma-ci")
+    want = "28 kernel launch forms\n18 cases, 0 failures" if FULL else "12 kernel launch forms\n18 cases, 0 failures"
+    assert want in out, out[-2000:]
 
 
 def test_wgmma_backward_matches_reference_in_emulation(attention_emu):
@@ -80,9 +104,12 @@ def test_wgmma_backward_matches_reference_in_emulation(attention_emu):
     K-major shared operands, dV / dK with register A and N-major B, dQ = dS K with an M-major A read back
     from the dS^T tile (imm-trans-a) and fp32 atomics; d = 64 / 128, bf16 / fp16, GQA 1 / 2 / 4 with
     dK / dV written directly and atomically, causal offsets across its 128-key / 64-query tiles, empty
-    rows, a negative scale. Seven cases x (copies landing at their wait, copies landing at once)."""
-    out = _run(attention_emu, "wgmmabwd")
-    assert "14 wgmma backward runs" in out and "14 cases, 0 failures" in out, out[-2000:]
+    rows, a negative scale. Seven cases x (copies landing at their wait, copies landing at once). The
+    forward is the mma.sync one; in wgmmabwd-ci the wgmma one except on the five small cases with copies
+    landing at once (28 launch forms, against 26 in wgmmabwd)."""
+    out = _run(attention_emu, "wgmmabwd" if FULL else "wgmmabwd-ci")
+    forms = "26 kernel launch forms" if FULL else "28 kernel launch forms"
+    assert "14 wgmma backward runs" in out and f"{forms}\n14 cases, 0 failures" in out, out[-2000:]
 
 
 def test_wgmma_selftest_passes_in_emulation(tmp_path_factory):

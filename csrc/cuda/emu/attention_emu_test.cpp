@@ -7,7 +7,9 @@
 // memory model. Not part of the CMake build (CMake globs csrc/cuda/*.cu only). Run:
 //   g++ -std=c++20 -O2 -pthread -I csrc/include -I /usr/local/cuda/include \
 //       csrc/cuda/emu/attention_emu_test.cpp -o /tmp/attn_emu && /tmp/attn_emu
-// (add -fsanitize=thread to look for missing __syncthreads; slow).
+// (add -fsanitize=thread to look for missing __syncthreads; slow). Modes: see main (CI runs ci, wgmma-ci,
+// wgmmabwd-ci; GMOD_EMU_TIMES=1 prints each problem's wall time, GMOD_EMU_KERNELS=1 the kernels launched).
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -156,10 +158,17 @@ struct Options {
   int wgmma = 0;           // > 0: d = 64 / 128 prefill on the sm_90a wgmma kernel with this many K / V stages
                            // (GMOD_ATTN_FWD_IMPL=wgmma: 3, =wgmma-2stage: 2)
   bool wgmma_bwd = false;  // d = 64 / 128 atomic-dQ backward on the sm_90a wgmma dk/dv kernel (GMOD_ATTN_BWD_IMPL=wgmma)
+  bool fwd_only = false;   // skip the backward (the ci set: where other cases run the same backward kernels, which
+                           // cost 5-10x the forward in the emulation)
+  bool ref_fwd = false;    // no forward kernels: the backward from the float64 reference's o / lse (the ci set,
+                           // where the same forward kernels run on the same problems elsewhere)
 };
+
+static const bool g_times = std::getenv("GMOD_EMU_TIMES") != nullptr;  // print each problem's wall time
 
 template <typename T, int kHeadDim>
 static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng) {
+  const auto t_start = std::chrono::steady_clock::now();
   const int d = P.d, group = P.Hq / P.Hk;
   const size_t nq = static_cast<size_t>(P.B) * P.Cq * P.Hq * d, nk = static_cast<size_t>(P.B) * P.Ck * P.Hk * d;
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -241,7 +250,7 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
     }
   };
   if constexpr (!std::is_same_v<T, float>) {
-    if (tc) {
+    if (tc && !opt.ref_fwd) {
       bool done = false;
       if constexpr (kHeadDim <= 128) {
         if (decode && decode_key_split(true, d, static_cast<int64_t>(P.Cq) * group)) {
@@ -289,7 +298,7 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
       }
     }
   }
-  if (!tc) {
+  if (!tc && !opt.ref_fwd) {
     if (decode) {
       using Tr = DecodeTraits<kHeadDim>;
       run_fwd(Tr{}, [&] { gmod_attn_fwd_kernel<Tr, T, true, false>(p); },
@@ -309,8 +318,20 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   const std::string tag = buf;
   const bool fp32 = std::is_same_v<T, float>;
   const double rtol = fp32 ? 1e-4 : 2e-2, atol = fp32 ? 1e-5 : 1e-2;
-  compare("o", tag, o, ref.o, rtol, atol);
-  compare("lse", tag, lse, ref.lse, fp32 ? 1e-5 : 1e-3, fp32 ? 1e-6 : 1e-3);
+  if (opt.ref_fwd) {  // o / lse as a correct forward would give them, for the backward
+    for (size_t t = 0; t < nq; ++t) o[t] = from_f<T>(static_cast<float>(ref.o[t]));
+    for (size_t t = 0; t < lse.size(); ++t) lse[t] = static_cast<float>(ref.lse[t]);
+  } else {
+    compare("o", tag, o, ref.o, rtol, atol);
+    compare("lse", tag, lse, ref.lse, fp32 ? 1e-5 : 1e-3, fp32 ? 1e-6 : 1e-3);
+  }
+  const auto t_fwd = std::chrono::steady_clock::now();
+  if (opt.fwd_only) {
+    if (g_times)
+      std::printf("%7.2f s (fwd only)  %s%s\n", std::chrono::duration<double>(t_fwd - t_start).count(), tag.c_str(),
+                  emu::eager_copies ? " eager" : "");
+    return;
+  }
 
   // ---- backward: same plan as attention_api.cu / attention_bwd.cu, from the kernel's own o / lse:
   // tensor cores for 16-bit T with d <= 128 (unless opt.simt), else the SIMT kernels.
@@ -380,10 +401,15 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
   }
   // bf16/fp16: o is rounded to T before Delta = <dO, O>, so the gradients carry O(eps) relative errors.
   const double brtol = fp32 ? 2e-4 : 5e-2, batol = fp32 ? 2e-5 : 3e-2;
-  const std::string btag = tag + (tc_bwd ? (opt.wgmma_bwd ? " bwd=wgmma" : " bwd=tc") : " bwd=simt");
+  const std::string btag =
+      tag + (opt.ref_fwd ? " fwd=ref" : "") + (tc_bwd ? (opt.wgmma_bwd ? " bwd=wgmma" : " bwd=tc") : " bwd=simt");
   compare("dq", btag, dq, ref.dq, brtol, batol);
   compare("dk", btag, dk, ref.dk, brtol, batol);
   compare("dv", btag, dv, ref.dv, brtol, batol);
+  if (g_times)
+    std::printf("%7.2f s (fwd %.2f s)  %s%s\n",
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count(),
+                std::chrono::duration<double>(t_fwd - t_start).count(), btag.c_str(), emu::eager_copies ? " eager" : "");
 }
 
 template <typename T, int kHeadDim>
@@ -399,8 +425,31 @@ static void run_random(std::mt19937& rng, int B, int Cq, int Ck, int Hq, int Hk,
   run_problem<T, kHeadDim>(P, opt, rng);
 }
 
+// The last lines of every mode: how many distinct kernel launches (emu::launched) its cases reached, and the
+// verdict. GMOD_EMU_KERNELS=1 lists them (mangled lambda types: c++filt -t names the kernel and its
+// template arguments), to compare what two sets of cases reach.
+static int finish(int cases) {
+  if (std::getenv("GMOD_EMU_KERNELS"))
+    for (const auto& k : emu::launched) std::printf("kernel %s\n", k.c_str());
+  std::printf("%zu kernel launch forms\n", emu::launched.size());
+  std::printf("%d cases, %d failures\n", cases, g_failures);
+  return g_failures ? 1 : 0;
+}
+
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  const std::string mode = argc > 1 ? argv[1] : "";
+  // ci, wgmma-ci, wgmmabwd-ci: the CI-sized sets (python_tests/test_kernel_emulation.py; the emulation
+  // runs ~2 cores flat out, so CI time is the number of emulated blocks). The same cases as quick / wgmma /
+  // wgmmabwd, so that every kernel instantiation, launch form and edge case they reach is still reached, but
+  // forward-only where the backward kernels that case would run are exercised by another case with their
+  // own edge cases (the backward costs 5-10x the forward here), and with fewer random fuzz problems.
+  const bool ci = mode == "ci" || mode == "wgmma-ci" || mode == "wgmmabwd-ci";
+  const bool quick = mode == "quick" || mode == "ci";
+  // Options as given, forward-only in the ci sets.
+  auto fwd = [&](Options o) {
+    o.fwd_only = ci;
+    return o;
+  };
   std::mt19937 rng(1234);
   Options nondet, det, split_heads;
   det.deterministic = true;
@@ -411,7 +460,7 @@ int main(int argc, char** argv) {
   // < k_len, several 64-key / 64-query tiles; then causal offsets k_len - q_len swept across the tile
   // boundaries, and short query chunks. `tcbwd` as the argument runs only these, `widebwd` the same on
   // the 8-warp dk/dv kernel.
-  const bool only_tc_bwd = argc > 1 && std::string(argv[1]) == "tcbwd";
+  const bool only_tc_bwd = mode == "tcbwd";
   // wide: the same cases with the dk/dv kernel on TcBwdWideTile (8 warps, 128 keys per CTA), and
   // offsets around its 128-key tiles.
   auto tc_bwd_cases = [&](bool short_run, bool wide) {
@@ -419,6 +468,9 @@ int main(int argc, char** argv) {
     det_dq.deterministic = true;
     split.heads_per_cta = 1;
     atomic_dq.wide_bwd = det_dq.wide_bwd = split.wide_bwd = wide;
+    // ci: the 128-key tiles' pass from reference o / lse (the 64-key pass runs the same forward kernels on the
+    // same problems; a fifth of each case's time)
+    atomic_dq.ref_fwd = det_dq.ref_fwd = split.ref_fwd = ci && wide;
     auto per_dim = [&](auto type, auto dim, bool all) {
       using T = typename decltype(type)::type;
       constexpr int D = decltype(dim)::value;
@@ -434,14 +486,16 @@ int main(int argc, char** argv) {
     };
     using bf16 = std::type_identity<__nv_bfloat16>;
     using fp16 = std::type_identity<__half>;
-    per_dim(bf16{}, std::integral_constant<int, 32>{}, true);
-    per_dim(fp16{}, std::integral_constant<int, 32>{}, !short_run);
-    per_dim(fp16{}, std::integral_constant<int, 64>{}, true);
-    per_dim(bf16{}, std::integral_constant<int, 64>{}, !short_run);
-    per_dim(bf16{}, std::integral_constant<int, 96>{}, true);
-    per_dim(fp16{}, std::integral_constant<int, 96>{}, !short_run);
-    per_dim(fp16{}, std::integral_constant<int, 128>{}, true);
-    per_dim(bf16{}, std::integral_constant<int, 128>{}, !short_run);
+    // ci: the first two cases (both dK / dV modes, lengths 0 / 1, GQA 2 / 4) for every dtype and head dim,
+    // the other four (hpc 1, q_len > k_len, a square multi-tile problem) on fp16 d = 64 of the 64-key tiles.
+    per_dim(bf16{}, std::integral_constant<int, 32>{}, !ci);
+    per_dim(fp16{}, std::integral_constant<int, 32>{}, !short_run && !ci);
+    per_dim(fp16{}, std::integral_constant<int, 64>{}, !ci || !wide);
+    per_dim(bf16{}, std::integral_constant<int, 64>{}, !short_run && !ci);
+    per_dim(bf16{}, std::integral_constant<int, 96>{}, !ci);
+    per_dim(fp16{}, std::integral_constant<int, 96>{}, !short_run && !ci);
+    per_dim(fp16{}, std::integral_constant<int, 128>{}, !ci);
+    per_dim(bf16{}, std::integral_constant<int, 128>{}, !short_run && !ci);
     // Causal offsets k_len - q_len around the 64-key / 64-query tile and 16-key warp boundaries, with
     // five q_len alignments, one batch row each. A warp's pass (16 keys x a 32- or 64-query step) sees
     // every pair exactly when the offset is >= its boundary, which is 15 mod 16, and the step ends
@@ -460,8 +514,10 @@ int main(int argc, char** argv) {
     }
     const int ck = wide ? 230 : 166;
     run_random<__nv_bfloat16, 64>(rng, kRows, 100, ck, 2, 1, atomic_dq, ql, kl);
+    ++cases;
+    if (ci && wide) return;  // ci: the 128-key tiles' offsets once, atomic; hpc 1 and short chunks on 64-key tiles
     run_random<__half, 32>(rng, kRows, 100, ck, 2, 1, split, ql, kl);
-    cases += 2;
+    ++cases;
     if (!short_run) {
       run_random<__half, 128>(rng, kRows, 100, ck, 2, 1, det_dq, ql, kl);
       run_random<__nv_bfloat16, 96>(rng, kRows, 100, ck, 4, 2, split, ql, kl);
@@ -512,6 +568,7 @@ int main(int argc, char** argv) {
   // `combine` as the argument runs only these (and the split-model checks above).
   auto combine_cases = [&] {
     Options many;
+    many.fwd_only = ci;
     many.forced_splits = 500;
     run_random<__nv_bfloat16, 32>(rng, 2, 1, 8192, 2, 1, many, {1, 1}, {8192, 100});
     many.forced_splits = 40;
@@ -522,18 +579,19 @@ int main(int argc, char** argv) {
     run_random<float, 256>(rng, 1, 1, 700, 2, 1, many, {1}, {700});
     cases += 4;
   };
-  if (argc > 1 && std::string(argv[1]) == "widebwd") {  // the tensor-core backward cases on TcBwdWideTile
+  if (mode == "widebwd") {  // the tensor-core backward cases on TcBwdWideTile
     tc_bwd_cases(false, true);
-    std::printf("%d cases, %d failures\n", cases, g_failures);
-    return g_failures ? 1 : 0;
+    return finish(cases);
   }
   // The sm_90a wgmma prefill forward (d = 64 / 128, 128 x 128 tiles, 2 warpgroups): causal offsets
   // across its 128-row / 128-key tiles, rows with 0 / 1 / all keys, q_len > k_len, GQA, both dtypes,
   // a negative scale (the unfused exponent), rows of 300+ keys so that the max grows on later tiles.
-  // Each case also runs the backward on the kernel's o / lse. `wgmma` as the argument runs only these.
+  // Each case also runs the backward on the kernel's o / lse. `wgmma` as the argument runs only these;
+  // `wgmma-ci` the same forward only (its backward is the mma.sync one, which ci runs on its own cases).
   auto wgmma_cases = [&](int stages) {
     Options wg, wg_neg;
     wg.wgmma = wg_neg.wgmma = stages;
+    wg.fwd_only = wg_neg.fwd_only = ci;
     wg_neg.scale = -0.25f;
     run_random<__nv_bfloat16, 128>(rng, 3, 150, 300, 4, 2, wg, {150, 1, 0}, {300, 77, 0});
     run_random<__half, 64>(rng, 3, 200, 330, 2, 1, wg, {200, 129, 64}, {330, 128, 200});
@@ -550,23 +608,26 @@ int main(int argc, char** argv) {
     run_random<__half, 64>(rng, 12, 140, 270, 2, 1, wg, ql, kl);
     cases += 2;
   };
-  if (argc > 1 && std::string(argv[1]) == "wgmma") {  // both pipelines: 3 stages (the default) and 2
+  if (mode == "wgmma" || mode == "wgmma-ci") {  // both pipelines: 3 stages (the default) and 2
     wgmma_cases(3);
     wgmma_cases(2);
     // Copies landing at once: a K / V copy into a buffer that a still-running P V reads shows up.
     emu::eager_copies = true;
     wgmma_cases(3);
     emu::eager_copies = false;
-    std::printf("%d cases, %d failures\n", cases, g_failures);
-    return g_failures ? 1 : 0;
+    return finish(cases);
   }
   // The sm_90a wgmma backward dk/dv kernel (d = 64 / 128, 128 keys x 64-query steps, 2 warpgroups of 64
   // keys, dQ atomics per warpgroup): causal offsets across its tiles, rows with 0 / 1 keys, q_len >
   // k_len and < k_len, GQA groups 1 / 2 / 4 with heads_per_cta = group (direct dK / dV) and = 1 (atomic),
-  // both dtypes, a negative scale. The forward is the mma.sync one. `wgmmabwd` as the argument.
+  // both dtypes, a negative scale. The forward is the mma.sync one (`wgmmabwd` as the argument). In
+  // `wgmmabwd-ci` it is the 3-stage wgmma one (its o / lse are checked the same; it costs a fifth of the
+  // mma.sync forward here, which ci runs on its own cases), except on the five small cases with copies
+  // landing at once: the only run of the mma.sync forward in that mode.
   auto wgmma_bwd_cases = [&] {
     Options wb, wb_split, wb_neg;
     wb.wgmma_bwd = wb_split.wgmma_bwd = wb_neg.wgmma_bwd = true;
+    if (ci && !emu::eager_copies) wb.wgmma = wb_split.wgmma = wb_neg.wgmma = 3;
     wb_split.heads_per_cta = 1;
     wb_neg.scale = -0.3f;
     run_random<__nv_bfloat16, 128>(rng, 3, 150, 300, 4, 2, wb, {150, 1, 0}, {300, 77, 0});
@@ -575,6 +636,7 @@ int main(int argc, char** argv) {
     run_random<__nv_bfloat16, 64>(rng, 2, 100, 260, 4, 4, wb_neg, {100, 37}, {260, 37});
     run_random<__nv_bfloat16, 64>(rng, 2, 70, 200, 4, 2, wb_split, {70, 0}, {200, 5});
     cases += 5;
+    if (ci) wb.wgmma = 3;
     std::vector<int> ql, kl;
     const int offsets[] = {-129, -128, -127, -64, -63, -1, 0, 1, 63, 64, 127, 128, 129};
     for (int b = 0; b < 13; ++b) {
@@ -585,26 +647,23 @@ int main(int argc, char** argv) {
     run_random<__half, 64>(rng, 13, 140, 270, 2, 1, wb, ql, kl);
     cases += 2;
   };
-  if (argc > 1 && std::string(argv[1]) == "wgmmabwd") {
+  if (mode == "wgmmabwd" || mode == "wgmmabwd-ci") {
     wgmma_bwd_cases();
     emu::eager_copies = true;  // a Q / dO copy into a buffer a still-running MMA reads shows up
     wgmma_bwd_cases();
     emu::eager_copies = false;
     std::printf("%d wgmma backward runs\n", g_wgmma_bwd_runs);
-    std::printf("%d cases, %d failures\n", cases, g_failures);
-    return g_failures ? 1 : 0;
+    return finish(cases);
   }
-  if (argc > 1 && std::string(argv[1]) == "combine") {
+  if (mode == "combine") {
     combine_cases();
-    std::printf("%d cases, %d failures\n", cases, g_failures);
-    return g_failures ? 1 : 0;
+    return finish(cases);
   }
   if (only_tc_bwd) {
     tc_bwd_cases(false, false);
-    std::printf("%d cases, %d failures\n", cases, g_failures);
-    return g_failures ? 1 : 0;
+    return finish(cases);
   }
-  if (argc > 1 && std::string(argv[1]) == "tiny") {  // a few cases, for -fsanitize=thread
+  if (mode == "tiny") {  // a few cases, for -fsanitize=thread
     Options many_sms;
     many_sms.num_sms = 1000;
     split_heads.heads_per_cta = 1;
@@ -612,8 +671,7 @@ int main(int argc, char** argv) {
     run_random<float, 64>(rng, 1, 40, 40, 4, 2, det, {40}, {40});
     run_random<float, 64>(rng, 1, 40, 40, 4, 2, split_heads, {40}, {40});
     run_random<__nv_bfloat16, 64>(rng, 2, 3, 300, 4, 2, many_sms, {3, 1}, {300, 200});
-    std::printf("4 cases, %d failures\n", g_failures);
-    return g_failures ? 1 : 0;
+    return finish(4);
   }
 
   // Prefill / training (Cq > 16): lengths include 0, 1, Cq, q_len > k_len, q_len < k_len.
@@ -644,26 +702,27 @@ int main(int argc, char** argv) {
   // Decode / short chunks (Cq <= 16): GQA packing, split-k forced by a large SM count.
   Options many_sms;
   many_sms.num_sms = 1000;
-  for (int hk_ratio : {1, 2, 4, 8}) {
-    run_random<float, 64>(rng, 3, 1, 600, 8, 8 / hk_ratio, many_sms, {1, 1, 0}, {600, 1, 0});
-    run_random<float, 64>(rng, 2, 1, 300, 8, 8 / hk_ratio, nondet, {1, 1}, {300, 257});
-    run_random<float, 64>(rng, 2, 5, 400, 8, 8 / hk_ratio, many_sms, {5, 3}, {400, 2});
+  for (int hk_ratio : {1, 2, 4, 8}) {  // ci: the backward (same kernels for every ratio) on ratio 1
+    const auto o_sms = hk_ratio == 1 ? many_sms : fwd(many_sms), o_nd = hk_ratio == 1 ? nondet : fwd(nondet);
+    run_random<float, 64>(rng, 3, 1, 600, 8, 8 / hk_ratio, o_sms, {1, 1, 0}, {600, 1, 0});
+    run_random<float, 64>(rng, 2, 1, 300, 8, 8 / hk_ratio, o_nd, {1, 1}, {300, 257});
+    run_random<float, 64>(rng, 2, 5, 400, 8, 8 / hk_ratio, o_sms, {5, 3}, {400, 2});
     cases += 3;
   }
   run_random<float, 128>(rng, 2, 16, 700, 4, 1, many_sms, {16, 7}, {700, 500});
-  run_random<__nv_bfloat16, 128>(rng, 2, 1, 1100, 8, 2, many_sms, {1, 1}, {1100, 1030});
-  run_random<__half, 128>(rng, 1, 4, 333, 4, 4, many_sms, {4}, {333});
+  run_random<__nv_bfloat16, 128>(rng, 2, 1, 1100, 8, 2, fwd(many_sms), {1, 1}, {1100, 1030});
+  run_random<__half, 128>(rng, 1, 4, 333, 4, 4, fwd(many_sms), {4}, {333});
   run_random<float, 128>(rng, 2, 16, 40, 4, 4, det, {16, 9}, {40, 3});
   cases += 4;
   // Tensor-core prefill with a negative scale (the unfused exponent; d <= 96 folds a positive scale
-  // into it) and a large positive one.
+  // into it) and a large positive one. ci: the backward with a negative scale on the first.
   {
     Options neg, big;
     neg.scale = -0.2f;
     big.scale = 0.9f;
     run_random<__nv_bfloat16, 64>(rng, 2, 70, 90, 4, 2, neg, {70, 33}, {90, 40});
-    run_random<__half, 96>(rng, 2, 70, 90, 2, 1, big, {70, 1}, {90, 71});
-    run_random<__half, 128>(rng, 1, 40, 60, 2, 2, neg, {40}, {60});
+    run_random<__half, 96>(rng, 2, 70, 90, 2, 1, fwd(big), {70, 1}, {90, 71});
+    run_random<__half, 128>(rng, 1, 40, 60, 2, 2, fwd(neg), {40}, {60});
     cases += 3;
   }
   // d = 128 prefill on 128 x 32 tiles (GMOD_ATTN_FWD_BLOCK_N=32: lazy rescale, unrolled copies, the
@@ -673,18 +732,18 @@ int main(int argc, char** argv) {
     Options nar, nar_neg;
     nar.narrow = nar_neg.narrow = true;
     nar_neg.scale = -0.3f;
-    run_random<__nv_bfloat16, 128>(rng, 3, 150, 300, 4, 2, nar, {150, 1, 0}, {300, 77, 0});
-    run_random<__half, 128>(rng, 2, 130, 130, 2, 2, nar, {130, 65}, {130, 129});
-    run_random<__nv_bfloat16, 128>(rng, 1, 40, 100, 2, 1, nar_neg, {40}, {100});
+    run_random<__nv_bfloat16, 128>(rng, 3, 150, 300, 4, 2, fwd(nar), {150, 1, 0}, {300, 77, 0});
+    run_random<__half, 128>(rng, 2, 130, 130, 2, 2, fwd(nar), {130, 65}, {130, 129});
+    run_random<__nv_bfloat16, 128>(rng, 1, 40, 100, 2, 1, fwd(nar_neg), {40}, {100});
     cases += 3;
   }
   // Key-split tensor-core decode (<= 16 packed rows, d <= 128: the warps share the rows and split each
   // key tile): 8 and 16 packed rows, with and without splits, rows with 0 / 1 keys, causal chunks whose
   // visible keys end inside a warp's 16-key slice.
-  run_random<__nv_bfloat16, 64>(rng, 3, 1, 700, 8, 1, many_sms, {1, 1, 0}, {700, 1, 0});
-  run_random<__half, 32>(rng, 2, 2, 260, 16, 2, nondet, {2, 1}, {260, 77});
-  run_random<__nv_bfloat16, 96>(rng, 2, 16, 90, 2, 2, many_sms, {16, 5}, {90, 21});
-  run_random<__half, 128>(rng, 2, 3, 150, 4, 4, nondet, {3, 0}, {150, 10});
+  run_random<__nv_bfloat16, 64>(rng, 3, 1, 700, 8, 1, fwd(many_sms), {1, 1, 0}, {700, 1, 0});
+  run_random<__half, 32>(rng, 2, 2, 260, 16, 2, fwd(nondet), {2, 1}, {260, 77});
+  run_random<__nv_bfloat16, 96>(rng, 2, 16, 90, 2, 2, fwd(many_sms), {16, 5}, {90, 21});
+  run_random<__half, 128>(rng, 2, 3, 150, 4, 4, fwd(nondet), {3, 0}, {150, 10});
   cases += 4;
   combine_cases();
   if (!quick) {
@@ -703,9 +762,9 @@ int main(int argc, char** argv) {
     }
     Options o1 = split_heads;
     o1.heads_per_cta = 1;
-    run_random<float, 64>(rng, 44, 70, 110, 2, 1, nondet, ql, kl);
+    run_random<float, 64>(rng, 44, 70, 110, 2, 1, fwd(nondet), ql, kl);  // ci: the backward's offsets on det
     run_random<float, 64>(rng, 44, 70, 110, 2, 1, det, ql, kl);
-    run_random<float, 64>(rng, 44, 70, 110, 2, 1, o1, ql, kl);
+    run_random<float, 64>(rng, 44, 70, 110, 2, 1, fwd(o1), ql, kl);
     cases += 3;
     if (!quick) {
       run_random<float, 256>(rng, 44, 70, 110, 2, 1, det, ql, kl);
@@ -743,8 +802,8 @@ int main(int argc, char** argv) {
       ql.push_back(140 - b % 5);
       kl.push_back(std::min(200, std::max(0, ql.back() + 3 * b - 9)));
     }
-    run_random<__nv_bfloat16, 64>(rng, 24, 140, 200, 2, 1, nondet, ql, kl);
-    run_random<__half, 128>(rng, 24, 140, 200, 1, 1, det, ql, kl);
+    run_random<__nv_bfloat16, 64>(rng, 24, 140, 200, 2, 1, fwd(nondet), ql, kl);
+    run_random<__half, 128>(rng, 24, 140, 200, 1, 1, fwd(det), ql, kl);
     cases += 2;
   }
   const int tc_fuzz = quick ? 8 : 40;
@@ -779,6 +838,5 @@ int main(int argc, char** argv) {
     run_random<__half, 64>(rng, 2, 3, 500, 8, 2, simt_split, {3, 1}, {500, 260});
     cases += 2;
   }
-  std::printf("%d cases, %d failures\n", cases, g_failures);
-  return g_failures ? 1 : 0;
+  return finish(cases);
 }

@@ -33,6 +33,8 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <set>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -405,7 +407,12 @@ alignas(128) inline float4 gmod_router_smem[1 << 10];
 namespace emu {
 // Runs kernel() as grid x threads emulated CUDA threads. Shared memory is poisoned (NaN) before the
 // grid, so that reads of never-written shared memory show up in the results.
+// The kernels launched so far, by the type of the functor that calls them (a lambda: one type per call site
+// and template arguments, so one entry per kernel instantiation and launch form) and the copy mode, so that a
+// test can show that a smaller set of cases still reaches every kernel a larger one does.
+inline std::set<std::string> launched;
 inline void launch(dim3 grid, int threads, int smem_bytes, const std::function<void()>& kernel) {
+  launched.insert(std::string(kernel.target_type().name()) + (eager_copies ? " eager" : ""));
   if (smem_bytes > static_cast<int>(sizeof(gmod::attn::gmod_attn_smem)) || threads > kMaxThreads ||
       threads % 32 != 0) {
     std::fprintf(stderr, "emu: launch with %d threads and %d bytes of shared memory is not supported\n", threads,
