@@ -64,7 +64,7 @@ int fwd_block_n() {
 // GMOD_ATTN_FWD_IMPL: the bf16 / fp16 prefill forward at d = 64 / 128. Unset or "auto" (the default): the
 // sm_90a wgmma kernel (attention_fwd_wgmma_kernel.cuh, 3 K / V stages) where this build has it and the GPU
 // is compute capability 9.0, else the mma.sync kernels. On the H100 (gpu_check, 2026-11-26) it ran
-// 1.06-1.49x the mma.sync kernel (1.02-1.37x SDPA's flash backend) at B x C = 8x1024, 4x2048, 2x4096,
+// 1.06-1.49x the mma.sync kernel (1.01-1.38x SDPA's flash backend) at B x C = 8x1024, 4x2048, 2x4096,
 // H = 32, d = 64 / 128, bf16. "mma": the mma.sync kernels everywhere; "wgmma" / "wgmma-2stage" (2
 // stages, each P V waited in place): the wgmma kernel, and where it cannot run (no sm_90a kernels in this
 // build, or not a compute capability 9.0 GPU) an error, so that a benchmark never times the wrong kernel.
@@ -181,7 +181,7 @@ int fwd_wgmma(bool tensor_cores, int64_t head_dim) {
 // GMOD_ATTN_BWD_IMPL: the non-deterministic bf16 / fp16 backward at d = 64 / 128. Unset or "auto" (the
 // default): its dk/dv (+ atomic dQ) on the sm_90a wgmma kernel (attention_bwd_wgmma_kernel.cuh) where it
 // can run, else the mma.sync kernels; on the H100 (gpu_check, 2026-11-26) 1.14-1.20x the mma.sync
-// kernels (0.88-0.90x SDPA's flash backend) on the forward's shapes. "mma": the mma.sync kernels;
+// kernels (0.87-0.91x SDPA's flash backend) on the forward's shapes. "mma": the mma.sync kernels;
 // "wgmma": as GMOD_ATTN_FWD_IMPL=wgmma, an error (never a silent fallback) where that kernel cannot run.
 // Read at every call. The deterministic mode keeps the mma.sync kernels (its dQ is a separate pass).
 int bwd_wgmma(bool tensor_cores, int64_t head_dim) {
