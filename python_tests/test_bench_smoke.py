@@ -192,6 +192,20 @@ def test_experiment_probe_failure_becomes_a_row_error():
     ba._probes.pop(exp[:2], None)
 
 
+def test_bench_layer_attention_option(tmp_path):
+    """bench layer --attention sets the gmod MoD rows' GmodConfig.attention (the README's NVTX-filtered ncu
+    command needs gmod: "auto" runs SDPA on CUDA); the note names the kernel that ran, and the rows still
+    match their baselines."""
+    proc, out = _run("layer", tmp_path, "--attention", "sdpa")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "gmod MoD attention: sdpa (GmodConfig.attention='sdpa')" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["status"] == "ok" and not doc["mismatches"], doc["status"]
+    bad = subprocess.run([sys.executable, "-m", "gmod_ext.bench", "layer", "--attention", "flash"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'flash'" in bad.stderr
+
+
 def test_experiment_probe_code_runs_on_cpu():
     """The probe's own code (the forward and backward ops' calls and their outputs unpacked) runs and
     prints OK where the ops run: a probe that always failed would hide every experiment's timing."""
