@@ -164,8 +164,8 @@ def _probe_error(ctx: Ctx, experiment) -> str | None:
             env.get("PYTHONPATH", "")
         try:
             # 90 s: a fresh process with two small calls takes ~10 s; a hung kernel must not eat the step
-            res = subprocess.run([sys.executable, "-c", _PROBE_CODE.format(d=max(experiment[2]), device="cuda")], env=env,
-                                 capture_output=True, text=True, timeout=90)
+            code = _PROBE_CODE.format(d=max(experiment[2]), device="cuda")
+            res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90)
             ok = res.returncode == 0 and "OK" in res.stdout
             err = (res.stderr.strip().splitlines() or ["exit %d" % res.returncode])[-1][:80]
         except Exception as e:  # noqa: BLE001
