@@ -15,6 +15,7 @@ behaviour (``cuda_only``) are skipped then.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -252,6 +253,58 @@ def test_decode_forced_split_counts(dtype, d, splits, monkeypatch):
     assert_flash_close(o, o_ref, o_pt, "o")
     assert_lse_close(lse, lse_ref)
     assert torch.equal(o, o2) and torch.equal(lse, lse2), "the split-k combine must be deterministic"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("Cq,B,Ck,splits", [(1, 1, 4096, None), (1, 3, 16384 + 40, None), (4, 2, 1000, "3"),
+                                            (1, 2, 777, "64"), (2, 1, 333, "1")])
+def test_decode_three_stages(dtype, d, Cq, B, Ck, splits, monkeypatch):
+    """GMOD_ATTN_DECODE_STAGES=3: the key-split decode (here GQA 4, Cq x 4 <= 16 packed rows) on a ring of
+    three K / V buffers, two key tiles in flight per CTA. Split by the wave model (which sees the deep
+    tile's occupancy) and forced to 3, to one tile per split and to none; rows cut short by k_len, a row
+    with no keys, q_len 0. Right against the float64 reference by the flash rule, bit-identical on a
+    second call, and the profiler must name the 3-stage kernel (on a GPU whose blocks can have its 109 KB
+    at d = 128; elsewhere the double-buffered one). Other values raise. On the CPU kernels
+    (GMOD_TEST_DEVICE_UNDER_TEST=cpu) the flags change nothing and the values are checked."""
+    Hq, Hk = 8, 2
+    q, k, v = make_qkv(B, Cq, Ck, Hq, Hk, d, dtype)
+    q_len = torch.randint(1, Cq + 1, (B,), dtype=torch.int32, device=DEV)
+    k_len = torch.randint(Ck // 3, Ck + 1, (B,), dtype=torch.int32, device=DEV)
+    k_len[0] = Ck
+    if B > 1:
+        q_len[-1], k_len[-1] = 0, 5
+    if B > 2:
+        k_len[1] = 0
+    scale = 1.0 / math.sqrt(d)
+    if splits is not None:
+        monkeypatch.setenv("GMOD_ATTN_DECODE_SPLITS", splits)
+    monkeypatch.setenv("GMOD_ATTN_DECODE_STAGES", "3")
+    poison_heap(64 << 20)
+    prof = None if ON_CPU else torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    with prof or contextlib.nullcontext():
+        o, lse = ops.attention(q, k, v, q_len, k_len, scale)
+        if not ON_CPU:
+            torch.cuda.synchronize()
+    o2, lse2 = ops.attention(q, k, v, q_len, k_len, scale)
+    o_ref, lse_ref = ref_attention(q, k, v, q_len, k_len, scale, torch.float64)
+    o_pt, _ = ref_attention(q, k, v, q_len, k_len, scale, dtype)
+    assert_flash_close(o, o_ref, o_pt, "o")
+    assert_lse_close(lse, lse_ref)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+    monkeypatch.delenv("GMOD_ATTN_DECODE_STAGES")  # the double-buffered default: the same math, other order
+    o_def, lse_def = ops.attention(q, k, v, q_len, k_len, scale)
+    assert_flash_close(o_def, o_ref, o_pt, "o (2 stages)")
+    if ON_CPU:
+        return
+    # the stage count is TcFwdTraits' last template argument
+    stages = [re.search(r"TcFwdTraits<([^<>]*)>", e.name) for e in prof.events() if "gmod_attn_fwd_tc_kernel" in e.name]
+    deep_fits = d == 64 or torch.cuda.get_device_properties(DEV).shared_memory_per_block_optin >= 109 * 1024
+    assert stages and all(m is not None and m.group(1).split(",")[-1].strip() == ("3" if deep_fits else "2")
+                          for m in stages), [e.name for e in prof.events()]
+    monkeypatch.setenv("GMOD_ATTN_DECODE_STAGES", "4")
+    with pytest.raises(ValueError, match="GMOD_ATTN_DECODE_STAGES=4 is not 2 or 3"):
+        ops.attention(q, k, v, q_len, k_len, scale)
 
 
 @cuda_only

@@ -87,7 +87,7 @@ def test_bench_attention_experiments_rows(tmp_path):
     for r in exp:
         assert r["check"].startswith("ok") and isinstance(r["ms"], float) and r["vs_default"] > 0, r
     dec = json.loads(out.read_text())["sections"]["decode"]["rows"]
-    dexp = [r for r in dec if r["impl"] == "gmod-exp"]  # GMOD_ATTN_PDL=0: one per decode shape
+    dexp = [r for r in dec if r["impl"] == "gmod-exp"]  # GMOD_ATTN_DECODE_STAGES=3: one per decode shape
     assert len(dexp) == len({(r["B"], r["L"]) for r in dec}) >= 1
     for r in dexp:
         assert r["check"].startswith("ok") and isinstance(r["ms"], float) and r["vs_default"] > 0, r

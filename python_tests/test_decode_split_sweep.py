@@ -23,6 +23,7 @@ def test_help_names_the_env_flag_and_the_model():
     assert res.returncode == 0, res.stderr
     assert "GMOD_ATTN_DECODE_SPLITS" in res.stdout and "decode_num_splits" in res.stdout
     assert "--splits" in res.stdout and "--json" in res.stdout
+    assert "--stages" in res.stdout and "GMOD_ATTN_DECODE_STAGES" in res.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -143,12 +143,10 @@ def test_sanitize_ops_script_on_cpu():
     # GMOD_ATTN_FWD_IMPL / GMOD_ATTN_BWD_IMPL=wgmma run only where they can (an sm_90 GPU with the sm_90a
     # kernels built).
     wgmma = {"GMOD_ATTN_FWD_IMPL", "GMOD_ATTN_BWD_IMPL"}
-    assert {k for f in plans for k in f} - wgmma == {"GMOD_ATTN_FWD_BLOCK_N", "GMOD_ATTN_BWD_BLOCK_N",
-                                                     "GMOD_ATTN_DECODE_SPLITS", "GMOD_ATTN_PDL"}
-    assert {k for f, _ in sanitize_ops._ATTN_PLANS for k in f} == wgmma | {"GMOD_ATTN_FWD_BLOCK_N",
-                                                                           "GMOD_ATTN_BWD_BLOCK_N",
-                                                                           "GMOD_ATTN_DECODE_SPLITS",
-                                                                           "GMOD_ATTN_PDL"}
+    others = {"GMOD_ATTN_FWD_BLOCK_N", "GMOD_ATTN_BWD_BLOCK_N", "GMOD_ATTN_DECODE_SPLITS", "GMOD_ATTN_PDL",
+              "GMOD_ATTN_DECODE_STAGES"}
+    assert {k for f in plans for k in f} - wgmma == others
+    assert {k for f, _ in sanitize_ops._ATTN_PLANS for k in f} == wgmma | others
 
 
 def test_ncu_summary_on_a_synthetic_csv(tmp_path):
@@ -299,7 +297,7 @@ def test_gpu_verdicts_attention_rules():
     assert "NOT all ok: MISMATCH dq" in bwd and "faster at 2/3" in bwd and bwd.endswith(
         "make it the default: NO (rule: every check ok and faster at every shape)")
     assert "decode: gmod 28-87% of copy bandwidth (target >= 70 at every shape: not met at 1/2: B1 L4096 28%)" in text
-    assert "GMOD_ATTN_PDL=0: checks ok; vs the default 0.99-1.18 -> make it the default: YES" in text
+    assert "GMOD_ATTN_DECODE_STAGES=3: checks ok; vs the default 0.99-1.18 -> make it the default: YES" in text
     att["sections"]["decode"]["rows"][3]["vs_default"] = 0.97  # a loss beyond noise at batch 32
     assert "-> make it the default: NO" in "\n".join(v.decode_lines(att))
 

@@ -6,8 +6,8 @@ threads, barriers, shuffles, ldmatrix / mma.sync.m16n8k16 fragments, cp.async an
 forward and backward) wgmma.mma_async with its shared-memory descriptors, and compares every
 output with a float64 reference on random problems (lengths 0 and 1, GQA, decode packing, splits,
 causal offsets across tiles, NaN-poisoned padding). This test builds it with the host compiler and
-runs its CI-sized sets (modes ci, wgmma-ci, wgmmabwd-ci), so the kernels' index math, fragment layouts and
-synchronisation order are checked on every CI run, GPU or not.
+runs its CI-sized sets (modes ci, wgmma-ci, wgmmabwd-ci, deepdecode), so the kernels' index math,
+fragment layouts and synchronisation order are checked on every CI run, GPU or not.
 
 csrc/cuda/emu/router_logits_emu_test.cpp does the same for the
 router_logits row-block kernel, forward and backward (CPT 1 / 2 / 4, partial warps, several row
@@ -110,6 +110,20 @@ def test_wgmma_backward_matches_reference_in_emulation(attention_emu):
     out = _run(attention_emu, "wgmmabwd" if FULL else "wgmmabwd-ci")
     forms = "26 kernel launch forms" if FULL else "28 kernel launch forms"
     assert "14 wgmma backward runs" in out and f"{forms}\n14 cases, 0 failures" in out, out[-2000:]
+
+
+def test_deep_decode_matches_reference_in_emulation(attention_emu):
+    """The key-split tensor-core decode with a ring of 3 K / V buffers (TcDecodeKeySplitDeepTile,
+    GMOD_ATTN_DECODE_STAGES=3: two tiles in flight): splits of 1, 2, 3, 4 and 11 key tiles, no split,
+    k_len cutting a split short, rows with 0 / 1 keys, 16 packed rows of a causal chunk, d = 32 / 64 / 96 /
+    128, bf16 / fp16; eight cases with copies landing at their wait (a read before the wait sees the
+    poison) and the same with copies landing at once (a copy into a buffer still being read shows).
+    Forward only: the backward does not depend on the decode's buffers. Mutation-checked: loading the next
+    tile into the buffer of tile nb + 1, waiting for one group fewer, or committing no group for a missing
+    prologue tile each fail 6-16 of the 16 runs."""
+    out = _run(attention_emu, "deepdecode")
+    # per copy mode: 7 cases with splits (split kernel + combine: 2 forms each) and 1 without (the plain kernel)
+    assert "30 kernel launch forms\n16 cases, 0 failures" in out, out[-2000:]
 
 
 def test_wgmma_selftest_passes_in_emulation(tmp_path_factory):

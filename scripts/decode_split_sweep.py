@@ -1,13 +1,15 @@
 """Sweep the decode's key-split count and compare the wave model's choice with the fastest forced one.
 
     python scripts/decode_split_sweep.py                 # the decode shapes of `gmod_ext.bench attention`
-    python scripts/decode_split_sweep.py --B 1 8 --L 4096 --splits 8 16 32 47 64
+    python scripts/decode_split_sweep.py --B 1 8 --L 4096 --splits 8 16 32 47 64 --stages 3
 
 gmod.attention picks the number of key splits of a q_len <= 16 call with a wave model
 (decode_num_splits in csrc/include/gmod/attention_params.h). GMOD_ATTN_DECODE_SPLITS=N, read at every
 call, forces N instead; this script times each N (CUDA events, L2 flushed before each call, median,
 as the benchmarks do) and prints, per shape, the model's time, the best forced count and the ratio
-model / best (1.00: the model picked as well as the sweep). Writes JSON with --json.
+model / best (1.00: the model picked as well as the sweep). Each shape is swept once per K / V buffer
+count of the key-split decode (--stages, GMOD_ATTN_DECODE_STAGES: 2, the default, and 3, two key tiles in
+flight per CTA; the wave model sees each one's occupancy). Writes JSON with --json.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--Hk", type=int, default=8)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--splits", type=int, nargs="+", default=DEFAULT_SPLITS, help="forced counts to time")
+    ap.add_argument("--stages", type=int, nargs="+", choices=(2, 3), default=[2, 3],
+                    help="GMOD_ATTN_DECODE_STAGES values to sweep under (default 2 3)")
     ap.add_argument("--budget-ms", type=float, default=40.0, help="repeats of one measurement (default 40 ms)")
     ap.add_argument("--json", metavar="PATH")
     a = ap.parse_args(argv)
@@ -49,32 +53,40 @@ def main(argv=None) -> int:
     copy = common.copy_bandwidth(ctx)["GBps"]
     scale = 1.0 / math.sqrt(a.d)
     rows = []
-    print(f"{'B':>3} {'cache':>6} {'MB':>7} {'model ms':>9} {'%copy':>6} {'best N':>6} {'best ms':>8} {'%copy':>6} "
-          f"{'model/best':>10}")
+    print(f"{'B':>3} {'cache':>6} {'stages':>6} {'MB':>7} {'model ms':>9} {'%copy':>6} {'best N':>6} {'best ms':>8} "
+          f"{'%copy':>6} {'model/best':>10}")
     for B in a.B:
         for L in a.L:
             q, k, v, q_len, k_len = common.decode_inputs(B, L, a.Hq, a.Hk, a.d, "cuda")
             nbytes = 2 * B * L * a.Hk * a.d * 2 + 2 * B * a.Hq * a.d * 2
             fn = lambda: torch.ops.gmod.attention(q, k, v, q_len, k_len, scale)  # noqa: E731
             os.environ.pop("GMOD_ATTN_DECODE_SPLITS", None)
-            ref, _ = fn()
-            t_model = _time(fn, ctx)
-            forced = {}
-            for n in a.splits:
-                os.environ["GMOD_ATTN_DECODE_SPLITS"] = str(n)
-                o, _ = fn()
-                err = (o.float() - ref.float()).abs().max().item()
-                if not err < 2e-2:
-                    print(f"B={B} L={L} N={n}: output differs from the model's split by {err}", file=sys.stderr)
-                    return 2
-                forced[n] = _time(fn, ctx)
-            os.environ.pop("GMOD_ATTN_DECODE_SPLITS", None)
-            best = min(forced, key=forced.get)
-            pct = lambda ms: 100.0 * common.gbps(nbytes, ms) / copy  # noqa: E731
-            print(f"{B:>3} {L:>6} {nbytes / 1e6:>7.1f} {t_model:>9.4f} {pct(t_model):>6.1f} {best:>6} "
-                  f"{forced[best]:>8.4f} {pct(forced[best]):>6.1f} {t_model / forced[best]:>10.2f}", flush=True)
-            rows.append(dict(B=B, L=L, bytes=nbytes, model_ms=t_model, forced_ms=forced, best=best,
-                             model_over_best=t_model / forced[best]))
+            os.environ.pop("GMOD_ATTN_DECODE_STAGES", None)
+            ref, _ = fn()  # the default plan's output: every other plan must agree with it
+            for stages in a.stages:
+                os.environ["GMOD_ATTN_DECODE_STAGES"] = str(stages)
+                os.environ.pop("GMOD_ATTN_DECODE_SPLITS", None)
+                t_model = _time(fn, ctx)
+                forced = {}
+                for n in [None] + a.splits:  # None: the model's split, checked like the forced ones
+                    if n is not None:
+                        os.environ["GMOD_ATTN_DECODE_SPLITS"] = str(n)
+                    o, _ = fn()
+                    err = (o.float() - ref.float()).abs().max().item()
+                    if not err < 2e-2:
+                        print(f"B={B} L={L} stages={stages} N={n or 'model'}: output differs from the default "
+                              f"plan's by {err}", file=sys.stderr)
+                        return 2
+                    if n is not None:
+                        forced[n] = _time(fn, ctx)
+                os.environ.pop("GMOD_ATTN_DECODE_SPLITS", None)
+                best = min(forced, key=forced.get)
+                pct = lambda ms: 100.0 * common.gbps(nbytes, ms) / copy  # noqa: E731
+                print(f"{B:>3} {L:>6} {stages:>6} {nbytes / 1e6:>7.1f} {t_model:>9.4f} {pct(t_model):>6.1f} {best:>6} "
+                      f"{forced[best]:>8.4f} {pct(forced[best]):>6.1f} {t_model / forced[best]:>10.2f}", flush=True)
+                rows.append(dict(B=B, L=L, stages=stages, bytes=nbytes, model_ms=t_model, forced_ms=forced, best=best,
+                                 model_over_best=t_model / forced[best]))
+            os.environ.pop("GMOD_ATTN_DECODE_STAGES", None)
             del q, k, v, ref
             torch.cuda.empty_cache()
     print(f"copy bandwidth {copy:.0f} GB/s")

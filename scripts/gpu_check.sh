@@ -239,7 +239,7 @@ fi
 # Only when named: the decode's key-split count swept (GMOD_ATTN_DECODE_SPLITS) against the wave model's
 # choice, on the decode shapes of bench_attention; the table says how far the model is from the best.
 if [[ "$req" == *" decode_sweep "* ]]; then
-  if run_step decode_sweep 150 decode_sweep.log "$PY" scripts/decode_split_sweep.py --json "$OUT/decode_sweep.json"; then
+  if run_step decode_sweep 300 decode_sweep.log "$PY" scripts/decode_split_sweep.py --json "$OUT/decode_sweep.json"; then
     tail_of decode_sweep.log 12
     if (( RC == 0 )); then record decode_sweep ok "$DUR" "model/best per shape in decode_sweep.log"
     else record decode_sweep FAIL "$DUR" "rc=$RC"; fi
@@ -474,13 +474,13 @@ if att:
     exp_rows = [r for r in att["sections"].get("prefill", {}).get("rows", []) if r["impl"] == "gmod-exp"]
     if exp_rows:
         print("-- kernel experiments (gmod-exp: fwd = GMOD_ATTN_FWD_IMPL=mma, bwd = GMOD_ATTN_BWD_IMPL=mma, "
-              "decode = GMOD_ATTN_PDL=0; the defaults before 2026-11-26)")
+              "the defaults before 2026-11-26; decode = GMOD_ATTN_DECODE_STAGES=3, opt-in)")
         for r in exp_rows:
             print(f"   {r['pass']} {r['shape']:>7} d{r['d']:<4} {f(r.get('TFLOPs'), '.4g'):>7} TFLOP/s = "
                   f"{f(r.get('vs_default'), '.3f')}x the default  {r.get('check') or r.get('ms')}"[:150])
     for r in att["sections"].get("decode", {}).get("rows", []):
-        if r["impl"] == "gmod-exp":  # GMOD_ATTN_PDL=1: the combine kernel on programmatic dependent launch
-            print(f"   decode PDL=0 B{r['B']:<3} L{r['L']:<6} {f(r.get('pct_copy'), '.0f'):>4}% copy "
+        if r["impl"] == "gmod-exp":  # GMOD_ATTN_DECODE_STAGES=3: three K / V buffers in the key-split decode
+            print(f"   decode STAGES=3 B{r['B']:<3} L{r['L']:<6} {f(r.get('pct_copy'), '.0f'):>4}% copy "
                   f"{f(r.get('pct_copy_size'), '.0f'):>4}% same-size = {f(r.get('vs_default'), '.3f')}x the default  "
                   f"{r.get('check') or r.get('ms')}"[:150])
 # The layer and model benchmarks (named steps): gamma-MoD against dense, and issue 7's targets.

@@ -9,9 +9,9 @@ step (flip a default, revert one, or keep looking) follows from the line alone:
                         benchmark shape), and whether the other kernel (the gmod-exp rows: the mma.sync
                         kernels, the default before the sm_90a wgmma ones) should become the default
                         again: every check ok and faster than the default at every shape.
-  decode                the shapes under issue 4's 70 % of copy bandwidth, and whether the plain
-                        combine launch (gmod-exp, GMOD_ATTN_PDL=0) should become the default again: no
-                        shape slower than 0.99x and one at least 1.02x faster.
+  decode                the shapes under issue 4's 70 % of copy bandwidth, and whether the key-split
+                        decode with three K / V buffers (gmod-exp, GMOD_ATTN_DECODE_STAGES=3) should
+                        become the default: no shape slower than 0.99x and one at least 1.02x faster.
   model                 issue 7's targets (prefill >= 1.7x dense, train step >= 1.5x) and whether
                         attention="auto" should keep SDPA for the MoD layers: its train step no slower
                         than the same model on gmod.attention.
@@ -52,7 +52,7 @@ def _yes(b: bool) -> str:
 
 # the gmod-exp rows' flags (gmod_ext/bench/attention.py EXPERIMENTS / DECODE_EXPERIMENT)
 PREFILL_TARGETS = {"fwd": (1.0, "GMOD_ATTN_FWD_IMPL=mma"), "bwd": (0.8, "GMOD_ATTN_BWD_IMPL=mma")}
-DECODE_FLAG = "GMOD_ATTN_PDL=0"
+DECODE_FLAG = "GMOD_ATTN_DECODE_STAGES=3"
 
 
 def attention_lines(att: dict) -> list:

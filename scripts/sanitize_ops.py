@@ -210,6 +210,7 @@ def _attn_configs(large):
         (2, 77, 77, 4, 4, 128, [77, 0], [77, 0], True),          # an empty row
         (2, 16, 100, 4, 2, 128, [16, 5], [100, 40], True),       # chunked prefill on a cache
         (3, 1, 300, 8, 2, 64, [1, 1, 0], [300, 17, 5], False),   # decode, one row idle
+        (2, 1, 700, 8, 2, 128, [1, 1], [700, 333], False),       # decode, d = 128, 11 key tiles
         (1, 130, 130, 2, 1, 64, [130], [130], True),             # crosses 64/128 tiles
     ]
 
@@ -242,6 +243,9 @@ _ATTN_PLANS = [
     ({"GMOD_ATTN_DECODE_SPLITS": "64"}, lambda c: c[1] <= 16),
     # the split-k decode's combine on programmatic dependent launch (sm_90+; elsewhere a plain launch)
     ({"GMOD_ATTN_DECODE_SPLITS": "64", "GMOD_ATTN_PDL": "1"}, lambda c: c[1] <= 16),
+    # the key-split decode with three K / V buffers, with the wave model's splits and with one tile per split
+    ({"GMOD_ATTN_DECODE_STAGES": "3"}, lambda c: c[1] <= 16),
+    ({"GMOD_ATTN_DECODE_STAGES": "3", "GMOD_ATTN_DECODE_SPLITS": "64"}, lambda c: c[1] <= 16),
 ]
 
 

@@ -14,7 +14,8 @@
 // prefill forward on 32-key tiles), GMOD_ATTN_BWD_BLOCK_N=128 (the tensor-core dk/dv kernel on 128 keys x
 // 8 warps per CTA), GMOD_ATTN_DECODE_SPLITS=N (the decode's key-split count), GMOD_ATTN_FWD_IMPL and
 // GMOD_ATTN_BWD_IMPL = auto (the default: the d = 64 / 128 prefill forward and non-deterministic backward on
-// the sm_90a wgmma kernels where they can run) / mma / wgmma, GMOD_ATTN_PDL = 1 (the default) / 0.
+// the sm_90a wgmma kernels where they can run) / mma / wgmma, GMOD_ATTN_PDL = 1 (the default) / 0,
+// GMOD_ATTN_DECODE_STAGES = 2 (the default) / 3.
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -122,6 +123,19 @@ int decode_pdl() {
   GMOD_CHECK_VALUE(v == nullptr || v[0] == '\0' || std::strcmp(v, "1") == 0, "GMOD_ATTN_PDL=", v,
                    " is not 0 or 1");
   return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 ? 1 : 0;
+}
+
+// GMOD_ATTN_DECODE_STAGES: K / V buffers of the key-split tensor-core decode (<= 16 packed rows, i.e. q_len
+// x GQA group, d <= 128). Unset or 2 (the default): double buffers, one tile in flight while one is
+// computed. 3: a ring of three, two in flight (TcDecodeKeySplitDeepTile, attention_fwd_tc_kernel.cuh), for
+// the batch-1 decode whose split kernel ran at 36 % of DRAM bandwidth on the H100 with one tile in flight
+// (2026-11-26). Opt-in until `bench attention --experiments` has timed it (its decode gmod-exp rows).
+// Read at every call; other decode plans and the prefill ignore it.
+int decode_stages() {
+  const char* v = std::getenv("GMOD_ATTN_DECODE_STAGES");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "2") == 0) return 2;
+  GMOD_CHECK_VALUE(std::strcmp(v, "3") == 0, "GMOD_ATTN_DECODE_STAGES=", v, " is not 2 or 3");
+  return 3;
 }
 
 // Keys per CTA of the tensor-core dk/dv kernel. 8 warps x 128 keys (TcBwdWideTile) halve the fp32 dQ
@@ -281,6 +295,7 @@ void set_fwd_params(attn::AttnFwdParams& p, const AttnDims& a, const at::Tensor&
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.num_splits = 1;
   p.decode_pdl = 0;
+  p.decode_stages = 2;
   p.use_tensor_cores = use_tensor_cores(q.scalar_type()) ? 1 : 0;
   p.tc_fwd_block_n = fwd_block_n();
   p.fwd_wgmma = fwd_wgmma(p.use_tensor_cores != 0, a.d);
@@ -313,6 +328,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
       const int block_m = attn::decode_block_m(tc, a.d, a.Cq * p.group);
       const int block_n = attn::decode_block_n(tc, a.d);
       const int64_t m_blocks = (a.Cq * p.group + block_m - 1) / block_m;
+      p.decode_stages = decode_stages();  // before the occupancy query: the deep tile holds fewer CTAs
       const int forced = forced_decode_splits();
       p.num_splits = forced > 0
                          ? attn::decode_clamp_splits(forced, a.B, a.Ck, block_n)

@@ -5,7 +5,8 @@
 // partials (one CTA per output row); with params.decode_pdl (GMOD_ATTN_PDL=1) it is launched with
 // programmatic dependent launch, so its CTAs start as the split kernel's last ones finish their loads.
 //   tensor cores (bf16 / fp16 on sm_80+): gmod_attn_fwd_tc_kernel, TcDecodeTile<d> (64 rows x 64 keys),
-//     or TcDecodeKeySplitTile<d> (16 rows x 64 keys split over the warps) for <= 16 packed rows, d <= 128;
+//     or TcDecodeKeySplitTile<d> (16 rows x 64 keys split over the warps) for <= 16 packed rows, d <= 128,
+//     TcDecodeKeySplitDeepTile<d> (the same with 3 K / V buffers) there with params.decode_stages == 3;
 //   SIMT: gmod_attn_fwd_kernel, DecodeTraits<d> (16 rows x 32 keys).
 // attention_api.cu sizes num_splits with the same plan (decode_block_m / decode_block_n) and the split
 // kernel's occupancy (decode_split_ctas_per_sm).
@@ -27,6 +28,15 @@ void with_decode_kernels(const AttnFwdParams& params, F&& f) {
     if (params.use_tensor_cores) {
       if constexpr (kHeadDim <= 128) {
         if (decode_key_split(true, kHeadDim, static_cast<int64_t>(params.Cq) * params.group)) {
+          // Where a block may not have the deep tile's shared memory (109 KB at d = 128 on a 99 KB GPU),
+          // the double-buffered tile runs.
+          constexpr int kDeepSmem = tc_fwd_smem_bytes<TcDecodeKeySplitDeepTile<kHeadDim>>();
+          if (params.decode_stages == 3 && kDeepSmem <= smem_optin_bytes()) {
+            using Tr = TcDecodeKeySplitDeepTile<kHeadDim>;
+            f(gmod_attn_fwd_tc_kernel<Tr, T, true, false>, gmod_attn_fwd_tc_kernel<Tr, T, true, true>, Tr::kBlockM,
+              tc_fwd_smem_bytes<Tr>());
+            return;
+          }
           using Tr = TcDecodeKeySplitTile<kHeadDim>;
           f(gmod_attn_fwd_tc_kernel<Tr, T, true, false>, gmod_attn_fwd_tc_kernel<Tr, T, true, true>, Tr::kBlockM,
             tc_fwd_smem_bytes<Tr>());

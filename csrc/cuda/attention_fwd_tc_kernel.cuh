@@ -4,6 +4,8 @@
 //                             O in mma fragments: S = Q K^T (Q and K by ldmatrix), online softmax on the
 //                             fragments, P repacked in registers as the A operand of O += P V (V by
 //                             ldmatrix.trans). K / V tiles are double-buffered with cp.async.
+//                             With Tr::kStages = 3 (the deep decode tile) the K / V tiles are in a ring of
+//                             three buffers and two tiles are in flight while one is computed.
 // Key-split variant (Tr::kKeySplit, decode with at most 16 packed rows, e.g. one query of a GQA group):
 //                             all 4 warps own the same 16 rows and split each key tile (warp w: keys
 //                             [16 w, 16 w + 16)), each with its own online softmax; the four (m, l, O)
@@ -33,10 +35,11 @@ namespace gmod::attn {
 //   kFoldScale     the prefill launcher folds a positive scale into the exponent (kPosScale).
 // The defaults hold where O is at most 16 n8 tiles per warp (d <= 64 prefill, decode; the folded scale
 // up to d = 96); at d = 128 prefill with 64-key tiles (O and S: 192 fp32 registers) each made ptxas spill.
+// kStages: K / V buffers in the ring (tiles in flight while one is computed: kStages - 1).
 template <int kHeadDim_, int kMAtoms_, int kBlockN_, bool kKeySplit_ = false,
           bool kLazyRescale_ = kMAtoms_ * (kHeadDim_ / 8) <= 16,
           bool kUnrollCopies_ = kMAtoms_ * (kHeadDim_ / 8) <= 16 || kMAtoms_ == 1,
-          bool kFoldScale_ = kHeadDim_ <= 96>
+          bool kFoldScale_ = kHeadDim_ <= 96, int kStages_ = 2>
 struct TcFwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kMAtoms = kMAtoms_;
@@ -45,6 +48,7 @@ struct TcFwdTraits {
   static constexpr bool kLazyRescale = kLazyRescale_;
   static constexpr bool kUnrollCopies = kUnrollCopies_;
   static constexpr bool kFoldScale = kFoldScale_;
+  static constexpr int kStages = kStages_;
   static constexpr int kWarps = kNThreads / 32;
   static constexpr int kRowsPerWarp = 16 * kMAtoms;
   static constexpr int kBlockM = kKeySplit ? kRowsPerWarp : kWarps * kRowsPerWarp;
@@ -54,6 +58,7 @@ struct TcFwdTraits {
   static constexpr int kDTiles = kHeadDim / 8;   // n8 tiles of O per atom
   static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per row
   static_assert(kHeadDim % 16 == 0 && kWarpKeys % 16 == 0, "mma.m16n8k16 tiles");
+  static_assert(kStages == 2 || kStages == 3, "2 or 3 K / V buffers");
 };
 
 // The tile plans of the launchers (attention_fwd.cu, attention_decode.cu) and of the host emulation.
@@ -74,10 +79,20 @@ template <int kHeadDim>
 using TcDecodeTile = TcFwdTraits<kHeadDim, 1, kHeadDim <= 128 ? kTcDecodeBlockN : kTcDecodeBlockN / 2>;
 template <int kHeadDim>
 using TcDecodeKeySplitTile = TcFwdTraits<kHeadDim, 1, kTcDecodeBlockN, true>;
+// The key-split decode with a ring of 3 K / V buffers (GMOD_ATTN_DECODE_STAGES=3, opt-in until timed on
+// a GPU): a CTA keeps two 64-key tiles in flight instead of one. Why: on the H100 (2026-11-26) the
+// batch-1 decode over 4k keys ran its split kernel at 36 % of DRAM bandwidth, 10 % achieved occupancy,
+// stalled on long_scoreboard; the wave model gives each of its 256 CTAs 2 key tiles, and with one tile in
+// flight a CTA waits for two DRAM round trips in a row. With three buffers it issues both tiles at once.
+// Shared memory: 109 KB at d = 128 (2 CTAs per SM instead of 3; the wave model sees that), 57 KB at d = 64.
+template <int kHeadDim>
+using TcDecodeKeySplitDeepTile =
+    TcFwdTraits<kHeadDim, 1, kTcDecodeBlockN, true, TcDecodeKeySplitTile<kHeadDim>::kLazyRescale,
+                TcDecodeKeySplitTile<kHeadDim>::kUnrollCopies, TcDecodeKeySplitTile<kHeadDim>::kFoldScale, 3>;
 
 template <typename Tr>
-constexpr int tc_fwd_smem_bytes() {  // sQ [BM][stride], sK / sV [2][BN][stride], 16-bit
-  constexpr int tiles = 2 * Tr::kStride * (Tr::kBlockM + 4 * Tr::kBlockN);
+constexpr int tc_fwd_smem_bytes() {  // sQ [BM][stride], sK / sV [kStages][BN][stride], 16-bit
+  constexpr int tiles = 2 * Tr::kStride * (Tr::kBlockM + 2 * Tr::kStages * Tr::kBlockN);
   // Key split: the warps' (m, l, O) states, fp32, merged in the K / V buffers at the end.
   constexpr int merge = Tr::kKeySplit ? 2 * Tr::kStride * Tr::kBlockM +
                                             4 * Tr::kWarps * Tr::kBlockM * (Tr::kHeadDim + 2)
@@ -154,8 +169,9 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
 
   extern __shared__ float4 gmod_attn_smem[];
   T* sQ = reinterpret_cast<T*>(gmod_attn_smem);  // [BM][SD]; reused by the epilogue for O
-  T* sK = sQ + BM * SD;                          // [2][BN][SD]
-  T* sV = sK + 2 * BN * SD;                      // [2][BN][SD]
+  constexpr int NS = Tr::kStages;
+  T* sK = sQ + BM * SD;                          // [NS][BN][SD]
+  T* sV = sK + NS * BN * SD;                     // [NS][BN][SD]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;  // fragment row (and row + 8) and column pair of this lane
@@ -221,14 +237,22 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
       cp_async_rows<T, D, BN, SD, kUnrollCopies>(sK + buf * BN * SD, kp + n0 * p.k_row_stride, int(p.k_row_stride), kl - n0);
       cp_async_rows<T, D, BN, SD, kUnrollCopies>(sV + buf * BN * SD, vp + n0 * p.v_row_stride, int(p.v_row_stride), kl - n0);
     };
-    load_kv(nb_begin, 0);
-    cp_async_commit();
+    // Tiles nb_begin .. nb_begin + NS - 2 in flight, one commit group each (Q rides in the first); a
+    // group is committed even when empty, so that "all but the NS - 2 newest" is always tile nb's.
+#pragma unroll
+    for (int st = 0; st < NS - 1; ++st) {
+      if (nb_begin + st < nb_end) load_kv(nb_begin + st, st);
+      cp_async_commit();
+    }
 
     for (int nb = nb_begin; nb < nb_end; ++nb) {
-      const int buf = (nb - nb_begin) & 1;
-      cp_async_wait<0>();
+      const int it = nb - nb_begin;
+      const int buf = it % NS;
+      cp_async_wait<NS - 2>();
       __syncthreads();  // tile nb is in smem for everyone; everyone is done with tile nb - 1's buffer
-      if (nb + 1 < nb_end) load_kv(nb + 1, buf ^ 1);  // overlaps with this tile's math
+      // Tile nb + NS - 1 into tile nb - 1's buffer; it overlaps with this tile's math (and, with three
+      // buffers, with the wait for tile nb + 1). NS = 2: tile nb + 1 into buffer buf ^ 1.
+      if (nb + NS - 1 < nb_end) load_kv(nb + NS - 1, (it + NS - 1) % NS);
       cp_async_commit();
       const int n0 = nb * BN;
       if (n0 + wk0 >= n_warp) continue;  // warp-uniform: none of this warp's rows sees its keys

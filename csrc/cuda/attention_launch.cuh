@@ -16,6 +16,14 @@
 
 namespace gmod::attn {
 
+// The most dynamic shared memory one block of the current device may opt in to (99 KB on sm_86 / sm_89,
+// 163 KB on sm_80, 227 KB on sm_90).
+inline int smem_optin_bytes() {
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+  return optin;
+}
+
 // Launches kernel<<<grid, threads, smem_bytes, stream>>>(params): raises the dynamic shared-memory
 // limit when the kernel needs more than the default 48 KB, and fails with a clear message when the
 // device cannot give that much (e.g. head dim 256 on GPUs with 99 KB per block).
@@ -30,8 +38,7 @@ void launch_attn_kernel(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t s
   GMOD_CHECK(grid.y <= 65535 && grid.z <= 65535, "gmod.attention: grid ", grid.x, " x ", grid.y, " x ",
               grid.z, " of ", what, " exceeds the CUDA limits (batch and head counts must be <= 65535)");
   if (smem_bytes > 48 * 1024) {
-    int optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+    const int optin = smem_optin_bytes();
     GMOD_CHECK(smem_bytes <= optin, "gmod.attention: ", what, " needs ", smem_bytes,
                 " bytes of shared memory per block, but this GPU allows ", optin, "; use a smaller head dim");
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));

@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="attention: also time the other kernel plans as gmod-exp rows, in the same process: the "
                         "d = 64 / 128 forward and backward on the mma.sync kernels (GMOD_ATTN_FWD_IMPL=mma, "
                         "GMOD_ATTN_BWD_IMPL=mma; the default on an H100 / H200 is the sm_90a wgmma kernels) and "
-                        "the decode's combine without PDL (GMOD_ATTN_PDL=0); vs_default = gmod-exp / gmod")
+                        "the key-split decode with three K / V buffers (GMOD_ATTN_DECODE_STAGES=3); vs_default = "
+                        "gmod-exp / gmod")
     p.add_argument("--profile", action="store_true",
                    help="model: also profile one fwd+bwd per impl (torch.profiler) and print GPU time per kernel "
                         "group (GEMM, attention, gmod ops, elementwise, ...): where gamma-MoD's time goes; and "

@@ -10,7 +10,7 @@ decode   one query token (q_len = 1) against KV caches of 4k-32k tokens, GQA 32/
 
 --experiments adds gmod-exp rows to prefill: the same call with the opt-in tile plan of that pass
 (EXPERIMENTS: an environment flag the extension reads at every call), timed in the same process; and
-to decode: the split-k combine launched with programmatic dependent launch (DECODE_EXPERIMENT).
+to decode: the key-split decode with three K / V buffers (DECODE_EXPERIMENT).
 
 Layouts: gmod takes q/k/v as [B, S, H, d]; SDPA is given transposed views [B, H, S, d] of the same
 tensors (what flash-attention reads natively), so neither side pays for a copy.
@@ -114,11 +114,11 @@ EXPERIMENTS = {
 }
 
 
-# --experiments in decode: the split-k decode's combine kernel with a plain launch, the default before
-# programmatic dependent launch (sm_90+: the combine may start while the split kernel's last CTAs finish;
-# 1.00-1.07x faster on the H100, 2026-11-26). On shapes without a split, and below sm_90, the flag
-# changes nothing.
-DECODE_EXPERIMENT = ("GMOD_ATTN_PDL", "0")
+# --experiments in decode: the key-split tensor-core decode (at most 16 packed rows, d <= 128) with a ring of
+# three K / V buffers, two tiles in flight per CTA instead of one (opt-in, not yet timed on a GPU). The
+# experiment before it, the combine kernel's plain launch (GMOD_ATTN_PDL=0), ran 0.93-1.00x the PDL launch,
+# the default since 2026-11-26. On float32, the SIMT kernels and other decode plans the flag changes nothing.
+DECODE_EXPERIMENT = ("GMOD_ATTN_DECODE_STAGES", "3")
 
 
 def _env(name: str, value: str):

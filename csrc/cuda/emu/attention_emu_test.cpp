@@ -160,6 +160,7 @@ struct Options {
   bool wgmma_bwd = false;  // d = 64 / 128 atomic-dQ backward on the sm_90a wgmma dk/dv kernel (GMOD_ATTN_BWD_IMPL=wgmma)
   bool fwd_only = false;   // skip the backward (the ci set: where other cases run the same backward kernels, which
                            // cost 5-10x the forward in the emulation)
+  int decode_stages = 2;   // 3: the key-split tensor-core decode on TcDecodeKeySplitDeepTile (GMOD_ATTN_DECODE_STAGES=3)
   bool ref_fwd = false;    // no forward kernels: the backward from the float64 reference's o / lse (the ci set,
                            // where the same forward kernels run on the same problems elsewhere)
 };
@@ -254,9 +255,13 @@ static void run_problem(const Problem& P, const Options& opt, std::mt19937& rng)
       bool done = false;
       if constexpr (kHeadDim <= 128) {
         if (decode && decode_key_split(true, d, static_cast<int64_t>(P.Cq) * group)) {
-          using Tr = TcDecodeKeySplitTile<kHeadDim>;
-          run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, false>(p); },
-                  [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, true>(p); }, tc_fwd_smem_bytes<Tr>());
+          auto key_split = [&](auto traits) {
+            using Tr = decltype(traits);
+            run_fwd(Tr{}, [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, false>(p); },
+                    [&] { gmod_attn_fwd_tc_kernel<Tr, T, true, true>(p); }, tc_fwd_smem_bytes<Tr>());
+          };
+          if (opt.decode_stages == 3) key_split(TcDecodeKeySplitDeepTile<kHeadDim>{});
+          else key_split(TcDecodeKeySplitTile<kHeadDim>{});
           done = true;
         }
       }
@@ -657,6 +662,38 @@ int main(int argc, char** argv) {
   }
   if (mode == "combine") {
     combine_cases();
+    return finish(cases);
+  }
+  // The key-split decode with a ring of 3 K / V buffers (TcDecodeKeySplitDeepTile, GMOD_ATTN_DECODE_STAGES=3),
+  // forward only (the backward kernels do not depend on it): splits of 1, 2, 3, 4 and 11 key tiles (the
+  // prologue's second tile present or not, the ring wrapping), no split with 5 tiles, a last tile cut by
+  // k_len, rows with 0 / 1 keys, a causal chunk of 16 packed rows, every head dim of the tile with both
+  // dtypes; then again with cp.async copies landing at once (a copy into a buffer still being read shows).
+  // `deepdecode` as the argument runs only these; ci runs them too.
+  auto deep_decode_cases = [&] {
+    Options deep;
+    deep.decode_stages = 3;
+    deep.fwd_only = true;
+    auto forced = [&](int splits) {
+      Options o = deep;
+      o.forced_splits = splits;
+      return o;
+    };
+    run_random<__nv_bfloat16, 128>(rng, 3, 1, 700, 8, 2, forced(11), {1, 1, 0}, {700, 1, 0});    // 1 tile per split
+    run_random<__half, 128>(rng, 2, 1, 512, 4, 1, forced(4), {1, 1}, {512, 200});                 // 2 tiles, k_len cut
+    run_random<__nv_bfloat16, 64>(rng, 2, 2, 768, 8, 1, forced(4), {2, 1}, {768, 700});           // 3 tiles
+    run_random<__half, 64>(rng, 1, 1, 1024, 4, 1, forced(4), {1}, {1000});                        // 4 tiles
+    run_random<__nv_bfloat16, 96>(rng, 2, 1, 1400, 2, 2, forced(2), {1, 1}, {1400, 650});        // 11 tiles
+    run_random<__half, 32>(rng, 2, 3, 300, 4, 1, forced(1), {3, 2}, {300, 100});                  // no split, 5 tiles
+    run_random<__half, 96>(rng, 2, 16, 200, 2, 2, forced(3), {16, 5}, {200, 21});                 // 16 rows, causal
+    run_random<__nv_bfloat16, 32>(rng, 1, 4, 130, 8, 2, forced(2), {4}, {130});                   // 1 and 2 tiles
+    cases += 8;
+  };
+  if (mode == "deepdecode") {
+    deep_decode_cases();
+    emu::eager_copies = true;
+    deep_decode_cases();
+    emu::eager_copies = false;
     return finish(cases);
   }
   if (only_tc_bwd) {

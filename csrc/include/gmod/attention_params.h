@@ -63,6 +63,9 @@ struct AttnFwdParams {
   // 1: the combine kernel is launched with programmatic dependent launch (GMOD_ATTN_PDL=1, sm_90+), so it
   // starts while the split kernel drains (attention_common.cuh: pdl_launch_dependents / pdl_wait_prerequisites).
   int decode_pdl;
+  // 3: the key-split tensor-core decode (<= 16 packed rows, d <= 128) runs TcDecodeKeySplitDeepTile, a ring
+  // of 3 K / V buffers (GMOD_ATTN_DECODE_STAGES=3); 2 (or 0), and every other decode plan: double buffers.
+  int decode_stages;
 };
 
 struct AttnBwdParams : AttnFwdParams {
