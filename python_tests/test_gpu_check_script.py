@@ -229,7 +229,7 @@ def test_decode_timeline_rotation_count():
 
 
 def test_decode_timeline_dry_run_on_cpu(tmp_path):
-    """The script's whole loop (both modes, both PDL settings, the copy rows, the JSON) on the CPU
+    """The script's whole loop (both modes, both stage settings, the copy rows, the JSON) on the CPU
     kernels, so that a slip in it does not cost a GPU call; the profiler finds no CUDA kernels there."""
     out = tmp_path / "dt.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "decode_timeline.py"), "--device", "cpu",
@@ -237,7 +237,8 @@ def test_decode_timeline_dry_run_on_cpu(tmp_path):
                            "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["mode"], r["pdl"]) for r in rows] == [("flush", 0), ("flush", 1), ("rotate", 0), ("rotate", 1)]
+    assert [(r["mode"], r["pdl"], r["stages"]) for r in rows] == [("flush", 1, 2), ("flush", 1, 3), ("rotate", 1, 2),
+                                                                  ("rotate", 1, 3)]
     assert [r["caches"] for r in rows] == [1, 1, 256, 256]  # 128 KiB caches: capped at 256
     for r in rows:
         assert r["event_us"] > 0 and r["copy_us"] > 0 and r["ideal_us"] > 0
@@ -298,6 +299,7 @@ def test_gpu_verdicts_attention_rules():
         "make it the default: NO (rule: every check ok and faster at every shape)")
     assert "decode: gmod 28-87% of copy bandwidth (target >= 70 at every shape: not met at 1/2: B1 L4096 28%)" in text
     assert "GMOD_ATTN_DECODE_STAGES=3: checks ok; vs the default 0.99-1.18 -> make it the default: YES" in text
+    assert "per shape (B, cache: x the default): B1 L4096 1.18, B32 L4096 0.99" in text
     att["sections"]["decode"]["rows"][3]["vs_default"] = 0.97  # a loss beyond noise at batch 32
     assert "-> make it the default: NO" in "\n".join(v.decode_lines(att))
 
@@ -320,7 +322,7 @@ def test_gpu_verdicts_model_and_timeline(tmp_path):
     assert "model: gamma-MoD vs dense: prefill 1.74x (target 1.7: met); train step 1.46x (target 1.5: NOT met)" in text
     assert "gamma-MoD gmod 1.49x -> keep the default: NO (switch auto to gmod)" in text
     assert "event 19.8 us, kernels 9.0 (split 6.0, combine 2.0), outside them 10.8, ideal 5.5" in text
-    assert "rotating caches take 8.8 us off the call, 0.7 us off a same-size copy" in text
+    assert "B1 L4096 PDL 0 stages 2: rotating caches take 8.8 us off the call, 0.7 us off a same-size copy" in text
     assert "much more than a copy" in text
     # the command line: no JSON at all is said, not an error
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_verdicts.py"), str(tmp_path / "none")],

@@ -1,11 +1,13 @@
 """Where a decode call's time goes, kernel by kernel (CUDA profiler timestamps).
 
     python scripts/decode_timeline.py                        # B 1 / 8 x L 4096 / 16384, GQA 32/8, d 128
-    python scripts/decode_timeline.py --B 1 --L 4096 --pdl 0 1 --json out.json
+    python scripts/decode_timeline.py --B 1 --L 4096 --pdl 0 1 --stages 2 --json out.json
 
 At batch 1 the decode is far from a copy of the same bytes (stop 15, H100: 19.8 us at 4k tokens where
 the copy takes 8.7 us, and about the same ~15 us more than the cache read at copy speed at 16k and
-32k): a fixed cost per call. This script splits that cost. For each shape and GMOD_ATTN_PDL setting it
+32k): a fixed cost per call. This script splits that cost. For each shape, GMOD_ATTN_PDL setting (default
+1, the library's default) and GMOD_ATTN_DECODE_STAGES setting (default 2 and 3: the key-split decode's
+K / V buffers, 3 = two key tiles in flight per CTA) it
 times gmod.attention (q_len = 1) with CUDA events exactly as `gmod_ext.bench attention` does (L2
 flushed before each call, median), then runs the same calls under torch.profiler and prints medians of:
 
@@ -93,8 +95,10 @@ def main(argv=None) -> int:
     ap.add_argument("--Hq", type=int, default=32)
     ap.add_argument("--Hk", type=int, default=8)
     ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--pdl", type=int, nargs="+", default=[0, 1], choices=[0, 1],
-                    help="GMOD_ATTN_PDL settings to run (default 0 1)")
+    ap.add_argument("--pdl", type=int, nargs="+", default=[1], choices=[0, 1],
+                    help="GMOD_ATTN_PDL settings to run (default 1)")
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3], choices=[2, 3],
+                    help="GMOD_ATTN_DECODE_STAGES settings to run (default 2 3)")
     ap.add_argument("--modes", nargs="+", default=["flush", "rotate"], choices=["flush", "rotate"],
                     help="how each call finds the cache out of L2 (default both; see above)")
     ap.add_argument("--calls", type=int, default=20, help="profiled calls per setting (default 20)")
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
     l2 = int(getattr(props, "L2_cache_size", 50 * 2**20))
     print(f"{props.name if cuda else 'CPU (dry run)'}, copy bandwidth {copy_GBps:.0f} GB/s, L2 {l2 / 2**20:.0f} MiB, bf16, "
           f"Hq/Hk {a.Hq}/{a.Hk}, d {a.d}\n")
-    head = f"{'B':>3} {'L':>6} {'mode':>6} {'PDL':>3} {'event us':>9} {'copy us':>8} {'split us':>9} " \
+    head = f"{'B':>3} {'L':>6} {'mode':>6} {'PDL':>3} {'stg':>3} {'event us':>9} {'copy us':>8} {'split us':>9} " \
            f"{'gap us':>7} {'combine us':>10} {'kernels us':>10} {'ideal us':>9}"
     print(head)
     print("-" * len(head))
@@ -145,8 +149,9 @@ def main(argv=None) -> int:
                 tctx = ctx if mode == "flush" else no_flush
                 copy_us = common.measure(copies, tctx).ms * 1e3
                 del srcs, dsts, copies
-                for pdl in a.pdl:
+                for pdl, stages in [(p, s) for p in a.pdl for s in a.stages]:
                     os.environ["GMOD_ATTN_PDL"] = str(pdl)
+                    os.environ["GMOD_ATTN_DECODE_STAGES"] = str(stages)
                     event_us = common.measure(calls, tctx).ms * 1e3
                     for c in calls:
                         c()
@@ -159,18 +164,19 @@ def main(argv=None) -> int:
                             calls[i % n]()
                         ctx.sync()
                     found = split_calls(_kernels(prof))
-                    r = {"B": B, "L": L, "mode": mode, "caches": n, "pdl": pdl, "event_us": event_us,
+                    r = {"B": B, "L": L, "mode": mode, "caches": n, "pdl": pdl, "stages": stages, "event_us": event_us,
                          "copy_us": copy_us, "ideal_us": ideal, "calls": len(found)}
                     for key in ("split", "gap", "combine", "span"):
                         r[f"{key}_us"] = _median([c[key] for c in found])
                     rows.append(r)
-                    print(f"{B:>3} {L:>6} {mode:>6} {pdl:>3} {f(event_us, 9)} {f(copy_us, 8)} {f(r['split_us'], 9)} "
+                    print(f"{B:>3} {L:>6} {mode:>6} {pdl:>3} {stages:>3} {f(event_us, 9)} {f(copy_us, 8)} {f(r['split_us'], 9)} "
                           f"{f(r['gap_us'], 7)} {f(r['combine_us'], 10)} {f(r['span_us'], 10)} {f(ideal, 9)}",
                           flush=True)
                 del inputs, calls
                 if cuda:
                     torch.cuda.empty_cache()
     os.environ.pop("GMOD_ATTN_PDL", None)
+    os.environ.pop("GMOD_ATTN_DECODE_STAGES", None)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"copy_GBps": copy_GBps, "rows": rows}, fh, indent=1)

@@ -10,7 +10,7 @@
 #   kernels on its own against a float64 product; if the wgmma tests fail, it says which form)
 #   (tests: pytest -m cuda, the wgmma kernels' own tests apart as tests_wgmma after the rest)
 #   (decode_timeline: scripts/decode_timeline.py, ~60 s: the decode's split / combine kernels and the gap
-#   between them from profiler timestamps, with and without GMOD_ATTN_PDL, against the CUDA-event time,
+#   between them from profiler timestamps, with GMOD_ATTN_DECODE_STAGES 2 and 3, against the CUDA-event time,
 #   with the benchmark's L2 flush and with rotating caches instead)
 #   (the benchmarks first: they check every result against a baseline before timing it, and
 #   they are the numbers the issues ask for; when the budget runs out, what is left is skipped
@@ -382,7 +382,7 @@ fi
 
 # ------------------------------------------------------------------ decode_timeline
 # Where a batch-1 decode call's time goes (split kernel, gap, combine kernel, outside the kernels), with
-# and without the PDL-launched combine, after the benchmark's L2 flush and with rotating caches instead:
+# two and three K / V buffers in the key-split decode, after the benchmark's L2 flush and with rotating caches instead:
 # the fixed ~15 us per call that keeps batch 1 from the target.
 if want decode_timeline; then
   if run_step decode_timeline 150 decode_timeline.log "$PY" scripts/decode_timeline.py --json "$OUT/decode_timeline.json"; then

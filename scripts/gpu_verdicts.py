@@ -110,6 +110,9 @@ def decode_lines(att: dict) -> list:
         lines.append(f"  {DECODE_FLAG}: checks {'ok' if all(_ok(r) for r in exp) else 'NOT all ok'}; vs the default "
                      f"{_span([v for v in vd if v is not None])} -> make it the default: {_yes(flip)} "
                      f"(rule: none below 0.99x, one at 1.02x or more)")
+        # which shapes gain and which lose: a policy by batch / cache length, if the flag does not win everywhere
+        lines.append("  per shape (B, cache: x the default): " + ", ".join(
+            f"B{r['B']} L{r['L']} {v:.2f}" if v is not None else f"B{r['B']} L{r['L']} -" for r, v in zip(exp, vd)))
         best = [max(_num(g.get("pct_copy")) or 0.0, _num(e.get("pct_copy")) or 0.0)
                 for g in gmod for e in exp if (g["B"], g["L"]) == (e["B"], e["L"])]
         if best:
@@ -148,21 +151,22 @@ def timeline_lines(tl: dict) -> list:
         ev, span, ideal = _num(r.get("event_us")), _num(r.get("span_us")), _num(r.get("ideal_us"))
         if ev is None:
             continue
-        head = f"decode_timeline B{r['B']} L{r['L']} {r.get('mode', 'flush')} PDL {r.get('pdl')}: event {ev:.1f} us"
+        head = (f"decode_timeline B{r['B']} L{r['L']} {r.get('mode', 'flush')} PDL {r.get('pdl')} stages "
+                f"{r.get('stages', 2)}: event {ev:.1f} us")
         if span is None:
             lines.append(head + " (no kernel times)")
             continue
         lines.append(f"{head}, kernels {span:.1f} (split {_num(r.get('split_us')) or 0.0:.1f}, combine "
                      f"{_num(r.get('combine_us')) or 0.0:.1f}), outside them {ev - span:.1f}, ideal {ideal or 0.0:.1f}")
-    # flush vs rotate, PDL 0: how much of the call the flush's after-effects are, against a copy's
-    key = {(r["B"], r["L"], r.get("mode"), r.get("pdl")): r for r in rows}
-    for (B, L, mode, pdl), r in key.items():
-        rot = key.get((B, L, "rotate", pdl))
+    # flush vs rotate: how much of the call the flush's after-effects are, against a copy's
+    key = {(r["B"], r["L"], r.get("mode"), r.get("pdl"), r.get("stages", 2)): r for r in rows}
+    for (B, L, mode, pdl, stages), r in key.items():
+        rot = key.get((B, L, "rotate", pdl, stages))
         if mode != "flush" or rot is None:
             continue
         d_call = (_num(r.get("event_us")) or 0.0) - (_num(rot.get("event_us")) or 0.0)
         d_copy = (_num(r.get("copy_us")) or 0.0) - (_num(rot.get("copy_us")) or 0.0)
-        lines.append(f"  B{B} L{L} PDL {pdl}: rotating caches take {d_call:.1f} us off the call, {d_copy:.1f} us off "
+        lines.append(f"  B{B} L{L} PDL {pdl} stages {stages}: rotating caches take {d_call:.1f} us off the call, {d_copy:.1f} us off "
                      f"a same-size copy -> the benchmark's flush bills the kernels "
                      f"{'much more than a copy (look at the SM set-up after the flush)' if d_call > d_copy + 3.0 else 'about what it bills a copy'}")
     return lines
