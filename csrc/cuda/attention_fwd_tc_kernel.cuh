@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kNThreads) gmod_attn_fwd_tc_kernel(const AttnF
     }
 
     for (int nb = nb_begin; nb < nb_end; ++nb) {
-      const int it = nb - nb_begin;
+      const unsigned it = nb - nb_begin;  // unsigned: % 2 is a mask, % 3 a multiply
       const int buf = it % NS;
       cp_async_wait<NS - 2>();
       __syncthreads();  // tile nb is in smem for everyone; everyone is done with tile nb - 1's buffer
