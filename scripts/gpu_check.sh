@@ -346,8 +346,8 @@ fi
 # ------------------------------------------------------------------ ncu_attn
 # The attention kernels at benchmark shapes: prefill forward + backward (B=4, C=2048, H=32, d=128,
 # bf16, causal), GQA decode (B=8, 8192 cached keys; B=1, 4096: the split kernel against the
-# combine's time) and the wgmma forward + backward at the prefill shape, with the tensor pipe utilisation and the
-# achieved occupancy.
+# combine's time; B=1, 4096 again with three K / V buffers, GMOD_ATTN_DECODE_STAGES=3) and the wgmma forward +
+# backward at the prefill shape, with the tensor pipe utilisation and the achieved occupancy.
 STALLS=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' barrier long_scoreboard \
   short_scoreboard mio_throttle math_pipe_throttle wait lg_throttle not_selected dispatch_stall no_instruction)
 STALLS=${STALLS%,}
@@ -359,7 +359,7 @@ if want ncu_attn; then
     ok=1; dur_all=0
     # last: the sm_90a wgmma forward and backward (GMOD_ATTN_{FWD,BWD}_IMPL=wgmma) at the same prefill shape
     for args in "--B 4 --C 2048 --bwd" "--B 8 --C 8192 --H 32 --Hk 8 --decode" "--B 1 --C 4096 --H 32 --Hk 8 --decode" \
-        "--B 4 --C 2048 --bwd --fwd-impl wgmma --bwd-impl wgmma"; do
+        "--B 1 --C 4096 --H 32 --Hk 8 --decode --decode-stages 3" "--B 4 --C 2048 --bwd --fwd-impl wgmma --bwd-impl wgmma"; do
       run_step ncu_attn 90 ncu_attn_run.log ncu --clock-control none --kernel-name-base demangled \
         --kernel-name regex:gmod_attn --launch-skip 3 --launch-count 4 --section SpeedOfLight --section Occupancy \
         --section LaunchStats --metrics "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,$STALLS" \

@@ -30,12 +30,18 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true", help="one query per row against C cached keys")
     ap.add_argument("--iters", type=int, default=4, help="calls of each op (default 4)")
     ap.add_argument("--fwd-impl", choices=["mma", "wgmma"], default="mma",
-                    help="prefill forward kernel: mma (mma.sync, the default) or wgmma (sm_90a; sets GMOD_ATTN_FWD_IMPL)")
+                    help="prefill forward kernel: mma (mma.sync, this script's default) or wgmma (sm_90a, the library's "
+                         "default on an H100); sets GMOD_ATTN_FWD_IMPL")
     ap.add_argument("--bwd-impl", choices=["mma", "wgmma"], default="mma",
-                    help="backward dk/dv kernel: mma (mma.sync, the default) or wgmma (sm_90a; sets GMOD_ATTN_BWD_IMPL)")
+                    help="backward dk/dv kernel: mma (mma.sync, this script's default) or wgmma (sm_90a, the library's "
+                         "default on an H100); sets GMOD_ATTN_BWD_IMPL")
+    ap.add_argument("--decode-stages", choices=["2", "3"], default="2",
+                    help="K / V buffers of the key-split decode: 2 (the default) or 3 (two key tiles in flight); "
+                         "sets GMOD_ATTN_DECODE_STAGES")
     a = ap.parse_args()
     os.environ["GMOD_ATTN_FWD_IMPL"] = a.fwd_impl
     os.environ["GMOD_ATTN_BWD_IMPL"] = a.bwd_impl
+    os.environ["GMOD_ATTN_DECODE_STAGES"] = a.decode_stages
     if not torch.cuda.is_available():
         raise SystemExit("profile_attention_case.py needs a CUDA device")
     dt = getattr(torch, a.dtype)
@@ -53,7 +59,7 @@ def main() -> None:
             torch.ops.gmod.attention_backward(torch.randn_like(o), q, k, v, o, lse, q_len, k_len, scale)
     torch.cuda.synchronize()
     print(f"ran {a.iters} x attention{' + backward' if a.bwd else ''}: B={a.B} Cq={cq} Ck={a.C} H={a.H} Hk={hk} "
-          f"d={a.d} {a.dtype} fwd={a.fwd_impl} bwd={a.bwd_impl}")
+          f"d={a.d} {a.dtype} fwd={a.fwd_impl} bwd={a.bwd_impl} decode stages={a.decode_stages}")
 
 
 if __name__ == "__main__":
