@@ -20,7 +20,8 @@
 #   --profile; a second call:
 #   GMOD_GPU_CHECK_STEPS=bench_layer,bench_model on the warm machine reuses the build)
 #   bench_attention runs with --experiments: gmod-exp rows time the other kernel plans (the mma.sync
-#   forward and backward at d = 64 / 128, the plain decode launch) next to the defaults, in the same process.
+#   forward and backward at d = 64 / 128, the decode with three K / V buffers) next to the defaults, in the same
+#   process.
 #   extra, only when named: bench_attention_det (GMOD_DETERMINISTIC=1), decode_sweep (the decode's split
 #   count swept against the wave model, scripts/decode_split_sweep.py), synccheck initcheck
 #   (compute-sanitizer tools), ncu_nvtx (the README's NVTX
@@ -227,7 +228,7 @@ bench_named() {  # name benchmark limit
 }
 want bench_ops && bench bench_ops 150
 # --experiments: gmod-exp rows, the other kernel plans timed in the same process (the mma.sync forward
-# and backward at d = 64 / 128); they decide the defaults.
+# and backward at d = 64 / 128, the decode with GMOD_ATTN_DECODE_STAGES=3); they decide the defaults.
 want bench_attention && GMOD_BENCH_ARGS="--experiments ${GMOD_BENCH_ARGS:-}" bench bench_attention 240
 want bench_layer && bench bench_layer 200
 want bench_model && GMOD_BENCH_ARGS="--profile ${GMOD_BENCH_ARGS:-}" bench bench_model 420
