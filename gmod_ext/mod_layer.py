@@ -312,6 +312,14 @@ def _layer_type(attn: nn.Module) -> Optional[str]:
     return types[i] if isinstance(types, (list, tuple)) and isinstance(i, int) and 0 <= i < len(types) else None
 
 
+def _typed_rope_is_none(attn: nn.Module, layer_type: Optional[str]) -> bool:
+    """Whether the model's rope settings are per layer type and this layer's type has none (Cohere Compass:
+    ``rope_parameters = {"sliding_attention": {...}, "full_attention": None}``): the model then gives
+    these layers no position embeddings, and they attend without rotation (NoPE)."""
+    params = getattr(getattr(attn, "config", None), "rope_parameters", None)
+    return isinstance(params, dict) and layer_type is not None and layer_type in params and params[layer_type] is None
+
+
 def _head_dim(attn: nn.Module) -> int:
     """The attention's head dim: ``head_dim``, or GPT-NeoX's ``head_size``."""
     d = getattr(attn, "head_dim", None)
@@ -1262,11 +1270,14 @@ def make_mod_layer(
     layer._gmod_norm_offset = isinstance(getattr(norm_in, "weight", None), torch.Tensor) and _norm_is_offset(norm_in)
     layer._gmod_rope = _model_rope(attention_module(layer))
     # a rotary module with angles per layer type (Gemma-3's local / global) is asked for this layer's
-    layer._gmod_rotary_type = _layer_type(attention_module(layer)) \
-        if state.rotary is not None and accepts(state.rotary.forward, "layer_type") else None
+    attn = attention_module(layer)
+    typed = state.rotary is not None and accepts(state.rotary.forward, "layer_type")
+    layer._gmod_rotary_type = _layer_type(attn) if typed else None
     # a model converted whole tells whether it has a rotary module; a standalone layer is assumed to get
-    # position embeddings from its caller
-    layer._gmod_uses_rope = _uses_rope(attention_module(layer), model_has_rotary=state.rotary is not None or not state_given)
+    # position embeddings from its caller; a layer type without rope settings gets none
+    gets_angles = state.rotary is not None or not state_given
+    gets_angles = gets_angles and not (typed and _typed_rope_is_none(attn, _layer_type(attn)))
+    layer._gmod_uses_rope = _uses_rope(attn, model_has_rotary=gets_angles)
     layer._gmod_arity = _returned_arity(layer._gmod_base_class)  # a tuple-returning layer (Falcon) returns one too
     layer.gmod_layer_idx = int(layer_idx)
     layer.gmod_ratio = float(ratio)

@@ -314,14 +314,23 @@ def check_decoder_layers(model: nn.Module, parts, tolerance: float = VERIFY_TOLE
                 ids[ids == t] = (t + 1) % max(2, min(vocab, 1000))
             model.eval()
             with torch.no_grad():
-                if parts.token_type_rule == "prefix" and accepts(model.forward, "token_type_ids"):
-                    # a prefix-LM's text model alone attends both ways: its causal run is the whole model's,
-                    # every token in the suffix
-                    ids = ids.to(device)
-                    model(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=_check_types(ids, "causal"),
-                          use_cache=False)
-                else:
-                    parts.text_model(input_ids=ids.to(device), use_cache=False)
+                ids = ids.to(device)
+                try:
+                    if parts.token_type_rule == "prefix" and accepts(model.forward, "token_type_ids"):
+                        # a prefix-LM's text model alone attends both ways: its causal run is the whole model's,
+                        # every token in the suffix
+                        model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              token_type_ids=_check_types(ids, "causal"), use_cache=False)
+                    else:
+                        parts.text_model(input_ids=ids, use_cache=False)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - the model's own forward (the hooks only record)
+                    raise TypeError(
+                        f"gmod.convert: {type(parts.text_model).__name__}, the stack of decoder layers found in "
+                        f"{type(model).__name__}, does not run on token ids alone ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:200]}), so its layers cannot be checked; it needs inputs a "
+                        "text prompt does not give (e.g. a byte-level model's patch ids)") from err
             missing = [i for i in indices if i not in captured]
             if missing:
                 raise TypeError(f"gmod.convert: decoder layers {missing} did not run on a check prompt")

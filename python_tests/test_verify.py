@@ -131,6 +131,12 @@ ACCEPTED = {
     # AFMoE: sandwich norms under other names, an output gate from gate_proj, RoPE on sliding layers only
     "afmoe": lambda: _hf("AfmoeForCausalLM", "AfmoeConfig", head_dim=16, num_experts=4, num_experts_per_tok=2,
                          moe_intermediate_size=32, num_dense_layers=1),
+    # Cohere Compass: rope settings per layer type, none for its full-attention layers (the model gives them no
+    # position embeddings: NoPE), windows on the sliding ones
+    "cohere_compass_nope": lambda: _hf(
+        "CohereCompassForCausalLM", "CohereCompassTextConfig", head_dim=16, sliding_window=5,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}, "full_attention": None}),
     # GPT-Neo: the attention wrapped in attn.attention, unscaled scores, windows of 5 on alternate layers
     "gpt_neo": lambda: _hf("GPTNeoForCausalLM", "GPTNeoConfig", attention_types=[[["global", "local"], 2]], window_size=5),
     # GPT-NeoX-Japanese: tuples too, a separate bias after the last layer's dense, its model passes no
@@ -268,6 +274,26 @@ def test_a_changed_llama_block_is_refused():
         gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
 
 
+def test_a_stack_that_needs_more_than_token_ids_is_refused_with_the_reason():
+    """A decoder stack whose forward needs inputs a text prompt does not give (BLT's byte-level local
+    encoder wants patch ids: its forward failed inside transformers with an AttributeError that reached
+    the user as a crash) is refused with a TypeError that names the stack and the model's own error, and
+    the model is left unconverted; the model's original error stays attached as the cause."""
+    model = tiny_model("llama")
+    stack = find_decoder(model).text_model
+    plain = stack.forward
+
+    def needs_patch_ids(*args, patch_ids=None, **kwargs):
+        return plain(*args, **kwargs) + patch_ids.unsqueeze(-1)  # None without them: AttributeError
+
+    stack.forward = needs_patch_ids
+    with pytest.raises(TypeError, match=r"LlamaModel, the stack of decoder layers found in LlamaForCausalLM, does "
+                       r"not run on token ids alone \(AttributeError: 'NoneType' object") as info:
+        gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
+    assert isinstance(info.value.__cause__, AttributeError)
+    assert not is_converted(model)
+
+
 def test_check_counts_kinds_and_leaves_rng_and_modes_alone():
     model = tiny_model("llama")
     model.train()
@@ -328,7 +354,7 @@ def test_router_reads_the_norm_the_layer_applies(name):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2_nocap", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "gemma2_nocap", "gemma3", "cohere_compass_nope"])
 def test_generation_with_every_token_kept_equals_dense(name):
     """The compact-cache decode path runs the same block (Gemma's sandwich norms included): with ratio 0,
     no gate and decode_threshold 0 (every new token kept), greedy generation and its scores equal the
