@@ -20,7 +20,8 @@ namespace gmod::attn {
 // 163 KB on sm_80, 227 KB on sm_90).
 inline int smem_optin_bytes() {
   int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
   return optin;
 }
 

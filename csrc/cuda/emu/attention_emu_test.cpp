@@ -669,7 +669,7 @@ int main(int argc, char** argv) {
   // prologue's second tile present or not, the ring wrapping), no split with 5 tiles, a last tile cut by
   // k_len, rows with 0 / 1 keys, a causal chunk of 16 packed rows, every head dim of the tile with both
   // dtypes; then again with cp.async copies landing at once (a copy into a buffer still being read shows).
-  // `deepdecode` as the argument runs only these; ci runs them too.
+  // `deepdecode` as the argument runs these (a mode of its own, which the CI test runs).
   auto deep_decode_cases = [&] {
     Options deep;
     deep.decode_stages = 3;
