@@ -15,6 +15,7 @@ from typing import Optional
 
 from torch import nn
 
+from .block_extras import kv_sharing_refusal
 from .block_layout import block_hidden_size, block_layout, first_child, layout_refusal
 
 
@@ -29,6 +30,8 @@ class DecoderParts:
     # the layers a MoD layer can replace: those with self-attention and a known norm layout (all of them
     # but the linear-attention / recurrent layers of hybrid models such as Qwen3.5)
     convertible: tuple = ()
+    # why layers with a layout are still not convertible: {index: reason} (KV sharing: gmod_ext.block_extras)
+    refusals: dict = dataclasses.field(default_factory=dict)
     # how its token_type_ids mark the tokens that attend both ways (gmod_ext.router.TOKEN_TYPE_RULES)
     token_type_rule: str = "image"
 
@@ -106,7 +109,12 @@ def find_decoder(model: nn.Module) -> DecoderParts:
         raise TypeError(f"gmod: could not find a decoder layer stack in {type(model).__name__}")
     text_model = candidates[0]
     layers = _stack(text_model)
-    convertible = tuple(i for i, layer in enumerate(layers) if _is_decoder_layer(layer))
+    refusals = {i: r for i in range(len(layers)) if _is_decoder_layer(layers[i])
+                and (r := kv_sharing_refusal(layers, i)) is not None}
+    convertible = tuple(i for i, layer in enumerate(layers) if _is_decoder_layer(layer) and i not in refusals)
+    if not convertible and refusals:
+        raise TypeError(f"gmod: none of {type(text_model).__name__}'s decoder layers can become a MoD layer: "
+                        f"{next(iter(refusals.values()))}")
     if not convertible:
         refusal = next((r for r in map(layout_refusal, layers) if r is not None), None)
         raise TypeError(f"gmod: {type(text_model).__name__}'s layers are not Llama-family decoder layers"
@@ -129,7 +137,7 @@ def find_decoder(model: nn.Module) -> DecoderParts:
         raise TypeError(f"gmod: cannot tell the hidden size of {type(layers[convertible[0]]).__name__} (no norm weight, no "
                         "self_attn.o_proj weight, no config.hidden_size)")
     return DecoderParts(text_model, layers, getattr(text_model, "rotary_emb", None), cfg, hidden, image_token_id,
-                        convertible, token_type_rule(model))
+                        convertible, refusals, token_type_rule(model))
 
 
 # Multimodal models whose mask is a prefix-LM's: token_type_ids 0 (the image and the prompt) attend to each
@@ -141,8 +149,16 @@ PREFIX_LM_MODEL_TYPES = ("paligemma",)
 
 
 def token_type_rule(model: nn.Module) -> str:
-    """The rule of gmod_ext.router.TOKEN_TYPE_RULES that ``model``'s token_type_ids follow."""
-    return "prefix" if getattr(getattr(model, "config", None), "model_type", None) in PREFIX_LM_MODEL_TYPES else "image"
+    """The rule of gmod_ext.router.TOKEN_TYPE_RULES that ``model``'s token types follow: Gemma 4's
+    mm_token_type_ids where its text config says ``use_bidirectional_attention="vision"``."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) in PREFIX_LM_MODEL_TYPES:
+        return "prefix"
+    get_text = getattr(cfg, "get_text_config", None)
+    text = get_text() if callable(get_text) else None
+    if getattr(text, "use_bidirectional_attention", None) == "vision" and accepts(model.forward, "mm_token_type_ids"):
+        return "vision"
+    return "image"
 
 
 # ------------------------------------------------------------------ the KV cache's keyword

@@ -81,7 +81,8 @@ from .alibi import uses_alibi
 from .config import ATTENTIONS, GATES, ON_CACHE, POSITIONS, ROUTERS, VARIANTS, FORCED, GmodConfig, prd_skip_ratios
 from .masks import explicit_codes_and_rows, routing_codes_and_rows
 from .mod_layer import make_mod_layer, unmake_mod_layer
-from .router import GmodRouter, GmodState, RoutingInfo, max_segments, packed_segments, token_type_blocks
+from .router import (GmodRouter, GmodState, RoutingInfo, TOKEN_TYPE_KEYWORDS, max_segments, packed_segments,
+                     set_token_type_blocks)
 from .verify import check_decoder_layers
 
 __all__ = ["convert", "unconvert", "from_pretrained", "gmod_stats", "is_converted", "GmodStatsCallback"]
@@ -226,6 +227,10 @@ def _resolve_layers(model, parts, layers, calibration_batches, keep_dense, arank
         if bad:
             raise ValueError(f"gmod.convert: layer indices {bad} out of range [0, {L})")
     other = [i for i in chosen if i not in parts.convertible]
+    shared = [i for i in other if i in parts.refusals]
+    if shared:
+        raise ValueError(f"gmod.convert: layers {shared} cannot become MoD layers: {parts.refusals[shared[0]]}; these "
+                         f"can: {list(parts.convertible)}")
     if other:
         raise ValueError(
             f"gmod.convert: layers {other} ({type(parts.layers[other[0]]).__name__} without self-attention, e.g. the "
@@ -605,13 +610,13 @@ def _pre_hook(module, args, kwargs):
         info.segments = packed_segments(position_ids.expand(shape[0], -1))
         if info.segments is not None and not torch.compiler.is_compiling():
             info.max_segments = max_segments(info.segments)  # sizes the per-sequence routing's capacity
-    token_type_ids = named.get("token_type_ids")
+    token_type_ids = named.get(TOKEN_TYPE_KEYWORDS[state.token_type_rule])
     if cfg.image_token_id is not None and isinstance(token_type_ids, torch.Tensor) \
             and tuple(token_type_ids.shape) == shape:
         # tokens that attend both ways, marked by token_type_ids (Gemma-3: each image's tokens, 1; PaliGemma:
-        # the prefix, 0): kept tokens of one block see each other both ways, as in the model's mask
-        # (in a model without images, e.g. GPT-2, token types are segment embeddings: nothing to do here)
-        info.blocks, info.window_in_blocks = token_type_blocks(token_type_ids.to(ref.device), state.token_type_rule)
+        # the prefix, 0; Gemma 4: mm_token_type_ids): kept tokens of one block see each other both ways, as in
+        # the model's mask (in a model without images, e.g. GPT-2, token types are segment embeddings)
+        set_token_type_blocks(info, token_type_ids.to(ref.device), state.token_type_rule)
     elif state.token_type_rule == "prefix" and shape[1] > 1 and _cache_is_empty(named):
         raise ValueError(
             f"gmod: {type(module).__name__} is a prefix-LM (PaliGemma): token_type_ids say which tokens form the "

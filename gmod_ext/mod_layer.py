@@ -78,7 +78,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import diff_attention, mla, ops
+from . import block_extras, diff_attention, mla, ops
 from .rotary import complex_rotation
 from ._hf import accepts, cache_kwarg_of, pop_cache
 from .alibi import AlibiBias, key_bias, pop_alibi
@@ -152,6 +152,18 @@ def _model_rope(attn: nn.Module):
         params = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
     except (TypeError, ValueError):
         params = []
+    if len(params) == 3 and accepts(fn, "unsqueeze_dim"):
+        # (tensor, cos, sin, unsqueeze_dim) (Gemma 4): one tensor at a time, rotated as ours where it agrees
+        d = _head_dim(attn)
+        g = torch.Generator().manual_seed(0)
+        t = torch.randn(1, 3, 2, d, dtype=torch.float64, generator=g, device="cpu")
+        cos, sin = (torch.randn(1, 3, d, dtype=torch.float64, generator=g, device="cpu") for _ in range(2))
+        try:
+            same = torch.allclose(fn(t, cos, sin, unsqueeze_dim=2), _apply_rope(t, t, cos, sin)[0], rtol=1e-12,
+                                  atol=1e-12)
+        except Exception:  # noqa: BLE001 - another convention: rotate with the model's own function
+            same = False
+        return None if same else functools.partial(_rotate_each, fn, None, with_unsqueeze=True)
     if len(params) == 3:  # (tensor, sin, cos): one tensor at a time
         rotary_dim = getattr(attn, "rotary_dim", None)
         return functools.partial(_rotate_each, fn, rotary_dim if isinstance(rotary_dim, int) else None)
@@ -172,14 +184,17 @@ def _model_rope(attn: nn.Module):
 
 
 def _rotate_each(fn, rotary_dim: Optional[int], q: torch.Tensor, k: torch.Tensor, first: torch.Tensor,
-                 second: torch.Tensor, unsqueeze_dim: int = 2):
+                 second: torch.Tensor, unsqueeze_dim: int = 2, with_unsqueeze: bool = False):
     """q and k [B, C, H, d] each rotated by the model's one-tensor ``fn(t, first, second)`` (GPT-J / CodeGen:
     ``(tensor, sin, cos)``, ``first`` / ``second`` [B, C, r / 2] as the model's rotary module returns them), on
-    their first ``rotary_dim`` dims (None: all); the other dims pass through."""
+    their first ``rotary_dim`` dims (None: all); the other dims pass through. ``with_unsqueeze``: the function
+    takes ``unsqueeze_dim`` (Gemma 4's ``(tensor, cos, sin, unsqueeze_dim)``), which is passed on."""
+    kw = {"unsqueeze_dim": unsqueeze_dim} if with_unsqueeze else {}
+
     def one(t):
         if rotary_dim is None or rotary_dim >= t.shape[-1]:
-            return fn(t, first, second)
-        return torch.cat([fn(t[..., :rotary_dim], first, second), t[..., rotary_dim:]], dim=-1)
+            return fn(t, first, second, **kw)
+        return torch.cat([fn(t[..., :rotary_dim], first, second, **kw), t[..., rotary_dim:]], dim=-1)
 
     return one(q), one(k)
 
@@ -528,7 +543,7 @@ class MoDDecoderLayer:
                 **kwargs,
             )
         return self.gmod_forward(hidden_states, position_embeddings, position_ids=position_ids, routing=routing,
-                                 alibi=alibi)
+                                 alibi=alibi, per_layer_input=kwargs.get(block_extras.PER_LAYER_INPUT))
 
     def gmod_forward_with_cache(self, hidden_states, *, past_key_values, routing=None, alibi=None, **kwargs):
         """A call with a KV cache (prefill / decode), see :mod:`gmod_ext.cache`.
@@ -565,11 +580,14 @@ class MoDDecoderLayer:
         S = x.shape[1]
         pe = kwargs.get("position_embeddings")
         pos = kwargs.get("position_ids")
+        e = kwargs.get(block_extras.PER_LAYER_INPUT)
         if slot.seen == 0 and not slot.is_initialized:
-            y = self.gmod_forward(x, pe, position_ids=pos, routing=routing, kv_cache=slot, alibi=alibi)
+            y = self.gmod_forward(x, pe, position_ids=pos, routing=routing, kv_cache=slot, alibi=alibi,
+                                  per_layer_input=e)
             slot.prefill_len = S
         else:
-            y = self.gmod_forward_decode(x, slot, pe, position_ids=pos, routing=routing, alibi=alibi)
+            y = self.gmod_forward_decode(x, slot, pe, position_ids=pos, routing=routing, alibi=alibi,
+                                         per_layer_input=e)
         slot.seen += S
         slot.trim_window()  # a sliding window: drop what no later query sees
         return y
@@ -673,7 +691,10 @@ class MoDDecoderLayer:
         head_dim = _head_dim(attn)
         gate = None
         if isinstance(getattr(attn, "q_proj", None), nn.Module):
-            q_, k_, v_ = attn.q_proj(h_in), attn.k_proj(h_in), attn.v_proj(h_in)
+            q_, k_ = attn.q_proj(h_in), attn.k_proj(h_in)
+            # Gemma 4's full-attention layers with attention_k_eq_v have no v_proj: the values are the keys
+            # as projected, before the key norm and the rotation
+            v_ = k_ if attn.v_proj is None else attn.v_proj(h_in)
             if _output_gated(attn):  # Qwen3-Next / 3.5: per head, the query's d dims then its gate's d
                 q_, gate = q_.view(B, C, -1, 2 * head_dim).chunk(2, dim=-1)
                 q_, gate = q_.reshape(B, C, -1), gate.reshape(B, C, -1)
@@ -714,7 +735,7 @@ class MoDDecoderLayer:
             q_, k_, v_ = qkv.split([nq, (qkv.shape[-1] - nq) // 2, (qkv.shape[-1] - nq) // 2], dim=-1)
         q = _qk_norm(attn, "q_norm", q_, B, C, head_dim)
         k = _qk_norm(attn, "k_norm", k_, B, C, head_dim)
-        v = v_.reshape(B, C, -1, head_dim)
+        v = _qk_norm(attn, "v_norm", v_, B, C, head_dim)  # Gemma 4 norms values per head (without a scale)
         rope = self.__dict__.get("_gmod_rope")
         if cos is None:
             pass  # a NoPE (or ALiBi) layer: no rotation
@@ -827,9 +848,27 @@ class MoDDecoderLayer:
         k = self.__dict__.get("residual_multiplier", self.__dict__.get("residual_scale"))
         return update if not isinstance(k, (int, float)) or isinstance(k, bool) or k == 1 else update * k
 
+    def _gmod_per_layer_input(self, e: Optional[torch.Tensor], B: int, S: int) -> Optional[torch.Tensor]:
+        """The block's per-layer input [B, S, P], contiguous, checked; None for a block without one."""
+        if not block_extras.has_per_layer_input(self):
+            return None
+        if not isinstance(e, torch.Tensor):
+            raise ValueError(
+                f"gmod: MoD layer {self.gmod_layer_idx} ({self._gmod_base_class.__name__}) adds a per-layer input "
+                "embedding to each token and was not given one (per_layer_input, [B, S, hidden_size_per_layer_input]"
+                "): call it from its model, which computes them")
+        P = int(self.hidden_size_per_layer_input)
+        if e.dim() != 3 or tuple(e.shape) != (B, S, P):
+            raise ValueError(f"gmod: MoD layer {self.gmod_layer_idx}: per_layer_input must be [B, S, P] = "
+                             f"{[B, S, P]}, got {list(e.shape)}")
+        return e.contiguous()
+
     def _gmod_mlp(self, h: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         """What the MLP adds: mlp(N_mi(h)), then N_mo (each where the block has it), then Phi-3's dropout;
-        a parallel block (Cohere) runs its MLP on the block's input instead: mlp(N_in(xs))."""
+        a parallel block (Cohere) runs its MLP on the block's input instead: mlp(N_in(xs)); Gemma 4's MoE
+        blocks add their experts' output before N_mo (:func:`gmod_ext.block_extras.moe_branch_update`)."""
+        if block_extras.has_moe_branch(self):
+            return self._gmod_norm("mlp_out")(block_extras.moe_branch_update(self, h))
         if self._gmod_parallel():
             h = xs
         norm_in, norm_out = self._gmod_norm("mlp_in"), self._gmod_norm("mlp_out")
@@ -930,6 +969,7 @@ class MoDDecoderLayer:
         routing: Optional[RoutingInfo] = None,
         kv_cache=None,
         alibi: Optional[AlibiBias] = None,
+        per_layer_input: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The MoD layer on a whole sequence (training, no-cache inference, cached prefill).
 
@@ -941,7 +981,8 @@ class MoDDecoderLayer:
         ``kv_cache``: a :class:`~gmod_ext.cache.GmodLayer` to append the kept tokens' keys and
         values to (the cached prefill; everything else is exactly the cache-less computation).
         ``alibi``: the ALiBi bias the model gave the layer (:mod:`gmod_ext.alibi`), read at the kept keys'
-        original positions.
+        original positions. ``per_layer_input`` [B, S, P]: the token's per-layer embeddings, for a block that
+        takes them (Gemma 4: :mod:`gmod_ext.block_extras`).
         """
         state: GmodState = self._gmod_state
         cfg: GmodConfig = state.config
@@ -949,6 +990,7 @@ class MoDDecoderLayer:
             raise ValueError(f"gmod: hidden_states must be [B, S, D], got {tuple(x.shape)}")
         B, S, _ = x.shape
         x = x.contiguous()
+        e = self._gmod_per_layer_input(per_layer_input, B, S)
         attn = self._gmod_attn()
         window = _binding_window(attn, S)
         softcap, sinks = attention_softcap(attn), attention_sinks(attn)
@@ -956,6 +998,8 @@ class MoDDecoderLayer:
         # packed sequences (transformers applies their mask only without a KV cache; so do we)
         segments = None if routing is None or kv_cache is not None else getattr(routing, "segments", None)
         blocks = getattr(routing, "blocks", None)  # token-type blocks (prefill with a cache too, as transformers)
+        if blocks is not None and getattr(routing, "blocks_sliding_only", False) and _sliding_window(attn) is None:
+            blocks = None  # Gemma 4: bidirectional over an image in its sliding-window layers, causal elsewhere
         if self.training and _dropout_p(attn, ("attention_dropout", "dropout", "attn_dropout", "attn_dropout_p")) > 0:
             warnings.warn("gmod: attention dropout is not applied inside MoD layers", stacklevel=2)
         if self.training and _dropout_p(self, ("hidden_dropout",)) > 0 and not self._gmod_block_layout().adds_residual:
@@ -1040,10 +1084,12 @@ class MoDDecoderLayer:
             h = xs + a
         with nvtx_range("mlp"):
             m = self._gmod_mlp(h, xs)
+            if e is not None:
+                m = m + block_extras.per_layer_update(self, h + m, ops.gather_rows(e, idx, count))
 
         # ---- gating + merge
         with nvtx_range("merge"):
-            y = self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask)
+            y = block_extras.scale_output(self, self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask))
 
         # ---- aux loss + statistics
         self._gmod_record(sink, logits, idx, count, mask, C)
@@ -1057,6 +1103,7 @@ class MoDDecoderLayer:
         position_ids: Optional[torch.Tensor] = None,
         routing: Optional[RoutingInfo] = None,
         alibi: Optional[AlibiBias] = None,
+        per_layer_input: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """A step on a non-empty compact cache (decode, or any later chunk of S >= 1 tokens).
 
@@ -1072,6 +1119,7 @@ class MoDDecoderLayer:
             raise ValueError(f"gmod: hidden_states must be [B, S, D], got {tuple(x.shape)}")
         B, S, _ = x.shape
         x = x.contiguous()
+        e = self._gmod_per_layer_input(per_layer_input, B, S)
         attn = self._gmod_attn()
         self._gmod_check_alibi(alibi)
         sink = self._gmod_sink(routing)
@@ -1095,7 +1143,7 @@ class MoDDecoderLayer:
             n = max(counts) if counts else 0
         if n == 0:
             self._gmod_record(sink, logits, idx, count, mask, S)
-            return self._gmod_skip_all(x, logits, mask)
+            return block_extras.scale_output(self, self._gmod_skip_all(x, logits, mask))
         if n < S:
             idx = idx[:, :n].contiguous()
         window = _binding_window(attn, cache.seen + S)
@@ -1129,8 +1177,10 @@ class MoDDecoderLayer:
             h = xs + a
         with nvtx_range("mlp"):
             m = self._gmod_mlp(h, xs)
+            if e is not None:
+                m = m + block_extras.per_layer_update(self, h + m, ops.gather_rows(e, idx, count))
         with nvtx_range("merge"):
-            y = self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask)
+            y = block_extras.scale_output(self, self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask))
         self._gmod_record(sink, logits, idx, count, mask, n)
         return y
 
@@ -1205,6 +1255,10 @@ def _check_layer(layer: nn.Module) -> None:
             missing.append("self_attn.head_dim")
         if latent:
             mla.check(attn)
+        if getattr(attn, "is_kv_shared_layer", False) is True:  # (gmod_ext.block_extras.kv_sharing_refusal)
+            raise TypeError(f"gmod: {type(layer).__name__} attends over keys and values another layer computed for "
+                            "every token (KV sharing: is_kv_shared_layer); a MoD layer computes its own for its kept "
+                            "tokens, so it cannot replace this one")
     if missing:
         raise TypeError(f"gmod: {type(layer).__name__} is not a Llama-family decoder layer (missing {missing})")
     if attn is not None:

@@ -118,6 +118,8 @@ class RoutingInfo:
         # both ways, as its mask says
         self.blocks: Optional[torch.Tensor] = None
         self.window_in_blocks = True
+        # whether the blocks apply in sliding-window layers only (Gemma 4: its full-attention layers are causal)
+        self.blocks_sliding_only = False
         # [B] leading padding tokens of each row over the whole sequence so far, when the call gave a 2-D
         # attention mask: Llama-4's attention chunks count from the first real token, as its mask does
         self.left_pad: Optional[torch.Tensor] = None
@@ -226,12 +228,28 @@ def prefix_blocks(token_type_ids: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.where(prefix, 0, -1).long()
 
 
+def vision_blocks(mm_token_type_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """[B, S] int64 block ids from Gemma 4's ``mm_token_type_ids`` [B, S] (1 an image token, 2 a video token,
+    0 text, 3 audio): each run of consecutive image / video tokens is one block, as :func:`image_blocks`."""
+    return image_blocks(((mm_token_type_ids == 1) | (mm_token_type_ids == 2)).long())
+
+
 # how a multimodal model's token_type_ids mark the tokens that attend to each other both ways
 # (gmod_ext._hf.token_type_rule tells a model's rule): "image" each run of image tokens (Gemma-3),
 # "prefix" the whole prefix of a prefix-LM (PaliGemma); the second item says whether a sliding window
 # limits a block (Gemma-3's local layers: AND(window, OR(causal, block)); PaliGemma-2's:
-# OR(AND(window, causal), block))
-TOKEN_TYPE_RULES = {"image": (image_blocks, True), "prefix": (prefix_blocks, False)}
+# OR(AND(window, causal), block)); "vision" (Gemma 4 with use_bidirectional_attention="vision") each run of
+# image or video tokens, in its sliding-window layers only (its full-attention layers are causal), read from
+# mm_token_type_ids
+TOKEN_TYPE_RULES = {"image": (image_blocks, True), "prefix": (prefix_blocks, False), "vision": (vision_blocks, True)}
+TOKEN_TYPE_KEYWORDS = {"image": "token_type_ids", "prefix": "token_type_ids", "vision": "mm_token_type_ids"}
+BLOCKS_IN_SLIDING_LAYERS_ONLY = ("vision",)
+
+
+def set_token_type_blocks(info: "RoutingInfo", token_types: torch.Tensor, rule: str) -> None:
+    """Set ``info``'s ``blocks``, ``window_in_blocks`` and ``blocks_sliding_only`` from a rule's token types."""
+    info.blocks, info.window_in_blocks = token_type_blocks(token_types, rule)
+    info.blocks_sliding_only = rule in BLOCKS_IN_SLIDING_LAYERS_ONLY
 
 
 def token_type_blocks(token_type_ids: torch.Tensor, rule: str) -> tuple[Optional[torch.Tensor], bool]:

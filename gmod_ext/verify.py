@@ -39,10 +39,11 @@ import torch
 from torch import nn
 
 from ._hf import accepts
+from .block_extras import EXTRA_NORMS
 from .block_layout import ATTENTION_NAMES, KNOWN_NORMS, MLP_BRANCHES, attention_module
 from .config import GmodConfig
 from .mod_layer import _returned_arity, _sliding_window, make_mod_layer
-from .router import GmodState, RoutingInfo, token_type_blocks
+from .router import TOKEN_TYPE_KEYWORDS, GmodState, RoutingInfo, set_token_type_blocks
 
 __all__ = ["check_decoder_layers", "VERIFY_TOLERANCE"]
 
@@ -115,8 +116,8 @@ def _hints(layer: nn.Module, cfg: Any, kwargs: Optional[dict] = None) -> list[st
             or (kwargs is not None and _sees_later_tokens(kwargs)):
         hints.append("the attention lets tokens see later tokens (is_causal=False, a bidirectional or prefix-LM "
                      "mask); MoD layers attend causally, except within the blocks that token_type_ids marks by "
-                     "Gemma-3's rule (each image) or PaliGemma's (the prefix)")
-    known = ATTENTION_NAMES + MLP_BRANCHES + KNOWN_NORMS  # (gmod_ext.block_layout)
+                     "Gemma-3's rule (each image) or PaliGemma's (the prefix), or Gemma 4's mm_token_type_ids")
+    known = ATTENTION_NAMES + MLP_BRANCHES + KNOWN_NORMS + EXTRA_NORMS  # (block_layout, block_extras)
     extra = sorted(n for n, _ in layer.named_children() if n not in known and "norm" in n)
     if extra:
         hints.append(f"extra norms {extra} (MoD layers know the norm layouts of gmod_ext.block_layout)")
@@ -217,9 +218,10 @@ def _check_token_types(model: nn.Module, parts, ids: torch.Tensor, indices: list
     cannot see that: run the whole model once more with token types on the prompt (Gemma-3: a span marked as
     an image; a prefix-LM: a prefix and a suffix; no pixels: the embeddings stay text embeddings), and check
     each kind of decoder layer again on what it then gets, the MoD layer told the blocks
-    (:func:`gmod_ext.router.token_type_blocks`) as a converted model's forward tells it.
+    (:func:`gmod_ext.router.set_token_type_blocks`) as a converted model's forward tells it.
     """
-    if parts.image_token_id is None or not accepts(model.forward, "token_type_ids"):
+    keyword = TOKEN_TYPE_KEYWORDS[parts.token_type_rule]  # Gemma 4's: mm_token_type_ids
+    if parts.image_token_id is None or not accepts(model.forward, keyword):
         return
     types = _check_types(ids, parts.token_type_rule)
     seen: dict = {}
@@ -232,7 +234,7 @@ def _check_token_types(model: nn.Module, parts, ids: torch.Tensor, indices: list
     handles = [parts.layers[i].register_forward_pre_hook(recorder(i), with_kwargs=True) for i in indices]
     try:
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=types, use_cache=False)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **{keyword: types})
     except Exception as err:  # noqa: BLE001  (a model that needs pixels with token types: say it was not checked)
         warnings.warn(f"gmod.convert: {type(model).__name__} takes token_type_ids, but a check prompt with image "
                       f"token types did not run ({type(err).__name__}: {err}), so its attention over image tokens "
@@ -242,7 +244,7 @@ def _check_token_types(model: nn.Module, parts, ids: torch.Tensor, indices: list
         for h in handles:
             h.remove()
     routing = RoutingInfo()
-    routing.blocks, routing.window_in_blocks = token_type_blocks(types, parts.token_type_rule)
+    set_token_type_blocks(routing, types, parts.token_type_rule)
     for i in indices:
         if i not in seen:
             continue
@@ -252,7 +254,7 @@ def _check_token_types(model: nn.Module, parts, ids: torch.Tensor, indices: list
                        tolerance, routing=routing, positions=positions)
         except TypeError as err:
             raise TypeError(
-                f"gmod.convert: {type(model).__name__} on a prompt with token types (token_type_ids, "
+                f"gmod.convert: {type(model).__name__} on a prompt with token types ({keyword}, "
                 f"{parts.token_type_rule!r} rule): {err}. Its mask lets some tokens attend to later ones (e.g. an "
                 "image's tokens to each other in both directions, which MoD layers reproduce for Gemma-3's rule: "
                 "consecutive image tokens form a block, and for PaliGemma's: the prefix is one block), and here the "
@@ -264,7 +266,7 @@ def _check_types(ids: torch.Tensor, rule: str) -> torch.Tensor:
     """token_type_ids for the check prompt ``ids`` under a TOKEN_TYPE_RULES rule: for "image" (1 marks image
     tokens) a span of 4 image tokens inside the text; for "prefix" (0 the prefix, 1 the suffix) a prefix of
     7 tokens then the suffix; for "causal" (a prefix-LM's causal run) every token in the suffix."""
-    if rule == "image":
+    if rule in ("image", "vision"):  # (Gemma 4's mm_token_type_ids: 1 marks image tokens too)
         types = torch.zeros_like(ids)
         types[:, 3:7] = 1
     else:

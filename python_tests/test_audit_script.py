@@ -26,10 +26,11 @@ def _load_script():
 def test_audit_reports_converted_and_refused_architectures(tmp_path):
     """llama converts exactly, beam is refused; two that build only with ARCH_FIXES: Cohere Compass (its
     NoPE full-attention layers, which once failed inside the MoD layer) converts exactly, BLT (whose byte-level
-    local encoder needs patch ids, which once crashed the check) is refused with the reason."""
+    local encoder needs patch ids, which once crashed the check) is refused with the reason; Gemma 4's multimodal
+    model (per-layer inputs, layer scalars) converts exactly."""
     out = tmp_path / "audit.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "llama", "beam", "cohere_compass_text", "blt", "--json",
-                           str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "llama", "beam", "cohere_compass_text", "blt", "gemma4",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
     assert doc["llama"].startswith("OK ") and float(doc["llama"].split()[1]) < 1e-5
@@ -37,7 +38,8 @@ def test_audit_reports_converted_and_refused_architectures(tmp_path):
         and "not a block a MoD layer reproduces" in doc["beam"]
     assert doc["cohere_compass_text"].startswith("OK ") and float(doc["cohere_compass_text"].split()[1]) < 1e-5
     assert doc["blt"].startswith("refused: gmod.convert: BltLocalEncoder") and "token ids alone" in doc["blt"]
-    assert "summary: OK 2, refused 2" in proc.stdout
+    assert doc["gemma4"].startswith("OK ") and float(doc["gemma4"].split()[1]) < 1e-5
+    assert "summary: OK 3, refused 2" in proc.stdout
 
 
 def test_audit_exit_status_flags_a_silent_wrong_answer(tmp_path, monkeypatch):

@@ -463,7 +463,10 @@ def test_bidirectional_image_attention_is_checked_on_an_image_prompt(monkeypatch
     anyway (verify=False) it does differ on an image prompt (and not on a text-only one)."""
     import gmod_ext.verify as verify
 
-    monkeypatch.setattr(verify, "token_type_blocks", lambda types, rule: (None, True))  # the probe's MoD layer sees no blocks
+    def no_blocks(info, types, rule):  # the probe's MoD layer sees no blocks
+        info.blocks = None
+
+    monkeypatch.setattr(verify, "set_token_type_blocks", no_blocks)
     model = _vlm("gemma3_vlm").eval()
     with pytest.raises(TypeError, match="on a prompt with token types"):
         gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
@@ -482,7 +485,7 @@ def test_bidirectional_image_attention_is_checked_on_an_image_prompt(monkeypatch
     gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False, verify=False)
     import gmod_ext.convert as convert_mod
 
-    monkeypatch.setattr(convert_mod, "token_type_blocks", lambda types, rule: (None, True))  # it ignores images
+    monkeypatch.setattr(convert_mod, "set_token_type_blocks", no_blocks)  # it ignores images
     with torch.no_grad():
         err_img = float((model(input_ids=ids, **image).logits - ref_img).abs().max() / ref_img.abs().max())
         err_txt = float((model(input_ids=text_ids).logits - ref_txt).abs().max() / ref_txt.abs().max())
