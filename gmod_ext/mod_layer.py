@@ -87,8 +87,8 @@ from .config import GmodConfig, capacity, capacity_of_rows, num_skipped_tensor
 from .masked_attention import attention_sinks, attention_softcap, position_masked_attention
 from .masks import check_routing_mask
 from .profiling import nvtx_range
-from .router import (GmodRouter, GmodState, RoutingInfo, logit, max_segments, per_sequence_codes, router_aux_loss,
-                     selection_mask)
+from .router import (GmodRouter, GmodState, LazyStats, RoutingInfo, logit, max_segments, per_sequence_codes,
+                     router_aux_loss, routing_stats, selection_mask)
 
 __all__ = ["MoDDecoderLayer", "make_mod_layer", "unmake_mod_layer", "is_mod_layer", "mod_class_for"]
 
@@ -932,23 +932,9 @@ class MoDDecoderLayer:
         sel = selection_mask(idx, count, S)
         valid = None if mask is None else (mask != ops.MASK_NEVER)
         aux = router_aux_loss(logits, sel, valid)
-        with torch.no_grad():
-            vf = torch.ones_like(logits) if valid is None else valid.to(torch.float32)
-            n_valid = vf.sum().clamp(min=1.0)
-            if mask is None:
-                n_forced = torch.zeros_like(count)
-                n_routable = torch.full_like(count, S)
-            else:
-                n_forced = (mask == ops.MASK_FORCED).sum(1).to(count.dtype)
-                n_routable = (mask == ops.MASK_ROUTABLE).sum(1).to(count.dtype)
-            kept_routable = (count - n_forced).sum().to(torch.float32)
-            sink.stats[self.gmod_layer_idx] = {
-                "skip_ratio": 1.0 - count.sum().to(torch.float32) / n_valid,
-                "routable_skip_ratio": 1.0 - kept_routable / n_routable.sum().to(torch.float32).clamp(min=1.0),
-                "mean_p": (torch.sigmoid(logits.detach()) * vf).sum() / n_valid,
-                "aux_loss": aux.detach(),
-                "capacity": torch.tensor(C),
-            }
+        # the statistics when read (gmod_stats, a logging callback), not on every forward; while compiling, now
+        stats = functools.partial(routing_stats, logits.detach(), count, mask, aux.detach(), C)
+        sink.stats[self.gmod_layer_idx] = stats() if torch.compiler.is_compiling() else LazyStats(stats)
         sink.aux[self.gmod_layer_idx] = aux
         sink.selection[self.gmod_layer_idx] = (idx, count)
 

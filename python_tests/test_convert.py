@@ -267,6 +267,48 @@ def test_ratio_half_routing(arch, forced_mode):
         assert 0.0 < v["mean_p"] < 1.0 and math.isfinite(v["aux_loss"])
 
 
+def test_routing_stats_are_computed_when_read_and_count_what_was_routed():
+    """A forward leaves each MoD layer's statistics uncomputed (LazyStats: no kernels until read); read, they
+    are what the layer routed, recomputed here in float64 from its selection, codes and router logits: the
+    skipped share of the real tokens, of the routable ones, and the mean keep probability."""
+    from gmod_ext.router import LazyStats
+
+    model = tiny_model("llama")
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2], forced="none", router_init="normal", progress=False)
+    batch = make_batch("llama")
+    fm = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    fm[:, -5:] = True  # forced tokens
+    seen = {}
+    layer = _text_layers(model)[1]
+
+    def record(_m, args, kwargs):
+        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
+
+    layer.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        model(**_inputs(batch), gmod_forced_mask=fm)
+    info = model.gmod_state.current
+    lazy = info.stats[1]
+    assert isinstance(lazy, LazyStats) and "not computed" in repr(lazy)
+    got = model.gmod_stats()["layers"][1]
+    assert "not computed" not in repr(lazy)
+    _, count = info.selection[1]
+    codes = info.mask
+    assert codes is not None and (codes == 1).any() and (codes == 2).any()  # forced and padding tokens both
+    valid = (codes != 2).double()
+    with torch.no_grad():
+        p = torch.sigmoid(layer.gmod_logits(seen["x"]).double())
+    count = count.double()
+    forced, routable = (codes == 1).sum(1).double(), (codes == 0).sum(1).double()
+    want = {"skip_ratio": 1 - count.sum() / valid.sum(),
+            "routable_skip_ratio": 1 - (count - forced).sum() / routable.sum(),
+            "mean_p": (p * valid).sum() / valid.sum(),
+            "aux_loss": float(info.aux[1])}
+    for k, v in want.items():
+        assert math.isclose(got[k], float(v), rel_tol=1e-6, abs_tol=1e-7), (k, got[k], float(v))
+    assert 0 < got["routable_skip_ratio"] < 1 and got["capacity"] == float(info.selection[1][0].shape[1])
+
+
 def test_llava_text_forced_and_explicit_mask():
     model = tiny_model("llava")
     gmod_ext.convert(model, ratio=0.5, layers="all", variant="pmod", schedule="constant", router_init="normal")
