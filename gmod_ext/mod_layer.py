@@ -1018,12 +1018,8 @@ class MoDDecoderLayer:
                 C = capacity_of_rows(routing.rows, ratio, S)  # the largest row's exact count
             else:
                 C = capacity(S, ratio, max_forced)
-            if codes is None:
-                n_routable = torch.full((B,), S, dtype=torch.int64, device=x.device)
-            else:
-                n_routable = (codes == ops.MASK_ROUTABLE).sum(1)
-            skipped = num_skipped_tensor(n_routable, ratio)
-            num_routed = (n_routable - skipped).to(torch.int32)
+            own = routing is not None and codes is routing.mask  # (the codes the forward hook set: shared)
+            num_routed = _num_routed(codes, ratio, B, S, x.device, routing if own else None)
             threshold = None
             if cfg.threshold is not None and not self.training:
                 threshold = logit(cfg.threshold)
@@ -1169,6 +1165,29 @@ class MoDDecoderLayer:
             y = block_extras.scale_output(self, self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask))
         self._gmod_record(sink, logits, idx, count, mask, n)
         return y
+
+
+def _num_routed(codes: Optional[torch.Tensor], ratio: float, B: int, S: int, device: torch.device,
+                routing: Optional[RoutingInfo]) -> torch.Tensor:
+    """[B] int32: the routable tokens of each row that top-k keeps at skip ratio ``ratio`` (``codes``: the
+    routing codes, None: every token routable). Every MoD layer of a forward with the same codes and ratio
+    gets the same counts, so ``routing`` (given when ``codes`` are its own) keeps them for the next layer:
+    some ten small kernels once per forward instead of once per layer (not while compiling: a plain dict
+    on the routing object is state the compiled graph would have to guard)."""
+    memo = None
+    if routing is not None and not torch.compiler.is_compiling():
+        memo = routing.__dict__.setdefault("_num_routed", {})
+        key = (id(codes), float(ratio), B, S, str(device))  # (codes: routing.mask, which the routing holds)
+        if key in memo:
+            return memo[key]
+    if codes is None:
+        n_routable = torch.full((B,), S, dtype=torch.int64, device=device)
+    else:
+        n_routable = (codes == ops.MASK_ROUTABLE).sum(1)
+    num_routed = (n_routable - num_skipped_tensor(n_routable, ratio)).to(torch.int32)
+    if memo is not None:
+        memo[key] = num_routed
+    return num_routed
 
 
 def _dropout_p(module: nn.Module, names: tuple) -> float:

@@ -442,7 +442,14 @@ def test_arank_layers_and_prd_schedule():
     assert m2.config.gmod["layers"] == sorted(prd) and 0 not in prd  # R_0 = 1.0 > R_max: dense
     assert m2.config.gmod["ratios"] == [prd[i] for i in sorted(prd)]
     assert m2.config.gmod["forced"] == "none"  # text-only model: nothing to force for pmod
-    m2(**make_batch("llama"))
+    batch = make_batch("llama")
+    m2(**batch)
+    # each layer keeps its own ratio's count of each row's real tokens (the counts are shared per ratio only)
+    real = batch["attention_mask"].sum(1).tolist()
+    info = m2.gmod_state.current
+    assert len(set(prd.values())) > 1 and sorted(info.selection) == sorted(prd)
+    for li, r in prd.items():
+        assert info.selection[li][1].tolist() == [n - math.floor(r * n + 1e-9) for n in real], (li, r)
 
 
 def test_convert_errors():
