@@ -3,10 +3,12 @@
     model = gmod_ext.convert(model, ratio=0.5, layers="arank", calibration_batches=batches)
 
 Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (and other
-Llama-family ``*ForCausalLM``: Qwen3, Gemma, Gemma-2, Gemma-3, Mixtral, Phi-3, GLM-4, OLMo-2, ...) and ``LlavaForConditionalGeneration``
-(its language model). Before converting, :mod:`gmod_ext.verify` checks that a MoD layer reproduces
-the model's decoder layer and refuses the blocks it does not (Beam's depth-scaled residual sums,
-DeepSeek-V3.2's sparse attention, ...) with TypeError.
+Llama-family ``*ForCausalLM``: Qwen3, Gemma, Gemma-2, Gemma-3, Gemma 4, Mixtral, Phi-3, GLM-4, OLMo-2, ...) and
+``LlavaForConditionalGeneration`` (its language model; the README's "Which models convert" lists the rest).
+Layers that cannot become MoD layers stay dense: linear-attention layers of hybrids, and layers that reuse or
+store keys and values for other layers (KV sharing, :mod:`gmod_ext.block_extras`). Before converting,
+:mod:`gmod_ext.verify` checks that a MoD layer reproduces the model's decoder layer and refuses the blocks it
+does not (Beam's depth-scaled residual sums, DeepSeek-V3.2's sparse attention, ...) with TypeError.
 The model is changed **in place** and returned:
 
 * the chosen decoder layers become MoD layers (:mod:`gmod_ext.mod_layer`), keeping their modules
