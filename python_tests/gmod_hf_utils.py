@@ -284,3 +284,20 @@ def assert_keep_all_equals_hf(ref, model, B: int = 2, S: int = 14, pad=(0, 3), s
     lr.loss.backward()
     lm.loss.backward()
     assert_grads_equal(model, ref)
+
+
+def assert_keep_all_generation_equals_dense(model, ids):
+    """Greedy generation (and its scores) of ``model`` converted with ratio 0, no gate and decode_threshold 0
+    (every token, prompt and new, runs every MoD layer) equals the dense model's, token for token."""
+    import gmod_ext
+
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    kw = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, **kw)
+        gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", decode_threshold=0.0, progress=False)
+        out = model.generate(input_ids=ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from gmod_hf_utils import transformers
+from gmod_hf_utils import assert_keep_all_generation_equals_dense, transformers
 
 import gmod_ext
 from gmod_ext._hf import find_decoder, token_type_rule
@@ -157,18 +157,8 @@ def test_a_decode_step_that_keeps_no_token_returns_the_scaled_input():
 def test_generation_with_every_token_kept_equals_dense(variant):
     """The compact-cache decode path runs the same block: with ratio 0, no gate and decode_threshold 0,
     greedy generation and its scores equal the dense model's (KV-sharing layers stay dense)."""
-    model = _gemma4(**VARIANTS[variant])
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(5))
-    kw = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
-    with torch.no_grad():
-        ref = model.generate(input_ids=ids, **kw)
-        gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", decode_threshold=0.0, progress=False)
-        out = model.generate(input_ids=ids, **kw)
-    assert torch.equal(out.sequences, ref.sequences)
-    for a, b in zip(out.scores, ref.scores):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_keep_all_generation_equals_dense(_gemma4(**VARIANTS[variant]), ids)
 
 
 def test_kv_sharing_layers_are_refused_by_name():

@@ -14,7 +14,8 @@ import inspect
 import pytest
 import torch
 
-from gmod_hf_utils import VOCAB, hf_model, text_config_kwargs, tiny_model, transformers
+from gmod_hf_utils import (VOCAB, assert_keep_all_generation_equals_dense, hf_model, text_config_kwargs, tiny_model,
+                           transformers)
 
 import gmod_ext
 from gmod_ext._hf import find_decoder
@@ -359,18 +360,7 @@ def test_generation_with_every_token_kept_equals_dense(name):
     """The compact-cache decode path runs the same block (Gemma's sandwich norms included): with ratio 0,
     no gate and decode_threshold 0 (every new token kept), greedy generation and its scores equal the
     dense model's, token for token."""
-    model = ACCEPTED[name]().eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    ids = _ids(seed=5, B=2, S=12)
-    kw = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
-    with torch.no_grad():
-        ref = model.generate(input_ids=ids, **kw)
-        gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", decode_threshold=0.0, progress=False)
-        out = model.generate(input_ids=ids, **kw)
-    assert torch.equal(out.sequences, ref.sequences)
-    for a, b in zip(out.scores, ref.scores):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_keep_all_generation_equals_dense(ACCEPTED[name]().eval(), _ids(seed=5, B=2, S=12))
 
 
 def _vlm(name: str):
