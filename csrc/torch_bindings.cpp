@@ -65,6 +65,10 @@ TORCH_LIBRARY(gmod, m) {
       "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) cache_len, Tensor k_new,"
       " Tensor v_new, Tensor new_len) -> ()");
 
+  // Rotary position embedding of q or k [B,C,H,d] on the first r dims (rotate-half layout), cos/sin [B,C,r].
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("rope_backward(Tensor grad, Tensor cos, Tensor sin) -> Tensor");
+
   // What this library was built against (checked by gmod_ext on import).
   m.def("build_info() -> str", &build_info);
 }

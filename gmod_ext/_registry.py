@@ -128,6 +128,25 @@ def _(k_cache, v_cache, cache_len, k_new, v_new, new_len):
     return None
 
 
+
+def _check_rope(op: str, x, cos, sin, x_name: str = "x") -> None:
+    _same_device(op, x_name, x, cos=cos, sin=sin)
+    torch._check(x.dim() == 4 and cos.dim() == 3, lambda: f"gmod.{op}: x must be [B, C, H, d], cos [B, C, r]")
+    torch._check(cos.shape[-1] % 2 == 0 and cos.shape[-1] <= x.shape[-1],
+                 lambda: f"gmod.{op}: the rotated width r = cos.shape[2] must be even and at most d")
+
+
+@torch.library.register_fake("gmod::rope")
+def _(x, cos, sin):
+    _check_rope("rope", x, cos, sin)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("gmod::rope_backward")
+def _(grad, cos, sin):
+    _check_rope("rope_backward", grad, cos, sin, "grad")
+    return torch.empty_like(grad)
+
 # ---------------------------------------------------------------- autograd
 def _router_setup(ctx, inputs, output):
     x, weight, norm_weight, eps = inputs
@@ -198,3 +217,24 @@ def _attention_backward(ctx, grad_o, grad_lse):
 
 
 torch.library.register_autograd("gmod::attention", _attention_backward, setup_context=_attention_setup)
+
+
+def _rope_setup(ctx, inputs, output):
+    x, cos, sin = inputs
+    ctx.save_for_backward(x if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) else None, cos, sin)
+
+
+def _rope_backward(ctx, grad):
+    x, cos, sin = ctx.saved_tensors
+    grad = grad.contiguous()
+    dx = _ops.rope_backward(grad, cos, sin) if ctx.needs_input_grad[0] else None
+    dcos = dsin = None
+    if x is not None:  # learned angles (rare): the products summed over the heads, in plain torch
+        h = cos.shape[-1] // 2
+        g_lo, g_hi, x_lo, x_hi = grad[..., :h], grad[..., h:2 * h], x[..., :h], x[..., h:2 * h]
+        dcos = torch.cat(((g_lo * x_lo).sum(2), (g_hi * x_hi).sum(2)), dim=-1)
+        dsin = torch.cat((-(g_lo * x_hi).sum(2), (g_hi * x_lo).sum(2)), dim=-1)
+    return dx, dcos, dsin
+
+
+torch.library.register_autograd("gmod::rope", _rope_backward, setup_context=_rope_setup)

@@ -116,10 +116,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """RoPE on [B, C, H, d] with cos/sin [B, C, r] (r <= d: partial rotary on the first r dims)."""
+    """RoPE on [B, C, H, d] with cos/sin [B, C, r] (r <= d: partial rotary on the first r dims): the fused
+    ``ops.rope`` (one pass over q and one over k, forward and backward), or the same formula in torch ops
+    where its layout does not fit (an odd width, angles not one row per token)."""
+    r = cos.shape[-1]
+    if r % 2 == 0 and r <= q.shape[-1] and cos.dim() == 3 and cos.shape[:2] == q.shape[:2] == k.shape[:2]:
+        cos, sin = cos.to(q.dtype).contiguous(), sin.to(q.dtype).contiguous()
+        return ops.rope(q.contiguous(), cos, sin), ops.rope(k.contiguous(), cos, sin)
     cos = cos.unsqueeze(2).to(q.dtype)
     sin = sin.unsqueeze(2).to(q.dtype)
-    r = cos.shape[-1]
     if r == q.shape[-1]:
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
     q_rot, q_pass = q[..., :r], q[..., r:]

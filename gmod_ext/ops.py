@@ -146,3 +146,15 @@ def kv_cache_append(
     Mutates k_cache, v_cache and cache_len only.
     """
     _ops.kv_cache_append(k_cache, v_cache, cache_len, k_new, v_new, new_len)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of queries or keys in one pass (Llama's rotate-half layout).
+
+    ``x`` [B, C, H, d]; ``cos``, ``sin`` [B, C, r] in x's dtype, the angles of each token (shared by its
+    heads), ``r`` even and at most ``d``. On the first ``r`` dims of each head, with ``h = r / 2``:
+    ``y[:h] = x[:h] cos[:h] - x[h:r] sin[:h]`` and ``y[h:r] = x[h:r] cos[h:r] + x[:h] sin[h:r]``, i.e.
+    ``x * cos + cat(-x[h:r], x[:h]) * sin``; dims past ``r`` are copied. Computed in float32 (float64 for
+    float64) and rounded once. Differentiable in all three (the angles' gradient in plain torch).
+    """
+    return _ops.rope(x, cos, sin)

@@ -202,6 +202,19 @@ def kv_cache_append_ref(k_cache, v_cache, cache_len, k_new, v_new, new_len):
     return kc, vc, cl
 
 
+def rope_ref(x, cos, sin, compute_dtype=torch.float64):
+    """ops.rope from its docstring: on the first r = cos.shape[-1] dims of each head,
+    x * cos + cat(-x[h:r], x[:h]) * sin with h = r / 2 (cos / sin [B, C, r] shared by the heads); the rest
+    copied. In ``compute_dtype`` (None: x's own), returned in x's dtype."""
+    cd = _cd(x, compute_dtype)
+    r = cos.shape[-1]
+    h = r // 2
+    xr = x[..., :r].to(cd)
+    c, s = cos.to(cd).unsqueeze(2), sin.to(cd).unsqueeze(2)
+    rot = xr * c + torch.cat((-xr[..., h:], xr[..., :h]), dim=-1) * s
+    return torch.cat((rot.to(x.dtype), x[..., r:]), dim=-1)
+
+
 # ------------------------------------------------------------------ comparisons
 def unit_roundoff(dtype: torch.dtype) -> float:
     """Half an ulp at 1: the relative error of one rounding to ``dtype``."""

@@ -48,7 +48,7 @@ def test_bench_cpu_quick(bench, tmp_path):
     if bench == "ops":
         rows = doc["sections"]["ops"]["rows"]
         assert {(r["op"], r["pass"]) for r in rows} == {
-            (op, p) for op in ("router_logits", "gather_rows", "scatter_merge") for p in ("fwd", "bwd")}
+            (op, p) for op in ("router_logits", "gather_rows", "scatter_merge", "rope") for p in ("fwd", "bwd")}
         for r in rows:
             assert isinstance(r["gmod_ms"], float) and r["gmod_ms"] > 0
             assert isinstance(r["torch_ms"], float) and r["bytes"] > 0 and r["GBps"] > 0

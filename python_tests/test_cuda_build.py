@@ -30,7 +30,7 @@ import gmod_ext
 from conftest import assert_unchanged, poison_heap, random_route, snapshot
 
 GMOD_OPS = ("router_logits", "router_logits_backward", "route", "gather_rows", "gather_rows_backward",
-            "scatter_merge", "scatter_merge_backward", "kv_cache_append")
+            "scatter_merge", "scatter_merge_backward", "kv_cache_append", "rope", "rope_backward")
 
 OPS = torch.ops.gmod
 DEV = os.environ.get("GMOD_TEST_DEVICE_UNDER_TEST", "cuda")

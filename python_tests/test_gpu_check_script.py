@@ -133,7 +133,7 @@ def test_sanitize_ops_script_on_cpu():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sanitize_ops.py"), "--device", "cpu"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "6 ok, 0 skipped, 0 failed" in proc.stdout, proc.stdout[-1000:]
+    assert "7 ok, 0 skipped, 0 failed" in proc.stdout, proc.stdout[-1000:]
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import sanitize_ops

@@ -199,6 +199,20 @@ def _merge(large):
             close(f"scatter_merge_backward {tag}", out, ref, tol_of(dt))
 
 
+@case("rope fwd+bwd", "rope", "rope_backward")
+def _rope(large):
+    # full rotary at d = 128 (16-byte vectors), partial (a copied tail), an odd layout (the 1-element path)
+    shapes = [(8, 1024, 32, 128, 128)] if large else [(3, 77, 4, 128, 128), (2, 19, 3, 64, 32), (2, 9, 2, 10, 6)]
+    for B, C, H, d, r in shapes:
+        for dt in ([torch.bfloat16] if large else [torch.float32, torch.bfloat16]):
+            x = torch.randn(B, C, H, d, dtype=dt, device=DEV)
+            ang = torch.rand(B, C, r, device=DEV) * 6.28
+            cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+            for op in ("rope", "rope_backward"):
+                out, ref = run_both(op, x, cos, sin)
+                close(f"{op} {tuple(x.shape)} r={r}", out, ref, tol_of(dt))
+
+
 def _attn_configs(large):
     if large:
         return [  # B, Cq, Ck, Hq, Hk, d, q_len, k_len, backward

@@ -2,7 +2,7 @@
 
 Sections:
   copy      device-to-device copy of a large buffer: the bandwidth floor (bytes read + written).
-  ops       router_logits / gather_rows / scatter_merge, forward and backward: effective bandwidth
+  ops       router_logits / gather_rows / scatter_merge / rope, forward and backward: effective bandwidth
             (bytes that must move over the median time), % of the copy bandwidth, and the torch
             ops a user would write instead.
   route     gmod.route against topk + sort + mask handling as public MoD code writes it.
@@ -223,6 +223,30 @@ def bench_ops(ctx: Ctx) -> Section:
                   formula="grad BSDe + delta KDe + 2BC4 -> dx BSDe + 2KDe + BC4",
                   MB=nbytes / 1e6, bytes=nbytes), res, ctx, nbytes)
     del leaves, out_m
+
+    # -- rope fwd / bwd on the kept tokens' queries [B, C, H, d] (d = 128 where D allows: Llama's heads)
+    d = 128 if D % 128 == 0 else D
+    H, r = D // d, d
+    q = torch.randn(B, C, H, d, dtype=dt, device=dev)
+    ang = torch.rand(B, C, r // 2, device=dev) * 6.28
+    cos, sin = (torch.cat((f(ang), f(ang)), dim=-1).to(dt) for f in (torch.cos, torch.sin))
+
+    def torch_rope(xx):  # Hugging Face's apply_rotary_pos_emb on [B, C, H, d]
+        return xx * cos.unsqueeze(2) + torch.cat((-xx[..., r // 2:], xx[..., : r // 2]), dim=-1) * sin.unsqueeze(2)
+
+    nbytes = 2 * B * C * D * e + 2 * B * C * r * e
+    res = _pair(ctx, "rope fwd", ["rope"], lambda: _ops.rope(q, cos, sin), lambda: torch_rope(q),
+                lambda o, r_: compare(o, r_, dt))
+    _fill(sec.add(op="rope", **{"pass": "fwd"}, formula="q BCDe + cos,sin 2BCre -> BCDe", MB=nbytes / 1e6,
+                  bytes=nbytes), res, ctx, nbytes)
+    gq = torch.randn(B, C, H, d, dtype=dt, device=dev)
+    qr = q.detach().clone().requires_grad_()
+    out_q = torch_rope(qr)
+    res = _pair(ctx, "rope bwd", ["rope_backward"], lambda: _ops.rope_backward(gq, cos, sin),
+                lambda: torch.autograd.grad(out_q, qr, gq, retain_graph=True)[0], lambda o, r_: compare(o, r_, dt))
+    _fill(sec.add(op="rope", **{"pass": "bwd"}, formula="grad BCDe + cos,sin 2BCre -> dq BCDe", MB=nbytes / 1e6,
+                  bytes=nbytes), res, ctx, nbytes)
+    del qr, out_q
     return sec
 
 

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 
 #include "gmod/checks.h"
 #include "gmod/route_indices.h"
@@ -208,6 +209,28 @@ inline KvAppendDims check_kv_append_inputs(const char* op, const at::Tensor& k_c
   check_size(cache_len, op, "cache_len", 0, B, "k_cache.shape[0] (B)");
   check_size(new_len, op, "new_len", 0, B, "k_cache.shape[0] (B)");
   return {B, cap, Hk, d, T};
+}
+
+// ---------------------------------------------------------------- rope
+struct RopeDims {
+  int64_t B, C, H, d, r;
+};
+
+// x (or the backward's grad) [B, C, H, d]; cos, sin [B, C, r] in x's dtype, r even, 0 < r <= d.
+inline RopeDims check_rope_inputs(const char* op, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                  const char* x_name = "x") {
+  check_activation(x, op, x_name, 4, "[B, C, H, d]");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), d = x.size(3);
+  check_tensor(cos, x, op, "cos", x_name, 3, "[B, C, r]", {x.scalar_type()});
+  check_tensor(sin, x, op, "sin", x_name, 3, "[B, C, r]", {x.scalar_type()});
+  check_size(cos, op, "cos", 0, B, (std::string(x_name) + ".shape[0] (B)").c_str());
+  check_size(cos, op, "cos", 1, C, (std::string(x_name) + ".shape[1] (C)").c_str());
+  GMOD_CHECK_VALUE(sin.sizes() == cos.sizes(), "gmod.", op, ": sin must have cos's shape ", cos.sizes(), ", got ",
+                    sin.sizes());
+  const int64_t r = cos.size(2);
+  GMOD_CHECK_VALUE(r > 0 && r % 2 == 0 && r <= d, "gmod.", op, ": the rotated width r = cos.shape[2] must be even ",
+                    "and in [2, d = ", d, "], got ", r);
+  return {B, C, H, d, r};
 }
 
 }  // namespace gmod
