@@ -146,6 +146,9 @@ def find_decoder(model: nn.Module) -> DecoderParts:
 # (gmod_ext.verify) runs the model on a prompt with token types under the rule named here, so a model
 # whose mask follows neither is refused, not converted wrong.
 PREFIX_LM_MODEL_TYPES = ("paligemma",)
+# Gemma 4 models whose forward applies the image blocks of mm_token_type_ids in every layer, not only in the
+# sliding-window ones (transformers 5.24's gemma4_unified builds Gemma-3's mask from them)
+VISION_BLOCKS_IN_ALL_LAYERS = ("gemma4_unified",)
 
 
 def token_type_rule(model: nn.Module) -> str:
@@ -157,7 +160,9 @@ def token_type_rule(model: nn.Module) -> str:
     get_text = getattr(cfg, "get_text_config", None)
     text = get_text() if callable(get_text) else None
     if getattr(text, "use_bidirectional_attention", None) == "vision" and accepts(model.forward, "mm_token_type_ids"):
-        return "vision"
+        # (the converter's check runs the model with image tokens under this rule, so a mask built otherwise is
+        # refused, not converted wrong)
+        return "vision_all" if getattr(cfg, "model_type", None) in VISION_BLOCKS_IN_ALL_LAYERS else "vision"
     return "image"
 
 

@@ -294,9 +294,12 @@ def vision_blocks(mm_token_type_ids: torch.Tensor) -> Optional[torch.Tensor]:
 # limits a block (Gemma-3's local layers: AND(window, OR(causal, block)); PaliGemma-2's:
 # OR(AND(window, causal), block)); "vision" (Gemma 4 with use_bidirectional_attention="vision") each run of
 # image or video tokens, in its sliding-window layers only (its full-attention layers are causal), read from
-# mm_token_type_ids
-TOKEN_TYPE_RULES = {"image": (image_blocks, True), "prefix": (prefix_blocks, False), "vision": (vision_blocks, True)}
-TOKEN_TYPE_KEYWORDS = {"image": "token_type_ids", "prefix": "token_type_ids", "vision": "mm_token_type_ids"}
+# mm_token_type_ids; "vision_all" the same blocks in every layer (Gemma 4 unified's forward builds Gemma-3's
+# mask from them)
+TOKEN_TYPE_RULES = {"image": (image_blocks, True), "prefix": (prefix_blocks, False), "vision": (vision_blocks, True),
+                    "vision_all": (vision_blocks, True)}
+TOKEN_TYPE_KEYWORDS = {"image": "token_type_ids", "prefix": "token_type_ids", "vision": "mm_token_type_ids",
+                       "vision_all": "mm_token_type_ids"}
 BLOCKS_IN_SLIDING_LAYERS_ONLY = ("vision",)
 
 

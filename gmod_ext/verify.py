@@ -266,7 +266,7 @@ def _check_types(ids: torch.Tensor, rule: str) -> torch.Tensor:
     """token_type_ids for the check prompt ``ids`` under a TOKEN_TYPE_RULES rule: for "image" (1 marks image
     tokens) a span of 4 image tokens inside the text; for "prefix" (0 the prefix, 1 the suffix) a prefix of
     7 tokens then the suffix; for "causal" (a prefix-LM's causal run) every token in the suffix."""
-    if rule in ("image", "vision"):  # (Gemma 4's mm_token_type_ids: 1 marks image tokens too)
+    if rule in ("image", "vision", "vision_all"):  # (Gemma 4's mm_token_type_ids: 1 marks image tokens too)
         types = torch.zeros_like(ids)
         types[:, 3:7] = 1
     else:

@@ -239,6 +239,31 @@ def test_image_tokens_attend_both_ways_in_the_sliding_layers_as_the_model_does()
     assert torch.equal(right, plain) and _rel(wrong, right) > 1e-3
 
 
+def test_gemma4_unified_image_tokens_attend_both_ways_in_every_layer():
+    """Gemma 4 unified's forward applies the image blocks of mm_token_type_ids in every layer (Gemma-3's
+    mask): its rule is "vision_all", and the converted model gives the dense logits on an image prompt."""
+    if not hasattr(transformers, "Gemma4UnifiedForConditionalGeneration"):
+        pytest.skip("no Gemma 4 unified in this transformers")
+    tc = _text_kwargs(vocab_size=300, use_bidirectional_attention="vision")
+    for k in ("hidden_size_per_layer_input", "vocab_size_per_layer_input"):
+        tc.pop(k)
+    torch.manual_seed(0)
+    model = transformers.Gemma4UnifiedForConditionalGeneration(
+        transformers.Gemma4UnifiedConfig(text_config=tc, image_token_id=299)).float().eval()
+    _scalars_drawn(model)
+    assert token_type_rule(model) == "vision_all"
+    ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(1))
+    mm = torch.zeros_like(ids)
+    mm[:, 4:9] = 1
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm)
+    with torch.no_grad():
+        ref = model(**kw).logits
+        assert _rel(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, ref) > 1e-2
+        gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+        assert _rel(model(**kw).logits, ref) < 1e-5
+        assert not model.gmod_state.current.blocks_sliding_only
+
+
 def test_gemma3n_altup_blocks_are_refused_with_the_reason():
     """Gemma 3n's text blocks carry AltUp's several hidden-state streams: refused by name, nothing changed."""
     if not hasattr(transformers, "Gemma3nForCausalLM"):
