@@ -11,7 +11,8 @@ fragment layouts and synchronisation order are checked on every CI run, GPU or n
 
 csrc/cuda/emu/router_logits_emu_test.cpp does the same for the
 router_logits row-block kernel, forward and backward (CPT 1 / 2 / 4, partial warps, several row
-chunks, every dtype). Skipped when no C++20 compiler or no CUDA headers (cuda_bf16.h) are found.
+chunks, every dtype), and csrc/cuda/emu/rope_emu_test.cpp for gmod.rope's kernel (every vector width,
+partial rotary, the grid-stride loop). Skipped when no C++20 compiler or no CUDA headers (cuda_bf16.h) are found.
 
 CI-sized sets: the emulation (one OS thread per CUDA thread) keeps both cores of the CI machine busy, so
 its cost is the number of emulated blocks, and the full sets took 12 of CI's 40 minutes. The CI sets are
@@ -146,3 +147,10 @@ def test_wgmma_selftest_passes_in_emulation(tmp_path_factory):
 def test_router_logits_kernel_matches_reference_in_emulation(tmp_path_factory):
     out = _run(_build(tmp_path_factory, "router_logits_emu_test"), "all")
     assert "cpt=2" in out and "cpt=4" in out, "the wide-D cases did not run"
+
+
+def test_rope_kernel_matches_the_per_pair_formula_in_emulation(tmp_path_factory):
+    """csrc/cuda/emu/rope_emu_test.cpp: gmod.rope's CUDA kernel at every vector width, full and partial rotary,
+    a grid-stride loop, forward and backward, bit for bit against a plain loop over the same formula."""
+    out = _run(_build(tmp_path_factory, "rope_emu_test"), "all")
+    assert out.count(": ok") == 22 and "V=8" in out and "V=1" in out and "blocks=2" in out
