@@ -70,6 +70,7 @@ import ast
 import functools
 import inspect
 import math
+import os
 import sys
 import textwrap
 import warnings
@@ -115,12 +116,25 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+ROPE_IMPLS = ("fused", "torch")
+
+
+def rope_impl() -> str:
+    """``GMOD_ROPE``: "fused" (the default: ``ops.rope``) or "torch" (the same formula in torch ops, to time one
+    against the other); read at every call, as the kernels' experiment flags are."""
+    v = os.environ.get("GMOD_ROPE", "fused")
+    if v not in ROPE_IMPLS:
+        raise ValueError(f"GMOD_ROPE={v} is not one of {ROPE_IMPLS}")
+    return v
+
+
 def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """RoPE on [B, C, H, d] with cos/sin [B, C, r] (r <= d: partial rotary on the first r dims): the fused
     ``ops.rope`` (one pass over q and one over k, forward and backward), or the same formula in torch ops
-    where its layout does not fit (an odd width, angles not one row per token)."""
+    where its layout does not fit (an odd width, angles not one row per token) or ``GMOD_ROPE=torch``."""
     r = cos.shape[-1]
-    if r % 2 == 0 and r <= q.shape[-1] and cos.dim() == 3 and cos.shape[:2] == q.shape[:2] == k.shape[:2]:
+    fits = r % 2 == 0 and r <= q.shape[-1] and cos.dim() == 3 and cos.shape[:2] == q.shape[:2] == k.shape[:2]
+    if fits and rope_impl() == "fused":
         cos, sin = cos.to(q.dtype).contiguous(), sin.to(q.dtype).contiguous()
         return ops.rope(q.contiguous(), cos, sin), ops.rope(k.contiguous(), cos, sin)
     cos = cos.unsqueeze(2).to(q.dtype)

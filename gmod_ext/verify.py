@@ -236,7 +236,7 @@ def _check_token_types(model: nn.Module, parts, ids: torch.Tensor, indices: list
         with torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **{keyword: types})
     except Exception as err:  # noqa: BLE001  (a model that needs pixels with token types: say it was not checked)
-        warnings.warn(f"gmod.convert: {type(model).__name__} takes token_type_ids, but a check prompt with image "
+        warnings.warn(f"gmod.convert: {type(model).__name__} takes {keyword}, but a check prompt with image "
                       f"token types did not run ({type(err).__name__}: {err}), so its attention over image tokens "
                       "was not checked", stacklevel=4)
         return

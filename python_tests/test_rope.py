@@ -148,3 +148,23 @@ def test_mod_layers_rotate_with_the_fused_op():
         out.float().square().sum().backward()
     assert calls.names.count("rope") == 4 and calls.names.count("rope_backward") == 4
     torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gmod_rope_torch_rotates_with_torch_ops(monkeypatch):
+    """GMOD_ROPE=torch (to time the two against each other) runs the same formula in torch ops: no gmod.rope
+    call, the same values to rounding; another value is an error naming the choices."""
+    from gmod_ext.mod_layer import _apply_rope
+
+    q, cos, sin = _inputs(2, 5, 4, 16, 16, torch.float32, "cpu")
+    k = torch.randn(2, 5, 2, 16)
+    fused = _apply_rope(q, k, cos, sin)
+    monkeypatch.setenv("GMOD_ROPE", "torch")
+    calls = []
+    monkeypatch.setattr(torch.ops.gmod, "rope", lambda *a: calls.append(a))
+    plain = _apply_rope(q, k, cos, sin)
+    assert not calls
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("GMOD_ROPE", "triton")
+    with pytest.raises(ValueError, match=r"GMOD_ROPE=triton is not one of \('fused', 'torch'\)"):
+        _apply_rope(q, k, cos, sin)
