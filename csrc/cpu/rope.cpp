@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "gmod/dispatch.h"
 #include "gmod/op_checks.h"
 #include "gmod/rope_pair.h"
@@ -22,7 +24,9 @@ at::Tensor rope_cpu_impl(const char* op, const at::Tensor& x, const at::Tensor& 
     const scalar_t* cp = cos.data_ptr<scalar_t>();
     const scalar_t* sp = sin.data_ptr<scalar_t>();
     scalar_t* yp = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    // chunks of at least 32K elements: the small tensors of a decode step or a test run on the calling thread
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(d, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const scalar_t* xr = xp + n * d;
         const scalar_t* cr = cp + (n / H) * r;  // the token's angles, shared by its heads

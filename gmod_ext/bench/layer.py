@@ -30,6 +30,7 @@ The gmod layer's forward is checked once against (c) run with the same selection
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,8 @@ LAYER_COLS = [
         "SDPA, scatter_add) as public MoD code does it; gmod MoD, window S/8 = the gmod layer with a sliding "
         "window of S/8 positions (its attention on gmod_ext.masked_attention; TFLOP/s still counts causal pairs); "
         "gmod MoD, packed S/8 = the gmod layer on rows of 8 packed sequences (per-sequence routing, attention "
-        "within each sequence on gmod_ext.masked_attention; TFLOP/s counts the whole row's causal pairs)"),
+        "within each sequence on gmod_ext.masked_attention; TFLOP/s counts the whole row's causal pairs); gmod MoD, "
+        "torch rope = the gmod layer with GMOD_ROPE=torch (q / k rotated by torch ops instead of gmod.rope)"),
     Col("pass", "pass", help="fwd = forward; fwd+bwd = forward + autograd.grad w.r.t. the input and all weights"),
     Col("tokens", "tokens", help="tokens per row the layer's attention and MLP run on (S, or C = S/2 kept; "
         "packed: the capacity C + 7, one slot more per extra sequence, of which C are kept)"),
@@ -227,6 +229,19 @@ def run(ctx: Ctx):
     def fwd_gmod_packed():  # (RoPE positions left unpacked: they do not change the cost)
         return mod(x, position_embeddings=(cos, sin), position_ids=pos, gmod_routing=packed_info)
 
+    def torch_rope(fn):  # the same call with GMOD_ROPE=torch: q / k rotated by torch ops, not gmod.rope
+        def f():
+            old = os.environ.get("GMOD_ROPE")
+            os.environ["GMOD_ROPE"] = "torch"
+            try:
+                return fn()
+            finally:
+                if old is None:
+                    os.environ.pop("GMOD_ROPE")
+                else:
+                    os.environ["GMOD_ROPE"] = old
+        return f
+
     def bwd_of(fwd, inp, params, g):
         def f():
             inp.requires_grad_(True)
@@ -245,6 +260,8 @@ def run(ctx: Ctx):
         ("(c) torch MoD", C, flops_kept, fwd_torch_mod,
          bwd_of(fwd_torch_mod, x, dense_params + [rw, rb], g_full), None),
         ("gmod MoD", C, flops_kept, fwd_gmod, bwd_of(fwd_gmod, x, mod_params, g_full), (GMOD_FWD, GMOD_BWD)),
+        ("gmod MoD, torch rope", C, flops_kept, torch_rope(fwd_gmod), torch_rope(bwd_of(fwd_gmod, x, mod_params, g_full)),
+         (GMOD_FWD, GMOD_BWD)),
         ("gmod MoD, window S/8", C, flops_kept, fwd_gmod_window,
          bwd_of(fwd_gmod_window, x, list(mod_w.parameters()), g_full), (GMOD_WINDOW_FWD, GMOD_WINDOW_BWD)),
         ("gmod MoD, packed S/8", min(S, C + packed_info.max_segments - 1), flops_kept, fwd_gmod_packed,
