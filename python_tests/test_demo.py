@@ -308,13 +308,13 @@ def test_bench_layer_quick(tmp_path):
     proc, doc = _bench("layer", tmp_path)
     assert "x kept" in proc.stdout and "(b) dense, kept C" in proc.stdout
     rows = doc["sections"]["layer"]["rows"]
-    impls = {"(a) dense, all S", "(b) dense, kept C", "(c) torch MoD", "gmod MoD", "gmod MoD, window S/8",
-             "gmod MoD, packed S/8"}
+    impls = {"(a) dense, all S", "(b) dense, kept C", "(c) torch MoD", "gmod MoD", "gmod MoD, torch rope",
+             "gmod MoD, window S/8", "gmod MoD, packed S/8"}
     assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in impls for p in ("fwd", "fwd+bwd")}
     for r in rows:
         assert isinstance(r["ms"], float) and r["ms"] > 0 and r["TFLOPs"] > 0, r
         assert r["vs_kept"] > 0 and r["vs_dense"] > 0
-    for impl in ("gmod MoD", "gmod MoD, window S/8", "gmod MoD, packed S/8"):
+    for impl in ("gmod MoD", "gmod MoD, torch rope", "gmod MoD, window S/8", "gmod MoD, packed S/8"):
         g = [r for r in rows if r["impl"] == impl and r["pass"] == "fwd"][0]
         assert g["check"].startswith("ok"), g
     b = [r for r in rows if r["impl"] == "(b) dense, kept C"]
@@ -328,9 +328,10 @@ def test_bench_layer_missing_kernel_rows(tmp_path):
     proc, doc = _bench("layer", tmp_path, GMOD_BENCH_HIDE_OPS="attention,attention_backward")
     assert "n/a (no CPU kernel" in proc.stdout
     rows = doc["sections"]["layer"]["rows"]
-    assert all(str(r["ms"]).startswith("n/a (no CPU kernel") for r in rows if r["impl"] == "gmod MoD")
+    gmod_attention = ("gmod MoD", "gmod MoD, torch rope")
+    assert all(str(r["ms"]).startswith("n/a (no CPU kernel") for r in rows if r["impl"] in gmod_attention)
     # the windowed and packed layers' attention is plain torch: they run without the attention kernels
-    assert all(isinstance(r["ms"], float) for r in rows if r["impl"] != "gmod MoD")
+    assert all(isinstance(r["ms"], float) for r in rows if r["impl"] not in gmod_attention)
 
 
 def test_bench_model_quick(tmp_path):

@@ -492,8 +492,9 @@ lay, mod = load("bench_layer.json"), load("bench_model.json")
 if lay:
     print(f"-- layer ({lay['status']}): gmod MoD layer vs the dense layer on all tokens / on the kept tokens only")
 for r in (lay or {}).get("sections", {}).get("layer", {}).get("rows", []):
-    if r["impl"] == "gmod MoD":
-        print(f"   {r['pass']:<8} {f(r.get('ms'), '.4g'):>8} ms = {f(r.get('vs_dense'), '.3f')} x dense, "
+    if r["impl"] in ("gmod MoD", "gmod MoD, torch rope"):  # (the second: GMOD_ROPE=torch, to weigh gmod.rope)
+        tag = "" if r["impl"] == "gmod MoD" else " (torch rope)"
+        print(f"   {r['pass'] + tag:<20} {f(r.get('ms'), '.4g'):>8} ms = {f(r.get('vs_dense'), '.3f')} x dense, "
               f"{f(r.get('vs_kept'), '.3f')} x kept-only  {r.get('check') or ''}"[:150])
 if mod:
     print(f"-- model ({mod['status']}): gamma-MoD speed-up over dense (targets: prefill >= 1.7x, train step >= 1.5x)")
