@@ -41,9 +41,12 @@ The model is changed **in place** and returned:
 Notes and limits:
 
 * training works with ``model.gradient_checkpointing_enable()`` (Hugging Face's default non-reentrant
-  checkpointing: the replay routes identically, the aux term keeps its gradient), ``torch.compile``
-  (the MoD layer compiles with ``fullgraph=True``), DDP and FSDP2 (``fully_shard``, tested on CPU/gloo);
-  with ``use_reentrant=True`` the aux term carries no gradient (the gate still trains the router);
+  checkpointing: the replay routes identically, the aux term keeps its gradient; and ``use_reentrant=True``,
+  PEFT's default, where the aux term's gradient reaches the replayed layers through a hook on the loss:
+  :class:`~gmod_ext.router.AuxLossGradient`), mixed precision under ``torch.autocast`` (float32 weights;
+  the MoD attention takes q / k / v in autocast's dtype, the merge promotes the branches to the residual
+  stream's), ``torch.compile`` (the MoD layer compiles with ``fullgraph=True``), DDP and FSDP2
+  (``fully_shard``, tested on CPU/gloo);
 * MoD layers ignore the 4-D attention mask Hugging Face builds (they use the routing mask: causal over
   kept tokens, padding excluded). Packed sequences (``position_ids`` that restart and no
   ``attention_mask``, as ``DataCollatorWithFlattening`` makes them) are found as transformers finds
@@ -83,8 +86,8 @@ from .alibi import uses_alibi
 from .config import ATTENTIONS, GATES, ON_CACHE, POSITIONS, ROUTERS, VARIANTS, FORCED, GmodConfig, prd_skip_ratios
 from .masks import explicit_codes_and_rows, routing_codes_and_rows
 from .mod_layer import make_mod_layer, unmake_mod_layer
-from .router import (GmodRouter, GmodState, RoutingInfo, TOKEN_TYPE_KEYWORDS, max_segments, packed_segments,
-                     set_token_type_blocks)
+from .router import (AuxLossGradient, GmodRouter, GmodState, RoutingInfo, TOKEN_TYPE_KEYWORDS, max_segments,
+                     packed_segments, set_token_type_blocks)
 from .verify import check_decoder_layers
 
 __all__ = ["convert", "unconvert", "from_pretrained", "gmod_stats", "is_converted", "GmodStatsCallback"]
@@ -649,8 +652,12 @@ def _same_rows(routing: RoutingInfo, named: dict) -> bool:
 
 
 def _end_hook(module, args, output):
-    """After a hooked forward (also when it raised): no routing is in flight any more (``GmodState.active``)."""
-    module.__dict__["gmod_state"].active = None
+    """After a hooked forward (also when it raised): no routing is in flight any more (``GmodState.active``),
+    and what its layers shared (:meth:`RoutingInfo.memo`) is let go."""
+    state = module.__dict__["gmod_state"]
+    if state.active is not None:
+        state.active.clear_memo()
+    state.active = None
 
 
 def _check_not_paged(named: dict) -> None:
@@ -731,13 +738,22 @@ def _post_hook(module, args, kwargs, output):
         return None
     if isinstance(output, tuple):
         if output and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
-            return (output[0] + coef * aux.to(output[0].device),) + tuple(output[1:])
+            return (_with_aux_gradient(info, output[0] + coef * aux.to(output[0].device), coef),) + tuple(output[1:])
         return None
     loss = getattr(output, "loss", None)
     if loss is not None:
-        output.loss = loss + coef * aux.to(device=loss.device, dtype=loss.dtype)
+        output.loss = _with_aux_gradient(info, loss + coef * aux.to(device=loss.device, dtype=loss.dtype), coef)
         return output
     return None
+
+
+def _with_aux_gradient(info: RoutingInfo, loss: torch.Tensor, coef: float) -> torch.Tensor:
+    """``loss``, and where MoD layers ran under reentrant gradient checkpointing (their aux terms recorded
+    without autograd) a hook on it that hands the replays their aux terms' gradient (AuxLossGradient)."""
+    if info.aux_without_graph and loss.requires_grad:
+        info.aux_loss_gradient = AuxLossGradient(coef)
+        loss.register_hook(info.aux_loss_gradient.capture)
+    return loss
 
 
 # --------------------------------------------------------------------------- stats

@@ -88,8 +88,8 @@ from .config import GmodConfig, capacity, capacity_of_rows, num_skipped_tensor
 from .masked_attention import attention_sinks, attention_softcap, position_masked_attention
 from .masks import check_routing_mask
 from .profiling import nvtx_range
-from .router import (GmodRouter, GmodState, LazyStats, RoutingInfo, logit, max_segments, per_sequence_codes,
-                     router_aux_loss, routing_stats, selection_mask)
+from .router import (AuxLossThroughOutput, GmodRouter, GmodState, LazyStats, RoutingInfo, logit, max_segments,
+                     per_sequence_codes, router_aux_loss, routing_stats, selection_mask)
 
 __all__ = ["MoDDecoderLayer", "make_mod_layer", "unmake_mod_layer", "is_mod_layer", "mod_class_for"]
 
@@ -109,6 +109,11 @@ def _cos_sin(position_embeddings):
     if isinstance(position_embeddings, torch.Tensor) and position_embeddings.is_complex():
         return position_embeddings.real.contiguous(), position_embeddings.imag.contiguous()
     return position_embeddings
+
+
+def _batch_angles(cos: torch.Tensor, sin: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin [B, S, r], contiguous, from the model's [1 or B, S, r] (what ``gather_rows`` reads)."""
+    return cos.expand(B, -1, -1).contiguous(), sin.expand(B, -1, -1).contiguous()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -307,6 +312,19 @@ def _output_gated(attn: nn.Module) -> bool:
     wo = getattr(getattr(attn, "o_proj", None), "weight", None)
     return isinstance(wq, torch.Tensor) and isinstance(wo, torch.Tensor) and wq.dim() == 2 and wo.dim() == 2 \
         and wq.shape[0] == 2 * wo.shape[1]
+
+
+def _autocast_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k, v in ``torch.autocast``'s dtype while it is on for their device, else as they are. The model's own
+    layer hands them to SDPA, which autocast casts so (it is on autocast's lower-precision list); the MoD
+    layer's attention (``gmod.attention``, which takes one dtype, or SDPA) and its compact cache get them
+    the same way. Without this, a query norm's float32 output (autocast promotes RMSNorm's float32 scale times a
+    bfloat16 input) would meet bfloat16 values."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -620,16 +638,19 @@ class MoDDecoderLayer:
             raise RuntimeError(f"gmod: MoD layer {self.gmod_layer_idx} has no router")
         return router
 
-    def gmod_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def gmod_logits(self, hidden_states: torch.Tensor, routing: Optional[RoutingInfo] = None) -> torch.Tensor:
         """Router logit difference l1 - l0 [B, S] fp32 on this layer's input norm (RMSNorm with the
         norm's own scale: ``weight``, or ``1 + weight`` for Gemma's offset norms; a plain RMSNorm where the
-        block has no input norm (OLMo-2) or one without a weight (OLMo))."""
+        block has no input norm (OLMo-2) or one without a weight (OLMo)). ``routing``: the forward's
+        routing, through which the layers sharing the model's router share its weight difference."""
         ln1 = self._gmod_norm("attn_in")
+        router = self.gmod_router_module()
+        shared = routing if router is self._gmod_state.router else None
         w = getattr(ln1, "weight", None)
         if not isinstance(w, torch.Tensor):
-            return self.gmod_router_module()(hidden_states, None, 1e-6 if ln1 is None else _norm_eps(ln1))
+            return router(hidden_states, None, 1e-6 if ln1 is None else _norm_eps(ln1), routing=shared)
         w = w + 1.0 if getattr(self, "_gmod_norm_offset", False) else w
-        return self.gmod_router_module()(hidden_states, w, _norm_eps(ln1))
+        return router(hidden_states, w, _norm_eps(ln1), routing=shared)
 
     def _gmod_rotary(self, x: torch.Tensor, position_ids: torch.Tensor):
         rotary = self._gmod_state.rotary
@@ -670,11 +691,12 @@ class MoDDecoderLayer:
         return alibi is None and self.__dict__.get("_gmod_uses_rope", True)
 
     def _gmod_positions(self, x, xs, idx, count, C, position_embeddings, position_ids, start=None, seg=None,
-                        rotate=True):
+                        rotate=True, routing: Optional[RoutingInfo] = None):
         """cos / sin [B, C, r] of the kept tokens: gathered at their original positions, or the
         compact positions ``start + arange(C)`` (``start``: tokens already in this layer's cache;
         ``seg`` [B, C]: the kept tokens' packed-sequence ids, each sequence counting from 0); None, None
-        where the layer does not rotate (``rotate``: :meth:`_gmod_rotates`)."""
+        where the layer does not rotate (``rotate``: :meth:`_gmod_rotates`). ``routing``: the forward's
+        routing, through which its layers share the angles expanded to the batch (one copy per forward)."""
         B, S = x.shape[0], x.shape[1]
         cfg: GmodConfig = self._gmod_state.config
         if not rotate:  # a NoPE layer: no positions to gather (the model may have no rotary at all)
@@ -689,14 +711,20 @@ class MoDDecoderLayer:
                 pos = pos + start.to(device=x.device, dtype=pos.dtype).unsqueeze(1)
             cos, sin = _cos_sin(self._gmod_rotary(xs, pos))
             return cos.expand(B, -1, -1), sin.expand(B, -1, -1)
-        if position_embeddings is None:
+        given = position_embeddings is not None
+        if not given:
             if position_ids is None:
                 position_ids = torch.arange(S, device=x.device).unsqueeze(0)
             position_embeddings = self._gmod_rotary(x, position_ids)
         cos, sin = _cos_sin(position_embeddings)
-        cos = ops.gather_rows(cos.expand(B, -1, -1).contiguous(), idx, count)
-        sin = ops.gather_rows(sin.expand(B, -1, -1).contiguous(), idx, count)
-        return cos, sin
+        if routing is not None and given and cos is position_embeddings[0] and (
+                cos.shape[0] != B or not cos.is_contiguous() or not sin.is_contiguous()):
+            # the model's [1, S, r] angles, the same for every layer: expanded to the batch once per forward
+            key = ("batch_angles", id(cos), id(sin), B)
+            cos, sin = routing.memo(key, lambda: _batch_angles(cos, sin, B), keep=(cos, sin))
+        else:
+            cos, sin = _batch_angles(cos, sin, B)
+        return ops.gather_rows(cos, idx, count), ops.gather_rows(sin, idx, count)
 
     def _gmod_qkv(self, xs, cos, sin):
         """q, k, v [B, C, H, d] of the kept tokens, rotated by ``cos`` / ``sin`` (None: not rotated), the
@@ -917,6 +945,9 @@ class MoDDecoderLayer:
 
     def _gmod_merge(self, x, xs, h, a, m, logits, idx, count, mask):
         cfg: GmodConfig = self._gmod_state.config
+        # under torch.autocast the branches come out of their linear layers in its dtype, while the residual
+        # stream keeps the model's: the model's own residual adds promote them to it, and so does the merge
+        h, a, m = h.to(x.dtype), a.to(x.dtype), m.to(x.dtype)
         gate_mode = "none" if cfg.gate == "none" else cfg.variant
         if gate_mode == "none":
             return ops.scatter_merge(x, h + m, idx, count)
@@ -1021,7 +1052,7 @@ class MoDDecoderLayer:
 
         # ---- router + selection
         with nvtx_range("router"):
-            logits = self.gmod_logits(x)  # [B, S] fp32
+            logits = self.gmod_logits(x, routing)  # [B, S] fp32
         with nvtx_range("route"):
             codes = mask
             if prefill_len is not None and prefill_len < S:
@@ -1059,13 +1090,14 @@ class MoDDecoderLayer:
             if blocks is not None:  # the kept tokens' blocks (an image's tokens, a prefix-LM's prompt)
                 blk = torch.gather(blocks.to(x.device), 1, idx.clamp(min=0).long())
             cos, sin = self._gmod_positions(x, xs, idx, count, C, position_embeddings, position_ids, seg=seg,
-                                            rotate=self._gmod_rotates(alibi))
+                                            rotate=self._gmod_rotates(alibi), routing=routing)
             chunk = _binding_chunk(attn, S)
             if chunk is not None:  # Llama-4's chunks: a query sees its own chunk (as ids, with packed sequences)
                 ch = _chunk_ids(idx.clamp(min=0), routing, chunk)
                 seg = ch if seg is None else seg.to(torch.int64) * (S + 1) + ch
         with nvtx_range("attention"):
             q, k, v, scale, gate = self._gmod_qkv(xs, cos, sin)
+            q, k, v = _autocast_qkv(q, k, v)
             q = _temperature(attn, q, idx)
             if kv_cache is not None:  # cached prefill: no device sync (the lengths are read at the next step)
                 kv_cache.append(k, v, count, idx=idx)
@@ -1094,7 +1126,24 @@ class MoDDecoderLayer:
 
         # ---- aux loss + statistics
         self._gmod_record(sink, logits, idx, count, mask, C)
-        return y
+        return self._gmod_aux_through_replay(y, routing)
+
+    def _gmod_aux_through_replay(self, y: torch.Tensor, routing: Optional[RoutingInfo]) -> torch.Tensor:
+        """Reentrant gradient checkpointing (:class:`~gmod_ext.router.AuxLossGradient`): a training forward
+        without autograd (its first pass; transformers' checkpointing or the user's own) tells the model's loss
+        hook so, which acts only if the model's loss has a graph all the same; the replay in the backward pass
+        returns ``y`` through :class:`~gmod_ext.router.AuxLossThroughOutput`, which gives this layer's aux term
+        its gradient."""
+        if routing is None or not self.training:
+            return y
+        if not torch.is_grad_enabled():
+            routing.aux_without_graph = True
+            return y
+        gradient = routing.aux_loss_gradient
+        aux = routing.aux.get(self.gmod_layer_idx)
+        if gradient is None or aux is None or not aux.requires_grad or torch._C._current_graph_task_id() == -1:
+            return y
+        return AuxLossThroughOutput.apply(y, aux, gradient)
 
     def gmod_forward_decode(
         self,
@@ -1134,7 +1183,7 @@ class MoDDecoderLayer:
                 "prefill only. Put the images and the prompt in the first call (as generate does), or run without "
                 "a cache.")
         with nvtx_range("router"):
-            logits = self.gmod_logits(x)
+            logits = self.gmod_logits(x, routing)
         with nvtx_range("route"):
             keep = self.gmod_decode_keep(logits, mask)
             codes = torch.where(keep, ops.MASK_FORCED, ops.MASK_NEVER).to(torch.int8).contiguous()
@@ -1154,9 +1203,10 @@ class MoDDecoderLayer:
             xs = ops.gather_rows(x, idx, count)  # [B, n, D]
             start = cache.stored_count() if cache.is_initialized else torch.zeros(B, dtype=torch.int32, device=x.device)
             cos, sin = self._gmod_positions(x, xs, idx, count, n, position_embeddings, position_ids, start=start,
-                                            rotate=self._gmod_rotates(alibi))
+                                            rotate=self._gmod_rotates(alibi), routing=routing)
         with nvtx_range("attention"):
             q, k, v, scale, gate = self._gmod_qkv(xs, cos, sin)
+            q, k, v = _autocast_qkv(q, k, v)
             q = _temperature(attn, q, idx + cache.seen)
             cache.append(k, v, count, counts, idx=idx if S > 1 else None)  # S = 1: position `seen`
             kb = None
@@ -1190,23 +1240,18 @@ def _num_routed(codes: Optional[torch.Tensor], ratio: float, B: int, S: int, dev
                 routing: Optional[RoutingInfo]) -> torch.Tensor:
     """[B] int32: the routable tokens of each row that top-k keeps at skip ratio ``ratio`` (``codes``: the
     routing codes, None: every token routable). Every MoD layer of a forward with the same codes and ratio
-    gets the same counts, so ``routing`` (given when ``codes`` are its own) keeps them for the next layer:
-    some ten small kernels once per forward instead of once per layer (not while compiling: a plain dict
-    on the routing object is state the compiled graph would have to guard)."""
-    memo = None
-    if routing is not None and not torch.compiler.is_compiling():
-        memo = routing.__dict__.setdefault("_num_routed", {})
-        key = (id(codes), float(ratio), B, S, str(device))  # (codes: routing.mask, which the routing holds)
-        if key in memo:
-            return memo[key]
-    if codes is None:
-        n_routable = torch.full((B,), S, dtype=torch.int64, device=device)
-    else:
-        n_routable = (codes == ops.MASK_ROUTABLE).sum(1)
-    num_routed = (n_routable - num_skipped_tensor(n_routable, ratio)).to(torch.int32)
-    if memo is not None:
-        memo[key] = num_routed
-    return num_routed
+    gets the same counts, so ``routing`` (given when ``codes`` are its own) keeps them for the next layer
+    (:meth:`RoutingInfo.memo`): some ten small kernels once per forward instead of once per layer."""
+    def compute() -> torch.Tensor:
+        if codes is None:
+            n_routable = torch.full((B,), S, dtype=torch.int64, device=device)
+        else:
+            n_routable = (codes == ops.MASK_ROUTABLE).sum(1)
+        return (n_routable - num_skipped_tensor(n_routable, ratio)).to(torch.int32)
+
+    if routing is None:
+        return compute()
+    return routing.memo(("num_routed", id(codes), float(ratio), B, S, str(device)), compute, keep=(codes,))
 
 
 def _dropout_p(module: nn.Module, names: tuple) -> float:

@@ -42,10 +42,22 @@ class GmodRouter(nn.Module):
                 self.weight.normal_(0.0, self.std)
             self.bias.zero_()
 
-    def forward(self, x: torch.Tensor, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
-        """Router logit difference ``l1 - l0`` [B, S] float32 of ``RMSNorm(x) * norm_weight``."""
-        w = self.weight[1] - self.weight[0]
-        b = self.bias[1] - self.bias[0]
+    def difference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W[1] - W[0], b[1] - b[0])``: the [D] weight and 0-dim bias of the logit difference."""
+        return self.weight[1] - self.weight[0], self.bias[1] - self.bias[0]
+
+    def forward(self, x: torch.Tensor, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                routing: Optional["RoutingInfo"] = None) -> torch.Tensor:
+        """Router logit difference ``l1 - l0`` [B, S] float32 of ``RMSNorm(x) * norm_weight``.
+
+        ``routing``: the forward's :class:`RoutingInfo`, for a router that several MoD layers share: the
+        difference is then taken once per forward (:meth:`RoutingInfo.memo`), not once per layer (in a
+        training step, some 14 small kernels per further layer, forward and backward)."""
+        if routing is None:
+            w, b = self.difference()
+        else:
+            key = ("router_difference", id(self), self.weight._version, self.bias._version, torch.is_grad_enabled())
+            w, b = routing.memo(key, self.difference, keep=(self.weight, self.bias))
         return ops.router_logits(x, w, norm_weight, eps) + b
 
     def _apply(self, fn, recurse=True):
@@ -180,6 +192,33 @@ class RoutingInfo:
         self.aux: dict[int, torch.Tensor] = {}
         self.stats: dict[int, Mapping[str, torch.Tensor]] = {}
         self.selection: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (idx, count)
+        self._memo: dict = {}  # what the MoD layers of this forward share: see memo()
+        # reentrant gradient checkpointing (see AuxLossGradient): set by a MoD layer whose aux loss was recorded
+        # without autograd in training, and by the model's loss hook
+        self.aux_without_graph = False
+        self.aux_loss_gradient: Optional[AuxLossGradient] = None
+
+    def memo(self, key, compute: Callable[[], object], keep: tuple = ()):
+        """``compute()``, once per forward: the first MoD layer that asks computes it and the forward's
+        later layers reuse it (the shared router's weight difference, the routed counts of the forward's
+        codes, the batch-expanded rotary angles). ``key`` names the value, with the ids of the tensors it is
+        made from; ``keep`` holds those tensors, so no other tensor takes their ids while the entry lives.
+        The converted model's end-of-forward hook empties it (:meth:`clear_memo`).
+
+        Not kept while compiling (a dict on this object would be state the compiled graph has to guard) nor
+        during a backward pass: a gradient-checkpointing replay recomputes each value in its own graph (a
+        reentrant replay runs a layer's forward again, with gradients, inside the backward pass)."""
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1:
+            return compute()
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit[1]
+        value = compute()
+        self._memo[key] = (keep, value)
+        return value
+
+    def clear_memo(self) -> None:
+        self._memo.clear()
 
     def aux_total(self) -> Optional[torch.Tensor]:
         if not self.aux:
@@ -193,6 +232,46 @@ class RoutingInfo:
     def __repr__(self) -> str:
         shape = None if self.mask is None else tuple(self.mask.shape)
         return f"RoutingInfo(mask={shape}, max_forced={self.max_forced}, layers={sorted(self.stats)})"
+
+
+class AuxLossGradient:
+    """The aux loss's share of the gradient under reentrant gradient checkpointing.
+
+    ``torch.utils.checkpoint(..., use_reentrant=True)`` (PEFT's default for k-bit training) runs each layer's
+    forward without autograd and runs it again, with autograd, inside the backward pass, backpropagating only
+    what the layer returns. A MoD layer's aux loss is not among that: the model adds the sum of the layers'
+    terms to its loss, and on that first pass they have no graph. So the converted model's loss hook
+    registers :meth:`capture` on the loss it returns: the first thing a backward pass through that loss
+    computes is its gradient, which times ``aux_coef`` is each layer term's gradient. Each layer's replay
+    then returns its output through :class:`AuxLossThroughOutput`, which hands its own aux term that
+    gradient. A backward pass of some other loss (without the model's aux term) leaves it unset: no aux
+    gradient, as that loss says."""
+
+    def __init__(self, coef: float):
+        self.coef = float(coef)
+        self.value: Optional[torch.Tensor] = None
+
+    def capture(self, grad: torch.Tensor) -> None:
+        self.value = grad.detach() * self.coef
+
+
+class AuxLossThroughOutput(torch.autograd.Function):
+    """``y`` unchanged (a copy); backward passes ``y``'s gradient through and gives ``aux`` (a layer's aux
+    loss term, recomputed with autograd in a reentrant replay) the gradient an :class:`AuxLossGradient` holds."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, aux: torch.Tensor, gradient: AuxLossGradient) -> torch.Tensor:
+        ctx.gradient = gradient
+        ctx.aux_like = (aux.shape, aux.dtype, aux.device)
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        value = ctx.gradient.value
+        if value is None:
+            return grad_y, None, None
+        shape, dtype, device = ctx.aux_like
+        return grad_y, value.to(device=device, dtype=dtype).expand(shape), None
 
 
 def packed_segments(position_ids: torch.Tensor) -> Optional[torch.Tensor]:

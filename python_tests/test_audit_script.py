@@ -27,18 +27,22 @@ def test_audit_reports_converted_and_refused_architectures(tmp_path):
     """llama converts exactly, beam is refused; two that build only with ARCH_FIXES: Cohere Compass (its
     NoPE full-attention layers, which once failed inside the MoD layer) converts exactly, BLT (whose byte-level
     local encoder needs patch ids, which once crashed the check) is refused with the reason; Gemma 4's multimodal
-    model (per-layer inputs, layer scalars) converts exactly."""
+    model (per-layer inputs, layer scalars) converts exactly. With --autocast bf16 each that converts is also
+    within the flash rule of float32 under autocast and trains a step there (llama's line says by how much)."""
     out = tmp_path / "audit.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "llama", "beam", "cohere_compass_text", "blt", "gemma4",
-                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+                           "--autocast", "bf16", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
-    assert doc["llama"].startswith("OK ") and float(doc["llama"].split()[1]) < 1e-5
+    assert doc["llama"].startswith("OK ") and float(doc["llama"].split()[1].rstrip(",")) < 1e-5
+    words = doc["llama"].split()
+    assert words[2] == "autocast" and 0 < float(words[3]) <= 2 * float(words[5].rstrip(")")) + 0.04
     assert doc["beam"].startswith("refused: gmod.convert: BeamForCausalLM") \
         and "not a block a MoD layer reproduces" in doc["beam"]
-    assert doc["cohere_compass_text"].startswith("OK ") and float(doc["cohere_compass_text"].split()[1]) < 1e-5
+    assert doc["cohere_compass_text"].startswith("OK ") and float(doc["cohere_compass_text"].split()[1].rstrip(",")) < 1e-5
     assert doc["blt"].startswith("refused: gmod.convert: BltLocalEncoder") and "token ids alone" in doc["blt"]
-    assert doc["gemma4"].startswith("OK ") and float(doc["gemma4"].split()[1]) < 1e-5
+    assert doc["gemma4"].startswith("OK ") and float(doc["gemma4"].split()[1].rstrip(",")) < 1e-5
+    assert all("autocast" in doc[a] for a in ("llama", "cohere_compass_text", "gemma4"))
     assert "summary: OK 3, refused 2" in proc.stdout
 
 
@@ -50,10 +54,15 @@ def test_audit_exit_status_flags_a_silent_wrong_answer(tmp_path, monkeypatch):
         def __init__(self, line):
             self.stdout, self.returncode = f"RESULT {line}\n", 0
 
-    answers = {"a": "OK 3.0e-07", "b": "SILENT-WRONG 2.0e-03"}
+    answers = {"a": "OK 3.0e-07", "b": "SILENT-WRONG 2.0e-03", "c": "OK 3.0e-07, autocast 7.0e-03 (dense 6.2e-03)",
+               "d": "CRASH under autocast (training step): TypeError: dtype (float32: OK 3.0e-07)",
+               "e": "AUTOCAST-WRONG 5.0e-02 (dense 6.2e-03) (float32: OK 3.0e-07)"}
     monkeypatch.setattr(mod.subprocess, "run", lambda cmd, **kw: Done(answers[cmd[-1]]))
     assert mod.main(["a"]) == 0
     assert mod.main(["a", "b"]) == 1
+    assert mod.main(["a", "c", "--autocast", "bf16"]) == 0
+    assert mod.main(["c", "d", "--autocast", "bf16"]) == 1
+    assert mod.main(["c", "e", "--autocast", "bf16"]) == 1
 
 
 def test_apply_fix_sets_fields_sub_config_fields_or_calls_a_function():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext as _nullcontext
 import math
 import types
 
@@ -156,6 +155,86 @@ def test_ratio0_equals_hf_low_precision(arch, dtype):
         norm = t.norm().clamp(min=1e-12)
         ours, hf = ((g.grad.double() - t).norm() / norm for g in (conv_params[name], p))
         assert ours <= 2 * hf + 8 * unit_roundoff(dtype), f"{name}: gradient error {ours:.3g} vs Hugging Face's {hf:.3g}"
+
+
+@pytest.mark.parametrize("arch,dtype", [(a, torch.bfloat16) for a in ARCHS + ["qwen3"]] + [("llama", torch.float16)])
+def test_ratio0_under_autocast_equals_hf(arch, dtype):
+    """Mixed precision as transformers' Trainer runs it (``bf16=True`` / ``fp16=True``: float32 weights, the
+    forward under ``torch.autocast``): the converted model at ratio 0 (gate none) against the dense Hugging
+    Face model run in float64, by the flash-attention rule against the same Hugging Face model under autocast,
+    for the logits and each weight's gradient. Autocast hands the MoD layer's attention a float32 query
+    (Qwen3's query norm) with bfloat16 keys, and its merge bfloat16 branches with a float32 residual stream:
+    both are taken as the model's own layer takes them (in autocast's dtype / promoted to the stream's)."""
+    from references import assert_close_lowp, unit_roundoff
+
+    ref = tiny_model(arch)
+    _sharpen_attention(ref)
+    ref64 = copy.deepcopy(ref).double()
+    conv = copy.deepcopy(ref)
+    gmod_ext.convert(conv, ratio=0.0, layers="all", gate="none", progress=False)
+    batch = make_batch(arch)
+    batch64 = dict(batch)
+    if "pixel_values" in batch:
+        batch64["pixel_values"] = batch["pixel_values"].double()
+    with torch.autocast("cpu", dtype=dtype):
+        out_ref = ref(**_inputs(batch))
+        out_conv = conv(**_inputs(batch))
+    out_64 = ref64(**_inputs(batch64))
+    valid = batch["attention_mask"].bool()
+    assert out_conv.logits.dtype == out_ref.logits.dtype
+    truth = out_64.logits[valid]
+    peak = truth.abs().max().item()
+    assert_close_lowp(out_conv.logits[valid], truth, out_ref.logits[valid], what="logits", factor=2.0,
+                      atol=4 * unit_roundoff(dtype) * peak)
+    _logits_loss(out_ref, batch).backward()
+    _logits_loss(out_conv, batch).backward()
+    _logits_loss(out_64, batch).backward()
+    truth_grads = dict(ref64.named_parameters())
+    conv_params = dict(conv.named_parameters())
+    for name, p in ref.named_parameters():
+        t = truth_grads[name].grad
+        if p.grad is None or name.endswith("k_proj.bias"):  # (k_proj.bias: exactly zero, rounding noise)
+            continue
+        assert conv_params[name].grad.dtype == torch.float32, name
+        norm = t.norm().clamp(min=1e-12)
+        ours, hf = ((g.grad.double() - t).norm() / norm for g in (conv_params[name], p))
+        assert ours <= 2 * hf + 8 * unit_roundoff(dtype), f"{name}: gradient error {ours:.3g} vs Hugging Face's {hf:.3g}"
+
+
+@pytest.mark.parametrize("variant", ["gamma", "mod", "pmod"])
+def test_training_step_under_autocast(variant):
+    """A training step at ratio 0.5 under ``torch.autocast`` (bfloat16): the loss (with its aux term) and the
+    gradients come out float32 and finite, the router gets a gradient, each layer keeps what its routing
+    says; and a cached prefill + decode step under autocast (generation in a mixed-precision eval loop) at
+    ratio 0 (every token kept) gives the dense model's logits under autocast, to bfloat16's accuracy."""
+    model = tiny_model("llama")
+    kw = {"schedule": "constant"} if variant == "pmod" else {}
+    gmod_ext.convert(model, ratio=0.5, layers="all", variant=variant, router_init="normal", progress=False, **kw)
+    batch = make_batch("llama", labels_prefix=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    assert out.loss.dtype == torch.float32 and math.isfinite(float(out.loss))
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or (p.grad.dtype == torch.float32 and bool(torch.isfinite(p.grad).all())), name
+    assert float(model.gmod_router.weight.grad.abs().sum()) > 0
+    forced = model.config.gmod["forced"]
+    must_keep = torch.zeros_like(batch["attention_mask"], dtype=torch.bool) if forced == "none" else \
+        (batch["labels"] == -100) & batch["attention_mask"].bool()
+    _check_selection(model, batch, model.gmod_state.current, 0.5, must_keep)
+
+    dense = tiny_model("llama").eval()
+    keep_all = copy.deepcopy(dense)
+    gmod_ext.convert(keep_all, ratio=0.0, layers="all", gate="none", decode_threshold=0.0, progress=False)
+    ids = batch["input_ids"][:1, :12]
+    logits = []
+    for m in (dense, keep_all):
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            pre = m(ids, use_cache=True)
+            step = m(ids[:, -1:], past_key_values=pre.past_key_values, use_cache=True)
+        logits.append(torch.cat([pre.logits, step.logits], 1).float())
+    peak = float(logits[0].abs().max())
+    torch.testing.assert_close(logits[1], logits[0], atol=0.05 * peak, rtol=0)
 
 
 def _gamma_reference(model, router):
@@ -403,22 +482,83 @@ def test_save_pretrained_round_trip(tmp_path, arch, router):
     assert not is_converted(plain)
 
 
-def test_gradient_checkpointing_matches():
+@pytest.mark.parametrize("loss_of", ["model", "scaled", "logits"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_matches(reentrant, loss_of):
+    """Loss and every gradient (the shared router's included) with gradient checkpointing equal those without,
+    for both of torch's replays: the non-reentrant one (transformers' default) reuses the forward's graph; the
+    reentrant one (PEFT's default) runs each layer's forward without autograd, then again with it inside the
+    backward pass, where the router's aux loss terms get their gradient through the layers' outputs
+    (AuxLossGradient). Backpropagated: the model's loss (with 0.01 x the aux loss), that loss scaled (as a
+    gradient scaler or accumulation does: the aux share scales with it), or a loss of the logits alone (no
+    aux share at all)."""
     model = tiny_model("llama")
     gmod_ext.convert(model, ratio=0.5, layers=[0, 1, 2], progress=False)
     ckpt = copy.deepcopy(model)
-    with pytest.warns(FutureWarning) if hasattr(ckpt, "activation_checkpointing_enable") else _nullcontext():
-        ckpt.gradient_checkpointing_enable()
+    kw = {"use_reentrant": reentrant}
+    if hasattr(ckpt, "activation_checkpointing_enable"):
+        ckpt.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     model.train()
     ckpt.train()
     batch = make_batch("llama", labels_prefix=5)
-    l1 = model(**batch).loss
-    l2 = ckpt(**batch).loss
+
+    def loss(m):
+        out = m(**batch)
+        if loss_of == "logits":
+            return torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten())
+        return out.loss * (2.5 if loss_of == "scaled" else 1.0)
+
+    l1, l2 = loss(model), loss(ckpt)
     torch.testing.assert_close(l2, l1)
     l1.backward()
     l2.backward()
     assert float(ckpt.gmod_router.weight.grad.abs().sum()) > 0
     _compare_grads(model, ckpt, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("router", ["shared", "per_layer"])
+def test_layers_of_a_forward_share_the_router_difference_and_the_angles(router, monkeypatch):
+    """The MoD layers of one forward take the shared router's ``W[1] - W[0]`` (and the bias difference) once,
+    and expand the model's rotary angles to the batch once (RoutingInfo.memo); per-layer routers take their
+    own. The loss and every gradient equal those of the same step with nothing shared (each layer computing
+    both itself, as a standalone layer does), and nothing is kept once the forward is over."""
+    from gmod_ext import mod_layer
+    from gmod_ext.router import GmodRouter, RoutingInfo
+
+    model = tiny_model("llama")
+    gmod_ext.convert(model, ratio=0.5, layers="all", router=router, router_init="normal", progress=False)
+    n_mod = len(model.config.gmod["layers"])
+    assert n_mod >= 3
+    ref = copy.deepcopy(model)
+    batch = make_batch("llama", labels_prefix=5)
+    calls = {"difference": 0, "angles": 0}
+    difference, batch_angles = GmodRouter.difference, mod_layer._batch_angles
+
+    def count_difference(self):
+        calls["difference"] += 1
+        return difference(self)
+
+    def count_angles(*args):
+        calls["angles"] += 1
+        return batch_angles(*args)
+
+    monkeypatch.setattr(GmodRouter, "difference", count_difference)
+    monkeypatch.setattr(mod_layer, "_batch_angles", count_angles)
+    loss = model(**batch).loss
+    assert calls == {"difference": 1 if router == "shared" else n_mod, "angles": 1}
+    assert not model.gmod_state.current._memo  # let go at the end of the forward
+    loss.backward()
+    monkeypatch.setattr(RoutingInfo, "memo", lambda self, key, compute, keep=(): compute())
+    calls.update(difference=0, angles=0)
+    ref_loss = ref(**batch).loss
+    assert calls == {"difference": n_mod, "angles": n_mod}
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    router_grads = [p.grad for n, p in model.named_parameters() if "gmod_router" in n]
+    assert router_grads and all(float(g.abs().sum()) > 0 for g in router_grads)
+    _compare_grads(ref, model, atol=1e-7, rtol=1e-6)
 
 
 def test_cache_and_generate():

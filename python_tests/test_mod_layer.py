@@ -283,7 +283,13 @@ def test_kv_cache_hook():
     assert cache.get_seq_length(1) == 8
 
 
-def test_compile_aot_eager():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compile_aot_eager(autocast):
+    """The MoD layer under torch.compile(fullgraph=True) equals eager, forward and gradients (also under
+    torch.autocast, whose dtype the layer reads to cast the attention's inputs)."""
+    import contextlib
+
+    torch._dynamo.reset()
     model, layer, _ = build("gamma", ratio=0.5)
     x = torch.randn(2, 12, 64)
     pe = model.model.rotary_emb(x, torch.arange(12).unsqueeze(0))
@@ -293,9 +299,13 @@ def test_compile_aot_eager():
     xe = x.clone().requires_grad_()
     xc = x.clone().requires_grad_()
     info_e, info_c = RoutingInfo(mask, 2), RoutingInfo(mask, 2)
-    ye = layer(xe, position_embeddings=pe, gmod_routing=info_e)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    with ctx():
+        ye = layer(xe, position_embeddings=pe, gmod_routing=info_e)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    yc = compiled(xc, position_embeddings=pe, gmod_routing=info_c)
+    with ctx():
+        yc = compiled(xc, position_embeddings=pe, gmod_routing=info_c)
+    assert yc.dtype == ye.dtype == torch.float32
     torch.testing.assert_close(yc, ye)
     assert torch.equal(info_c.selection[1][0], info_e.selection[1][0])
     loss_e = ye.square().sum() + info_e.aux[1]

@@ -15,10 +15,20 @@ padding). Each line says one of:
   build-fail: ...     the tiny config does not build that architecture (not about gmod_ext), and why
   NO-RESULT           killed (memory / time cap) before printing
 
+With --autocast bf16 (or fp16), an architecture that converts is also run as transformers' Trainer runs
+mixed precision (float32 weights, the forward under torch.autocast on the CPU): the converted model's
+logits against the float32 dense model's, by the flash-attention rule (at most twice the dense model's own
+error under autocast, plus a few roundings), then a training step of a ratio-0.5 conversion under autocast.
+The line then ends with ``autocast <err> (dense <err>)``, or is one of:
+
+  AUTOCAST-WRONG ...      under autocast the converted model is further from float32 than the rule allows
+  CRASH under autocast ...
+
     python scripts/audit_architectures.py                 # all (~20 min on 2 CPU cores)
     python scripts/audit_architectures.py llama qwen3_5_text --json audit.json
+    python scripts/audit_architectures.py --autocast bf16 # and each under mixed precision
 
-Exit status 1 if any line is SILENT-WRONG or CRASH.
+Exit status 1 if any line is SILENT-WRONG, AUTOCAST-WRONG or CRASH.
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ import os
 import resource
 import subprocess
 import sys
+from typing import Optional
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16,
@@ -219,7 +230,8 @@ def _has(cfg, name: str) -> bool:
         return False
 
 
-def audit_one(arch: str) -> str:
+def audit_one(arch: str, autocast: Optional[str] = None) -> str:
+    import copy
     import warnings
 
     import torch
@@ -242,6 +254,7 @@ def audit_one(arch: str) -> str:
             ref = model(ids, attention_mask=mask).logits[keep]
     except Exception as err:  # noqa: BLE001 - the generic tiny config does not fit this architecture
         return f"build-fail: {type(err).__name__}: {' '.join(str(err).split())[:140]}"
+    dense = copy.deepcopy(model) if autocast else None
     try:
         gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
     except (TypeError, NotImplementedError, ValueError) as err:
@@ -254,7 +267,50 @@ def audit_one(arch: str) -> str:
     except Exception as err:  # noqa: BLE001
         return f"CRASH in the converted forward: {type(err).__name__}: {str(err)[:160]}"
     err = float((out - ref).abs().max() / ref.abs().max())
-    return f"OK {err:.1e}" if err < 1e-4 else f"SILENT-WRONG {err:.1e}"
+    if err >= 1e-4:
+        return f"SILENT-WRONG {err:.1e}"
+    if not autocast:
+        return f"OK {err:.1e}"
+    mixed = _under_autocast(dense, model, ids, mask, ref, AUTOCAST_DTYPES[autocast])
+    if mixed.startswith(("AUTOCAST-WRONG", "CRASH")):
+        return f"{mixed} (float32: OK {err:.1e})"
+    return f"OK {err:.1e}, {mixed}"
+
+
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def _under_autocast(dense, converted, ids, mask, ref, dtype_name: str) -> str:
+    """The --autocast part of an architecture's line (see the module's docstring)."""
+    import torch
+
+    import gmod_ext
+
+    dtype = getattr(torch, dtype_name)
+    keep = mask.bool()
+    peak = float(ref.abs().max())
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            dense_ac = dense(ids, attention_mask=mask).logits[keep].float()
+            conv_ac = converted(ids, attention_mask=mask).logits[keep].float()
+    except Exception as err:  # noqa: BLE001
+        return f"CRASH under autocast (forward): {type(err).__name__}: {str(err)[:160]}"
+    e_dense = float((dense_ac - ref).abs().max()) / peak
+    e_conv = float((conv_ac - ref).abs().max()) / peak
+    if not e_conv <= 2 * e_dense + 4 * torch.finfo(dtype).eps:
+        return f"AUTOCAST-WRONG {e_conv:.1e} (dense {e_dense:.1e})"
+    try:
+        torch.manual_seed(0)
+        train = dense.train()
+        gmod_ext.convert(train, ratio=0.5, layers="all", router_init="normal", progress=False)
+        with torch.autocast("cpu", dtype=dtype):
+            loss = train(ids, attention_mask=mask, labels=ids.masked_fill(~keep, -100)).loss
+        loss.backward()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss {float(loss)}")
+    except Exception as err:  # noqa: BLE001
+        return f"CRASH under autocast (training step): {type(err).__name__}: {str(err)[:160]}"
+    return f"autocast {e_conv:.1e} (dense {e_dense:.1e})"
 
 
 def _limit_memory(gib: float):
@@ -269,12 +325,18 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("archs", nargs="*", help="model_type names (default: every causal-LM architecture)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per architecture")
-    p.add_argument("--memory-gib", type=float, default=6.0, help="address-space cap per architecture")
+    p.add_argument("--memory-gib", type=float, default=None,
+                   help="address-space cap per architecture (default 6, or 12 with --autocast: a dense copy of the "
+                        "model and autocast's bfloat16 weight copies)")
     p.add_argument("--json", default=None, help="also write {arch: result} to this file")
+    p.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
+                   help="also check each converting architecture under torch.autocast in this dtype")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the worker
     args = p.parse_args(argv)
+    if args.memory_gib is None:
+        args.memory_gib = 12.0 if args.autocast else 6.0
     if args.one:
-        print("RESULT " + audit_one(args.one), flush=True)
+        print("RESULT " + audit_one(args.one, args.autocast), flush=True)
         return 0
     archs = args.archs
     if not archs:
@@ -284,7 +346,8 @@ def main(argv=None) -> int:
     results = {}
     for arch in archs:
         try:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", arch], capture_output=True,
+            extra = ["--autocast", args.autocast] if args.autocast else []
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *extra, "--one", arch], capture_output=True,
                                   text=True, timeout=args.timeout, preexec_fn=_limit_memory(args.memory_gib))
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             results[arch] = lines[-1][len("RESULT "):] if lines else f"NO-RESULT (exit {proc.returncode})"
@@ -299,7 +362,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    bad = [a for a, r in results.items() if r.startswith(("SILENT-WRONG", "CRASH"))]
+    bad = [a for a, r in results.items() if r.startswith(("SILENT-WRONG", "AUTOCAST-WRONG", "CRASH"))]
     return 1 if bad else 0
 
 
