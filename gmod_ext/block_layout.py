@@ -186,10 +186,6 @@ def layout_refusal(layer: nn.Module) -> Optional[str]:
         return (f"{type(layer).__name__} adds its updates to the normed input "
                 "(apply_residual_connection_post_layernorm=True): a skipped token would not keep its input, so "
                 "MoD layers do not reproduce it")
-    if _has(layer, "altup"):
-        return (f"{type(layer).__name__} is a Gemma 3n block: AltUp carries several hidden-state streams per token "
-                "([altup_num_inputs, B, S, D]) that the block predicts and corrects, not one residual stream a MoD "
-                "layer could pass a skipped token along")
     if _opt_like(layer) and getattr(layer, "do_layer_norm_before", True) is False:
         return (f"{type(layer).__name__} is post-norm (do_layer_norm_before=False, e.g. OPT-350m): it normalises "
                 "after each residual sum, so there is no residual update a MoD layer could gate")

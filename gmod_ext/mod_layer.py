@@ -5,7 +5,8 @@
 ``self_attn.{q,k,v,o}_proj`` (or one fused ``qkv_proj``, Phi-3, or ``query_key_value``, GPT-NeoX's
 ``attention``; ``dense`` for ``o_proj``, Phi-1 / 2; + optional ``q_norm`` / ``k_norm``, or HunYuan's
 after the rotation), ``post_attention_layernorm``, ``mlp`` (or Granite's ``block_sparse_moe`` +
-``shared_mlp``); or the other norm layouts of :mod:`gmod_ext.block_layout`: Gemma-2 / 3, GLM-4,
+``shared_mlp``; Gemma 4's and Gemma 3n's extra parts, AltUp's streams among them: :mod:`gmod_ext.block_extras`);
+or the other norm layouts of :mod:`gmod_ext.block_layout`: Gemma-2 / 3, GLM-4,
 Apertus, OLMo-2, parallel blocks, OPT's family (``fc1`` / ``fc2`` in the block, ``out_proj``), GPT-2
 (``attn.c_attn`` / ``c_proj``), Falcon (``self_attention.query_key_value``), GPT-J / CodeGen (parallel on
 ``ln_1``), GPT-Neo (``attn.attention``), BLOOM and MPT (``attn.Wqkv``, ``ffn``); those with positions added
@@ -88,8 +89,8 @@ from .config import GmodConfig, capacity, capacity_of_rows, num_skipped_tensor
 from .masked_attention import attention_sinks, attention_softcap, position_masked_attention
 from .masks import check_routing_mask
 from .profiling import nvtx_range
-from .router import (AuxLossThroughOutput, GmodRouter, GmodState, LazyStats, RoutingInfo, logit, max_segments,
-                     per_sequence_codes, router_aux_loss, routing_stats, selection_mask)
+from .router import (AuxLossThroughOutput, Deferred, GmodRouter, GmodState, LazyStats, RoutingInfo, logit,
+                     max_segments, per_sequence_codes, router_aux_loss, routing_stats, selection_mask)
 
 __all__ = ["MoDDecoderLayer", "make_mod_layer", "unmake_mod_layer", "is_mod_layer", "mod_class_for"]
 
@@ -614,7 +615,7 @@ class MoDDecoderLayer:
         # layers) those more than a chunk behind, as a dense chunked layer keeps only its last chunk
         slot.window = _sliding_window(self._gmod_attn()) or _binding_chunk(self._gmod_attn(), 0, always=True)
         x = hidden_states
-        S = x.shape[1]
+        S = x.shape[-2]  # (an AltUp block's input is [K, B, S, D])
         pe = kwargs.get("position_embeddings")
         pos = kwargs.get("position_ids")
         e = kwargs.get(block_extras.PER_LAYER_INPUT)
@@ -943,6 +944,70 @@ class MoDDecoderLayer:
             m = norm_out(m)
         return self._gmod_residual_scale(self._gmod_dropout(m, _MLP_DROPOUTS))
 
+    def _gmod_streams(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """``(None, x)`` for a block on one residual stream ([B, S, D], checked); an AltUp block's (Gemma 3n)
+        ``(streams [K, B, S, D], the active stream [B, S, D])``: it routes on the active stream."""
+        if block_extras.has_altup(self):
+            return block_extras.altup_split(self, x)
+        if x.dim() != 3:
+            raise ValueError(f"gmod: hidden_states must be [B, S, D], got {tuple(x.shape)}")
+        return None, x.contiguous()
+
+    def _gmod_predict(self, streams: Optional[torch.Tensor], idx, count, xs):
+        """``(None, xs)``; for AltUp ``(the kept tokens' predicted streams [K, B, C, D], the active one)``: the
+        block then runs on the active stream's prediction."""
+        if streams is None:
+            return None, xs
+        pred = self.altup.predict(block_extras.gather_streams(streams, idx, count))
+        return pred, pred[int(self.config.altup_active_idx)]
+
+    def _gmod_residual(self, xs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The residual stream after attention: ``xs + a``, or with Gemma 3n's LAuReL branch
+        ``(xs + a + laurel(N_in(xs))) / sqrt(2)``."""
+        if block_extras.has_laurel(self):
+            return block_extras.laurel_residual(self, xs, a, self._gmod_attn_in(xs))
+        return xs + a
+
+    def _gmod_string_scale(self, logits: torch.Tensor, mask) -> torch.Tensor:
+        """p-MoD's STRing: each skipped token's scale [B, S] (1 for padding)."""
+        cfg: GmodConfig = self._gmod_state.config
+        w = cfg.pmod_a * torch.tanh(logits) + cfg.pmod_b
+        return (w if mask is None else torch.where(mask == ops.MASK_NEVER, torch.ones_like(w), w)).contiguous()
+
+    def _gmod_merge_altup(self, streams, pred, xs, h, m, logits, idx, count, mask, e_sel):
+        """AltUp (Gemma 3n): the block's gated output on the active stream's prediction (in float32, rounded
+        once: gamma ``h + p m``, mod ``xs + p (h + m - xs)``, pmod with p-MoD's ``w``), corrected into the kept
+        tokens' K streams (:func:`~gmod_ext.block_extras.altup_correct`) and scattered back; a skipped token's K
+        streams stay as they were (pmod: scaled by STRing)."""
+        cfg: GmodConfig = self._gmod_state.config
+        gate_mode = "none" if cfg.gate == "none" else cfg.variant
+        m = m.to(h.dtype)
+        skip = None
+        if gate_mode == "none":
+            out = h + m
+        else:
+            g = torch.sigmoid(logits) if gate_mode in ("gamma", "mod") else cfg.pmod_a * torch.tanh(logits) + cfg.pmod_b
+            g_sel = ops.gather_rows(g.unsqueeze(-1), idx, count)  # [B, C, 1] float32
+            if gate_mode == "gamma":
+                out = (h.float() + g_sel * m.float()).to(h.dtype)
+            else:
+                out = (xs.float() + g_sel * (h.float() + m.float() - xs.float())).to(h.dtype)
+            if gate_mode == "pmod":
+                skip = self._gmod_string_scale(logits, mask)
+        corrected = block_extras.altup_correct(self, pred, out, e_sel)
+        return block_extras.scatter_streams(streams, corrected, idx, count, skip_scale=skip)
+
+    def _gmod_skip_all_streams(self, streams: torch.Tensor, logits, mask) -> torch.Tensor:
+        """:meth:`_gmod_skip_all` for AltUp's K streams."""
+        cfg: GmodConfig = self._gmod_state.config
+        if cfg.gate == "none" or cfg.variant != "pmod":
+            return streams
+        K, B, _, D = streams.shape
+        idx = torch.full((B, 1), -1, dtype=torch.int32, device=streams.device)
+        count = torch.zeros(B, dtype=torch.int32, device=streams.device)
+        rows = torch.zeros(K, B, 1, D, dtype=streams.dtype, device=streams.device)
+        return block_extras.scatter_streams(streams, rows, idx, count, skip_scale=self._gmod_string_scale(logits, mask))
+
     def _gmod_merge(self, x, xs, h, a, m, logits, idx, count, mask):
         cfg: GmodConfig = self._gmod_state.config
         # under torch.autocast the branches come out of their linear layers in its dtype, while the residual
@@ -979,14 +1044,26 @@ class MoDDecoderLayer:
 
     def _gmod_record(self, sink: RoutingInfo, logits, idx, count, mask, C):
         S = logits.shape[1]
-        sel = selection_mask(idx, count, S)
-        valid = None if mask is None else (mask != ops.MASK_NEVER)
-        aux = router_aux_loss(logits, sel, valid)
+        i = self.gmod_layer_idx
+
+        def aux_loss() -> torch.Tensor:
+            sel = selection_mask(idx, count, S)
+            valid = None if mask is None else (mask != ops.MASK_NEVER)
+            return router_aux_loss(logits, sel, valid)
+
+        compiling = torch.compiler.is_compiling()
+        if torch.is_grad_enabled() or compiling:
+            aux = aux_loss()
+            sink.aux[i] = aux
+            aux_value = aux.detach()
+        else:  # no gradient to take (generation, evaluation): computed if read (a loss with labels, the statistics)
+            sink.aux[i] = Deferred(aux_loss)
+            aux = sink.aux
+            aux_value = functools.partial(aux.__getitem__, i)
         # the statistics when read (gmod_stats, a logging callback), not on every forward; while compiling, now
-        stats = functools.partial(routing_stats, logits.detach(), count, mask, aux.detach(), C)
-        sink.stats[self.gmod_layer_idx] = stats() if torch.compiler.is_compiling() else LazyStats(stats)
-        sink.aux[self.gmod_layer_idx] = aux
-        sink.selection[self.gmod_layer_idx] = (idx, count)
+        stats = functools.partial(routing_stats, logits.detach(), count, mask, aux_value, C)
+        sink.stats[i] = stats() if compiling else LazyStats(stats)
+        sink.selection[i] = (idx, count)
 
     def _gmod_sink(self, routing: Optional[RoutingInfo]) -> RoutingInfo:
         if routing is not None:
@@ -1022,10 +1099,8 @@ class MoDDecoderLayer:
         """
         state: GmodState = self._gmod_state
         cfg: GmodConfig = state.config
-        if x.dim() != 3:
-            raise ValueError(f"gmod: hidden_states must be [B, S, D], got {tuple(x.shape)}")
+        streams, x = self._gmod_streams(x)
         B, S, _ = x.shape
-        x = x.contiguous()
         e = self._gmod_per_layer_input(per_layer_input, B, S)
         attn = self._gmod_attn()
         window = _binding_window(attn, S)
@@ -1084,6 +1159,7 @@ class MoDDecoderLayer:
         # ---- the block on the selected tokens
         with nvtx_range("gather"):
             xs = ops.gather_rows(x, idx, count)  # [B, C, D]
+            pred, xs = self._gmod_predict(streams, idx, count, xs)
             seg = blk = None
             if segments is not None:  # the kept tokens' sequence ids (slots past count: never read)
                 seg = torch.gather(segments.to(x.device), 1, idx.clamp(min=0).long())
@@ -1114,15 +1190,19 @@ class MoDDecoderLayer:
             else:
                 o, _ = ops.attention(q, k, v, count, count, scale)
             a = self._gmod_attn_out(self._gmod_heads_out(o), gate)
-            h = xs + a
+            h = self._gmod_residual(xs, a)
         with nvtx_range("mlp"):
             m = self._gmod_mlp(h, xs)
-            if e is not None:
-                m = m + block_extras.per_layer_update(self, h + m, ops.gather_rows(e, idx, count))
+            e_sel = None if e is None else ops.gather_rows(e, idx, count)
+            if e_sel is not None and pred is None:  # (AltUp: after the correction)
+                m = m + block_extras.per_layer_update(self, h + m, e_sel)
 
         # ---- gating + merge
         with nvtx_range("merge"):
-            y = block_extras.scale_output(self, self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask))
+            if pred is not None:
+                y = self._gmod_merge_altup(streams, pred, xs, h, m, logits, idx, count, mask, e_sel)
+            else:
+                y = block_extras.scale_output(self, self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask))
 
         # ---- aux loss + statistics
         self._gmod_record(sink, logits, idx, count, mask, C)
@@ -1165,10 +1245,8 @@ class MoDDecoderLayer:
         sync (the per-row counts); when no row keeps a token the block is not run at all. ``alibi``: the
         model's ALiBi bias over all positions seen, read at the cached keys' recorded positions.
         """
-        if x.dim() != 3:
-            raise ValueError(f"gmod: hidden_states must be [B, S, D], got {tuple(x.shape)}")
+        streams, x = self._gmod_streams(x)
         B, S, _ = x.shape
-        x = x.contiguous()
         e = self._gmod_per_layer_input(per_layer_input, B, S)
         attn = self._gmod_attn()
         self._gmod_check_alibi(alibi)
@@ -1193,6 +1271,8 @@ class MoDDecoderLayer:
             n = max(counts) if counts else 0
         if n == 0:
             self._gmod_record(sink, logits, idx, count, mask, S)
+            if streams is not None:
+                return self._gmod_skip_all_streams(streams, logits, mask)
             return block_extras.scale_output(self, self._gmod_skip_all(x, logits, mask))
         if n < S:
             idx = idx[:, :n].contiguous()
@@ -1201,6 +1281,7 @@ class MoDDecoderLayer:
         softcap, sinks = attention_softcap(attn), attention_sinks(attn)
         with nvtx_range("gather"):
             xs = ops.gather_rows(x, idx, count)  # [B, n, D]
+            pred, xs = self._gmod_predict(streams, idx, count, xs)
             start = cache.stored_count() if cache.is_initialized else torch.zeros(B, dtype=torch.int32, device=x.device)
             cos, sin = self._gmod_positions(x, xs, idx, count, n, position_embeddings, position_ids, start=start,
                                             rotate=self._gmod_rotates(alibi), routing=routing)
@@ -1225,13 +1306,17 @@ class MoDDecoderLayer:
             else:
                 o, _ = ops.attention(q, keys, values, count, cache.cache_len, scale)
             a = self._gmod_attn_out(self._gmod_heads_out(o), gate)
-            h = xs + a
+            h = self._gmod_residual(xs, a)
         with nvtx_range("mlp"):
             m = self._gmod_mlp(h, xs)
-            if e is not None:
-                m = m + block_extras.per_layer_update(self, h + m, ops.gather_rows(e, idx, count))
+            e_sel = None if e is None else ops.gather_rows(e, idx, count)
+            if e_sel is not None and pred is None:  # (AltUp: after the correction)
+                m = m + block_extras.per_layer_update(self, h + m, e_sel)
         with nvtx_range("merge"):
-            y = block_extras.scale_output(self, self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask))
+            if pred is not None:
+                y = self._gmod_merge_altup(streams, pred, xs, h, m, logits, idx, count, mask, e_sel)
+            else:
+                y = block_extras.scale_output(self, self._gmod_merge(x, xs, h, a, m, logits, idx, count, mask))
         self._gmod_record(sink, logits, idx, count, mask, n)
         return y
 

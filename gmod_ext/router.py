@@ -101,10 +101,13 @@ def router_aux_loss(
     return (ce * v).sum() / v.sum().clamp(min=1.0)
 
 
-def routing_stats(logits: torch.Tensor, count: torch.Tensor, mask: Optional[torch.Tensor], aux: torch.Tensor,
+def routing_stats(logits: torch.Tensor, count: torch.Tensor, mask: Optional[torch.Tensor], aux,
                   capacity: int) -> dict[str, torch.Tensor]:
     """One MoD layer's routing statistics (0-dim tensors) from what it routed with: ``logits`` [B, S], the
-    kept ``count`` [B], the codes ``mask`` [B, S] or None, its aux loss and capacity."""
+    kept ``count`` [B], the codes ``mask`` [B, S] or None, its aux loss (or a function returning it) and
+    capacity."""
+    if callable(aux):
+        aux = aux()
     with torch.no_grad():
         S = logits.shape[1]
         valid = None if mask is None else (mask != ops.MASK_NEVER)
@@ -154,6 +157,38 @@ class LazyStats(Mapping):
         return f"LazyStats({'computed' if self._values is not None else 'not computed yet'})"
 
 
+class Deferred:
+    """A value of :class:`DeferredValues` to compute when first read."""
+
+    __slots__ = ("compute",)
+
+    def __init__(self, compute: Callable[[], object]):
+        self.compute = compute
+
+
+class DeferredValues(dict):
+    """A dict whose :class:`Deferred` values are computed when first read (then kept). A MoD layer's aux loss
+    term in a forward without autograd (generation, evaluation) is one: nothing can take its gradient, and
+    only a loss with labels (the model's hook) or the statistics read it; a decode step would otherwise
+    spend some eight small kernels per MoD layer on it."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if isinstance(value, Deferred):
+            value = value.compute()
+            super().__setitem__(key, value)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+
 class RoutingInfo:
     """What one model forward routes with, and what its MoD layers record.
 
@@ -189,7 +224,7 @@ class RoutingInfo:
         # [B] leading padding tokens of each row over the whole sequence so far, when the call gave a 2-D
         # attention mask: Llama-4's attention chunks count from the first real token, as its mask does
         self.left_pad: Optional[torch.Tensor] = None
-        self.aux: dict[int, torch.Tensor] = {}
+        self.aux: DeferredValues = DeferredValues()  # layer -> aux loss term (computed when read in no-grad forwards)
         self.stats: dict[int, Mapping[str, torch.Tensor]] = {}
         self.selection: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (idx, count)
         self._memo: dict = {}  # what the MoD layers of this forward share: see memo()

@@ -397,6 +397,37 @@ def test_routing_stats_are_computed_when_read_and_count_what_was_routed():
     assert 0 < got["routable_skip_ratio"] < 1 and got["capacity"] == float(info.selection[1][0].shape[1])
 
 
+def test_aux_loss_of_a_forward_without_autograd_is_computed_when_read():
+    """In a forward without autograd (generation, evaluation) each MoD layer's aux loss term is computed only when
+    read (no BCE kernel runs in the forward), and then equals the term of the same forward with autograd; the
+    loss with labels (which adds 0.01 x their sum) and the statistics read it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountBCE(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.binary_cross_entropy_with_logits.default:
+                CountBCE.n += 1
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model("llama")  # (forced="none": the routing does not depend on the labels)
+    gmod_ext.convert(model, ratio=0.5, layers=[1, 2, 3], router_init="normal", forced="none", progress=False)
+    batch = make_batch("llama", labels_prefix=5)
+    want = model(**batch)
+    want_aux = {i: float(v) for i, v in model.gmod_state.current.aux.items()}
+    assert len(want_aux) == 3 and all(v > 0 for v in want_aux.values())
+    with torch.no_grad(), CountBCE():
+        model(**_inputs(batch))
+    assert CountBCE.n == 0
+    info = model.gmod_state.current
+    assert {i: float(info.aux[i]) for i in info.aux} == want_aux
+    with torch.no_grad():
+        got = model(**batch)
+    assert float(got.loss) == float(want.loss)
+    assert model.gmod_stats()["aux_loss"] == pytest.approx(sum(want_aux.values()), rel=1e-6)
+
+
 def test_llava_text_forced_and_explicit_mask():
     model = tiny_model("llava")
     gmod_ext.convert(model, ratio=0.5, layers="all", variant="pmod", schedule="constant", router_init="normal")

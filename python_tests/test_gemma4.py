@@ -264,21 +264,6 @@ def test_gemma4_unified_image_tokens_attend_both_ways_in_every_layer():
         assert not model.gmod_state.current.blocks_sliding_only
 
 
-def test_gemma3n_altup_blocks_are_refused_with_the_reason():
-    """Gemma 3n's text blocks carry AltUp's several hidden-state streams: refused by name, nothing changed."""
-    if not hasattr(transformers, "Gemma3nForCausalLM"):
-        pytest.skip("no Gemma 3n in this transformers")
-    cfg = transformers.Gemma3nTextConfig(**_text_kwargs(num_hidden_layers=4, num_kv_shared_layers=2, laurel_rank=8,
-                                                        layer_types=["sliding_attention", "full_attention"] * 2))
-    torch.manual_seed(0)
-    model = transformers.Gemma3nForCausalLM(cfg).float().eval()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(TypeError, match=r"Gemma3nTextDecoderLayer is a Gemma 3n block: AltUp carries several "
-                                        r"hidden-state streams"):
-        gmod_ext.convert(model, ratio=0.5, layers="all", progress=False)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
 def test_every_token_kept_gives_the_dense_gradients():
     """Training through the per-layer inputs, the layer scalar and the MoE branch: with every token kept, no
     gate and no router loss, the gradient of every weight (the per-layer embedding table included) is the

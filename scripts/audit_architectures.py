@@ -155,10 +155,13 @@ ARCH_FIXES = {
     # the default sizes
     "hrm_text": _rebuilt(),
     "rwkv": _rebuilt(),
-    # Gemma 3n: its last num_kv_shared_layers (default 15) reuse caches of both layer types, which the first 4 layers
-    # must produce; per-layer inputs as Gemma 4's
-    "gemma3n_text": _rebuilt(num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
-                             vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, laurel_rank=8),
+    # Gemma 3n: its last num_kv_shared_layers (default 15) reuse caches of both layer types; with 6 layers and 2
+    # of them sharing, layers 2 and 3 store them and layers 0 and 1 can become MoD layers; per-layer inputs as
+    # Gemma 4's
+    "gemma3n_text": _rebuilt(num_hidden_layers=6, num_kv_shared_layers=2,
+                             layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                             vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, laurel_rank=8,
+                             activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0]),
     # Reformer's LM head needs is_decoder, and its axial position embeddings' widths must add up to hidden_size
     "reformer": dict(is_decoder=True, attention_head_size=16, axial_pos_shape=(16, 16), axial_pos_embds_dim=(16, 48)),
     # X-MOD routes each token through a language adapter and has no default language
