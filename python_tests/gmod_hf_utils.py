@@ -301,3 +301,68 @@ def assert_keep_all_generation_equals_dense(model, ids):
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def rel_err(a, b) -> float:
+    """Largest absolute difference of ``a`` from ``b``, relative to ``b``'s largest magnitude (float64)."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def padded_ids(B: int = 2, S: int = 20, seed: int = 1):
+    """(token ids in [3, 100), attention mask) with the second row left-padded by 4."""
+    ids = torch.randint(3, 100, (B, S), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids[1, :4] = 0
+    return ids, mask
+
+
+def assert_keep_all_logits_equal_dense_float64(model, ids, mask, factor: float = 6.0) -> list:
+    """Convert ``model`` at ratio 0 with no gate (every token kept) and check its float32 logits against the dense
+    model's in float64: within ``factor`` times the dense model's own float32 error (plus 1e-6). Returns the
+    indices of the layers that became MoD layers."""
+    import copy
+
+    import gmod_ext
+    from gmod_ext._hf import find_decoder
+
+    keep = mask.bool()
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(ids, attention_mask=mask).logits[keep]
+        ref32 = model(ids, attention_mask=mask).logits[keep]
+        gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
+        out = model(ids, attention_mask=mask).logits[keep]
+    base = rel_err(ref32, ref64)
+    assert 0 < base < 1e-4
+    assert rel_err(out, ref64) <= factor * base + 1e-6, (rel_err(out, ref64), base)
+    return [i for i, layer in enumerate(find_decoder(model).layers) if hasattr(layer, "gmod_ratio")]
+
+
+def one_skipping_layer(model, which: int):
+    """``(dense, layer)``: a float64 copy (eager attention) of ``model``'s decoder layer ``which`` as it was, and
+    that layer converted at ratio 0.5 with no gate and a random N(0, 1) shared router, so that it skips tokens."""
+    import copy
+
+    import gmod_ext
+    from gmod_ext._hf import find_decoder
+
+    dense = copy.deepcopy(find_decoder(model).layers[which]).double()
+    dense.config._attn_implementation = "eager"
+    gmod_ext.convert(model, ratio=0.5, layers=[which], gate="none", progress=False)
+    with torch.no_grad():
+        model.gmod_router.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(4))
+    return dense, find_decoder(model).layers[which]
+
+
+def decode_step_io(model, layer):
+    """(input, output) of ``layer`` in a one-token decode step of ``model`` after a 9-token prefill (no grad)."""
+    seen = []
+    handle = layer.register_forward_hook(lambda _m, args, out: seen.append((args[0].clone(), out.clone())))
+    ids = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            model(ids[:, :1], cache=out.past_key_values, use_cache=True)
+    finally:
+        handle.remove()
+    return seen[-1]

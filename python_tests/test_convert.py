@@ -120,7 +120,6 @@ def test_ratio0_equals_hf_low_precision(arch, dtype):
     float64 (the same low-precision weights, upcast), by the flash-attention rule: the converted
     model's max logit error must be <= 2x the error of the Hugging Face model itself run in ``dtype``,
     plus a few roundings of the logits' peak; and so must each weight's gradient (relative norms)."""
-    from references import assert_close_lowp, unit_roundoff
 
     ref = tiny_model(arch, dtype=dtype)
     _sharpen_attention(ref)
@@ -138,20 +137,37 @@ def test_ratio0_equals_hf_low_precision(arch, dtype):
     out_64 = ref64(**_inputs(batch64))
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(out_conv.logits[valid].float(), out_ref.logits[valid].float(), atol=3e-2, rtol=3e-2)
-    truth = out_64.logits[valid]
-    peak = truth.abs().max().item()
-    assert_close_lowp(out_conv.logits[valid], truth, out_ref.logits[valid], what="logits", factor=2.0,
-                      atol=4 * unit_roundoff(dtype) * peak)
+    _assert_logits_by_the_flash_rule(out_conv, out_ref, out_64, valid, dtype)
     _logits_loss(out_ref, batch).backward()
     _logits_loss(out_conv, batch).backward()
     _logits_loss(out_64, batch).backward()
     _compare_grads(ref, conv, rel_norm=6e-2)  # (both round; the truth decides below)
+    _assert_grads_by_the_flash_rule(ref, conv, ref64, dtype)
+
+
+def _assert_logits_by_the_flash_rule(out_conv, out_ref, out_64, valid, dtype):
+    """The converted model's logits (at ``valid``) are at most 2x as far from the float64 model's as Hugging Face's
+    own are in ``dtype``, plus 4 roundings of the logits' peak."""
+    from references import assert_close_lowp, unit_roundoff
+
+    truth = out_64.logits[valid]
+    peak = truth.abs().max().item()
+    assert_close_lowp(out_conv.logits[valid], truth, out_ref.logits[valid], what="logits", factor=2.0,
+                      atol=4 * unit_roundoff(dtype) * peak)
+
+
+def _assert_grads_by_the_flash_rule(ref, conv, ref64, dtype, grad_dtype=None):
+    """Each weight's gradient of ``conv`` is at most 2x as far from ``ref64``'s (float64) as Hugging Face's
+    ``ref`` is, plus 8 roundings in ``dtype`` (relative norms); of dtype ``grad_dtype`` where given."""
+    from references import unit_roundoff
+
     truth_grads = dict(ref64.named_parameters())
     conv_params = dict(conv.named_parameters())
     for name, p in ref.named_parameters():
         t = truth_grads[name].grad
         if p.grad is None or name.endswith("k_proj.bias"):  # (k_proj.bias: exactly zero, rounding noise)
             continue
+        assert grad_dtype is None or conv_params[name].grad.dtype == grad_dtype, name
         norm = t.norm().clamp(min=1e-12)
         ours, hf = ((g.grad.double() - t).norm() / norm for g in (conv_params[name], p))
         assert ours <= 2 * hf + 8 * unit_roundoff(dtype), f"{name}: gradient error {ours:.3g} vs Hugging Face's {hf:.3g}"
@@ -165,7 +181,6 @@ def test_ratio0_under_autocast_equals_hf(arch, dtype):
     for the logits and each weight's gradient. Autocast hands the MoD layer's attention a float32 query
     (Qwen3's query norm) with bfloat16 keys, and its merge bfloat16 branches with a float32 residual stream:
     both are taken as the model's own layer takes them (in autocast's dtype / promoted to the stream's)."""
-    from references import assert_close_lowp, unit_roundoff
 
     ref = tiny_model(arch)
     _sharpen_attention(ref)
@@ -182,23 +197,11 @@ def test_ratio0_under_autocast_equals_hf(arch, dtype):
     out_64 = ref64(**_inputs(batch64))
     valid = batch["attention_mask"].bool()
     assert out_conv.logits.dtype == out_ref.logits.dtype
-    truth = out_64.logits[valid]
-    peak = truth.abs().max().item()
-    assert_close_lowp(out_conv.logits[valid], truth, out_ref.logits[valid], what="logits", factor=2.0,
-                      atol=4 * unit_roundoff(dtype) * peak)
+    _assert_logits_by_the_flash_rule(out_conv, out_ref, out_64, valid, dtype)
     _logits_loss(out_ref, batch).backward()
     _logits_loss(out_conv, batch).backward()
     _logits_loss(out_64, batch).backward()
-    truth_grads = dict(ref64.named_parameters())
-    conv_params = dict(conv.named_parameters())
-    for name, p in ref.named_parameters():
-        t = truth_grads[name].grad
-        if p.grad is None or name.endswith("k_proj.bias"):  # (k_proj.bias: exactly zero, rounding noise)
-            continue
-        assert conv_params[name].grad.dtype == torch.float32, name
-        norm = t.norm().clamp(min=1e-12)
-        ours, hf = ((g.grad.double() - t).norm() / norm for g in (conv_params[name], p))
-        assert ours <= 2 * hf + 8 * unit_roundoff(dtype), f"{name}: gradient error {ours:.3g} vs Hugging Face's {hf:.3g}"
+    _assert_grads_by_the_flash_rule(ref, conv, ref64, dtype, grad_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("variant", ["gamma", "mod", "pmod"])

@@ -13,7 +13,8 @@ import copy
 import pytest
 import torch
 
-from gmod_hf_utils import assert_keep_all_generation_equals_dense, transformers
+from gmod_hf_utils import assert_keep_all_generation_equals_dense, assert_keep_all_logits_equal_dense_float64, \
+    decode_step_io, one_skipping_layer, padded_ids as _ids, rel_err as _rel, transformers
 
 import gmod_ext
 from gmod_ext._hf import find_decoder
@@ -43,35 +44,13 @@ def _gemma3n(kv_shared=0, **over):
     return model
 
 
-def _rel(a, b):
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
-
-
-def _ids(B=2, S=20, seed=1):
-    ids = torch.randint(3, 100, (B, S), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # a left-padded row
-    ids[1, :4] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("kv_shared", [0, 2])
 def test_every_token_kept_gives_the_dense_model(kv_shared):
     """ratio 0, no gate: the converted model's logits (float32) are the dense model's in float64, within a few
     times the dense model's own float32 error; with KV sharing, the layers that store or reuse keys stay dense."""
     model = _gemma3n(kv_shared)
-    ids, mask = _ids()
-    keep = mask.bool()
-    with torch.no_grad():
-        ref64 = copy.deepcopy(model).double()(ids, attention_mask=mask).logits[keep]
-        ref32 = model(ids, attention_mask=mask).logits[keep]
-        gmod_ext.convert(model, ratio=0.0, layers="all", gate="none", progress=False)
-        out = model(ids, attention_mask=mask).logits[keep]
-    converted = [i for i, layer in enumerate(find_decoder(model).layers) if hasattr(layer, "gmod_ratio")]
+    converted = assert_keep_all_logits_equal_dense_float64(model, *_ids())
     assert converted == ([0, 1] if kv_shared else list(range(6)))
-    base = _rel(ref32, ref64)
-    assert 0 < base < 1e-4
-    assert _rel(out, ref64) <= 6 * base + 1e-6, (_rel(out, ref64), base)
 
 
 def _dense_on_kept(layer, x, e, pe, kept):
@@ -94,12 +73,7 @@ def test_skipping_matches_the_dense_layer_on_the_kept_tokens_and_keeps_the_skipp
     sliding layer); a skipped token's K streams leave the layer exactly as they came."""
     model = _gemma3n()
     layer_type = LAYER_TYPES[which]
-    dense = copy.deepcopy(find_decoder(model).layers[which]).double()
-    dense.config._attn_implementation = "eager"
-    gmod_ext.convert(model, ratio=0.5, layers=[which], gate="none", progress=False)
-    with torch.no_grad():
-        model.gmod_router.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(4))
-    layer = find_decoder(model).layers[which]
+    dense, layer = one_skipping_layer(model, which)
     B, S, D = 2, 16, 64
     g = torch.Generator().manual_seed(5)
     x = torch.randn(K, B, S, D, generator=g)
@@ -172,14 +146,9 @@ def test_a_decode_step_that_keeps_no_token_leaves_the_streams(variant):
     gmod_ext.convert(model, ratio=0.5, layers=[FULL], variant=variant, decode_threshold=1.0, router_init="normal",
                      progress=False, **kw)
     layer = find_decoder(model).layers[FULL]
-    seen = []
-    layer.register_forward_hook(lambda _m, args, out: seen.append((args[0].clone(), out.clone())))
-    ids = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(1))
+    x, y = decode_step_io(model, layer)
+    assert x.shape[:3] == (K, 1, 1)
     with torch.no_grad():
-        out = model(ids, use_cache=True)
-        model(ids[:, :1], cache=out.past_key_values, use_cache=True)
-        x, y = seen[-1]
-        assert x.shape[:3] == (K, 1, 1)
         if variant == "gamma":
             torch.testing.assert_close(y, x, rtol=0, atol=0)
         else:
