@@ -124,7 +124,7 @@ def scatter_streams(streams: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor
     """The K streams with each kept token's rows replaced by ``rows`` [K, B, C, D]; a skipped token's rows kept
     (times ``skip_scale`` [B, S] where given: p-MoD's STRing)."""
     K, B, S, D = streams.shape
-    skip = None if skip_scale is None else skip_scale.repeat(K, 1).contiguous()
+    skip = None if skip_scale is None else skip_scale.repeat(K, 1)
     out = ops.scatter_merge(streams.reshape(K * B, S, D), rows.reshape(K * B, -1, D).to(streams.dtype),
                             idx.repeat(K, 1), count.repeat(K), skip_scale=skip)
     return out.view(K, B, S, D)

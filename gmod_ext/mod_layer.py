@@ -953,11 +953,11 @@ class MoDDecoderLayer:
             raise ValueError(f"gmod: hidden_states must be [B, S, D], got {tuple(x.shape)}")
         return None, x.contiguous()
 
-    def _gmod_predict(self, streams: Optional[torch.Tensor], idx, count, xs):
-        """``(None, xs)``; for AltUp ``(the kept tokens' predicted streams [K, B, C, D], the active one)``: the
-        block then runs on the active stream's prediction."""
+    def _gmod_gather(self, x: torch.Tensor, streams: Optional[torch.Tensor], idx, count):
+        """``(None, the kept tokens' rows of x)``; for AltUp ``(the kept tokens' predicted streams [K, B, C, D],
+        the active one)``: the block then runs on the active stream's prediction."""
         if streams is None:
-            return None, xs
+            return None, ops.gather_rows(x, idx, count)
         pred = self.altup.predict(block_extras.gather_streams(streams, idx, count))
         return pred, pred[int(self.config.altup_active_idx)]
 
@@ -968,10 +968,14 @@ class MoDDecoderLayer:
             return block_extras.laurel_residual(self, xs, a, self._gmod_attn_in(xs))
         return xs + a
 
-    def _gmod_string_scale(self, logits: torch.Tensor, mask) -> torch.Tensor:
-        """p-MoD's STRing: each skipped token's scale [B, S] (1 for padding)."""
+    def _gmod_tanh_norm(self, logits: torch.Tensor) -> torch.Tensor:
+        """p-MoD's TanhNorm weight ``w = a tanh(l) + b`` [B, S] float32."""
         cfg: GmodConfig = self._gmod_state.config
-        w = cfg.pmod_a * torch.tanh(logits) + cfg.pmod_b
+        return cfg.pmod_a * torch.tanh(logits) + cfg.pmod_b
+
+    @staticmethod
+    def _gmod_string_scale(w: torch.Tensor, mask) -> torch.Tensor:
+        """p-MoD's STRing: each skipped token's scale [B, S], its TanhNorm weight ``w`` (1 for padding)."""
         return (w if mask is None else torch.where(mask == ops.MASK_NEVER, torch.ones_like(w), w)).contiguous()
 
     def _gmod_merge_altup(self, streams, pred, xs, h, m, logits, idx, count, mask, e_sel):
@@ -986,27 +990,16 @@ class MoDDecoderLayer:
         if gate_mode == "none":
             out = h + m
         else:
-            g = torch.sigmoid(logits) if gate_mode in ("gamma", "mod") else cfg.pmod_a * torch.tanh(logits) + cfg.pmod_b
+            g = torch.sigmoid(logits) if gate_mode in ("gamma", "mod") else self._gmod_tanh_norm(logits)
             g_sel = ops.gather_rows(g.unsqueeze(-1), idx, count)  # [B, C, 1] float32
             if gate_mode == "gamma":
                 out = (h.float() + g_sel * m.float()).to(h.dtype)
             else:
                 out = (xs.float() + g_sel * (h.float() + m.float() - xs.float())).to(h.dtype)
             if gate_mode == "pmod":
-                skip = self._gmod_string_scale(logits, mask)
+                skip = self._gmod_string_scale(g, mask)
         corrected = block_extras.altup_correct(self, pred, out, e_sel)
         return block_extras.scatter_streams(streams, corrected, idx, count, skip_scale=skip)
-
-    def _gmod_skip_all_streams(self, streams: torch.Tensor, logits, mask) -> torch.Tensor:
-        """:meth:`_gmod_skip_all` for AltUp's K streams."""
-        cfg: GmodConfig = self._gmod_state.config
-        if cfg.gate == "none" or cfg.variant != "pmod":
-            return streams
-        K, B, _, D = streams.shape
-        idx = torch.full((B, 1), -1, dtype=torch.int32, device=streams.device)
-        count = torch.zeros(B, dtype=torch.int32, device=streams.device)
-        rows = torch.zeros(K, B, 1, D, dtype=streams.dtype, device=streams.device)
-        return block_extras.scatter_streams(streams, rows, idx, count, skip_scale=self._gmod_string_scale(logits, mask))
 
     def _gmod_merge(self, x, xs, h, a, m, logits, idx, count, mask):
         cfg: GmodConfig = self._gmod_state.config
@@ -1023,24 +1016,27 @@ class MoDDecoderLayer:
             p_sel = ops.gather_rows(torch.sigmoid(logits).unsqueeze(-1), idx, count).squeeze(-1)
             return ops.scatter_merge(x, xs, idx, count, delta=a + m, gate=p_sel)
         if gate_mode == "pmod":
-            w = cfg.pmod_a * torch.tanh(logits) + cfg.pmod_b  # [B, S] fp32 TanhNorm
+            w = self._gmod_tanh_norm(logits)
             w_sel = ops.gather_rows(w.unsqueeze(-1), idx, count).squeeze(-1)
-            skip = w if mask is None else torch.where(mask == ops.MASK_NEVER, torch.ones_like(w), w)
-            return ops.scatter_merge(x, xs, idx, count, delta=a + m, gate=w_sel, skip_scale=skip.contiguous())
+            return ops.scatter_merge(x, xs, idx, count, delta=a + m, gate=w_sel,
+                                     skip_scale=self._gmod_string_scale(w, mask))
         raise ValueError(cfg.variant)  # pragma: no cover - validated in GmodConfig
 
-    def _gmod_skip_all(self, x, logits, mask):
-        """The layer's output when no token of the step is kept (decode): x, or p-MoD's STRing."""
+    def _gmod_skip_all(self, x, logits, mask, streams: Optional[torch.Tensor] = None):
+        """The layer's output when no token of the step is kept (decode): x (AltUp: its K ``streams``), or
+        p-MoD's STRing of it."""
         cfg: GmodConfig = self._gmod_state.config
         if cfg.gate == "none" or cfg.variant != "pmod":
-            return x
+            return x if streams is None else streams
         B, _, D = x.shape
-        w = cfg.pmod_a * torch.tanh(logits) + cfg.pmod_b
-        skip = w if mask is None else torch.where(mask == ops.MASK_NEVER, torch.ones_like(w), w)
+        skip = self._gmod_string_scale(self._gmod_tanh_norm(logits), mask)
         idx = torch.full((B, 1), -1, dtype=torch.int32, device=x.device)
         count = torch.zeros(B, dtype=torch.int32, device=x.device)
+        if streams is not None:
+            rows = torch.zeros(streams.shape[0], B, 1, D, dtype=x.dtype, device=x.device)
+            return block_extras.scatter_streams(streams, rows, idx, count, skip_scale=skip)
         base = torch.zeros(B, 1, D, dtype=x.dtype, device=x.device)
-        return ops.scatter_merge(x, base, idx, count, skip_scale=skip.contiguous())
+        return ops.scatter_merge(x, base, idx, count, skip_scale=skip)
 
     def _gmod_record(self, sink: RoutingInfo, logits, idx, count, mask, C):
         S = logits.shape[1]
@@ -1158,8 +1154,7 @@ class MoDDecoderLayer:
 
         # ---- the block on the selected tokens
         with nvtx_range("gather"):
-            xs = ops.gather_rows(x, idx, count)  # [B, C, D]
-            pred, xs = self._gmod_predict(streams, idx, count, xs)
+            pred, xs = self._gmod_gather(x, streams, idx, count)  # xs [B, C, D]
             seg = blk = None
             if segments is not None:  # the kept tokens' sequence ids (slots past count: never read)
                 seg = torch.gather(segments.to(x.device), 1, idx.clamp(min=0).long())
@@ -1272,7 +1267,7 @@ class MoDDecoderLayer:
         if n == 0:
             self._gmod_record(sink, logits, idx, count, mask, S)
             if streams is not None:
-                return self._gmod_skip_all_streams(streams, logits, mask)
+                return self._gmod_skip_all(x, logits, mask, streams)
             return block_extras.scale_output(self, self._gmod_skip_all(x, logits, mask))
         if n < S:
             idx = idx[:, :n].contiguous()
@@ -1280,8 +1275,7 @@ class MoDDecoderLayer:
         chunk = _binding_chunk(attn, cache.seen + S)
         softcap, sinks = attention_softcap(attn), attention_sinks(attn)
         with nvtx_range("gather"):
-            xs = ops.gather_rows(x, idx, count)  # [B, n, D]
-            pred, xs = self._gmod_predict(streams, idx, count, xs)
+            pred, xs = self._gmod_gather(x, streams, idx, count)  # xs [B, n, D]
             start = cache.stored_count() if cache.is_initialized else torch.zeros(B, dtype=torch.int32, device=x.device)
             cos, sin = self._gmod_positions(x, xs, idx, count, n, position_embeddings, position_ids, start=start,
                                             rotate=self._gmod_rotates(alibi), routing=routing)
